@@ -1,0 +1,41 @@
+// AuditSink: where every decision is recorded. Today an in-memory sink that numbers the
+// records and keeps the most recent ones for the admin API; the hash-chained, signed,
+// durable stream (DESIGN §6) replaces it behind this interface.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace tollgate {
+
+struct AuditRecord {
+  std::string kind;  // "call"
+  std::string agent, tool, method, authority, path, decision, rule, reason;
+};
+
+class AuditSink {
+ public:
+  virtual ~AuditSink() = default;
+  // Records one decision and returns its sequence number (1, 2, …).
+  virtual uint64_t append(const AuditRecord& record) = 0;
+  // The last n records, oldest first, each as one JSON line.
+  virtual std::vector<std::string> tail(size_t n) const = 0;
+};
+
+class MemoryAuditSink : public AuditSink {
+ public:
+  explicit MemoryAuditSink(size_t keep = 1000) : keep_(keep) {}
+  uint64_t append(const AuditRecord& record) override;
+  std::vector<std::string> tail(size_t n) const override;
+
+ private:
+  size_t keep_;
+  mutable std::mutex mutex_;
+  uint64_t seq_ = 0;
+  std::deque<std::string> recent_;
+};
+
+}  // namespace tollgate

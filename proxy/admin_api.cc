@@ -1,0 +1,109 @@
+#include "proxy/admin_api.h"
+
+#include <uv.h>
+
+#include <charconv>
+
+#include "common/json.h"
+#include "proxy/version.h"
+#include "proxy/worker.h"
+
+namespace tollgate {
+namespace {
+
+AdminResponse json(int status, std::string body) {
+  body += '\n';
+  return {status, "application/json", std::move(body)};
+}
+
+AdminResponse error(int status, std::string_view error, std::string_view reason) {
+  std::string body;
+  JsonObject(body).add("error", error).add("reason", reason).close();
+  return json(status, std::move(body));
+}
+
+std::string_view queryParam(std::string_view query, std::string_view name) {
+  while (!query.empty()) {
+    auto amp = query.find('&');
+    auto pair = query.substr(0, amp);
+    auto eq = pair.find('=');
+    if (pair.substr(0, eq) == name) return eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1);
+    if (amp == std::string_view::npos) break;
+    query.remove_prefix(amp + 1);
+  }
+  return {};
+}
+
+}  // namespace
+
+AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared)
+    : metrics_(metrics), audit_(audit), shared_(shared), startedMs_(static_cast<int64_t>(uv_hrtime() / 1'000'000)) {}
+
+AdminResponse AdminApi::handle(std::string_view method, std::string_view target) const {
+  auto q = target.find('?');
+  auto path = target.substr(0, q);
+  auto query = q == std::string_view::npos ? std::string_view() : target.substr(q + 1);
+  bool get = method == "GET" || method == "HEAD";
+
+  if (path == "/healthz") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    return {200, "text/plain; charset=utf-8", "ok\n"};
+  }
+  if (path == "/readyz") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    return ready_ ? AdminResponse{200, "text/plain; charset=utf-8", "ready\n"}
+                  : AdminResponse{503, "text/plain; charset=utf-8", "not ready\n"};
+  }
+  if (path == "/metrics") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.render()};
+  }
+  if (path == "/v1/status") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    std::string listeners = "[";
+    for (const auto& l : shared_.listeners) {
+      if (listeners.size() > 1) listeners += ',';
+      JsonObject(listeners)
+          .add("name", l->admin ? std::string("admin") : l->config.name)
+          .add("kind", l->admin ? std::string("admin") : l->config.kind)
+          .add("address", l->boundAddress)
+          .add("connections", static_cast<uint64_t>(l->connections.load()))
+          .close();
+    }
+    listeners += ']';
+    std::string body;
+    JsonObject(body)
+        .add("version", kVersion)
+        .add("mode", shared_.config->observe ? "observe" : "enforce")
+        .add("uptime_ms", static_cast<int64_t>(uv_hrtime() / 1'000'000) - startedMs_)
+        .add("ready", ready_.load())
+        .addRaw("listeners", listeners)
+        .close();
+    return json(200, std::move(body));
+  }
+  if (path == "/v1/audit/tail") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    size_t n = 20;
+    if (auto v = queryParam(query, "n"); !v.empty()) {
+      auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+      if (ec != std::errc() || end != v.data() + v.size() || n > 1000) {
+        return error(400, "bad_request", "n must be an integer from 0 to 1000");
+      }
+    }
+    std::string body;
+    for (auto& line : audit_.tail(n)) {
+      body += line;
+      body += '\n';
+    }
+    return {200, "application/x-ndjson", std::move(body)};
+  }
+  if (path == "/v1/reload") {
+    if (method != "POST") return error(405, "method_not_allowed", "use POST");
+    std::string failure = reload_ ? reload_() : std::string("no reload hook");
+    if (!failure.empty()) return error(500, "reload_failed", failure);
+    return json(200, R"({"reloaded":true})");
+  }
+  return error(404, "not_found", "no admin endpoint " + std::string(path));
+}
+
+}  // namespace tollgate

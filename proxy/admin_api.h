@@ -1,0 +1,41 @@
+// AdminApi: the admin listener's endpoints (/healthz, /readyz, /metrics, /v1/status,
+// /v1/audit/tail, POST /v1/reload). Served by the same sessions and HTTP code as the proxy.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "audit/audit_sink.h"
+#include "proxy/metrics.h"
+
+namespace tollgate {
+
+struct SharedState;
+
+struct AdminResponse {
+  int status = 200;
+  std::string contentType = "application/json";
+  std::string body;
+};
+
+class AdminApi {
+ public:
+  AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared);
+  AdminResponse handle(std::string_view method, std::string_view target) const;
+
+  void setReady(bool ready) { ready_ = ready; }
+  // Called for POST /v1/reload; returns an error message or empty on success.
+  void setReloadHook(std::function<std::string()> hook) { reload_ = std::move(hook); }
+
+ private:
+  Metrics& metrics_;
+  AuditSink& audit_;
+  const SharedState& shared_;
+  std::atomic<bool> ready_{false};
+  std::function<std::string()> reload_;
+  int64_t startedMs_;
+};
+
+}  // namespace tollgate

@@ -1,0 +1,903 @@
+#include "proxy/client_session.h"
+
+#include <cstring>
+#include <random>
+#include <unordered_map>
+
+#include "common/json.h"
+#include "common/log.h"
+#include "proxy/admin_api.h"
+#include "proxy/worker.h"
+
+namespace tollgate {
+namespace {
+
+constexpr uint64_t kLingerMs = 2000;
+
+// The Via pseudonym of this process: a loop through the same sidecar is recognised by it.
+const std::string& viaToken() {
+  static const std::string token = [] {
+    std::random_device rd;
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "tollgate-%08x", rd());
+    return std::string(buf);
+  }();
+  return token;
+}
+
+std::string randomHex(size_t bytes) {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes * 2);
+  while (out.size() < bytes * 2) {
+    uint64_t v = rng();
+    for (int i = 0; i < 16 && out.size() < bytes * 2; ++i, v >>= 4) out += kHex[v & 0xF];
+  }
+  return out;
+}
+
+bool isHex(std::string_view s) {
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+// A valid W3C traceparent (version 00): returns its trace id, else empty.
+std::string_view traceIdOf(std::string_view tp) {
+  if (tp.size() != 55 || tp[2] != '-' || tp[35] != '-' || tp[52] != '-') return {};
+  auto version = tp.substr(0, 2), trace = tp.substr(3, 32), parent = tp.substr(36, 16), flags = tp.substr(53, 2);
+  if (!isHex(version) || version == "ff" || !isHex(trace) || !isHex(parent) || !isHex(flags)) return {};
+  if (trace == std::string_view("00000000000000000000000000000000") || parent == std::string_view("0000000000000000")) {
+    return {};
+  }
+  return trace;
+}
+
+prometheus::Counter& decisionCounter(Metrics& metrics, const std::string& verdict, const std::string& rule) {
+  thread_local std::unordered_map<std::string, prometheus::Counter*> cache;
+  std::string key = verdict + '\0' + rule;
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, &metrics.decision(verdict, rule)).first;
+  return *it->second;
+}
+
+const char* errorName(int status) {
+  switch (status) {
+    case 408: return "request_timeout";
+    case 413: return "body_too_large";
+    case 414: return "uri_too_long";
+    case 431: return "headers_too_large";
+    case 508: return "loop_detected";
+    default: return "bad_request";
+  }
+}
+
+}  // namespace
+
+ClientSession::ClientSession(Worker& worker, ListenerRuntime& listener, StreamPtr client)
+    : worker_(worker),
+      listener_(listener),
+      client_(std::move(client)),
+      request_(HttpParser::Type::kRequest,
+               HttpParser::Limits{worker.config().limits.maxHeaderBytes, worker.config().limits.maxHeaders,
+                                  worker.config().limits.maxUriBytes},
+               requestSide_),
+      response_(HttpParser::Type::kResponse,
+                // An upstream's response head is bounded by the same header limit, doubled.
+                HttpParser::Limits{worker.config().limits.maxHeaderBytes * 2, worker.config().limits.maxHeaders * 2,
+                                   worker.config().limits.maxHeaderBytes * 2},
+                responseSide_) {}
+
+ClientSession::~ClientSession() = default;
+
+void ClientSession::start() {
+  listener_.metrics->activeConnections->Increment();
+  client_->setHandler(this);
+  clientTimer_ = Timer::create(worker_.loop(), [this] { onClientTimer(); });
+  upstreamTimer_ = Timer::create(worker_.loop(), [this] { onUpstreamTimer(); });
+  clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
+  updateReading();
+}
+
+void ClientSession::drain() {
+  draining_ = true;
+  if (phase_ == Phase::kHead && !request_.messageInProgress() && !headReady_ && pendingIn_.empty()) close();
+}
+
+void ClientSession::close() {
+  if (closed_) return;
+  if (phase_ == Phase::kTunnel) logRequest();
+  closed_ = true;
+  worker_.resolver().cancel(this);
+  client_.reset();
+  upstream_.reset();
+  clientTimer_.reset();
+  upstreamTimer_.reset();
+  listener_.connections.fetch_sub(1, std::memory_order_relaxed);
+  listener_.metrics->activeConnections->Decrement();
+  worker_.release(this);
+}
+
+std::string_view ClientSession::agent() const {
+  const auto& header = listener_.config.identityHeader;
+  if (!header.empty()) {
+    if (auto v = request_.head().find(header); v && !v->empty()) return *v;
+  }
+  return "anonymous";
+}
+
+// ---- client side -------------------------------------------------------------------------
+
+void ClientSession::onRead(TcpStream& stream, std::string_view data) {
+  if (&stream == client_.get()) {
+    bytesIn_ += data.size();
+    readClient(data);
+  } else if (&stream == upstream_.get()) {
+    readUpstream(data);
+  }
+}
+
+void ClientSession::readClient(std::string_view data) {
+  switch (phase_) {
+    case Phase::kLingering:
+      return;
+    case Phase::kTunnel:
+      upstream_->append(data);
+      flushUpstream();
+      return;
+    default:
+      break;
+  }
+  // Requests are parsed one at a time; bytes of the next one wait in pendingIn_. A local
+  // reply finishes an exchange at once, so the loop goes on with the pipelined bytes
+  // instead of recursing from resetExchange().
+  std::string_view input = data;
+  std::string held;
+  parsing_ = true;
+  for (;;) {
+    auto out = request_.execute(input);
+    if (closed_) break;
+    if (out.state == HttpParser::State::kError) {
+      badRequest(request_.errorStatus(), errorName(request_.errorStatus()), request_.errorReason());
+      break;
+    }
+    if (out.state == HttpParser::State::kPaused || out.state == HttpParser::State::kUpgrade) {
+      pendingIn_.append(input.substr(out.consumed));
+    }
+    if (headReady_ && phase_ == Phase::kHead) {
+      processRequestHead();
+      if (closed_) break;
+    } else if (phase_ == Phase::kForwarding && upstream_) {
+      flushUpstream();
+    }
+    if (listener_.admin && requestDone_ && status_ == 0 && phase_ == Phase::kDeciding) {
+      handleAdmin();
+      if (closed_) break;
+    }
+    if (phase_ != Phase::kHead || headReady_ || pendingIn_.empty()) break;
+    held = std::move(pendingIn_);
+    pendingIn_.clear();
+    input = held;
+  }
+  parsing_ = false;
+  updateReading();
+}
+
+void ClientSession::RequestSide::onMessageBegin(HttpParser&) {
+  s.startNs_ = uv_hrtime();
+  s.sawBytes_ = true;
+  if (!s.firstRequest_) {
+    s.clientTimer_->start(static_cast<uint64_t>(s.worker_.config().timeouts.headerRead.count()));
+  }
+}
+
+int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
+  const auto& head = p.head();
+  const auto& limits = s.worker_.config().limits;
+  std::string reason;
+  if (s.listener_.admin) {
+    s.headReady_ = true;
+    return 0;
+  }
+  if (!parseTarget(head, s.target_, reason)) {
+    p.fail(400, reason);
+    return -1;
+  }
+  if (limits.maxBodyBytes != 0 && p.hasContentLength() && p.contentLength() > limits.maxBodyBytes) {
+    p.fail(413, "request body larger than " + std::to_string(limits.maxBodyBytes) + " bytes");
+    return -1;
+  }
+  for (size_t i = 0; i < head.size(); ++i) {
+    if (equalsIgnoreCase(head.name(i), "via") && head.value(i).find(viaToken()) != std::string_view::npos) {
+      p.fail(508, "the request came back through this proxy");
+      return -1;
+    }
+  }
+  s.headReady_ = true;
+  s.requestChunked_ = p.chunked();
+  s.isUpgrade_ = p.upgrade() && head.method != HTTP_CONNECT;
+  if (auto expect = head.find("expect")) s.expectContinue_ = equalsIgnoreCase(*expect, "100-continue");
+  if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
+    s.traceId_.assign(traceIdOf(*tp));
+  } else {
+    s.traceId_ = randomHex(16);
+  }
+  if (head.method == HTTP_CONNECT) return 0;
+
+  // The upstream request: origin-form, canonical Host, hop-by-hop headers removed.
+  auto& out = s.upOut_;
+  out.clear();
+  out += llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+  out += ' ';
+  out += s.target_.pathQuery;
+  out += " HTTP/1.1\r\nHost: ";
+  out += s.target_.authority();
+  out += "\r\n";
+  bool hasConnection = head.find("connection").has_value();
+  for (size_t i = 0; i < head.size(); ++i) {
+    auto name = head.name(i);
+    if (isHopByHop(name) || (hasConnection && namedByConnection(head, name))) continue;
+    out += name;
+    out += ": ";
+    out += head.value(i);
+    out += "\r\n";
+  }
+  if (s.isUpgrade_) {
+    out += "Connection: upgrade\r\nUpgrade: ";
+    out += head.find("upgrade").value_or("");
+    out += "\r\n";
+  }
+  out += "Via: 1.1 ";
+  out += viaToken();
+  out += "\r\ntraceparent: ";
+  if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
+    out += *tp;
+  } else {
+    out += "00-";
+    out += s.traceId_;
+    out += '-';
+    out += randomHex(8);
+    out += "-01";
+  }
+  out += "\r\n";
+  if (s.requestChunked_) {
+    out += "Transfer-Encoding: chunked\r\n";
+  } else if (p.hasContentLength()) {
+    out += "Content-Length: ";
+    out += std::to_string(p.contentLength());
+    out += "\r\n";
+  }
+  out += "\r\n";
+  return 0;
+}
+
+int ClientSession::RequestSide::onBody(HttpParser& p, std::string_view data) {
+  s.bodyBytes_ += data.size();
+  auto max = s.worker_.config().limits.maxBodyBytes;
+  if (max != 0 && s.bodyBytes_ > max) {
+    p.fail(413, "request body larger than " + std::to_string(max) + " bytes");
+    return -1;
+  }
+  if (s.discardBody_ || s.listener_.admin) return 0;
+  auto& out = (s.upstream_ && s.phase_ == Phase::kForwarding) ? s.upstream_->output() : s.upOut_;
+  if (s.requestChunked_) appendChunk(out, data);
+  else out += data;
+  return 0;
+}
+
+int ClientSession::RequestSide::onMessageComplete(HttpParser& p) {
+  s.requestDone_ = true;
+  s.requestKeepAlive_ = p.keepAlive();
+  if (s.requestChunked_ && !s.discardBody_ && !s.listener_.admin) {
+    auto& out = (s.upstream_ && s.phase_ == Phase::kForwarding) ? s.upstream_->output() : s.upOut_;
+    out += "0\r\n\r\n";
+  }
+  // CONNECT and upgrades end the HTTP part of the stream: llhttp pauses by itself.
+  if (p.upgrade()) return 0;
+  return HPE_PAUSED;
+}
+
+void ClientSession::processRequestHead() {
+  phase_ = Phase::kDeciding;
+  firstRequest_ = false;
+  clientTimer_->stop();
+  if (listener_.admin) return;  // answered once the request is complete
+  decide();
+}
+
+void ClientSession::decide() {
+  const auto& head = request_.head();
+  CallInfo call;
+  call.listener = listener_.config.name;
+  call.agent = agent();
+  call.method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+  call.scheme = target_.scheme;
+  call.host = target_.host;
+  call.port = target_.port;
+  call.target = target_.pathQuery;
+  ++pendingCallbacks_;
+  worker_.decider().decide(call, [this](Decision d) {
+    --pendingCallbacks_;
+    if (!closed_) onDecision(d);
+  });
+}
+
+void ClientSession::onDecision(const Decision& d) {
+  decision_ = d;
+  const char* verdict = verdictName(d.verdict);
+  decisionCounter(worker_.metrics(), verdict, d.rule).Increment();
+  const auto& head = request_.head();
+  AuditRecord record;
+  record.kind = "call";
+  record.agent = agent();
+  record.tool = d.tool;
+  record.method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+  record.authority = target_.poolKey();
+  record.path = target_.pathQuery;
+  record.decision = worker_.config().observe && d.verdict != Verdict::kAllow ? std::string("observe-") + verdict : verdict;
+  record.rule = d.rule;
+  record.reason = d.reason;
+  auditSeq_ = worker_.audit().append(record);
+
+  if (d.verdict != Verdict::kAllow && !worker_.config().observe) {
+    bool throttle = d.verdict == Verdict::kThrottle;
+    std::string body;
+    JsonObject(body)
+        .add("error", throttle ? "throttled" : "halted")
+        .add("rule", d.rule)
+        .add("reason", d.reason)
+        .add("agent", agent())
+        .add("tool", d.tool)
+        .add("audit_seq", auditSeq_)
+        .close();
+    body += '\n';
+    std::string extra = "X-Tollgate-Decision: ";
+    extra += verdict;
+    extra += "; rule=";
+    extra += d.rule;
+    extra += "\r\n";
+    if (throttle) extra += "Retry-After: " + std::to_string(std::max(1, d.retryAfterSeconds)) + "\r\n";
+    discardBody_ = true;
+    upOut_.clear();
+    // With the body still to come (or held back by Expect), the connection cannot be reused.
+    reply(throttle ? 429 : 403, body, extra, !requestDone_);
+    return;
+  }
+  connectUpstream();
+}
+
+// ---- upstream side -----------------------------------------------------------------------
+
+void ClientSession::connectUpstream() {
+  phase_ = Phase::kConnecting;
+  if (!retried_) {
+    if (auto idle = worker_.pool().take(target_.poolKey())) {
+      attachUpstream(std::move(idle), true);
+      return;
+    }
+  }
+  worker_.resolver().resolve(target_.host, this);
+}
+
+void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& addrs) {
+  if (closed_ || phase_ != Phase::kConnecting || upstream_) return;
+  if (status < 0) {
+    worker_.metrics().upstreamConnectErrors("dns").Increment();
+    upstreamFailed(502, "upstream_unavailable",
+                   "cannot resolve " + target_.host + ": " + uv_strerror(status));
+    return;
+  }
+  addrs_ = addrs;
+  nextAddr_ = 0;
+  connectNextAddress();
+}
+
+void ClientSession::connectNextAddress() {
+  auto addr = addrs_[nextAddr_++];
+  if (addr.ss_family == AF_INET6) reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.port);
+  else reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(target_.port);
+  upstream_ = TcpStream::create(worker_.loop());
+  upstream_->setHandler(this);
+  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
+  if (int rc = upstream_->connect(reinterpret_cast<const sockaddr*>(&addr)); rc != 0) onConnect(*upstream_, rc);
+}
+
+void ClientSession::onConnect(TcpStream& stream, int status) {
+  if (&stream != upstream_.get() || phase_ != Phase::kConnecting) return;
+  upstreamTimer_->stop();
+  if (status < 0) {
+    upstream_.reset();
+    if (nextAddr_ < addrs_.size()) {
+      connectNextAddress();
+      return;
+    }
+    worker_.metrics().upstreamConnectErrors(uv_err_name(status)).Increment();
+    upstreamFailed(502, "upstream_unavailable", std::string("connect: ") + uv_strerror(status));
+    return;
+  }
+  attachUpstream(std::move(upstream_), false);
+}
+
+void ClientSession::attachUpstream(StreamPtr stream, bool reused) {
+  upstream_ = std::move(stream);
+  upstream_->setHandler(this);
+  upstreamReused_ = reused;
+  if (target_.scheme == "tunnel") {
+    startTunnel();
+    return;
+  }
+  // A pooled connection may have been closed by the upstream a moment ago; a request
+  // without a body can then be sent once more on a fresh connection.
+  if (reused && requestDone_ && bodyBytes_ == 0 && !requestChunked_) retryHead_ = upOut_;
+  sendRequest();
+}
+
+void ClientSession::sendRequest() {
+  phase_ = Phase::kForwarding;
+  if (expectContinue_ && !requestDone_) {
+    client_->append("HTTP/1.1 100 Continue\r\n\r\n");
+    flushClient();
+    if (closed_) return;
+  }
+  upstream_->append(upOut_);
+  upOut_.clear();
+  upstreamSentNs_ = uv_hrtime();
+  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamResponse.count()));
+  flushUpstream();
+  updateReading();
+}
+
+void ClientSession::startTunnel() {
+  phase_ = Phase::kTunnel;
+  status_ = 200;
+  client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
+  flushClient();
+  if (closed_) return;
+  if (!pendingIn_.empty()) {
+    upstream_->append(pendingIn_);
+    pendingIn_.clear();
+    flushUpstream();
+  }
+  updateReading();
+}
+
+void ClientSession::readUpstream(std::string_view data) {
+  if (phase_ == Phase::kTunnel) {
+    client_->append(data);
+    flushClient();
+    return;
+  }
+  if (phase_ != Phase::kForwarding) return;
+  auto out = response_.execute(data);
+  if (closed_) return;
+  switch (out.state) {
+    case HttpParser::State::kError:
+      if (!responseStarted_) {
+        upstreamFailed(502, "upstream_unavailable", "invalid response from upstream: " + response_.errorReason());
+      } else {
+        close();
+      }
+      return;
+    case HttpParser::State::kUpgrade: {
+      // 101: from here on both connections carry the upgraded protocol.
+      upstreamTimer_->stop();
+      phase_ = Phase::kTunnel;
+      client_->append(data.substr(out.consumed));
+      flushClient();
+      if (closed_) return;
+      if (!pendingIn_.empty()) {
+        upstream_->append(pendingIn_);
+        pendingIn_.clear();
+        flushUpstream();
+      }
+      updateReading();
+      return;
+    }
+    case HttpParser::State::kPaused:
+      // Bytes after a complete response: the upstream is confused, do not reuse it.
+      if (out.consumed < data.size()) response_.fail(502, "bytes after the end of the response");
+      break;
+    case HttpParser::State::kOk:
+      break;
+  }
+  flushClient();
+  if (closed_) return;
+  if (responseDone_) finishExchange();
+}
+
+int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
+  const auto& head = p.head();
+  int status = head.status;
+  if (status >= 100 && status < 200 && status != 101) {
+    s.interim_ = true;  // 100 Continue and friends: the proxy answered Expect itself
+    return 0;
+  }
+  if (status == 101 && !s.isUpgrade_) {
+    p.fail(502, "101 without an upgrade request");
+    return -1;
+  }
+  s.status_ = status;
+  s.upstreamHeadNs_ = uv_hrtime();
+  s.upstreamTimer_->start(static_cast<uint64_t>(s.worker_.config().timeouts.upstreamResponse.count()));
+  const auto& req = s.request_.head();
+  bool noBody = req.method == HTTP_HEAD || status == 204 || status == 304 || status == 101;
+  auto& out = s.client_->output();
+  out += "HTTP/1.1 ";
+  out += std::to_string(status);
+  out += ' ';
+  out += reasonPhrase(status);
+  out += "\r\n";
+  bool hasConnection = head.find("connection").has_value();
+  for (size_t i = 0; i < head.size(); ++i) {
+    auto name = head.name(i);
+    if (isHopByHop(name) || (hasConnection && namedByConnection(head, name))) continue;
+    out += name;
+    out += ": ";
+    out += head.value(i);
+    out += "\r\n";
+  }
+  out += "Via: 1.1 ";
+  out += viaToken();
+  out += "\r\n";
+  if (status == 101) {
+    out += "Connection: upgrade\r\nUpgrade: ";
+    out += head.find("upgrade").value_or("");
+    out += "\r\n\r\n";
+    s.responseStarted_ = true;
+    return 0;
+  }
+  if (noBody) {
+    if (p.hasContentLength()) out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
+  } else if (p.chunked()) {
+    s.responseChunked_ = true;
+    out += "Transfer-Encoding: chunked\r\n";
+  } else if (p.hasContentLength()) {
+    out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
+  } else if (req.versionMajor == 1 && req.versionMinor >= 1) {
+    s.responseChunked_ = true;  // a close-delimited body goes to the client chunked
+    out += "Transfer-Encoding: chunked\r\n";
+  } else {
+    s.responseCloseDelimited_ = true;
+  }
+  bool closing = s.closeAfterResponse_ || s.draining_ || !s.requestKeepAlive_ || !s.requestDone_ ||
+                 s.responseCloseDelimited_;
+  if (closing) out += "Connection: close\r\n";
+  out += "\r\n";
+  s.noResponseBody_ = noBody;
+  s.responseStarted_ = true;
+  return noBody ? 1 : 0;
+}
+
+int ClientSession::ResponseSide::onBody(HttpParser&, std::string_view data) {
+  auto& out = s.client_->output();
+  if (s.responseChunked_) appendChunk(out, data);
+  else out += data;
+  // Large bodies: hand each read to libuv at once instead of growing one buffer.
+  return 0;
+}
+
+int ClientSession::ResponseSide::onMessageComplete(HttpParser&) {
+  if (s.interim_) {
+    s.interim_ = false;
+    return 0;
+  }
+  s.responseDone_ = true;
+  if (s.responseChunked_) s.client_->output() += "0\r\n\r\n";
+  return HPE_PAUSED;
+}
+
+void ClientSession::onReadEnd(TcpStream& stream, int status) {
+  if (&stream == client_.get()) {
+    switch (phase_) {
+      case Phase::kTunnel:
+        tunnelClientEof_ = true;
+        if (upstream_) upstream_->shutdown();
+        if (tunnelUpstreamEof_ || status != UV_EOF) close();
+        return;
+      case Phase::kLingering:
+        close();
+        return;
+      case Phase::kDeciding:
+      case Phase::kConnecting:
+      case Phase::kForwarding:
+        // A client that half-closes after a complete request still gets its response.
+        if (status == UV_EOF && requestDone_) {
+          closeAfterResponse_ = true;
+          return;
+        }
+        close();
+        return;
+      case Phase::kHead:
+        close();
+        return;
+    }
+    return;
+  }
+  if (&stream != upstream_.get()) return;
+  if (phase_ == Phase::kTunnel) {
+    tunnelUpstreamEof_ = true;
+    client_->shutdown();
+    if (tunnelClientEof_ || status != UV_EOF) close();
+    return;
+  }
+  if (phase_ != Phase::kForwarding) return;
+  if (!responseStarted_) {
+    retryOrFail(status);
+    return;
+  }
+  // A close-delimited response ends here; any other response is cut short.
+  response_.finish();
+  if (responseDone_) {
+    upstreamReused_ = false;
+    retryHead_.clear();
+    flushClient();
+    if (!closed_) finishExchange();
+    return;
+  }
+  close();
+}
+
+void ClientSession::retryOrFail(int status) {
+  if (upstreamReused_ && !retryHead_.empty()) {
+    upstream_.reset();
+    upOut_ = std::move(retryHead_);
+    retryHead_.clear();
+    upstreamReused_ = false;
+    retried_ = true;
+    response_.reset();
+    connectUpstream();
+    return;
+  }
+  upstreamFailed(502, "upstream_unavailable",
+                 std::string("upstream closed the connection before responding (") + uv_err_name(status) + ")");
+}
+
+void ClientSession::upstreamFailed(int status, std::string_view error, std::string_view reason) {
+  upstreamTimer_->stop();
+  upstream_.reset();
+  if (responseStarted_) {
+    close();
+    return;
+  }
+  discardBody_ = true;
+  upOut_.clear();
+  reply(status, errorBody(error, reason, target_.poolKey()), {}, !requestDone_);
+}
+
+void ClientSession::onUpstreamTimer() {
+  auto& t = worker_.config().timeouts;
+  if (phase_ == Phase::kConnecting) {
+    worker_.metrics().upstreamConnectErrors("timeout").Increment();
+    upstreamFailed(504, "upstream_timeout",
+                   "connect did not complete within " + std::to_string(t.upstreamConnect.count()) + " ms");
+  } else if (phase_ == Phase::kForwarding) {
+    if (!responseStarted_) {
+      upstreamFailed(504, "upstream_timeout",
+                     "no response within " + std::to_string(t.upstreamResponse.count()) + " ms");
+    } else {
+      close();  // the body stalled; the client sees a cut-short response
+    }
+  }
+}
+
+void ClientSession::releaseUpstream(bool reusable) {
+  upstreamTimer_->stop();
+  if (!upstream_) return;
+  if (reusable) worker_.pool().put(target_.poolKey(), std::move(upstream_));
+  upstream_.reset();
+}
+
+// ---- ends of exchanges -------------------------------------------------------------------
+
+void ClientSession::reply(int status, std::string_view body, std::string_view extraHeaders, bool close) {
+  if (responseStarted_) {
+    this->close();
+    return;
+  }
+  if (close || !requestDone_) closeAfterResponse_ = true;
+  bool closing = closeAfterResponse_ || draining_ || !requestKeepAlive_;
+  status_ = status;
+  client_->append(localReply(status, body, extraHeaders, closing));
+  responseStarted_ = responseDone_ = true;
+  flushClient();
+  if (!closed_) finishExchange();
+}
+
+void ClientSession::badRequest(int status, std::string_view error, std::string_view reason) {
+  AuditRecord record;
+  record.kind = "call";
+  record.agent = agent();
+  record.method = request_.head().method >= 0 && request_.headersDone()
+                      ? llhttp_method_name(static_cast<llhttp_method_t>(request_.head().method))
+                      : "";
+  record.authority = target_.host.empty() ? "" : target_.poolKey();
+  record.decision = "halt";
+  record.rule = std::string("http.") + std::string(error);
+  record.reason = std::string(reason);
+  auditSeq_ = worker_.audit().append(record);
+  decision_.verdict = Verdict::kHalt;
+  decision_.rule = record.rule;
+  discardBody_ = true;
+  std::string body;
+  JsonObject(body).add("error", error).add("reason", reason).add("audit_seq", auditSeq_).close();
+  body += '\n';
+  reply(status, body, {}, true);
+}
+
+void ClientSession::handleAdmin() {
+  const auto& head = request_.head();
+  auto r = worker_.admin().handle(llhttp_method_name(static_cast<llhttp_method_t>(head.method)), head.url());
+  status_ = r.status;
+  bool closing = draining_ || !requestKeepAlive_;
+  client_->append(localReply(r.status, r.body, {}, closing, r.contentType));
+  responseStarted_ = responseDone_ = true;
+  flushClient();
+  if (!closed_) finishExchange();
+}
+
+void ClientSession::finishExchange() {
+  logRequest();
+  bool upstreamReusable = upstream_ && responseDone_ && requestDone_ && response_.keepAlive() &&
+                          response_.errorStatus() == 0;
+  releaseUpstream(upstreamReusable);
+  bool keep = !closeAfterResponse_ && requestDone_ && requestKeepAlive_ && !draining_ && !responseCloseDelimited_;
+  if (!keep) {
+    closeAfterReply();
+    return;
+  }
+  resetExchange();
+  clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.idle.count()));
+  updateReading();
+}
+
+void ClientSession::resetExchange() {
+  bool upgradePaused = request_.upgrade();
+  target_ = Target{};
+  decision_ = Decision{};
+  auditSeq_ = 0;
+  upOut_.clear();
+  retryHead_.clear();
+  traceId_.clear();
+  addrs_.clear();
+  nextAddr_ = 0;
+  startNs_ = upstreamSentNs_ = upstreamHeadNs_ = 0;
+  bodyBytes_ = bytesIn_ = bytesOut_ = 0;
+  status_ = 0;
+  headReady_ = requestDone_ = expectContinue_ = isUpgrade_ = discardBody_ = requestChunked_ = false;
+  upstreamReused_ = retried_ = responseStarted_ = responseChunked_ = responseCloseDelimited_ = false;
+  responseDone_ = interim_ = noResponseBody_ = sawBytes_ = false;
+  requestKeepAlive_ = true;
+  phase_ = Phase::kHead;
+  response_.reset();
+  if (upgradePaused) request_.resumeAfterUpgrade();
+  else request_.resume();
+  // Pipelined requests already received are parsed now (by the loop in readClient() when
+  // this exchange ended inside it).
+  if (!parsing_ && !pendingIn_.empty()) {
+    std::string held = std::move(pendingIn_);
+    pendingIn_.clear();
+    readClient(held);
+  }
+}
+
+void ClientSession::closeAfterReply() {
+  if (closed_) return;
+  phase_ = Phase::kLingering;
+  upstream_.reset();
+  pendingIn_.clear();
+  client_->shutdown();
+  // Keep reading (and dropping) what the client still sends, so that closing does not
+  // reset the connection before it has read the reply.
+  clientBlocked_ = false;
+  clientTimer_->start(kLingerMs);
+  updateReading();
+}
+
+void ClientSession::logRequest() {
+  if (status_ == 0) return;
+  auto& m = *listener_.metrics;
+  uint64_t now = uv_hrtime();
+  double seconds = static_cast<double>(now - startNs_) / 1e9;
+  m.status(status_).Increment();
+  m.requestSeconds->Observe(seconds);
+  if (upstreamHeadNs_ != 0) m.upstreamSeconds->Observe(static_cast<double>(upstreamHeadNs_ - upstreamSentNs_) / 1e9);
+  m.bytesIn->Increment(static_cast<double>(bytesIn_));
+  m.bytesOut->Increment(static_cast<double>(bytesOut_));
+  if (!Log::enabled(LogLevel::kInfo)) return;
+  const auto& head = request_.head();
+  Log::Line line(LogLevel::kInfo, "request");
+  line.add("listener", listener_.config.name)
+      .add("method", request_.headersDone() ? llhttp_method_name(static_cast<llhttp_method_t>(head.method)) : "")
+      .add("authority", target_.host.empty() ? std::string() : target_.poolKey())
+      .add("path", listener_.admin ? std::string(head.url()) : target_.pathQuery)
+      .add("status", status_)
+      .add("bytes_in", bytesIn_)
+      .add("bytes_out", bytesOut_)
+      .add("duration_us", (now - startNs_) / 1000)
+      .add("upstream_us", upstreamHeadNs_ ? (upstreamHeadNs_ - upstreamSentNs_) / 1000 : 0)
+      .add("decision", decision_.rule.empty() && listener_.admin ? "admin" : verdictName(decision_.verdict))
+      .add("rule", decision_.rule)
+      .add("agent", agent())
+      .add("trace_id", traceId_);
+  if (auditSeq_) line.add("audit_seq", auditSeq_);
+  line.emit();
+}
+
+// ---- flow control ------------------------------------------------------------------------
+
+void ClientSession::flushClient() {
+  if (!client_) return;
+  bytesOut_ += client_->output().size();
+  if (client_->flush() != 0) {
+    close();
+    return;
+  }
+  auto watermark = worker_.config().limits.writeWatermark;
+  if (client_->queued() > watermark && !upstreamBlocked_) {
+    upstreamBlocked_ = true;
+    client_->wantDrain(watermark / 2);
+    updateReading();
+  }
+}
+
+void ClientSession::flushUpstream() {
+  if (!upstream_) return;
+  if (upstream_->flush() != 0) {
+    upstreamFailed(502, "upstream_unavailable", "write to upstream failed");
+    return;
+  }
+  auto watermark = worker_.config().limits.writeWatermark;
+  if (upstream_->queued() > watermark && !clientBlocked_) {
+    clientBlocked_ = true;
+    upstream_->wantDrain(watermark / 2);
+    updateReading();
+  }
+}
+
+void ClientSession::onDrained(TcpStream& stream) {
+  if (&stream == client_.get()) upstreamBlocked_ = false;
+  else if (&stream == upstream_.get()) clientBlocked_ = false;
+  updateReading();
+}
+
+void ClientSession::onWriteError(TcpStream& stream, int status) {
+  if (&stream == upstream_.get() && phase_ == Phase::kForwarding && !responseStarted_) {
+    retryOrFail(status);
+    return;
+  }
+  close();
+}
+
+void ClientSession::updateReading() {
+  if (closed_) return;
+  bool paused = !pendingIn_.empty() || (headReady_ && phase_ == Phase::kHead);
+  bool wantClient = !clientBlocked_ &&
+                    ((phase_ == Phase::kHead && !paused) || (phase_ == Phase::kForwarding && !requestDone_) ||
+                     (phase_ == Phase::kTunnel && !tunnelClientEof_) || phase_ == Phase::kLingering);
+  if (wantClient) {
+    if (client_->readStart() != 0) close();
+  } else {
+    client_->readStop();
+  }
+  if (closed_ || !upstream_) return;
+  bool wantUpstream = !upstreamBlocked_ && (phase_ == Phase::kForwarding || (phase_ == Phase::kTunnel && !tunnelUpstreamEof_));
+  if (wantUpstream) {
+    if (upstream_->readStart() != 0) close();
+  } else {
+    upstream_->readStop();
+  }
+}
+
+void ClientSession::onClientTimer() {
+  if (phase_ == Phase::kHead && request_.messageInProgress()) {
+    badRequest(408, "request_timeout",
+               "request head not received within " + std::to_string(worker_.config().timeouts.headerRead.count()) +
+                   " ms");
+    return;
+  }
+  close();
+}
+
+}  // namespace tollgate

@@ -1,0 +1,153 @@
+// ClientSession: one client connection and the requests on it, one at a time. It parses a
+// request, asks the Decider, forwards the request to a pooled upstream connection and
+// streams the response back (re-framing bodies, removing hop-by-hop headers), or answers
+// locally. Pipelined requests wait in the parser until the previous response is done, so
+// responses go out in order. CONNECT and allowed upgrades become two-way tunnels.
+//
+// Ownership: the session owns its client stream, the upstream stream while attached, and
+// its timers. It is deleted by its Worker on a later loop turn after close().
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "policy/decider.h"
+#include "proxy/http_message.h"
+#include "proxy/http_parser.h"
+#include "proxy/resolver.h"
+#include "proxy/tcp_stream.h"
+#include "proxy/timer.h"
+
+namespace tollgate {
+
+class Worker;
+struct ListenerRuntime;
+
+class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
+ public:
+  ClientSession(Worker& worker, ListenerRuntime& listener, StreamPtr client);
+  ClientSession(const ClientSession&) = delete;
+  ClientSession& operator=(const ClientSession&) = delete;
+  ~ClientSession();
+
+  void start();
+  // Graceful shutdown: close now when idle, else after the current response.
+  void drain();
+  // Closes everything now. Idempotent.
+  void close();
+  bool closed() const { return closed_; }
+  // True while a callback from outside (a decider) is still to come.
+  bool busy() const { return pendingCallbacks_ > 0; }
+
+ private:
+  enum class Phase { kHead, kDeciding, kConnecting, kForwarding, kTunnel, kLingering };
+
+  // The parsers call back into these adapters, one per direction.
+  struct RequestSide : HttpParser::Handler {
+    explicit RequestSide(ClientSession& session) : s(session) {}
+    void onMessageBegin(HttpParser&) override;
+    int onHeadersComplete(HttpParser&) override;
+    int onBody(HttpParser&, std::string_view data) override;
+    int onMessageComplete(HttpParser&) override;
+    ClientSession& s;
+  };
+  struct ResponseSide : HttpParser::Handler {
+    explicit ResponseSide(ClientSession& session) : s(session) {}
+    void onMessageBegin(HttpParser&) override {}
+    int onHeadersComplete(HttpParser&) override;
+    int onBody(HttpParser&, std::string_view data) override;
+    int onMessageComplete(HttpParser&) override;
+    ClientSession& s;
+  };
+
+  // TcpStream::Handler, for both the client and the upstream stream.
+  void onConnect(TcpStream& stream, int status) override;
+  void onRead(TcpStream& stream, std::string_view data) override;
+  void onReadEnd(TcpStream& stream, int status) override;
+  void onDrained(TcpStream& stream) override;
+  void onWriteError(TcpStream& stream, int status) override;
+  // Resolver::Waiter
+  void onResolved(int status, const std::vector<sockaddr_storage>& addrs) override;
+
+  void readClient(std::string_view data);
+  void readUpstream(std::string_view data);
+  void processRequestHead();
+  void decide();
+  void onDecision(const Decision& decision);
+  void connectUpstream();
+  void connectNextAddress();
+  void attachUpstream(StreamPtr stream, bool reused);
+  void sendRequest();
+  void startTunnel();
+  void finishExchange();
+  void resetExchange();
+  void retryOrFail(int status);
+  void upstreamFailed(int status, std::string_view error, std::string_view reason);
+  void reply(int status, std::string_view body, std::string_view extraHeaders, bool close);
+  void badRequest(int status, std::string_view error, std::string_view reason);
+  void handleAdmin();
+  void closeAfterReply();
+  void logRequest();
+  void updateReading();
+  void flushClient();
+  void flushUpstream();
+  void onClientTimer();
+  void onUpstreamTimer();
+  void releaseUpstream(bool reusable);
+  std::string_view agent() const;
+
+  Worker& worker_;
+  ListenerRuntime& listener_;
+  StreamPtr client_;
+  StreamPtr upstream_;
+  TimerPtr clientTimer_;
+  TimerPtr upstreamTimer_;
+  RequestSide requestSide_{*this};
+  ResponseSide responseSide_{*this};
+  HttpParser request_;
+  HttpParser response_;
+  Phase phase_ = Phase::kHead;
+
+  // The exchange in progress.
+  Target target_;
+  Decision decision_;
+  uint64_t auditSeq_ = 0;
+  std::string upOut_;        // request bytes produced before the upstream is attached
+  std::string pendingIn_;    // client bytes after a complete request (pipelining, tunnels)
+  std::string upPending_;    // upstream bytes after the 101 head of an upgrade
+  std::string retryHead_;    // request head kept for one retry on a stale pooled connection
+  std::string traceId_;
+  std::vector<sockaddr_storage> addrs_;
+  size_t nextAddr_ = 0;
+  uint64_t startNs_ = 0, upstreamSentNs_ = 0, upstreamHeadNs_ = 0;
+  uint64_t bodyBytes_ = 0;
+  uint64_t bytesIn_ = 0, bytesOut_ = 0;
+  int status_ = 0;
+  int pendingCallbacks_ = 0;
+  bool headReady_ = false;
+  bool requestDone_ = false;
+  bool requestKeepAlive_ = true;
+  bool expectContinue_ = false;
+  bool isUpgrade_ = false;
+  bool discardBody_ = false;     // answered locally; the rest of the body is dropped
+  bool requestChunked_ = false;
+  bool upstreamReused_ = false;
+  bool retried_ = false;
+  bool parsing_ = false;
+  bool responseStarted_ = false;  // any byte of the response went to the client
+  bool responseChunked_ = false;  // re-chunking the body for the client
+  bool responseCloseDelimited_ = false;
+  bool responseDone_ = false;
+  bool interim_ = false;
+  bool noResponseBody_ = false;
+  bool tunnelClientEof_ = false, tunnelUpstreamEof_ = false;
+  bool clientBlocked_ = false, upstreamBlocked_ = false;  // backpressure
+  bool sawBytes_ = false;
+  bool firstRequest_ = true;
+  bool draining_ = false;
+  bool closeAfterResponse_ = false;
+  bool closed_ = false;
+};
+
+}  // namespace tollgate

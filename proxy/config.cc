@@ -1,0 +1,246 @@
+#include "proxy/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <sstream>
+
+namespace tollgate {
+namespace {
+
+// Thrown only inside this file, while reading a config; turned into a Result at the edge.
+struct ConfigError {
+  std::string message;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::string path) : path_(std::move(path)) {}
+
+  [[noreturn]] void fail(const YAML::Node& node, const std::string& key, const std::string& msg) const {
+    std::ostringstream out;
+    out << path_;
+    if (node.Mark().line >= 0) out << ':' << node.Mark().line + 1 << ':' << node.Mark().column + 1;
+    out << ": " << key << ": " << msg;
+    throw ConfigError{out.str()};
+  }
+
+  // Calls fn(key, value) for each entry of a mapping; unknown keys are errors.
+  void forEach(const YAML::Node& map, const std::string& where, const std::set<std::string>& known,
+               const std::function<void(const std::string&, const YAML::Node&)>& fn) const {
+    if (!map.IsMap()) fail(map, where, "expected a mapping");
+    for (const auto& kv : map) {
+      auto key = kv.first.as<std::string>();
+      auto full = where.empty() ? key : where + "." + key;
+      if (!known.count(key)) fail(kv.first, full, "unknown key");
+      fn(full, kv.second);
+    }
+  }
+
+  std::string str(const YAML::Node& n, const std::string& key) const {
+    if (!n.IsScalar()) fail(n, key, "expected a string");
+    return n.as<std::string>();
+  }
+
+  bool boolean(const YAML::Node& n, const std::string& key) const {
+    bool v;
+    if (!n.IsScalar() || !YAML::convert<bool>::decode(n, v)) fail(n, key, "expected true or false");
+    return v;
+  }
+
+  uint64_t integer(const YAML::Node& n, const std::string& key, uint64_t max) const {
+    auto v = n.IsScalar() ? parseSize(n.Scalar()) : std::nullopt;
+    if (!v || n.Scalar().find_first_not_of("0123456789") != std::string::npos) {
+      fail(n, key, "expected a non-negative integer");
+    }
+    if (*v > max) fail(n, key, "at most " + std::to_string(max));
+    return *v;
+  }
+
+  uint64_t size(const YAML::Node& n, const std::string& key) const {
+    auto v = n.IsScalar() ? parseSize(n.Scalar()) : std::nullopt;
+    if (!v) fail(n, key, "expected a size such as 64k, 1m or 1g");
+    return *v;
+  }
+
+  Millis duration(const YAML::Node& n, const std::string& key) const {
+    auto v = n.IsScalar() ? parseDuration(n.Scalar()) : std::nullopt;
+    if (!v) fail(n, key, "expected a duration such as 250ms, 10s, 5m, 1h or 1d");
+    return *v;
+  }
+
+  HostPort address(const YAML::Node& n, const std::string& key) const {
+    auto v = n.IsScalar() ? parseHostPort(n.Scalar()) : std::nullopt;
+    if (!v) fail(n, key, "expected HOST:PORT, e.g. 127.0.0.1:15001 or [::1]:15001");
+    return *v;
+  }
+
+  std::vector<std::string> strings(const YAML::Node& n, const std::string& key) const {
+    if (!n.IsSequence()) fail(n, key, "expected a list of strings");
+    std::vector<std::string> out;
+    for (const auto& item : n) out.push_back(str(item, key));
+    return out;
+  }
+
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::string& where) {
+  ListenerConfig l;
+  bool hasAddress = false;
+  r.forEach(node, where,
+            {"name", "kind", "address", "identity", "intercept_tls", "max_connections"},
+            [&](const std::string& key, const YAML::Node& v) {
+              if (key.ends_with(".name")) l.name = r.str(v, key);
+              else if (key.ends_with(".kind")) {
+                l.kind = r.str(v, key);
+                if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
+                  r.fail(v, key, "expected forward, transparent or reverse");
+                }
+                if (l.kind != "forward") r.fail(v, key, "only 'forward' listeners are implemented so far");
+              } else if (key.ends_with(".address")) {
+                l.address = r.address(v, key);
+                hasAddress = true;
+              } else if (key.ends_with(".identity")) {
+                r.forEach(v, key, {"header"}, [&](const std::string& k, const YAML::Node& hv) {
+                  l.identityHeader = r.str(hv, k);
+                });
+              } else if (key.ends_with(".intercept_tls")) {
+                l.interceptTls = r.boolean(v, key);
+              } else if (key.ends_with(".max_connections")) {
+                l.maxConnections = static_cast<uint32_t>(r.integer(v, key, 10'000'000));
+              }
+            });
+  if (l.name.empty()) r.fail(node, where + ".name", "required");
+  if (!hasAddress) r.fail(node, where + ".address", "required");
+  if (l.name == "admin") r.fail(node, where + ".name", "'admin' is reserved for the admin listener");
+  return l;
+}
+
+Config read(const YAML::Node& root, const Reader& r) {
+  Config c;
+  c.path = r.path();
+  auto base = std::filesystem::path(r.path()).parent_path();
+  if (root.IsNull()) r.fail(root, "(root)", "the file is empty");
+  r.forEach(root, "",
+            {"mode", "workers", "log", "listeners", "admin", "hosts", "limits", "timeouts",
+             "policies", "store", "audit"},
+            [&](const std::string& key, const YAML::Node& v) {
+              if (key == "mode") {
+                auto m = r.str(v, key);
+                if (m != "enforce" && m != "observe") r.fail(v, key, "expected enforce or observe");
+                c.observe = m == "observe";
+              } else if (key == "workers") {
+                c.workers = static_cast<unsigned>(r.integer(v, key, 256));
+              } else if (key == "log") {
+                r.forEach(v, key, {"level"}, [&](const std::string& k, const YAML::Node& lv) {
+                  if (!Log::parseLevel(r.str(lv, k), c.logLevel)) {
+                    r.fail(lv, k, "expected debug, info, warn or error");
+                  }
+                });
+              } else if (key == "listeners") {
+                if (!v.IsSequence() || v.size() == 0) r.fail(v, key, "expected a non-empty list");
+                for (size_t i = 0; i < v.size(); ++i) {
+                  c.listeners.push_back(readListener(r, v[i], key + "[" + std::to_string(i) + "]"));
+                  for (size_t j = 0; j + 1 < c.listeners.size(); ++j) {
+                    if (c.listeners[j].name == c.listeners.back().name) {
+                      r.fail(v[i], key + "[" + std::to_string(i) + "].name", "duplicate listener name");
+                    }
+                  }
+                }
+              } else if (key == "admin") {
+                r.forEach(v, key, {"address"}, [&](const std::string& k, const YAML::Node& av) {
+                  c.admin = r.address(av, k);
+                  c.hasAdmin = true;
+                });
+              } else if (key == "hosts") {
+                r.forEach(v, key, {"allow", "deny"}, [&](const std::string& k, const YAML::Node& hv) {
+                  (k == "hosts.allow" ? c.allowHosts : c.denyHosts) = r.strings(hv, k);
+                });
+              } else if (key == "limits") {
+                r.forEach(v, key,
+                          {"max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
+                           "write_watermark"},
+                          [&](const std::string& k, const YAML::Node& lv) {
+                            auto& L = c.limits;
+                            if (k == "limits.max_header_bytes") L.maxHeaderBytes = r.size(lv, k);
+                            else if (k == "limits.max_headers") L.maxHeaders = static_cast<uint32_t>(r.integer(lv, k, 10'000));
+                            else if (k == "limits.max_uri_bytes") L.maxUriBytes = r.size(lv, k);
+                            else if (k == "limits.max_body_bytes") L.maxBodyBytes = r.size(lv, k);
+                            else if (k == "limits.write_watermark") L.writeWatermark = r.size(lv, k);
+                          });
+                if (c.limits.maxHeaderBytes < 256) r.fail(v, key + ".max_header_bytes", "at least 256");
+                if (c.limits.writeWatermark < 4096) r.fail(v, key + ".write_watermark", "at least 4k");
+              } else if (key == "timeouts") {
+                std::map<std::string, Millis*> fields = {
+                    {"header_read", &c.timeouts.headerRead},
+                    {"idle", &c.timeouts.idle},
+                    {"upstream_connect", &c.timeouts.upstreamConnect},
+                    {"upstream_response", &c.timeouts.upstreamResponse},
+                    {"upstream_idle", &c.timeouts.upstreamIdle},
+                    {"dns_cache", &c.timeouts.dnsCache},
+                    {"shutdown", &c.timeouts.shutdown}};
+                std::set<std::string> known;
+                for (auto& f : fields) known.insert(f.first);
+                r.forEach(v, key, known, [&](const std::string& k, const YAML::Node& tv) {
+                  auto d = r.duration(tv, k);
+                  auto name = k.substr(sizeof("timeouts.") - 1);
+                  if (d.count() == 0 && name != "dns_cache") r.fail(tv, k, "must be greater than 0");
+                  *fields[name] = d;
+                });
+              } else if (key == "policies") {
+                for (auto& p : r.strings(v, key)) c.policies.push_back((base / p).lexically_normal().string());
+              } else if (key == "store") {
+                r.forEach(v, key, {"backend", "urls"}, [&](const std::string& k, const YAML::Node& sv) {
+                  if (k == "store.backend") {
+                    c.storeBackend = r.str(sv, k);
+                    if (c.storeBackend != "memory" && c.storeBackend != "redis") {
+                      r.fail(sv, k, "expected memory or redis");
+                    }
+                  } else {
+                    c.storeUrls = r.strings(sv, k);
+                  }
+                });
+                if (c.storeBackend == "redis" && c.storeUrls.empty()) r.fail(v, key + ".urls", "required for the redis backend");
+              } else if (key == "audit") {
+                r.forEach(v, key, {"dir"}, [&](const std::string& k, const YAML::Node& av) {
+                  c.auditDir = (base / r.str(av, k)).lexically_normal().string();
+                });
+              }
+            });
+  if (c.listeners.empty()) r.fail(root, "listeners", "at least one listener is required");
+  return c;
+}
+
+}  // namespace
+
+Result<Config> parseConfig(const std::string& text, const std::string& path) {
+  Reader reader(path);
+  try {
+    YAML::Node root = YAML::Load(text);
+    return read(root, reader);
+  } catch (const ConfigError& e) {
+    return Error{-1, e.message};
+  } catch (const YAML::Exception& e) {
+    std::ostringstream out;
+    out << path << ':' << e.mark.line + 1 << ':' << e.mark.column + 1 << ": (yaml): " << e.msg;
+    return Error{-1, out.str()};
+  }
+}
+
+Result<Config> loadConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return Error{-1, path + ": cannot open the file"};
+  std::stringstream text;
+  text << in.rdbuf();
+  return parseConfig(text.str(), path);
+}
+
+}  // namespace tollgate

@@ -1,0 +1,67 @@
+// Config: the sidecar's configuration (DESIGN §9), loaded once at start into an immutable
+// object that every worker shares. Every error names the file, line, column and key.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/log.h"
+#include "common/result.h"
+#include "common/units.h"
+
+namespace tollgate {
+
+using Millis = std::chrono::milliseconds;
+
+struct ListenerConfig {
+  std::string name;
+  std::string kind = "forward";
+  HostPort address;
+  std::string identityHeader;  // empty: every call is "anonymous"
+  bool interceptTls = false;
+  uint32_t maxConnections = 10000;
+};
+
+struct LimitsConfig {
+  uint64_t maxHeaderBytes = 32 * 1024;
+  uint32_t maxHeaders = 100;
+  uint64_t maxUriBytes = 8 * 1024;
+  uint64_t maxBodyBytes = 0;  // 0: unlimited
+  uint64_t writeWatermark = 256 * 1024;
+};
+
+struct TimeoutsConfig {
+  Millis headerRead{10'000};
+  Millis idle{60'000};
+  Millis upstreamConnect{5'000};
+  Millis upstreamResponse{30'000};
+  Millis upstreamIdle{30'000};
+  Millis dnsCache{5'000};
+  Millis shutdown{10'000};
+};
+
+struct Config {
+  std::string path;  // the file it came from
+  bool observe = false;
+  unsigned workers = 0;  // 0: one per core
+  LogLevel logLevel = LogLevel::kInfo;
+  std::vector<ListenerConfig> listeners;
+  bool hasAdmin = false;
+  HostPort admin;
+  std::vector<std::string> allowHosts;
+  std::vector<std::string> denyHosts;
+  std::vector<std::string> policies;  // resolved against the config file's directory
+  std::string storeBackend = "memory";
+  std::vector<std::string> storeUrls;
+  std::string auditDir = "var/audit";
+  LimitsConfig limits;
+  TimeoutsConfig timeouts;
+};
+
+Result<Config> loadConfig(const std::string& path);
+// Parses YAML text; `path` is used in error messages and to resolve relative paths.
+Result<Config> parseConfig(const std::string& text, const std::string& path);
+
+}  // namespace tollgate

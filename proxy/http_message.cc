@@ -1,0 +1,263 @@
+#include "proxy/http_message.h"
+
+#include <cctype>
+#include <charconv>
+
+#include "common/json.h"
+#include "common/units.h"
+#include "proxy/resolver.h"
+
+namespace tollgate {
+namespace {
+
+bool isRegNameChar(unsigned char c) {
+  return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~';
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+template <class Fn>
+bool forEachToken(std::string_view list, Fn fn) {
+  while (!list.empty()) {
+    auto comma = list.find(',');
+    auto token = trim(list.substr(0, comma));
+    if (!token.empty() && fn(token)) return true;
+    if (comma == std::string_view::npos) break;
+    list.remove_prefix(comma + 1);
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string Target::authority() const {
+  if (port != 80) return formatHostPort(host, port);
+  if (host.find(':') == std::string::npos) return host;
+  std::string out;
+  out.reserve(host.size() + 2);
+  out += '[';
+  out += host;
+  out += ']';
+  return out;
+}
+
+std::string Target::poolKey() const { return formatHostPort(host, port); }
+
+bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port) {
+  std::string_view h, p;
+  if (text.starts_with('[')) {
+    auto close = text.find(']');
+    if (close == std::string_view::npos) return false;
+    h = text.substr(1, close - 1);
+    auto rest = text.substr(close + 1);
+    if (!rest.empty()) {
+      if (rest[0] != ':') return false;
+      p = rest.substr(1);
+      if (p.empty()) return false;
+    }
+    sockaddr_storage ss;
+    if (!Resolver::parseLiteral(std::string(h), ss) || ss.ss_family != AF_INET6) return false;
+  } else {
+    auto colon = text.find(':');
+    h = text.substr(0, colon);
+    if (colon != std::string_view::npos) {
+      p = text.substr(colon + 1);
+      if (p.empty()) return false;
+    }
+    if (h.empty()) return false;
+    for (unsigned char c : h) {
+      if (!isRegNameChar(c)) return false;
+    }
+  }
+  if (p.empty()) {
+    if (defaultPort == 0) return false;
+    port = defaultPort;
+  } else {
+    unsigned value = 0;
+    auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), value);
+    if (ec != std::errc() || end != p.data() + p.size() || value == 0 || value > 65535) return false;
+    port = static_cast<uint16_t>(value);
+  }
+  host.assign(h);
+  for (auto& c : host) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (!host.empty() && host.back() == '.') host.pop_back();
+  return !host.empty();
+}
+
+bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
+  std::string_view url = head.url();
+  size_t hosts = head.count("host");
+  if (hosts > 1) {
+    reason = "more than one Host header";
+    return false;
+  }
+  auto hostHeader = head.find("host");
+  if (head.method == HTTP_CONNECT) {
+    out.scheme = "tunnel";
+    if (!parseAuthority(url, 0, out.host, out.port)) {
+      reason = "CONNECT needs host:port";
+      return false;
+    }
+    return true;
+  }
+  if (url.starts_with('/')) {
+    // origin-form: the Host header names the destination.
+    if (!hostHeader) {
+      reason = "origin-form request without a Host header";
+      return false;
+    }
+    out.scheme = "http";
+    if (!parseAuthority(*hostHeader, 80, out.host, out.port)) {
+      reason = "invalid Host header";
+      return false;
+    }
+    out.pathQuery.assign(url);
+    return true;
+  }
+  auto schemeEnd = url.find("://");
+  if (schemeEnd == std::string_view::npos) {
+    reason = "request target is neither absolute-form nor origin-form";
+    return false;
+  }
+  std::string scheme(url.substr(0, schemeEnd));
+  for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (scheme == "https") {
+    reason = "https:// targets go through CONNECT";
+    return false;
+  }
+  if (scheme != "http") {
+    reason = "unsupported scheme " + scheme;
+    return false;
+  }
+  auto rest = url.substr(schemeEnd + 3);
+  auto pathStart = rest.find_first_of("/?#");
+  auto authority = rest.substr(0, pathStart);
+  if (authority.find('@') != std::string_view::npos) {
+    reason = "userinfo in the request target";
+    return false;
+  }
+  out.scheme = "http";
+  if (!parseAuthority(authority, 80, out.host, out.port)) {
+    reason = "invalid authority in the request target";
+    return false;
+  }
+  std::string_view path = pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
+  if (path.find('#') != std::string_view::npos) {
+    reason = "fragment in the request target";
+    return false;
+  }
+  if (path.empty()) out.pathQuery = "/";
+  else if (path[0] == '?') out.pathQuery = "/" + std::string(path);
+  else out.pathQuery.assign(path);
+  if (hostHeader) {
+    std::string h;
+    uint16_t p = 0;
+    if (!parseAuthority(*hostHeader, 80, h, p) || h != out.host || p != out.port) {
+      reason = "Host header disagrees with the request target";
+      return false;
+    }
+  }
+  return true;
+}
+
+bool isHopByHop(std::string_view name) {
+  static constexpr std::string_view kNames[] = {
+      "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
+      "upgrade", "proxy-authorization", "proxy-authenticate", "content-length", "host",
+      "expect", "traceparent"};
+  for (auto n : kNames) {
+    if (equalsIgnoreCase(name, n)) return true;
+  }
+  return false;
+}
+
+bool namedByConnection(const HttpHead& head, std::string_view name) {
+  for (size_t i = 0; i < head.size(); ++i) {
+    if (!equalsIgnoreCase(head.name(i), "connection")) continue;
+    if (forEachToken(head.value(i), [&](std::string_view t) { return equalsIgnoreCase(t, name); })) return true;
+  }
+  return false;
+}
+
+bool connectionHasToken(const HttpHead& head, std::string_view token) { return namedByConnection(head, token); }
+
+const char* reasonPhrase(int status) {
+  switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 508: return "Loop Detected";
+    default: return "Unknown";
+  }
+}
+
+std::string localReply(int status, std::string_view body, std::string_view extraHeaders, bool close,
+                       std::string_view contentType) {
+  std::string out;
+  out.reserve(160 + body.size() + extraHeaders.size());
+  out += "HTTP/1.1 ";
+  out += std::to_string(status);
+  out += ' ';
+  out += reasonPhrase(status);
+  out += "\r\nContent-Type: ";
+  out += contentType;
+  out += "\r\nContent-Length: ";
+  out += std::to_string(body.size());
+  out += "\r\n";
+  out += extraHeaders;
+  if (close) out += "Connection: close\r\n";
+  out += "\r\n";
+  out += body;
+  return out;
+}
+
+std::string errorBody(std::string_view error, std::string_view reason, std::string_view upstream) {
+  std::string out;
+  JsonObject obj(out);
+  obj.add("error", error).add("reason", reason);
+  if (!upstream.empty()) obj.add("upstream", upstream);
+  obj.close();
+  out += '\n';
+  return out;
+}
+
+void appendChunk(std::string& out, std::string_view data) {
+  if (data.empty()) return;
+  char buf[20];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, data.size(), 16);
+  out.append(buf, end);
+  out += "\r\n";
+  out += data;
+  out += "\r\n";
+}
+
+}  // namespace tollgate

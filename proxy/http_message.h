@@ -1,0 +1,47 @@
+// Helpers for the proxy's HTTP messages: the request target (absolute-form, origin-form with
+// Host, CONNECT authority), hop-by-hop header filtering, reason phrases and local replies.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "proxy/http_parser.h"
+
+namespace tollgate {
+
+struct Target {
+  std::string scheme;  // "http" or "tunnel"
+  std::string host;    // lower-case, no trailing dot, IPv6 without brackets
+  uint16_t port = 0;
+  std::string pathQuery;  // origin-form; empty for CONNECT
+  std::string authority() const;  // host:port as sent upstream in Host (default port elided)
+  std::string poolKey() const;
+};
+
+// Parses and validates a request's target against its Host header(s). On failure returns
+// false and sets reason (the request is then a 400).
+bool parseTarget(const HttpHead& head, Target& out, std::string& reason);
+
+// Parses "host[:port]" (port optional when defaultPort != 0). Lower-cases the host.
+bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port);
+
+// True for headers that never cross the proxy (RFC 9110 §7.6.1) or that it rewrites itself.
+bool isHopByHop(std::string_view name);
+// True when `name` is one of the comma-separated tokens of the Connection header(s).
+bool namedByConnection(const HttpHead& head, std::string_view name);
+bool connectionHasToken(const HttpHead& head, std::string_view token);
+
+const char* reasonPhrase(int status);
+
+// A complete local reply: status line, JSON content type, Content-Length, extra header
+// lines (each ending in \r\n), Connection: close when closing.
+std::string localReply(int status, std::string_view body, std::string_view extraHeaders, bool close,
+                       std::string_view contentType = "application/json");
+
+// {"error":…,"reason":…} plus an optional upstream.
+std::string errorBody(std::string_view error, std::string_view reason, std::string_view upstream = {});
+
+void appendChunk(std::string& out, std::string_view data);
+
+}  // namespace tollgate

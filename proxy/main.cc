@@ -1,0 +1,66 @@
+// The tollgate binary: `tollgate run -c FILE`, `tollgate --version`, `tollgate help`.
+#include <cstdio>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "proxy/config.h"
+#include "proxy/server.h"
+#include "proxy/version.h"
+
+namespace {
+
+constexpr const char* kUsage = R"(tollgate — governs what AI agents do over the network
+
+usage:
+  tollgate run -c FILE     run the sidecar with the config FILE (YAML)
+  tollgate --version       print the version
+  tollgate help            print this help
+
+exit codes: 0 success, 1 failure at run time, 2 usage or configuration error
+)";
+
+int usageError(const std::string& message) {
+  std::fprintf(stderr, "tollgate: %s\n\n%s", message.c_str(), kUsage);
+  return 2;
+}
+
+int runCommand(const std::vector<std::string_view>& args) {
+  std::string configPath;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "-c" || args[i] == "--config") {
+      if (i + 1 >= args.size()) return usageError("-c needs a file");
+      configPath = std::string(args[++i]);
+    } else if (args[i].starts_with("--config=")) {
+      configPath = std::string(args[i].substr(9));
+    } else {
+      return usageError("run: unknown argument '" + std::string(args[i]) + "'");
+    }
+  }
+  if (configPath.empty()) return usageError("run needs -c FILE");
+  auto config = tollgate::loadConfig(configPath);
+  if (!config) {
+    std::fprintf(stderr, "tollgate: %s\n", config.error().message.c_str());
+    return 2;
+  }
+  tollgate::Server server(std::move(config.value()));
+  return server.run();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string_view> args(argv + 1, argv + argc);
+  if (args.empty()) return usageError("no command");
+  auto cmd = args[0];
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("tollgate %s\n", tollgate::kVersion);
+    return 0;
+  }
+  if (cmd == "help" || cmd == "--help" || cmd == "-h") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (cmd == "run") return runCommand({args.begin() + 1, args.end()});
+  return usageError("unknown command '" + std::string(cmd) + "'");
+}

@@ -1,0 +1,78 @@
+#include "proxy/metrics.h"
+
+#include <prometheus/text_serializer.h>
+
+namespace tollgate {
+namespace {
+
+const prometheus::Histogram::BucketBoundaries& latencyBuckets() {
+  static const prometheus::Histogram::BucketBoundaries b = {
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+  return b;
+}
+
+}  // namespace
+
+prometheus::Counter& Metrics::Listener::status(int code) {
+  if (code < 100 || code >= 600) code = 599;
+  auto* c = byStatus[static_cast<size_t>(code)].load(std::memory_order_acquire);
+  if (!c) {
+    // Family::Add returns the same metric for the same labels, so a race only repeats work.
+    c = &requests->Add({{"listener", name}, {"status", std::to_string(code)}});
+    byStatus[static_cast<size_t>(code)].store(c, std::memory_order_release);
+  }
+  return *c;
+}
+
+Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  auto& r = *registry_;
+  requests_ = &prometheus::BuildCounter().Name("tollgate_requests_total")
+                   .Help("Requests answered, by listener and status").Register(r);
+  requestSeconds_ = &prometheus::BuildHistogram().Name("tollgate_request_duration_seconds")
+                         .Help("Time from the request head to the end of the response").Register(r);
+  upstreamSeconds_ = &prometheus::BuildHistogram().Name("tollgate_upstream_duration_seconds")
+                          .Help("Time from sending the request upstream to the response head").Register(r);
+  active_ = &prometheus::BuildGauge().Name("tollgate_active_connections")
+                 .Help("Open client connections, by listener").Register(r);
+  rejected_ = &prometheus::BuildCounter().Name("tollgate_connections_rejected_total")
+                   .Help("Connections refused because the listener was at max_connections").Register(r);
+  bytes_ = &prometheus::BuildCounter().Name("tollgate_bytes_total")
+                .Help("Bytes received from (in) and sent to (out) clients, by listener").Register(r);
+  connectErrors_ = &prometheus::BuildCounter().Name("tollgate_upstream_connect_errors_total")
+                        .Help("Upstream connections that failed, by reason").Register(r);
+  decisions_ = &prometheus::BuildCounter().Name("tollgate_decisions_total")
+                    .Help("Decisions, by decision and rule").Register(r);
+  reloads_ = &prometheus::BuildCounter().Name("tollgate_reloads_total")
+                  .Help("Reload attempts, by result").Register(r);
+}
+
+Metrics::Listener& Metrics::addListener(const std::string& name) {
+  auto l = std::make_unique<Listener>();
+  l->name = name;
+  l->requests = requests_;
+  l->requestSeconds = &requestSeconds_->Add({{"listener", name}}, latencyBuckets());
+  l->upstreamSeconds = &upstreamSeconds_->Add({{"listener", name}}, latencyBuckets());
+  l->activeConnections = &active_->Add({{"listener", name}});
+  l->connectionsRejected = &rejected_->Add({{"listener", name}});
+  l->bytesIn = &bytes_->Add({{"listener", name}, {"direction", "in"}});
+  l->bytesOut = &bytes_->Add({{"listener", name}, {"direction", "out"}});
+  listeners_.push_back(std::move(l));
+  return *listeners_.back();
+}
+
+prometheus::Counter& Metrics::upstreamConnectErrors(const std::string& reason) {
+  return connectErrors_->Add({{"reason", reason}});
+}
+
+prometheus::Counter& Metrics::decision(const std::string& decision, const std::string& rule) {
+  return decisions_->Add({{"decision", decision}, {"rule", rule}});
+}
+
+prometheus::Counter& Metrics::reloads(bool ok) { return reloads_->Add({{"result", ok ? "ok" : "error"}}); }
+
+std::string Metrics::render() const {
+  prometheus::TextSerializer serializer;
+  return serializer.Serialize(registry_->Collect());
+}
+
+}  // namespace tollgate

@@ -1,0 +1,54 @@
+// Metrics: the prometheus-cpp registry shared by all workers (its metrics are atomic), the
+// families the proxy exports, and the text rendering served on /metrics.
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <array>
+#include <atomic>
+#include <memory>
+#include <string>
+
+namespace tollgate {
+
+class Metrics {
+ public:
+  struct Listener {
+    prometheus::Family<prometheus::Counter>* requests = nullptr;
+    std::array<std::atomic<prometheus::Counter*>, 600> byStatus{};
+    prometheus::Histogram* requestSeconds = nullptr;
+    prometheus::Histogram* upstreamSeconds = nullptr;
+    prometheus::Gauge* activeConnections = nullptr;
+    prometheus::Counter* connectionsRejected = nullptr;
+    prometheus::Counter* bytesIn = nullptr;
+    prometheus::Counter* bytesOut = nullptr;
+    std::string name;
+    prometheus::Counter& status(int code);
+  };
+
+  Metrics();
+  Listener& addListener(const std::string& name);
+  prometheus::Counter& upstreamConnectErrors(const std::string& reason);
+  prometheus::Counter& decision(const std::string& decision, const std::string& rule);
+  prometheus::Counter& reloads(bool ok);
+  std::string render() const;
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* requestSeconds_;
+  prometheus::Family<prometheus::Histogram>* upstreamSeconds_;
+  prometheus::Family<prometheus::Gauge>* active_;
+  prometheus::Family<prometheus::Counter>* rejected_;
+  prometheus::Family<prometheus::Counter>* bytes_;
+  prometheus::Family<prometheus::Counter>* connectErrors_;
+  prometheus::Family<prometheus::Counter>* decisions_;
+  prometheus::Family<prometheus::Counter>* reloads_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+};
+
+}  // namespace tollgate

@@ -1,0 +1,174 @@
+#include "proxy/server.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstring>
+#include <thread>
+
+#include "common/log.h"
+#include "policy/host_list_decider.h"
+#include "proxy/resolver.h"
+
+namespace tollgate {
+namespace {
+
+// A listening socket with SO_REUSEPORT, so every worker can own one on the same port.
+Result<int> listenSocket(const HostPort& address, bool reusePort) {
+  sockaddr_storage ss;
+  if (!Resolver::parseLiteral(address.host, ss)) {
+    if (address.host == "localhost") Resolver::parseLiteral("127.0.0.1", ss);
+    else return Error{-1, "address " + address.host + " is not an IP literal"};
+  }
+  socklen_t len;
+  if (ss.ss_family == AF_INET6) {
+    reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port = htons(address.port);
+    len = sizeof(sockaddr_in6);
+  } else {
+    reinterpret_cast<sockaddr_in*>(&ss)->sin_port = htons(address.port);
+    len = sizeof(sockaddr_in);
+  }
+  int fd = ::socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Error{-errno, std::string("socket: ") + std::strerror(errno)};
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (reusePort) ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  if (ss.ss_family == AF_INET6) ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    int err = errno;
+    ::close(fd);
+    return Error{-err, "bind " + formatHostPort(address.host, address.port) + ": " + std::strerror(err)};
+  }
+  return fd;
+}
+
+uint16_t boundPort(int fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return 0;
+  return ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                        : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+}
+
+}  // namespace
+
+Server::Server(Config config) : config_(std::move(config)) {
+  decider_ = std::make_unique<HostListDecider>(config_.allowHosts, config_.denyHosts);
+  audit_ = std::make_unique<MemoryAuditSink>();
+  shared_.config = &config_;
+  shared_.metrics = &metrics_;
+  shared_.decider = decider_.get();
+  shared_.audit = audit_.get();
+  admin_ = std::make_unique<AdminApi>(metrics_, *audit_, shared_);
+  admin_->setReloadHook([this] { return reload(); });
+  shared_.admin = admin_.get();
+}
+
+Server::~Server() {
+  for (auto& rt : shared_.listeners) {
+    for (int fd : rt->fds) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
+}
+
+Status Server::bindListeners(unsigned workers) {
+  auto bindOne = [&](ListenerRuntime& rt, const HostPort& address, unsigned count) -> Status {
+    HostPort addr = address;
+    for (unsigned i = 0; i < count; ++i) {
+      auto fd = listenSocket(addr, true);
+      if (!fd) return fd.error();
+      if (::listen(*fd, 1024) != 0) {
+        ::close(*fd);
+        return Error{-errno, std::string("listen: ") + std::strerror(errno)};
+      }
+      // With port 0, the first socket picks the port and the others join it.
+      if (i == 0) addr.port = boundPort(*fd);
+      rt.fds.push_back(*fd);
+    }
+    rt.boundAddress = formatHostPort(addr.host, addr.port);
+    return Status::success();
+  };
+  for (const auto& l : config_.listeners) {
+    auto rt = std::make_unique<ListenerRuntime>();
+    rt->config = l;
+    rt->metrics = &metrics_.addListener(l.name);
+    auto st = bindOne(*rt, l.address, workers);
+    shared_.listeners.push_back(std::move(rt));
+    if (!st) return Error{st.error().code, "listener " + l.name + ": " + st.error().message};
+  }
+  if (config_.hasAdmin) {
+    auto rt = std::make_unique<ListenerRuntime>();
+    rt->admin = true;
+    rt->config.name = "admin";
+    rt->metrics = &metrics_.addListener("admin");
+    auto st = bindOne(*rt, config_.admin, 1);  // the admin listener is served by worker 0
+    shared_.listeners.push_back(std::move(rt));
+    if (!st) return Error{st.error().code, "admin: " + st.error().message};
+  }
+  return Status::success();
+}
+
+std::string Server::reload() {
+  // The policy engine fills this in; until then a reload re-reads nothing and succeeds.
+  Log::Line(LogLevel::kInfo, "reload").add("config", config_.path).add("result", "nothing to reload yet").emit();
+  metrics_.reloads(true).Increment();
+  return {};
+}
+
+int Server::run() {
+  Log::setLevel(config_.logLevel);
+  std::signal(SIGPIPE, SIG_IGN);
+  unsigned workers = config_.workers ? config_.workers : std::max(1u, std::thread::hardware_concurrency());
+  if (auto st = bindListeners(workers); !st) {
+    Log::Line(LogLevel::kError, "cannot listen").add("error", st.error().message).emit();
+    return 1;
+  }
+  for (auto& rt : shared_.listeners) {
+    Log::Line(LogLevel::kInfo, "listening")
+        .add("listener", rt->config.name)
+        .add("kind", rt->admin ? std::string("admin") : rt->config.kind)
+        .add("address", rt->boundAddress)
+        .add("workers", static_cast<uint64_t>(rt->fds.size()))
+        .emit();
+  }
+  for (unsigned i = 0; i < workers; ++i) workers_.push_back(std::make_unique<Worker>(shared_, i));
+  for (auto& w : workers_) w->start();
+  admin_->setReady(true);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  struct Signals {
+    uv_signal_t term, intr, hup;
+    Server* server;
+    std::vector<std::unique_ptr<Worker>>* workers;
+  } signals{};
+  signals.server = this;
+  signals.workers = &workers_;
+  auto stop = [](uv_signal_t* h, int signum) {
+    auto* s = static_cast<Signals*>(h->data);
+    Log::Line(LogLevel::kInfo, "shutting down").add("signal", std::string(strsignal(signum))).emit();
+    s->server->admin_->setReady(false);
+    for (auto& w : *s->workers) w->requestDrain();
+    uv_close(reinterpret_cast<uv_handle_t*>(&s->term), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&s->intr), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&s->hup), nullptr);
+  };
+  for (auto* h : {&signals.term, &signals.intr, &signals.hup}) {
+    uv_signal_init(&loop, h);
+    h->data = &signals;
+  }
+  uv_signal_start(&signals.term, stop, SIGTERM);
+  uv_signal_start(&signals.intr, stop, SIGINT);
+  uv_signal_start(&signals.hup, [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload(); }, SIGHUP);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  for (auto& w : workers_) w->join();
+  workers_.clear();
+  Log::Line(LogLevel::kInfo, "stopped").emit();
+  return 0;
+}
+
+}  // namespace tollgate

@@ -1,0 +1,42 @@
+// Server: the sidecar process. Binds the listeners (one SO_REUSEPORT socket per worker),
+// starts the workers, and runs the main thread's loop for signals: SIGTERM/SIGINT drain
+// and stop, SIGHUP calls the reload hook.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "audit/audit_sink.h"
+#include "common/result.h"
+#include "policy/decider.h"
+#include "proxy/admin_api.h"
+#include "proxy/config.h"
+#include "proxy/metrics.h"
+#include "proxy/worker.h"
+
+namespace tollgate {
+
+class Server {
+ public:
+  explicit Server(Config config);
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+  ~Server();
+
+  // Runs until SIGTERM/SIGINT; returns the process exit code.
+  int run();
+
+ private:
+  Status bindListeners(unsigned workers);
+  std::string reload();
+
+  Config config_;
+  Metrics metrics_;
+  std::unique_ptr<Decider> decider_;
+  std::unique_ptr<AuditSink> audit_;
+  SharedState shared_;
+  std::unique_ptr<AdminApi> admin_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+};
+
+}  // namespace tollgate

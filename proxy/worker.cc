@@ -1,0 +1,165 @@
+#include "proxy/worker.h"
+
+#include "common/log.h"
+#include "proxy/client_session.h"
+#include "proxy/http_message.h"
+
+namespace tollgate {
+namespace {
+
+constexpr uint64_t kLogFlushMs = 200;
+constexpr int kBacklog = 1024;
+
+}  // namespace
+
+Worker::Worker(SharedState& shared, unsigned index)
+    : shared_(shared),
+      index_(index),
+      resolver_(&loop_.loop, shared.config->timeouts.dnsCache),
+      pool_(&loop_.loop, shared.config->timeouts.upstreamIdle) {
+  uv_async_init(&loop_.loop, &drainAsync_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->beginDrain(); });
+  drainAsync_.data = this;
+  uv_check_init(&loop_.loop, &check_);
+  check_.data = this;
+  uv_check_start(&check_, onCheck);
+  uv_unref(reinterpret_cast<uv_handle_t*>(&check_));
+  logFlush_ = Timer::create(&loop_.loop, [this] {
+    Log::flushThread();
+    logFlush_->start(kLogFlushMs);
+  });
+  logFlush_->unref();
+}
+
+Worker::LoopHolder::LoopHolder() { uv_loop_init(&loop); }
+
+Worker::LoopHolder::~LoopHolder() {
+  // Handles closed during teardown need one more turn to run their close callbacks.
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+}
+
+Worker::~Worker() {
+  join();
+  for (auto* s : released_) delete s;
+  released_.clear();
+}
+
+void Worker::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void Worker::requestDrain() { uv_async_send(&drainAsync_); }
+
+void Worker::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void Worker::run() {
+  Log::setThreadBuffered(true);
+  openListeners();
+  logFlush_->start(kLogFlushMs);
+  uv_run(&loop_.loop, UV_RUN_DEFAULT);
+  for (auto* s : released_) delete s;
+  released_.clear();
+  Log::setThreadBuffered(false);
+}
+
+void Worker::openListeners() {
+  for (auto& rt : shared_.listeners) {
+    if (index_ >= rt->fds.size() || rt->fds[index_] < 0) continue;
+    auto* l = new Listening{{}, this, rt.get()};
+    uv_tcp_init(&loop_.loop, &l->handle);
+    l->handle.data = l;
+    int rc = uv_tcp_open(&l->handle, rt->fds[index_]);
+    if (rc == 0) rc = uv_listen(reinterpret_cast<uv_stream_t*>(&l->handle), kBacklog, onConnection);
+    if (rc != 0) {
+      Log::Line(LogLevel::kError, "listen failed")
+          .add("listener", rt->admin ? std::string("admin") : rt->config.name)
+          .add("error", std::string(uv_strerror(rc)))
+          .emit();
+    }
+    listening_.push_back(l);
+  }
+}
+
+void Worker::onConnection(uv_stream_t* server, int status) {
+  auto* l = static_cast<Listening*>(server->data);
+  Worker* w = l->worker;
+  if (status < 0) return;
+  StreamPtr stream = TcpStream::create(&w->loop_.loop);
+  if (stream->accept(server) != 0 || w->draining_) return;
+  auto& rt = *l->runtime;
+  uint32_t open = rt.connections.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (!rt.admin && open > rt.config.maxConnections) {
+    rt.connections.fetch_sub(1, std::memory_order_relaxed);
+    rt.metrics->connectionsRejected->Increment();
+    stream->append(localReply(503, errorBody("too_many_connections",
+                                             "listener " + rt.config.name + " is at max_connections (" +
+                                                 std::to_string(rt.config.maxConnections) + ")"),
+                              {}, true));
+    (void)stream->flush();
+    stream->shutdown();
+    return;  // the StreamPtr closes it
+  }
+  auto* session = new ClientSession(*w, rt, std::move(stream));
+  w->sessions_.insert(session);
+  session->start();
+}
+
+void Worker::release(ClientSession* session) {
+  sessions_.erase(session);
+  released_.push_back(session);
+}
+
+void Worker::onCheck(uv_check_t* check) {
+  auto* w = static_cast<Worker*>(check->data);
+  w->freeReleased();
+  if (w->draining_) w->finishIfIdle();
+}
+
+void Worker::freeReleased() {
+  if (released_.empty()) return;
+  std::vector<ClientSession*> keep;
+  for (auto* s : released_) {
+    if (s->busy()) keep.push_back(s);
+    else delete s;
+  }
+  released_.swap(keep);
+}
+
+void Worker::beginDrain() {
+  if (draining_) return;
+  draining_ = true;
+  for (auto* l : listening_) {
+    uv_close(reinterpret_cast<uv_handle_t*>(&l->handle), [](uv_handle_t* h) { delete static_cast<Listening*>(h->data); });
+  }
+  listening_.clear();
+  std::vector<ClientSession*> open(sessions_.begin(), sessions_.end());
+  for (auto* s : open) s->drain();
+  deadline_ = Timer::create(&loop_.loop, [this] {
+    std::vector<ClientSession*> left(sessions_.begin(), sessions_.end());
+    if (!left.empty()) {
+      Log::Line(LogLevel::kWarn, "shutdown deadline: closing connections")
+          .add("worker", static_cast<int64_t>(index_))
+          .add("connections", static_cast<uint64_t>(left.size()))
+          .emit();
+    }
+    for (auto* s : left) s->close();
+    finishIfIdle();
+  });
+  deadline_->start(static_cast<uint64_t>(shared_.config->timeouts.shutdown.count()));
+  finishIfIdle();
+}
+
+void Worker::finishIfIdle() {
+  if (stopped_ || !sessions_.empty()) return;
+  stopped_ = true;
+  freeReleased();
+  pool_.closeAll();
+  deadline_.reset();
+  logFlush_.reset();
+  uv_close(reinterpret_cast<uv_handle_t*>(&drainAsync_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&check_), nullptr);
+}
+
+}  // namespace tollgate

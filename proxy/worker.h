@@ -1,0 +1,115 @@
+// Worker: one thread, one libuv loop, its own SO_REUSEPORT listening sockets, DNS cache and
+// upstream pool. Sessions belong to the worker that accepted them and are deleted by it on
+// a later loop turn, never inside their own callbacks.
+#pragma once
+
+#include <uv.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <unordered_set>
+#include <vector>
+
+#include "audit/audit_sink.h"
+#include "policy/decider.h"
+#include "proxy/config.h"
+#include "proxy/metrics.h"
+#include "proxy/resolver.h"
+#include "proxy/timer.h"
+#include "proxy/upstream_pool.h"
+
+namespace tollgate {
+
+class ClientSession;
+class AdminApi;
+
+// A listener as all workers share it: its config, counters and bound address.
+struct ListenerRuntime {
+  ListenerConfig config;
+  bool admin = false;
+  std::atomic<uint32_t> connections{0};
+  Metrics::Listener* metrics = nullptr;
+  std::string boundAddress;
+  std::vector<int> fds;  // one listening socket per worker (admin: worker 0 only)
+};
+
+// What the workers share; owned by the Server, outlives the workers.
+struct SharedState {
+  const Config* config = nullptr;
+  Metrics* metrics = nullptr;
+  Decider* decider = nullptr;
+  AuditSink* audit = nullptr;
+  AdminApi* admin = nullptr;
+  std::vector<std::unique_ptr<ListenerRuntime>> listeners;
+};
+
+class Worker {
+ public:
+  Worker(SharedState& shared, unsigned index);
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+  ~Worker();
+
+  void start();
+  // Thread-safe: stop accepting, finish in-flight requests, then exit the loop. Sessions
+  // still open after `deadline` are closed.
+  void requestDrain();
+  void join();
+
+  uv_loop_t* loop() { return &loop_.loop; }
+  const Config& config() const { return *shared_.config; }
+  Metrics& metrics() { return *shared_.metrics; }
+  Decider& decider() { return *shared_.decider; }
+  AuditSink& audit() { return *shared_.audit; }
+  AdminApi& admin() { return *shared_.admin; }
+  Resolver& resolver() { return resolver_; }
+  UpstreamPool& pool() { return pool_; }
+  bool draining() const { return draining_; }
+  unsigned index() const { return index_; }
+
+  // Called by a session that has closed its handles; it is deleted on the next loop turn.
+  void release(ClientSession* session);
+
+ private:
+  struct Listening {
+    uv_tcp_t handle;
+    Worker* worker;
+    ListenerRuntime* runtime;
+  };
+  void run();
+  void openListeners();
+  static void onConnection(uv_stream_t* server, int status);
+  static void onCheck(uv_check_t* check);
+  void beginDrain();
+  void finishIfIdle();
+  void freeReleased();
+
+  // The loop is initialised before, and closed after, every member that uses it.
+  struct LoopHolder {
+    LoopHolder();
+    ~LoopHolder();
+    LoopHolder(const LoopHolder&) = delete;
+    LoopHolder& operator=(const LoopHolder&) = delete;
+    uv_loop_t loop;
+  };
+
+  SharedState& shared_;
+  unsigned index_;
+  LoopHolder loop_;
+  uv_async_t drainAsync_;
+  uv_check_t check_;
+  Resolver resolver_;
+  UpstreamPool pool_;
+  TimerPtr logFlush_;
+  TimerPtr deadline_;
+  std::vector<Listening*> listening_;
+  std::unordered_set<ClientSession*> sessions_;
+  std::vector<ClientSession*> released_;
+  std::thread thread_;
+  bool draining_ = false;
+  bool stopped_ = false;
+};
+
+}  // namespace tollgate

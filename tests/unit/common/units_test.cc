@@ -1,0 +1,57 @@
+#include "common/units.h"
+
+#include <gtest/gtest.h>
+
+namespace tollgate {
+namespace {
+
+TEST(ParseSize, AcceptsBinarySuffixes) {
+  EXPECT_EQ(parseSize("0"), 0u);
+  EXPECT_EQ(parseSize("512"), 512u);
+  EXPECT_EQ(parseSize("64k"), 64u * 1024);
+  EXPECT_EQ(parseSize("1m"), 1024u * 1024);
+  EXPECT_EQ(parseSize("2g"), 2ull << 30);
+}
+
+TEST(ParseSize, RejectsGarbageAndOverflow) {
+  EXPECT_FALSE(parseSize(""));
+  EXPECT_FALSE(parseSize("k"));
+  EXPECT_FALSE(parseSize("-1"));
+  EXPECT_FALSE(parseSize("1.5m"));
+  EXPECT_FALSE(parseSize("10x"));
+  EXPECT_FALSE(parseSize("99999999999999999999g"));
+}
+
+TEST(ParseDuration, AcceptsEveryUnit) {
+  using std::chrono::milliseconds;
+  EXPECT_EQ(parseDuration("250ms"), milliseconds(250));
+  EXPECT_EQ(parseDuration("10s"), milliseconds(10'000));
+  EXPECT_EQ(parseDuration("5m"), milliseconds(300'000));
+  EXPECT_EQ(parseDuration("1h"), milliseconds(3'600'000));
+  EXPECT_EQ(parseDuration("30d"), milliseconds(30ll * 86'400'000));
+}
+
+TEST(ParseDuration, RejectsMissingOrUnknownUnits) {
+  EXPECT_FALSE(parseDuration("10"));
+  EXPECT_FALSE(parseDuration("10parsecs"));
+  EXPECT_FALSE(parseDuration("ms"));
+  EXPECT_FALSE(parseDuration("1.5s"));
+}
+
+TEST(ParseHostPort, HandlesIpv4Ipv6AndNames) {
+  auto a = parseHostPort("127.0.0.1:15001");
+  ASSERT_TRUE(a);
+  EXPECT_EQ(a->host, "127.0.0.1");
+  EXPECT_EQ(a->port, 15001);
+  auto b = parseHostPort("[::1]:80");
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->host, "::1");
+  EXPECT_EQ(formatHostPort(b->host, b->port), "[::1]:80");
+  EXPECT_FALSE(parseHostPort("127.0.0.1"));
+  EXPECT_FALSE(parseHostPort("::1:80"));
+  EXPECT_FALSE(parseHostPort("host:70000"));
+  EXPECT_FALSE(parseHostPort(":80"));
+}
+
+}  // namespace
+}  // namespace tollgate

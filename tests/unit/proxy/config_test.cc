@@ -1,0 +1,90 @@
+#include "proxy/config.h"
+
+#include <gtest/gtest.h>
+
+namespace tollgate {
+namespace {
+
+// The sidecar example of DESIGN §9, as written.
+constexpr const char* kDesignExample = R"(# tollgate.yaml — the sidecar
+mode: enforce                     # enforce | observe
+workers: 2
+listeners:
+  - name: egress
+    kind: forward                 # forward | transparent | reverse
+    address: 127.0.0.1:15001
+    identity: {header: X-Agent-Id}
+    intercept_tls: false          # true: terminate CONNECT with the local CA
+admin:
+  address: 127.0.0.1:15000
+policies: [policy.yaml]           # paths relative to this file
+store: {backend: memory}          # or {backend: redis, urls: [redis://127.0.0.1:6379]}
+audit: {dir: var/audit}
+)";
+
+TEST(Config, AcceptsTheDesignExample) {
+  auto c = parseConfig(kDesignExample, "/etc/tollgate/tollgate.yaml");
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_FALSE(c->observe);
+  EXPECT_EQ(c->workers, 2u);
+  ASSERT_EQ(c->listeners.size(), 1u);
+  EXPECT_EQ(c->listeners[0].name, "egress");
+  EXPECT_EQ(c->listeners[0].address.port, 15001);
+  EXPECT_EQ(c->listeners[0].identityHeader, "X-Agent-Id");
+  EXPECT_TRUE(c->hasAdmin);
+  EXPECT_EQ(c->admin.port, 15000);
+  ASSERT_EQ(c->policies.size(), 1u);
+  EXPECT_EQ(c->policies[0], "/etc/tollgate/policy.yaml");
+  EXPECT_EQ(c->auditDir, "/etc/tollgate/var/audit");
+  EXPECT_EQ(c->storeBackend, "memory");
+}
+
+TEST(Config, ReadsLimitsAndTimeouts) {
+  auto c = parseConfig(R"(
+listeners: [{name: a, address: "127.0.0.1:0"}]
+limits: {max_header_bytes: 4k, max_headers: 20, max_uri_bytes: 1k, max_body_bytes: 1m, write_watermark: 64k}
+timeouts: {header_read: 1s, idle: 2s, upstream_connect: 250ms, upstream_response: 1m, shutdown: 3s}
+hosts: {allow: ["*"], deny: [evil.example]}
+log: {level: warn}
+)", "t.yaml");
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->limits.maxHeaderBytes, 4096u);
+  EXPECT_EQ(c->limits.maxHeaders, 20u);
+  EXPECT_EQ(c->limits.maxBodyBytes, 1u << 20);
+  EXPECT_EQ(c->timeouts.upstreamConnect.count(), 250);
+  EXPECT_EQ(c->timeouts.upstreamResponse.count(), 60'000);
+  EXPECT_EQ(c->denyHosts, std::vector<std::string>{"evil.example"});
+  EXPECT_EQ(c->logLevel, LogLevel::kWarn);
+}
+
+struct BadCase {
+  const char* yaml;
+  const char* expected;  // substring of the error
+};
+
+class ConfigErrors : public ::testing::TestWithParam<BadCase> {};
+
+TEST_P(ConfigErrors, NameFileLineAndKey) {
+  auto c = parseConfig(GetParam().yaml, "bad.yaml");
+  ASSERT_FALSE(c);
+  EXPECT_NE(c.error().message.find(GetParam().expected), std::string::npos) << c.error().message;
+  EXPECT_EQ(c.error().message.rfind("bad.yaml:", 0), 0u) << c.error().message;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ConfigErrors,
+    ::testing::Values(
+        BadCase{"listners: []\n", "bad.yaml:1:1: listners: unknown key"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\ntimeouts: {header_read: 10parsecs}\n",
+                "bad.yaml:2:25: timeouts.header_read: expected a duration"},
+        BadCase{"listeners: [{name: a, address: nowhere}]\n", "listeners[0].address: expected HOST:PORT"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nworkers: many\n", "workers: expected a non-negative integer"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nmode: yolo\n", "mode: expected enforce or observe"},
+        BadCase{"listeners: [{name: a}]\n", "listeners[0].address: required"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}, {name: a, address: '127.0.0.1:0'}]\n", "duplicate listener name"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nstore: {backend: redis}\n", "store.urls: required"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'\n", "(yaml)"},
+        BadCase{"", "the file is empty"}));
+
+}  // namespace
+}  // namespace tollgate

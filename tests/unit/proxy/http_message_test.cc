@@ -1,0 +1,94 @@
+#include "proxy/http_message.h"
+
+#include <gtest/gtest.h>
+
+namespace tollgate {
+namespace {
+
+struct Noop : HttpParser::Handler {
+  void onMessageBegin(HttpParser&) override {}
+  int onHeadersComplete(HttpParser&) override { return 0; }
+  int onBody(HttpParser&, std::string_view) override { return 0; }
+  int onMessageComplete(HttpParser&) override { return HPE_PAUSED; }
+};
+
+// Parses one request head and runs parseTarget on it.
+struct Parsed {
+  bool ok;
+  Target target;
+  std::string reason;
+};
+
+Parsed target(const std::string& head) {
+  Noop n;
+  HttpParser::Limits l;
+  HttpParser p(HttpParser::Type::kRequest, l, n);
+  auto out = p.execute(head);
+  EXPECT_NE(out.state, HttpParser::State::kError) << head;
+  Parsed r;
+  r.ok = parseTarget(p.head(), r.target, r.reason);
+  return r;
+}
+
+TEST(ParseTarget, AbsoluteForm) {
+  auto r = target("GET http://Notes.Local.:8080/a?b=1 HTTP/1.1\r\nHost: notes.local:8080\r\n\r\n");
+  ASSERT_TRUE(r.ok) << r.reason;
+  EXPECT_EQ(r.target.host, "notes.local");
+  EXPECT_EQ(r.target.port, 8080);
+  EXPECT_EQ(r.target.pathQuery, "/a?b=1");
+  EXPECT_EQ(r.target.authority(), "notes.local:8080");
+}
+
+TEST(ParseTarget, DefaultsPortAndPath) {
+  auto r = target("GET http://a.example HTTP/1.1\r\n\r\n");
+  ASSERT_TRUE(r.ok) << r.reason;
+  EXPECT_EQ(r.target.port, 80);
+  EXPECT_EQ(r.target.pathQuery, "/");
+  EXPECT_EQ(r.target.authority(), "a.example");
+}
+
+TEST(ParseTarget, OriginFormUsesHost) {
+  auto r = target("GET /x HTTP/1.1\r\nHost: [::1]:81\r\n\r\n");
+  ASSERT_TRUE(r.ok) << r.reason;
+  EXPECT_EQ(r.target.host, "::1");
+  EXPECT_EQ(r.target.poolKey(), "[::1]:81");
+}
+
+TEST(ParseTarget, Connect) {
+  auto r = target("CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n");
+  ASSERT_TRUE(r.ok) << r.reason;
+  EXPECT_EQ(r.target.scheme, "tunnel");
+  EXPECT_EQ(r.target.port, 443);
+}
+
+TEST(ParseTarget, RejectsAmbiguity) {
+  EXPECT_FALSE(target("GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n").ok);
+  EXPECT_FALSE(target("GET http://a.example/ HTTP/1.1\r\nHost: a.example:81\r\n\r\n").ok);
+  EXPECT_FALSE(target("GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n").ok);
+  EXPECT_FALSE(target("GET http://user@a.example/ HTTP/1.1\r\n\r\n").ok);
+  EXPECT_FALSE(target("GET / HTTP/1.1\r\n\r\n").ok);
+  EXPECT_FALSE(target("GET https://a.example/ HTTP/1.1\r\n\r\n").ok);
+  EXPECT_FALSE(target("CONNECT a.example HTTP/1.1\r\n\r\n").ok);
+  EXPECT_FALSE(target("GET http://a_b!.example/ HTTP/1.1\r\n\r\n").ok);
+}
+
+TEST(HopByHop, ConnectionNamedHeadersAreFound) {
+  Noop n;
+  HttpParser::Limits l;
+  HttpParser p(HttpParser::Type::kRequest, l, n);
+  (void)p.execute("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Foo\r\nX-Foo: 1\r\n\r\n");
+  EXPECT_TRUE(namedByConnection(p.head(), "x-foo"));
+  EXPECT_FALSE(namedByConnection(p.head(), "x-bar"));
+  EXPECT_TRUE(isHopByHop("Proxy-Authorization"));
+  EXPECT_TRUE(isHopByHop("TE"));
+  EXPECT_FALSE(isHopByHop("Authorization"));
+}
+
+TEST(LocalReply, CarriesLengthAndClose) {
+  auto r = localReply(403, "{}", "X-A: b\r\n", true);
+  EXPECT_EQ(r, "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: b\r\n"
+               "Connection: close\r\n\r\n{}");
+}
+
+}  // namespace
+}  // namespace tollgate

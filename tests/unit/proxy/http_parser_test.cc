@@ -1,0 +1,109 @@
+#include "proxy/http_parser.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+namespace tollgate {
+namespace {
+
+// Records what the parser reports, pausing after each message as the proxy does.
+struct Recorder : HttpParser::Handler {
+  void onMessageBegin(HttpParser&) override { ++begun; }
+  int onHeadersComplete(HttpParser& p) override {
+    urls.emplace_back(p.head().url());
+    return 0;
+  }
+  int onBody(HttpParser&, std::string_view data) override {
+    body.append(data);
+    return 0;
+  }
+  int onMessageComplete(HttpParser& p) override {
+    ++completed;
+    return p.upgrade() ? 0 : HPE_PAUSED;
+  }
+  int begun = 0, completed = 0;
+  std::vector<std::string> urls;
+  std::string body;
+};
+
+HttpParser::Limits limits() { return {1024, 10, 128}; }
+
+TEST(HttpParser, ParsesHeadAndChunkedBody) {
+  Recorder r;
+  auto l = limits();
+  HttpParser p(HttpParser::Type::kRequest, l, r);
+  std::string req = "POST http://a.example/x HTTP/1.1\r\nHost: a.example\r\nX-Y: 1\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+  auto out = p.execute(req);
+  EXPECT_EQ(out.state, HttpParser::State::kPaused);
+  EXPECT_EQ(out.consumed, req.size());
+  EXPECT_EQ(r.body, "abcde");
+  EXPECT_TRUE(p.chunked());
+  EXPECT_EQ(p.head().find("x-y").value_or(""), "1");
+  EXPECT_EQ(p.head().count("HOST"), 1u);
+}
+
+TEST(HttpParser, PausesBetweenPipelinedRequests) {
+  Recorder r;
+  auto l = limits();
+  HttpParser p(HttpParser::Type::kRequest, l, r);
+  std::string one = "GET /1 HTTP/1.1\r\nHost: a\r\n\r\n";
+  std::string two = "GET /2 HTTP/1.1\r\nHost: a\r\n\r\n";
+  auto out = p.execute(one + two);
+  EXPECT_EQ(out.state, HttpParser::State::kPaused);
+  EXPECT_EQ(out.consumed, one.size());
+  p.resume();
+  out = p.execute(two);
+  EXPECT_EQ(out.state, HttpParser::State::kPaused);
+  EXPECT_EQ(r.urls, (std::vector<std::string>{"/1", "/2"}));
+}
+
+TEST(HttpParser, HeaderLimitsGiveTheirStatus) {
+  Recorder r;
+  auto l = limits();
+  {
+    HttpParser p(HttpParser::Type::kRequest, l, r);
+    std::string req = "GET /" + std::string(200, 'a') + " HTTP/1.1\r\n\r\n";
+    EXPECT_EQ(p.execute(req).state, HttpParser::State::kError);
+    EXPECT_EQ(p.errorStatus(), 414);
+  }
+  {
+    HttpParser p(HttpParser::Type::kRequest, l, r);
+    std::string req = "GET / HTTP/1.1\r\n";
+    for (int i = 0; i < 11; ++i) req += "X-" + std::to_string(i) + ": v\r\n";
+    EXPECT_EQ(p.execute(req + "\r\n").state, HttpParser::State::kError);
+    EXPECT_EQ(p.errorStatus(), 431);
+  }
+  {
+    HttpParser p(HttpParser::Type::kRequest, l, r);
+    std::string req = "GET / HTTP/1.1\r\nX: " + std::string(1100, 'v') + "\r\n\r\n";
+    EXPECT_EQ(p.execute(req).state, HttpParser::State::kError);
+    EXPECT_EQ(p.errorStatus(), 431);
+  }
+}
+
+// Strict mode turns smuggling-shaped requests into errors (the proxy answers 400).
+TEST(HttpParser, RejectsSmugglingShapes) {
+  const char* cases[] = {
+      "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+      "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12a\r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+      "GET / HTTP/1.1\r\nHost: a\r\nX: a\x01" "b\r\n\r\n",
+      "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+      "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+  };
+  for (const char* c : cases) {
+    Recorder r;
+    auto l = limits();
+    HttpParser p(HttpParser::Type::kRequest, l, r);
+    EXPECT_EQ(p.execute(c).state, HttpParser::State::kError) << c;
+    EXPECT_EQ(p.errorStatus(), 400) << c;
+  }
+}
+
+}  // namespace
+}  // namespace tollgate
