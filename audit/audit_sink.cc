@@ -6,36 +6,41 @@
 
 namespace tollgate {
 
-uint64_t MemoryAuditSink::append(const AuditRecord& r) {
-  auto ts = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                std::chrono::system_clock::now().time_since_epoch())
-                .count();
-  std::lock_guard<std::mutex> lock(mutex_);
-  uint64_t seq = ++seq_;
+std::string AuditRecord::toJson() const {
   std::string line;
-  // Keys in sorted order, as the canonical records of the audit stream will be.
   JsonObject(line)
-      .add("agent", r.agent)
-      .add("authority", r.authority)
-      .add("decision", r.decision)
-      .add("kind", r.kind)
-      .add("method", r.method)
-      .add("path", r.path)
-      .add("reason", r.reason)
-      .add("rule", r.rule)
+      .add("agent", agent)
+      .add("authority", authority)
+      .add("decision", decision)
+      .add("kind", kind)
+      .add("method", method)
+      .add("path", path)
+      .add("reason", reason)
+      .add("rule", rule)
       .add("seq", seq)
-      .add("tool", r.tool)
-      .add("ts_ns", static_cast<int64_t>(ts))
+      .add("tool", tool)
+      .add("ts_ns", tsNs)
       .close();
-  recent_.push_back(std::move(line));
+  return line;
+}
+
+uint64_t MemoryAuditSink::append(AuditRecord r) {
+  r.tsNs = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+               .count();
+  std::lock_guard<std::mutex> lock(mutex_);
+  r.seq = ++seq_;
+  recent_.push_back(std::move(r));
   if (recent_.size() > keep_) recent_.pop_front();
-  return seq;
+  return seq_;
 }
 
 std::vector<std::string> MemoryAuditSink::tail(size_t n) const {
   std::lock_guard<std::mutex> lock(mutex_);
   n = std::min(n, recent_.size());
-  return {recent_.end() - static_cast<std::ptrdiff_t>(n), recent_.end()};
+  std::vector<std::string> out;
+  out.reserve(n);
+  for (auto it = recent_.end() - static_cast<std::ptrdiff_t>(n); it != recent_.end(); ++it) out.push_back(it->toJson());
+  return out;
 }
 
 }  // namespace tollgate

@@ -14,13 +14,17 @@ namespace tollgate {
 struct AuditRecord {
   std::string kind;  // "call"
   std::string agent, tool, method, authority, path, decision, rule, reason;
+  uint64_t seq = 0;   // set by the sink
+  int64_t tsNs = 0;   // set by the sink
+  // One JSON line, keys sorted as the canonical records of the audit stream will be.
+  std::string toJson() const;
 };
 
 class AuditSink {
  public:
   virtual ~AuditSink() = default;
   // Records one decision and returns its sequence number (1, 2, …).
-  virtual uint64_t append(const AuditRecord& record) = 0;
+  virtual uint64_t append(AuditRecord record) = 0;
   // The last n records, oldest first, each as one JSON line.
   virtual std::vector<std::string> tail(size_t n) const = 0;
 };
@@ -28,14 +32,14 @@ class AuditSink {
 class MemoryAuditSink : public AuditSink {
  public:
   explicit MemoryAuditSink(size_t keep = 1000) : keep_(keep) {}
-  uint64_t append(const AuditRecord& record) override;
+  uint64_t append(AuditRecord record) override;
   std::vector<std::string> tail(size_t n) const override;
 
  private:
   size_t keep_;
   mutable std::mutex mutex_;
   uint64_t seq_ = 0;
-  std::deque<std::string> recent_;
+  std::deque<AuditRecord> recent_;  // rendered only when read
 };
 
 }  // namespace tollgate

@@ -13,6 +13,7 @@ namespace tollgate {
 namespace {
 
 constexpr uint64_t kLingerMs = 2000;
+constexpr size_t kMaxPendingInput = 64 * 1024;
 
 // The Via pseudonym of this process: a loop through the same sidecar is recognised by it.
 const std::string& viaToken() {
@@ -55,11 +56,18 @@ std::string_view traceIdOf(std::string_view tp) {
   return trace;
 }
 
-prometheus::Counter& decisionCounter(Metrics& metrics, const std::string& verdict, const std::string& rule) {
-  thread_local std::unordered_map<std::string, prometheus::Counter*> cache;
-  std::string key = verdict + '\0' + rule;
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, &metrics.decision(verdict, rule)).first;
+struct StringHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+
+// Decision counters by verdict and rule, cached per thread: no lock and no allocation
+// once a rule has been seen.
+prometheus::Counter& decisionCounter(Metrics& metrics, Verdict verdict, const std::string& rule) {
+  thread_local std::unordered_map<std::string, prometheus::Counter*, StringHash, std::equal_to<>> cache[3];
+  auto& byRule = cache[static_cast<int>(verdict)];
+  auto it = byRule.find(std::string_view(rule));
+  if (it == byRule.end()) it = byRule.emplace(rule, &metrics.decision(verdictName(verdict), rule)).first;
   return *it->second;
 }
 
@@ -150,6 +158,12 @@ void ClientSession::readClient(std::string_view data) {
     default:
       break;
   }
+  if (parserPaused_) {
+    // A complete request is in progress: hold the next ones until its response is done.
+    pendingIn_.append(data);
+    updateReading();
+    return;
+  }
   // Requests are parsed one at a time; bytes of the next one wait in pendingIn_. A local
   // reply finishes an exchange at once, so the loop goes on with the pipelined bytes
   // instead of recursing from resetExchange().
@@ -164,6 +178,7 @@ void ClientSession::readClient(std::string_view data) {
       break;
     }
     if (out.state == HttpParser::State::kPaused || out.state == HttpParser::State::kUpgrade) {
+      parserPaused_ = true;
       pendingIn_.append(input.substr(out.consumed));
     }
     if (headReady_ && phase_ == Phase::kHead) {
@@ -327,7 +342,7 @@ void ClientSession::decide() {
 void ClientSession::onDecision(const Decision& d) {
   decision_ = d;
   const char* verdict = verdictName(d.verdict);
-  decisionCounter(worker_.metrics(), verdict, d.rule).Increment();
+  decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
   const auto& head = request_.head();
   AuditRecord record;
   record.kind = "call";
@@ -339,7 +354,7 @@ void ClientSession::onDecision(const Decision& d) {
   record.decision = worker_.config().observe && d.verdict != Verdict::kAllow ? std::string("observe-") + verdict : verdict;
   record.rule = d.rule;
   record.reason = d.reason;
-  auditSeq_ = worker_.audit().append(record);
+  auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {
     bool throttle = d.verdict == Verdict::kThrottle;
@@ -716,7 +731,7 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
   record.decision = "halt";
   record.rule = std::string("http.") + std::string(error);
   record.reason = std::string(reason);
-  auditSeq_ = worker_.audit().append(record);
+  auditSeq_ = worker_.audit().append(std::move(record));
   decision_.verdict = Verdict::kHalt;
   decision_.rule = record.rule;
   discardBody_ = true;
@@ -771,8 +786,11 @@ void ClientSession::resetExchange() {
   requestKeepAlive_ = true;
   phase_ = Phase::kHead;
   response_.reset();
-  if (upgradePaused) request_.resumeAfterUpgrade();
-  else request_.resume();
+  if (parserPaused_) {
+    if (upgradePaused) request_.resumeAfterUpgrade();
+    else request_.resume();
+    parserPaused_ = false;
+  }
   // Pipelined requests already received are parsed now (by the loop in readClient() when
   // this exchange ended inside it).
   if (!parsing_ && !pendingIn_.empty()) {
@@ -872,10 +890,26 @@ void ClientSession::onWriteError(TcpStream& stream, int status) {
 
 void ClientSession::updateReading() {
   if (closed_) return;
-  bool paused = !pendingIn_.empty() || (headReady_ && phase_ == Phase::kHead);
-  bool wantClient = !clientBlocked_ &&
-                    ((phase_ == Phase::kHead && !paused) || (phase_ == Phase::kForwarding && !requestDone_) ||
-                     (phase_ == Phase::kTunnel && !tunnelClientEof_) || phase_ == Phase::kLingering);
+  // The client is read whenever its bytes have somewhere to go. While a complete request
+  // is in progress, reading goes on into pendingIn_ (bounded) so that reading does not
+  // stop and start again for every request.
+  bool wantClient = false;
+  switch (phase_) {
+    case Phase::kHead:
+    case Phase::kDeciding:
+    case Phase::kConnecting:
+    case Phase::kForwarding:
+      if (parserPaused_) wantClient = pendingIn_.size() < kMaxPendingInput;
+      else wantClient = phase_ == Phase::kHead || phase_ == Phase::kForwarding;
+      break;
+    case Phase::kTunnel:
+      wantClient = !tunnelClientEof_;
+      break;
+    case Phase::kLingering:
+      wantClient = true;
+      break;
+  }
+  wantClient = wantClient && !clientBlocked_;
   if (wantClient) {
     if (client_->readStart() != 0) close();
   } else {

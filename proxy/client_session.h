@@ -135,6 +135,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool upstreamReused_ = false;
   bool retried_ = false;
   bool parsing_ = false;
+  bool parserPaused_ = false;  // the request parser stopped after a complete request
   bool responseStarted_ = false;  // any byte of the response went to the client
   bool responseChunked_ = false;  // re-chunking the body for the client
   bool responseCloseDelimited_ = false;

@@ -1,6 +1,5 @@
 #include "proxy/http_message.h"
 
-#include <cctype>
 #include <charconv>
 
 #include "common/json.h"
@@ -11,7 +10,8 @@ namespace tollgate {
 namespace {
 
 bool isRegNameChar(unsigned char c) {
-  return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~';
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+         c == '_' || c == '~';
 }
 
 std::string_view trim(std::string_view s) {
@@ -83,7 +83,7 @@ bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& ho
     port = static_cast<uint16_t>(value);
   }
   host.assign(h);
-  for (auto& c : host) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  for (auto& c : host) c = asciiLower(c);
   if (!host.empty() && host.back() == '.') host.pop_back();
   return !host.empty();
 }
@@ -124,7 +124,7 @@ bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
     return false;
   }
   std::string scheme(url.substr(0, schemeEnd));
-  for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  for (auto& c : scheme) c = asciiLower(c);
   if (scheme == "https") {
     reason = "https:// targets go through CONNECT";
     return false;
@@ -165,14 +165,21 @@ bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
 }
 
 bool isHopByHop(std::string_view name) {
-  static constexpr std::string_view kNames[] = {
-      "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
-      "upgrade", "proxy-authorization", "proxy-authenticate", "content-length", "host",
-      "expect", "traceparent"};
-  for (auto n : kNames) {
-    if (equalsIgnoreCase(name, n)) return true;
+  // Checked for every header of every message: dispatch on the length first.
+  switch (name.size()) {
+    case 2: return equalsIgnoreCase(name, "te");
+    case 4: return equalsIgnoreCase(name, "host");
+    case 6: return equalsIgnoreCase(name, "expect");
+    case 7: return equalsIgnoreCase(name, "trailer") || equalsIgnoreCase(name, "upgrade");
+    case 10: return equalsIgnoreCase(name, "connection") || equalsIgnoreCase(name, "keep-alive");
+    case 11: return equalsIgnoreCase(name, "traceparent");
+    case 14: return equalsIgnoreCase(name, "content-length");
+    case 16: return equalsIgnoreCase(name, "proxy-connection");
+    case 17: return equalsIgnoreCase(name, "transfer-encoding");
+    case 18: return equalsIgnoreCase(name, "proxy-authenticate");
+    case 19: return equalsIgnoreCase(name, "proxy-authorization");
+    default: return false;
   }
-  return false;
 }
 
 bool namedByConnection(const HttpHead& head, std::string_view name) {

@@ -1,6 +1,5 @@
 #include "proxy/http_parser.h"
 
-#include <cctype>
 
 namespace tollgate {
 namespace {
@@ -21,9 +20,7 @@ HttpParser& self(llhttp_t* p) { return *static_cast<HttpParser*>(p->data); }
 bool equalsIgnoreCase(std::string_view a, std::string_view b) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i) {
-    if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) {
-      return false;
-    }
+    if (asciiLower(a[i]) != asciiLower(b[i])) return false;
   }
   return true;
 }

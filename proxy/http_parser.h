@@ -45,6 +45,8 @@ class HttpHead {
   bool inValue_ = false;    // its value has begun
 };
 
+inline char asciiLower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c; }
+// ASCII case-insensitive comparison (header names are ASCII; no locale involved).
 bool equalsIgnoreCase(std::string_view a, std::string_view b);
 
 class HttpParser {

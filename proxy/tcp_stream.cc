@@ -91,6 +91,18 @@ void TcpStream::onReadCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
 
 int TcpStream::flush() {
   if (out_.empty() || closing_) return 0;
+  // With nothing queued, write at once: the common case then needs no write request, and
+  // libuv's write completion (which re-arms epoll with one epoll_ctl per write) is skipped.
+  if (tcp_.write_queue_size == 0) {
+    uv_buf_t buf = uv_buf_init(out_.data(), static_cast<unsigned>(out_.size()));
+    int n = uv_try_write(stream(), &buf, 1);
+    if (n >= 0 && static_cast<size_t>(n) == out_.size()) {
+      out_.clear();
+      return 0;
+    }
+    if (n >= 0) out_.erase(0, static_cast<size_t>(n));
+    else if (n != UV_EAGAIN) return n;
+  }
   auto* req = new WriteRequest;
   req->data.swap(out_);
   uv_buf_t buf = uv_buf_init(req->data.data(), static_cast<unsigned>(req->data.size()));

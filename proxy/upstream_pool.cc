@@ -18,7 +18,7 @@ StreamPtr UpstreamPool::take(const std::string& key) {
   StreamPtr stream = std::move(it->second.back().stream);
   it->second.pop_back();
   keys_.erase(stream.get());
-  stream->readStop();
+  // It stays reading: the new owner takes over as its handler, with no epoll change.
   stream->setHandler(nullptr);
   return stream;
 }
