@@ -304,6 +304,9 @@ int ClientSession::RequestSide::onBody(HttpParser& p, std::string_view data) {
 
 int ClientSession::RequestSide::onMessageComplete(HttpParser& p) {
   s.requestDone_ = true;
+  if (s.phase_ == Phase::kForwarding && !s.responseStarted_) {
+    s.upstreamTimer_->start(static_cast<uint64_t>(s.worker_.config().timeouts.upstreamResponse.count()));
+  }
   s.requestKeepAlive_ = p.keepAlive();
   if (s.requestChunked_ && !s.discardBody_ && !s.listener_.admin) {
     auto& out = (s.upstream_ && s.phase_ == Phase::kForwarding) ? s.upstream_->output() : s.upOut_;
@@ -459,7 +462,8 @@ void ClientSession::sendRequest() {
   upstream_->append(upOut_);
   upOut_.clear();
   upstreamSentNs_ = uv_hrtime();
-  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamResponse.count()));
+  // The response timeout runs from the end of the request: an upload may take long.
+  if (requestDone_) upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamResponse.count()));
   flushUpstream();
   updateReading();
 }
@@ -485,6 +489,7 @@ void ClientSession::readUpstream(std::string_view data) {
     return;
   }
   if (phase_ != Phase::kForwarding) return;
+  lastUpstreamReadMs_ = uv_now(worker_.loop());
   auto out = response_.execute(data);
   if (closed_) return;
   switch (out.state) {
@@ -692,6 +697,13 @@ void ClientSession::onUpstreamTimer() {
       upstreamFailed(504, "upstream_timeout",
                      "no response within " + std::to_string(t.upstreamResponse.count()) + " ms");
     } else {
+      // The timer is not re-armed for every read; it checks how long the body has been idle.
+      uint64_t idle = uv_now(worker_.loop()) - lastUpstreamReadMs_;
+      auto limit = static_cast<uint64_t>(t.upstreamResponse.count());
+      if (idle < limit) {
+        upstreamTimer_->start(limit - idle);
+        return;
+      }
       close();  // the body stalled; the client sees a cut-short response
     }
   }

@@ -122,6 +122,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   size_t nextAddr_ = 0;
   uint64_t startNs_ = 0, upstreamSentNs_ = 0, upstreamHeadNs_ = 0;
   uint64_t bodyBytes_ = 0;
+  uint64_t lastUpstreamReadMs_ = 0;
   uint64_t bytesIn_ = 0, bytesOut_ = 0;
   int status_ = 0;
   int pendingCallbacks_ = 0;

@@ -116,7 +116,7 @@ class HttpParser {
 
   llhttp_t parser_;
   Type type_;
-  const Limits& limits_;
+  Limits limits_;
   Handler& handler_;
   HttpHead head_;
   size_t headerBytes_ = 0;

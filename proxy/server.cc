@@ -89,6 +89,7 @@ Status Server::bindListeners(unsigned workers) {
       rt.fds.push_back(*fd);
     }
     rt.boundAddress = formatHostPort(addr.host, addr.port);
+    rt.workers = count;
     return Status::success();
   };
   for (const auto& l : config_.listeners) {
@@ -131,7 +132,7 @@ int Server::run() {
         .add("listener", rt->config.name)
         .add("kind", rt->admin ? std::string("admin") : rt->config.kind)
         .add("address", rt->boundAddress)
-        .add("workers", static_cast<uint64_t>(rt->fds.size()))
+        .add("workers", static_cast<uint64_t>(rt->workers))
         .emit();
   }
   for (unsigned i = 0; i < workers; ++i) workers_.push_back(std::make_unique<Worker>(shared_, i));

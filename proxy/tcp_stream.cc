@@ -38,7 +38,10 @@ TcpStream::TcpStream(uv_loop_t* loop) {
 
 int TcpStream::accept(uv_stream_t* server) {
   int rc = uv_accept(server, stream());
-  if (rc == 0) uv_tcp_nodelay(&tcp_, 1);
+  if (rc == 0) {
+    uv_tcp_nodelay(&tcp_, 1);
+    uv_tcp_keepalive(&tcp_, 1, 60);  // dead peers of idle tunnels are found by TCP
+  }
   return rc;
 }
 

@@ -71,6 +71,7 @@ void Worker::openListeners() {
     uv_tcp_init(&loop_.loop, &l->handle);
     l->handle.data = l;
     int rc = uv_tcp_open(&l->handle, rt->fds[index_]);
+    if (rc == 0) rt->fds[index_] = -1;  // libuv owns and closes it now
     if (rc == 0) rc = uv_listen(reinterpret_cast<uv_stream_t*>(&l->handle), kBacklog, onConnection);
     if (rc != 0) {
       Log::Line(LogLevel::kError, "listen failed")

@@ -32,7 +32,9 @@ struct ListenerRuntime {
   std::atomic<uint32_t> connections{0};
   Metrics::Listener* metrics = nullptr;
   std::string boundAddress;
-  std::vector<int> fds;  // one listening socket per worker (admin: worker 0 only)
+  // One listening socket per worker (admin: worker 0 only); -1 once the worker's loop owns it.
+  std::vector<int> fds;
+  unsigned workers = 0;
 };
 
 // What the workers share; owned by the Server, outlives the workers.
