@@ -603,6 +603,7 @@ int ClientSession::ResponseSide::onMessageComplete(HttpParser&) {
     s.interim_ = false;
     return 0;
   }
+  if (s.status_ == 101) return 0;  // llhttp pauses for the upgrade itself
   s.responseDone_ = true;
   if (s.responseChunked_) s.client_->output() += "0\r\n\r\n";
   return HPE_PAUSED;

@@ -105,5 +105,40 @@ TEST(HttpParser, RejectsSmugglingShapes) {
   }
 }
 
+TEST(HttpParser, EmptyValuesAndSplitValuesAreNotFolds) {
+  Recorder r;
+  auto l = limits();
+  HttpParser p(HttpParser::Type::kRequest, l, r);
+  std::string req = "GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nX-Split: one two\r\n\r\n";
+  // Feed byte by byte: every value arrives in pieces, none of them folded.
+  for (size_t i = 0; i < req.size(); ++i) {
+    auto out = p.execute(std::string_view(req).substr(i, 1));
+    ASSERT_NE(out.state, HttpParser::State::kError) << "at byte " << i << ": " << p.errorReason();
+  }
+  EXPECT_EQ(p.head().find("x-empty").value_or("missing"), "");
+  EXPECT_EQ(p.head().find("x-split").value_or(""), "one two");
+  EXPECT_EQ(p.head().size(), 3u);
+}
+
+TEST(HttpParser, FoldSplitAcrossReadsIsStillAFold) {
+  Recorder r;
+  auto l = limits();
+  HttpParser p(HttpParser::Type::kRequest, l, r);
+  EXPECT_NE(p.execute("GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n").state, HttpParser::State::kError);
+  EXPECT_EQ(p.execute(" b\r\n\r\n").state, HttpParser::State::kError);
+  EXPECT_EQ(p.errorStatus(), 400);
+}
+
+TEST(HttpParser, ResponsesKeepTheirStatus) {
+  Recorder r;
+  auto l = limits();
+  HttpParser p(HttpParser::Type::kResponse, l, r);
+  auto out = p.execute("HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok");
+  EXPECT_EQ(out.state, HttpParser::State::kPaused);
+  EXPECT_EQ(p.head().status, 201);
+  EXPECT_EQ(r.body, "ok");
+  EXPECT_TRUE(p.keepAlive());
+}
+
 }  // namespace
 }  // namespace tollgate

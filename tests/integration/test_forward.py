@@ -1,0 +1,173 @@
+"""The forward proxy as an agent uses it: curl with HTTP_PROXY, decisions, keep-alive,
+pipelining, 100-continue, hop-by-hop headers, admin endpoints, logs and traces."""
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+import unittest
+
+from tollgate_harness import HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for, pattern
+
+
+class ForwardProxyTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.origin = HttpOrigin().__enter__()
+        cls.tg = Tollgate({"hosts": {"allow": ["127.0.0.1"], "deny": ["evil.example"]}}).__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tg.__exit__(None, None, None)
+        cls.origin.__exit__(None, None, None)
+
+    def test_get_and_post_with_http_proxy_env(self):
+        rc, out, err = curl(self.origin.url("/hello"), proxy=self.tg.proxy, env_proxy=True)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, b"hello")
+        rc, out, err = curl("--data-binary", "payload-1", self.origin.url("/echo"), proxy=self.tg.proxy)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, b"payload-1")
+
+    def test_halt_answers_403_with_the_contract_body(self):
+        before = len(self.origin.requests)
+        rc, out, err = curl("-i", "-H", "X-Agent-Id: agent-7", "http://evil.example/steal", proxy=self.tg.proxy)
+        self.assertEqual(rc, 0, err)
+        status, headers, body = parse_response(out)
+        self.assertEqual(status, 403)
+        self.assertEqual(headers["content-type"], ["application/json"])
+        self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=hosts.deny"])
+        doc = json.loads(body)
+        self.assertEqual(doc["error"], "halted")
+        self.assertEqual(doc["rule"], "hosts.deny")
+        self.assertEqual(doc["agent"], "agent-7")
+        self.assertEqual(doc["tool"], "evil.example")
+        self.assertIn("deny list", doc["reason"])
+        self.assertIsInstance(doc["audit_seq"], int)
+        self.assertGreater(doc["audit_seq"], 0)
+        # Default deny: a host on neither list is halted too, and nothing reached the origin.
+        rc, out, _ = curl("-i", "http://other.example/", proxy=self.tg.proxy)
+        status, headers, body = parse_response(out)
+        self.assertEqual(status, 403)
+        self.assertEqual(json.loads(body)["rule"], "hosts.default-deny")
+        self.assertEqual(json.loads(body)["agent"], "anonymous")
+        self.assertEqual(len(self.origin.requests), before)
+        # The audit tail holds the decision with the same sequence number.
+        code, tail = self.tg.admin("/v1/audit/tail?n=50")
+        self.assertEqual(code, 200)
+        records = [json.loads(l) for l in tail.splitlines()]
+        self.assertTrue(any(r["seq"] == doc["audit_seq"] and r["decision"] == "halt" for r in records))
+
+    def test_keep_alive_reuses_one_upstream_connection(self):
+        with HttpOrigin() as origin:
+            urls = [origin.url("/hello")] * 20
+            rc, out, err = curl(*urls, proxy=self.tg.proxy)
+            self.assertEqual(rc, 0, err)
+            self.assertEqual(out, b"hello" * 20)
+            self.assertEqual(len(origin.requests), 20)
+            # Two workers may each open one; never one per request.
+            self.assertLessEqual(origin.connections, 2)
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        reqs = b"".join(
+            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (self.origin.url(p).encode(), self.origin.port)
+            for p in ("/delay?ms=200", "/echo", "/hello"))
+        reqs = reqs.replace(b"GET " + self.origin.url("/echo").encode(), b"POST " + self.origin.url("/echo").encode())
+        reqs = reqs.replace(b"Host: 127.0.0.1:%d\r\n\r\nGET %s" % (self.origin.port, self.origin.url("/hello").encode()),
+                            b"Host: 127.0.0.1:%d\r\nContent-Length: 4\r\n\r\nbodyGET %s" % (self.origin.port, self.origin.url("/hello").encode()))
+        s = socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5)
+        s.sendall(reqs)
+        data = b""
+        deadline = time.monotonic() + 5
+        while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"hello"):
+            self.assertLess(time.monotonic(), deadline, data)
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, data)
+            data += chunk
+        s.close()
+        bodies = re.findall(rb"\r\n\r\n(late|body|hello)", data)
+        self.assertEqual(bodies, [b"late", b"body", b"hello"])
+
+    def test_expect_100_continue_upload(self):
+        payload = pattern(2 << 20, seed=5)
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(payload)
+            f.flush()
+            rc, out, err = curl("-H", "Expect: 100-continue", "--data-binary", "@" + f.name,
+                                self.origin.url("/sink"), proxy=self.tg.proxy)
+        self.assertEqual(rc, 0, err)
+        import hashlib
+        doc = json.loads(out)
+        self.assertEqual(doc["bytes"], len(payload))
+        self.assertEqual(doc["sha256"], hashlib.sha256(payload).hexdigest())
+
+    def test_hop_by_hop_headers_removed_and_via_added(self):
+        rc, out, err = curl("-H", "Connection: X-Foo", "-H", "X-Foo: secret", "-H", "Keep-Alive: timeout=5",
+                            "-H", "TE: trailers", "-H", "Proxy-Authorization: Basic Zm9vOmJhcg==",
+                            "-H", "Proxy-Connection: keep-alive", "-H", "X-Kept: yes",
+                            self.origin.url("/headers"), proxy=self.tg.proxy)
+        self.assertEqual(rc, 0, err)
+        seen = json.loads(out)
+        for h in ("x-foo", "keep-alive", "te", "proxy-authorization", "proxy-connection"):
+            self.assertNotIn(h, seen)
+        self.assertEqual(seen["x-kept"], ["yes"])
+        self.assertTrue(seen["via"][0].startswith("1.1 tollgate"), seen["via"])
+        self.assertEqual(seen["host"], ["127.0.0.1:%d" % self.origin.port])
+
+    def test_traceparent_kept_or_started(self):
+        tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        rc, out, _ = curl("-H", "traceparent: " + tp, self.origin.url("/headers"), proxy=self.tg.proxy)
+        self.assertEqual(json.loads(out)["traceparent"], [tp])
+        rc, out, _ = curl(self.origin.url("/headers"), proxy=self.tg.proxy)
+        started = json.loads(out)["traceparent"][0]
+        self.assertRegex(started, r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
+        trace_id = started.split("-")[1]
+        lines = wait_for(lambda: [l for l in self.tg.logs("request") if l.get("trace_id") == trace_id],
+                         timeout=3, what="request log line with the started trace id")
+        line = lines[0]
+        self.assertEqual(line["method"], "GET")
+        self.assertEqual(line["status"], 200)
+        self.assertEqual(line["decision"], "allow")
+        self.assertEqual(line["authority"], "127.0.0.1:%d" % self.origin.port)
+        wait_for(lambda: [l for l in self.tg.logs("request") if l.get("trace_id") == "4bf92f3577b34da6a3ce929d0e0e4736"],
+                 timeout=3, what="request log line with the kept trace id")
+
+    def test_admin_endpoints_and_metrics(self):
+        self.assertEqual(self.tg.admin("/healthz"), (200, b"ok\n"))
+        self.assertEqual(self.tg.admin("/readyz")[0], 200)
+        code, body = self.tg.admin("/v1/status")
+        self.assertEqual(code, 200)
+        status = json.loads(body)
+        self.assertEqual(status["listeners"][0]["address"], "127.0.0.1:%d" % self.tg.proxy_port)
+
+        def count(text, status):
+            m = re.search(r'tollgate_requests_total\{listener="egress",status="%d"\} (\d+)' % status, text)
+            return int(m.group(1)) if m else 0
+
+        _, before = self.tg.admin("/metrics")
+        for _ in range(3):
+            curl(self.origin.url("/hello"), proxy=self.tg.proxy)
+        curl("http://evil.example/", proxy=self.tg.proxy)
+        _, after = self.tg.admin("/metrics")
+        before, after = before.decode(), after.decode()
+        self.assertEqual(count(after, 200) - count(before, 200), 3)
+        self.assertEqual(count(after, 403) - count(before, 403), 1)
+        for name in ("tollgate_request_duration_seconds_bucket", "tollgate_upstream_duration_seconds_bucket",
+                     "tollgate_active_connections", "tollgate_bytes_total", "tollgate_decisions_total"):
+            self.assertIn(name, after)
+        self.assertEqual(self.tg.admin("/nope")[0], 404)
+        self.assertEqual(self.tg.admin("/v1/reload", "POST")[0], 200)
+
+
+class ObserveModeTest(unittest.TestCase):
+    def test_observe_forwards_and_records_the_halt(self):
+        with HttpOrigin() as origin, Tollgate({"mode": "observe", "hosts": {"allow": [], "deny": ["127.0.0.1"]}}) as tg:
+            rc, out, err = curl(origin.url("/hello"), proxy=tg.proxy)
+            self.assertEqual((rc, out), (0, b"hello"), err)
+            code, tail = tg.admin("/v1/audit/tail?n=1")
+            self.assertEqual(json.loads(tail)["decision"], "observe-halt")
+
+
+if __name__ == "__main__":
+    unittest.main()

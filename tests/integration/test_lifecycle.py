@@ -1,0 +1,110 @@
+"""The CLI, config errors, SIGTERM draining and SIGHUP."""
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, wait_for
+
+
+def run(*args, timeout=10):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class CliTest(unittest.TestCase):
+    def test_version_and_help(self):
+        r = run("--version")
+        self.assertEqual(r.returncode, 0)
+        self.assertRegex(r.stdout, r"^tollgate \d+\.\d+\.\d+\n$")
+        r = run("help")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("tollgate run -c FILE", r.stdout)
+
+    def test_usage_errors_exit_2(self):
+        self.assertEqual(run().returncode, 2)
+        self.assertEqual(run("frobnicate").returncode, 2)
+        self.assertEqual(run("run").returncode, 2)
+        r = run("run", "-c", "/nonexistent/tollgate.yaml")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("/nonexistent/tollgate.yaml", r.stderr)
+
+    def check_bad_config(self, text, expected):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(text)
+        try:
+            r = run("run", "-c", f.name)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn(f.name + ":" + expected, r.stderr)
+        finally:
+            os.unlink(f.name)
+
+    def test_invalid_configs_name_file_line_and_key(self):
+        ok = "listeners: [{name: e, address: '127.0.0.1:0'}]\n"
+        self.check_bad_config("workers: 1\nlistners: []\n", "2:1: listners: unknown key")
+        self.check_bad_config(ok + "timeouts:\n  header_read: 10parsecs\n", "3:16: timeouts.header_read: expected a duration")
+        self.check_bad_config("listeners:\n  - {name: e, address: nowhere}\n", "2:24: listeners[0].address: expected HOST:PORT")
+        self.check_bad_config(ok + "workers: [1]\n", "2:10: workers: expected a non-negative integer")
+        self.check_bad_config(ok + "limits: {max_body_bytes: lots}\n", "2:26: limits.max_body_bytes: expected a size")
+
+    def test_the_quickstart_config_is_valid(self):
+        # It binds fixed ports, so only check that it loads: a bad key would exit 2 at once.
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "quickstart", "tollgate.yaml")
+        proc = subprocess.Popen([BIN, "run", "-c", path], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            code = proc.poll()
+            self.assertNotEqual(code, 2, proc.stderr.read().decode() if code is not None else "")
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=10)
+            proc.stderr.close()
+
+
+class SignalTest(unittest.TestCase):
+    def test_sigterm_drains_in_flight_requests(self):
+        with HttpOrigin() as origin, Tollgate({"timeouts": {"shutdown": "10s"}}) as tg:
+            result = {}
+
+            def slow():
+                result["r"] = curl(origin.url("/delay?ms=1500"), proxy=tg.proxy)
+
+            t = threading.Thread(target=slow)
+            t.start()
+            wait_for(lambda: len(origin.requests) == 1, timeout=5, what="the slow request at the origin")
+            tg.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: tg.logs("shutting down"), timeout=5, what="shutdown log line")
+            time.sleep(0.2)
+            with self.assertRaises(OSError):  # no longer accepting
+                socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=2).close()
+            t.join(timeout=10)
+            rc, out, err = result["r"]
+            self.assertEqual((rc, out), (0, b"late"), err)
+            self.assertEqual(tg.proc.wait(timeout=10), 0)
+
+    def test_sigterm_deadline_closes_what_is_left(self):
+        with HttpOrigin() as origin, Tollgate({"timeouts": {"shutdown": "500ms"}}) as tg:
+            t = threading.Thread(target=lambda: curl(origin.url("/delay?ms=4000"), proxy=tg.proxy))
+            t.start()
+            wait_for(lambda: len(origin.requests) == 1, timeout=5, what="the slow request at the origin")
+            start = time.monotonic()
+            self.assertEqual(tg.stop(timeout=5), 0)
+            self.assertLess(time.monotonic() - start, 3)
+            t.join(timeout=10)
+
+    def test_sighup_calls_the_reload_hook(self):
+        with HttpOrigin() as origin, Tollgate() as tg:
+            tg.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: tg.logs("reload"), timeout=5, what="reload log line")
+            self.assertIsNone(tg.proc.poll())
+            rc, out, _ = curl(origin.url("/hello"), proxy=tg.proxy)
+            self.assertEqual(out, b"hello")
+            self.assertEqual(tg.stop(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()

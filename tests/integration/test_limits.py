@@ -1,0 +1,155 @@
+"""Limits and timeouts from the config, each with its status."""
+import json
+import socket
+import time
+import unittest
+
+from tollgate_harness import HttpOrigin, SilentOrigin, Tollgate, closed_port, curl, parse_response, raw_exchange
+
+CONFIG = {
+    "limits": {"max_header_bytes": "4k", "max_headers": 20, "max_uri_bytes": "1k", "max_body_bytes": "1m"},
+    "timeouts": {"header_read": "1s", "upstream_connect": "1s", "upstream_response": "1s", "idle": "2s"},
+}
+
+
+class LimitsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.origin = HttpOrigin().__enter__()
+        cls.tg = Tollgate(CONFIG, listener={"max_connections": 5}).__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tg.__exit__(None, None, None)
+        cls.origin.__exit__(None, None, None)
+
+    def request(self, raw, close=True):
+        out, closed = raw_exchange(self.tg.proxy_port, raw, read_until_close=close)
+        return parse_response(out) + (closed,)
+
+    def target(self, path="/hello"):
+        return b"http://127.0.0.1:%d%s" % (self.origin.port, path.encode())
+
+    def test_header_bytes_and_count(self):
+        status, _, body, _ = self.request(b"GET " + self.target() + b" HTTP/1.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+        self.assertEqual(status, 431)
+        self.assertEqual(json.loads(body)["error"], "headers_too_large")
+        many = b"".join(b"X-%d: v\r\n" % i for i in range(25))
+        status, _, _, _ = self.request(b"GET " + self.target() + b" HTTP/1.1\r\n" + many + b"\r\n")
+        self.assertEqual(status, 431)
+
+    def test_uri_length(self):
+        status, _, body, _ = self.request(b"GET " + self.target("/" + "a" * 2000) + b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(status, 414)
+        self.assertEqual(json.loads(body)["error"], "uri_too_long")
+
+    def test_body_size(self):
+        status, headers, body, closed = self.request(
+            b"POST " + self.target("/sink") + b" HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1000)
+        self.assertEqual(status, 413)
+        self.assertTrue(closed)
+        s = socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5)
+        s.sendall(b"POST " + self.target("/sink") + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (256 << 10) + b"y" * (256 << 10) + b"\r\n"
+        data = b""
+        try:
+            for _ in range(8):
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while True:
+                part = s.recv(65536)
+                if not part:
+                    break
+                data += part
+        except (ConnectionResetError, socket.timeout):
+            pass
+        s.close()
+        # The origin started receiving the stream, so the proxy cannot always answer 413 in
+        # time; what it must do is stop the body: a 413, or the connection cut.
+        if data:
+            self.assertIn(parse_response(data)[0], (200, 413))
+            if parse_response(data)[0] == 200:
+                self.assertLess(json.loads(parse_response(data)[2])["bytes"], 1 << 20)
+
+    def test_slowloris_gets_408(self):
+        s = socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5)
+        start = time.monotonic()
+        data = b""
+        try:
+            for byte in b"GET " + self.target() + b" HTTP/1.1\r\nX-Slow: ":
+                s.sendall(bytes([byte]))
+                time.sleep(0.05)
+                if time.monotonic() - start > 4:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while True:
+                part = s.recv(4096)
+                if not part:
+                    break
+                data += part
+        except ConnectionResetError:
+            pass
+        elapsed = time.monotonic() - start
+        s.close()
+        self.assertEqual(parse_response(data)[0], 408)
+        self.assertLess(elapsed, 3.5)
+
+    def test_upstream_refused_is_502(self):
+        rc, out, err = curl("-i", f"http://127.0.0.1:{closed_port()}/", proxy=self.tg.proxy)
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 502)
+        doc = json.loads(body)
+        self.assertEqual(doc["error"], "upstream_unavailable")
+        self.assertIn("refused", doc["reason"])
+
+    def test_unresolvable_host_is_502(self):
+        rc, out, err = curl("-i", "http://nonexistent.invalid/", proxy=self.tg.proxy)
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 502)
+        self.assertIn("resolve", json.loads(body)["reason"])
+
+    def test_silent_upstream_is_504(self):
+        with SilentOrigin() as silent:
+            start = time.monotonic()
+            rc, out, err = curl("-i", f"http://127.0.0.1:{silent.port}/", proxy=self.tg.proxy)
+            status, _, body = parse_response(out)
+            self.assertEqual(status, 504)
+            self.assertEqual(json.loads(body)["error"], "upstream_timeout")
+            self.assertLess(time.monotonic() - start, 5)
+
+    def test_idle_keep_alive_is_closed(self):
+        s = socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=6)
+        s.sendall(b"GET " + self.target() + b" HTTP/1.1\r\n\r\n")
+        self.assertIn(b"hello", s.recv(4096))
+        start = time.monotonic()
+        self.assertEqual(s.recv(4096), b"")
+        self.assertGreater(time.monotonic() - start, 1.5)
+        s.close()
+
+    def test_max_connections(self):
+        conns = [socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5) for _ in range(5)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5)
+        data = b""
+        try:
+            while True:
+                part = extra.recv(4096)
+                if not part:
+                    break
+                data += part
+        except ConnectionResetError:
+            pass
+        extra.close()
+        self.assertTrue(data.startswith(b"HTTP/1.1 503"), data)
+        for c in conns:
+            c.sendall(b"GET " + self.target() + b" HTTP/1.1\r\n\r\n")
+            self.assertIn(b"hello", c.recv(4096))
+            c.close()
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,103 @@
+"""Bodies stream through the proxy in both directions with bounded memory."""
+import hashlib
+import json
+import socket
+import subprocess
+import threading
+import time
+import unittest
+
+from tollgate_harness import HttpOrigin, Tollgate, curl, pattern
+
+SIZE = 100 << 20  # 100 MiB
+RSS_GROWTH_LIMIT_KB = 64 << 10
+
+
+class RssSampler:
+    def __init__(self, tg):
+        self.tg = tg
+        self.base = tg.rss_kb()
+        self.peak = self.base
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.wait(0.1):
+            self.peak = max(self.peak, self.tg.rss_kb())
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=2)
+
+
+class StreamingTest(unittest.TestCase):
+    def test_chunked_upload_of_100_mib(self):
+        block = pattern(1 << 20, seed=9)
+        expected = hashlib.sha256()
+        for _ in range(SIZE // len(block)):
+            expected.update(block)
+        with HttpOrigin() as origin, Tollgate() as tg:
+            with RssSampler(tg) as rss:
+                # curl reads the body from a pipe, so it must send it chunked.
+                proc = subprocess.Popen(["curl", "-sS", "--max-time", "120", "--proxy", tg.proxy, "-T", "-",
+                                         "-H", "Transfer-Encoding: chunked", origin.url("/sink")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(SIZE // len(block)):
+                    proc.stdin.write(block)
+                proc.stdin.close()
+                out = proc.stdout.read()
+                err = proc.stderr.read()
+                proc.wait(timeout=120)
+            self.assertEqual(proc.returncode, 0, err)
+            doc = json.loads(out)
+            self.assertEqual(doc["bytes"], SIZE)
+            self.assertEqual(doc["sha256"], expected.hexdigest())
+            self.assertEqual(origin.requests[-1][2]["transfer-encoding"], ["chunked"])
+            self.assertLess(rss.peak - rss.base, RSS_GROWTH_LIMIT_KB, f"RSS grew from {rss.base} to {rss.peak} kB")
+
+    def test_chunked_download_of_100_mib(self):
+        with HttpOrigin() as origin, Tollgate() as tg:
+            with RssSampler(tg) as rss:
+                proc = subprocess.Popen(["curl", "-sS", "--max-time", "120", "--proxy", tg.proxy,
+                                         origin.url(f"/stream?bytes={SIZE}")],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                digest = hashlib.sha256()
+                n = 0
+                while True:
+                    chunk = proc.stdout.read(1 << 20)
+                    if not chunk:
+                        break
+                    n += len(chunk)
+                    digest.update(chunk)
+                proc.wait(timeout=120)
+            self.assertEqual(proc.returncode, 0, proc.stderr.read())
+            self.assertEqual(n, SIZE)
+            self.assertEqual(digest.hexdigest(), hashlib.sha256(pattern(SIZE, seed=1)).hexdigest())
+            self.assertLess(rss.peak - rss.base, RSS_GROWTH_LIMIT_KB, f"RSS grew from {rss.base} to {rss.peak} kB")
+
+    def test_slow_reader_does_not_grow_memory(self):
+        """Backpressure: a client that does not read makes the proxy stop reading upstream."""
+        with HttpOrigin() as origin, Tollgate({"limits": {"write_watermark": "64k"}}) as tg:
+            base = tg.rss_kb()
+            s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (origin.url(f"/stream?bytes={SIZE}").encode(), origin.port))
+            time.sleep(1.5)  # the origin would have sent everything by now without backpressure
+            grown = tg.rss_kb() - base
+            got = 0
+            while got < SIZE:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+            s.close()
+            self.assertGreater(got, SIZE)  # the whole chunked body arrived in the end
+            self.assertLess(grown, 16 << 10, f"RSS grew {grown} kB while the client did not read")
+
+
+if __name__ == "__main__":
+    unittest.main()

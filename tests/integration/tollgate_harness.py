@@ -1,0 +1,402 @@
+"""Test harness: starts the real tollgate binary and real origins on 127.0.0.1 port 0.
+
+Every wait is bounded; every server is a context manager that stops its threads.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+
+BIN = os.environ.get("TOLLGATE_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "build", "tollgate"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pattern(n, seed=0):
+    """Deterministic bytes: the same n and seed give the same content."""
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB
+    out = bytearray()
+    while len(out) < n:
+        out += block[: n - len(out)]
+    return bytes(out)
+
+
+class Tollgate:
+    """The sidecar under test, with a config built from defaults and overrides."""
+
+    def __init__(self, overrides=None, listener=None, stderr_to_file=False):
+        self.dir = tempfile.mkdtemp(prefix="tollgate-test-")
+        listener_cfg = {"name": "egress", "kind": "forward", "address": "127.0.0.1:0",
+                        "identity": {"header": "X-Agent-Id"}}
+        listener_cfg.update(listener or {})
+        self.config = {
+            "workers": 2,
+            "listeners": [listener_cfg],
+            "admin": {"address": "127.0.0.1:0"},
+            "hosts": {"allow": ["*"]},
+        }
+        self.config.update(overrides or {})
+        self.config_path = os.path.join(self.dir, "tollgate.yaml")
+        with open(self.config_path, "w") as f:
+            json.dump(self.config, f)  # JSON is YAML
+        self.lines = []
+        self.proc = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([BIN, "run", "-c", self.config_path],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        listening = wait_for(lambda: self._listening(), timeout=10, what="listening log lines")
+        self.proxy_port = listening["egress"]
+        self.admin_port = listening["admin"]
+        return self
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                self.lines.append({"raw": raw.decode(errors="replace")})
+
+    def _listening(self):
+        found = {}
+        for line in list(self.lines):
+            if line.get("msg") == "listening":
+                found[line["listener"]] = int(line["address"].rsplit(":", 1)[1])
+        if self.proc.poll() is not None:
+            raise AssertionError(f"tollgate exited with {self.proc.returncode}: {self.lines}")
+        return found if "egress" in found and "admin" in found else None
+
+    @property
+    def proxy(self):
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def logs(self, msg=None):
+        return [l for l in list(self.lines) if msg is None or l.get("msg") == msg]
+
+    def rss_kb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def admin(self, path, method="GET"):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
+        conn.request(method, path)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, body
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.reader.join(timeout=5)
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc:
+            self.reader.join(timeout=5)
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def curl(*args, proxy=None, timeout=30, env_proxy=False):
+    """Runs the real curl; returns (exit code, stdout bytes, stderr text)."""
+    cmd = ["curl", "-sS", "--max-time", str(timeout)]
+    env = dict(os.environ)
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "ALL_PROXY"):
+        env.pop(k, None)
+    if proxy and env_proxy:
+        env["http_proxy"] = proxy
+        env["HTTPS_PROXY"] = proxy
+    elif proxy:
+        cmd += ["--proxy", proxy]
+    r = subprocess.run(cmd + list(args), capture_output=True, env=env, timeout=timeout + 10)
+    return r.returncode, r.stdout, r.stderr.decode(errors="replace")
+
+
+def raw_exchange(port, data, timeout=5.0, read_until_close=True):
+    """Sends raw bytes to 127.0.0.1:port; returns everything read until close or timeout."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(data)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out, True
+            out += chunk
+            if not read_until_close:
+                break
+    except socket.timeout:
+        pass
+    finally:
+        s.close()
+    return out, False
+
+
+def parse_response(data):
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers.setdefault(k.strip().lower(), []).append(v.strip())
+    return status, headers, body
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class HttpOrigin:
+    """A keep-alive HTTP/1.1 origin on raw sockets that records what reaches it.
+
+    GET /hello -> "hello"; POST /echo -> the body; POST /sink -> {"bytes","sha256"} of the
+    body (content-length or chunked, streamed); GET /stream?bytes=N -> N pattern bytes,
+    chunked; GET /delay?ms=N -> "late" after N ms; GET /status/NNN -> that status.
+    """
+
+    def __init__(self):
+        self.connections = 0
+        self.requests = []  # (method, target, {lower name: [values]})
+        self.lock = threading.Lock()
+        origin = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                with origin.lock:
+                    origin.connections += 1
+                f = self.request.makefile("rb")
+                try:
+                    while origin.serve_one(f, self.request):
+                        pass
+                except (ConnectionError, OSError, ValueError):
+                    pass
+
+        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve_one(self, f, sock):
+        line = f.readline(65536)
+        if not line:
+            return False
+        method, target, _version = line.decode("latin-1").split()
+        headers = {}
+        while True:
+            h = f.readline(65536)
+            if h in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = h.decode("latin-1").partition(":")
+            headers.setdefault(k.strip().lower(), []).append(v.strip())
+        with self.lock:
+            self.requests.append((method, target, headers))
+        digest = hashlib.sha256()
+        nbytes = 0
+        body = b""
+        keep = method != "POST" or target != "/sink"
+        if "content-length" in headers:
+            remaining = int(headers["content-length"][0])
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 16))
+                if not chunk:
+                    return False
+                remaining -= len(chunk)
+                nbytes += len(chunk)
+                digest.update(chunk)
+                if target == "/echo":
+                    body += chunk
+        elif headers.get("transfer-encoding", [""])[0].lower() == "chunked":
+            while True:
+                size = int(f.readline().split(b";")[0], 16)
+                if size == 0:
+                    while f.readline() not in (b"\r\n", b""):
+                        pass
+                    break
+                remaining = size
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        return False
+                    remaining -= len(chunk)
+                    nbytes += len(chunk)
+                    digest.update(chunk)
+                    if target == "/echo":
+                        body += chunk
+                f.readline()
+        path, _, query = target.partition("?")
+        params = urllib.parse.parse_qs(query)
+        if path == "/hello":
+            return self.reply(sock, 200, b"hello")
+        if path == "/echo":
+            return self.reply(sock, 200, body)
+        if path == "/sink":
+            return self.reply(sock, 200, json.dumps({"bytes": nbytes, "sha256": digest.hexdigest()}).encode())
+        if path == "/headers":
+            return self.reply(sock, 200, json.dumps(headers).encode())
+        if path == "/delay":
+            time.sleep(int(params.get("ms", ["1000"])[0]) / 1000)
+            return self.reply(sock, 200, b"late")
+        if path.startswith("/status/"):
+            return self.reply(sock, int(path.split("/")[2]), b"status")
+        if path == "/stream":
+            n = int(params.get("bytes", ["0"])[0])
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n")
+            data = pattern(n, seed=1)
+            for i in range(0, n, 1 << 16):
+                piece = data[i:i + (1 << 16)]
+                sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+            return True
+        return self.reply(sock, 404, b"not found")
+
+    @staticmethod
+    def reply(sock, status, body):
+        sock.sendall(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % (status, len(body)) + body)
+        return True
+
+
+class SilentOrigin:
+    """Accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+class UpgradeEchoOrigin:
+    """Answers an Upgrade request with 101, then echoes raw bytes back."""
+
+    def __init__(self):
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, rest = data.partition(b"\r\n\r\n")
+                if b"upgrade: websocket" not in head.lower():
+                    self.request.sendall(b"HTTP/1.1 400 X\r\nContent-Length: 0\r\n\r\n")
+                    return
+                self.request.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                if rest:
+                    self.request.sendall(rest)
+                while True:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    self.request.sendall(chunk)
+
+        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TlsOrigin:
+    """An HTTPS origin with a certificate for localhost/127.0.0.1 made with openssl."""
+
+    def __init__(self):
+        import ssl
+        self.dir = tempfile.mkdtemp(prefix="tollgate-tls-")
+        self.cert = os.path.join(self.dir, "cert.pem")
+        key = os.path.join(self.dir, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", key, "-out", self.cert, "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=30)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert, key)
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                try:
+                    tls = ctx.wrap_socket(self.request, server_side=True)
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = tls.recv(4096)
+                        if not chunk:
+                            return
+                        data += chunk
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntls-hello")
+                    tls.close()
+                except (OSError, ssl.SSLError):
+                    pass
+
+        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
