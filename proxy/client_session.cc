@@ -320,7 +320,6 @@ int ClientSession::RequestSide::onMessageComplete(HttpParser& p) {
 void ClientSession::processRequestHead() {
   phase_ = Phase::kDeciding;
   firstRequest_ = false;
-  clientTimer_->stop();
   if (listener_.admin) return;  // answered once the request is complete
   decide();
 }
@@ -352,7 +351,7 @@ void ClientSession::onDecision(const Decision& d) {
   record.agent = agent();
   record.tool = d.tool;
   record.method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
-  record.authority = target_.poolKey();
+  record.authority = target_.key;
   record.path = target_.pathQuery;
   record.decision = worker_.config().observe && d.verdict != Verdict::kAllow ? std::string("observe-") + verdict : verdict;
   record.rule = d.rule;
@@ -391,7 +390,7 @@ void ClientSession::onDecision(const Decision& d) {
 void ClientSession::connectUpstream() {
   phase_ = Phase::kConnecting;
   if (!retried_) {
-    if (auto idle = worker_.pool().take(target_.poolKey())) {
+    if (auto idle = worker_.pool().take(target_.key)) {
       attachUpstream(std::move(idle), true);
       return;
     }
@@ -540,7 +539,6 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   }
   s.status_ = status;
   s.upstreamHeadNs_ = uv_hrtime();
-  s.upstreamTimer_->start(static_cast<uint64_t>(s.worker_.config().timeouts.upstreamResponse.count()));
   const auto& req = s.request_.head();
   bool noBody = req.method == HTTP_HEAD || status == 204 || status == 304 || status == 101;
   auto& out = s.client_->output();
@@ -684,7 +682,7 @@ void ClientSession::upstreamFailed(int status, std::string_view error, std::stri
   }
   discardBody_ = true;
   upOut_.clear();
-  reply(status, errorBody(error, reason, target_.poolKey()), {}, !requestDone_);
+  reply(status, errorBody(error, reason, target_.key), {}, !requestDone_);
 }
 
 void ClientSession::onUpstreamTimer() {
@@ -713,7 +711,7 @@ void ClientSession::onUpstreamTimer() {
 void ClientSession::releaseUpstream(bool reusable) {
   upstreamTimer_->stop();
   if (!upstream_) return;
-  if (reusable) worker_.pool().put(target_.poolKey(), std::move(upstream_));
+  if (reusable) worker_.pool().put(target_.key, std::move(upstream_));
   upstream_.reset();
 }
 
@@ -740,7 +738,7 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
   record.method = request_.head().method >= 0 && request_.headersDone()
                       ? llhttp_method_name(static_cast<llhttp_method_t>(request_.head().method))
                       : "";
-  record.authority = target_.host.empty() ? "" : target_.poolKey();
+  record.authority = target_.host.empty() ? "" : target_.key;
   record.decision = "halt";
   record.rule = std::string("http.") + std::string(error);
   record.reason = std::string(reason);
@@ -841,7 +839,7 @@ void ClientSession::logRequest() {
   Log::Line line(LogLevel::kInfo, "request");
   line.add("listener", listener_.config.name)
       .add("method", request_.headersDone() ? llhttp_method_name(static_cast<llhttp_method_t>(head.method)) : "")
-      .add("authority", target_.host.empty() ? std::string() : target_.poolKey())
+      .add("authority", target_.host.empty() ? std::string() : target_.key)
       .add("path", listener_.admin ? std::string(head.url()) : target_.pathQuery)
       .add("status", status_)
       .add("bytes_in", bytesIn_)
@@ -938,6 +936,10 @@ void ClientSession::updateReading() {
 }
 
 void ClientSession::onClientTimer() {
+  // Armed for the head (header_read), between requests (idle) and while lingering; once
+  // a request is being handled the upstream timer watches it instead.
+  if (phase_ != Phase::kHead && phase_ != Phase::kLingering) return;
+  if (headReady_) return;
   if (phase_ == Phase::kHead && request_.messageInProgress()) {
     badRequest(408, "request_timeout",
                "request head not received within " + std::to_string(worker_.config().timeouts.headerRead.count()) +

@@ -45,8 +45,6 @@ std::string Target::authority() const {
   return out;
 }
 
-std::string Target::poolKey() const { return formatHostPort(host, port); }
-
 bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port) {
   std::string_view h, p;
   if (text.starts_with('[')) {
@@ -88,7 +86,9 @@ bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& ho
   return !host.empty();
 }
 
-bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
+namespace {
+
+bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
   std::string_view url = head.url();
   size_t hosts = head.count("host");
   if (hosts > 1) {
@@ -161,6 +161,14 @@ bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
       return false;
     }
   }
+  return true;
+}
+
+}  // namespace
+
+bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
+  if (!parseTargetParts(head, out, reason)) return false;
+  out.key = formatHostPort(out.host, out.port);
   return true;
 }
 

@@ -15,8 +15,8 @@ struct Target {
   std::string host;    // lower-case, no trailing dot, IPv6 without brackets
   uint16_t port = 0;
   std::string pathQuery;  // origin-form; empty for CONNECT
+  std::string key;        // "host:port" (IPv6 bracketed): the upstream pool's key, for logs
   std::string authority() const;  // host:port as sent upstream in Host (default port elided)
-  std::string poolKey() const;
 };
 
 // Parses and validates a request's target against its Host header(s). On failure returns

@@ -51,7 +51,7 @@ TEST(ParseTarget, OriginFormUsesHost) {
   auto r = target("GET /x HTTP/1.1\r\nHost: [::1]:81\r\n\r\n");
   ASSERT_TRUE(r.ok) << r.reason;
   EXPECT_EQ(r.target.host, "::1");
-  EXPECT_EQ(r.target.poolKey(), "[::1]:81");
+  EXPECT_EQ(r.target.key, "[::1]:81");
 }
 
 TEST(ParseTarget, Connect) {

@@ -1,0 +1,9 @@
+-- Prints the latency percentiles in microseconds on one parseable line.
+local origin = os.getenv("ORIGIN")
+if origin and os.getenv("FORWARD") == "1" then
+  wrk.path = "http://" .. origin .. "/"
+  wrk.headers["Host"] = origin
+end
+done = function(summary, latency, requests)
+  io.write(string.format("LATENCY p50=%d p99=%d\n", latency:percentile(50), latency:percentile(99)))
+end

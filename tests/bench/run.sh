@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Forward-proxy benchmark: in one run on loopback, an nginx origin served directly and
+# through Tollgate (forward), nginx (reverse), HAProxy (reverse) and squid (forward).
+# Each target: wrk with CONNS connections for DURATION (throughput, and the proxy's CPU
+# time from /proc per request), then one connection for LATENCY_DURATION (p50/p99).
+#
+#   tests/bench/run.sh [--out FILE]      (./dev bench installs the peers and builds first)
+# Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+TOLLGATE_BIN=${TOLLGATE_BIN:-$root/build/tollgate}
+WORKERS=${WORKERS:-1}
+CONNS=${CONNS:-64}
+DURATION=${DURATION:-10s}
+LATENCY_DURATION=${LATENCY_DURATION:-5s}
+OUT=""
+[[ "${1:-}" == "--out" ]] && OUT=$2
+
+for tool in wrk nginx haproxy squid curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: run ./dev bench (it installs the peers)" >&2; exit 2; }
+done
+[[ -x "$TOLLGATE_BIN" ]] || { echo "no tollgate binary at $TOLLGATE_BIN: ./dev build" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/tollgate-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [[ -f $work/origin/nginx.pid ]] && kill "$(cat "$work/origin/nginx.pid")" 2>/dev/null || true
+  [[ -f $work/rp/nginx.pid ]] && kill "$(cat "$work/rp/nginx.pid")" 2>/dev/null || true
+  [[ -f $work/squid/squid.pid ]] && kill "$(cat "$work/squid/squid.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$work"
+}
+trap cleanup EXIT
+[[ -n "${KEEP:-}" ]] && trap - EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+# CPU ticks (utime + stime of every thread) of a list of pids.
+cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
+hz=$(getconf CLK_TCK)
+
+nginx_conf() {  # DIR BODY
+  mkdir -p "$1/logs"
+  cat > "$1/nginx.conf" <<CONF
+worker_processes $WORKERS;
+error_log $1/logs/error.log;
+pid $1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
+  keepalive_requests 1000000;
+$2
+}
+CONF
+}
+
+origin_port=$(free_port)
+nginx_conf "$work/origin" "  server { listen 127.0.0.1:$origin_port; location / { return 200 \"hello from the origin\\n\"; } }"
+# The origin gets every core it wants: it must not be what limits the proxies.
+sed -i "s/^worker_processes .*/worker_processes 2;/" "$work/origin/nginx.conf"
+nginx -p "$work/origin" -c "$work/origin/nginx.conf"
+wait_port "$origin_port"
+export ORIGIN=127.0.0.1:$origin_port
+
+tollgate_port=$(free_port); tollgate_admin=$(free_port)
+cat > "$work/tollgate.yaml" <<CONF
+workers: $WORKERS
+log: {level: ${TOLLGATE_LOG:-warn}}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:$tollgate_port"}]
+admin: {address: "127.0.0.1:$tollgate_admin"}
+hosts: {allow: ["127.0.0.1"]}
+CONF
+"$TOLLGATE_BIN" run -c "$work/tollgate.yaml" 2>"$work/tollgate.log" &
+tollgate_pid=$!; pids+=("$tollgate_pid")
+
+rp_port=$(free_port)
+nginx_conf "$work/rp" "  upstream origin { server $ORIGIN; keepalive 64; }
+  server { listen 127.0.0.1:$rp_port; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx -p "$work/rp" -c "$work/rp/nginx.conf"
+
+haproxy_port=$(free_port)
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread $WORKERS
+  maxconn 4096
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$haproxy_port
+  default_backend be
+backend be
+  server origin $ORIGIN
+CONF
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+haproxy_pid=$!; pids+=("$haproxy_pid")
+
+squid_port=$(free_port)
+mkdir -p "$work/squid"
+cat > "$work/squid/squid.conf" <<CONF
+http_port 127.0.0.1:$squid_port
+pid_filename $work/squid/squid.pid
+access_log none
+cache_log $work/squid/cache.log
+cache_store_log none
+cache deny all
+cache_mem 8 MB
+coredump_dir $work/squid
+http_access allow localhost
+http_access deny all
+shutdown_lifetime 1 seconds
+workers $WORKERS
+CONF
+squid -N -f "$work/squid/squid.conf" >"$work/squid/out.log" 2>&1 &
+squid_pid=$!; pids+=("$squid_pid")
+
+for p in $tollgate_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
+rp_pids=$(pgrep -P "$(cat "$work/rp/nginx.pid")" | tr '\n' ' ')
+
+# Smoke checks: every target must answer with the origin's body.
+check() {  # NAME CURL-ARGS...
+  local name=$1; shift
+  local body; body=$(curl -s --max-time 5 "$@") || true
+  [[ "$body" == "hello from the origin" ]] || { echo "$name does not proxy: got '$body'" >&2; exit 1; }
+}
+check direct "http://$ORIGIN/"
+check tollgate --proxy "http://127.0.0.1:$tollgate_port" "http://$ORIGIN/"
+check nginx "http://127.0.0.1:$rp_port/"
+check haproxy "http://127.0.0.1:$haproxy_port/"
+check squid --proxy "http://127.0.0.1:$squid_port" "http://$ORIGIN/"
+
+declare -A rps p50 p99 cpu errors
+run_target() {  # NAME URL FORWARD PIDS...
+  local name=$1 url=$2 forward=$3; shift 3
+  local script=() ; [[ $forward == 1 ]] && script=(-s "$here/forward.lua")
+  local before after out
+  before=$( (($#)) && cpu_ticks "$@" || echo 0)
+  out=$(wrk -t2 -c"$CONNS" -d"$DURATION" "${script[@]}" "$url")
+  after=$( (($#)) && cpu_ticks "$@" || echo 0)
+  local requests; requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps[$name]=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+  errors[$name]=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  if (($#)); then
+    cpu[$name]=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  else
+    cpu[$name]="-"
+  fi
+  out=$(FORWARD=$forward wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "$url")
+  p50[$name]=$(sed -n 's/^LATENCY p50=\([0-9]*\).*/\1/p' <<<"$out")
+  p99[$name]=$(sed -n 's/^LATENCY .*p99=\([0-9]*\)/\1/p' <<<"$out")
+}
+
+echo "running: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
+run_target direct "http://$ORIGIN/" 0
+run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid"
+# shellcheck disable=SC2086
+run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids
+run_target haproxy "http://127.0.0.1:$haproxy_port/" 0 "$haproxy_pid"
+squid_pids="$squid_pid $(pgrep -P "$squid_pid" | tr '\n' ' ')"
+# shellcheck disable=SC2086
+run_target squid "http://127.0.0.1:$squid_port" 1 $squid_pids
+
+table=$(
+  echo "| target | mode | requests/s | p50 µs (1 conn) | p99 µs (1 conn) | proxy CPU µs/req | throughput vs direct | CPU vs nginx |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  for t in direct tollgate nginx haproxy squid; do
+    case $t in direct) mode="origin";; tollgate|squid) mode="forward";; *) mode="reverse";; esac
+    ratio=$(awk -v a="${rps[$t]}" -v b="${rps[direct]}" 'BEGIN {printf "%.2f", a / b}')
+    cratio="-"
+    [[ ${cpu[$t]} != "-" ]] && cratio=$(awk -v a="${cpu[$t]}" -v b="${cpu[nginx]}" 'BEGIN {printf "%.2f", a / b}')
+    echo "| $t | $mode | ${rps[$t]} | ${p50[$t]} | ${p99[$t]} | ${cpu[$t]} | $ratio | $cratio |"
+  done
+)
+echo "$table"
+for t in direct tollgate nginx haproxy squid; do
+  [[ -n "${errors[$t]// /}" ]] && echo "note: $t: ${errors[$t]}"
+done
+verdict=$(
+  awk -v a="${cpu[tollgate]}" -v b="${cpu[nginx]}" 'BEGIN {printf "Tollgate CPU/req vs nginx: %.2fx (target <= 1.00)\n", a / b}'
+  awk -v a="${rps[tollgate]}" -v b="${rps[squid]}" 'BEGIN {printf "Tollgate throughput vs squid: %.2fx (target >= 5)\n", a / b}'
+)
+echo "$verdict"
+echo "(workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)"
+if [[ -n "$OUT" ]]; then
+  { echo "$table"; echo; echo "$verdict"; } > "$OUT"
+fi
