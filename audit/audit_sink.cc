@@ -25,7 +25,8 @@ std::string AuditRecord::toJson() const {
 }
 
 uint64_t MemoryAuditSink::append(AuditRecord r) {
-  r.tsNs = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+  r.tsNs = std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
                .count();
   std::lock_guard<std::mutex> lock(mutex_);
   r.seq = ++seq_;
@@ -39,7 +40,8 @@ std::vector<std::string> MemoryAuditSink::tail(size_t n) const {
   n = std::min(n, recent_.size());
   std::vector<std::string> out;
   out.reserve(n);
-  for (auto it = recent_.end() - static_cast<std::ptrdiff_t>(n); it != recent_.end(); ++it) out.push_back(it->toJson());
+  for (auto it = recent_.end() - static_cast<std::ptrdiff_t>(n); it != recent_.end(); ++it)
+    out.push_back(it->toJson());
   return out;
 }
 

@@ -16,7 +16,9 @@ class JsonObject {
  public:
   explicit JsonObject(std::string& out) : out_(out) { out_ += '{'; }
   JsonObject& add(std::string_view key, std::string_view value);
-  JsonObject& add(std::string_view key, const char* value) { return add(key, std::string_view(value)); }
+  JsonObject& add(std::string_view key, const char* value) {
+    return add(key, std::string_view(value));
+  }
   JsonObject& add(std::string_view key, int64_t value);
   JsonObject& add(std::string_view key, uint64_t value);
   JsonObject& add(std::string_view key, int value) { return add(key, static_cast<int64_t>(value)); }

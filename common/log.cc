@@ -18,10 +18,14 @@ constexpr size_t kFlushBytes = 32 * 1024;
 
 const char* levelName(LogLevel level) {
   switch (level) {
-    case LogLevel::kDebug: return "debug";
-    case LogLevel::kInfo: return "info";
-    case LogLevel::kWarn: return "warn";
-    case LogLevel::kError: return "error";
+    case LogLevel::kDebug:
+      return "debug";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kWarn:
+      return "warn";
+    case LogLevel::kError:
+      return "error";
   }
   return "info";
 }
@@ -41,20 +45,27 @@ void writeAll(std::string_view data) {
 void appendTimestamp(std::string& out) {
   auto now = std::chrono::system_clock::now();
   auto secs = std::chrono::system_clock::to_time_t(now);
-  auto micros = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count() % 1000000;
+  auto micros =
+      std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count() %
+      1000000;
   std::tm tm{};
   gmtime_r(&secs, &tm);
   char buf[40];
   size_t n = std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  n += static_cast<size_t>(std::snprintf(buf + n, sizeof buf - n, ".%06ldZ", static_cast<long>(micros)));
+  n += static_cast<size_t>(
+      std::snprintf(buf + n, sizeof buf - n, ".%06ldZ", static_cast<long>(micros)));
   out.append(buf, n);
 }
 
 }  // namespace
 
-void Log::setLevel(LogLevel level) { gLevel.store(static_cast<int>(level)); }
+void Log::setLevel(LogLevel level) {
+  gLevel.store(static_cast<int>(level));
+}
 
-bool Log::enabled(LogLevel level) { return static_cast<int>(level) >= gLevel.load(std::memory_order_relaxed); }
+bool Log::enabled(LogLevel level) {
+  return static_cast<int>(level) >= gLevel.load(std::memory_order_relaxed);
+}
 
 bool Log::parseLevel(std::string_view text, LogLevel& out) {
   for (auto level : {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarn, LogLevel::kError}) {

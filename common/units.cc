@@ -25,10 +25,20 @@ std::optional<uint64_t> parseSize(std::string_view text) {
   uint64_t factor = 1;
   if (!text.empty()) {
     switch (text.back()) {
-      case 'k': case 'K': factor = 1ull << 10; break;
-      case 'm': case 'M': factor = 1ull << 20; break;
-      case 'g': case 'G': factor = 1ull << 30; break;
-      default: break;
+      case 'k':
+      case 'K':
+        factor = 1ull << 10;
+        break;
+      case 'm':
+      case 'M':
+        factor = 1ull << 20;
+        break;
+      case 'g':
+      case 'G':
+        factor = 1ull << 30;
+        break;
+      default:
+        break;
     }
     if (factor != 1) text.remove_suffix(1);
   }
@@ -38,7 +48,10 @@ std::optional<uint64_t> parseSize(std::string_view text) {
 }
 
 std::optional<std::chrono::milliseconds> parseDuration(std::string_view text) {
-  struct Unit { std::string_view suffix; uint64_t ms; };
+  struct Unit {
+    std::string_view suffix;
+    uint64_t ms;
+  };
   static constexpr Unit kUnits[] = {
       {"ms", 1}, {"s", 1000}, {"m", 60'000}, {"h", 3'600'000}, {"d", 86'400'000}};
   for (const auto& unit : kUnits) {

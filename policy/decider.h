@@ -25,9 +25,9 @@ enum class Verdict { kAllow, kHalt, kThrottle };
 
 struct Decision {
   Verdict verdict = Verdict::kHalt;
-  std::string rule;    // id of the rule that decided
-  std::string reason;  // for people: why
-  std::string tool;    // the tool the call was attributed to
+  std::string rule;           // id of the rule that decided
+  std::string reason;         // for people: why
+  std::string tool;           // the tool the call was attributed to
   int retryAfterSeconds = 0;  // for kThrottle
 };
 

@@ -16,9 +16,12 @@ std::string lower(std::string s) {
 
 const char* verdictName(Verdict verdict) {
   switch (verdict) {
-    case Verdict::kAllow: return "allow";
-    case Verdict::kHalt: return "halt";
-    case Verdict::kThrottle: return "throttle";
+    case Verdict::kAllow:
+      return "allow";
+    case Verdict::kHalt:
+      return "halt";
+    case Verdict::kThrottle:
+      return "throttle";
   }
   return "halt";
 }
@@ -61,6 +64,8 @@ Decision HostListDecider::decideNow(const CallInfo& call) const {
   return d;
 }
 
-void HostListDecider::decide(const CallInfo& call, Done done) { done(decideNow(call)); }
+void HostListDecider::decide(const CallInfo& call, Done done) {
+  done(decideNow(call));
+}
 
 }  // namespace tollgate

@@ -27,7 +27,8 @@ std::string_view queryParam(std::string_view query, std::string_view name) {
     auto amp = query.find('&');
     auto pair = query.substr(0, amp);
     auto eq = pair.find('=');
-    if (pair.substr(0, eq) == name) return eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1);
+    if (pair.substr(0, eq) == name)
+      return eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1);
     if (amp == std::string_view::npos) break;
     query.remove_prefix(amp + 1);
   }
@@ -37,7 +38,10 @@ std::string_view queryParam(std::string_view query, std::string_view name) {
 }  // namespace
 
 AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared)
-    : metrics_(metrics), audit_(audit), shared_(shared), startedMs_(static_cast<int64_t>(uv_hrtime() / 1'000'000)) {}
+    : metrics_(metrics),
+      audit_(audit),
+      shared_(shared),
+      startedMs_(static_cast<int64_t>(uv_hrtime() / 1'000'000)) {}
 
 AdminResponse AdminApi::handle(std::string_view method, std::string_view target) const {
   auto q = target.find('?');

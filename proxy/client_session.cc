@@ -48,9 +48,12 @@ bool isHex(std::string_view s) {
 // A valid W3C traceparent (version 00): returns its trace id, else empty.
 std::string_view traceIdOf(std::string_view tp) {
   if (tp.size() != 55 || tp[2] != '-' || tp[35] != '-' || tp[52] != '-') return {};
-  auto version = tp.substr(0, 2), trace = tp.substr(3, 32), parent = tp.substr(36, 16), flags = tp.substr(53, 2);
-  if (!isHex(version) || version == "ff" || !isHex(trace) || !isHex(parent) || !isHex(flags)) return {};
-  if (trace == std::string_view("00000000000000000000000000000000") || parent == std::string_view("0000000000000000")) {
+  auto version = tp.substr(0, 2), trace = tp.substr(3, 32), parent = tp.substr(36, 16),
+       flags = tp.substr(53, 2);
+  if (!isHex(version) || version == "ff" || !isHex(trace) || !isHex(parent) || !isHex(flags))
+    return {};
+  if (trace == std::string_view("00000000000000000000000000000000") ||
+      parent == std::string_view("0000000000000000")) {
     return {};
   }
   return trace;
@@ -64,21 +67,29 @@ struct StringHash {
 // Decision counters by verdict and rule, cached per thread: no lock and no allocation
 // once a rule has been seen.
 prometheus::Counter& decisionCounter(Metrics& metrics, Verdict verdict, const std::string& rule) {
-  thread_local std::unordered_map<std::string, prometheus::Counter*, StringHash, std::equal_to<>> cache[3];
+  thread_local std::unordered_map<std::string, prometheus::Counter*, StringHash, std::equal_to<>>
+      cache[3];
   auto& byRule = cache[static_cast<int>(verdict)];
   auto it = byRule.find(std::string_view(rule));
-  if (it == byRule.end()) it = byRule.emplace(rule, &metrics.decision(verdictName(verdict), rule)).first;
+  if (it == byRule.end())
+    it = byRule.emplace(rule, &metrics.decision(verdictName(verdict), rule)).first;
   return *it->second;
 }
 
 const char* errorName(int status) {
   switch (status) {
-    case 408: return "request_timeout";
-    case 413: return "body_too_large";
-    case 414: return "uri_too_long";
-    case 431: return "headers_too_large";
-    case 508: return "loop_detected";
-    default: return "bad_request";
+    case 408:
+      return "request_timeout";
+    case 413:
+      return "body_too_large";
+    case 414:
+      return "uri_too_long";
+    case 431:
+      return "headers_too_large";
+    case 508:
+      return "loop_detected";
+    default:
+      return "bad_request";
   }
 }
 
@@ -88,13 +99,15 @@ ClientSession::ClientSession(Worker& worker, ListenerRuntime& listener, StreamPt
     : worker_(worker),
       listener_(listener),
       client_(std::move(client)),
-      request_(HttpParser::Type::kRequest,
-               HttpParser::Limits{worker.config().limits.maxHeaderBytes, worker.config().limits.maxHeaders,
-                                  worker.config().limits.maxUriBytes},
-               requestSide_),
+      request_(
+          HttpParser::Type::kRequest,
+          HttpParser::Limits{worker.config().limits.maxHeaderBytes,
+                             worker.config().limits.maxHeaders, worker.config().limits.maxUriBytes},
+          requestSide_),
       response_(HttpParser::Type::kResponse,
                 // An upstream's response head is bounded by the same header limit, doubled.
-                HttpParser::Limits{worker.config().limits.maxHeaderBytes * 2, worker.config().limits.maxHeaders * 2,
+                HttpParser::Limits{worker.config().limits.maxHeaderBytes * 2,
+                                   worker.config().limits.maxHeaders * 2,
                                    worker.config().limits.maxHeaderBytes * 2},
                 responseSide_) {}
 
@@ -111,7 +124,8 @@ void ClientSession::start() {
 
 void ClientSession::drain() {
   draining_ = true;
-  if (phase_ == Phase::kHead && !request_.messageInProgress() && !headReady_ && pendingIn_.empty()) close();
+  if (phase_ == Phase::kHead && !request_.messageInProgress() && !headReady_ && pendingIn_.empty())
+    close();
 }
 
 void ClientSession::close() {
@@ -225,7 +239,8 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     return -1;
   }
   for (size_t i = 0; i < head.size(); ++i) {
-    if (equalsIgnoreCase(head.name(i), "via") && head.value(i).find(viaToken()) != std::string_view::npos) {
+    if (equalsIgnoreCase(head.name(i), "via") &&
+        head.value(i).find(viaToken()) != std::string_view::npos) {
       p.fail(508, "the request came back through this proxy");
       return -1;
     }
@@ -233,7 +248,8 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   s.headReady_ = true;
   s.requestChunked_ = p.chunked();
   s.isUpgrade_ = p.upgrade() && head.method != HTTP_CONNECT;
-  if (auto expect = head.find("expect")) s.expectContinue_ = equalsIgnoreCase(*expect, "100-continue");
+  if (auto expect = head.find("expect"))
+    s.expectContinue_ = equalsIgnoreCase(*expect, "100-continue");
   if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
     s.traceId_.assign(traceIdOf(*tp));
   } else {
@@ -297,15 +313,18 @@ int ClientSession::RequestSide::onBody(HttpParser& p, std::string_view data) {
   }
   if (s.discardBody_ || s.listener_.admin) return 0;
   auto& out = (s.upstream_ && s.phase_ == Phase::kForwarding) ? s.upstream_->output() : s.upOut_;
-  if (s.requestChunked_) appendChunk(out, data);
-  else out += data;
+  if (s.requestChunked_)
+    appendChunk(out, data);
+  else
+    out += data;
   return 0;
 }
 
 int ClientSession::RequestSide::onMessageComplete(HttpParser& p) {
   s.requestDone_ = true;
   if (s.phase_ == Phase::kForwarding && !s.responseStarted_) {
-    s.upstreamTimer_->start(static_cast<uint64_t>(s.worker_.config().timeouts.upstreamResponse.count()));
+    s.upstreamTimer_->start(
+        static_cast<uint64_t>(s.worker_.config().timeouts.upstreamResponse.count()));
   }
   s.requestKeepAlive_ = p.keepAlive();
   if (s.requestChunked_ && !s.discardBody_ && !s.listener_.admin) {
@@ -353,7 +372,9 @@ void ClientSession::onDecision(const Decision& d) {
   record.method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
   record.authority = target_.key;
   record.path = target_.pathQuery;
-  record.decision = worker_.config().observe && d.verdict != Verdict::kAllow ? std::string("observe-") + verdict : verdict;
+  record.decision = worker_.config().observe && d.verdict != Verdict::kAllow
+                        ? std::string("observe-") + verdict
+                        : verdict;
   record.rule = d.rule;
   record.reason = d.reason;
   auditSeq_ = worker_.audit().append(std::move(record));
@@ -375,7 +396,8 @@ void ClientSession::onDecision(const Decision& d) {
     extra += "; rule=";
     extra += d.rule;
     extra += "\r\n";
-    if (throttle) extra += "Retry-After: " + std::to_string(std::max(1, d.retryAfterSeconds)) + "\r\n";
+    if (throttle)
+      extra += "Retry-After: " + std::to_string(std::max(1, d.retryAfterSeconds)) + "\r\n";
     discardBody_ = true;
     upOut_.clear();
     // With the body still to come (or held back by Expect), the connection cannot be reused.
@@ -413,12 +435,15 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
 
 void ClientSession::connectNextAddress() {
   auto addr = addrs_[nextAddr_++];
-  if (addr.ss_family == AF_INET6) reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.port);
-  else reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(target_.port);
+  if (addr.ss_family == AF_INET6)
+    reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.port);
+  else
+    reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(target_.port);
   upstream_ = TcpStream::create(worker_.loop());
   upstream_->setHandler(this);
   upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
-  if (int rc = upstream_->connect(reinterpret_cast<const sockaddr*>(&addr)); rc != 0) onConnect(*upstream_, rc);
+  if (int rc = upstream_->connect(reinterpret_cast<const sockaddr*>(&addr)); rc != 0)
+    onConnect(*upstream_, rc);
 }
 
 void ClientSession::onConnect(TcpStream& stream, int status) {
@@ -462,7 +487,9 @@ void ClientSession::sendRequest() {
   upOut_.clear();
   upstreamSentNs_ = uv_hrtime();
   // The response timeout runs from the end of the request: an upload may take long.
-  if (requestDone_) upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamResponse.count()));
+  if (requestDone_)
+    upstreamTimer_->start(
+        static_cast<uint64_t>(worker_.config().timeouts.upstreamResponse.count()));
   flushUpstream();
   updateReading();
 }
@@ -494,7 +521,8 @@ void ClientSession::readUpstream(std::string_view data) {
   switch (out.state) {
     case HttpParser::State::kError:
       if (!responseStarted_) {
-        upstreamFailed(502, "upstream_unavailable", "invalid response from upstream: " + response_.errorReason());
+        upstreamFailed(502, "upstream_unavailable",
+                       "invalid response from upstream: " + response_.errorReason());
       } else {
         close();
       }
@@ -567,7 +595,8 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
     return 0;
   }
   if (noBody) {
-    if (p.hasContentLength()) out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
+    if (p.hasContentLength())
+      out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
   } else if (p.chunked()) {
     s.responseChunked_ = true;
     out += "Transfer-Encoding: chunked\r\n";
@@ -590,8 +619,10 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
 
 int ClientSession::ResponseSide::onBody(HttpParser&, std::string_view data) {
   auto& out = s.client_->output();
-  if (s.responseChunked_) appendChunk(out, data);
-  else out += data;
+  if (s.responseChunked_)
+    appendChunk(out, data);
+  else
+    out += data;
   // Large bodies: hand each read to libuv at once instead of growing one buffer.
   return 0;
 }
@@ -670,7 +701,8 @@ void ClientSession::retryOrFail(int status) {
     return;
   }
   upstreamFailed(502, "upstream_unavailable",
-                 std::string("upstream closed the connection before responding (") + uv_err_name(status) + ")");
+                 std::string("upstream closed the connection before responding (") +
+                     uv_err_name(status) + ")");
 }
 
 void ClientSession::upstreamFailed(int status, std::string_view error, std::string_view reason) {
@@ -689,8 +721,9 @@ void ClientSession::onUpstreamTimer() {
   auto& t = worker_.config().timeouts;
   if (phase_ == Phase::kConnecting) {
     worker_.metrics().upstreamConnectErrors("timeout").Increment();
-    upstreamFailed(504, "upstream_timeout",
-                   "connect did not complete within " + std::to_string(t.upstreamConnect.count()) + " ms");
+    upstreamFailed(
+        504, "upstream_timeout",
+        "connect did not complete within " + std::to_string(t.upstreamConnect.count()) + " ms");
   } else if (phase_ == Phase::kForwarding) {
     if (!responseStarted_) {
       upstreamFailed(504, "upstream_timeout",
@@ -717,7 +750,8 @@ void ClientSession::releaseUpstream(bool reusable) {
 
 // ---- ends of exchanges -------------------------------------------------------------------
 
-void ClientSession::reply(int status, std::string_view body, std::string_view extraHeaders, bool close) {
+void ClientSession::reply(int status, std::string_view body, std::string_view extraHeaders,
+                          bool close) {
   if (responseStarted_) {
     this->close();
     return;
@@ -754,7 +788,8 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
 
 void ClientSession::handleAdmin() {
   const auto& head = request_.head();
-  auto r = worker_.admin().handle(llhttp_method_name(static_cast<llhttp_method_t>(head.method)), head.url());
+  auto r = worker_.admin().handle(llhttp_method_name(static_cast<llhttp_method_t>(head.method)),
+                                  head.url());
   status_ = r.status;
   bool closing = draining_ || !requestKeepAlive_;
   client_->append(localReply(r.status, r.body, {}, closing, r.contentType));
@@ -768,7 +803,8 @@ void ClientSession::finishExchange() {
   bool upstreamReusable = upstream_ && responseDone_ && requestDone_ && response_.keepAlive() &&
                           response_.errorStatus() == 0;
   releaseUpstream(upstreamReusable);
-  bool keep = !closeAfterResponse_ && requestDone_ && requestKeepAlive_ && !draining_ && !responseCloseDelimited_;
+  bool keep = !closeAfterResponse_ && requestDone_ && requestKeepAlive_ && !draining_ &&
+              !responseCloseDelimited_;
   if (!keep) {
     closeAfterReply();
     return;
@@ -792,14 +828,17 @@ void ClientSession::resetExchange() {
   bodyBytes_ = bytesIn_ = bytesOut_ = 0;
   status_ = 0;
   headReady_ = requestDone_ = expectContinue_ = isUpgrade_ = discardBody_ = requestChunked_ = false;
-  upstreamReused_ = retried_ = responseStarted_ = responseChunked_ = responseCloseDelimited_ = false;
+  upstreamReused_ = retried_ = responseStarted_ = responseChunked_ = responseCloseDelimited_ =
+      false;
   responseDone_ = interim_ = noResponseBody_ = sawBytes_ = false;
   requestKeepAlive_ = true;
   phase_ = Phase::kHead;
   response_.reset();
   if (parserPaused_) {
-    if (upgradePaused) request_.resumeAfterUpgrade();
-    else request_.resume();
+    if (upgradePaused)
+      request_.resumeAfterUpgrade();
+    else
+      request_.resume();
     parserPaused_ = false;
   }
   // Pipelined requests already received are parsed now (by the loop in readClient() when
@@ -831,14 +870,17 @@ void ClientSession::logRequest() {
   double seconds = static_cast<double>(now - startNs_) / 1e9;
   m.status(status_).Increment();
   m.requestSeconds->Observe(seconds);
-  if (upstreamHeadNs_ != 0) m.upstreamSeconds->Observe(static_cast<double>(upstreamHeadNs_ - upstreamSentNs_) / 1e9);
+  if (upstreamHeadNs_ != 0)
+    m.upstreamSeconds->Observe(static_cast<double>(upstreamHeadNs_ - upstreamSentNs_) / 1e9);
   m.bytesIn->Increment(static_cast<double>(bytesIn_));
   m.bytesOut->Increment(static_cast<double>(bytesOut_));
   if (!Log::enabled(LogLevel::kInfo)) return;
   const auto& head = request_.head();
   Log::Line line(LogLevel::kInfo, "request");
   line.add("listener", listener_.config.name)
-      .add("method", request_.headersDone() ? llhttp_method_name(static_cast<llhttp_method_t>(head.method)) : "")
+      .add("method", request_.headersDone()
+                         ? llhttp_method_name(static_cast<llhttp_method_t>(head.method))
+                         : "")
       .add("authority", target_.host.empty() ? std::string() : target_.key)
       .add("path", listener_.admin ? std::string(head.url()) : target_.pathQuery)
       .add("status", status_)
@@ -846,7 +888,8 @@ void ClientSession::logRequest() {
       .add("bytes_out", bytesOut_)
       .add("duration_us", (now - startNs_) / 1000)
       .add("upstream_us", upstreamHeadNs_ ? (upstreamHeadNs_ - upstreamSentNs_) / 1000 : 0)
-      .add("decision", decision_.rule.empty() && listener_.admin ? "admin" : verdictName(decision_.verdict))
+      .add("decision",
+           decision_.rule.empty() && listener_.admin ? "admin" : verdictName(decision_.verdict))
       .add("rule", decision_.rule)
       .add("agent", agent())
       .add("trace_id", traceId_);
@@ -886,8 +929,10 @@ void ClientSession::flushUpstream() {
 }
 
 void ClientSession::onDrained(TcpStream& stream) {
-  if (&stream == client_.get()) upstreamBlocked_ = false;
-  else if (&stream == upstream_.get()) clientBlocked_ = false;
+  if (&stream == client_.get())
+    upstreamBlocked_ = false;
+  else if (&stream == upstream_.get())
+    clientBlocked_ = false;
   updateReading();
 }
 
@@ -910,8 +955,10 @@ void ClientSession::updateReading() {
     case Phase::kDeciding:
     case Phase::kConnecting:
     case Phase::kForwarding:
-      if (parserPaused_) wantClient = pendingIn_.size() < kMaxPendingInput;
-      else wantClient = phase_ == Phase::kHead || phase_ == Phase::kForwarding;
+      if (parserPaused_)
+        wantClient = pendingIn_.size() < kMaxPendingInput;
+      else
+        wantClient = phase_ == Phase::kHead || phase_ == Phase::kForwarding;
       break;
     case Phase::kTunnel:
       wantClient = !tunnelClientEof_;
@@ -927,7 +974,8 @@ void ClientSession::updateReading() {
     client_->readStop();
   }
   if (closed_ || !upstream_) return;
-  bool wantUpstream = !upstreamBlocked_ && (phase_ == Phase::kForwarding || (phase_ == Phase::kTunnel && !tunnelUpstreamEof_));
+  bool wantUpstream = !upstreamBlocked_ && (phase_ == Phase::kForwarding ||
+                                            (phase_ == Phase::kTunnel && !tunnelUpstreamEof_));
   if (wantUpstream) {
     if (upstream_->readStart() != 0) close();
   } else {
@@ -942,8 +990,8 @@ void ClientSession::onClientTimer() {
   if (headReady_) return;
   if (phase_ == Phase::kHead && request_.messageInProgress()) {
     badRequest(408, "request_timeout",
-               "request head not received within " + std::to_string(worker_.config().timeouts.headerRead.count()) +
-                   " ms");
+               "request head not received within " +
+                   std::to_string(worker_.config().timeouts.headerRead.count()) + " ms");
     return;
   }
   close();

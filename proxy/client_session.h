@@ -113,10 +113,10 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   Target target_;
   Decision decision_;
   uint64_t auditSeq_ = 0;
-  std::string upOut_;        // request bytes produced before the upstream is attached
-  std::string pendingIn_;    // client bytes after a complete request (pipelining, tunnels)
-  std::string upPending_;    // upstream bytes after the 101 head of an upgrade
-  std::string retryHead_;    // request head kept for one retry on a stale pooled connection
+  std::string upOut_;      // request bytes produced before the upstream is attached
+  std::string pendingIn_;  // client bytes after a complete request (pipelining, tunnels)
+  std::string upPending_;  // upstream bytes after the 101 head of an upgrade
+  std::string retryHead_;  // request head kept for one retry on a stale pooled connection
   std::string traceId_;
   std::vector<sockaddr_storage> addrs_;
   size_t nextAddr_ = 0;
@@ -131,12 +131,12 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool requestKeepAlive_ = true;
   bool expectContinue_ = false;
   bool isUpgrade_ = false;
-  bool discardBody_ = false;     // answered locally; the rest of the body is dropped
+  bool discardBody_ = false;  // answered locally; the rest of the body is dropped
   bool requestChunked_ = false;
   bool upstreamReused_ = false;
   bool retried_ = false;
   bool parsing_ = false;
-  bool parserPaused_ = false;  // the request parser stopped after a complete request
+  bool parserPaused_ = false;     // the request parser stopped after a complete request
   bool responseStarted_ = false;  // any byte of the response went to the client
   bool responseChunked_ = false;  // re-chunking the body for the client
   bool responseCloseDelimited_ = false;

@@ -21,7 +21,8 @@ class Reader {
  public:
   explicit Reader(std::string path) : path_(std::move(path)) {}
 
-  [[noreturn]] void fail(const YAML::Node& node, const std::string& key, const std::string& msg) const {
+  [[noreturn]] void fail(const YAML::Node& node, const std::string& key,
+                         const std::string& msg) const {
     std::ostringstream out;
     out << path_;
     if (node.Mark().line >= 0) out << ':' << node.Mark().line + 1 << ':' << node.Mark().column + 1;
@@ -98,13 +99,15 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
   r.forEach(node, where,
             {"name", "kind", "address", "identity", "intercept_tls", "max_connections"},
             [&](const std::string& key, const YAML::Node& v) {
-              if (key.ends_with(".name")) l.name = r.str(v, key);
+              if (key.ends_with(".name"))
+                l.name = r.str(v, key);
               else if (key.ends_with(".kind")) {
                 l.kind = r.str(v, key);
                 if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
                   r.fail(v, key, "expected forward, transparent or reverse");
                 }
-                if (l.kind != "forward") r.fail(v, key, "only 'forward' listeners are implemented so far");
+                if (l.kind != "forward")
+                  r.fail(v, key, "only 'forward' listeners are implemented so far");
               } else if (key.ends_with(".address")) {
                 l.address = r.address(v, key);
                 hasAddress = true;
@@ -120,7 +123,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
             });
   if (l.name.empty()) r.fail(node, where + ".name", "required");
   if (!hasAddress) r.fail(node, where + ".address", "required");
-  if (l.name == "admin") r.fail(node, where + ".name", "'admin' is reserved for the admin listener");
+  if (l.name == "admin")
+    r.fail(node, where + ".name", "'admin' is reserved for the admin listener");
   return l;
 }
 
@@ -129,92 +133,100 @@ Config read(const YAML::Node& root, const Reader& r) {
   c.path = r.path();
   auto base = std::filesystem::path(r.path()).parent_path();
   if (root.IsNull()) r.fail(root, "(root)", "the file is empty");
-  r.forEach(root, "",
-            {"mode", "workers", "log", "listeners", "admin", "hosts", "limits", "timeouts",
-             "policies", "store", "audit"},
-            [&](const std::string& key, const YAML::Node& v) {
-              if (key == "mode") {
-                auto m = r.str(v, key);
-                if (m != "enforce" && m != "observe") r.fail(v, key, "expected enforce or observe");
-                c.observe = m == "observe";
-              } else if (key == "workers") {
-                c.workers = static_cast<unsigned>(r.integer(v, key, 256));
-              } else if (key == "log") {
-                r.forEach(v, key, {"level"}, [&](const std::string& k, const YAML::Node& lv) {
-                  if (!Log::parseLevel(r.str(lv, k), c.logLevel)) {
-                    r.fail(lv, k, "expected debug, info, warn or error");
-                  }
-                });
-              } else if (key == "listeners") {
-                if (!v.IsSequence() || v.size() == 0) r.fail(v, key, "expected a non-empty list");
-                for (size_t i = 0; i < v.size(); ++i) {
-                  c.listeners.push_back(readListener(r, v[i], key + "[" + std::to_string(i) + "]"));
-                  for (size_t j = 0; j + 1 < c.listeners.size(); ++j) {
-                    if (c.listeners[j].name == c.listeners.back().name) {
-                      r.fail(v[i], key + "[" + std::to_string(i) + "].name", "duplicate listener name");
-                    }
-                  }
-                }
-              } else if (key == "admin") {
-                r.forEach(v, key, {"address"}, [&](const std::string& k, const YAML::Node& av) {
-                  c.admin = r.address(av, k);
-                  c.hasAdmin = true;
-                });
-              } else if (key == "hosts") {
-                r.forEach(v, key, {"allow", "deny"}, [&](const std::string& k, const YAML::Node& hv) {
-                  (k == "hosts.allow" ? c.allowHosts : c.denyHosts) = r.strings(hv, k);
-                });
-              } else if (key == "limits") {
-                r.forEach(v, key,
-                          {"max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
-                           "write_watermark"},
-                          [&](const std::string& k, const YAML::Node& lv) {
-                            auto& L = c.limits;
-                            if (k == "limits.max_header_bytes") L.maxHeaderBytes = r.size(lv, k);
-                            else if (k == "limits.max_headers") L.maxHeaders = static_cast<uint32_t>(r.integer(lv, k, 10'000));
-                            else if (k == "limits.max_uri_bytes") L.maxUriBytes = r.size(lv, k);
-                            else if (k == "limits.max_body_bytes") L.maxBodyBytes = r.size(lv, k);
-                            else if (k == "limits.write_watermark") L.writeWatermark = r.size(lv, k);
-                          });
-                if (c.limits.maxHeaderBytes < 256) r.fail(v, key + ".max_header_bytes", "at least 256");
-                if (c.limits.writeWatermark < 4096) r.fail(v, key + ".write_watermark", "at least 4k");
-              } else if (key == "timeouts") {
-                std::map<std::string, Millis*> fields = {
-                    {"header_read", &c.timeouts.headerRead},
-                    {"idle", &c.timeouts.idle},
-                    {"upstream_connect", &c.timeouts.upstreamConnect},
-                    {"upstream_response", &c.timeouts.upstreamResponse},
-                    {"upstream_idle", &c.timeouts.upstreamIdle},
-                    {"dns_cache", &c.timeouts.dnsCache},
-                    {"shutdown", &c.timeouts.shutdown}};
-                std::set<std::string> known;
-                for (auto& f : fields) known.insert(f.first);
-                r.forEach(v, key, known, [&](const std::string& k, const YAML::Node& tv) {
-                  auto d = r.duration(tv, k);
-                  auto name = k.substr(sizeof("timeouts.") - 1);
-                  if (d.count() == 0 && name != "dns_cache") r.fail(tv, k, "must be greater than 0");
-                  *fields[name] = d;
-                });
-              } else if (key == "policies") {
-                for (auto& p : r.strings(v, key)) c.policies.push_back((base / p).lexically_normal().string());
-              } else if (key == "store") {
-                r.forEach(v, key, {"backend", "urls"}, [&](const std::string& k, const YAML::Node& sv) {
-                  if (k == "store.backend") {
-                    c.storeBackend = r.str(sv, k);
-                    if (c.storeBackend != "memory" && c.storeBackend != "redis") {
-                      r.fail(sv, k, "expected memory or redis");
-                    }
-                  } else {
-                    c.storeUrls = r.strings(sv, k);
-                  }
-                });
-                if (c.storeBackend == "redis" && c.storeUrls.empty()) r.fail(v, key + ".urls", "required for the redis backend");
-              } else if (key == "audit") {
-                r.forEach(v, key, {"dir"}, [&](const std::string& k, const YAML::Node& av) {
-                  c.auditDir = (base / r.str(av, k)).lexically_normal().string();
-                });
+  r.forEach(
+      root, "",
+      {"mode", "workers", "log", "listeners", "admin", "hosts", "limits", "timeouts", "policies",
+       "store", "audit"},
+      [&](const std::string& key, const YAML::Node& v) {
+        if (key == "mode") {
+          auto m = r.str(v, key);
+          if (m != "enforce" && m != "observe") r.fail(v, key, "expected enforce or observe");
+          c.observe = m == "observe";
+        } else if (key == "workers") {
+          c.workers = static_cast<unsigned>(r.integer(v, key, 256));
+        } else if (key == "log") {
+          r.forEach(v, key, {"level"}, [&](const std::string& k, const YAML::Node& lv) {
+            if (!Log::parseLevel(r.str(lv, k), c.logLevel)) {
+              r.fail(lv, k, "expected debug, info, warn or error");
+            }
+          });
+        } else if (key == "listeners") {
+          if (!v.IsSequence() || v.size() == 0) r.fail(v, key, "expected a non-empty list");
+          for (size_t i = 0; i < v.size(); ++i) {
+            c.listeners.push_back(readListener(r, v[i], key + "[" + std::to_string(i) + "]"));
+            for (size_t j = 0; j + 1 < c.listeners.size(); ++j) {
+              if (c.listeners[j].name == c.listeners.back().name) {
+                r.fail(v[i], key + "[" + std::to_string(i) + "].name", "duplicate listener name");
               }
-            });
+            }
+          }
+        } else if (key == "admin") {
+          r.forEach(v, key, {"address"}, [&](const std::string& k, const YAML::Node& av) {
+            c.admin = r.address(av, k);
+            c.hasAdmin = true;
+          });
+        } else if (key == "hosts") {
+          r.forEach(v, key, {"allow", "deny"}, [&](const std::string& k, const YAML::Node& hv) {
+            (k == "hosts.allow" ? c.allowHosts : c.denyHosts) = r.strings(hv, k);
+          });
+        } else if (key == "limits") {
+          r.forEach(v, key,
+                    {"max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
+                     "write_watermark"},
+                    [&](const std::string& k, const YAML::Node& lv) {
+                      auto& L = c.limits;
+                      if (k == "limits.max_header_bytes")
+                        L.maxHeaderBytes = r.size(lv, k);
+                      else if (k == "limits.max_headers")
+                        L.maxHeaders = static_cast<uint32_t>(r.integer(lv, k, 10'000));
+                      else if (k == "limits.max_uri_bytes")
+                        L.maxUriBytes = r.size(lv, k);
+                      else if (k == "limits.max_body_bytes")
+                        L.maxBodyBytes = r.size(lv, k);
+                      else if (k == "limits.write_watermark")
+                        L.writeWatermark = r.size(lv, k);
+                    });
+          if (c.limits.maxHeaderBytes < 256) r.fail(v, key + ".max_header_bytes", "at least 256");
+          if (c.limits.writeWatermark < 4096) r.fail(v, key + ".write_watermark", "at least 4k");
+        } else if (key == "timeouts") {
+          std::map<std::string, Millis*> fields = {
+              {"header_read", &c.timeouts.headerRead},
+              {"idle", &c.timeouts.idle},
+              {"upstream_connect", &c.timeouts.upstreamConnect},
+              {"upstream_response", &c.timeouts.upstreamResponse},
+              {"upstream_idle", &c.timeouts.upstreamIdle},
+              {"dns_cache", &c.timeouts.dnsCache},
+              {"shutdown", &c.timeouts.shutdown}};
+          std::set<std::string> known;
+          for (auto& f : fields) known.insert(f.first);
+          r.forEach(v, key, known, [&](const std::string& k, const YAML::Node& tv) {
+            auto d = r.duration(tv, k);
+            auto name = k.substr(sizeof("timeouts.") - 1);
+            if (d.count() == 0 && name != "dns_cache") r.fail(tv, k, "must be greater than 0");
+            *fields[name] = d;
+          });
+        } else if (key == "policies") {
+          for (auto& p : r.strings(v, key))
+            c.policies.push_back((base / p).lexically_normal().string());
+        } else if (key == "store") {
+          r.forEach(v, key, {"backend", "urls"}, [&](const std::string& k, const YAML::Node& sv) {
+            if (k == "store.backend") {
+              c.storeBackend = r.str(sv, k);
+              if (c.storeBackend != "memory" && c.storeBackend != "redis") {
+                r.fail(sv, k, "expected memory or redis");
+              }
+            } else {
+              c.storeUrls = r.strings(sv, k);
+            }
+          });
+          if (c.storeBackend == "redis" && c.storeUrls.empty())
+            r.fail(v, key + ".urls", "required for the redis backend");
+        } else if (key == "audit") {
+          r.forEach(v, key, {"dir"}, [&](const std::string& k, const YAML::Node& av) {
+            c.auditDir = (base / r.str(av, k)).lexically_normal().string();
+          });
+        }
+      });
   if (c.listeners.empty()) r.fail(root, "listeners", "at least one listener is required");
   return c;
 }

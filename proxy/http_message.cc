@@ -10,8 +10,8 @@ namespace tollgate {
 namespace {
 
 bool isRegNameChar(unsigned char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
-         c == '_' || c == '~';
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+         c == '.' || c == '_' || c == '~';
 }
 
 std::string_view trim(std::string_view s) {
@@ -45,7 +45,8 @@ std::string Target::authority() const {
   return out;
 }
 
-bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port) {
+bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host,
+                    uint16_t& port) {
   std::string_view h, p;
   if (text.starts_with('[')) {
     auto close = text.find(']');
@@ -77,7 +78,8 @@ bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& ho
   } else {
     unsigned value = 0;
     auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), value);
-    if (ec != std::errc() || end != p.data() + p.size() || value == 0 || value > 65535) return false;
+    if (ec != std::errc() || end != p.data() + p.size() || value == 0 || value > 65535)
+      return false;
     port = static_cast<uint16_t>(value);
   }
   host.assign(h);
@@ -145,14 +147,18 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
     reason = "invalid authority in the request target";
     return false;
   }
-  std::string_view path = pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
+  std::string_view path =
+      pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
   if (path.find('#') != std::string_view::npos) {
     reason = "fragment in the request target";
     return false;
   }
-  if (path.empty()) out.pathQuery = "/";
-  else if (path[0] == '?') out.pathQuery = "/" + std::string(path);
-  else out.pathQuery.assign(path);
+  if (path.empty())
+    out.pathQuery = "/";
+  else if (path[0] == '?')
+    out.pathQuery = "/" + std::string(path);
+  else
+    out.pathQuery.assign(path);
   if (hostHeader) {
     std::string h;
     uint16_t p = 0;
@@ -175,63 +181,108 @@ bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
 bool isHopByHop(std::string_view name) {
   // Checked for every header of every message: dispatch on the length first.
   switch (name.size()) {
-    case 2: return equalsIgnoreCase(name, "te");
-    case 4: return equalsIgnoreCase(name, "host");
-    case 6: return equalsIgnoreCase(name, "expect");
-    case 7: return equalsIgnoreCase(name, "trailer") || equalsIgnoreCase(name, "upgrade");
-    case 10: return equalsIgnoreCase(name, "connection") || equalsIgnoreCase(name, "keep-alive");
-    case 11: return equalsIgnoreCase(name, "traceparent");
-    case 14: return equalsIgnoreCase(name, "content-length");
-    case 16: return equalsIgnoreCase(name, "proxy-connection");
-    case 17: return equalsIgnoreCase(name, "transfer-encoding");
-    case 18: return equalsIgnoreCase(name, "proxy-authenticate");
-    case 19: return equalsIgnoreCase(name, "proxy-authorization");
-    default: return false;
+    case 2:
+      return equalsIgnoreCase(name, "te");
+    case 4:
+      return equalsIgnoreCase(name, "host");
+    case 6:
+      return equalsIgnoreCase(name, "expect");
+    case 7:
+      return equalsIgnoreCase(name, "trailer") || equalsIgnoreCase(name, "upgrade");
+    case 10:
+      return equalsIgnoreCase(name, "connection") || equalsIgnoreCase(name, "keep-alive");
+    case 11:
+      return equalsIgnoreCase(name, "traceparent");
+    case 14:
+      return equalsIgnoreCase(name, "content-length");
+    case 16:
+      return equalsIgnoreCase(name, "proxy-connection");
+    case 17:
+      return equalsIgnoreCase(name, "transfer-encoding");
+    case 18:
+      return equalsIgnoreCase(name, "proxy-authenticate");
+    case 19:
+      return equalsIgnoreCase(name, "proxy-authorization");
+    default:
+      return false;
   }
 }
 
 bool namedByConnection(const HttpHead& head, std::string_view name) {
   for (size_t i = 0; i < head.size(); ++i) {
     if (!equalsIgnoreCase(head.name(i), "connection")) continue;
-    if (forEachToken(head.value(i), [&](std::string_view t) { return equalsIgnoreCase(t, name); })) return true;
+    if (forEachToken(head.value(i), [&](std::string_view t) { return equalsIgnoreCase(t, name); }))
+      return true;
   }
   return false;
 }
 
-bool connectionHasToken(const HttpHead& head, std::string_view token) { return namedByConnection(head, token); }
+bool connectionHasToken(const HttpHead& head, std::string_view token) {
+  return namedByConnection(head, token);
+}
 
 const char* reasonPhrase(int status) {
   switch (status) {
-    case 100: return "Continue";
-    case 101: return "Switching Protocols";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 508: return "Loop Detected";
-    default: return "Unknown";
+    case 100:
+      return "Continue";
+    case 101:
+      return "Switching Protocols";
+    case 200:
+      return "OK";
+    case 201:
+      return "Created";
+    case 202:
+      return "Accepted";
+    case 204:
+      return "No Content";
+    case 206:
+      return "Partial Content";
+    case 301:
+      return "Moved Permanently";
+    case 302:
+      return "Found";
+    case 304:
+      return "Not Modified";
+    case 307:
+      return "Temporary Redirect";
+    case 308:
+      return "Permanent Redirect";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 408:
+      return "Request Timeout";
+    case 409:
+      return "Conflict";
+    case 413:
+      return "Content Too Large";
+    case 414:
+      return "URI Too Long";
+    case 429:
+      return "Too Many Requests";
+    case 431:
+      return "Request Header Fields Too Large";
+    case 500:
+      return "Internal Server Error";
+    case 501:
+      return "Not Implemented";
+    case 502:
+      return "Bad Gateway";
+    case 503:
+      return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
+    case 508:
+      return "Loop Detected";
+    default:
+      return "Unknown";
   }
 }
 

@@ -14,8 +14,8 @@ struct Target {
   std::string scheme;  // "http" or "tunnel"
   std::string host;    // lower-case, no trailing dot, IPv6 without brackets
   uint16_t port = 0;
-  std::string pathQuery;  // origin-form; empty for CONNECT
-  std::string key;        // "host:port" (IPv6 bracketed): the upstream pool's key, for logs
+  std::string pathQuery;          // origin-form; empty for CONNECT
+  std::string key;                // "host:port" (IPv6 bracketed): the upstream pool's key, for logs
   std::string authority() const;  // host:port as sent upstream in Host (default port elided)
 };
 
@@ -40,7 +40,8 @@ std::string localReply(int status, std::string_view body, std::string_view extra
                        std::string_view contentType = "application/json");
 
 // {"error":…,"reason":…} plus an optional upstream.
-std::string errorBody(std::string_view error, std::string_view reason, std::string_view upstream = {});
+std::string errorBody(std::string_view error, std::string_view reason,
+                      std::string_view upstream = {});
 
 void appendChunk(std::string& out, std::string_view data);
 

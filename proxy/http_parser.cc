@@ -1,6 +1,5 @@
 #include "proxy/http_parser.h"
 
-
 namespace tollgate {
 namespace {
 
@@ -13,7 +12,9 @@ const llhttp_settings_t& settings() {
   return s;
 }
 
-HttpParser& self(llhttp_t* p) { return *static_cast<HttpParser*>(p->data); }
+HttpParser& self(llhttp_t* p) {
+  return *static_cast<HttpParser*>(p->data);
+}
 
 }  // namespace
 
@@ -101,7 +102,9 @@ HttpParser::Outcome HttpParser::execute(std::string_view data) {
       break;
     default:
       out.state = State::kError;
-      if (errorStatus_ == 0) fail(400, llhttp_get_error_reason(&parser_) ? llhttp_get_error_reason(&parser_) : llhttp_errno_name(err));
+      if (errorStatus_ == 0)
+        fail(400, llhttp_get_error_reason(&parser_) ? llhttp_get_error_reason(&parser_)
+                                                    : llhttp_errno_name(err));
       break;
   }
   const char* pos = llhttp_get_error_pos(&parser_);
@@ -110,7 +113,9 @@ HttpParser::Outcome HttpParser::execute(std::string_view data) {
   return out;
 }
 
-bool HttpParser::finish() { return llhttp_finish(&parser_) == HPE_OK; }
+bool HttpParser::finish() {
+  return llhttp_finish(&parser_) == HPE_OK;
+}
 
 bool HttpParser::addHeaderBytes(size_t len) {
   headerBytes_ += len;

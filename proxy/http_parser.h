@@ -30,8 +30,8 @@ class HttpHead {
   std::optional<std::string_view> find(std::string_view name) const;
   size_t count(std::string_view name) const;
 
-  int method = 0;      // llhttp_method_t, requests only
-  int status = 0;      // responses only
+  int method = 0;  // llhttp_method_t, requests only
+  int status = 0;  // responses only
   int versionMajor = 1;
   int versionMinor = 1;
 
@@ -45,7 +45,9 @@ class HttpHead {
   bool inValue_ = false;    // its value has begun
 };
 
-inline char asciiLower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c; }
+inline char asciiLower(char c) {
+  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c;
+}
 // ASCII case-insensitive comparison (header names are ASCII; no locale involved).
 bool equalsIgnoreCase(std::string_view a, std::string_view b);
 

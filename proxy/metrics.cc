@@ -7,7 +7,8 @@ namespace {
 
 const prometheus::Histogram::BucketBoundaries& latencyBuckets() {
   static const prometheus::Histogram::BucketBoundaries b = {
-      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+      0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30};
   return b;
 }
 
@@ -26,24 +27,42 @@ prometheus::Counter& Metrics::Listener::status(int code) {
 
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   auto& r = *registry_;
-  requests_ = &prometheus::BuildCounter().Name("tollgate_requests_total")
-                   .Help("Requests answered, by listener and status").Register(r);
-  requestSeconds_ = &prometheus::BuildHistogram().Name("tollgate_request_duration_seconds")
-                         .Help("Time from the request head to the end of the response").Register(r);
-  upstreamSeconds_ = &prometheus::BuildHistogram().Name("tollgate_upstream_duration_seconds")
-                          .Help("Time from sending the request upstream to the response head").Register(r);
-  active_ = &prometheus::BuildGauge().Name("tollgate_active_connections")
-                 .Help("Open client connections, by listener").Register(r);
-  rejected_ = &prometheus::BuildCounter().Name("tollgate_connections_rejected_total")
-                   .Help("Connections refused because the listener was at max_connections").Register(r);
-  bytes_ = &prometheus::BuildCounter().Name("tollgate_bytes_total")
-                .Help("Bytes received from (in) and sent to (out) clients, by listener").Register(r);
-  connectErrors_ = &prometheus::BuildCounter().Name("tollgate_upstream_connect_errors_total")
-                        .Help("Upstream connections that failed, by reason").Register(r);
-  decisions_ = &prometheus::BuildCounter().Name("tollgate_decisions_total")
-                    .Help("Decisions, by decision and rule").Register(r);
-  reloads_ = &prometheus::BuildCounter().Name("tollgate_reloads_total")
-                  .Help("Reload attempts, by result").Register(r);
+  requests_ = &prometheus::BuildCounter()
+                   .Name("tollgate_requests_total")
+                   .Help("Requests answered, by listener and status")
+                   .Register(r);
+  requestSeconds_ = &prometheus::BuildHistogram()
+                         .Name("tollgate_request_duration_seconds")
+                         .Help("Time from the request head to the end of the response")
+                         .Register(r);
+  upstreamSeconds_ = &prometheus::BuildHistogram()
+                          .Name("tollgate_upstream_duration_seconds")
+                          .Help("Time from sending the request upstream to the response head")
+                          .Register(r);
+  active_ = &prometheus::BuildGauge()
+                 .Name("tollgate_active_connections")
+                 .Help("Open client connections, by listener")
+                 .Register(r);
+  rejected_ = &prometheus::BuildCounter()
+                   .Name("tollgate_connections_rejected_total")
+                   .Help("Connections refused because the listener was at max_connections")
+                   .Register(r);
+  bytes_ = &prometheus::BuildCounter()
+                .Name("tollgate_bytes_total")
+                .Help("Bytes received from (in) and sent to (out) clients, by listener")
+                .Register(r);
+  connectErrors_ = &prometheus::BuildCounter()
+                        .Name("tollgate_upstream_connect_errors_total")
+                        .Help("Upstream connections that failed, by reason")
+                        .Register(r);
+  decisions_ = &prometheus::BuildCounter()
+                    .Name("tollgate_decisions_total")
+                    .Help("Decisions, by decision and rule")
+                    .Register(r);
+  reloads_ = &prometheus::BuildCounter()
+                  .Name("tollgate_reloads_total")
+                  .Help("Reload attempts, by result")
+                  .Register(r);
 }
 
 Metrics::Listener& Metrics::addListener(const std::string& name) {
@@ -68,7 +87,9 @@ prometheus::Counter& Metrics::decision(const std::string& decision, const std::s
   return decisions_->Add({{"decision", decision}, {"rule", rule}});
 }
 
-prometheus::Counter& Metrics::reloads(bool ok) { return reloads_->Add({{"result", ok ? "ok" : "error"}}); }
+prometheus::Counter& Metrics::reloads(bool ok) {
+  return reloads_->Add({{"result", ok ? "ok" : "error"}});
+}
 
 std::string Metrics::render() const {
   prometheus::TextSerializer serializer;

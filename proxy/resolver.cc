@@ -87,7 +87,8 @@ void Resolver::onLookup(uv_getaddrinfo_t* req, int status, addrinfo* res) {
     self->inflight_.erase(lookup->host);
     if (status == 0 && addrs.empty()) status = UV_EAI_NONAME;
     if (status == 0 && self->ttl_.count() > 0) {
-      self->cache_[lookup->host] = {addrs, uv_now(self->loop_) + static_cast<uint64_t>(self->ttl_.count())};
+      self->cache_[lookup->host] = {
+          addrs, uv_now(self->loop_) + static_cast<uint64_t>(self->ttl_.count())};
     }
     // A waiter may cancel others while being called; walk a copy that cancel() cannot touch.
     auto waiters = std::move(lookup->waiters);

@@ -19,8 +19,10 @@ namespace {
 Result<int> listenSocket(const HostPort& address, bool reusePort) {
   sockaddr_storage ss;
   if (!Resolver::parseLiteral(address.host, ss)) {
-    if (address.host == "localhost") Resolver::parseLiteral("127.0.0.1", ss);
-    else return Error{-1, "address " + address.host + " is not an IP literal"};
+    if (address.host == "localhost")
+      Resolver::parseLiteral("127.0.0.1", ss);
+    else
+      return Error{-1, "address " + address.host + " is not an IP literal"};
   }
   socklen_t len;
   if (ss.ss_family == AF_INET6) {
@@ -39,7 +41,8 @@ Result<int> listenSocket(const HostPort& address, bool reusePort) {
   if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
     int err = errno;
     ::close(fd);
-    return Error{-err, "bind " + formatHostPort(address.host, address.port) + ": " + std::strerror(err)};
+    return Error{-err,
+                 "bind " + formatHostPort(address.host, address.port) + ": " + std::strerror(err)};
   }
   return fd;
 }
@@ -114,7 +117,10 @@ Status Server::bindListeners(unsigned workers) {
 
 std::string Server::reload() {
   // The policy engine fills this in; until then a reload re-reads nothing and succeeds.
-  Log::Line(LogLevel::kInfo, "reload").add("config", config_.path).add("result", "nothing to reload yet").emit();
+  Log::Line(LogLevel::kInfo, "reload")
+      .add("config", config_.path)
+      .add("result", "nothing to reload yet")
+      .emit();
   metrics_.reloads(true).Increment();
   return {};
 }
@@ -122,7 +128,8 @@ std::string Server::reload() {
 int Server::run() {
   Log::setLevel(config_.logLevel);
   std::signal(SIGPIPE, SIG_IGN);
-  unsigned workers = config_.workers ? config_.workers : std::max(1u, std::thread::hardware_concurrency());
+  unsigned workers =
+      config_.workers ? config_.workers : std::max(1u, std::thread::hardware_concurrency());
   if (auto st = bindListeners(workers); !st) {
     Log::Line(LogLevel::kError, "cannot listen").add("error", st.error().message).emit();
     return 1;
@@ -150,7 +157,9 @@ int Server::run() {
   signals.workers = &workers_;
   auto stop = [](uv_signal_t* h, int signum) {
     auto* s = static_cast<Signals*>(h->data);
-    Log::Line(LogLevel::kInfo, "shutting down").add("signal", std::string(strsignal(signum))).emit();
+    Log::Line(LogLevel::kInfo, "shutting down")
+        .add("signal", std::string(strsignal(signum)))
+        .emit();
     s->server->admin_->setReady(false);
     for (auto& w : *s->workers) w->requestDrain();
     uv_close(reinterpret_cast<uv_handle_t*>(&s->term), nullptr);
@@ -163,7 +172,9 @@ int Server::run() {
   }
   uv_signal_start(&signals.term, stop, SIGTERM);
   uv_signal_start(&signals.intr, stop, SIGINT);
-  uv_signal_start(&signals.hup, [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload(); }, SIGHUP);
+  uv_signal_start(
+      &signals.hup, [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload(); },
+      SIGHUP);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   for (auto& w : workers_) w->join();

@@ -29,7 +29,9 @@ void StreamCloser::operator()(TcpStream* stream) const {
   if (stream) stream->close();
 }
 
-StreamPtr TcpStream::create(uv_loop_t* loop) { return StreamPtr(new TcpStream(loop)); }
+StreamPtr TcpStream::create(uv_loop_t* loop) {
+  return StreamPtr(new TcpStream(loop));
+}
 
 TcpStream::TcpStream(uv_loop_t* loop) {
   uv_tcp_init(loop, &tcp_);
@@ -103,8 +105,10 @@ int TcpStream::flush() {
       out_.clear();
       return 0;
     }
-    if (n >= 0) out_.erase(0, static_cast<size_t>(n));
-    else if (n != UV_EAGAIN) return n;
+    if (n >= 0)
+      out_.erase(0, static_cast<size_t>(n));
+    else if (n != UV_EAGAIN)
+      return n;
   }
   auto* req = new WriteRequest;
   req->data.swap(out_);
@@ -149,7 +153,9 @@ void TcpStream::shutdown() {
   if (uv_shutdown(&req->req, stream(), onShutdownCb) != 0) delete req;
 }
 
-void TcpStream::onShutdownCb(uv_shutdown_t* req, int) { delete reinterpret_cast<ShutdownRequest*>(req); }
+void TcpStream::onShutdownCb(uv_shutdown_t* req, int) {
+  delete reinterpret_cast<ShutdownRequest*>(req);
+}
 
 void TcpStream::close() {
   if (closing_) return;
@@ -159,7 +165,9 @@ void TcpStream::close() {
   uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), onCloseCb);
 }
 
-void TcpStream::onCloseCb(uv_handle_t* handle) { delete static_cast<TcpStream*>(handle->data); }
+void TcpStream::onCloseCb(uv_handle_t* handle) {
+  delete static_cast<TcpStream*>(handle->data);
+}
 
 std::string TcpStream::peerAddress() const {
   sockaddr_storage ss{};

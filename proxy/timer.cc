@@ -15,9 +15,13 @@ Timer::Timer(uv_loop_t* loop, Callback callback) : callback_(std::move(callback)
   timer_.data = this;
 }
 
-void Timer::start(uint64_t ms) { uv_timer_start(&timer_, onTimer, ms, 0); }
+void Timer::start(uint64_t ms) {
+  uv_timer_start(&timer_, onTimer, ms, 0);
+}
 
-void Timer::stop() { uv_timer_stop(&timer_); }
+void Timer::stop() {
+  uv_timer_stop(&timer_);
+}
 
 void Timer::onTimer(uv_timer_t* t) {
   auto* self = static_cast<Timer*>(t->data);

@@ -4,12 +4,15 @@
 
 namespace tollgate {
 
-UpstreamPool::UpstreamPool(uv_loop_t* loop, std::chrono::milliseconds idleTimeout, size_t maxIdlePerKey)
+UpstreamPool::UpstreamPool(uv_loop_t* loop, std::chrono::milliseconds idleTimeout,
+                           size_t maxIdlePerKey)
     : loop_(loop), idleTimeout_(idleTimeout), maxIdlePerKey_(maxIdlePerKey) {
   sweeper_ = Timer::create(loop_, [this] { sweep(); });
 }
 
-UpstreamPool::~UpstreamPool() { closeAll(); }
+UpstreamPool::~UpstreamPool() {
+  closeAll();
+}
 
 StreamPtr UpstreamPool::take(const std::string& key) {
   auto it = idle_.find(key);
@@ -30,7 +33,8 @@ void UpstreamPool::put(const std::string& key, StreamPtr stream) {
   if (stream->readStart() != 0) return;
   keys_[stream.get()] = key;
   list.push_back({std::move(stream), uv_now(loop_)});
-  if (keys_.size() == 1) sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));
+  if (keys_.size() == 1)
+    sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));
 }
 
 void UpstreamPool::remove(TcpStream& stream) {
@@ -38,7 +42,8 @@ void UpstreamPool::remove(TcpStream& stream) {
   if (k == keys_.end()) return;
   auto& list = idle_[k->second];
   keys_.erase(k);
-  list.erase(std::remove_if(list.begin(), list.end(), [&](const Idle& i) { return i.stream.get() == &stream; }),
+  list.erase(std::remove_if(list.begin(), list.end(),
+                            [&](const Idle& i) { return i.stream.get() == &stream; }),
              list.end());
 }
 
@@ -54,7 +59,8 @@ void UpstreamPool::sweep() {
                               }),
                list.end());
   }
-  if (!keys_.empty()) sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));
+  if (!keys_.empty())
+    sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));
 }
 
 void UpstreamPool::closeAll() {
@@ -63,6 +69,8 @@ void UpstreamPool::closeAll() {
   sweeper_.reset();
 }
 
-size_t UpstreamPool::idleCount() const { return keys_.size(); }
+size_t UpstreamPool::idleCount() const {
+  return keys_.size();
+}
 
 }  // namespace tollgate

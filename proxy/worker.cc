@@ -17,7 +17,8 @@ Worker::Worker(SharedState& shared, unsigned index)
       index_(index),
       resolver_(&loop_.loop, shared.config->timeouts.dnsCache),
       pool_(&loop_.loop, shared.config->timeouts.upstreamIdle) {
-  uv_async_init(&loop_.loop, &drainAsync_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->beginDrain(); });
+  uv_async_init(&loop_.loop, &drainAsync_,
+                [](uv_async_t* a) { static_cast<Worker*>(a->data)->beginDrain(); });
   drainAsync_.data = this;
   uv_check_init(&loop_.loop, &check_);
   check_.data = this;
@@ -30,7 +31,9 @@ Worker::Worker(SharedState& shared, unsigned index)
   logFlush_->unref();
 }
 
-Worker::LoopHolder::LoopHolder() { uv_loop_init(&loop); }
+Worker::LoopHolder::LoopHolder() {
+  uv_loop_init(&loop);
+}
 
 Worker::LoopHolder::~LoopHolder() {
   // Handles closed during teardown need one more turn to run their close callbacks.
@@ -48,7 +51,9 @@ void Worker::start() {
   thread_ = std::thread([this] { run(); });
 }
 
-void Worker::requestDrain() { uv_async_send(&drainAsync_); }
+void Worker::requestDrain() {
+  uv_async_send(&drainAsync_);
+}
 
 void Worker::join() {
   if (thread_.joinable()) thread_.join();
@@ -94,9 +99,10 @@ void Worker::onConnection(uv_stream_t* server, int status) {
   if (!rt.admin && open > rt.config.maxConnections) {
     rt.connections.fetch_sub(1, std::memory_order_relaxed);
     rt.metrics->connectionsRejected->Increment();
-    stream->append(localReply(503, errorBody("too_many_connections",
-                                             "listener " + rt.config.name + " is at max_connections (" +
-                                                 std::to_string(rt.config.maxConnections) + ")"),
+    stream->append(localReply(503,
+                              errorBody("too_many_connections",
+                                        "listener " + rt.config.name + " is at max_connections (" +
+                                            std::to_string(rt.config.maxConnections) + ")"),
                               {}, true));
     (void)stream->flush();
     stream->shutdown();
@@ -122,8 +128,10 @@ void Worker::freeReleased() {
   if (released_.empty()) return;
   std::vector<ClientSession*> keep;
   for (auto* s : released_) {
-    if (s->busy()) keep.push_back(s);
-    else delete s;
+    if (s->busy())
+      keep.push_back(s);
+    else
+      delete s;
   }
   released_.swap(keep);
 }
@@ -132,7 +140,8 @@ void Worker::beginDrain() {
   if (draining_) return;
   draining_ = true;
   for (auto* l : listening_) {
-    uv_close(reinterpret_cast<uv_handle_t*>(&l->handle), [](uv_handle_t* h) { delete static_cast<Listening*>(h->data); });
+    uv_close(reinterpret_cast<uv_handle_t*>(&l->handle),
+             [](uv_handle_t* h) { delete static_cast<Listening*>(h->data); });
   }
   listening_.clear();
   std::vector<ClientSession*> open(sessions_.begin(), sessions_.end());

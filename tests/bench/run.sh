@@ -5,7 +5,9 @@
 # time from /proc per request), then one connection for LATENCY_DURATION (p50/p99).
 #
 #   tests/bench/run.sh [--out FILE]      (./dev bench installs the peers and builds first)
-# Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s)
+# Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s),
+# ROUNDS (3): the targets are run in turn ROUNDS times and each figure is the median, since
+# loopback figures on a shared machine move by tens of percent from one run to the next.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -14,6 +16,7 @@ WORKERS=${WORKERS:-1}
 CONNS=${CONNS:-64}
 DURATION=${DURATION:-10s}
 LATENCY_DURATION=${LATENCY_DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
 OUT=""
 [[ "${1:-}" == "--out" ]] && OUT=$2
 
@@ -138,6 +141,7 @@ check haproxy "http://127.0.0.1:$haproxy_port/"
 check squid --proxy "http://127.0.0.1:$squid_port" "http://$ORIGIN/"
 
 declare -A rps p50 p99 cpu errors
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }
 run_target() {  # NAME URL FORWARD PIDS...
   local name=$1 url=$2 forward=$3; shift 3
   local script=() ; [[ $forward == 1 ]] && script=(-s "$here/forward.lua")
@@ -146,27 +150,34 @@ run_target() {  # NAME URL FORWARD PIDS...
   out=$(wrk -t2 -c"$CONNS" -d"$DURATION" "${script[@]}" "$url")
   after=$( (($#)) && cpu_ticks "$@" || echo 0)
   local requests; requests=$(awk '/requests in/ {print $1}' <<<"$out")
-  rps[$name]=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
-  errors[$name]=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  rps[$name]+=" $(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
+  errors[$name]+=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   if (($#)); then
-    cpu[$name]=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-  else
-    cpu[$name]="-"
+    cpu[$name]+=" $(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')"
   fi
   out=$(FORWARD=$forward wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "$url")
-  p50[$name]=$(sed -n 's/^LATENCY p50=\([0-9]*\).*/\1/p' <<<"$out")
-  p99[$name]=$(sed -n 's/^LATENCY .*p99=\([0-9]*\)/\1/p' <<<"$out")
+  p50[$name]+=" $(sed -n 's/^LATENCY p50=\([0-9]*\).*/\1/p' <<<"$out")"
+  p99[$name]+=" $(sed -n 's/^LATENCY .*p99=\([0-9]*\)/\1/p' <<<"$out")"
 }
 
-echo "running: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
-run_target direct "http://$ORIGIN/" 0
-run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid"
-# shellcheck disable=SC2086
-run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids
-run_target haproxy "http://127.0.0.1:$haproxy_port/" 0 "$haproxy_pid"
+echo "running $ROUNDS rounds: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
 squid_pids="$squid_pid $(pgrep -P "$squid_pid" | tr '\n' ' ')"
-# shellcheck disable=SC2086
-run_target squid "http://127.0.0.1:$squid_port" 1 $squid_pids
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round" >&2
+  run_target direct "http://$ORIGIN/" 0
+  run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid"
+  # shellcheck disable=SC2086
+  run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids
+  run_target haproxy "http://127.0.0.1:$haproxy_port/" 0 "$haproxy_pid"
+  # shellcheck disable=SC2086
+  run_target squid "http://127.0.0.1:$squid_port" 1 $squid_pids
+done
+echo "per round, requests/s:" >&2
+for t in direct tollgate nginx haproxy squid; do
+  echo "  $t:${rps[$t]}  cpu µs/req:${cpu[$t]:- -}" >&2
+  rps[$t]=$(median <<<"${rps[$t]}"); p50[$t]=$(median <<<"${p50[$t]}"); p99[$t]=$(median <<<"${p99[$t]}")
+  cpu[$t]=$(median <<<"${cpu[$t]:-}")
+done
 
 table=$(
   echo "| target | mode | requests/s | p50 µs (1 conn) | p99 µs (1 conn) | proxy CPU µs/req | throughput vs direct | CPU vs nginx |"
@@ -188,7 +199,7 @@ verdict=$(
   awk -v a="${rps[tollgate]}" -v b="${rps[squid]}" 'BEGIN {printf "Tollgate throughput vs squid: %.2fx (target >= 5)\n", a / b}'
 )
 echo "$verdict"
-echo "(workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)"
+echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)"
 if [[ -n "$OUT" ]]; then
   { echo "$table"; echo; echo "$verdict"; } > "$OUT"
 fi

@@ -22,7 +22,13 @@ TEST(Json, KeepsValidUtf8AndReplacesInvalidBytes) {
 
 TEST(Json, BuildsObjects) {
   std::string out;
-  JsonObject(out).add("s", "x").add("n", int64_t{-3}).add("u", uint64_t{7}).add("b", true).addRaw("r", "[1]").close();
+  JsonObject(out)
+      .add("s", "x")
+      .add("n", int64_t{-3})
+      .add("u", uint64_t{7})
+      .add("b", true)
+      .addRaw("r", "[1]")
+      .close();
   EXPECT_EQ(out, R"({"s":"x","n":-3,"u":7,"b":true,"r":[1]})");
 }
 

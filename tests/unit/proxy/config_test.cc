@@ -46,7 +46,8 @@ limits: {max_header_bytes: 4k, max_headers: 20, max_uri_bytes: 1k, max_body_byte
 timeouts: {header_read: 1s, idle: 2s, upstream_connect: 250ms, upstream_response: 1m, shutdown: 3s}
 hosts: {allow: ["*"], deny: [evil.example]}
 log: {level: warn}
-)", "t.yaml");
+)",
+                       "t.yaml");
   ASSERT_TRUE(c) << c.error().message;
   EXPECT_EQ(c->limits.maxHeaderBytes, 4096u);
   EXPECT_EQ(c->limits.maxHeaders, 20u);
@@ -75,14 +76,21 @@ INSTANTIATE_TEST_SUITE_P(
     Cases, ConfigErrors,
     ::testing::Values(
         BadCase{"listners: []\n", "bad.yaml:1:1: listners: unknown key"},
-        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\ntimeouts: {header_read: 10parsecs}\n",
-                "bad.yaml:2:25: timeouts.header_read: expected a duration"},
-        BadCase{"listeners: [{name: a, address: nowhere}]\n", "listeners[0].address: expected HOST:PORT"},
-        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nworkers: many\n", "workers: expected a non-negative integer"},
-        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nmode: yolo\n", "mode: expected enforce or observe"},
+        BadCase{
+            "listeners: [{name: a, address: '127.0.0.1:0'}]\ntimeouts: {header_read: 10parsecs}\n",
+            "bad.yaml:2:25: timeouts.header_read: expected a duration"},
+        BadCase{"listeners: [{name: a, address: nowhere}]\n",
+                "listeners[0].address: expected HOST:PORT"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nworkers: many\n",
+                "workers: expected a non-negative integer"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nmode: yolo\n",
+                "mode: expected enforce or observe"},
         BadCase{"listeners: [{name: a}]\n", "listeners[0].address: required"},
-        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}, {name: a, address: '127.0.0.1:0'}]\n", "duplicate listener name"},
-        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nstore: {backend: redis}\n", "store.urls: required"},
+        BadCase{
+            "listeners: [{name: a, address: '127.0.0.1:0'}, {name: a, address: '127.0.0.1:0'}]\n",
+            "duplicate listener name"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nstore: {backend: redis}\n",
+                "store.urls: required"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'\n", "(yaml)"},
         BadCase{"", "the file is empty"}));
 

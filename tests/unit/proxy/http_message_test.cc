@@ -64,7 +64,8 @@ TEST(ParseTarget, Connect) {
 TEST(ParseTarget, RejectsAmbiguity) {
   EXPECT_FALSE(target("GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n").ok);
   EXPECT_FALSE(target("GET http://a.example/ HTTP/1.1\r\nHost: a.example:81\r\n\r\n").ok);
-  EXPECT_FALSE(target("GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n").ok);
+  EXPECT_FALSE(
+      target("GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n").ok);
   EXPECT_FALSE(target("GET http://user@a.example/ HTTP/1.1\r\n\r\n").ok);
   EXPECT_FALSE(target("GET / HTTP/1.1\r\n\r\n").ok);
   EXPECT_FALSE(target("GET https://a.example/ HTTP/1.1\r\n\r\n").ok);
@@ -86,8 +87,10 @@ TEST(HopByHop, ConnectionNamedHeadersAreFound) {
 
 TEST(LocalReply, CarriesLengthAndClose) {
   auto r = localReply(403, "{}", "X-A: b\r\n", true);
-  EXPECT_EQ(r, "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: b\r\n"
-               "Connection: close\r\n\r\n{}");
+  EXPECT_EQ(
+      r,
+      "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: b\r\n"
+      "Connection: close\r\n\r\n{}");
 }
 
 }  // namespace

@@ -28,14 +28,17 @@ struct Recorder : HttpParser::Handler {
   std::string body;
 };
 
-HttpParser::Limits limits() { return {1024, 10, 128}; }
+HttpParser::Limits limits() {
+  return {1024, 10, 128};
+}
 
 TEST(HttpParser, ParsesHeadAndChunkedBody) {
   Recorder r;
   auto l = limits();
   HttpParser p(HttpParser::Type::kRequest, l, r);
-  std::string req = "POST http://a.example/x HTTP/1.1\r\nHost: a.example\r\nX-Y: 1\r\n"
-                    "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+  std::string req =
+      "POST http://a.example/x HTTP/1.1\r\nHost: a.example\r\nX-Y: 1\r\n"
+      "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
   auto out = p.execute(req);
   EXPECT_EQ(out.state, HttpParser::State::kPaused);
   EXPECT_EQ(out.consumed, req.size());
@@ -87,11 +90,13 @@ TEST(HttpParser, HeaderLimitsGiveTheirStatus) {
 // Strict mode turns smuggling-shaped requests into errors (the proxy answers 400).
 TEST(HttpParser, RejectsSmugglingShapes) {
   const char* cases[] = {
-      "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: "
+      "chunked\r\n\r\n0\r\n\r\n",
       "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
       "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12a\r\n\r\n",
       "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-      "GET / HTTP/1.1\r\nHost: a\r\nX: a\x01" "b\r\n\r\n",
+      "GET / HTTP/1.1\r\nHost: a\r\nX: a\x01"
+      "b\r\n\r\n",
       "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
       "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
       "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
