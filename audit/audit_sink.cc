@@ -15,6 +15,7 @@ std::string AuditRecord::toJson() const {
       .add("kind", kind)
       .add("method", method)
       .add("path", path)
+      .add("policy_digest", policyDigest)
       .add("reason", reason)
       .add("rule", rule)
       .add("seq", seq)

@@ -14,6 +14,7 @@ namespace tollgate {
 struct AuditRecord {
   std::string kind;  // "call"
   std::string agent, tool, method, authority, path, decision, rule, reason;
+  std::string policyDigest;
   uint64_t seq = 0;  // set by the sink
   int64_t tsNs = 0;  // set by the sink
   // One JSON line, keys sorted as the canonical records of the audit stream will be.

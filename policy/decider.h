@@ -19,9 +19,14 @@ struct CallInfo {
   std::string_view host;    // lower-case, IPv6 without brackets
   uint16_t port = 0;
   std::string_view target;  // path and query as received
+  std::string_view contentType;
+  // The body, when the decider asked for it (needsBody) and the proxy read it.
+  bool bodyAvailable = false;
+  bool bodyTruncated = false;  // larger than the bound the decider gave
+  std::string_view body;
 };
 
-enum class Verdict { kAllow, kHalt, kThrottle };
+enum class Verdict { kAllow, kHalt, kThrottle, kApprove };
 
 struct Decision {
   Verdict verdict = Verdict::kHalt;
@@ -29,6 +34,14 @@ struct Decision {
   std::string reason;         // for people: why
   std::string tool;           // the tool the call was attributed to
   int retryAfterSeconds = 0;  // for kThrottle
+  std::string approvalId;     // for kApprove
+  std::string policyDigest;   // the policy set that decided
+};
+
+// What happened to an allowed call, for failure counters and circuit breakers.
+struct Outcome {
+  int status = 0;       // the upstream's status, 0 when there was none
+  bool failed = false;  // 5xx, connect error or timeout
 };
 
 const char* verdictName(Verdict verdict);
@@ -39,6 +52,13 @@ class Decider {
   virtual ~Decider() = default;
   // Calls done exactly once, possibly before returning, always on the caller's loop thread.
   virtual void decide(const CallInfo& call, Done done) = 0;
+  // Whether decide() needs the body of a call to this host, and at most how many bytes.
+  virtual size_t bodyNeeded(std::string_view /*host*/) const { return 0; }
+  // Reports the outcome of a call that was allowed.
+  virtual void onOutcome(const CallInfo& /*call*/, const Decision& /*decision*/,
+                         const Outcome& /*outcome*/) {}
+  // Re-reads the policies; returns an error message, or empty when the new set is active.
+  virtual std::string reload() { return {}; }
 };
 
 }  // namespace tollgate

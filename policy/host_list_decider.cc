@@ -22,6 +22,8 @@ const char* verdictName(Verdict verdict) {
       return "halt";
     case Verdict::kThrottle:
       return "throttle";
+    case Verdict::kApprove:
+      return "approve";
   }
   return "halt";
 }

@@ -2,6 +2,9 @@
 
 #include <uv.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #include <charconv>
 
 #include "common/json.h"
@@ -37,17 +40,50 @@ std::string_view queryParam(std::string_view query, std::string_view name) {
 
 }  // namespace
 
-AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared)
+AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared, Engine* engine)
     : metrics_(metrics),
       audit_(audit),
       shared_(shared),
+      engine_(engine),
       startedMs_(static_cast<int64_t>(uv_hrtime() / 1'000'000)) {}
 
-AdminResponse AdminApi::handle(std::string_view method, std::string_view target) const {
+bool AdminApi::authorized(std::string_view authorization) const {
+  const auto& tokens = shared_.config->adminTokens;
+  if (!authorization.starts_with("Bearer ")) return false;
+  auto token = authorization.substr(7);
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(token.data(), token.size(), md, &len, EVP_sha256(), nullptr);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hashed = "sha256:";
+  for (unsigned i = 0; i < len; ++i) {
+    hashed += kHex[md[i] >> 4];
+    hashed += kHex[md[i] & 0xF];
+  }
+  bool match = false;
+  for (const auto& t : tokens) {
+    // Every stored hash is compared in full, in constant time.
+    match |= t.size() == hashed.size() && CRYPTO_memcmp(t.data(), hashed.data(), t.size()) == 0;
+  }
+  return match;
+}
+
+AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
+                               std::string_view authorization) const {
   auto q = target.find('?');
   auto path = target.substr(0, q);
   auto query = q == std::string_view::npos ? std::string_view() : target.substr(q + 1);
   bool get = method == "GET" || method == "HEAD";
+  // Changes need a bearer token when tokens are configured; approvals always do.
+  if (!get) {
+    bool needsToken = !shared_.config->adminTokens.empty() || path.starts_with("/v1/approvals");
+    if (needsToken && !authorized(authorization)) {
+      bool none = shared_.config->adminTokens.empty();
+      return error(none ? 403 : 401, "unauthorized",
+                   none ? "configure admin.tokens to use this endpoint"
+                        : "a valid bearer token is required");
+    }
+  }
 
   if (path == "/healthz") {
     if (!get) return error(405, "method_not_allowed", "use GET");
@@ -107,7 +143,56 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target)
     if (!failure.empty()) return error(500, "reload_failed", failure);
     return json(200, R"({"reloaded":true})");
   }
+  if (path == "/v1/approvals" || path.starts_with("/v1/approvals/")) return approvals(method, path);
   return error(404, "not_found", "no admin endpoint " + std::string(path));
+}
+
+AdminResponse AdminApi::approvals(std::string_view method, std::string_view path) const {
+  if (!engine_)
+    return error(404, "not_found", "approvals need a policy set (policies: in the config)");
+  if (path == "/v1/approvals") {
+    if (method != "GET") return error(405, "method_not_allowed", "use GET");
+    std::string body = "[";
+    for (const auto& a : engine_->approvals()) {
+      if (body.size() > 1) body += ',';
+      JsonObject(body)
+          .add("id", a.id)
+          .add("state", a.state)
+          .add("agent", a.agent)
+          .add("tool", a.tool)
+          .add("method", a.method)
+          .add("authority", a.authority)
+          .add("path", a.path)
+          .add("rule", a.rule)
+          .add("fingerprint", a.fingerprint)
+          .add("policy_digest", a.policyDigest)
+          .add("created_ms", a.createdMs)
+          .add("expires_ms", a.expiresMs)
+          .add("lease_until_ms", a.leaseUntilMs)
+          .close();
+    }
+    body += ']';
+    return json(200, std::move(body));
+  }
+  // /v1/approvals/{id}/approve or /deny
+  auto rest = path.substr(sizeof("/v1/approvals/") - 1);
+  auto slash = rest.find('/');
+  if (slash == std::string_view::npos)
+    return error(404, "not_found", "use /v1/approvals/{id}/approve or /deny");
+  std::string id(rest.substr(0, slash));
+  auto action = rest.substr(slash + 1);
+  if (method != "POST") return error(405, "method_not_allowed", "use POST");
+  bool ok;
+  if (action == "approve")
+    ok = engine_->approve(id, std::chrono::milliseconds(0));
+  else if (action == "deny")
+    ok = engine_->deny(id);
+  else
+    return error(404, "not_found", "use /approve or /deny");
+  if (!ok) return error(409, "not_pending", "no pending approval " + id);
+  std::string body;
+  JsonObject(body).add("id", id).add("state", action == "approve" ? "approved" : "denied").close();
+  return json(200, std::move(body));
 }
 
 }  // namespace tollgate

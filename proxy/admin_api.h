@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "audit/audit_sink.h"
+#include "policy/engine.h"
 #include "proxy/metrics.h"
 
 namespace tollgate {
@@ -22,9 +23,17 @@ struct AdminResponse {
 
 class AdminApi {
  public:
-  AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared);
-  AdminResponse handle(std::string_view method, std::string_view target) const;
+  // engine: the policy engine for /v1/approvals, or null without policies.
+  AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared, Engine* engine);
+  // authorization: the request's Authorization header value (may be empty).
+  AdminResponse handle(std::string_view method, std::string_view target,
+                       std::string_view authorization = {}) const;
 
+ private:
+  AdminResponse approvals(std::string_view method, std::string_view path) const;
+  bool authorized(std::string_view authorization) const;
+
+ public:
   void setReady(bool ready) { ready_ = ready; }
   // Called for POST /v1/reload; returns an error message or empty on success.
   void setReloadHook(std::function<std::string()> hook) { reload_ = std::move(hook); }
@@ -33,6 +42,7 @@ class AdminApi {
   Metrics& metrics_;
   AuditSink& audit_;
   const SharedState& shared_;
+  Engine* engine_;
   std::atomic<bool> ready_{false};
   std::function<std::string()> reload_;
   int64_t startedMs_;

@@ -6,6 +6,7 @@
 
 #include "common/json.h"
 #include "common/log.h"
+#include "policy/tool_call.h"
 #include "proxy/admin_api.h"
 #include "proxy/worker.h"
 
@@ -68,7 +69,7 @@ struct StringHash {
 // once a rule has been seen.
 prometheus::Counter& decisionCounter(Metrics& metrics, Verdict verdict, const std::string& rule) {
   thread_local std::unordered_map<std::string, prometheus::Counter*, StringHash, std::equal_to<>>
-      cache[3];
+      cache[4];  // by Verdict
   auto& byRule = cache[static_cast<int>(verdict)];
   auto it = byRule.find(std::string_view(rule));
   if (it == byRule.end())
@@ -198,6 +199,9 @@ void ClientSession::readClient(std::string_view data) {
     if (headReady_ && phase_ == Phase::kHead) {
       processRequestHead();
       if (closed_) break;
+    } else if (phase_ == Phase::kBuffering && (requestDone_ || bodyTruncated_)) {
+      decide();
+      if (closed_) break;
     } else if (phase_ == Phase::kForwarding && upstream_) {
       flushUpstream();
     }
@@ -234,6 +238,17 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     p.fail(400, reason);
     return -1;
   }
+  // The upstream gets the path the policy judged: dot segments resolved, duplicate slashes
+  // and needless escapes gone. A path that cannot be normalised is left for the decider,
+  // which halts it when policies are on.
+  if (s.target_.scheme == "http") {
+    auto q = s.target_.pathQuery.find('?');
+    auto normal = Extractor::normalisePath(std::string_view(s.target_.pathQuery).substr(0, q));
+    if (normal) {
+      if (q != std::string::npos) normal.value() += s.target_.pathQuery.substr(q);
+      s.target_.pathQuery = std::move(normal.value());
+    }
+  }
   if (limits.maxBodyBytes != 0 && p.hasContentLength() && p.contentLength() > limits.maxBodyBytes) {
     p.fail(413, "request body larger than " + std::to_string(limits.maxBodyBytes) + " bytes");
     return -1;
@@ -256,6 +271,10 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     s.traceId_ = randomHex(16);
   }
   if (head.method == HTTP_CONNECT) return 0;
+  // Rules that look at params or MCP need the body before the decision (bounded).
+  if (p.chunked() || (p.hasContentLength() && p.contentLength() > 0)) {
+    s.bodyNeed_ = s.worker_.decider().bodyNeeded(s.target_.host);
+  }
 
   // The upstream request: origin-form, canonical Host, hop-by-hop headers removed.
   auto& out = s.upOut_;
@@ -312,6 +331,12 @@ int ClientSession::RequestSide::onBody(HttpParser& p, std::string_view data) {
     return -1;
   }
   if (s.discardBody_ || s.listener_.admin) return 0;
+  if (s.bodyNeed_ > 0 && s.phase_ <= Phase::kBuffering) {
+    if (s.body_.size() + data.size() > s.bodyNeed_)
+      s.bodyTruncated_ = true;
+    else
+      s.body_.append(data);
+  }
   auto& out = (s.upstream_ && s.phase_ == Phase::kForwarding) ? s.upstream_->output() : s.upOut_;
   if (s.requestChunked_)
     appendChunk(out, data);
@@ -340,10 +365,22 @@ void ClientSession::processRequestHead() {
   phase_ = Phase::kDeciding;
   firstRequest_ = false;
   if (listener_.admin) return;  // answered once the request is complete
+  if (bodyNeed_ > 0 && !requestDone_ && !bodyTruncated_) {
+    // Read the body (up to the policy's bound) before deciding; a client waiting for
+    // 100 Continue is told to send it.
+    phase_ = Phase::kBuffering;
+    clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
+    if (expectContinue_) {
+      client_->append("HTTP/1.1 100 Continue\r\n\r\n");
+      continueSent_ = true;
+      flushClient();
+    }
+    return;
+  }
   decide();
 }
 
-void ClientSession::decide() {
+CallInfo ClientSession::callInfo() const {
   const auto& head = request_.head();
   CallInfo call;
   call.listener = listener_.config.name;
@@ -353,6 +390,18 @@ void ClientSession::decide() {
   call.host = target_.host;
   call.port = target_.port;
   call.target = target_.pathQuery;
+  call.contentType = head.find("content-type").value_or("");
+  if (bodyNeed_ > 0) {
+    call.bodyAvailable = true;
+    call.bodyTruncated = bodyTruncated_;
+    call.body = body_;
+  }
+  return call;
+}
+
+void ClientSession::decide() {
+  phase_ = Phase::kDeciding;
+  CallInfo call = callInfo();
   ++pendingCallbacks_;
   worker_.decider().decide(call, [this](Decision d) {
     --pendingCallbacks_;
@@ -377,24 +426,34 @@ void ClientSession::onDecision(const Decision& d) {
                         : verdict;
   record.rule = d.rule;
   record.reason = d.reason;
+  record.policyDigest = d.policyDigest;
   auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {
     bool throttle = d.verdict == Verdict::kThrottle;
+    bool approve = d.verdict == Verdict::kApprove;
     std::string body;
-    JsonObject(body)
-        .add("error", throttle ? "throttled" : "halted")
+    JsonObject obj(body);
+    obj.add("error", throttle  ? "throttled"
+                     : approve ? "approval_required"
+                               : "halted")
         .add("rule", d.rule)
         .add("reason", d.reason)
         .add("agent", agent())
         .add("tool", d.tool)
-        .add("audit_seq", auditSeq_)
-        .close();
+        .add("audit_seq", auditSeq_);
+    if (approve) obj.add("approval_id", d.approvalId);
+    if (throttle) obj.add("retry_after", d.retryAfterSeconds);
+    obj.close();
     body += '\n';
     std::string extra = "X-Tollgate-Decision: ";
     extra += verdict;
     extra += "; rule=";
     extra += d.rule;
+    if (approve) {
+      extra += "; approval=";
+      extra += d.approvalId;
+    }
     extra += "\r\n";
     if (throttle)
       extra += "Retry-After: " + std::to_string(std::max(1, d.retryAfterSeconds)) + "\r\n";
@@ -478,7 +537,7 @@ void ClientSession::attachUpstream(StreamPtr stream, bool reused) {
 
 void ClientSession::sendRequest() {
   phase_ = Phase::kForwarding;
-  if (expectContinue_ && !requestDone_) {
+  if (expectContinue_ && !requestDone_ && !continueSent_) {
     client_->append("HTTP/1.1 100 Continue\r\n\r\n");
     flushClient();
     if (closed_) return;
@@ -649,6 +708,7 @@ void ClientSession::onReadEnd(TcpStream& stream, int status) {
       case Phase::kLingering:
         close();
         return;
+      case Phase::kBuffering:
       case Phase::kDeciding:
       case Phase::kConnecting:
       case Phase::kForwarding:
@@ -789,7 +849,7 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
 void ClientSession::handleAdmin() {
   const auto& head = request_.head();
   auto r = worker_.admin().handle(llhttp_method_name(static_cast<llhttp_method_t>(head.method)),
-                                  head.url());
+                                  head.url(), head.find("authorization").value_or(""));
   status_ = r.status;
   bool closing = draining_ || !requestKeepAlive_;
   client_->append(localReply(r.status, r.body, {}, closing, r.contentType));
@@ -800,6 +860,13 @@ void ClientSession::handleAdmin() {
 
 void ClientSession::finishExchange() {
   logRequest();
+  if (decision_.verdict == Verdict::kAllow && !decision_.rule.empty() && !listener_.admin &&
+      status_ != 0) {
+    Outcome outcome;
+    outcome.status = status_;
+    outcome.failed = status_ >= 500;
+    worker_.decider().onOutcome(callInfo(), decision_, outcome);
+  }
   bool upstreamReusable = upstream_ && responseDone_ && requestDone_ && response_.keepAlive() &&
                           response_.errorStatus() == 0;
   releaseUpstream(upstreamReusable);
@@ -826,6 +893,9 @@ void ClientSession::resetExchange() {
   nextAddr_ = 0;
   startNs_ = upstreamSentNs_ = upstreamHeadNs_ = 0;
   bodyBytes_ = bytesIn_ = bytesOut_ = 0;
+  bodyNeed_ = 0;
+  body_.clear();
+  bodyTruncated_ = continueSent_ = false;
   status_ = 0;
   headReady_ = requestDone_ = expectContinue_ = isUpgrade_ = discardBody_ = requestChunked_ = false;
   upstreamReused_ = retried_ = responseStarted_ = responseChunked_ = responseCloseDelimited_ =
@@ -951,6 +1021,9 @@ void ClientSession::updateReading() {
   // stop and start again for every request.
   bool wantClient = false;
   switch (phase_) {
+    case Phase::kBuffering:
+      wantClient = !parserPaused_;
+      break;
     case Phase::kHead:
     case Phase::kDeciding:
     case Phase::kConnecting:
@@ -986,6 +1059,12 @@ void ClientSession::updateReading() {
 void ClientSession::onClientTimer() {
   // Armed for the head (header_read), between requests (idle) and while lingering; once
   // a request is being handled the upstream timer watches it instead.
+  if (phase_ == Phase::kBuffering) {
+    badRequest(408, "request_timeout",
+               "request body not received within " +
+                   std::to_string(worker_.config().timeouts.headerRead.count()) + " ms");
+    return;
+  }
   if (phase_ != Phase::kHead && phase_ != Phase::kLingering) return;
   if (headReady_) return;
   if (phase_ == Phase::kHead && request_.messageInProgress()) {

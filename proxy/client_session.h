@@ -41,7 +41,9 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool busy() const { return pendingCallbacks_ > 0; }
 
  private:
-  enum class Phase { kHead, kDeciding, kConnecting, kForwarding, kTunnel, kLingering };
+  // In order: a request's head is read, its body maybe buffered for the decision, then it
+  // is decided, connected and forwarded (or tunnelled), or the connection lingers to close.
+  enum class Phase { kHead, kBuffering, kDeciding, kConnecting, kForwarding, kTunnel, kLingering };
 
   // The parsers call back into these adapters, one per direction.
   struct RequestSide : HttpParser::Handler {
@@ -73,6 +75,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void readClient(std::string_view data);
   void readUpstream(std::string_view data);
   void processRequestHead();
+  CallInfo callInfo() const;
   void decide();
   void onDecision(const Decision& decision);
   void connectUpstream();
@@ -122,6 +125,10 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   size_t nextAddr_ = 0;
   uint64_t startNs_ = 0, upstreamSentNs_ = 0, upstreamHeadNs_ = 0;
   uint64_t bodyBytes_ = 0;
+  size_t bodyNeed_ = 0;         // body bytes the decider wants to see (0: it streams)
+  std::string body_;            // the body as read for the decider
+  bool bodyTruncated_ = false;  // the body was larger than bodyNeed_
+  bool continueSent_ = false;
   uint64_t lastUpstreamReadMs_ = 0;
   uint64_t bytesIn_ = 0, bytesOut_ = 0;
   int status_ = 0;

@@ -161,7 +161,19 @@ Config read(const YAML::Node& root, const Reader& r) {
             }
           }
         } else if (key == "admin") {
-          r.forEach(v, key, {"address"}, [&](const std::string& k, const YAML::Node& av) {
+          r.forEach(v, key, {"address", "tokens"}, [&](const std::string& k, const YAML::Node& av) {
+            if (k == "admin.tokens") {
+              for (auto& t : r.strings(av, k)) {
+                if (!t.starts_with("sha256:") || t.size() != 71 ||
+                    t.find_first_not_of("0123456789abcdef", 7) != std::string::npos) {
+                  r.fail(av, k,
+                         "tokens are stored hashed: sha256:<64 hex digits> (printf %s TOKEN | "
+                         "sha256sum)");
+                }
+                c.adminTokens.push_back(t);
+              }
+              return;
+            }
             c.admin = r.address(av, k);
             c.hasAdmin = true;
           });

@@ -50,6 +50,7 @@ struct Config {
   std::vector<ListenerConfig> listeners;
   bool hasAdmin = false;
   HostPort admin;
+  std::vector<std::string> adminTokens;  // "sha256:<hex>" of the bearer tokens
   std::vector<std::string> allowHosts;
   std::vector<std::string> denyHosts;
   std::vector<std::string> policies;  // resolved against the config file's directory

@@ -44,6 +44,10 @@ int runCommand(const std::vector<std::string_view>& args) {
     return 2;
   }
   tollgate::Server server(std::move(config.value()));
+  if (auto st = server.init(); !st) {
+    std::fprintf(stderr, "tollgate: %s\n", st.error().message.c_str());
+    return 2;
+  }
   return server.run();
 }
 

@@ -58,15 +58,31 @@ uint16_t boundPort(int fd) {
 }  // namespace
 
 Server::Server(Config config) : config_(std::move(config)) {
-  decider_ = std::make_unique<HostListDecider>(config_.allowHosts, config_.denyHosts);
   audit_ = std::make_unique<MemoryAuditSink>();
   shared_.config = &config_;
   shared_.metrics = &metrics_;
-  shared_.decider = decider_.get();
   shared_.audit = audit_.get();
-  admin_ = std::make_unique<AdminApi>(metrics_, *audit_, shared_);
+}
+
+Status Server::init() {
+  if (!config_.policies.empty()) {
+    auto policy = PolicyDecider::create(config_.policies);
+    if (!policy) return policy.error();
+    policy_ = policy.value().get();
+    decider_ = std::move(policy.value());
+    Log::Line(LogLevel::kInfo, "policies loaded")
+        .add("files", static_cast<uint64_t>(config_.policies.size()))
+        .add("digest", policy_->current()->digest())
+        .emit();
+  } else {
+    decider_ = std::make_unique<HostListDecider>(config_.allowHosts, config_.denyHosts);
+  }
+  shared_.decider = decider_.get();
+  admin_ = std::make_unique<AdminApi>(metrics_, *audit_, shared_,
+                                      policy_ ? &policy_->engine() : nullptr);
   admin_->setReloadHook([this] { return reload(); });
   shared_.admin = admin_.get();
+  return Status::success();
 }
 
 Server::~Server() {
@@ -116,11 +132,17 @@ Status Server::bindListeners(unsigned workers) {
 }
 
 std::string Server::reload() {
-  // The policy engine fills this in; until then a reload re-reads nothing and succeeds.
-  Log::Line(LogLevel::kInfo, "reload")
-      .add("config", config_.path)
-      .add("result", "nothing to reload yet")
-      .emit();
+  std::string error = decider_->reload();
+  if (!error.empty()) {
+    // The last good set stays active.
+    Log::Line(LogLevel::kWarn, "reload rejected").add("error", error).emit();
+    metrics_.reloads(false).Increment();
+    return error;
+  }
+  Log::Line line(LogLevel::kInfo, "reload");
+  line.add("result", "ok");
+  if (policy_) line.add("digest", policy_->current()->digest());
+  line.emit();
   metrics_.reloads(true).Increment();
   return {};
 }

@@ -9,6 +9,7 @@
 #include "audit/audit_sink.h"
 #include "common/result.h"
 #include "policy/decider.h"
+#include "policy/policy_decider.h"
 #include "proxy/admin_api.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
@@ -19,6 +20,8 @@ namespace tollgate {
 class Server {
  public:
   explicit Server(Config config);
+  // Loads what the config names (the policy set); a bad set is an error with file:line.
+  Status init();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
   ~Server();
@@ -33,6 +36,7 @@ class Server {
   Config config_;
   Metrics metrics_;
   std::unique_ptr<Decider> decider_;
+  PolicyDecider* policy_ = nullptr;  // decider_, when the config names policies
   std::unique_ptr<AuditSink> audit_;
   SharedState shared_;
   std::unique_ptr<AdminApi> admin_;

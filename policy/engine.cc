@@ -1,0 +1,399 @@
+#include "policy/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+namespace tollgate {
+namespace {
+
+int64_t wallMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Looks up "a.b.c" in a JSON object.
+const nlohmann::json* lookup(const nlohmann::json& params, const std::string& path) {
+  const nlohmann::json* node = &params;
+  size_t start = 0;
+  while (true) {
+    auto dot = path.find('.', start);
+    auto key = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (!node->is_object()) return nullptr;
+    auto it = node->find(key);
+    if (it == node->end()) return nullptr;
+    node = &*it;
+    if (dot == std::string::npos) return node;
+    start = dot + 1;
+  }
+}
+
+std::string randomId() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "apr_";
+  uint64_t v = rng();
+  for (int i = 0; i < 16; ++i, v >>= 4) out += kHex[v & 0xF];
+  return out;
+}
+
+Decision halt(std::string rule, std::string reason, const std::string& tool) {
+  Decision d;
+  d.verdict = Verdict::kHalt;
+  d.rule = std::move(rule);
+  d.reason = std::move(reason);
+  d.tool = tool;
+  return d;
+}
+
+}  // namespace
+
+Engine::Engine(Clock clock) : clock_(clock ? std::move(clock) : Clock(wallMs)) {}
+
+bool Engine::conditionHolds(const Condition& c, const ToolCall& call, int64_t nowMs,
+                            std::string& error) const {
+  switch (c.kind) {
+    case Condition::Kind::kFailures:
+      return failuresWithin(call.agent(), c.window, nowMs) >= c.failures;
+    case Condition::Kind::kTime: {
+      int64_t secs = nowMs / 1000;
+      int64_t local = secs + (c.zone ? c.zone->offsetAt(secs) : 0);
+      int64_t days = local >= 0 ? local / 86400 : (local - 86399) / 86400;
+      int minute = static_cast<int>((local - days * 86400) / 60);
+      int weekday =
+          static_cast<int>(((days % 7) + 7 + 3) % 7);  // 1970-01-01 was a Thursday; 0 = Monday
+      bool inWindow = c.fromMinute <= c.toMinute ? (minute >= c.fromMinute && minute < c.toMinute)
+                                                 : (minute >= c.fromMinute || minute < c.toMinute);
+      // A window across midnight belongs to the day it started on.
+      if (c.fromMinute > c.toMinute && minute < c.toMinute) weekday = (weekday + 6) % 7;
+      return inWindow && (c.days & (1u << weekday));
+    }
+    default:
+      break;
+  }
+  // Parameter conditions: a missing or mistyped parameter is an error, and an error halts.
+  const nlohmann::json* v = call.params().is_null() ? nullptr : lookup(call.params(), c.param);
+  if (!v) {
+    error = "params." + c.param + " is missing";
+    return false;
+  }
+  switch (c.kind) {
+    case Condition::Kind::kCompare: {
+      if (!v->is_number()) {
+        error = "params." + c.param + " is not a number";
+        return false;
+      }
+      double x = v->get<double>();
+      if (!std::isfinite(x)) {
+        error = "params." + c.param + " is not finite";
+        return false;
+      }
+      switch (c.op) {
+        case Condition::Op::kLt:
+          return x < c.number;
+        case Condition::Op::kLte:
+          return x <= c.number;
+        case Condition::Op::kGt:
+          return x > c.number;
+        case Condition::Op::kGte:
+          return x >= c.number;
+        case Condition::Op::kEq:
+          return x == c.number;
+        case Condition::Op::kNe:
+          return x != c.number;
+      }
+      return false;
+    }
+    case Condition::Kind::kIn: {
+      std::string s = v->is_string() ? v->get<std::string>() : v->dump();
+      return std::find(c.values.begin(), c.values.end(), s) != c.values.end();
+    }
+    case Condition::Kind::kMatches:
+      if (!v->is_string()) {
+        error = "params." + c.param + " is not a string";
+        return false;
+      }
+      return RE2::FullMatch(v->get<std::string>(), *c.regex);
+    default:
+      return false;
+  }
+}
+
+int Engine::failuresWithin(const std::string& agent, std::chrono::milliseconds window,
+                           int64_t nowMs) const {
+  auto it = failures_.find(agent);
+  if (it == failures_.end()) return 0;
+  int64_t since = nowMs - window.count();
+  return static_cast<int>(
+      std::count_if(it->second.begin(), it->second.end(), [&](int64_t t) { return t >= since; }));
+}
+
+void Engine::quarantineNeighbours(const PolicySet& set, const std::string& agent,
+                                  std::chrono::milliseconds ttl, int64_t nowMs) {
+  const AgentDef* def = set.findAgent(agent);
+  if (!def) return;
+  for (const auto& n : def->neighbours) quarantine_.emplace_back(n, nowMs + ttl.count());
+}
+
+Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) {
+  if (!result) {
+    auto d =
+        halt("extract", "the call cannot be read safely: " + result.error().message, "unknown");
+    d.policyDigest = set.digest();
+    return d;
+  }
+  const ToolCall& call = result.value();
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto finish = [&](Decision d) {
+    d.policyDigest = set.digest();
+    if (d.tool.empty()) d.tool = call.tool();
+    return d;
+  };
+
+  // Cascade quarantine.
+  quarantine_.erase(std::remove_if(quarantine_.begin(), quarantine_.end(),
+                                   [&](auto& q) { return q.second <= now; }),
+                    quarantine_.end());
+  for (const auto& [pattern, until] : quarantine_) {
+    if (globMatch(pattern, call.agent())) {
+      return finish(halt("cascade",
+                         "agent " + call.agent() + " is quarantined for another " +
+                             std::to_string((until - now + 999) / 1000) +
+                             "s after a neighbour's halt",
+                         call.tool()));
+    }
+  }
+  // Circuit breakers.
+  std::string upstream = call.host() + ":" + std::to_string(call.port());
+  for (const auto& b : set.breakers()) {
+    if (!hostMatch(b.host, call.host())) continue;
+    auto& state = breakers_[upstream];
+    if (state.openUntilMs > now) {
+      return finish(halt("breaker",
+                         "circuit breaker for " + upstream + " is open after " +
+                             std::to_string(state.consecutive) + " failures",
+                         call.tool()));
+    }
+    if (state.openUntilMs != 0) {
+      // Half-open: one probe goes through; the others wait for its outcome.
+      if (state.probing)
+        return finish(
+            halt("breaker", "circuit breaker for " + upstream + " is half-open", call.tool()));
+      state.probing = true;
+    }
+    break;
+  }
+
+  // Every rule whose match fits.
+  const Rule* halting = nullptr;
+  const Rule* approving = nullptr;
+  std::vector<const Rule*> allows;
+  std::string haltReason;
+  auto fits = [&](const Rule& r, const std::string& tool, ActionClass cls) {
+    const auto& m = r.match;
+    if (!m.tool.empty() && !globMatch(m.tool, tool)) return false;
+    if (m.actionClass && *m.actionClass != cls) return false;
+    if (!m.agent.empty() && !globMatch(m.agent, call.agent())) return false;
+    if (!m.host.empty() && !hostMatch(m.host, call.host())) return false;
+    if (!m.methods.empty() &&
+        std::find(m.methods.begin(), m.methods.end(), call.method()) == m.methods.end())
+      return false;
+    return true;
+  };
+  // An MCP batch is judged tool by tool: a forbidden tool anywhere in it halts the batch.
+  std::vector<std::pair<std::string, ActionClass>> subjects = {{call.tool(), call.actionClass()}};
+  if (call.mcpTools().size() > 1 || (call.mcpTools().size() == 1 && !call.toolDef())) {
+    for (const auto& name : call.mcpTools()) {
+      for (const auto& t : set.tools()) {
+        if (std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
+                        [&](const std::string& g) { return globMatch(g, name); })) {
+          subjects.emplace_back(t.name, t.actionClass);
+          break;
+        }
+      }
+    }
+  }
+  for (const auto& r : set.rules()) {
+    bool matched = std::any_of(subjects.begin(), subjects.end(),
+                               [&](auto& s) { return fits(r, s.first, s.second); });
+    if (!matched) continue;
+    bool holds = true;
+    std::string error;
+    for (const auto& c : r.when) {
+      if (!conditionHolds(c, call, now, error)) {
+        holds = false;
+        break;
+      }
+    }
+    if (!error.empty()) {
+      // A rule that cannot be evaluated halts, whatever its effect.
+      if (!halting) {
+        halting = &r;
+        haltReason = "rule " + r.id + " could not be evaluated: " + error;
+      }
+      continue;
+    }
+    if (!holds) continue;
+    if (r.effect == Effect::kHalt) {
+      if (!halting) {
+        halting = &r;
+        haltReason = r.reason.empty() ? "halted by rule " + r.id : r.reason;
+      }
+    } else if (r.effect == Effect::kApprove) {
+      if (!approving) approving = &r;
+    } else {
+      allows.push_back(&r);
+    }
+  }
+  if (halting) {
+    if (halting->cascade.count() > 0)
+      quarantineNeighbours(set, call.agent(), halting->cascade, now);
+    return finish(halt(halting->id, haltReason, call.tool()));
+  }
+  if (approving) {
+    auto fp = call.fingerprint();
+    for (auto& [id, a] : approvals_) {
+      if (a.fingerprint != fp || a.policyDigest != set.digest()) continue;
+      if (a.state == "approved" && a.leaseUntilMs > now) {
+        Decision d;
+        d.verdict = Verdict::kAllow;
+        d.rule = approving->id;
+        d.reason = "approved as " + id;
+        d.approvalId = id;
+        return finish(d);
+      }
+      if (a.state == "pending" && a.expiresMs > now) {
+        Decision d;
+        d.verdict = Verdict::kApprove;
+        d.rule = approving->id;
+        d.reason =
+            approving->reason.empty() ? "this call needs a human's approval" : approving->reason;
+        d.approvalId = id;
+        return finish(d);
+      }
+    }
+    Approval a;
+    a.id = randomId();
+    a.fingerprint = fp;
+    a.agent = call.agent();
+    a.tool = call.tool();
+    a.method = call.method();
+    a.authority = upstream;
+    a.path = call.path();
+    a.rule = approving->id;
+    a.policyDigest = set.digest();
+    a.createdMs = now;
+    a.expiresMs = now + approvalTtl.count();
+    approvals_[a.id] = a;
+    Decision d;
+    d.verdict = Verdict::kApprove;
+    d.rule = approving->id;
+    d.reason = approving->reason.empty() ? "this call needs a human's approval" : approving->reason;
+    d.approvalId = a.id;
+    return finish(d);
+  }
+  if (allows.empty())
+    return finish(halt("default-deny",
+                       "no rule allows " + call.tool() + " for agent " + call.agent(),
+                       call.tool()));
+
+  // Rate limits of every matching allow: all are charged only when all have a token.
+  int retryAfterMs = 0;
+  const Rule* limiting = nullptr;
+  std::vector<Bucket*> charge;
+  for (const Rule* r : allows) {
+    if (!r->rateLimit) continue;
+    const auto& rl = *r->rateLimit;
+    std::string key = r->id + '|';
+    if (rl.key != RateLimit::Key::kTool) key += call.agent();
+    key += '|';
+    if (rl.key != RateLimit::Key::kAgent) key += call.tool();
+    auto [it, created] = buckets_.try_emplace(key);
+    Bucket& b = it->second;
+    double perMs = rl.requests / static_cast<double>(rl.per.count());
+    if (created) {
+      b.tokens = rl.burst;
+      b.lastMs = now;
+    }
+    b.tokens = std::min(rl.burst, b.tokens + static_cast<double>(now - b.lastMs) * perMs);
+    b.lastMs = now;
+    if (b.tokens < 1.0) {
+      int wait = static_cast<int>(std::ceil((1.0 - b.tokens) / perMs));
+      if (wait > retryAfterMs) {
+        retryAfterMs = wait;
+        limiting = r;
+      }
+    } else {
+      charge.push_back(&b);
+    }
+  }
+  if (limiting) {
+    Decision d;
+    d.verdict = Verdict::kThrottle;
+    d.rule = limiting->id;
+    d.reason = "rate limit of rule " + limiting->id + " exceeded";
+    d.retryAfterSeconds = std::max(1, (retryAfterMs + 999) / 1000);
+    return finish(d);
+  }
+  for (auto* b : charge) b->tokens -= 1.0;
+  Decision d;
+  d.verdict = Verdict::kAllow;
+  d.rule = allows.front()->id;
+  return finish(d);
+}
+
+void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Outcome& outcome) {
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (outcome.failed) {
+    auto& times = failures_[call.agent()];
+    times.push_back(now);
+    // Keep a day at most and a bounded number per agent.
+    while (!times.empty() && (times.front() < now - 86'400'000 || times.size() > 10'000))
+      times.pop_front();
+  }
+  std::string upstream = call.host() + ":" + std::to_string(call.port());
+  for (const auto& b : set.breakers()) {
+    if (!hostMatch(b.host, call.host())) continue;
+    auto& state = breakers_[upstream];
+    if (outcome.failed) {
+      ++state.consecutive;
+      if (state.probing || state.consecutive >= b.failures)
+        state.openUntilMs = now + b.cooldown.count();
+    } else {
+      state = Breaker{};
+    }
+    state.probing = false;
+    break;
+  }
+}
+
+std::vector<Approval> Engine::approvals() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<Approval> out;
+  for (const auto& [id, a] : approvals_) out.push_back(a);
+  return out;
+}
+
+bool Engine::approve(const std::string& id, std::chrono::milliseconds lease) {
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = approvals_.find(id);
+  if (it == approvals_.end() || it->second.state != "pending" || it->second.expiresMs <= now)
+    return false;
+  it->second.state = "approved";
+  it->second.leaseUntilMs = now + (lease.count() > 0 ? lease : defaultLease).count();
+  return true;
+}
+
+bool Engine::deny(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = approvals_.find(id);
+  if (it == approvals_.end() || it->second.state != "pending") return false;
+  it->second.state = "denied";
+  return true;
+}
+
+}  // namespace tollgate

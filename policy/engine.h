@@ -1,0 +1,77 @@
+// Engine: evaluates a ToolCall against a PolicySet (DESIGN §3): deny-overrides with default
+// deny, every matching rule evaluated, a rule that errors counts as a halt, rate limits as
+// token buckets (the tightest wins), failure counters, circuit breakers per upstream,
+// cascade quarantine, and human approvals with leases. The policy set is immutable; the
+// engine holds the state that outlives one call, behind one mutex.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/result.h"
+#include "policy/decider.h"
+#include "policy/policy_set.h"
+#include "policy/tool_call.h"
+
+namespace tollgate {
+
+struct Approval {
+  std::string id;
+  std::string fingerprint;
+  std::string agent, tool, method, authority, path, rule, policyDigest;
+  int64_t createdMs = 0;
+  int64_t expiresMs = 0;          // a pending approval nobody answered is void after this
+  std::string state = "pending";  // pending | approved | denied
+  int64_t leaseUntilMs = 0;       // approved: the same call is allowed until then
+};
+
+class Engine {
+ public:
+  using Clock = std::function<int64_t()>;  // wall-clock milliseconds
+  explicit Engine(Clock clock = nullptr);
+
+  Decision evaluate(const PolicySet& set, const Result<ToolCall>& call);
+  void recordOutcome(const PolicySet& set, const ToolCall& call, const Outcome& outcome);
+
+  std::vector<Approval> approvals() const;
+  // Returns false when there is no pending approval with this id.
+  bool approve(const std::string& id, std::chrono::milliseconds lease);
+  bool deny(const std::string& id);
+
+  std::chrono::milliseconds approvalTtl{15 * 60 * 1000};
+  std::chrono::milliseconds defaultLease{60 * 60 * 1000};
+
+ private:
+  struct Bucket {
+    double tokens = 0;
+    int64_t lastMs = 0;
+  };
+  struct Breaker {
+    int consecutive = 0;
+    int64_t openUntilMs = 0;  // open while now < openUntilMs
+    bool probing = false;     // half-open: one call is out
+  };
+  bool conditionHolds(const Condition& c, const ToolCall& call, int64_t nowMs,
+                      std::string& error) const;
+  int failuresWithin(const std::string& agent, std::chrono::milliseconds window,
+                     int64_t nowMs) const;
+  void quarantineNeighbours(const PolicySet& set, const std::string& agent,
+                            std::chrono::milliseconds ttl, int64_t nowMs);
+
+  Clock clock_;
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, std::deque<int64_t>> failures_;  // agent -> failure times
+  std::unordered_map<std::string, Bucket> buckets_;                // rule|key -> bucket
+  std::unordered_map<std::string, Breaker> breakers_;              // host:port -> breaker
+  std::vector<std::pair<std::string, int64_t>> quarantine_;        // agent glob, until
+  std::map<std::string, Approval> approvals_;                      // id -> approval
+  uint64_t approvalCounter_ = 0;
+};
+
+}  // namespace tollgate

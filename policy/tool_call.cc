@@ -1,0 +1,327 @@
+#include "policy/tool_call.h"
+
+#include <arpa/inet.h>
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace tollgate {
+namespace {
+
+int hexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+bool isUnreserved(unsigned char c) {
+  return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~';
+}
+
+bool validUtf8(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    size_t len = c < 0x80             ? 1
+                 : (c & 0xE0) == 0xC0 ? 2
+                 : (c & 0xF0) == 0xE0 ? 3
+                 : (c & 0xF8) == 0xF0 ? 4
+                                      : 0;
+    if (len == 0 || i + len > s.size()) return false;
+    uint32_t cp = len == 1 ? c : c & (0x7F >> len);
+    for (size_t k = 1; k < len; ++k) {
+      auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    static const uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += len;
+  }
+  return true;
+}
+
+// One part of an inet_aton-style IPv4 address: decimal, 0-prefixed octal or 0x hex.
+std::optional<uint64_t> ipv4Part(std::string_view p) {
+  if (p.empty()) return std::nullopt;
+  int base = 10;
+  if (p.size() > 1 && p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+    base = 16;
+    p.remove_prefix(2);
+    if (p.empty()) return uint64_t{0};
+  } else if (p.size() > 1 && p[0] == '0') {
+    base = 8;
+    p.remove_prefix(1);
+  }
+  uint64_t v = 0;
+  for (char c : p) {
+    int d = hexValue(c);
+    if (d < 0 || d >= base) return std::nullopt;
+    v = v * static_cast<uint64_t>(base) + static_cast<uint64_t>(d);
+    if (v > 0xFFFFFFFFull) return std::nullopt;
+  }
+  return v;
+}
+
+// Every spelling that inet_aton (and so many HTTP clients) accepts as an IPv4 address.
+std::optional<uint32_t> parseIpv4Loose(std::string_view host) {
+  std::vector<uint64_t> parts;
+  size_t start = 0;
+  while (true) {
+    auto dot = host.find('.', start);
+    auto part = ipv4Part(
+        host.substr(start, dot == std::string_view::npos ? std::string_view::npos : dot - start));
+    if (!part) return std::nullopt;
+    parts.push_back(*part);
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+    if (parts.size() == 4) return std::nullopt;
+  }
+  uint64_t v = 0;
+  switch (parts.size()) {
+    case 1:
+      v = parts[0];
+      break;
+    case 2:
+      if (parts[0] > 0xFF || parts[1] > 0xFFFFFF) return std::nullopt;
+      v = parts[0] << 24 | parts[1];
+      break;
+    case 3:
+      if (parts[0] > 0xFF || parts[1] > 0xFF || parts[2] > 0xFFFF) return std::nullopt;
+      v = parts[0] << 24 | parts[1] << 16 | parts[2];
+      break;
+    case 4:
+      for (auto p : parts) {
+        if (p > 0xFF) return std::nullopt;
+      }
+      v = parts[0] << 24 | parts[1] << 16 | parts[2] << 8 | parts[3];
+      break;
+    default:
+      return std::nullopt;
+  }
+  return static_cast<uint32_t>(v);
+}
+
+ActionClass classOfMethod(std::string_view method) {
+  if (method == "GET" || method == "HEAD" || method == "OPTIONS" || method == "CONNECT")
+    return ActionClass::kRead;
+  if (method == "DELETE") return ActionClass::kDelete;
+  return ActionClass::kWrite;
+}
+
+// Depth of a JSON text, counted without building it, so a deep body is refused cheaply.
+int jsonDepth(std::string_view text) {
+  int depth = 0, maxDepth = 0;
+  bool inString = false, escape = false;
+  for (char c : text) {
+    if (inString) {
+      if (escape)
+        escape = false;
+      else if (c == '\\')
+        escape = true;
+      else if (c == '"')
+        inString = false;
+      continue;
+    }
+    if (c == '"')
+      inString = true;
+    else if (c == '{' || c == '[')
+      maxDepth = std::max(maxDepth, ++depth);
+    else if (c == '}' || c == ']')
+      --depth;
+  }
+  return maxDepth;
+}
+
+}  // namespace
+
+bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
+
+std::string ToolCall::fingerprint() const {
+  std::string canon = agent_ + '\n' + scheme_ + '\n' + host_ + ':' + std::to_string(port_) + '\n' +
+                      method_ + '\n' + path_ + '?' + query_ + '\n' + tool_ + '\n' +
+                      (params_.is_null() ? "" : params_.dump());
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(canon.data(), canon.size(), md, &len, EVP_sha256(), nullptr);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned i = 0; i < 16 && i < len; ++i) {
+    out += kHex[md[i] >> 4];
+    out += kHex[md[i] & 0xF];
+  }
+  return out;
+}
+
+Result<std::string> Extractor::canonicalHost(std::string_view host) {
+  std::string h(host);
+  std::transform(h.begin(), h.end(), h.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (!h.empty() && h.back() == '.') h.pop_back();
+  if (h.empty()) return Error{-1, "empty host"};
+  if (h.find(':') != std::string::npos) {
+    in6_addr a6;
+    if (inet_pton(AF_INET6, h.c_str(), &a6) != 1) return Error{-1, "invalid IPv6 address " + h};
+    char buf[INET6_ADDRSTRLEN];
+    inet_ntop(AF_INET6, &a6, buf, sizeof buf);
+    return std::string(buf);
+  }
+  bool numeric =
+      std::all_of(h.begin(), h.end(),
+                  [](unsigned char c) { return std::isxdigit(c) || c == '.' || c == 'x'; }) &&
+      std::isdigit(static_cast<unsigned char>(h[0]));
+  if (numeric) {
+    auto v4 = parseIpv4Loose(h);
+    if (!v4) return Error{-1, "invalid IPv4 address " + h};
+    char buf[INET_ADDRSTRLEN];
+    in_addr a{htonl(*v4)};
+    inet_ntop(AF_INET, &a, buf, sizeof buf);
+    return std::string(buf);
+  }
+  for (unsigned char c : h) {
+    if (!(std::isalnum(c) || c == '-' || c == '.' || c == '_'))
+      return Error{-1, "invalid character in host " + h};
+  }
+  return h;
+}
+
+Result<std::string> Extractor::normalisePath(std::string_view raw) {
+  if (raw.empty()) return std::string("/");
+  if (raw[0] != '/') return Error{-1, "path does not start with /"};
+  // Decode: unreserved escapes become their character; the others stay encoded (upper
+  // case), except those that would change the path's structure, which are refused.
+  std::string decoded;
+  decoded.reserve(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) {
+    char c = raw[i];
+    if (c == '\\') return Error{-1, "backslash in path"};
+    if (c != '%') {
+      decoded += c;
+      continue;
+    }
+    if (i + 2 >= raw.size() || hexValue(raw[i + 1]) < 0 || hexValue(raw[i + 2]) < 0) {
+      return Error{-1, "invalid percent-escape in path"};
+    }
+    auto v = static_cast<unsigned char>(hexValue(raw[i + 1]) * 16 + hexValue(raw[i + 2]));
+    i += 2;
+    if (v == 0) return Error{-1, "encoded NUL in path"};
+    if (v == '/' || v == '\\') return Error{-1, "encoded slash or backslash in path"};
+    if (isUnreserved(v) || v >= 0x80) {
+      decoded += static_cast<char>(v);
+    } else {
+      static constexpr char kHex[] = "0123456789ABCDEF";
+      decoded += '%';
+      decoded += kHex[v >> 4];
+      decoded += kHex[v & 0xF];
+    }
+  }
+  if (!validUtf8(decoded)) return Error{-1, "invalid UTF-8 in path"};
+  // Segments: drop empty ones (duplicate slashes) and ".", resolve "..".
+  std::vector<std::string_view> segments;
+  std::string_view rest(decoded);
+  bool trailingSlash = decoded.size() > 1 && decoded.back() == '/';
+  while (!rest.empty()) {
+    auto slash = rest.find('/');
+    auto seg = rest.substr(0, slash);
+    if (seg == "..") {
+      if (!segments.empty()) segments.pop_back();
+    } else if (!seg.empty() && seg != ".") {
+      segments.push_back(seg);
+    }
+    if (slash == std::string_view::npos) break;
+    rest.remove_prefix(slash + 1);
+  }
+  std::string out;
+  for (auto seg : segments) {
+    out += '/';
+    out += seg;
+  }
+  if (out.empty() || (trailingSlash && !segments.empty())) out += '/';
+  return out;
+}
+
+Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) {
+  ToolCall tc;
+  tc.agent_ = call.agent.empty() ? "anonymous" : std::string(call.agent);
+  tc.scheme_ = std::string(call.scheme);
+  tc.method_ = std::string(call.method);
+  tc.port_ = call.port;
+  auto host = canonicalHost(call.host);
+  if (!host) return host.error();
+  tc.host_ = std::move(host.value());
+  if (call.scheme != "tunnel") {
+    auto target = call.target;
+    auto q = target.find('?');
+    auto path = normalisePath(target.substr(0, q));
+    if (!path) return path.error();
+    tc.path_ = std::move(path.value());
+    if (q != std::string_view::npos) tc.query_ = std::string(target.substr(q + 1));
+  }
+  tc.actionClass_ = classOfMethod(tc.method_);
+
+  // The body: JSON params and MCP JSON-RPC, within the set's bounds.
+  if (call.bodyAvailable && !call.body.empty()) {
+    if (call.bodyTruncated)
+      return Error{-1, "request body larger than the policy's max_body_bytes"};
+    auto ct = call.contentType;
+    bool json = ct.find("json") != std::string_view::npos;
+    if (json) {
+      if (jsonDepth(call.body) > set.maxJsonDepth())
+        return Error{-1, "JSON body nested deeper than max_json_depth"};
+      auto parsed = nlohmann::json::parse(call.body.begin(), call.body.end(), nullptr, false);
+      if (parsed.is_discarded()) return Error{-1, "invalid JSON body"};
+      // MCP: JSON-RPC 2.0, a single call or a batch.
+      auto visit = [&](const nlohmann::json& msg) {
+        if (!msg.is_object() || !msg.contains("jsonrpc") || !msg.contains("method") ||
+            !msg["method"].is_string())
+          return;
+        tc.mcpMethod_ = msg["method"].get<std::string>();
+        if (tc.mcpMethod_ == "tools/call" && msg.contains("params") && msg["params"].is_object()) {
+          const auto& p = msg["params"];
+          if (p.contains("name") && p["name"].is_string())
+            tc.mcpTools_.push_back(p["name"].get<std::string>());
+          if (p.contains("arguments")) tc.params_ = p["arguments"];
+        }
+      };
+      if (parsed.is_array()) {
+        for (const auto& m : parsed) visit(m);
+      } else {
+        visit(parsed);
+      }
+      if (tc.mcpMethod_.empty()) tc.params_ = std::move(parsed);
+    }
+  }
+
+  // Attribution: the first tool whose match fits. An MCP batch is attributed to each of its
+  // tools in turn by the engine; here the first one names the call.
+  for (const auto& t : set.tools()) {
+    if (!std::any_of(t.hosts.begin(), t.hosts.end(),
+                     [&](const std::string& h) { return hostMatch(h, tc.host_); }))
+      continue;
+    if (!t.methods.empty() &&
+        std::find(t.methods.begin(), t.methods.end(), tc.method_) == t.methods.end())
+      continue;
+    if (!t.paths.empty() && !std::any_of(t.paths.begin(), t.paths.end(), [&](const std::string& p) {
+          return pathGlobMatch(p, tc.path_);
+        })) {
+      continue;
+    }
+    if (!t.mcpTools.empty()) {
+      if (tc.mcpTools_.empty()) continue;
+      bool all =
+          std::all_of(tc.mcpTools_.begin(), tc.mcpTools_.end(), [&](const std::string& name) {
+            return std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
+                               [&](const std::string& g) { return globMatch(g, name); });
+          });
+      if (!all) continue;  // a batch that hides another tool is not this tool
+    }
+    tc.toolDef_ = &t;
+    tc.tool_ = t.name;
+    tc.actionClass_ = t.actionClass;
+    break;
+  }
+  if (!tc.toolDef_) tc.tool_ = "host:" + tc.host_;
+  return tc;
+}
+
+}  // namespace tollgate
