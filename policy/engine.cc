@@ -193,6 +193,9 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   std::string haltReason;
   auto fits = [&](const Rule& r, const std::string& tool, ActionClass cls) {
     const auto& m = r.match;
+    // A call to no declared tool is matched only by rules that name a tool or host: a rule
+    // such as {class: read} must not open every GET on the internet.
+    if (m.tool.empty() && m.host.empty() && !set.findTool(tool)) return false;
     if (!m.tool.empty() && !globMatch(m.tool, tool)) return false;
     if (m.actionClass && *m.actionClass != cls) return false;
     if (!m.agent.empty() && !globMatch(m.agent, call.agent())) return false;

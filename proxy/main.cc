@@ -4,6 +4,7 @@
 #include <string_view>
 #include <vector>
 
+#include "policy/policy_cli.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
 #include "proxy/version.h"
@@ -13,9 +14,11 @@ namespace {
 constexpr const char* kUsage = R"(tollgate — governs what AI agents do over the network
 
 usage:
-  tollgate run -c FILE     run the sidecar with the config FILE (YAML)
-  tollgate --version       print the version
-  tollgate help            print this help
+  tollgate run -c FILE            run the sidecar with the config FILE (YAML)
+  tollgate policy check FILE...   validate policies: schema, references, lints
+  tollgate policy test FILE...    run policy table tests (kind: PolicyTest)
+  tollgate --version              print the version
+  tollgate help                   print this help
 
 exit codes: 0 success, 1 failure at run time, 2 usage or configuration error
 )";
@@ -66,5 +69,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (cmd == "run") return runCommand({args.begin() + 1, args.end()});
+  if (cmd == "policy") {
+    if (args.size() < 2) return usageError("policy needs check or test");
+    std::vector<std::string> files(args.begin() + 2, args.end());
+    if (args[1] == "check") return tollgate::policyCheck(files, stdout);
+    if (args[1] == "test") return tollgate::policyTest(files, stdout);
+    return usageError("unknown policy command '" + std::string(args[1]) + "'");
+  }
   return usageError("unknown command '" + std::string(cmd) + "'");
 }
