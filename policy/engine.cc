@@ -205,22 +205,35 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
       return false;
     return true;
   };
-  // An MCP batch is judged tool by tool: a forbidden tool anywhere in it halts the batch.
-  std::vector<std::pair<std::string, ActionClass>> subjects = {{call.tool(), call.actionClass()}};
-  if (call.mcpTools().size() > 1 || (call.mcpTools().size() == 1 && !call.toolDef())) {
+  // The subjects of the call: the tool it was attributed to or, for MCP, every tool it
+  // calls (a batch is allowed only when each of its tools is). An MCP tool that no tool
+  // declares is an undeclared write.
+  struct Subject {
+    std::string tool;
+    ActionClass cls;
+    bool allowed = false;
+  };
+  std::vector<Subject> subjects;
+  if (call.mcpTools().empty()) {
+    subjects.push_back({call.tool(), call.actionClass()});
+  } else {
     for (const auto& name : call.mcpTools()) {
+      Subject subject{"mcp:" + name, ActionClass::kWrite};
       for (const auto& t : set.tools()) {
-        if (std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
+        if (hostMatch(t.hosts.empty() ? "*" : t.hosts.front(), call.host()) &&
+            std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
                         [&](const std::string& g) { return globMatch(g, name); })) {
-          subjects.emplace_back(t.name, t.actionClass);
+          subject = {t.name, t.actionClass};
           break;
         }
       }
+      subjects.push_back(subject);
     }
   }
+  std::vector<const Rule*> conditionsHold;  // rules whose conditions were evaluated and held
   for (const auto& r : set.rules()) {
-    bool matched = std::any_of(subjects.begin(), subjects.end(),
-                               [&](auto& s) { return fits(r, s.first, s.second); });
+    bool matched = false;
+    for (const auto& subject : subjects) matched |= fits(r, subject.tool, subject.cls);
     if (!matched) continue;
     bool holds = true;
     std::string error;
@@ -246,14 +259,23 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
       }
     } else if (r.effect == Effect::kApprove) {
       if (!approving) approving = &r;
+      for (auto& subject : subjects) subject.allowed |= fits(r, subject.tool, subject.cls);
     } else {
       allows.push_back(&r);
+      for (auto& subject : subjects) subject.allowed |= fits(r, subject.tool, subject.cls);
     }
   }
   if (halting) {
     if (halting->cascade.count() > 0)
       quarantineNeighbours(set, call.agent(), halting->cascade, now);
     return finish(halt(halting->id, haltReason, call.tool()));
+  }
+  for (const auto& subject : subjects) {
+    if (!subject.allowed) {
+      return finish(halt("default-deny",
+                         "no rule allows " + subject.tool + " for agent " + call.agent(),
+                         subject.tool));
+    }
   }
   if (approving) {
     auto fp = call.fingerprint();

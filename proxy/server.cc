@@ -6,6 +6,9 @@
 
 #include <csignal>
 #include <cstring>
+#include <filesystem>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "common/log.h"
@@ -174,9 +177,56 @@ int Server::run() {
     uv_signal_t term, intr, hup;
     Server* server;
     std::vector<std::unique_ptr<Worker>>* workers;
+    std::vector<uv_fs_event_t*> watches;
+    uv_timer_t* debounce;
   } signals{};
   signals.server = this;
   signals.workers = &workers_;
+  // Policy files are watched through their directories: editors replace files by rename.
+  struct Watch {
+    uv_fs_event_t event;
+    Server* server;
+    std::set<std::string> names;
+    uv_timer_t* debounce;
+  };
+  uv_timer_t debounce;
+  uv_timer_init(&loop, &debounce);
+  debounce.data = this;
+  std::vector<std::unique_ptr<Watch>> watches;
+  std::map<std::string, Watch*> byDir;
+  for (const auto& file : config_.policies) {
+    auto path = std::filesystem::path(file);
+    auto dir = path.parent_path().empty() ? std::string(".") : path.parent_path().string();
+    if (!byDir.count(dir)) {
+      auto w = std::make_unique<Watch>();
+      w->server = this;
+      w->debounce = &debounce;
+      uv_fs_event_init(&loop, &w->event);
+      w->event.data = w.get();
+      int rc = uv_fs_event_start(
+          &w->event,
+          [](uv_fs_event_t* e, const char* name, int, int status) {
+            auto* watch = static_cast<Watch*>(e->data);
+            if (status < 0 || !name || !watch->names.count(name)) return;
+            // Several events arrive for one save; reload once they settle.
+            uv_timer_start(
+                watch->debounce, [](uv_timer_t* t) { static_cast<Server*>(t->data)->reload(); },
+                200, 0);
+          },
+          dir.c_str(), 0);
+      if (rc != 0) {
+        Log::Line(LogLevel::kWarn, "cannot watch policies")
+            .add("dir", dir)
+            .add("error", std::string(uv_strerror(rc)))
+            .emit();
+      }
+      byDir[dir] = w.get();
+      watches.push_back(std::move(w));
+    }
+    byDir[dir]->names.insert(path.filename().string());
+  }
+  signals.debounce = &debounce;
+  for (auto& w : watches) signals.watches.push_back(&w->event);
   auto stop = [](uv_signal_t* h, int signum) {
     auto* s = static_cast<Signals*>(h->data);
     Log::Line(LogLevel::kInfo, "shutting down")
@@ -187,6 +237,8 @@ int Server::run() {
     uv_close(reinterpret_cast<uv_handle_t*>(&s->term), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&s->intr), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(&s->hup), nullptr);
+    for (auto* w : s->watches) uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(s->debounce), nullptr);
   };
   for (auto* h : {&signals.term, &signals.intr, &signals.hup}) {
     uv_signal_init(&loop, h);

@@ -236,7 +236,6 @@ class HttpOrigin:
         digest = hashlib.sha256()
         nbytes = 0
         body = b""
-        keep = method != "POST" or target != "/sink"
         if "content-length" in headers:
             remaining = int(headers["content-length"][0])
             while remaining:
@@ -281,6 +280,15 @@ class HttpOrigin:
             return self.reply(sock, 200, b"late")
         if path.startswith("/status/"):
             return self.reply(sock, int(path.split("/")[2]), b"status")
+        if path == "/mcp":
+            # An MCP server answering over SSE: two events, sent as they are ready.
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for event in (b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\n\n',
+                          b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{"content":[]}}\n\n'):
+                sock.sendall(b"%x\r\n" % len(event) + event + b"\r\n")
+                time.sleep(0.05)
+            sock.sendall(b"0\r\n\r\n")
+            return True
         if path == "/stream":
             n = int(params.get("bytes", ["0"])[0])
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n")

@@ -1,0 +1,190 @@
+"""The policy engine through the real proxy: each decision kind with curl, approvals via
+the admin API, JSON params, MCP over SSE, and reloads (valid, invalid, on file change)
+while traffic flows."""
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
+
+TOKEN = "s3cret-admin-token"
+
+POLICY = """
+apiVersion: tollgate/v1
+kind: Policy
+metadata: {name: integration}
+tools:
+  - {name: notes.read, match: {host: 127.0.0.1, methods: [GET], paths: ["/hello", "/headers"]}, class: read}
+  - {name: notes.write, match: {host: 127.0.0.1, methods: [POST], paths: ["/echo"]}, class: write}
+  - {name: notes.delete, match: {host: 127.0.0.1, methods: [DELETE], paths: ["/hello"]}, class: delete}
+  - {name: pay, match: {host: 127.0.0.1, methods: [POST], paths: ["/sink"]}, class: write}
+  - {name: crm.lookup, match: {host: 127.0.0.1, methods: [POST], paths: ["/mcp"], mcp_tools: [lookup]}, class: read}
+agents:
+  - {id: "agent-*"}
+rules:
+  - {id: allow-reads, effect: allow, match: {class: read, agent: "agent-*"}}
+  - {id: allow-writes, effect: allow, match: {tool: notes.write, agent: "agent-*"}}
+  - {id: slow-agent, effect: allow, match: {tool: notes.read, agent: agent-slow}, rate_limit: {requests: 2, per: 1h}}
+  - {id: pay-bound, effect: allow, match: {tool: pay}, when: {params.amount: {lte: 500}}}
+  - {id: deletes-need-a-human, effect: approve, match: {tool: notes.delete}}
+  - {id: no-evil, effect: halt, match: {agent: agent-evil}, reason: "agent-evil is banned"}
+"""
+
+
+class PolicyTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.origin = HttpOrigin().__enter__()
+        cls.tg = Tollgate({"admin": {"address": "127.0.0.1:0",
+                                     "tokens": ["sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()]}})
+        cls.policy = os.path.join(cls.tg.dir, "policy.yaml")
+        with open(cls.policy, "w") as f:
+            f.write(POLICY)
+        cls.tg.config.pop("hosts")
+        cls.tg.config["policies"] = ["policy.yaml"]
+        with open(cls.tg.config_path, "w") as f:
+            json.dump(cls.tg.config, f)
+        cls.tg.__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tg.__exit__(None, None, None)
+        cls.origin.__exit__(None, None, None)
+
+    def call(self, agent, *args, url="/hello"):
+        rc, out, err = curl("-i", "-H", f"X-Agent-Id: {agent}", *args, self.origin.url(url), proxy=self.tg.proxy)
+        self.assertEqual(rc, 0, err)
+        return parse_response(out)
+
+    def test_allow_and_default_deny(self):
+        status, _, body = self.call("agent-1")
+        self.assertEqual((status, body), (200, b"hello"))
+        status, headers, body = self.call("agent-1", url="/other")
+        self.assertEqual(status, 403)
+        doc = json.loads(body)
+        self.assertEqual(doc["rule"], "default-deny")
+        self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
+
+    def test_halt_names_rule_reason_agent_tool(self):
+        status, headers, body = self.call("agent-evil")
+        self.assertEqual(status, 403)
+        doc = json.loads(body)
+        self.assertEqual((doc["rule"], doc["reason"], doc["agent"], doc["tool"]),
+                         ("no-evil", "agent-evil is banned", "agent-evil", "notes.read"))
+        code, tail = self.tg.admin("/v1/audit/tail?n=5")
+        record = [json.loads(l) for l in tail.splitlines() if json.loads(l)["seq"] == doc["audit_seq"]][0]
+        self.assertTrue(record["policy_digest"].startswith("sha256:"))
+
+    def test_throttle_answers_429_with_retry_after(self):
+        statuses = [self.call("agent-slow")[0] for _ in range(2)]
+        self.assertEqual(statuses, [200, 200])
+        status, headers, body = self.call("agent-slow")
+        self.assertEqual(status, 429)
+        self.assertGreaterEqual(int(headers["retry-after"][0]), 1)
+        self.assertEqual(json.loads(body)["rule"], "slow-agent")
+
+    def test_params_bound_reads_the_json_body(self):
+        before = len(self.origin.requests)
+        status, _, body = self.call("agent-1", "-H", "Content-Type: application/json", "--data", '{"amount": 100}', url="/sink")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["bytes"], len('{"amount": 100}'))  # the body still reached the origin whole
+        status, _, body = self.call("agent-1", "-H", "Content-Type: application/json", "--data", '{"amount": 1000}', url="/sink")
+        self.assertEqual(status, 403)
+        self.assertEqual(json.loads(body)["rule"], "default-deny")
+        self.assertEqual(len(self.origin.requests), before + 1)
+
+    def test_approval_flow(self):
+        status, headers, body = self.call("agent-2", "-X", "DELETE")
+        self.assertEqual(status, 403)
+        doc = json.loads(body)
+        self.assertEqual(doc["error"], "approval_required")
+        approval = doc["approval_id"]
+        self.assertIn(f"approval={approval}", headers["x-tollgate-decision"][0])
+        code, listing = self.tg.admin("/v1/approvals")
+        self.assertEqual(code, 200)
+        pending = [a for a in json.loads(listing) if a["id"] == approval]
+        self.assertEqual(pending[0]["state"], "pending")
+        # Without the token: refused; with it: approved; then the same call goes through.
+        rc, out, _ = curl("-i", "-X", "POST", f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
+        self.assertEqual(parse_response(out)[0], 401)
+        rc, out, _ = curl("-i", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                          f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
+        self.assertEqual(parse_response(out)[0], 200)
+        status, _, body = self.call("agent-2", "-X", "DELETE")
+        self.assertEqual((status, body), (200, b"hello"))  # forwarded now
+        # Another agent's identical call is a different call: it needs its own approval.
+        self.assertEqual(self.call("agent-3", "-X", "DELETE")[0], 403)
+
+    def test_mcp_tools_call_with_an_sse_answer(self):
+        body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"lookup","arguments":{"id":7}}}'
+        status, headers, out = self.call("agent-1", "-H", "Content-Type: application/json", "--data", body, url="/mcp")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], ["text/event-stream"])
+        self.assertEqual(out.count(b"event: message"), 2)
+        hidden = ('[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"lookup"}},'
+                  '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"erase"}}]')
+        status, _, _ = self.call("agent-1", "-H", "Content-Type: application/json", "--data", hidden, url="/mcp")
+        self.assertEqual(status, 403)
+
+    def test_reload_valid_invalid_and_on_file_change_under_load(self):
+        stop = threading.Event()
+        results = []
+
+        def load():
+            while not stop.is_set() and len(results) < 2000:
+                rc, out, _ = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "X-Agent-Id: agent-9",
+                                  self.origin.url("/hello"), proxy=self.tg.proxy, timeout=10)
+                results.append((rc, out))
+
+        t = threading.Thread(target=load)
+        t.start()
+        try:
+            # Invalid: rejected, the last good set stays.
+            with open(self.policy, "w") as f:
+                f.write(POLICY.replace("effect: allow, match: {class: read", "effect: maybe, match: {class: read"))
+            rc, out, _ = curl("-s", "-i", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                              f"http://127.0.0.1:{self.tg.admin_port}/v1/reload")
+            status, _, body = parse_response(out)
+            self.assertEqual(status, 500)
+            self.assertIn("policy.yaml:", json.loads(body)["reason"])
+            self.assertEqual(self.call("agent-1")[0], 200)
+            _, metrics = self.tg.admin("/metrics")
+            self.assertRegex(metrics.decode(), r'tollgate_reloads_total\{result="error"\} [1-9]')
+            # Valid, picked up from the file change: agent-9 is banned from now on.
+            with open(self.policy, "w") as f:
+                f.write(POLICY + '  - {id: ban-9, effect: halt, match: {agent: agent-9}}\n')
+            wait_for(lambda: self.call("agent-9")[0] == 403, timeout=5, what="the reloaded policy")
+            # SIGHUP with the original set: allowed again.
+            with open(self.policy, "w") as f:
+                f.write(POLICY)
+            self.tg.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: self.call("agent-9")[0] == 200, timeout=5, what="the policy after SIGHUP")
+        finally:
+            stop.set()
+            t.join(timeout=30)
+        self.assertGreater(len(results), 5)
+        self.assertTrue(all(rc == 0 and out in (b"200", b"403") for rc, out in results), results[:20])
+
+
+class BadPolicyTest(unittest.TestCase):
+    def test_startup_with_a_bad_policy_exits_2_naming_the_line(self):
+        import tempfile
+        d = tempfile.mkdtemp()
+        with open(os.path.join(d, "p.yaml"), "w") as f:
+            f.write("apiVersion: tollgate/v1\nkind: Policy\nrules:\n  - {id: a, effect: sometimes}\n")
+        with open(os.path.join(d, "t.yaml"), "w") as f:
+            f.write("listeners: [{name: e, address: '127.0.0.1:0'}]\npolicies: [p.yaml]\n")
+        r = subprocess.run([BIN, "run", "-c", os.path.join(d, "t.yaml")], capture_output=True, text=True, timeout=10)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("p.yaml:4:", r.stderr)
+        self.assertIn("rules[0].effect", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
