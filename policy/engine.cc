@@ -72,12 +72,10 @@ bool Engine::conditionHolds(const Condition& c, const ToolCall& call, int64_t no
     default:
       break;
   }
-  // Parameter conditions: a missing or mistyped parameter is an error, and an error halts.
+  // Parameter conditions: a missing parameter does not satisfy the condition (so it never
+  // allows); a parameter of the wrong type is an error, and an error halts.
   const nlohmann::json* v = call.params().is_null() ? nullptr : lookup(call.params(), c.param);
-  if (!v) {
-    error = "params." + c.param + " is missing";
-    return false;
-  }
+  if (!v) return false;
   switch (c.kind) {
     case Condition::Kind::kCompare: {
       if (!v->is_number()) {
@@ -166,6 +164,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     }
   }
   // Circuit breakers.
+  Breaker* probe = nullptr;  // set when this call would be a half-open breaker's probe
   std::string upstream = call.host() + ":" + std::to_string(call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
@@ -177,11 +176,13 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
                          call.tool()));
     }
     if (state.openUntilMs != 0) {
-      // Half-open: one probe goes through; the others wait for its outcome.
-      if (state.probing)
+      // Half-open: one probe goes through; the others wait for its outcome (or, should the
+      // probe never report, for another cooldown).
+      if (state.probeSinceMs != 0 && now - state.probeSinceMs < b.cooldown.count()) {
         return finish(
             halt("breaker", "circuit breaker for " + upstream + " is half-open", call.tool()));
-      state.probing = true;
+      }
+      probe = &state;
     }
     break;
   }
@@ -363,6 +364,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     return finish(d);
   }
   for (auto* b : charge) b->tokens -= 1.0;
+  if (probe) probe->probeSinceMs = now;
   Decision d;
   d.verdict = Verdict::kAllow;
   d.rule = allows.front()->id;
@@ -385,12 +387,12 @@ void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Out
     auto& state = breakers_[upstream];
     if (outcome.failed) {
       ++state.consecutive;
-      if (state.probing || state.consecutive >= b.failures)
+      if (state.probeSinceMs != 0 || state.consecutive >= b.failures)
         state.openUntilMs = now + b.cooldown.count();
     } else {
       state = Breaker{};
     }
-    state.probing = false;
+    state.probeSinceMs = 0;
     break;
   }
 }

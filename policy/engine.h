@@ -54,8 +54,8 @@ class Engine {
   };
   struct Breaker {
     int consecutive = 0;
-    int64_t openUntilMs = 0;  // open while now < openUntilMs
-    bool probing = false;     // half-open: one call is out
+    int64_t openUntilMs = 0;   // open while now < openUntilMs
+    int64_t probeSinceMs = 0;  // half-open: when the probe call went out
   };
   bool conditionHolds(const Condition& c, const ToolCall& call, int64_t nowMs,
                       std::string& error) const;

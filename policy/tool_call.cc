@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
 
 namespace tollgate {
 namespace {
@@ -134,6 +135,49 @@ int jsonDepth(std::string_view text) {
   return maxDepth;
 }
 
+// Duplicate keys are read differently by different parsers (first or last wins): a body
+// that has them is ambiguous, so it is refused. SAX events, a key set per open object.
+class DuplicateKeys : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  bool found = false;
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    keys_.emplace_back();
+    return true;
+  }
+  bool key(string_t& k) override {
+    if (!keys_.back().insert(k).second) {
+      found = true;
+      return false;
+    }
+    return true;
+  }
+  bool end_object() override {
+    keys_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) override { return true; }
+  bool end_array() override { return true; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;
+  }
+
+ private:
+  std::vector<std::set<std::string>> keys_;
+};
+
+bool hasDuplicateKeys(std::string_view text) {
+  DuplicateKeys sax;
+  nlohmann::json::sax_parse(text.begin(), text.end(), &sax);
+  return sax.found;
+}
+
 }  // namespace
 
 bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
@@ -163,6 +207,11 @@ Result<std::string> Extractor::canonicalHost(std::string_view host) {
     in6_addr a6;
     if (inet_pton(AF_INET6, h.c_str(), &a6) != 1) return Error{-1, "invalid IPv6 address " + h};
     char buf[INET6_ADDRSTRLEN];
+    // An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 host it maps.
+    if (IN6_IS_ADDR_V4MAPPED(&a6)) {
+      inet_ntop(AF_INET, &a6.s6_addr[12], buf, sizeof buf);
+      return std::string(buf);
+    }
     inet_ntop(AF_INET6, &a6, buf, sizeof buf);
     return std::string(buf);
   }
@@ -223,6 +272,9 @@ Result<std::string> Extractor::normalisePath(std::string_view raw) {
   while (!rest.empty()) {
     auto slash = rest.find('/');
     auto seg = rest.substr(0, slash);
+    // "..;x" is ".." to some servers (path parameters): ambiguous, so refused.
+    if (seg.starts_with("..;") || seg.starts_with(".;"))
+      return Error{-1, "path parameter on a dot segment"};
     if (seg == "..") {
       if (!segments.empty()) segments.pop_back();
     } else if (!seg.empty() && seg != ".") {
@@ -268,6 +320,7 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
     if (json) {
       if (jsonDepth(call.body) > set.maxJsonDepth())
         return Error{-1, "JSON body nested deeper than max_json_depth"};
+      if (hasDuplicateKeys(call.body)) return Error{-1, "JSON body with a duplicate key"};
       auto parsed = nlohmann::json::parse(call.body.begin(), call.body.end(), nullptr, false);
       if (parsed.is_discarded()) return Error{-1, "invalid JSON body"};
       // MCP: JSON-RPC 2.0, a single call or a batch.
