@@ -192,18 +192,20 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   const Rule* approving = nullptr;
   std::vector<const Rule*> allows;
   std::string haltReason;
-  auto fits = [&](const Rule& r, const std::string& tool, ActionClass cls) {
+  auto fits = [&](const Rule& r, const std::string& tool, ActionClass cls, bool declared) {
     const auto& m = r.match;
     // A call to no declared tool is matched only by rules that name a tool or host: a rule
     // such as {class: read} must not open every GET on the internet.
-    if (m.tool.empty() && m.host.empty() && !set.findTool(tool)) return false;
-    if (!m.tool.empty() && !globMatch(m.tool, tool)) return false;
+    if (m.tool.empty() && m.host.empty() && !declared) return false;
+    // Cheapest checks first.
     if (m.actionClass && *m.actionClass != cls) return false;
+    if (!m.methods.empty() &&
+        std::find(m.methods.begin(), m.methods.end(), call.method()) == m.methods.end()) {
+      return false;
+    }
+    if (!m.tool.empty() && !(r.exactTool ? m.tool == tool : globMatch(m.tool, tool))) return false;
     if (!m.agent.empty() && !globMatch(m.agent, call.agent())) return false;
     if (!m.host.empty() && !hostMatch(m.host, call.host())) return false;
-    if (!m.methods.empty() &&
-        std::find(m.methods.begin(), m.methods.end(), call.method()) == m.methods.end())
-      return false;
     return true;
   };
   // The subjects of the call: the tool it was attributed to or, for MCP, every tool it
@@ -212,19 +214,20 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   struct Subject {
     std::string tool;
     ActionClass cls;
+    bool declared;  // a tool of the set, not an undeclared host or MCP tool
     bool allowed = false;
   };
   std::vector<Subject> subjects;
   if (call.mcpTools().empty()) {
-    subjects.push_back({call.tool(), call.actionClass()});
+    subjects.push_back({call.tool(), call.actionClass(), call.toolDef() != nullptr});
   } else {
     for (const auto& name : call.mcpTools()) {
-      Subject subject{"mcp:" + name, ActionClass::kWrite};
+      Subject subject{"mcp:" + name, ActionClass::kWrite, false};
       for (const auto& t : set.tools()) {
         if (hostMatch(t.hosts.empty() ? "*" : t.hosts.front(), call.host()) &&
             std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
                         [&](const std::string& g) { return globMatch(g, name); })) {
-          subject = {t.name, t.actionClass};
+          subject = {t.name, t.actionClass, true};
           break;
         }
       }
@@ -232,9 +235,17 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     }
   }
   std::vector<const Rule*> conditionsHold;  // rules whose conditions were evaluated and held
-  for (const auto& r : set.rules()) {
+  // Candidate rules: those indexed under a subject's tool name, and those that name no
+  // exact tool; walked in file order so the reported rule does not depend on the index.
+  std::vector<uint32_t> candidates;
+  for (const auto& subject : subjects) set.candidateRules(subject.tool, subject.cls, candidates);
+  std::sort(candidates.begin(), candidates.end());
+  candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+  for (uint32_t index : candidates) {
+    const Rule& r = set.rules()[index];
     bool matched = false;
-    for (const auto& subject : subjects) matched |= fits(r, subject.tool, subject.cls);
+    for (const auto& subject : subjects)
+      matched |= fits(r, subject.tool, subject.cls, subject.declared);
     if (!matched) continue;
     bool holds = true;
     std::string error;
@@ -260,10 +271,12 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
       }
     } else if (r.effect == Effect::kApprove) {
       if (!approving) approving = &r;
-      for (auto& subject : subjects) subject.allowed |= fits(r, subject.tool, subject.cls);
+      for (auto& subject : subjects)
+        subject.allowed |= fits(r, subject.tool, subject.cls, subject.declared);
     } else {
       allows.push_back(&r);
-      for (auto& subject : subjects) subject.allowed |= fits(r, subject.tool, subject.cls);
+      for (auto& subject : subjects)
+        subject.allowed |= fits(r, subject.tool, subject.cls, subject.declared);
     }
   }
   if (halting) {

@@ -144,6 +144,37 @@ bool PolicySet::tracksOutcomes() const {
   return false;
 }
 
+void PolicySet::candidateRules(const std::string& tool, ActionClass cls,
+                               std::vector<uint32_t>& out) const {
+  auto add = [&](const std::vector<uint32_t>& v) { out.insert(out.end(), v.begin(), v.end()); };
+  if (auto it = rulesByTool_.find(tool); it != rulesByTool_.end()) add(it->second);
+  for (size_t len = 0; len <= std::min(tool.size(), longestPrefix_); ++len) {
+    if (auto it = rulesByPrefix_.find(tool.substr(0, len)); it != rulesByPrefix_.end())
+      add(it->second);
+  }
+  add(rulesByClass_[static_cast<int>(cls)]);
+  add(rulesForAny_);
+}
+
+void PolicySet::buildIndex() {
+  for (uint32_t i = 0; i < rules_.size(); ++i) {
+    auto& r = rules_[i];
+    const auto& tool = r.match.tool;
+    auto wildcard = tool.find_first_of("*?");
+    r.exactTool = !tool.empty() && wildcard == std::string::npos;
+    if (r.exactTool) {
+      rulesByTool_[tool].push_back(i);
+    } else if (!tool.empty()) {
+      rulesByPrefix_[tool.substr(0, wildcard)].push_back(i);
+      longestPrefix_ = std::max(longestPrefix_, wildcard);
+    } else if (r.match.actionClass) {
+      rulesByClass_[static_cast<int>(*r.match.actionClass)].push_back(i);
+    } else {
+      rulesForAny_.push_back(i);
+    }
+  }
+}
+
 const ToolDef* PolicySet::findTool(std::string_view name) const {
   for (const auto& t : tools_) {
     if (t.name == name) return &t;
@@ -650,6 +681,7 @@ Result<std::shared_ptr<const PolicySet>> PolicySet::parse(const std::string& tex
     return Error{-1, file + ":" + std::to_string(e.mark.line + 1) + ":" +
                          std::to_string(e.mark.column + 1) + ": (yaml): " + e.msg};
   }
+  set->buildIndex();
   set->files_ = {file};
   set->digest_ = "sha256:" + sha256Hex(file + '\0' + text);
   return std::shared_ptr<const PolicySet>(std::move(set));
@@ -686,6 +718,7 @@ Result<std::shared_ptr<const PolicySet>> PolicySet::load(const std::vector<std::
     return Error{-1, file + ":" + std::to_string(e.mark.line + 1) + ":" +
                          std::to_string(e.mark.column + 1) + ": (yaml): " + e.msg};
   }
+  set->buildIndex();
   set->files_ = files;
   set->digest_ = "sha256:" + sha256Hex(all);
   return std::shared_ptr<const PolicySet>(std::move(set));

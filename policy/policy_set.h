@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/result.h"
@@ -112,6 +113,7 @@ struct Rule {
   std::string reason;
   std::chrono::milliseconds cascade{0};  // quarantine neighbours for this long on a halt
   bool needsParams = false;              // a condition reads params: the body must be read
+  bool exactTool = false;                // match.tool has no wildcard
   SourceMark mark;
 };
 
@@ -146,6 +148,10 @@ class PolicySet {
   int maxJsonDepth() const { return maxJsonDepth_; }
 
   const ToolDef* findTool(std::string_view name) const;
+  // The indexes of every rule that could match a call to `tool` of class `cls`, in file
+  // order: rules naming the tool exactly, tool globs whose literal prefix the name starts
+  // with, and rules naming no tool (by class, or for any class). Appends to out.
+  void candidateRules(const std::string& tool, ActionClass cls, std::vector<uint32_t>& out) const;
   const PoolDef* findPool(std::string_view name) const;
   const AgentDef* findAgent(std::string_view agentId) const;  // first matching pattern
 
@@ -158,6 +164,13 @@ class PolicySet {
   std::vector<BreakerDef> breakers_;
   std::vector<std::string> files_;
   std::string digest_;
+  std::unordered_map<std::string, std::vector<uint32_t>> rulesByTool_;  // exact tool names
+  std::unordered_map<std::string, std::vector<uint32_t>>
+      rulesByPrefix_;                      // tool globs by literal prefix
+  std::vector<uint32_t> rulesByClass_[3];  // no tool, one class
+  std::vector<uint32_t> rulesForAny_;      // no tool, any class
+  size_t longestPrefix_ = 0;
+  void buildIndex();
   size_t maxBodyBytes_ = 64 * 1024;
   int maxJsonDepth_ = 32;
 };
