@@ -77,6 +77,13 @@ prometheus::Counter& decisionCounter(Metrics& metrics, Verdict verdict, const st
   return *it->second;
 }
 
+prometheus::Counter& haltCounter(Metrics& metrics, const std::string& reason) {
+  thread_local std::unordered_map<std::string, prometheus::Counter*> cache;
+  auto it = cache.find(reason);
+  if (it == cache.end()) it = cache.emplace(reason, &metrics.halts(reason)).first;
+  return *it->second;
+}
+
 const char* errorName(int status) {
   switch (status) {
     case 408:
@@ -403,8 +410,10 @@ void ClientSession::decide() {
   phase_ = Phase::kDeciding;
   CallInfo call = callInfo();
   ++pendingCallbacks_;
-  worker_.decider().decide(call, [this](Decision d) {
+  uint64_t started = uv_hrtime();
+  worker_.decider().decide(call, [this, started](Decision d) {
     --pendingCallbacks_;
+    worker_.metrics().decisionSeconds().Observe(static_cast<double>(uv_hrtime() - started) / 1e9);
     if (!closed_) onDecision(d);
   });
 }
@@ -413,6 +422,11 @@ void ClientSession::onDecision(const Decision& d) {
   decision_ = d;
   const char* verdict = verdictName(d.verdict);
   decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
+  if (d.verdict == Verdict::kHalt) {
+    bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
+                   d.rule == "breaker" || d.rule.starts_with("hosts.");
+    haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
+  }
   const auto& head = request_.head();
   AuditRecord record;
   record.kind = "call";
@@ -837,6 +851,7 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
   record.rule = std::string("http.") + std::string(error);
   record.reason = std::string(reason);
   auditSeq_ = worker_.audit().append(std::move(record));
+  haltCounter(worker_.metrics(), "bad_request").Increment();
   decision_.verdict = Verdict::kHalt;
   decision_.rule = record.rule;
   discardBody_ = true;

@@ -63,6 +63,17 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                   .Name("tollgate_reloads_total")
                   .Help("Reload attempts, by result")
                   .Register(r);
+  halts_ = &prometheus::BuildCounter()
+                .Name("tollgate_halts_total")
+                .Help("Halted calls, by reason")
+                .Register(r);
+  decisionSeconds_ = &prometheus::BuildHistogram()
+                          .Name("tollgate_policy_evaluation_seconds")
+                          .Help("Time to decide a call (extraction and policy evaluation)")
+                          .Register(r)
+                          .Add({}, prometheus::Histogram::BucketBoundaries{
+                                       0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005,
+                                       0.0001, 0.001, 0.01});
 }
 
 Metrics::Listener& Metrics::addListener(const std::string& name) {
@@ -85,6 +96,10 @@ prometheus::Counter& Metrics::upstreamConnectErrors(const std::string& reason) {
 
 prometheus::Counter& Metrics::decision(const std::string& decision, const std::string& rule) {
   return decisions_->Add({{"decision", decision}, {"rule", rule}});
+}
+
+prometheus::Counter& Metrics::halts(const std::string& reason) {
+  return halts_->Add({{"reason", reason}});
 }
 
 prometheus::Counter& Metrics::reloads(bool ok) {

@@ -35,6 +35,10 @@ class Metrics {
   prometheus::Counter& upstreamConnectErrors(const std::string& reason);
   prometheus::Counter& decision(const std::string& decision, const std::string& rule);
   prometheus::Counter& reloads(bool ok);
+  // Halts by reason: the decider's built-in reasons (default-deny, extract, cascade,
+  // breaker), "rule" for a policy rule, "bad_request" for traffic the proxy refused.
+  prometheus::Counter& halts(const std::string& reason);
+  prometheus::Histogram& decisionSeconds() { return *decisionSeconds_; }
   std::string render() const;
 
  private:
@@ -48,6 +52,8 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* connectErrors_;
   prometheus::Family<prometheus::Counter>* decisions_;
   prometheus::Family<prometheus::Counter>* reloads_;
+  prometheus::Family<prometheus::Counter>* halts_;
+  prometheus::Histogram* decisionSeconds_;
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 

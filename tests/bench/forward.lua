@@ -4,3 +4,4 @@ local origin = os.getenv("ORIGIN")
 wrk.method = "GET"
 wrk.path = "http://" .. origin .. "/"
 wrk.headers["Host"] = origin
+wrk.headers["X-Agent-Id"] = "bench-agent"

@@ -17,6 +17,9 @@ CONNS=${CONNS:-64}
 DURATION=${DURATION:-10s}
 LATENCY_DURATION=${LATENCY_DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
+# Which targets to run; tollgate+policy is Tollgate with examples/policies/swarm.yaml and
+# tests/bench/policy.yaml loaded (every call extracted and evaluated).
+TARGETS=${TARGETS:-direct tollgate tollgate+policy nginx haproxy squid}
 OUT=""
 [[ "${1:-}" == "--out" ]] && OUT=$2
 
@@ -80,6 +83,17 @@ CONF
 "$TOLLGATE_BIN" run -c "$work/tollgate.yaml" 2>"$work/tollgate.log" &
 tollgate_pid=$!; pids+=("$tollgate_pid")
 
+policy_port=$(free_port); policy_admin=$(free_port)
+cat > "$work/tollgate-policy.yaml" <<CONF
+workers: $WORKERS
+log: {level: ${TOLLGATE_LOG:-warn}}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:$policy_port", identity: {header: X-Agent-Id}}]
+admin: {address: "127.0.0.1:$policy_admin"}
+policies: ["$root/examples/policies/swarm.yaml", "$here/policy.yaml"]
+CONF
+"$TOLLGATE_BIN" run -c "$work/tollgate-policy.yaml" 2>"$work/tollgate-policy.log" &
+policy_pid=$!; pids+=("$policy_pid")
+
 rp_port=$(free_port)
 nginx_conf "$work/rp" "  upstream origin { server $ORIGIN; keepalive 64; }
   server { listen 127.0.0.1:$rp_port; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
@@ -125,7 +139,7 @@ CONF
 squid -N -f "$work/squid/squid.conf" >"$work/squid/out.log" 2>&1 &
 squid_pid=$!; pids+=("$squid_pid")
 
-for p in $tollgate_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
+for p in $tollgate_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
 rp_pids=$(pgrep -P "$(cat "$work/rp/nginx.pid")" | tr '\n' ' ')
 
 # Smoke checks: every target must answer with the origin's body.
@@ -136,6 +150,7 @@ check() {  # NAME CURL-ARGS...
 }
 check direct "http://$ORIGIN/"
 check tollgate --proxy "http://127.0.0.1:$tollgate_port" "http://$ORIGIN/"
+check tollgate+policy --proxy "http://127.0.0.1:$policy_port" -H "X-Agent-Id: bench-agent" "http://$ORIGIN/"
 check nginx "http://127.0.0.1:$rp_port/"
 check haproxy "http://127.0.0.1:$haproxy_port/"
 check squid --proxy "http://127.0.0.1:$squid_port" "http://$ORIGIN/"
@@ -164,16 +179,21 @@ echo "running $ROUNDS rounds: $CONNS connections for $DURATION, then 1 connectio
 squid_pids="$squid_pid $(pgrep -P "$squid_pid" | tr '\n' ' ')"
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round" >&2
-  run_target direct "http://$ORIGIN/" 0
-  run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid"
-  # shellcheck disable=SC2086
-  run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids
-  run_target haproxy "http://127.0.0.1:$haproxy_port/" 0 "$haproxy_pid"
-  # shellcheck disable=SC2086
-  run_target squid "http://127.0.0.1:$squid_port" 1 $squid_pids
+  for t in $TARGETS; do
+    case $t in
+      direct) run_target direct "http://$ORIGIN/" 0 ;;
+      tollgate) run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid" ;;
+      tollgate+policy) run_target tollgate+policy "http://127.0.0.1:$policy_port" 1 "$policy_pid" ;;
+      # shellcheck disable=SC2086
+      nginx) run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids ;;
+      haproxy) run_target haproxy "http://127.0.0.1:$haproxy_port/" 0 "$haproxy_pid" ;;
+      # shellcheck disable=SC2086
+      squid) run_target squid "http://127.0.0.1:$squid_port" 1 $squid_pids ;;
+    esac
+  done
 done
 echo "per round, requests/s:" >&2
-for t in direct tollgate nginx haproxy squid; do
+for t in $TARGETS; do
   echo "  $t:${rps[$t]}  cpu µs/req:${cpu[$t]:- -}" >&2
   rps[$t]=$(median <<<"${rps[$t]}"); p50[$t]=$(median <<<"${p50[$t]}"); p99[$t]=$(median <<<"${p99[$t]}")
   cpu[$t]=$(median <<<"${cpu[$t]:-}")
@@ -182,8 +202,8 @@ done
 table=$(
   echo "| target | mode | requests/s | p50 µs (1 conn) | p99 µs (1 conn) | proxy CPU µs/req | throughput vs direct | CPU vs nginx |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|"
-  for t in direct tollgate nginx haproxy squid; do
-    case $t in direct) mode="origin";; tollgate|squid) mode="forward";; *) mode="reverse";; esac
+  for t in $TARGETS; do
+    case $t in direct) mode="origin";; tollgate*|squid) mode="forward";; *) mode="reverse";; esac
     ratio=$(awk -v a="${rps[$t]}" -v b="${rps[direct]}" 'BEGIN {printf "%.2f", a / b}')
     cratio="-"
     [[ ${cpu[$t]} != "-" ]] && cratio=$(awk -v a="${cpu[$t]}" -v b="${cpu[nginx]}" 'BEGIN {printf "%.2f", a / b}')
@@ -191,12 +211,13 @@ table=$(
   done
 )
 echo "$table"
-for t in direct tollgate nginx haproxy squid; do
+for t in $TARGETS; do
   [[ -n "${errors[$t]// /}" ]] && echo "note: $t: ${errors[$t]}"
 done
 verdict=$(
   awk -v a="${cpu[tollgate]}" -v b="${cpu[nginx]}" 'BEGIN {printf "Tollgate CPU/req vs nginx: %.2fx (target <= 1.00)\n", a / b}'
   awk -v a="${rps[tollgate]}" -v b="${rps[squid]}" 'BEGIN {printf "Tollgate throughput vs squid: %.2fx (target >= 5)\n", a / b}'
+  awk -v a="${cpu[tollgate+policy]}" -v b="${cpu[tollgate]}" 'BEGIN {printf "Tollgate CPU/req with the swarm policy vs without: %.2fx (target <= 1.10)\n", a / b}'
 )
 echo "$verdict"
 echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)"

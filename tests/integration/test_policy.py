@@ -77,6 +77,9 @@ class PolicyTest(unittest.TestCase):
         doc = json.loads(body)
         self.assertEqual((doc["rule"], doc["reason"], doc["agent"], doc["tool"]),
                          ("no-evil", "agent-evil is banned", "agent-evil", "notes.read"))
+        _, metrics = self.tg.admin("/metrics")
+        self.assertRegex(metrics.decode(), r'tollgate_halts_total\{reason="rule"\} [1-9]')
+        self.assertIn("tollgate_policy_evaluation_seconds_bucket", metrics.decode())
         code, tail = self.tg.admin("/v1/audit/tail?n=5")
         record = [json.loads(l) for l in tail.splitlines() if json.loads(l)["seq"] == doc["audit_seq"]][0]
         self.assertTrue(record["policy_digest"].startswith("sha256:"))
