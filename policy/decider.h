@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -36,6 +37,8 @@ struct Decision {
   int retryAfterSeconds = 0;  // for kThrottle
   std::string approvalId;     // for kApprove
   std::string policyDigest;   // the policy set that decided
+  // The decider's own state for this call, handed back with onOutcome(); opaque to the proxy.
+  std::shared_ptr<const void> context;
 };
 
 // What happened to an allowed call, for failure counters and circuit breakers.

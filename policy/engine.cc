@@ -165,7 +165,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   }
   // Circuit breakers.
   Breaker* probe = nullptr;  // set when this call would be a half-open breaker's probe
-  std::string upstream = call.host() + ":" + std::to_string(call.port());
+  std::string upstream;
+  if (!set.breakers().empty()) upstream = call.host() + ":" + std::to_string(call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
     auto& state = breakers_[upstream];
@@ -319,7 +320,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     a.agent = call.agent();
     a.tool = call.tool();
     a.method = call.method();
-    a.authority = upstream;
+    a.authority = call.host() + ":" + std::to_string(call.port());
     a.path = call.path();
     a.rule = approving->id;
     a.policyDigest = set.digest();
@@ -384,7 +385,13 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   return finish(d);
 }
 
-void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Outcome& outcome) {
+void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Outcome& reported) {
+  Outcome outcome = reported;
+  if (const ToolDef* tool = call.toolDef()) {
+    // Statuses the tool declares as failures count like 5xx.
+    const auto& statuses = tool->failureStatuses;
+    outcome.failed |= std::find(statuses.begin(), statuses.end(), outcome.status) != statuses.end();
+  }
   int64_t now = clock_();
   std::lock_guard<std::mutex> lock(mutex_);
   if (outcome.failed) {

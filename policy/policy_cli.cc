@@ -208,10 +208,11 @@ int runTestFile(const std::string& file, std::FILE* out, int& passed, int& faile
     for (int i = 0; i < times; ++i) {
       auto tc = Extractor::extract(call, *set.value());
       d = engine.evaluate(*set.value(), tc);
-      if (tc && d.verdict == Verdict::kAllow && t["outcome"]) {
+      if (tc && d.verdict == Verdict::kAllow && (t["outcome"] || t["status"])) {
         Outcome o;
-        o.failed = t["outcome"].Scalar() == "failed";
-        o.status = o.failed ? 502 : 200;
+        o.failed = t["outcome"] && t["outcome"].Scalar() == "failed";
+        o.status = t["status"] ? t["status"].as<int>() : o.failed ? 502 : 200;
+        o.failed |= o.status >= 500;
         engine.recordOutcome(*set.value(), tc.value(), o);
       }
       if (t["advance"])

@@ -13,7 +13,13 @@ PolicyDecider::PolicyDecider(std::vector<std::string> files, std::shared_ptr<con
 
 Decision PolicyDecider::decideNow(const CallInfo& call) {
   auto set = set_.load();
-  return engine_.evaluate(*set, Extractor::extract(call, *set));
+  auto tc = Extractor::extract(call, *set);
+  Decision d = engine_.evaluate(*set, tc);
+  // Kept for onOutcome() when the set counts failures, so the call is not read twice.
+  if (tc && d.verdict == Verdict::kAllow && set->tracksOutcomes()) {
+    d.context = std::make_shared<const Outcomes>(Outcomes{set, std::move(tc.value())});
+  }
+  return d;
 }
 
 void PolicyDecider::decide(const CallInfo& call, Done done) {
@@ -25,11 +31,11 @@ size_t PolicyDecider::bodyNeeded(std::string_view host) const {
   return set->needsBody(host) ? set->maxBodyBytes() : 0;
 }
 
-void PolicyDecider::onOutcome(const CallInfo& call, const Decision&, const Outcome& outcome) {
-  auto set = set_.load();
-  if (!set->tracksOutcomes()) return;
-  auto tc = Extractor::extract(call, *set);
-  if (tc) engine_.recordOutcome(*set, tc.value(), outcome);
+void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const Outcome& outcome) {
+  if (!decision.context) return;
+  const auto& ctx = *std::static_pointer_cast<const Outcomes>(decision.context);
+  // Recorded against the set that decided: a reload in between does not mix the two.
+  engine_.recordOutcome(*ctx.set, ctx.call, outcome);
 }
 
 std::string PolicyDecider::reload() {

@@ -13,6 +13,7 @@
 #include "policy/decider.h"
 #include "policy/engine.h"
 #include "policy/policy_set.h"
+#include "policy/tool_call.h"
 
 namespace tollgate {
 
@@ -31,6 +32,11 @@ class PolicyDecider : public Decider {
 
  private:
   PolicyDecider(std::vector<std::string> files, std::shared_ptr<const PolicySet> set);
+  // What onOutcome() needs of an allowed call: the set that decided and the call itself.
+  struct Outcomes {
+    std::shared_ptr<const PolicySet> set;
+    ToolCall call;
+  };
   std::vector<std::string> files_;
   std::atomic<std::shared_ptr<const PolicySet>> set_;
   Engine engine_;

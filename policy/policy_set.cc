@@ -102,10 +102,9 @@ bool globMatch(std::string_view pattern, std::string_view text) {
 
 bool hostMatch(std::string_view pattern, std::string_view host) {
   auto eq = [](std::string_view a, std::string_view b) {
-    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-             return std::tolower(static_cast<unsigned char>(x)) ==
-                    std::tolower(static_cast<unsigned char>(y));
-           });
+    auto lower = [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c; };
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(),
+                                              [&](char x, char y) { return lower(x) == lower(y); });
   };
   if (pattern == "*") return true;
   if (pattern.starts_with("*.")) {
@@ -136,6 +135,9 @@ bool PolicySet::needsBody(std::string_view host) const {
 
 bool PolicySet::tracksOutcomes() const {
   if (!breakers_.empty()) return true;
+  for (const auto& t : tools_) {
+    if (!t.failureStatuses.empty()) return true;
+  }
   for (const auto& r : rules_) {
     for (const auto& c : r.when) {
       if (c.kind == Condition::Kind::kFailures) return true;
@@ -333,9 +335,22 @@ class PolicyLoader {
     ToolDef t;
     t.mark = mark(n);
     bool hasMatch = false;
-    forEach(n, where, {"name", "match", "class", "cost", "description"},
+    forEach(n, where, {"name", "match", "class", "cost", "description", "failure"},
             [&](const std::string& key, const YAML::Node& v) {
-              if (key.ends_with(".name"))
+              if (key.ends_with(".failure")) {
+                forEach(v, key, {"statuses"}, [&](const std::string& k, const YAML::Node& fv) {
+                  for (auto& st : strings(fv, k)) {
+                    int code = 0;
+                    try {
+                      code = std::stoi(st);
+                    } catch (...) {
+                      code = 0;
+                    }
+                    if (code < 100 || code > 599) fail(fv, k, "'" + st + "' is not an HTTP status");
+                    t.failureStatuses.push_back(code);
+                  }
+                });
+              } else if (key.ends_with(".name"))
                 t.name = str(v, key);
               else if (key.ends_with(".class"))
                 t.actionClass = actionClass(v, key);

@@ -42,6 +42,9 @@ struct ToolDef {
   std::vector<std::string> mcpTools;  // MCP tools/call names (globs); empty: not an MCP tool
   ActionClass actionClass = ActionClass::kRead;
   Cost cost;
+  // Responses that count as failures of this tool (besides 5xx, connect errors and
+  // timeouts), e.g. 409 or 422 for an API that reports errors that way.
+  std::vector<int> failureStatuses;
   SourceMark mark;
 };
 

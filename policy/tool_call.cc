@@ -65,6 +65,24 @@ std::optional<uint64_t> ipv4Part(std::string_view p) {
   return v;
 }
 
+// "a.b.c.d" with four decimal parts from 0 to 255 and no leading zeros.
+bool isCanonicalDottedQuad(std::string_view h) {
+  int parts = 0;
+  size_t i = 0;
+  while (i <= h.size()) {
+    size_t start = i;
+    int value = 0;
+    while (i < h.size() && h[i] >= '0' && h[i] <= '9') value = value * 10 + (h[i++] - '0');
+    size_t len = i - start;
+    if (len == 0 || len > 3 || value > 255 || (len > 1 && h[start] == '0')) return false;
+    ++parts;
+    if (i == h.size()) break;
+    if (h[i] != '.') return false;
+    ++i;
+  }
+  return parts == 4;
+}
+
 // Every spelling that inet_aton (and so many HTTP clients) accepts as an IPv4 address.
 std::optional<uint32_t> parseIpv4Loose(std::string_view host) {
   std::vector<uint64_t> parts;
@@ -200,7 +218,9 @@ std::string ToolCall::fingerprint() const {
 
 Result<std::string> Extractor::canonicalHost(std::string_view host) {
   std::string h(host);
-  std::transform(h.begin(), h.end(), h.begin(), [](unsigned char c) { return std::tolower(c); });
+  for (auto& c : h) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c + 32);
+  }
   if (!h.empty() && h.back() == '.') h.pop_back();
   if (h.empty()) return Error{-1, "empty host"};
   if (h.find(':') != std::string::npos) {
@@ -220,6 +240,7 @@ Result<std::string> Extractor::canonicalHost(std::string_view host) {
                   [](unsigned char c) { return std::isxdigit(c) || c == '.' || c == 'x'; }) &&
       std::isdigit(static_cast<unsigned char>(h[0]));
   if (numeric) {
+    if (isCanonicalDottedQuad(h)) return h;  // the common case, without formatting it again
     auto v4 = parseIpv4Loose(h);
     if (!v4) return Error{-1, "invalid IPv4 address " + h};
     char buf[INET_ADDRSTRLEN];

@@ -1,5 +1,7 @@
 #include "proxy/client_session.h"
 
+#include <openssl/evp.h>
+
 #include <cstring>
 #include <random>
 #include <unordered_map>
@@ -151,11 +153,40 @@ void ClientSession::close() {
 }
 
 std::string_view ClientSession::agent() const {
-  const auto& header = listener_.config.identityHeader;
-  if (!header.empty()) {
-    if (auto v = request_.head().find(header); v && !v->empty()) return *v;
+  return agent_.empty() ? std::string_view("anonymous") : agent_;
+}
+
+void ClientSession::identify() {
+  agent_.clear();
+  const auto& l = listener_.config;
+  const auto& head = request_.head();
+  if (!l.identityHeader.empty()) {
+    if (auto v = head.find(l.identityHeader)) agent_.assign(*v);
+  } else if (l.identityProxyBasic) {
+    // The user of Proxy-Authorization: Basic (the password is not checked here).
+    auto v = head.find("proxy-authorization");
+    if (v && v->size() > 6 && equalsIgnoreCase(v->substr(0, 6), "basic ")) {
+      auto b64 = v->substr(6);
+      std::string decoded(b64.size(), '\0');
+      int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(decoded.data()),
+                              reinterpret_cast<const unsigned char*>(b64.data()),
+                              static_cast<int>(b64.size()));
+      if (n > 0) {
+        decoded.resize(static_cast<size_t>(n));
+        auto colon = decoded.find(':');
+        if (colon != std::string::npos) agent_ = decoded.substr(0, colon);
+      }
+    }
+  } else if (!l.identitySource.empty()) {
+    auto peer = client_->peerAddress();
+    auto ip = peer.substr(0, peer.rfind(':'));
+    if (ip.starts_with('[')) ip = ip.substr(1, ip.size() - 2);
+    if (auto it = l.identitySource.find(ip); it != l.identitySource.end()) agent_ = it->second;
   }
-  return "anonymous";
+  // Agent ids are names, not payloads.
+  if (agent_.size() > 256 ||
+      agent_.find_first_of(std::string_view("\0\r\n", 3)) != std::string::npos)
+    agent_.clear();
 }
 
 // ---- client side -------------------------------------------------------------------------
@@ -268,6 +299,7 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     }
   }
   s.headReady_ = true;
+  s.identify();
   s.requestChunked_ = p.chunked();
   s.isUpgrade_ = p.upgrade() && head.method != HTTP_CONNECT;
   if (auto expect = head.find("expect"))
@@ -899,6 +931,7 @@ void ClientSession::finishExchange() {
 void ClientSession::resetExchange() {
   bool upgradePaused = request_.upgrade();
   target_ = Target{};
+  agent_.clear();
   decision_ = Decision{};
   auditSeq_ = 0;
   upOut_.clear();

@@ -99,6 +99,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void onUpstreamTimer();
   void releaseUpstream(bool reusable);
   std::string_view agent() const;
+  void identify();
 
   Worker& worker_;
   ListenerRuntime& listener_;
@@ -114,6 +115,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
 
   // The exchange in progress.
   Target target_;
+  std::string agent_;  // from the listener's identity source; empty: anonymous
   Decision decision_;
   uint64_t auditSeq_ = 0;
   std::string upOut_;      // request bytes produced before the upstream is attached

@@ -1,5 +1,7 @@
 #include "proxy/config.h"
 
+#include "proxy/resolver.h"
+
 #include <yaml-cpp/yaml.h>
 
 #include <filesystem>
@@ -96,31 +98,48 @@ class Reader {
 ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::string& where) {
   ListenerConfig l;
   bool hasAddress = false;
-  r.forEach(node, where,
-            {"name", "kind", "address", "identity", "intercept_tls", "max_connections"},
-            [&](const std::string& key, const YAML::Node& v) {
-              if (key.ends_with(".name"))
-                l.name = r.str(v, key);
-              else if (key.ends_with(".kind")) {
-                l.kind = r.str(v, key);
-                if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
-                  r.fail(v, key, "expected forward, transparent or reverse");
-                }
-                if (l.kind != "forward")
-                  r.fail(v, key, "only 'forward' listeners are implemented so far");
-              } else if (key.ends_with(".address")) {
-                l.address = r.address(v, key);
-                hasAddress = true;
-              } else if (key.ends_with(".identity")) {
-                r.forEach(v, key, {"header"}, [&](const std::string& k, const YAML::Node& hv) {
-                  l.identityHeader = r.str(hv, k);
-                });
-              } else if (key.ends_with(".intercept_tls")) {
-                l.interceptTls = r.boolean(v, key);
-              } else if (key.ends_with(".max_connections")) {
-                l.maxConnections = static_cast<uint32_t>(r.integer(v, key, 10'000'000));
-              }
-            });
+  r.forEach(
+      node, where, {"name", "kind", "address", "identity", "intercept_tls", "max_connections"},
+      [&](const std::string& key, const YAML::Node& v) {
+        if (key.ends_with(".name"))
+          l.name = r.str(v, key);
+        else if (key.ends_with(".kind")) {
+          l.kind = r.str(v, key);
+          if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
+            r.fail(v, key, "expected forward, transparent or reverse");
+          }
+          if (l.kind != "forward")
+            r.fail(v, key, "only 'forward' listeners are implemented so far");
+        } else if (key.ends_with(".address")) {
+          l.address = r.address(v, key);
+          hasAddress = true;
+        } else if (key.ends_with(".identity")) {
+          r.forEach(v, key, {"header", "proxy_basic", "source"},
+                    [&](const std::string& k, const YAML::Node& hv) {
+                      if (k.ends_with(".header")) {
+                        l.identityHeader = r.str(hv, k);
+                      } else if (k.ends_with(".proxy_basic")) {
+                        l.identityProxyBasic = r.boolean(hv, k);
+                      } else {
+                        if (!hv.IsMap())
+                          r.fail(hv, k, "expected a mapping from source IP to agent id");
+                        for (const auto& kv : hv) {
+                          sockaddr_storage ss;
+                          auto ip = kv.first.as<std::string>();
+                          if (!Resolver::parseLiteral(ip, ss))
+                            r.fail(kv.first, k, "'" + ip + "' is not an IP address");
+                          l.identitySource[ip] = r.str(kv.second, k + "." + ip);
+                        }
+                      }
+                    });
+          int modes = !l.identityHeader.empty() + l.identityProxyBasic + !l.identitySource.empty();
+          if (modes > 1) r.fail(v, key, "choose one of header, proxy_basic or source");
+        } else if (key.ends_with(".intercept_tls")) {
+          l.interceptTls = r.boolean(v, key);
+        } else if (key.ends_with(".max_connections")) {
+          l.maxConnections = static_cast<uint32_t>(r.integer(v, key, 10'000'000));
+        }
+      });
   if (l.name.empty()) r.fail(node, where + ".name", "required");
   if (!hasAddress) r.fail(node, where + ".address", "required");
   if (l.name == "admin")

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,10 @@ struct ListenerConfig {
   std::string name;
   std::string kind = "forward";
   HostPort address;
-  std::string identityHeader;  // empty: every call is "anonymous"
+  // Agent identity, one source per listener; without one every call is "anonymous".
+  std::string identityHeader;                         // identity: {header: X-Agent-Id}
+  bool identityProxyBasic = false;                    // identity: {proxy_basic: true} (the user)
+  std::map<std::string, std::string> identitySource;  // identity: {source: {IP: agent}}
   bool interceptTls = false;
   uint32_t maxConnections = 10000;
 };

@@ -104,6 +104,14 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
       reason = "CONNECT needs host:port";
       return false;
     }
+    if (hostHeader) {
+      std::string h;
+      uint16_t p = 0;
+      if (!parseAuthority(*hostHeader, out.port, h, p) || h != out.host || p != out.port) {
+        reason = "Host header disagrees with the CONNECT authority";
+        return false;
+      }
+    }
     return true;
   }
   if (url.starts_with('/')) {

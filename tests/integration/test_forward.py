@@ -160,6 +160,33 @@ class ForwardProxyTest(unittest.TestCase):
         self.assertEqual(self.tg.admin("/v1/reload", "POST")[0], 200)
 
 
+class IdentityTest(unittest.TestCase):
+    """The agent id comes from one source per listener: a header, the Proxy-Authorization
+    user, or the client's address."""
+
+    def agent_of(self, tg, *args):
+        rc, out, err = curl("-i", *args, "http://denied.example/", proxy=tg.proxy)
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 403, err)
+        return json.loads(body)["agent"]
+
+    def test_proxy_basic_user(self):
+        with Tollgate({"hosts": {"allow": []}}, listener={"identity": {"proxy_basic": True}}) as tg:
+            self.assertEqual(self.agent_of(tg, "--proxy-user", "agent-alice:secret"), "agent-alice")
+            self.assertEqual(self.agent_of(tg), "anonymous")
+            # The header source is not consulted on this listener: it cannot be spoofed.
+            self.assertEqual(self.agent_of(tg, "-H", "X-Agent-Id: root"), "anonymous")
+
+    def test_source_address_map(self):
+        with Tollgate({"hosts": {"allow": []}}, listener={"identity": {"source": {"127.0.0.1": "agent-local"}}}) as tg:
+            self.assertEqual(self.agent_of(tg, "-H", "X-Agent-Id: spoofed"), "agent-local")
+
+    def test_two_sources_is_a_config_error(self):
+        with self.assertRaises(AssertionError):
+            with Tollgate(listener={"identity": {"header": "X-Agent-Id", "proxy_basic": True}}):
+                pass
+
+
 class ObserveModeTest(unittest.TestCase):
     def test_observe_forwards_and_records_the_halt(self):
         with HttpOrigin() as origin, Tollgate({"mode": "observe", "hosts": {"allow": [], "deny": ["127.0.0.1"]}}) as tg:
