@@ -204,9 +204,9 @@ table=$(
   echo "|---|---|---:|---:|---:|---:|---:|---:|"
   for t in $TARGETS; do
     case $t in direct) mode="origin";; tollgate*|squid) mode="forward";; *) mode="reverse";; esac
-    ratio=$(awk -v a="${rps[$t]}" -v b="${rps[direct]}" 'BEGIN {printf "%.2f", a / b}')
+    ratio=$(awk -v a="${rps[$t]}" -v b="${rps[direct]:-0}" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
     cratio="-"
-    [[ ${cpu[$t]} != "-" ]] && cratio=$(awk -v a="${cpu[$t]}" -v b="${cpu[nginx]}" 'BEGIN {printf "%.2f", a / b}')
+    [[ ${cpu[$t]} != "-" && -n "${cpu[nginx]:-}" ]] && cratio=$(awk -v a="${cpu[$t]}" -v b="${cpu[nginx]}" 'BEGIN {printf "%.2f", a / b}')
     echo "| $t | $mode | ${rps[$t]} | ${p50[$t]} | ${p99[$t]} | ${cpu[$t]} | $ratio | $cratio |"
   done
 )
@@ -214,10 +214,14 @@ echo "$table"
 for t in $TARGETS; do
   [[ -n "${errors[$t]// /}" ]] && echo "note: $t: ${errors[$t]}"
 done
+ratio_line() {  # LABEL A B TARGET
+  [[ -n "$2" && -n "$3" && "$2" != "-" && "$3" != "-" ]] || return 0
+  awk -v l="$1" -v a="$2" -v b="$3" -v t="$4" 'BEGIN {printf "%s: %.2fx (target %s)\n", l, a / b, t}'
+}
 verdict=$(
-  awk -v a="${cpu[tollgate]}" -v b="${cpu[nginx]}" 'BEGIN {printf "Tollgate CPU/req vs nginx: %.2fx (target <= 1.00)\n", a / b}'
-  awk -v a="${rps[tollgate]}" -v b="${rps[squid]}" 'BEGIN {printf "Tollgate throughput vs squid: %.2fx (target >= 5)\n", a / b}'
-  awk -v a="${cpu[tollgate+policy]}" -v b="${cpu[tollgate]}" 'BEGIN {printf "Tollgate CPU/req with the swarm policy vs without: %.2fx (target <= 1.10)\n", a / b}'
+  ratio_line "Tollgate CPU/req vs nginx" "${cpu[tollgate]:-}" "${cpu[nginx]:-}" "<= 1.00"
+  ratio_line "Tollgate throughput vs squid" "${rps[tollgate]:-}" "${rps[squid]:-}" ">= 5"
+  ratio_line "Tollgate CPU/req with the swarm policy vs without" "${cpu[tollgate+policy]:-}" "${cpu[tollgate]:-}" "<= 1.10"
 )
 echo "$verdict"
 echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)"
