@@ -72,7 +72,8 @@ bool isCanonicalDottedQuad(std::string_view h) {
   while (i <= h.size()) {
     size_t start = i;
     int value = 0;
-    while (i < h.size() && h[i] >= '0' && h[i] <= '9') value = value * 10 + (h[i++] - '0');
+    while (i < h.size() && h[i] >= '0' && h[i] <= '9' && i - start < 4)
+      value = value * 10 + (h[i++] - '0');
     size_t len = i - start;
     if (len == 0 || len > 3 || value > 255 || (len > 1 && h[start] == '0')) return false;
     ++parts;
