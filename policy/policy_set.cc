@@ -232,10 +232,12 @@ class PolicyLoader {
               } else if (key == "breakers") {
                 list(v, key, [&](const std::string& k, const YAML::Node& n) { breaker(n, k); });
               } else if (key == "limits") {
-                forEach(v, key, {"max_body_bytes", "max_json_depth"},
+                forEach(v, key, {"max_body_bytes", "max_json_depth", "max_json_keys"},
                         [&](const std::string& k, const YAML::Node& lv) {
                           if (k.ends_with("max_body_bytes"))
                             set_.maxBodyBytes_ = static_cast<size_t>(size(lv, k));
+                          else if (k.ends_with("max_json_keys"))
+                            set_.maxJsonKeys_ = static_cast<size_t>(integer(lv, k, 1, 1'000'000));
                           else
                             set_.maxJsonDepth_ = static_cast<int>(integer(lv, k, 1, 256));
                         });

@@ -149,6 +149,7 @@ class PolicySet {
   // Bounds for reading the body.
   size_t maxBodyBytes() const { return maxBodyBytes_; }
   int maxJsonDepth() const { return maxJsonDepth_; }
+  size_t maxJsonKeys() const { return maxJsonKeys_; }
 
   const ToolDef* findTool(std::string_view name) const;
   // The indexes of every rule that could match a call to `tool` of class `cls`, in file
@@ -176,6 +177,7 @@ class PolicySet {
   void buildIndex();
   size_t maxBodyBytes_ = 64 * 1024;
   int maxJsonDepth_ = 32;
+  size_t maxJsonKeys_ = 1000;
 };
 
 // Glob over names: '*' matches any run of characters (including '.' and '/'), '?' one.

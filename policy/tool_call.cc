@@ -159,6 +159,7 @@ int jsonDepth(std::string_view text) {
 class DuplicateKeys : public nlohmann::json_sax<nlohmann::json> {
  public:
   bool found = false;
+  size_t count = 0;  // keys in all objects
   bool null() override { return true; }
   bool boolean(bool) override { return true; }
   bool number_integer(number_integer_t) override { return true; }
@@ -175,6 +176,7 @@ class DuplicateKeys : public nlohmann::json_sax<nlohmann::json> {
       found = true;
       return false;
     }
+    ++count;
     return true;
   }
   bool end_object() override {
@@ -191,10 +193,12 @@ class DuplicateKeys : public nlohmann::json_sax<nlohmann::json> {
   std::vector<std::set<std::string>> keys_;
 };
 
-bool hasDuplicateKeys(std::string_view text) {
+// Counts the keys of a JSON text; returns false when one object repeats a key.
+bool countKeys(std::string_view text, size_t& keys) {
   DuplicateKeys sax;
   nlohmann::json::sax_parse(text.begin(), text.end(), &sax);
-  return sax.found;
+  keys = sax.count;
+  return !sax.found;
 }
 
 }  // namespace
@@ -342,7 +346,9 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
     if (json) {
       if (jsonDepth(call.body) > set.maxJsonDepth())
         return Error{-1, "JSON body nested deeper than max_json_depth"};
-      if (hasDuplicateKeys(call.body)) return Error{-1, "JSON body with a duplicate key"};
+      size_t keys = 0;
+      if (!countKeys(call.body, keys)) return Error{-1, "JSON body with a duplicate key"};
+      if (keys > set.maxJsonKeys()) return Error{-1, "JSON body with more keys than max_json_keys"};
       auto parsed = nlohmann::json::parse(call.body.begin(), call.body.end(), nullptr, false);
       if (parsed.is_discarded()) return Error{-1, "invalid JSON body"};
       // MCP: JSON-RPC 2.0, a single call or a batch.

@@ -10,7 +10,7 @@ namespace {
 constexpr const char* kPolicy = R"(
 apiVersion: tollgate/v1
 kind: Policy
-limits: {max_body_bytes: 4k, max_json_depth: 16}
+limits: {max_body_bytes: 4k, max_json_depth: 16, max_json_keys: 50}
 tools:
   - {name: api.public, match: {host: api.internal, methods: [GET], paths: ["/public/**"]}, class: read}
   - {name: api.admin, match: {host: api.internal, paths: ["/admin/**"]}, class: write}
@@ -54,6 +54,11 @@ TEST_P(Disguises, AreHalted) {
   std::string body = g.body;
   if (body == "DEEP") body = std::string(100, '[') + std::string(100, ']');
   if (body == "HUGE") body = "{\"pad\":\"" + std::string(8000, 'a') + "\"}";
+  if (body == "WIDE") {
+    body = "{";
+    for (int i = 0; i < 60; ++i) body += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":1";
+    body += "}";
+  }
   c.bodyAvailable = !body.empty();
   c.body = body;
   c.bodyTruncated = body.size() > set->maxBodyBytes();
