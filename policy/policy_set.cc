@@ -1,6 +1,5 @@
 #include "policy/policy_set.h"
 
-#include <openssl/evp.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "common/sha256.h"
 #include "common/units.h"
 
 namespace tollgate {
@@ -652,19 +652,6 @@ class PolicyLoader {
 };
 
 namespace {
-
-std::string sha256Hex(const std::string& data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned i = 0; i < len; ++i) {
-    out += kHex[md[i] >> 4];
-    out += kHex[md[i] & 0xF];
-  }
-  return out;
-}
 
 // References between sections: every rule's tool, agent pools, costs with a cap.
 void crossCheck(const PolicySet& set) {

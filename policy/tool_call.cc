@@ -1,7 +1,8 @@
 #include "policy/tool_call.h"
 
+#include "common/sha256.h"
+
 #include <arpa/inet.h>
-#include <openssl/evp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -209,16 +210,7 @@ std::string ToolCall::fingerprint() const {
   std::string canon = agent_ + '\n' + scheme_ + '\n' + host_ + ':' + std::to_string(port_) + '\n' +
                       method_ + '\n' + path_ + '?' + query_ + '\n' + tool_ + '\n' +
                       (params_.is_null() ? "" : params_.dump());
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(canon.data(), canon.size(), md, &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned i = 0; i < 16 && i < len; ++i) {
-    out += kHex[md[i] >> 4];
-    out += kHex[md[i] & 0xF];
-  }
-  return out;
+  return sha256Hex(canon, 16);
 }
 
 Result<std::string> Extractor::canonicalHost(std::string_view host) {

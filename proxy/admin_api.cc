@@ -3,11 +3,11 @@
 #include <uv.h>
 
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
 
 #include <charconv>
 
 #include "common/json.h"
+#include "common/sha256.h"
 #include "proxy/version.h"
 #include "proxy/worker.h"
 
@@ -51,15 +51,7 @@ bool AdminApi::authorized(std::string_view authorization) const {
   const auto& tokens = shared_.config->adminTokens;
   if (!authorization.starts_with("Bearer ")) return false;
   auto token = authorization.substr(7);
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(token.data(), token.size(), md, &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hashed = "sha256:";
-  for (unsigned i = 0; i < len; ++i) {
-    hashed += kHex[md[i] >> 4];
-    hashed += kHex[md[i] & 0xF];
-  }
+  std::string hashed = "sha256:" + sha256Hex(token);
   bool match = false;
   for (const auto& t : tokens) {
     // Every stored hash is compared in full, in constant time.
