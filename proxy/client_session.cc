@@ -194,6 +194,7 @@ void ClientSession::identify() {
 void ClientSession::onRead(TcpStream& stream, std::string_view data) {
   if (&stream == client_.get()) {
     bytesIn_ += data.size();
+    lastClientReadMs_ = uv_now(worker_.loop());
     readClient(data);
   } else if (&stream == upstream_.get()) {
     readUpstream(data);
@@ -592,9 +593,14 @@ void ClientSession::sendRequest() {
   upOut_.clear();
   upstreamSentNs_ = uv_hrtime();
   // The response timeout runs from the end of the request: an upload may take long.
-  if (requestDone_)
+  if (requestDone_) {
     upstreamTimer_->start(
         static_cast<uint64_t>(worker_.config().timeouts.upstreamResponse.count()));
+  } else {
+    // The body is still coming: a client that stops sending it is cut off after `idle`.
+    lastClientReadMs_ = uv_now(worker_.loop());
+    clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.idle.count()));
+  }
   flushUpstream();
   updateReading();
 }
@@ -1111,6 +1117,16 @@ void ClientSession::onClientTimer() {
     badRequest(408, "request_timeout",
                "request body not received within " +
                    std::to_string(worker_.config().timeouts.headerRead.count()) + " ms");
+    return;
+  }
+  if (phase_ == Phase::kForwarding && !requestDone_) {
+    uint64_t idle = uv_now(worker_.loop()) - lastClientReadMs_;
+    auto limit = static_cast<uint64_t>(worker_.config().timeouts.idle.count());
+    if (idle < limit) {
+      clientTimer_->start(limit - idle);
+      return;
+    }
+    badRequest(408, "request_timeout", "request body stalled for " + std::to_string(idle) + " ms");
     return;
   }
   if (phase_ != Phase::kHead && phase_ != Phase::kLingering) return;

@@ -132,6 +132,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool bodyTruncated_ = false;  // the body was larger than bodyNeed_
   bool continueSent_ = false;
   uint64_t lastUpstreamReadMs_ = 0;
+  uint64_t lastClientReadMs_ = 0;
   uint64_t bytesIn_ = 0, bytesOut_ = 0;
   int status_ = 0;
   int pendingCallbacks_ = 0;

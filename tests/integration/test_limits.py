@@ -4,7 +4,7 @@ import socket
 import time
 import unittest
 
-from tollgate_harness import HttpOrigin, SilentOrigin, Tollgate, closed_port, curl, parse_response, raw_exchange
+from tollgate_harness import HttpOrigin, SilentOrigin, Tollgate, closed_port, curl, parse_response, raw_exchange, wait_for
 
 CONFIG = {
     "limits": {"max_header_bytes": "4k", "max_headers": 20, "max_uri_bytes": "1k", "max_body_bytes": "1m"},
@@ -97,6 +97,26 @@ class LimitsTest(unittest.TestCase):
         s.close()
         self.assertEqual(parse_response(data)[0], 408)
         self.assertLess(elapsed, 3.5)
+
+    def test_stalled_upload_is_cut_off(self):
+        """A body that stops coming mid-upload does not hold the connection forever."""
+        before = len(self.origin.requests)
+        s = socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=8)
+        s.sendall(b"POST " + self.target("/sink") + b" HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        start = time.monotonic()
+        data = b""
+        try:
+            while True:
+                part = s.recv(4096)
+                if not part:
+                    break
+                data += part
+        except (ConnectionResetError, socket.timeout):
+            pass
+        s.close()
+        self.assertLess(time.monotonic() - start, 6)
+        self.assertEqual(parse_response(data)[0], 408, data)
+        wait_for(lambda: len(self.origin.requests) == before + 1, timeout=3, what="the request at the origin")
 
     def test_upstream_refused_is_502(self):
         rc, out, err = curl("-i", f"http://127.0.0.1:{closed_port()}/", proxy=self.tg.proxy)
