@@ -1,0 +1,211 @@
+#include "policy/budget_store.h"
+
+#include <algorithm>
+
+namespace tollgate {
+namespace {
+
+constexpr size_t kRememberedCalls = 100'000;
+
+int64_t wallMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+BudgetOutcome refuse(BudgetStatus status, const std::string& pool, std::string reason) {
+  return BudgetOutcome{status, pool, std::move(reason), 0};
+}
+
+}  // namespace
+
+const char* budgetStatusName(BudgetStatus s) {
+  switch (s) {
+    case BudgetStatus::kOk:
+      return "ok";
+    case BudgetStatus::kExhausted:
+      return "budget_exhausted";
+    case BudgetStatus::kTripped:
+      return "budget_tripped";
+    case BudgetStatus::kUninitialised:
+      return "budget_uninitialised";
+    case BudgetStatus::kUnavailable:
+      return "budget_unavailable";
+    case BudgetStatus::kUnknownCall:
+      return "unknown_call";
+  }
+  return "budget_unavailable";
+}
+
+Result<std::unique_ptr<MemoryBudgetStore>> MemoryBudgetStore::create(const PolicySet& set,
+                                                                     Clock clock) {
+  std::unique_ptr<MemoryBudgetStore> store(
+      new MemoryBudgetStore(clock ? std::move(clock) : Clock(wallMs)));
+  int64_t now = store->clock_();
+  for (const auto& p : set.pools()) {
+    if (p.shared) {
+      return Error{
+          -1,
+          p.mark.str() + ": pool '" + p.name +
+              "' is declared scope: shared, which the memory store cannot be (use store: redis)"};
+    }
+    auto add = [&](const char* dim, const std::optional<Budget>& b) {
+      if (!b) return;
+      MemoryBudgetStore::Account budget;
+      budget.limit = b->limit;
+      budget.periodMs = b->period.count();
+      budget.periodStartMs = now - now % budget.periodMs;
+      store->budgets_[p.name + "/" + dim] = budget;
+    };
+    add("effort", p.effort);
+    add("risk", p.risk);
+  }
+  return store;
+}
+
+void MemoryBudgetStore::roll(Account& b, int64_t now) {
+  if (now < b.periodStartMs + b.periodMs) return;
+  b.periodStartMs = now - now % b.periodMs;
+  b.committed = 0;
+  b.tripped = false;
+}
+
+void MemoryBudgetStore::expireHolds(int64_t now) {
+  for (auto it = holds_.begin(); it != holds_.end();) {
+    if (it->second.expiresMs > now) {
+      ++it;
+      continue;
+    }
+    // The call may have run: its hold is committed, not refunded.
+    for (const auto& [key, amount] : it->second.amounts) {
+      auto& b = budgets_[key];
+      b.held -= amount;
+      b.committed += amount;
+    }
+    rememberDone(it->first);
+    it = holds_.erase(it);
+  }
+}
+
+void MemoryBudgetStore::rememberDone(const std::string& callId) {
+  if (!done_.insert(callId).second) return;
+  doneOrder_.push_back(callId);
+  if (doneOrder_.size() > kRememberedCalls) {
+    done_.erase(doneOrder_.front());
+    doneOrder_.pop_front();
+  }
+}
+
+BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
+                                            const std::vector<Charge>& charges,
+                                            std::chrono::milliseconds holdTtl) {
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  expireHolds(now);
+  if (holds_.count(callId)) return {};  // the same call again: already held
+  if (done_.count(callId))
+    return refuse(BudgetStatus::kUnknownCall, "", "call " + callId + " was already settled");
+  // Check every budget first: all or nothing.
+  Hold hold;
+  hold.expiresMs = now + holdTtl.count();
+  for (const auto& c : charges) {
+    for (const auto& [dim, amount] :
+         {std::pair<const char*, int64_t>{"effort", c.effort}, {"risk", c.risk}}) {
+      if (amount <= 0) continue;
+      auto it = budgets_.find(c.pool + "/" + dim);
+      if (it == budgets_.end()) {
+        return refuse(BudgetStatus::kUninitialised, c.pool,
+                      "pool " + c.pool + " has no " + dim + " budget in the store");
+      }
+      auto& b = it->second;
+      roll(b, now);
+      if (b.tripped) {
+        return refuse(BudgetStatus::kTripped, c.pool,
+                      "pool " + c.pool + " was tripped by an overrun this period");
+      }
+      if (b.committed + b.held + amount > b.limit) {
+        return refuse(BudgetStatus::kExhausted, c.pool,
+                      "pool " + c.pool + " " + dim + ": " + std::to_string(b.committed + b.held) +
+                          " of " + std::to_string(b.limit) + " spent or held, " +
+                          std::to_string(amount) + " more asked");
+      }
+      hold.amounts.emplace_back(it->first, amount);
+    }
+  }
+  for (const auto& [key, amount] : hold.amounts) budgets_[key].held += amount;
+  holds_.emplace(callId, std::move(hold));
+  return {};
+}
+
+BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
+                                           const std::vector<Charge>& actual) {
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  expireHolds(now);
+  auto it = holds_.find(callId);
+  if (it == holds_.end())
+    return refuse(BudgetStatus::kUnknownCall, "", "no hold for call " + callId);
+  BudgetOutcome out;
+  for (const auto& [key, held] : it->second.amounts) {
+    auto slash = key.find('/');
+    std::string pool = key.substr(0, slash), dim = key.substr(slash + 1);
+    int64_t cost = held;  // without a real cost, the estimate is the cost
+    for (const auto& c : actual) {
+      if (c.pool == pool) cost = dim == "effort" ? c.effort : c.risk;
+    }
+    auto& b = budgets_[key];
+    b.held -= held;
+    b.committed += std::min(cost, held);
+    if (cost > held) {
+      // Never commit more than was held; record the overrun and trip the pool.
+      out.overrun += cost - held;
+      out.pool = pool;
+      b.tripped = true;
+    }
+  }
+  holds_.erase(it);
+  rememberDone(callId);
+  if (out.overrun > 0)
+    out.reason = "call " + callId + " cost " + std::to_string(out.overrun) + " more than was held";
+  return out;
+}
+
+BudgetOutcome MemoryBudgetStore::releaseNow(const std::string& callId) {
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  expireHolds(now);
+  auto it = holds_.find(callId);
+  if (it == holds_.end())
+    return refuse(BudgetStatus::kUnknownCall, "", "no hold for call " + callId);
+  for (const auto& [key, amount] : it->second.amounts) budgets_[key].held -= amount;
+  holds_.erase(it);
+  rememberDone(callId);
+  return {};
+}
+
+void MemoryBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,
+                                std::chrono::milliseconds holdTtl, Done done) {
+  done(reserveNow(callId, charges, holdTtl));
+}
+
+void MemoryBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
+                               Done done) {
+  done(settleNow(callId, actual));
+}
+
+void MemoryBudgetStore::release(const std::string& callId, Done done) {
+  done(releaseNow(callId));
+}
+
+std::vector<BudgetView> MemoryBudgetStore::view() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<BudgetView> out;
+  for (const auto& [key, b] : budgets_) {
+    auto slash = key.find('/');
+    out.push_back({key.substr(0, slash), key.substr(slash + 1), b.limit, b.committed, b.held,
+                   b.periodStartMs + b.periodMs, b.tripped});
+  }
+  return out;
+}
+
+}  // namespace tollgate

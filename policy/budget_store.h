@@ -1,0 +1,118 @@
+// BudgetStore: effort and risk budgets of pools (DESIGN §5), charged before a call is sent.
+// reserve() holds the call's estimated cost on every pool it is charged to, all or nothing;
+// settle() commits at most what was held once the real cost is known (more is an overrun,
+// which trips the pool); release() returns the hold of a call that was provably never
+// sent. Every operation is idempotent by call id. A hold that outlives its TTL is
+// committed, not refunded: the call may have run. Periods roll over by the store's clock.
+//
+// MemoryBudgetStore is the embedded, one-process backend; it refuses pools declared
+// `scope: shared`, so that a local store is never mistaken for a shared one. The Redis
+// backend (next) runs the same state machine in Redis Functions.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "common/result.h"
+#include "policy/policy_set.h"
+
+namespace tollgate {
+
+// An amount charged to one pool.
+struct Charge {
+  std::string pool;
+  int64_t effort = 0;
+  int64_t risk = 0;
+};
+
+enum class BudgetStatus {
+  kOk,
+  kExhausted,      // committed + held + amount would exceed a limit
+  kTripped,        // the pool was tripped by an overrun in this period
+  kUninitialised,  // the pool does not exist in the store (never created at zero spend)
+  kUnavailable,    // the store cannot answer (fail closed)
+  kUnknownCall,    // settle/release of a call with no hold (already settled, expired, never held)
+};
+const char* budgetStatusName(BudgetStatus s);
+
+struct BudgetOutcome {
+  BudgetStatus status = BudgetStatus::kOk;
+  std::string pool;     // the pool that refused
+  std::string reason;   // for people
+  int64_t overrun = 0;  // settle: cost above the hold, recorded and tripping the pool
+};
+
+struct BudgetView {
+  std::string pool;
+  std::string dimension;  // "effort" or "risk"
+  int64_t limit = 0, committed = 0, held = 0;
+  int64_t periodEndMs = 0;
+  bool tripped = false;
+  int64_t remaining() const { return limit - committed - held; }
+};
+
+class BudgetStore {
+ public:
+  using Done = std::function<void(BudgetOutcome)>;
+  virtual ~BudgetStore() = default;
+  virtual void reserve(const std::string& callId, const std::vector<Charge>& charges,
+                       std::chrono::milliseconds holdTtl, Done done) = 0;
+  virtual void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) = 0;
+  virtual void release(const std::string& callId, Done done) = 0;
+  virtual std::vector<BudgetView> view() const = 0;
+};
+
+class MemoryBudgetStore : public BudgetStore {
+ public:
+  using Clock = std::function<int64_t()>;  // milliseconds
+  // Declares the set's pools; a pool with `scope: shared` is refused.
+  static Result<std::unique_ptr<MemoryBudgetStore>> create(const PolicySet& set,
+                                                           Clock clock = nullptr);
+
+  void reserve(const std::string& callId, const std::vector<Charge>& charges,
+               std::chrono::milliseconds holdTtl, Done done) override;
+  void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) override;
+  void release(const std::string& callId, Done done) override;
+  std::vector<BudgetView> view() const override;
+
+  // Synchronous forms (the memory store answers at once).
+  BudgetOutcome reserveNow(const std::string& callId, const std::vector<Charge>& charges,
+                           std::chrono::milliseconds holdTtl);
+  BudgetOutcome settleNow(const std::string& callId, const std::vector<Charge>& actual);
+  BudgetOutcome releaseNow(const std::string& callId);
+
+ private:
+  struct Account {
+    int64_t limit = 0;
+    int64_t periodMs = 0;
+    int64_t periodStartMs = 0;
+    int64_t committed = 0;
+    int64_t held = 0;
+    bool tripped = false;
+  };
+  struct Hold {
+    int64_t expiresMs = 0;
+    std::vector<std::pair<std::string, int64_t>> amounts;  // budget key ("pool/effort") -> amount
+  };
+  explicit MemoryBudgetStore(Clock clock) : clock_(std::move(clock)) {}
+  void roll(Account& b, int64_t now);
+  void expireHolds(int64_t now);
+  void rememberDone(const std::string& callId);
+
+  Clock clock_;
+  mutable std::mutex mutex_;
+  std::map<std::string, Account> budgets_;  // "pool/effort", "pool/risk"
+  std::unordered_map<std::string, Hold> holds_;
+  std::unordered_set<std::string> done_;  // settled or released call ids (bounded)
+  std::deque<std::string> doneOrder_;
+};
+
+}  // namespace tollgate

@@ -1,0 +1,163 @@
+#include "policy/budget_store.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+namespace tollgate {
+namespace {
+
+constexpr const char* kPools = R"(
+apiVersion: tollgate/v1
+kind: Policy
+pools:
+  - {name: team, effort: {limit: 100, period: 1h}, risk: {limit: 10, period: 1d}}
+  - {name: other, effort: {limit: 5, period: 1h}}
+)";
+
+class MemoryBudgetStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    set = PolicySet::parse(kPools, "pools.yaml").value();
+    store = std::move(MemoryBudgetStore::create(*set, [this] { return now; }).value());
+  }
+  const BudgetView& budget(const std::string& pool, const std::string& dim) {
+    views = store->view();
+    for (const auto& v : views) {
+      if (v.pool == pool && v.dimension == dim) return v;
+    }
+    throw std::runtime_error("no such budget");
+  }
+  std::shared_ptr<const PolicySet> set;
+  int64_t now = 1'767'225'600'000;  // 2026-01-01T00:00:00Z
+  std::unique_ptr<MemoryBudgetStore> store;
+  std::vector<BudgetView> views;
+  const std::chrono::milliseconds ttl{30'000};
+};
+
+TEST_F(MemoryBudgetStoreTest, ReserveHoldsAndSettleCommitsAtMostTheHold) {
+  EXPECT_EQ(store->reserveNow("c1", {{"team", 40, 2}}, ttl).status, BudgetStatus::kOk);
+  EXPECT_EQ(budget("team", "effort").held, 40);
+  EXPECT_EQ(budget("team", "risk").held, 2);
+  auto settled = store->settleNow("c1", {{"team", 25, 1}});
+  EXPECT_EQ(settled.status, BudgetStatus::kOk);
+  EXPECT_EQ(budget("team", "effort").committed, 25);
+  EXPECT_EQ(budget("team", "effort").held, 0);
+  EXPECT_EQ(budget("team", "risk").committed, 1);
+}
+
+TEST_F(MemoryBudgetStoreTest, RefusesWithoutChangingAnythingWhenOnePoolIsShort) {
+  ASSERT_EQ(store->reserveNow("c1", {{"other", 4, 0}}, ttl).status, BudgetStatus::kOk);
+  auto r = store->reserveNow("c2", {{"team", 10, 0}, {"other", 2, 0}}, ttl);
+  EXPECT_EQ(r.status, BudgetStatus::kExhausted);
+  EXPECT_EQ(r.pool, "other");
+  EXPECT_EQ(budget("team", "effort").held, 0);  // all or nothing
+  EXPECT_EQ(budget("other", "effort").held, 4);
+}
+
+TEST_F(MemoryBudgetStoreTest, IdempotentByCallId) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
+  EXPECT_EQ(budget("team", "effort").held, 10);
+  ASSERT_EQ(store->settleNow("c1", {{"team", 10, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(store->settleNow("c1", {{"team", 10, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(budget("team", "effort").committed, 10);  // charged once
+}
+
+TEST_F(MemoryBudgetStoreTest, ReleaseRefundsOnlyWhatWasNeverSent) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 30, 0}}, ttl).status, BudgetStatus::kOk);
+  EXPECT_EQ(store->releaseNow("c1").status, BudgetStatus::kOk);
+  EXPECT_EQ(budget("team", "effort").held, 0);
+  EXPECT_EQ(budget("team", "effort").committed, 0);
+  EXPECT_EQ(store->releaseNow("c1").status, BudgetStatus::kUnknownCall);
+}
+
+TEST_F(MemoryBudgetStoreTest, ExpiredHoldsAreCommittedNotRefunded) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 30, 0}}, ttl).status, BudgetStatus::kOk);
+  now += 30'001;
+  EXPECT_EQ(budget("team", "effort").held, 30);  // the view does not expire holds by itself
+  EXPECT_EQ(store->settleNow("c1", {{"team", 1, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(budget("team", "effort").committed, 30);
+  EXPECT_EQ(budget("team", "effort").held, 0);
+}
+
+TEST_F(MemoryBudgetStoreTest, OverrunIsRecordedAndTripsThePool) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
+  auto s = store->settleNow("c1", {{"team", 25, 0}});
+  EXPECT_EQ(s.overrun, 15);
+  EXPECT_EQ(budget("team", "effort").committed, 10);
+  EXPECT_TRUE(budget("team", "effort").tripped);
+  EXPECT_EQ(store->reserveNow("c2", {{"team", 1, 0}}, ttl).status, BudgetStatus::kTripped);
+  now += 3'600'000;  // the next period clears the trip and the spend
+  EXPECT_EQ(store->reserveNow("c3", {{"team", 1, 0}}, ttl).status, BudgetStatus::kOk);
+}
+
+TEST_F(MemoryBudgetStoreTest, PeriodsRollOnTheirBoundaries) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 100, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->settleNow("c1", {}).status, BudgetStatus::kOk);
+  EXPECT_EQ(store->reserveNow("c2", {{"team", 1, 0}}, ttl).status, BudgetStatus::kExhausted);
+  now += 3'600'000;
+  EXPECT_EQ(store->reserveNow("c3", {{"team", 100, 0}}, ttl).status, BudgetStatus::kOk);
+}
+
+TEST_F(MemoryBudgetStoreTest, UnknownPoolsAreUninitialisedNotZero) {
+  auto r = store->reserveNow("c1", {{"ghost", 1, 0}}, ttl);
+  EXPECT_EQ(r.status, BudgetStatus::kUninitialised);
+  EXPECT_EQ(r.pool, "ghost");
+}
+
+TEST(MemoryBudgetStore, RefusesSharedPools) {
+  auto set = PolicySet::parse(R"(
+apiVersion: tollgate/v1
+kind: Policy
+pools: [{name: swarm, scope: shared, effort: {limit: 10, period: 1h}}]
+)",
+                              "shared.yaml")
+                 .value();
+  auto store = MemoryBudgetStore::create(*set);
+  ASSERT_FALSE(store);
+  EXPECT_NE(store.error().message.find("scope: shared"), std::string::npos);
+  EXPECT_EQ(store.error().message.rfind("shared.yaml:4:", 0), 0u) << store.error().message;
+}
+
+// Random reserves, settles and releases (5 000 of them): committed + held
+// never exceeds the limit, and committed is exactly what the settled calls cost.
+TEST_F(MemoryBudgetStoreTest, NeverOverspendsUnderRandomOperations) {
+  std::mt19937 rng(7);
+  std::vector<std::pair<std::string, int64_t>> open;
+  int64_t expectedCommitted = 0;
+  int refused = 0;
+  for (int i = 0; i < 5000; ++i) {
+    int op = static_cast<int>(rng() % 3);
+    if (op == 0 || open.empty()) {
+      int64_t amount = 1 + static_cast<int64_t>(rng() % 20);
+      std::string id = "c" + std::to_string(i);
+      if (store->reserveNow(id, {{"team", amount, 0}}, ttl).status == BudgetStatus::kOk) {
+        open.emplace_back(id, amount);
+      } else {
+        ++refused;
+      }
+    } else {
+      size_t k = rng() % open.size();
+      auto [id, held] = open[k];
+      open.erase(open.begin() + static_cast<std::ptrdiff_t>(k));
+      if (op == 1) {
+        int64_t cost =
+            static_cast<int64_t>(rng() % static_cast<uint64_t>(held + 1));  // at most the hold
+        ASSERT_EQ(store->settleNow(id, {{"team", cost, 0}}).status, BudgetStatus::kOk);
+        expectedCommitted += std::min(cost, held);
+      } else {
+        ASSERT_EQ(store->releaseNow(id).status, BudgetStatus::kOk);
+      }
+    }
+    const auto& b = budget("team", "effort");
+    ASSERT_LE(b.committed + b.held, b.limit);
+    ASSERT_EQ(b.committed, expectedCommitted) << "at operation " << i;
+    ASSERT_FALSE(b.tripped);
+  }
+  EXPECT_GT(refused, 100);  // the limit was reached again and again
+}
+
+}  // namespace
+}  // namespace tollgate
