@@ -41,7 +41,11 @@ Result<std::unique_ptr<MemoryBudgetStore>> MemoryBudgetStore::create(const Polic
                                                                      Clock clock) {
   std::unique_ptr<MemoryBudgetStore> store(
       new MemoryBudgetStore(clock ? std::move(clock) : Clock(wallMs)));
-  int64_t now = store->clock_();
+  if (auto st = store->declare(set); !st) return st.error();
+  return store;
+}
+
+Status MemoryBudgetStore::declare(const PolicySet& set) {
   for (const auto& p : set.pools()) {
     if (p.shared) {
       return Error{
@@ -49,18 +53,23 @@ Result<std::unique_ptr<MemoryBudgetStore>> MemoryBudgetStore::create(const Polic
           p.mark.str() + ": pool '" + p.name +
               "' is declared scope: shared, which the memory store cannot be (use store: redis)"};
     }
+  }
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& p : set.pools()) {
     auto add = [&](const char* dim, const std::optional<Budget>& b) {
       if (!b) return;
-      MemoryBudgetStore::Account budget;
-      budget.limit = b->limit;
-      budget.periodMs = b->period.count();
-      budget.periodStartMs = now - now % budget.periodMs;
-      store->budgets_[p.name + "/" + dim] = budget;
+      auto& account = budgets_[p.name + "/" + dim];  // an existing pool keeps its spend
+      account.limit = b->limit;
+      if (account.periodMs != b->period.count()) {
+        account.periodMs = b->period.count();
+        account.periodStartMs = now - now % account.periodMs;
+      }
     };
     add("effort", p.effort);
     add("risk", p.risk);
   }
-  return store;
+  return Status::success();
 }
 
 void MemoryBudgetStore::roll(Account& b, int64_t now) {

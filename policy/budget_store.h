@@ -68,6 +68,9 @@ class BudgetStore {
   virtual void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) = 0;
   virtual void release(const std::string& callId, Done done) = 0;
   virtual std::vector<BudgetView> view() const = 0;
+  // Makes the set's pools known after a reload. The memory store creates the new ones
+  // (and refuses shared pools); a shared store only checks (pools are initialised on purpose).
+  virtual Status declare(const PolicySet& set) = 0;
 };
 
 class MemoryBudgetStore : public BudgetStore {
@@ -82,6 +85,7 @@ class MemoryBudgetStore : public BudgetStore {
   void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) override;
   void release(const std::string& callId, Done done) override;
   std::vector<BudgetView> view() const override;
+  Status declare(const PolicySet& set) override;
 
   // Synchronous forms (the memory store answers at once).
   BudgetOutcome reserveNow(const std::string& callId, const std::vector<Charge>& charges,

@@ -45,6 +45,7 @@ struct Decision {
 struct Outcome {
   int status = 0;       // the upstream's status, 0 when there was none
   bool failed = false;  // 5xx, connect error or timeout
+  bool sent = true;     // false only when no byte of the call reached an upstream
 };
 
 const char* verdictName(Verdict verdict);

@@ -1,29 +1,84 @@
 #include "policy/policy_decider.h"
 
+#include <atomic>
+
 namespace tollgate {
 
-Result<std::unique_ptr<PolicyDecider>> PolicyDecider::create(std::vector<std::string> files) {
+Result<std::unique_ptr<PolicyDecider>> PolicyDecider::create(std::vector<std::string> files,
+                                                             const std::string& backend) {
   auto set = PolicySet::load(files);
   if (!set) return set.error();
-  return std::unique_ptr<PolicyDecider>(new PolicyDecider(std::move(files), set.value()));
+  if (backend != "memory")
+    return Error{-1, "store.backend: " + backend + " is not implemented yet (use memory)"};
+  auto store = MemoryBudgetStore::create(*set.value());
+  if (!store) return store.error();
+  std::unique_ptr<PolicyDecider> decider(new PolicyDecider(std::move(files), set.value()));
+  decider->budgets_ = std::move(store.value());
+  return decider;
+}
+
+std::vector<Charge> PolicyDecider::chargesOf(const PolicySet& set, const ToolCall& call) const {
+  const ToolDef* tool = call.toolDef();
+  if (!tool || (tool->cost.effort == 0 && tool->cost.risk == 0)) return {};
+  const AgentDef* agent = set.findAgent(call.agent());
+  if (!agent || agent->pool.empty()) return {};
+  return {Charge{agent->pool, tool->cost.effort, tool->cost.risk}};
 }
 
 PolicyDecider::PolicyDecider(std::vector<std::string> files, std::shared_ptr<const PolicySet> set)
     : files_(std::move(files)), set_(std::move(set)) {}
 
 Decision PolicyDecider::decideNow(const CallInfo& call) {
-  auto set = set_.load();
-  auto tc = Extractor::extract(call, *set);
-  Decision d = engine_.evaluate(*set, tc);
-  // Kept for onOutcome() when the set counts failures, so the call is not read twice.
-  if (tc && d.verdict == Verdict::kAllow && set->tracksOutcomes()) {
-    d.context = std::make_shared<const Outcomes>(Outcomes{set, std::move(tc.value())});
-  }
-  return d;
+  Decision out;
+  decide(call, [&](Decision d) { out = std::move(d); });
+  return out;
 }
 
 void PolicyDecider::decide(const CallInfo& call, Done done) {
-  done(decideNow(call));
+  auto set = set_.load();
+  auto tc = Extractor::extract(call, *set);
+  Decision d = engine_.evaluate(*set, tc);
+  if (!tc || d.verdict != Verdict::kAllow) {
+    done(std::move(d));
+    return;
+  }
+  // The budget is reserved last, so that a call the rules refuse never holds any.
+  auto charges = chargesOf(*set, tc.value());
+  if (charges.empty()) {
+    // Kept for onOutcome() when the set counts failures, so the call is not read twice.
+    if (set->tracksOutcomes())
+      d.context = std::make_shared<const Outcomes>(Outcomes{set, std::move(tc.value()), {}});
+    done(std::move(d));
+    return;
+  }
+  static std::atomic<uint64_t> counter{0};
+  std::string callId = std::to_string(std::chrono::system_clock::now().time_since_epoch().count()) +
+                       "-" + std::to_string(counter.fetch_add(1));
+  auto ctx = std::make_shared<Outcomes>(Outcomes{set, std::move(tc.value()), callId});
+  budgets_->reserve(
+      callId, charges, holdTtl,
+      [d = std::move(d), ctx, set, charges, done = std::move(done)](BudgetOutcome b) mutable {
+        if (b.status == BudgetStatus::kOk) {
+          d.context = ctx;
+          done(std::move(d));
+          return;
+        }
+        const PoolDef* pool = set->findPool(b.pool);
+        if (b.status == BudgetStatus::kUnavailable && pool && pool->failOpen) {
+          ctx->callId.clear();  // explicitly fail-open: forwarded, not charged
+          d.context = ctx;
+          d.reason = "budget store unavailable; pool " + b.pool + " is fail_open";
+          done(std::move(d));
+          return;
+        }
+        Decision halt;
+        halt.verdict = Verdict::kHalt;
+        halt.rule = "budget";
+        halt.reason = std::string(budgetStatusName(b.status)) + ": " + b.reason;
+        halt.tool = d.tool;
+        halt.policyDigest = d.policyDigest;
+        done(std::move(halt));
+      });
 }
 
 size_t PolicyDecider::bodyNeeded(std::string_view host) const {
@@ -35,12 +90,19 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
   if (!decision.context) return;
   const auto& ctx = *std::static_pointer_cast<const Outcomes>(decision.context);
   // Recorded against the set that decided: a reload in between does not mix the two.
-  engine_.recordOutcome(*ctx.set, ctx.call, outcome);
+  if (ctx.set->tracksOutcomes()) engine_.recordOutcome(*ctx.set, ctx.call, outcome);
+  if (ctx.callId.empty()) return;
+  // A call that never left is refunded; any other is charged what was held.
+  if (outcome.sent)
+    budgets_->settle(ctx.callId, {}, [](BudgetOutcome) {});
+  else
+    budgets_->release(ctx.callId, [](BudgetOutcome) {});
 }
 
 std::string PolicyDecider::reload() {
   auto set = PolicySet::load(files_);
   if (!set) return set.error().message;
+  if (auto st = budgets_->declare(*set.value()); !st) return st.error().message;
   set_.store(set.value());
   return {};
 }

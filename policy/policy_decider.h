@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/result.h"
+#include "policy/budget_store.h"
 #include "policy/decider.h"
 #include "policy/engine.h"
 #include "policy/policy_set.h"
@@ -19,7 +20,9 @@ namespace tollgate {
 
 class PolicyDecider : public Decider {
  public:
-  static Result<std::unique_ptr<PolicyDecider>> create(std::vector<std::string> files);
+  // backend: the config's store.backend ("memory"; "redis" is not implemented yet).
+  static Result<std::unique_ptr<PolicyDecider>> create(std::vector<std::string> files,
+                                                       const std::string& backend = "memory");
 
   void decide(const CallInfo& call, Done done) override;
   size_t bodyNeeded(std::string_view host) const override;
@@ -29,17 +32,25 @@ class PolicyDecider : public Decider {
   Decision decideNow(const CallInfo& call);
   std::shared_ptr<const PolicySet> current() const { return set_.load(); }
   Engine& engine() { return engine_; }
+  BudgetStore& budgets() { return *budgets_; }
+
+  // How long a reservation is held before it is committed anyway (the call may have run).
+  std::chrono::milliseconds holdTtl{120'000};
 
  private:
   PolicyDecider(std::vector<std::string> files, std::shared_ptr<const PolicySet> set);
-  // What onOutcome() needs of an allowed call: the set that decided and the call itself.
+  // What onOutcome() needs of an allowed call: the set that decided, the call itself and,
+  // when it was charged, its reservation.
   struct Outcomes {
     std::shared_ptr<const PolicySet> set;
     ToolCall call;
+    std::string callId;  // empty: not charged
   };
+  std::vector<Charge> chargesOf(const PolicySet& set, const ToolCall& call) const;
   std::vector<std::string> files_;
   std::atomic<std::shared_ptr<const PolicySet>> set_;
   Engine engine_;
+  std::unique_ptr<BudgetStore> budgets_;
 };
 
 }  // namespace tollgate

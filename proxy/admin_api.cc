@@ -40,10 +40,12 @@ std::string_view queryParam(std::string_view query, std::string_view name) {
 
 }  // namespace
 
-AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared, Engine* engine)
+AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared,
+                   BudgetStore* budgets, Engine* engine)
     : metrics_(metrics),
       audit_(audit),
       shared_(shared),
+      budgets_(budgets),
       engine_(engine),
       startedMs_(static_cast<int64_t>(uv_hrtime() / 1'000'000)) {}
 
@@ -136,6 +138,27 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
     return json(200, R"({"reloaded":true})");
   }
   if (path == "/v1/approvals" || path.starts_with("/v1/approvals/")) return approvals(method, path);
+  if (path == "/v1/pools") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    if (!budgets_)
+      return error(404, "not_found", "pools need a policy set (policies: in the config)");
+    std::string body = "[";
+    for (const auto& b : budgets_->view()) {
+      if (body.size() > 1) body += ',';
+      JsonObject(body)
+          .add("pool", b.pool)
+          .add("dimension", b.dimension)
+          .add("limit", b.limit)
+          .add("committed", b.committed)
+          .add("held", b.held)
+          .add("remaining", b.remaining())
+          .add("period_end_ms", b.periodEndMs)
+          .add("tripped", b.tripped)
+          .close();
+    }
+    body += ']';
+    return json(200, std::move(body));
+  }
   return error(404, "not_found", "no admin endpoint " + std::string(path));
 }
 

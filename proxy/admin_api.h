@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "audit/audit_sink.h"
+#include "policy/budget_store.h"
 #include "policy/engine.h"
 #include "proxy/metrics.h"
 
@@ -24,7 +25,8 @@ struct AdminResponse {
 class AdminApi {
  public:
   // engine: the policy engine for /v1/approvals, or null without policies.
-  AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared, Engine* engine);
+  AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared, BudgetStore* budgets,
+           Engine* engine);
   // authorization: the request's Authorization header value (may be empty).
   AdminResponse handle(std::string_view method, std::string_view target,
                        std::string_view authorization = {}) const;
@@ -42,6 +44,7 @@ class AdminApi {
   Metrics& metrics_;
   AuditSink& audit_;
   const SharedState& shared_;
+  BudgetStore* budgets_;
   Engine* engine_;
   std::atomic<bool> ready_{false};
   std::function<std::string()> reload_;

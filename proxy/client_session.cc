@@ -138,9 +138,23 @@ void ClientSession::drain() {
     close();
 }
 
+void ClientSession::reportOutcome() {
+  if (outcomeReported_ || decision_.verdict != Verdict::kAllow || decision_.rule.empty() ||
+      listener_.admin)
+    return;
+  outcomeReported_ = true;
+  Outcome outcome;
+  outcome.status = status_;
+  outcome.sent = upstreamSentNs_ != 0;
+  outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0);
+  worker_.decider().onOutcome(callInfo(), decision_, outcome);
+}
+
 void ClientSession::close() {
   if (closed_) return;
   if (phase_ == Phase::kTunnel) logRequest();
+  // A call cut short still reports: its reservation is settled, or released if unsent.
+  reportOutcome();
   closed_ = true;
   worker_.resolver().cancel(this);
   client_.reset();
@@ -608,6 +622,7 @@ void ClientSession::sendRequest() {
 void ClientSession::startTunnel() {
   phase_ = Phase::kTunnel;
   status_ = 200;
+  upstreamSentNs_ = uv_hrtime();
   client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
   flushClient();
   if (closed_) return;
@@ -913,13 +928,7 @@ void ClientSession::handleAdmin() {
 
 void ClientSession::finishExchange() {
   logRequest();
-  if (decision_.verdict == Verdict::kAllow && !decision_.rule.empty() && !listener_.admin &&
-      status_ != 0) {
-    Outcome outcome;
-    outcome.status = status_;
-    outcome.failed = status_ >= 500;
-    worker_.decider().onOutcome(callInfo(), decision_, outcome);
-  }
+  reportOutcome();
   bool upstreamReusable = upstream_ && responseDone_ && requestDone_ && response_.keepAlive() &&
                           response_.errorStatus() == 0;
   releaseUpstream(upstreamReusable);
@@ -948,6 +957,7 @@ void ClientSession::resetExchange() {
   startNs_ = upstreamSentNs_ = upstreamHeadNs_ = 0;
   bodyBytes_ = bytesIn_ = bytesOut_ = 0;
   bodyNeed_ = 0;
+  outcomeReported_ = false;
   body_.clear();
   bodyTruncated_ = continueSent_ = false;
   status_ = 0;

@@ -92,6 +92,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void handleAdmin();
   void closeAfterReply();
   void logRequest();
+  void reportOutcome();
   void updateReading();
   void flushClient();
   void flushUpstream();
@@ -131,6 +132,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::string body_;            // the body as read for the decider
   bool bodyTruncated_ = false;  // the body was larger than bodyNeed_
   bool continueSent_ = false;
+  bool outcomeReported_ = false;
   uint64_t lastUpstreamReadMs_ = 0;
   uint64_t lastClientReadMs_ = 0;
   uint64_t bytesIn_ = 0, bytesOut_ = 0;

@@ -69,7 +69,7 @@ Server::Server(Config config) : config_(std::move(config)) {
 
 Status Server::init() {
   if (!config_.policies.empty()) {
-    auto policy = PolicyDecider::create(config_.policies);
+    auto policy = PolicyDecider::create(config_.policies, config_.storeBackend);
     if (!policy) return policy.error();
     policy_ = policy.value().get();
     decider_ = std::move(policy.value());
@@ -82,6 +82,7 @@ Status Server::init() {
   }
   shared_.decider = decider_.get();
   admin_ = std::make_unique<AdminApi>(metrics_, *audit_, shared_,
+                                      policy_ ? &policy_->budgets() : nullptr,
                                       policy_ ? &policy_->engine() : nullptr);
   admin_->setReloadHook([this] { return reload(); });
   shared_.admin = admin_.get();

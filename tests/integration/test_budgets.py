@@ -1,0 +1,83 @@
+"""Budget pools through the real proxy (memory store): a pool's effort cap halts calls
+once spent, the admin API shows the spend, and a call that never reached an upstream
+is refunded."""
+import json
+import os
+import unittest
+
+from tollgate_harness import HttpOrigin, Tollgate, closed_port, curl, parse_response, wait_for
+
+POLICY = """
+apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - {name: notes.write, match: {host: 127.0.0.1, methods: [POST]}, class: write, cost: {effort: 4, risk: 1}}
+pools:
+  - {name: team, effort: {limit: 10, period: 1h}, risk: {limit: 100, period: 1d}}
+agents:
+  - {id: "agent-*", pool: team}
+rules:
+  - {id: writes, effect: allow, match: {tool: notes.write}}
+"""
+
+
+class BudgetTest(unittest.TestCase):
+    def start(self):
+        tg = Tollgate()
+        with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+            f.write(POLICY)
+        tg.config.pop("hosts")
+        tg.config["policies"] = ["policy.yaml"]
+        with open(tg.config_path, "w") as f:
+            json.dump(tg.config, f)
+        return tg
+
+    def pools(self, tg):
+        code, body = tg.admin("/v1/pools")
+        self.assertEqual(code, 200)
+        return {(p["pool"], p["dimension"]): p for p in json.loads(body)}
+
+    def test_cap_halts_once_spent(self):
+        with HttpOrigin() as origin, self.start() as tg:
+            statuses = []
+            for _ in range(3):
+                rc, out, err = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/echo"), proxy=tg.proxy)
+                statuses.append(parse_response(out)[0])
+            self.assertEqual(statuses, [200, 200, 403])  # 4 + 4 fit in 10, a third 4 does not
+            rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-2", "--data", "x", origin.url("/echo"), proxy=tg.proxy)
+            status, headers, body = parse_response(out)
+            self.assertEqual(status, 403)
+            doc = json.loads(body)
+            self.assertEqual(doc["rule"], "budget")
+            self.assertIn("budget_exhausted", doc["reason"])
+            self.assertEqual(len(origin.requests), 2)
+            # Settled right after each response went out: wait for the second settle.
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the settle")
+            p = self.pools(tg)[("team", "effort")]
+            self.assertEqual((p["limit"], p["committed"], p["held"], p["remaining"]), (10, 8, 0, 2))
+            self.assertEqual(self.pools(tg)[("team", "risk")]["committed"], 2)
+
+    def test_a_call_that_never_left_is_refunded(self):
+        with self.start() as tg:
+            rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", f"http://127.0.0.1:{closed_port()}/",
+                              proxy=tg.proxy)
+            self.assertEqual(parse_response(out)[0], 502)
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the release")
+            p = self.pools(tg)[("team", "effort")]
+            self.assertEqual((p["committed"], p["held"]), (0, 0))
+
+    def test_shared_pools_are_refused_by_the_memory_store(self):
+        tg = Tollgate()
+        with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+            f.write(POLICY.replace("{name: team,", "{name: team, scope: shared,"))
+        tg.config.pop("hosts")
+        tg.config["policies"] = ["policy.yaml"]
+        with open(tg.config_path, "w") as f:
+            json.dump(tg.config, f)
+        with self.assertRaisesRegex(AssertionError, "exited with 2"):
+            with tg:
+                pass
+
+
+if __name__ == "__main__":
+    unittest.main()
