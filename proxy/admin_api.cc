@@ -90,6 +90,10 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   }
   if (path == "/metrics") {
     if (!get) return error(405, "method_not_allowed", "use GET");
+    if (budgets_) {
+      for (const auto& b : budgets_->view())
+        metrics_.setPool(b.pool, b.dimension, b.limit, b.committed, b.held);
+    }
     return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.render()};
   }
   if (path == "/v1/status") {

@@ -41,7 +41,7 @@ class AdminApi {
   void setReloadHook(std::function<std::string()> hook) { reload_ = std::move(hook); }
 
  private:
-  Metrics& metrics_;
+  Metrics& metrics_;  // setPool() is called on /metrics; the registry is thread-safe
   AuditSink& audit_;
   const SharedState& shared_;
   BudgetStore* budgets_;

@@ -2,6 +2,8 @@
 
 #include <prometheus/text_serializer.h>
 
+#include <map>
+
 namespace tollgate {
 namespace {
 
@@ -63,6 +65,22 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                   .Name("tollgate_reloads_total")
                   .Help("Reload attempts, by result")
                   .Register(r);
+  poolLimit_ = &prometheus::BuildGauge()
+                    .Name("tollgate_pool_limit")
+                    .Help("Budget limit per period, by pool and dimension")
+                    .Register(r);
+  poolCommitted_ = &prometheus::BuildGauge()
+                        .Name("tollgate_pool_committed")
+                        .Help("Budget committed this period, by pool and dimension")
+                        .Register(r);
+  poolHeld_ = &prometheus::BuildGauge()
+                   .Name("tollgate_pool_held")
+                   .Help("Budget held by calls in flight")
+                   .Register(r);
+  poolRemaining_ = &prometheus::BuildGauge()
+                        .Name("tollgate_pool_remaining")
+                        .Help("Budget left this period: limit - committed - held")
+                        .Register(r);
   halts_ = &prometheus::BuildCounter()
                 .Name("tollgate_halts_total")
                 .Help("Halted calls, by reason")
@@ -96,6 +114,15 @@ prometheus::Counter& Metrics::upstreamConnectErrors(const std::string& reason) {
 
 prometheus::Counter& Metrics::decision(const std::string& decision, const std::string& rule) {
   return decisions_->Add({{"decision", decision}, {"rule", rule}});
+}
+
+void Metrics::setPool(const std::string& pool, const std::string& dimension, int64_t limit,
+                      int64_t committed, int64_t held) {
+  std::map<std::string, std::string> labels{{"pool", pool}, {"dimension", dimension}};
+  poolLimit_->Add(labels).Set(static_cast<double>(limit));
+  poolCommitted_->Add(labels).Set(static_cast<double>(committed));
+  poolHeld_->Add(labels).Set(static_cast<double>(held));
+  poolRemaining_->Add(labels).Set(static_cast<double>(limit - committed - held));
 }
 
 prometheus::Counter& Metrics::halts(const std::string& reason) {

@@ -39,6 +39,9 @@ class Metrics {
   // breaker), "rule" for a policy rule, "bad_request" for traffic the proxy refused.
   prometheus::Counter& halts(const std::string& reason);
   prometheus::Histogram& decisionSeconds() { return *decisionSeconds_; }
+  // Budget accounts, refreshed from the store when /metrics is read.
+  void setPool(const std::string& pool, const std::string& dimension, int64_t limit,
+               int64_t committed, int64_t held);
   std::string render() const;
 
  private:
@@ -54,6 +57,10 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* reloads_;
   prometheus::Family<prometheus::Counter>* halts_;
   prometheus::Histogram* decisionSeconds_;
+  prometheus::Family<prometheus::Gauge>* poolLimit_;
+  prometheus::Family<prometheus::Gauge>* poolCommitted_;
+  prometheus::Family<prometheus::Gauge>* poolHeld_;
+  prometheus::Family<prometheus::Gauge>* poolRemaining_;
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 

@@ -56,6 +56,8 @@ class BudgetTest(unittest.TestCase):
             p = self.pools(tg)[("team", "effort")]
             self.assertEqual((p["limit"], p["committed"], p["held"], p["remaining"]), (10, 8, 0, 2))
             self.assertEqual(self.pools(tg)[("team", "risk")]["committed"], 2)
+            _, metrics = tg.admin("/metrics")
+            self.assertIn('tollgate_pool_remaining{dimension="effort",pool="team"} 2', metrics.decode())
 
     def test_a_call_that_never_left_is_refunded(self):
         with self.start() as tg:
