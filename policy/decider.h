@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -46,6 +47,8 @@ struct Outcome {
   int status = 0;       // the upstream's status, 0 when there was none
   bool failed = false;  // 5xx, connect error or timeout
   bool sent = true;     // false only when no byte of the call reached an upstream
+  // The upstream response's headers, while onOutcome() runs (null without a response).
+  std::function<std::optional<std::string_view>(std::string_view)> responseHeader;
 };
 
 const char* verdictName(Verdict verdict);

@@ -92,11 +92,31 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
   // Recorded against the set that decided: a reload in between does not mix the two.
   if (ctx.set->tracksOutcomes()) engine_.recordOutcome(*ctx.set, ctx.call, outcome);
   if (ctx.callId.empty()) return;
-  // A call that never left is refunded; any other is charged what was held.
-  if (outcome.sent)
-    budgets_->settle(ctx.callId, {}, [](BudgetOutcome) {});
-  else
+  // A call that never left is refunded; any other is charged its real cost when the
+  // response names it (never more than was held), else what was held.
+  if (!outcome.sent) {
     budgets_->release(ctx.callId, [](BudgetOutcome) {});
+    return;
+  }
+  std::vector<Charge> actual;
+  const ToolDef* tool = ctx.call.toolDef();
+  if (tool && outcome.responseHeader &&
+      (!tool->cost.effortHeader.empty() || !tool->cost.riskHeader.empty())) {
+    auto read = [&](const std::string& header, int64_t estimate) {
+      if (header.empty()) return estimate;
+      auto v = outcome.responseHeader(header);
+      if (!v || v->empty() || v->size() > 18 ||
+          v->find_first_not_of("0123456789") != std::string_view::npos) {
+        return estimate;
+      }
+      return static_cast<int64_t>(std::stoll(std::string(*v)));
+    };
+    for (const auto& c : chargesOf(*ctx.set, ctx.call)) {
+      actual.push_back(
+          {c.pool, read(tool->cost.effortHeader, c.effort), read(tool->cost.riskHeader, c.risk)});
+    }
+  }
+  budgets_->settle(ctx.callId, actual, [](BudgetOutcome) {});
 }
 
 std::string PolicyDecider::reload() {

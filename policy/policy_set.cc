@@ -359,10 +359,15 @@ class PolicyLoader {
               else if (key.ends_with(".description"))
                 str(v, key);
               else if (key.ends_with(".cost")) {
-                forEach(v, key, {"effort", "risk"},
+                forEach(v, key, {"effort", "risk", "effort_header", "risk_header"},
                         [&](const std::string& k, const YAML::Node& cv) {
-                          (k.ends_with("effort") ? t.cost.effort : t.cost.risk) =
-                              integer(cv, k, 0, int64_t{1} << 40);
+                          if (k.ends_with("effort_header"))
+                            t.cost.effortHeader = str(cv, k);
+                          else if (k.ends_with("risk_header"))
+                            t.cost.riskHeader = str(cv, k);
+                          else
+                            (k.ends_with("effort") ? t.cost.effort : t.cost.risk) =
+                                integer(cv, k, 0, int64_t{1} << 40);
                         });
               } else if (key.ends_with(".match")) {
                 hasMatch = true;

@@ -32,6 +32,10 @@ struct SourceMark {
 struct Cost {
   int64_t effort = 0;
   int64_t risk = 0;
+  // Response headers that carry the real cost, read when the call is settled (an integer;
+  // a missing or malformed value settles at the estimate).
+  std::string effortHeader;
+  std::string riskHeader;
 };
 
 struct ToolDef {

@@ -147,6 +147,9 @@ void ClientSession::reportOutcome() {
   outcome.status = status_;
   outcome.sent = upstreamSentNs_ != 0;
   outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0);
+  if (responseStarted_ && upstreamHeadNs_ != 0) {
+    outcome.responseHeader = [this](std::string_view name) { return response_.head().find(name); };
+  }
   worker_.decider().onOutcome(callInfo(), decision_, outcome);
 }
 

@@ -22,10 +22,10 @@ rules:
 
 
 class BudgetTest(unittest.TestCase):
-    def start(self):
+    def start(self, policy=POLICY):
         tg = Tollgate()
         with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
-            f.write(POLICY)
+            f.write(policy)
         tg.config.pop("hosts")
         tg.config["policies"] = ["policy.yaml"]
         with open(tg.config_path, "w") as f:
@@ -67,6 +67,41 @@ class BudgetTest(unittest.TestCase):
             wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the release")
             p = self.pools(tg)[("team", "effort")]
             self.assertEqual((p["committed"], p["held"]), (0, 0))
+
+    def test_the_real_cost_comes_from_the_response_and_an_overrun_trips_the_pool(self):
+        policy = POLICY.replace("cost: {effort: 4, risk: 1}",
+                                "cost: {effort: 4, risk: 1, effort_header: X-Cost-Effort, risk_header: X-Cost-Risk}")
+        with HttpOrigin() as origin, self.start(policy) as tg:
+            def call(query):
+                rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost" + query),
+                                  proxy=tg.proxy)
+                return parse_response(out)
+            self.assertEqual(call("?effort=1&risk=0")[0], 200)
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the settle")
+            p = self.pools(tg)
+            self.assertEqual((p[("team", "effort")]["committed"], p[("team", "risk")]["committed"]), (1, 0))
+            # No header, or a header that is not a plain integer: the estimate is charged.
+            self.assertEqual(call("")[0], 200)
+            self.assertEqual(call("?effort=-3")[0], 200)
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the settle")
+            self.assertEqual(self.pools(tg)[("team", "effort")]["committed"], 9)
+            self.assertFalse(self.pools(tg)[("team", "effort")]["tripped"])
+            # 9 + 4 > 10: refused before it is sent.
+            self.assertEqual(call("?effort=0")[0], 403)
+        policy = policy.replace("limit: 10, period: 1h", "limit: 100, period: 1h")
+        with HttpOrigin() as origin, self.start(policy) as tg:
+            rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost?effort=50"),
+                              proxy=tg.proxy)
+            self.assertEqual(parse_response(out)[0], 200)  # the response already went out
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["tripped"], timeout=3, what="the trip")
+            p = self.pools(tg)[("team", "effort")]
+            self.assertEqual((p["committed"], p["held"]), (4, 0))  # never more than was held
+            rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost?effort=1"),
+                              proxy=tg.proxy)
+            status, _, body = parse_response(out)
+            self.assertEqual(status, 403)
+            self.assertIn("budget_tripped", json.loads(body)["reason"])
+            self.assertEqual(len(origin.requests), 1)
 
     def test_shared_pools_are_refused_by_the_memory_store(self):
         tg = Tollgate()

@@ -184,7 +184,8 @@ class HttpOrigin:
 
     GET /hello -> "hello"; POST /echo -> the body; POST /sink -> {"bytes","sha256"} of the
     body (content-length or chunked, streamed); GET /stream?bytes=N -> N pattern bytes,
-    chunked; GET /delay?ms=N -> "late" after N ms; GET /status/NNN -> that status.
+    chunked; GET /delay?ms=N -> "late" after N ms; GET /status/NNN -> that status;
+    any /cost?effort=N&risk=M -> "done" with X-Cost-Effort: N and X-Cost-Risk: M.
     """
 
     def __init__(self):
@@ -280,6 +281,10 @@ class HttpOrigin:
             return self.reply(sock, 200, b"late")
         if path.startswith("/status/"):
             return self.reply(sock, int(path.split("/")[2]), b"status")
+        if path == "/cost":
+            extra = b"".join(b"X-Cost-%s: %s\r\n" % (k.capitalize().encode(), params[k][0].encode())
+                             for k in ("effort", "risk") if k in params)
+            return self.reply(sock, 200, b"done", extra)
         if path == "/mcp":
             # An MCP server answering over SSE: two events, sent as they are ready.
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -301,8 +306,8 @@ class HttpOrigin:
         return self.reply(sock, 404, b"not found")
 
     @staticmethod
-    def reply(sock, status, body):
-        sock.sendall(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % (status, len(body)) + body)
+    def reply(sock, status, body, extra=b""):
+        sock.sendall(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n" % (status, len(body), extra) + body)
         return True
 
 
