@@ -162,6 +162,7 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
     for (const auto& c : actual) {
       if (c.pool == pool) cost = dim == "effort" ? c.effort : c.risk;
     }
+    if (cost < 0) cost = held;
     auto& b = budgets_[key];
     b.held -= held;
     b.committed += std::min(cost, held);
@@ -184,8 +185,10 @@ BudgetOutcome MemoryBudgetStore::releaseNow(const std::string& callId) {
   std::lock_guard<std::mutex> lock(mutex_);
   expireHolds(now);
   auto it = holds_.find(callId);
-  if (it == holds_.end())
+  if (it == holds_.end()) {
+    rememberDone(callId);  // a reserve arriving late for this call is refused
     return refuse(BudgetStatus::kUnknownCall, "", "no hold for call " + callId);
+  }
   for (const auto& [key, amount] : it->second.amounts) budgets_[key].held -= amount;
   holds_.erase(it);
   rememberDone(callId);
@@ -194,16 +197,25 @@ BudgetOutcome MemoryBudgetStore::releaseNow(const std::string& callId) {
 
 void MemoryBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,
                                 std::chrono::milliseconds holdTtl, Done done) {
-  done(reserveNow(callId, charges, holdTtl));
+  uint64_t started = uv_hrtime();
+  auto out = reserveNow(callId, charges, holdTtl);
+  if (observer) observer("reserve", out.status, static_cast<double>(uv_hrtime() - started) / 1e9);
+  done(std::move(out));
 }
 
 void MemoryBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
                                Done done) {
-  done(settleNow(callId, actual));
+  uint64_t started = uv_hrtime();
+  auto out = settleNow(callId, actual);
+  if (observer) observer("settle", out.status, static_cast<double>(uv_hrtime() - started) / 1e9);
+  done(std::move(out));
 }
 
-void MemoryBudgetStore::release(const std::string& callId, Done done) {
-  done(releaseNow(callId));
+void MemoryBudgetStore::release(const std::string& callId, const std::vector<Charge>&, Done done) {
+  uint64_t started = uv_hrtime();
+  auto out = releaseNow(callId);
+  if (observer) observer("release", out.status, static_cast<double>(uv_hrtime() - started) / 1e9);
+  done(std::move(out));
 }
 
 std::vector<BudgetView> MemoryBudgetStore::view() const {

@@ -10,6 +10,8 @@
 // backend (next) runs the same state machine in Redis Functions.
 #pragma once
 
+#include <uv.h>
+
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -26,7 +28,7 @@
 
 namespace tollgate {
 
-// An amount charged to one pool.
+// An amount charged to one pool. In settle(), a negative amount means "what was held".
 struct Charge {
   std::string pool;
   int64_t effort = 0;
@@ -56,6 +58,8 @@ struct BudgetView {
   int64_t limit = 0, committed = 0, held = 0;
   int64_t periodEndMs = 0;
   bool tripped = false;
+  bool initialised = true;  // false: missing from the store (halted until `pools init`)
+  bool available = true;    // false: the store did not answer; the figures are unknown
   int64_t remaining() const { return limit - committed - held; }
 };
 
@@ -65,9 +69,20 @@ class BudgetStore {
   virtual ~BudgetStore() = default;
   virtual void reserve(const std::string& callId, const std::vector<Charge>& charges,
                        std::chrono::milliseconds holdTtl, Done done) = 0;
+  // `actual`: the call's charges (the same pools as reserved) with the real cost.
   virtual void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) = 0;
-  virtual void release(const std::string& callId, Done done) = 0;
+  // `charges`: the pools reserved (a shared store finds the hold by them).
+  virtual void release(const std::string& callId, const std::vector<Charge>& charges,
+                       Done done) = 0;
+  // The last known state of every pool; refresh() first for a fresh one.
   virtual std::vector<BudgetView> view() const = 0;
+  virtual void refresh(std::function<void()> done) { done(); }
+  // A worker loop starts (attach) or stops (detach, `done` once its handles are closed)
+  // using the store on the calling thread.
+  virtual void attach(uv_loop_t* /*loop*/) {}
+  virtual void detach(std::function<void()> done) { done(); }
+  // Told the result and duration of every operation (from worker threads): for metrics.
+  std::function<void(const std::string& op, BudgetStatus, double seconds)> observer;
   // Makes the set's pools known after a reload. The memory store creates the new ones
   // (and refuses shared pools); a shared store only checks (pools are initialised on purpose).
   virtual Status declare(const PolicySet& set) = 0;
@@ -83,7 +98,7 @@ class MemoryBudgetStore : public BudgetStore {
   void reserve(const std::string& callId, const std::vector<Charge>& charges,
                std::chrono::milliseconds holdTtl, Done done) override;
   void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) override;
-  void release(const std::string& callId, Done done) override;
+  void release(const std::string& callId, const std::vector<Charge>& charges, Done done) override;
   std::vector<BudgetView> view() const override;
   Status declare(const PolicySet& set) override;
 

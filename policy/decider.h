@@ -10,6 +10,8 @@
 #include <string>
 #include <string_view>
 
+struct uv_loop_s;
+
 namespace tollgate {
 
 // What the proxy knows about a call when it asks. Views are valid during decide() only.
@@ -64,6 +66,10 @@ class Decider {
   // Reports the outcome of a call that was allowed.
   virtual void onOutcome(const CallInfo& /*call*/, const Decision& /*decision*/,
                          const Outcome& /*outcome*/) {}
+  // A worker loop starts or stops deciding on the calling thread (e.g. for per-loop
+  // connections); `done` runs once the loop's handles are released.
+  virtual void attachLoop(uv_loop_s* /*loop*/) {}
+  virtual void detachLoop(std::function<void()> done) { done(); }
   // Re-reads the policies; returns an error message, or empty when the new set is active.
   virtual std::string reload() { return {}; }
 };

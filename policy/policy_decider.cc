@@ -2,18 +2,32 @@
 
 #include <atomic>
 
+#include "policy/redis_budget_store.h"
+
 namespace tollgate {
 
 Result<std::unique_ptr<PolicyDecider>> PolicyDecider::create(std::vector<std::string> files,
-                                                             const std::string& backend) {
+                                                             const StoreConfig& config) {
   auto set = PolicySet::load(files);
   if (!set) return set.error();
-  if (backend != "memory")
-    return Error{-1, "store.backend: " + backend + " is not implemented yet (use memory)"};
-  auto store = MemoryBudgetStore::create(*set.value());
-  if (!store) return store.error();
   std::unique_ptr<PolicyDecider> decider(new PolicyDecider(std::move(files), set.value()));
-  decider->budgets_ = std::move(store.value());
+  if (config.backend == "redis") {
+    RedisBudgetStore::Options options;
+    for (const auto& u : config.urls) {
+      auto hp = parseRedisUrl(u);
+      if (!hp) return hp.error();
+      options.seeds.push_back(hp.value());
+    }
+    options.timeout = config.timeout;
+    options.initMissing = config.initMissing;
+    auto store = RedisBudgetStore::create(*set.value(), options);
+    if (!store) return store.error();
+    decider->budgets_ = std::move(store.value());
+  } else {
+    auto store = MemoryBudgetStore::create(*set.value());
+    if (!store) return store.error();
+    decider->budgets_ = std::move(store.value());
+  }
   return decider;
 }
 
@@ -94,27 +108,26 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
   if (ctx.callId.empty()) return;
   // A call that never left is refunded; any other is charged its real cost when the
   // response names it (never more than was held), else what was held.
+  std::vector<Charge> charges = chargesOf(*ctx.set, ctx.call);
   if (!outcome.sent) {
-    budgets_->release(ctx.callId, [](BudgetOutcome) {});
+    budgets_->release(ctx.callId, charges, [](BudgetOutcome) {});
     return;
   }
   std::vector<Charge> actual;
+  for (const auto& c : charges) actual.push_back({c.pool, -1, -1});  // -1: what was held
   const ToolDef* tool = ctx.call.toolDef();
   if (tool && outcome.responseHeader &&
       (!tool->cost.effortHeader.empty() || !tool->cost.riskHeader.empty())) {
-    auto read = [&](const std::string& header, int64_t estimate) {
-      if (header.empty()) return estimate;
+    auto read = [&](const std::string& header) -> int64_t {
+      if (header.empty()) return -1;
       auto v = outcome.responseHeader(header);
       if (!v || v->empty() || v->size() > 18 ||
           v->find_first_not_of("0123456789") != std::string_view::npos) {
-        return estimate;
+        return -1;
       }
       return static_cast<int64_t>(std::stoll(std::string(*v)));
     };
-    for (const auto& c : chargesOf(*ctx.set, ctx.call)) {
-      actual.push_back(
-          {c.pool, read(tool->cost.effortHeader, c.effort), read(tool->cost.riskHeader, c.risk)});
-    }
+    for (auto& a : actual) a = {a.pool, read(tool->cost.effortHeader), read(tool->cost.riskHeader)};
   }
   budgets_->settle(ctx.callId, actual, [](BudgetOutcome) {});
 }

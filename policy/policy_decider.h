@@ -18,16 +18,25 @@
 
 namespace tollgate {
 
+// The config's `store:` section.
+struct StoreConfig {
+  std::string backend = "memory";  // or "redis"
+  std::vector<std::string> urls;
+  std::chrono::milliseconds timeout{100};
+  bool initMissing = false;
+};
+
 class PolicyDecider : public Decider {
  public:
-  // backend: the config's store.backend ("memory"; "redis" is not implemented yet).
   static Result<std::unique_ptr<PolicyDecider>> create(std::vector<std::string> files,
-                                                       const std::string& backend = "memory");
+                                                       const StoreConfig& store = {});
 
   void decide(const CallInfo& call, Done done) override;
   size_t bodyNeeded(std::string_view host) const override;
   void onOutcome(const CallInfo& call, const Decision& decision, const Outcome& outcome) override;
   std::string reload() override;
+  void attachLoop(uv_loop_s* loop) override { budgets_->attach(loop); }
+  void detachLoop(std::function<void()> done) override { budgets_->detach(std::move(done)); }
 
   Decision decideNow(const CallInfo& call);
   std::shared_ptr<const PolicySet> current() const { return set_.load(); }

@@ -62,6 +62,14 @@ bool AdminApi::authorized(std::string_view authorization) const {
   return match;
 }
 
+void AdminApi::prepare(std::string_view path, std::function<void()> ready) const {
+  if (budgets_ && (path == "/v1/pools" || path == "/metrics")) {
+    budgets_->refresh(std::move(ready));
+    return;
+  }
+  ready();
+}
+
 AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
                                std::string_view authorization) const {
   auto q = target.find('?');
@@ -91,8 +99,9 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   if (path == "/metrics") {
     if (!get) return error(405, "method_not_allowed", "use GET");
     if (budgets_) {
-      for (const auto& b : budgets_->view())
-        metrics_.setPool(b.pool, b.dimension, b.limit, b.committed, b.held);
+      for (const auto& b : budgets_->view()) {
+        if (b.available) metrics_.setPool(b.pool, b.dimension, b.limit, b.committed, b.held);
+      }
     }
     return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.render()};
   }
@@ -158,6 +167,8 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
           .add("remaining", b.remaining())
           .add("period_end_ms", b.periodEndMs)
           .add("tripped", b.tripped)
+          .add("initialised", b.initialised)
+          .add("available", b.available)
           .close();
     }
     body += ']';

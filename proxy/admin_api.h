@@ -30,6 +30,9 @@ class AdminApi {
   // authorization: the request's Authorization header value (may be empty).
   AdminResponse handle(std::string_view method, std::string_view target,
                        std::string_view authorization = {}) const;
+  // Runs `ready` once what handle() will read for `path` is fresh (at once for most paths;
+  // after a read of the shared store for /v1/pools and /metrics). On the caller's loop.
+  void prepare(std::string_view path, std::function<void()> ready) const;
 
  private:
   AdminResponse approvals(std::string_view method, std::string_view path) const;

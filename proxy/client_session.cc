@@ -261,7 +261,8 @@ void ClientSession::readClient(std::string_view data) {
     } else if (phase_ == Phase::kForwarding && upstream_) {
       flushUpstream();
     }
-    if (listener_.admin && requestDone_ && status_ == 0 && phase_ == Phase::kDeciding) {
+    if (listener_.admin && requestDone_ && status_ == 0 && phase_ == Phase::kDeciding &&
+        !adminWaiting_) {
       handleAdmin();
       if (closed_) break;
     }
@@ -918,6 +919,18 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
 }
 
 void ClientSession::handleAdmin() {
+  // Some answers need fresh state from a store first (pools from Redis).
+  auto url = request_.head().url();
+  adminWaiting_ = true;
+  ++pendingCallbacks_;
+  worker_.admin().prepare(url.substr(0, url.find('?')), [this] {
+    --pendingCallbacks_;
+    adminWaiting_ = false;
+    if (!closed_) answerAdmin();
+  });
+}
+
+void ClientSession::answerAdmin() {
   const auto& head = request_.head();
   auto r = worker_.admin().handle(llhttp_method_name(static_cast<llhttp_method_t>(head.method)),
                                   head.url(), head.find("authorization").value_or(""));

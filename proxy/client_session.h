@@ -90,6 +90,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void reply(int status, std::string_view body, std::string_view extraHeaders, bool close);
   void badRequest(int status, std::string_view error, std::string_view reason);
   void handleAdmin();
+  void answerAdmin();
   void closeAfterReply();
   void logRequest();
   void reportOutcome();
@@ -148,6 +149,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool upstreamReused_ = false;
   bool retried_ = false;
   bool parsing_ = false;
+  bool adminWaiting_ = false;     // an admin answer waits for AdminApi::prepare()
   bool parserPaused_ = false;     // the request parser stopped after a complete request
   bool responseStarted_ = false;  // any byte of the response went to the client
   bool responseChunked_ = false;  // re-chunking the body for the client

@@ -1,5 +1,7 @@
 #include "proxy/config.h"
 
+#include "policy/redis_client.h"
+
 #include "proxy/resolver.h"
 
 #include <yaml-cpp/yaml.h>
@@ -240,16 +242,28 @@ Config read(const YAML::Node& root, const Reader& r) {
           for (auto& p : r.strings(v, key))
             c.policies.push_back((base / p).lexically_normal().string());
         } else if (key == "store") {
-          r.forEach(v, key, {"backend", "urls"}, [&](const std::string& k, const YAML::Node& sv) {
-            if (k == "store.backend") {
-              c.storeBackend = r.str(sv, k);
-              if (c.storeBackend != "memory" && c.storeBackend != "redis") {
-                r.fail(sv, k, "expected memory or redis");
-              }
-            } else {
-              c.storeUrls = r.strings(sv, k);
-            }
-          });
+          r.forEach(v, key, {"backend", "urls", "timeout", "init_missing", "hold_ttl"},
+                    [&](const std::string& k, const YAML::Node& sv) {
+                      if (k == "store.backend") {
+                        c.storeBackend = r.str(sv, k);
+                        if (c.storeBackend != "memory" && c.storeBackend != "redis") {
+                          r.fail(sv, k, "expected memory or redis");
+                        }
+                      } else if (k == "store.timeout") {
+                        c.storeTimeout = r.duration(sv, k);
+                        if (c.storeTimeout.count() == 0) r.fail(sv, k, "must be greater than 0");
+                      } else if (k == "store.hold_ttl") {
+                        c.storeHoldTtl = r.duration(sv, k);
+                        if (c.storeHoldTtl.count() == 0) r.fail(sv, k, "must be greater than 0");
+                      } else if (k == "store.init_missing") {
+                        c.storeInitMissing = r.boolean(sv, k);
+                      } else {
+                        c.storeUrls = r.strings(sv, k);
+                        for (const auto& u : c.storeUrls) {
+                          if (auto p = parseRedisUrl(u); !p) r.fail(sv, k, p.error().message);
+                        }
+                      }
+                    });
           if (c.storeBackend == "redis" && c.storeUrls.empty())
             r.fail(v, key + ".urls", "required for the redis backend");
         } else if (key == "audit") {

@@ -60,6 +60,9 @@ struct Config {
   std::vector<std::string> policies;  // resolved against the config file's directory
   std::string storeBackend = "memory";
   std::vector<std::string> storeUrls;
+  Millis storeTimeout{100};
+  Millis storeHoldTtl{120'000};  // a hold not settled by then is committed
+  bool storeInitMissing = false;
   std::string auditDir = "var/audit";
   LimitsConfig limits;
   TimeoutsConfig timeouts;

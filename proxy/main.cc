@@ -5,6 +5,8 @@
 #include <vector>
 
 #include "policy/policy_cli.h"
+#include "policy/policy_set.h"
+#include "policy/redis_budget_store.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
 #include "proxy/version.h"
@@ -17,6 +19,9 @@ usage:
   tollgate run -c FILE            run the sidecar with the config FILE (YAML)
   tollgate policy check FILE...   validate policies: schema, references, lints
   tollgate policy test FILE...    run policy table tests (kind: PolicyTest)
+  tollgate pools init -c FILE [--reset]
+                                  create the config's pools that are missing from its Redis
+                                  store with zero spend (--reset: all of them, spend erased)
   tollgate --version              print the version
   tollgate help                   print this help
 
@@ -54,6 +59,52 @@ int runCommand(const std::vector<std::string_view>& args) {
   return server.run();
 }
 
+int poolsInit(const std::vector<std::string_view>& args) {
+  std::string configPath;
+  bool reset = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "-c" || args[i] == "--config") {
+      if (i + 1 >= args.size()) return usageError("-c needs a file");
+      configPath = std::string(args[++i]);
+    } else if (args[i] == "--reset") {
+      reset = true;
+    } else {
+      return usageError("pools init: unknown argument '" + std::string(args[i]) + "'");
+    }
+  }
+  if (configPath.empty()) return usageError("pools init needs -c FILE");
+  auto config = tollgate::loadConfig(configPath);
+  if (!config) {
+    std::fprintf(stderr, "tollgate: %s\n", config.error().message.c_str());
+    return 2;
+  }
+  const auto& c = config.value();
+  if (c.storeBackend != "redis" || c.policies.empty()) {
+    std::fprintf(stderr, "tollgate: pools init needs store.backend: redis and policies: in %s\n",
+                 configPath.c_str());
+    return 2;
+  }
+  auto set = tollgate::PolicySet::load(c.policies);
+  if (!set) {
+    std::fprintf(stderr, "tollgate: %s\n", set.error().message.c_str());
+    return 2;
+  }
+  tollgate::RedisBudgetStore::Options options;
+  for (const auto& u : c.storeUrls) options.seeds.push_back(tollgate::parseRedisUrl(u).value());
+  options.timeout = c.storeTimeout;
+  auto result = tollgate::RedisBudgetStore::initPools(*set.value(), options, reset);
+  if (!result) {
+    std::fprintf(stderr, "tollgate: %s\n", result.error().message.c_str());
+    return 1;
+  }
+  for (const auto& r : result.value()) {
+    std::printf(
+        "%s: %s\n", r.pool.c_str(),
+        r.created ? (reset ? "reset to zero spend" : "created with zero spend") : "exists, kept");
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -75,6 +126,10 @@ int main(int argc, char** argv) {
     if (args[1] == "check") return tollgate::policyCheck(files, stdout);
     if (args[1] == "test") return tollgate::policyTest(files, stdout);
     return usageError("unknown policy command '" + std::string(args[1]) + "'");
+  }
+  if (cmd == "pools") {
+    if (args.size() < 2 || args[1] != "init") return usageError("pools needs init");
+    return poolsInit({args.begin() + 2, args.end()});
   }
   return usageError("unknown command '" + std::string(cmd) + "'");
 }

@@ -81,6 +81,16 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Name("tollgate_pool_remaining")
                         .Help("Budget left this period: limit - committed - held")
                         .Register(r);
+  budgetOps_ = &prometheus::BuildCounter()
+                    .Name("tollgate_budget_operations_total")
+                    .Help(
+                        "Budget store operations (reserve, settle, release) by result; "
+                        "budget_unavailable counts store errors and timeouts")
+                    .Register(r);
+  budgetSeconds_ = &prometheus::BuildHistogram()
+                        .Name("tollgate_budget_store_seconds")
+                        .Help("Budget store latency by operation")
+                        .Register(r);
   halts_ = &prometheus::BuildCounter()
                 .Name("tollgate_halts_total")
                 .Help("Halted calls, by reason")
@@ -123,6 +133,13 @@ void Metrics::setPool(const std::string& pool, const std::string& dimension, int
   poolCommitted_->Add(labels).Set(static_cast<double>(committed));
   poolHeld_->Add(labels).Set(static_cast<double>(held));
   poolRemaining_->Add(labels).Set(static_cast<double>(limit - committed - held));
+}
+
+void Metrics::budgetOperation(const std::string& op, const std::string& result, double seconds) {
+  budgetOps_->Add({{"op", op}, {"result", result}}).Increment();
+  static const prometheus::Histogram::BucketBoundaries buckets{
+      0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25};
+  budgetSeconds_->Add({{"op", op}}, buckets).Observe(seconds);
 }
 
 prometheus::Counter& Metrics::halts(const std::string& reason) {

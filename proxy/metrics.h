@@ -40,6 +40,8 @@ class Metrics {
   prometheus::Counter& halts(const std::string& reason);
   prometheus::Histogram& decisionSeconds() { return *decisionSeconds_; }
   // Budget accounts, refreshed from the store when /metrics is read.
+  // One budget store operation: its op, result (ok, budget_exhausted, …) and duration.
+  void budgetOperation(const std::string& op, const std::string& result, double seconds);
   void setPool(const std::string& pool, const std::string& dimension, int64_t limit,
                int64_t committed, int64_t held);
   std::string render() const;
@@ -61,6 +63,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* poolCommitted_;
   prometheus::Family<prometheus::Gauge>* poolHeld_;
   prometheus::Family<prometheus::Gauge>* poolRemaining_;
+  prometheus::Family<prometheus::Counter>* budgetOps_;
+  prometheus::Family<prometheus::Histogram>* budgetSeconds_;
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 

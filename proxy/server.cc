@@ -69,9 +69,16 @@ Server::Server(Config config) : config_(std::move(config)) {
 
 Status Server::init() {
   if (!config_.policies.empty()) {
-    auto policy = PolicyDecider::create(config_.policies, config_.storeBackend);
+    StoreConfig store{config_.storeBackend, config_.storeUrls, config_.storeTimeout,
+                      config_.storeInitMissing};
+    auto policy = PolicyDecider::create(config_.policies, store);
     if (!policy) return policy.error();
     policy_ = policy.value().get();
+    policy_->holdTtl = config_.storeHoldTtl;
+    policy_->budgets().observer = [m = &metrics_](const std::string& op, BudgetStatus s,
+                                                  double seconds) {
+      m->budgetOperation(op, budgetStatusName(s), seconds);
+    };
     decider_ = std::move(policy.value());
     Log::Line(LogLevel::kInfo, "policies loaded")
         .add("files", static_cast<uint64_t>(config_.policies.size()))

@@ -61,6 +61,7 @@ void Worker::join() {
 
 void Worker::run() {
   Log::setThreadBuffered(true);
+  shared_.decider->attachLoop(&loop_.loop);
   openListeners();
   logFlush_->start(kLogFlushMs);
   uv_run(&loop_.loop, UV_RUN_DEFAULT);
@@ -166,6 +167,7 @@ void Worker::finishIfIdle() {
   stopped_ = true;
   freeReleased();
   pool_.closeAll();
+  shared_.decider->detachLoop([] {});
   deadline_.reset();
   logFlush_.reset();
   uv_close(reinterpret_cast<uv_handle_t*>(&drainAsync_), nullptr);

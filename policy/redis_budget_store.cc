@@ -1,0 +1,562 @@
+#include "policy/redis_budget_store.h"
+
+#include <regex>
+
+#include "common/log.h"
+
+namespace tollgate {
+namespace {
+
+constexpr size_t kMaxRetries = 10'000;  // per worker loop
+
+// ARGV: op, call id, ttl ms, pool count, then per pool (in KEYS order, 4 keys each):
+// name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk period ms.
+// Amounts are the estimate for reserve and the real cost for settle (-1: not known).
+// A limit of -1: the policy gives the pool no budget of that dimension.
+const RedisScript& budgetScript() {
+  static const RedisScript script(R"LUA(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, call = ARGV[1], ARGV[2]
+local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local DIMS = {'effort', 'risk'}
+local KEEP = 100000
+
+local function I(x) return string.format('%d', x) end
+local function num(v) return tonumber(v) or 0 end
+local function A(i, k) return ARGV[4 + 7 * (i - 1) + 1 + k] end
+local function K(i, k) return KEYS[4 * (i - 1) + k] end
+
+local function remember(d, id)
+  redis.call('ZADD', d, now, id)
+  redis.call('ZREMRANGEBYRANK', d, 0, -(KEEP + 1))
+end
+
+local function split(v)
+  local e, r = string.match(v, '^(%d+):(%d+)$')
+  return {tonumber(e) or 0, tonumber(r) or 0}
+end
+
+-- Holds past their expiry are committed, not refunded: the call may have run.
+local function expire(i)
+  local b, h, x, d = K(i, 1), K(i, 2), K(i, 3), K(i, 4)
+  local alive = redis.call('EXISTS', b) == 1
+  local due = redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 1000)
+  for _, id in ipairs(due) do
+    local v = redis.call('HGET', h, id)
+    if v and alive then
+      local held = split(v)
+      for j, dim in ipairs(DIMS) do
+        if held[j] > 0 then
+          redis.call('HINCRBY', b, dim .. ':held', -held[j])
+          redis.call('HINCRBY', b, dim .. ':committed', held[j])
+        end
+      end
+    end
+    redis.call('HDEL', h, id)
+    redis.call('ZREM', x, id)
+    remember(d, id)
+  end
+end
+
+local function roll(b, dim, period)
+  if num(redis.call('HGET', b, dim .. ':period')) ~= period then
+    redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(now - now % period))
+  elseif now >= num(redis.call('HGET', b, dim .. ':start')) + period then
+    redis.call('HSET', b, dim .. ':start', I(now - now % period), dim .. ':committed', '0',
+               dim .. ':tripped', '0')
+  end
+end
+
+if op == 'init' then
+  local out = {}
+  for i = 1, n do
+    local b = K(i, 1)
+    if call ~= 'reset' and redis.call('EXISTS', b) == 1 then
+      out[i] = 'exists'
+    else
+      redis.call('DEL', b, K(i, 2), K(i, 3))
+      redis.call('HSET', b, 'created', I(now))
+      for j, dim in ipairs(DIMS) do
+        local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
+        if limit >= 0 then
+          redis.call('HSET', b, dim .. ':committed', '0', dim .. ':held', '0', dim .. ':tripped',
+                     '0', dim .. ':period', I(period), dim .. ':start', I(now - now % period))
+        end
+      end
+      out[i] = 'created'
+    end
+  end
+  return out
+end
+
+for i = 1, n do expire(i) end
+
+if op == 'view' then
+  local out = {}
+  for i = 1, n do
+    local b = K(i, 1)
+    local alive = redis.call('EXISTS', b) == 1
+    for j, dim in ipairs(DIMS) do
+      local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
+      if limit >= 0 then
+        if alive then
+          roll(b, dim, period)
+          local f = redis.call('HMGET', b, dim .. ':committed', dim .. ':held', dim .. ':start',
+                               dim .. ':tripped')
+          out[#out + 1] = {A(i, 0), dim, 1, num(f[1]), num(f[2]), num(f[3]) + period, num(f[4])}
+        else
+          out[#out + 1] = {A(i, 0), dim, 0, 0, 0, 0, 0}
+        end
+      end
+    end
+  end
+  return out
+end
+
+if op == 'reserve' then
+  if redis.call('HEXISTS', K(1, 2), call) == 1 then return {'ok', '', '', 0} end
+  if redis.call('ZSCORE', K(1, 4), call) then
+    return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0}
+  end
+  for i = 1, n do
+    local b, pool = K(i, 1), A(i, 0)
+    for j, dim in ipairs(DIMS) do
+      local amount = tonumber(A(i, j))
+      if amount > 0 then
+        local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
+        if limit < 0 then
+          return {'budget_uninitialised', pool,
+                  'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store', 0}
+        end
+        if redis.call('EXISTS', b) == 0 then
+          return {'budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from the ' ..
+                  'store (never initialised, or flushed): run tollgate pools init', 0}
+        end
+        roll(b, dim, period)
+        if num(redis.call('HGET', b, dim .. ':tripped')) ~= 0 then
+          return {'budget_tripped', pool,
+                  'pool ' .. pool .. ' was tripped by an overrun this period', 0}
+        end
+        local used = num(redis.call('HGET', b, dim .. ':committed')) +
+                     num(redis.call('HGET', b, dim .. ':held'))
+        if used + amount > limit then
+          return {'budget_exhausted', pool,
+                  'pool ' .. pool .. ' ' .. dim .. ': ' .. I(used) .. ' of ' .. I(limit) ..
+                  ' spent or held, ' .. I(amount) .. ' more asked', 0}
+        end
+      end
+    end
+  end
+  for i = 1, n do
+    local e, r = math.max(tonumber(A(i, 1)), 0), math.max(tonumber(A(i, 2)), 0)
+    if e > 0 then redis.call('HINCRBY', K(i, 1), 'effort:held', e) end
+    if r > 0 then redis.call('HINCRBY', K(i, 1), 'risk:held', r) end
+    redis.call('HSET', K(i, 2), call, I(e) .. ':' .. I(r))
+    redis.call('ZADD', K(i, 3), now + ttl, call)
+  end
+  return {'ok', '', '', 0}
+end
+
+if op == 'settle' or op == 'release' then
+  if redis.call('HEXISTS', K(1, 2), call) == 0 then
+    -- A release of a call never held leaves a mark, so that a reserve arriving late is refused.
+    if op == 'release' then remember(K(1, 4), call) end
+    return {'unknown_call', '', 'no hold for call ' .. call, 0}
+  end
+  local overrun, opool = 0, ''
+  for i = 1, n do
+    local b, h = K(i, 1), K(i, 2)
+    local v = redis.call('HGET', h, call)
+    if v then
+      local held = split(v)
+      local alive = redis.call('EXISTS', b) == 1
+      for j, dim in ipairs(DIMS) do
+        if held[j] > 0 then
+          local cost = 0
+          if op == 'settle' then
+            cost = tonumber(A(i, j))
+            if cost < 0 then cost = held[j] end
+          end
+          if alive then
+            redis.call('HINCRBY', b, dim .. ':held', -held[j])
+            redis.call('HINCRBY', b, dim .. ':committed', math.min(cost, held[j]))
+          end
+          if cost > held[j] then
+            overrun = overrun + cost - held[j]
+            opool = A(i, 0)
+            if alive then redis.call('HSET', b, dim .. ':tripped', '1') end
+          end
+        end
+      end
+      redis.call('HDEL', h, call)
+      redis.call('ZREM', K(i, 3), call)
+    end
+    remember(K(i, 4), call)
+  end
+  if overrun > 0 then
+    return {'ok', opool, 'call ' .. call .. ' cost ' .. I(overrun) .. ' more than was held', overrun}
+  end
+  return {'ok', '', '', 0}
+end
+
+return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
+)LUA");
+  return script;
+}
+
+BudgetStatus statusOf(std::string_view s) {
+  if (s == "ok") return BudgetStatus::kOk;
+  if (s == "budget_exhausted") return BudgetStatus::kExhausted;
+  if (s == "budget_tripped") return BudgetStatus::kTripped;
+  if (s == "budget_uninitialised") return BudgetStatus::kUninitialised;
+  if (s == "unknown_call") return BudgetStatus::kUnknownCall;
+  return BudgetStatus::kUnavailable;
+}
+
+std::string keyOf(const std::string& pool, char kind) {
+  return "tollgate:{" + pool + "}:" + kind;
+}
+
+BudgetOutcome unavailable(std::string reason) {
+  return BudgetOutcome{BudgetStatus::kUnavailable, "", std::move(reason), 0};
+}
+
+}  // namespace
+
+struct RedisBudgetStore::PerLoop {
+  uv_loop_t* loop;
+  std::unique_ptr<RedisClient> client;
+  std::vector<Retry> retries;
+  bool flushing = false;
+};
+
+namespace {
+// The calling worker's client. One Redis store per process, so one slot per thread.
+thread_local void* tlsPerLoop = nullptr;
+thread_local const void* tlsOwner = nullptr;
+}  // namespace
+
+RedisBudgetStore::PerLoop* RedisBudgetStore::local() const {
+  return tlsOwner == this ? static_cast<PerLoop*>(tlsPerLoop) : nullptr;
+}
+
+Result<std::vector<RedisBudgetStore::PoolSpec>> RedisBudgetStore::specsOf(const PolicySet& set) {
+  static const std::regex name("[A-Za-z0-9_.:-]{1,128}");
+  std::vector<PoolSpec> out;
+  for (const auto& p : set.pools()) {
+    if (!std::regex_match(p.name, name)) {
+      return Error{-1, p.mark.str() + ": pool '" + p.name +
+                           "': the Redis store needs pool names of letters, digits and _ . : -"};
+    }
+    PoolSpec s;
+    s.name = p.name;
+    if (p.effort) s.effortLimit = p.effort->limit, s.effortPeriodMs = p.effort->period.count();
+    if (p.risk) s.riskLimit = p.risk->limit, s.riskPeriodMs = p.risk->period.count();
+    s.failOpen = p.failOpen;
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+Result<std::unique_ptr<RedisBudgetStore>> RedisBudgetStore::create(const PolicySet& set,
+                                                                   Options options) {
+  if (options.seeds.empty()) return Error{-1, "store.urls: at least one Redis URL is needed"};
+  std::unique_ptr<RedisBudgetStore> store(new RedisBudgetStore(options));
+  if (auto st = store->declare(set); !st) return st.error();
+  if (options.initMissing) {
+    auto created = initPools(set, options, false);
+    if (!created) return created.error();
+    for (const auto& r : created.value()) {
+      if (r.created) Log::Line(LogLevel::kWarn, "pool initialised").add("pool", r.pool).emit();
+    }
+  }
+  return store;
+}
+
+RedisBudgetStore::~RedisBudgetStore() {
+  if (tlsOwner == this) tlsOwner = nullptr;
+}
+
+Status RedisBudgetStore::declare(const PolicySet& set) {
+  auto specs = specsOf(set);
+  if (!specs) return specs.error();
+  std::lock_guard<std::mutex> lock(mutex_);
+  specs_ = std::make_shared<const std::vector<PoolSpec>>(std::move(specs.value()));
+  return Status::success();
+}
+
+std::shared_ptr<const std::vector<RedisBudgetStore::PoolSpec>> RedisBudgetStore::specs() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return specs_;
+}
+
+void RedisBudgetStore::attach(uv_loop_t* loop) {
+  auto* l = new PerLoop{
+      loop,
+      std::make_unique<RedisClient>(loop, RedisClient::Options{options_.seeds, options_.timeout}),
+      {},
+      false};
+  tlsPerLoop = l;
+  tlsOwner = this;
+}
+
+void RedisBudgetStore::detach(std::function<void()> done) {
+  PerLoop* l = local();
+  tlsPerLoop = nullptr;
+  tlsOwner = nullptr;
+  if (!l) {
+    done();
+    return;
+  }
+  if (!l->retries.empty()) {
+    Log::Line(LogLevel::kWarn, "budget settlements not delivered at shutdown; their holds expire")
+        .add("calls", static_cast<uint64_t>(l->retries.size()))
+        .emit();
+  }
+  // Settlements still on the wire are waited for (each within its deadline).
+  l->client->close(
+      [l, done = std::move(done)] {
+        delete l;
+        done();
+      },
+      true);
+}
+
+void RedisBudgetStore::retryLater(PerLoop* l, Retry retry) {
+  if (l->retries.size() >= kMaxRetries) return;  // the hold expires and is committed
+  l->retries.push_back(std::move(retry));
+}
+
+void RedisBudgetStore::flushRetries(PerLoop* l) {
+  if (l->retries.empty() || l->flushing) return;
+  l->flushing = true;
+  auto retries = std::move(l->retries);
+  l->retries.clear();
+  for (auto& r : retries) {
+    if (r.settle)
+      settle(r.callId, r.charges, [](BudgetOutcome) {});
+    else
+      release(r.callId, r.charges, [](BudgetOutcome) {});
+  }
+  l->flushing = false;
+}
+
+void RedisBudgetStore::run(const char* op, const std::string& callId,
+                           const std::vector<Charge>& charges, int64_t ttlMs, Done done) {
+  PerLoop* l = local();
+  if (!l) {
+    done(unavailable("no Redis connection on this thread"));
+    return;
+  }
+  auto specs = this->specs();
+  std::vector<std::string> keys;
+  std::vector<std::string> args{op, callId, std::to_string(ttlMs), std::to_string(charges.size())};
+  uint16_t slot = 0;
+  for (size_t i = 0; i < charges.size(); ++i) {
+    const auto& c = charges[i];
+    const PoolSpec* spec = nullptr;
+    for (const auto& s : *specs) {
+      if (s.name == c.pool) spec = &s;
+    }
+    if (!spec) {
+      done(BudgetOutcome{BudgetStatus::kUninitialised, c.pool,
+                         "pool " + c.pool + " is not in the policy set", 0});
+      return;
+    }
+    for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(c.pool, k));
+    uint16_t s = redisKeySlot(keys.back());
+    if (i == 0) slot = s;
+    if (s != slot) {
+      done(unavailable("pools " + charges[0].pool + " and " + c.pool +
+                       " are in different Redis slots; a call charges pools of one hash tag"));
+      return;
+    }
+    for (std::string v : {c.pool, std::to_string(c.effort), std::to_string(c.risk),
+                          std::to_string(spec->effortLimit), std::to_string(spec->effortPeriodMs),
+                          std::to_string(spec->riskLimit), std::to_string(spec->riskPeriodMs)})
+      args.push_back(std::move(v));
+  }
+  uint64_t started = uv_hrtime();
+  std::string opName = op;
+  l->client->eval(
+      budgetScript(), std::move(keys), std::move(args),
+      [this, l, opName, started, done = std::move(done)](Result<RedisReply> r) {
+        BudgetOutcome out;
+        if (!r) {
+          out = unavailable(r.error().message);
+        } else if (r.value().isError()) {
+          out = unavailable("redis: " + r.value().str);
+        } else if (r.value().type != RedisReply::Type::kArray || r.value().elements.size() != 4) {
+          out = unavailable("redis: unexpected reply to the budget script");
+        } else {
+          const auto& e = r.value().elements;
+          out.status = statusOf(e[0].str);
+          out.pool = e[1].str;
+          out.reason = e[2].str;
+          out.overrun = e[3].integer;
+        }
+        if (observer)
+          observer(opName, out.status, static_cast<double>(uv_hrtime() - started) / 1e9);
+        if (out.status != BudgetStatus::kUnavailable) flushRetries(l);
+        done(std::move(out));
+      });
+}
+
+void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,
+                               std::chrono::milliseconds holdTtl, Done done) {
+  run("reserve", callId, charges, holdTtl.count(),
+      [this, callId, charges, done = std::move(done)](BudgetOutcome out) {
+        // The call is halted; if the reserve did reach Redis, its hold is released later.
+        if (out.status == BudgetStatus::kUnavailable) {
+          if (PerLoop* l = local()) retryLater(l, Retry{false, callId, charges});
+        }
+        done(std::move(out));
+      });
+}
+
+void RedisBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
+                              Done done) {
+  std::vector<Charge> charges = actual;
+  for (auto& c : charges) {
+    c.effort = std::max<int64_t>(c.effort, -1);  // -1: what was held
+    c.risk = std::max<int64_t>(c.risk, -1);
+  }
+  run("settle", callId, charges, 0,
+      [this, callId, charges, done = std::move(done)](BudgetOutcome out) {
+        if (out.status == BudgetStatus::kUnavailable) {
+          if (PerLoop* l = local()) retryLater(l, Retry{true, callId, charges});
+        }
+        done(std::move(out));
+      });
+}
+
+void RedisBudgetStore::release(const std::string& callId, const std::vector<Charge>& charges,
+                               Done done) {
+  run("release", callId, charges, 0,
+      [this, callId, charges, done = std::move(done)](BudgetOutcome out) {
+        if (out.status == BudgetStatus::kUnavailable) {
+          if (PerLoop* l = local()) retryLater(l, Retry{false, callId, charges});
+        }
+        done(std::move(out));
+      });
+}
+
+std::vector<BudgetView> RedisBudgetStore::view() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return cache_;
+}
+
+void RedisBudgetStore::refresh(std::function<void()> done) {
+  PerLoop* l = local();
+  auto specs = this->specs();
+  if (!l || specs->empty()) {
+    done();
+    return;
+  }
+  // One script call per pool: pools are in different slots.
+  struct Gather {
+    std::vector<BudgetView> views;
+    size_t left;
+    std::function<void()> done;
+  };
+  auto g = std::make_shared<Gather>(Gather{{}, specs->size(), std::move(done)});
+  for (const auto& s : *specs) {
+    std::vector<std::string> keys;
+    for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
+    std::vector<std::string> args{"view",
+                                  "",
+                                  "0",
+                                  "1",
+                                  s.name,
+                                  "0",
+                                  "0",
+                                  std::to_string(s.effortLimit),
+                                  std::to_string(s.effortPeriodMs),
+                                  std::to_string(s.riskLimit),
+                                  std::to_string(s.riskPeriodMs)};
+    l->client->eval(
+        budgetScript(), std::move(keys), std::move(args), [this, g, s](Result<RedisReply> r) {
+          bool ok = r && r.value().type == RedisReply::Type::kArray;
+          for (const char* dim : {"effort", "risk"}) {
+            int64_t limit = std::string_view(dim) == "effort" ? s.effortLimit : s.riskLimit;
+            if (limit < 0) continue;
+            BudgetView v{s.name, dim, limit, 0, 0, 0, false};
+            v.initialised = false;
+            v.available = false;
+            if (ok) {
+              for (const auto& e : r.value().elements) {
+                if (e.elements.size() != 7 || e.elements[1].str != dim) continue;
+                v.available = true;
+                v.initialised = e.elements[2].integer == 1;
+                v.committed = e.elements[3].integer;
+                v.held = e.elements[4].integer;
+                v.periodEndMs = e.elements[5].integer;
+                v.tripped = e.elements[6].integer != 0;
+              }
+            }
+            g->views.push_back(std::move(v));
+          }
+          if (--g->left == 0) {
+            std::sort(g->views.begin(), g->views.end(), [](const auto& a, const auto& b) {
+              return std::tie(a.pool, a.dimension) < std::tie(b.pool, b.dimension);
+            });
+            {
+              std::lock_guard<std::mutex> lock(mutex_);
+              cache_ = g->views;
+            }
+            g->done();
+          }
+        });
+  }
+}
+
+Result<std::vector<RedisBudgetStore::InitResult>> RedisBudgetStore::initPools(
+    const PolicySet& set, const Options& options, bool reset) {
+  auto specs = specsOf(set);
+  if (!specs) return specs.error();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  std::vector<InitResult> out;
+  std::string failure;
+  {
+    RedisClient client(
+        &loop, RedisClient::Options{options.seeds,
+                                    std::max(options.timeout, std::chrono::milliseconds(2000))});
+    for (const auto& s : specs.value()) {
+      std::vector<std::string> keys;
+      for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
+      std::vector<std::string> args{"init",
+                                    reset ? "reset" : "missing",
+                                    "0",
+                                    "1",
+                                    s.name,
+                                    "0",
+                                    "0",
+                                    std::to_string(s.effortLimit),
+                                    std::to_string(s.effortPeriodMs),
+                                    std::to_string(s.riskLimit),
+                                    std::to_string(s.riskPeriodMs)};
+      bool answered = false;
+      client.eval(budgetScript(), std::move(keys), std::move(args),
+                  [&, name = s.name](Result<RedisReply> r) {
+                    answered = true;
+                    if (!r) {
+                      if (failure.empty()) failure = r.error().message;
+                    } else if (r.value().isError() || r.value().elements.size() != 1) {
+                      if (failure.empty()) failure = "redis: " + r.value().str;
+                    } else {
+                      out.push_back({name, r.value().elements[0].str == "created"});
+                    }
+                  });
+      while (!answered) uv_run(&loop, UV_RUN_ONCE);  // one at a time; every request has a deadline
+    }
+    client.close(nullptr);
+    uv_run(&loop, UV_RUN_DEFAULT);
+  }
+  uv_loop_close(&loop);
+  if (!failure.empty()) return Error{-1, "pools init: " + failure};
+  return out;
+}
+
+}  // namespace tollgate

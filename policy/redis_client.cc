@@ -1,0 +1,484 @@
+#include "policy/redis_client.h"
+
+// hiredis's C headers; its libuv adapter is a header of static functions.
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <openssl/sha.h>
+
+#include <algorithm>
+#include <charconv>
+
+#include "common/log.h"
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include <hiredis/adapters/libuv.h>
+#pragma GCC diagnostic pop
+
+namespace tollgate {
+namespace {
+
+constexpr int kSlots = 16384;
+constexpr int kMaxRedirects = 5;
+constexpr int64_t kBackoffMinMs = 100;
+constexpr int64_t kBackoffMaxMs = 1000;
+
+uint16_t crc16(std::string_view s) {
+  uint16_t crc = 0;
+  for (unsigned char c : s) {
+    crc ^= static_cast<uint16_t>(c << 8);
+    for (int i = 0; i < 8; ++i)
+      crc = (crc & 0x8000) ? static_cast<uint16_t>((crc << 1) ^ 0x1021)
+                           : static_cast<uint16_t>(crc << 1);
+  }
+  return crc;
+}
+
+RedisReply convert(const redisReply* r) {
+  RedisReply out;
+  switch (r->type) {
+    case REDIS_REPLY_STATUS:
+      out.type = RedisReply::Type::kStatus;
+      out.str.assign(r->str, r->len);
+      break;
+    case REDIS_REPLY_ERROR:
+      out.type = RedisReply::Type::kError;
+      out.str.assign(r->str, r->len);
+      break;
+    case REDIS_REPLY_INTEGER:
+      out.type = RedisReply::Type::kInteger;
+      out.integer = r->integer;
+      break;
+    case REDIS_REPLY_STRING:
+      out.type = RedisReply::Type::kString;
+      out.str.assign(r->str, r->len);
+      break;
+    case REDIS_REPLY_ARRAY:
+      out.type = RedisReply::Type::kArray;
+      out.elements.reserve(r->elements);
+      for (size_t i = 0; i < r->elements; ++i) out.elements.push_back(convert(r->element[i]));
+      break;
+    default:
+      out.type = RedisReply::Type::kNil;
+  }
+  return out;
+}
+
+// "MOVED 3999 127.0.0.1:6381" / "ASK 3999 127.0.0.1:6381" -> host, port.
+bool parseRedirect(std::string_view err, std::string& host, uint16_t& port) {
+  auto sp = err.rfind(' ');
+  if (sp == std::string_view::npos) return false;
+  auto addr = err.substr(sp + 1);
+  auto colon = addr.rfind(':');
+  if (colon == std::string_view::npos) return false;
+  host.assign(addr.substr(0, colon));
+  auto p = addr.substr(colon + 1);
+  auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
+  return ec == std::errc() && end == p.data() + p.size();
+}
+
+}  // namespace
+
+RedisScript::RedisScript(std::string src) : source(std::move(src)) {
+  unsigned char digest[SHA_DIGEST_LENGTH];
+  SHA1(reinterpret_cast<const unsigned char*>(source.data()), source.size(), digest);
+  static const char* hex = "0123456789abcdef";
+  for (unsigned char b : digest) {
+    sha1 += hex[b >> 4];
+    sha1 += hex[b & 15];
+  }
+}
+
+uint16_t redisKeySlot(std::string_view key) {
+  auto open = key.find('{');
+  if (open != std::string_view::npos) {
+    auto close = key.find('}', open + 1);
+    if (close != std::string_view::npos && close > open + 1)
+      key = key.substr(open + 1, close - open - 1);
+  }
+  return crc16(key) % kSlots;
+}
+
+Result<HostPort> parseRedisUrl(std::string_view url) {
+  std::string_view rest = url;
+  if (rest.starts_with("redis://")) rest.remove_prefix(8);
+  while (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
+  if (rest.empty() || rest.find('@') != std::string_view::npos ||
+      rest.find('/') != std::string_view::npos) {
+    return Error{-1, "redis url '" + std::string(url) +
+                         "': expected redis://HOST:PORT (credentials and databases are not "
+                         "supported)"};
+  }
+  if (auto hp = parseHostPort(rest)) return *hp;
+  if (rest.find(':') == std::string_view::npos) return HostPort{std::string(rest), 6379};
+  return Error{-1, "redis url '" + std::string(url) + "': bad host or port"};
+}
+
+struct RedisClient::Node {
+  RedisClient* client;
+  std::string host;
+  uint16_t port;
+  std::string name;
+  redisAsyncContext* ac = nullptr;
+  int64_t openUntilMs = 0;  // breaker: no connection attempts before this
+  int64_t backoffMs = 0;
+  std::string lastError;
+};
+
+struct RedisClient::Request {
+  std::vector<std::string> argv;
+  std::string routingKey;
+  Callback cb;
+  int64_t deadlineMs = 0;
+  int redirects = 0;
+  bool asking = false;
+  Node* askNode = nullptr;
+  const RedisScript* script = nullptr;  // argv[1] is its sha1 while EVALSHA
+  bool done = false;
+  bool queued = false;  // in pending_, at pos
+  std::list<RequestPtr>::iterator pos;
+  Node* sentTo = nullptr;
+};
+
+// What hiredis carries for one sent command; freed by its reply callback.
+struct RedisClient::InFlight {
+  RedisClient* client;
+  RequestPtr request;
+  Node* node;
+};
+
+RedisClient::RedisClient(uv_loop_t* loop, Options options)
+    : loop_(loop), options_(std::move(options)) {
+  timer_ = new uv_timer_t;
+  uv_timer_init(loop_, timer_);
+  timer_->data = this;
+}
+
+RedisClient::~RedisClient() {
+  // close() must have run; a client destroyed without it leaks nothing but its timer.
+  for (auto& [name, n] : nodes_) {
+    if (n->ac) {
+      auto* ac = n->ac;
+      n->ac = nullptr;
+      redisAsyncFree(ac);
+    }
+  }
+}
+
+int64_t RedisClient::nowMs() {
+  return static_cast<int64_t>(uv_hrtime() / 1'000'000);
+}
+
+RedisClient::Node* RedisClient::node(const std::string& host, uint16_t port) {
+  std::string name = formatHostPort(host, port);
+  auto& n = nodes_[name];
+  if (!n) n.reset(new Node{this, host, port, name, nullptr, 0, 0, {}});
+  return n.get();
+}
+
+void RedisClient::command(std::string_view routingKey, std::vector<std::string> argv, Callback cb) {
+  auto r = std::make_shared<Request>();
+  r->argv = std::move(argv);
+  r->routingKey = std::string(routingKey);
+  r->cb = std::move(cb);
+  r->deadlineMs = nowMs() + options_.timeout.count();
+  send(r);
+}
+
+void RedisClient::eval(const RedisScript& script, std::vector<std::string> keys,
+                       std::vector<std::string> args, Callback cb) {
+  auto r = std::make_shared<Request>();
+  r->argv.reserve(3 + keys.size() + args.size());
+  r->argv.push_back("EVALSHA");
+  r->argv.push_back(script.sha1);
+  r->argv.push_back(std::to_string(keys.size()));
+  if (!keys.empty()) r->routingKey = keys.front();
+  for (auto& k : keys) r->argv.push_back(std::move(k));
+  for (auto& a : args) r->argv.push_back(std::move(a));
+  r->script = &script;
+  r->cb = std::move(cb);
+  r->deadlineMs = nowMs() + options_.timeout.count();
+  send(r);
+}
+
+RedisClient::Node* RedisClient::route(const Request& r) {
+  if (r.asking && r.askNode) return r.askNode;
+  if (!r.routingKey.empty() && !slots_.empty()) {
+    if (Node* n = slots_[redisKeySlot(r.routingKey)]) return n;
+  }
+  const auto& seed = options_.seeds[nextSeed_ % options_.seeds.size()];
+  return node(seed.host, seed.port);
+}
+
+bool RedisClient::connect(Node* n) {
+  redisAsyncContext* ac = redisAsyncConnect(n->host.c_str(), n->port);
+  if (!ac) {
+    n->lastError = "out of memory";
+    return false;
+  }
+  if (ac->err) {
+    n->lastError = ac->errstr;
+    redisAsyncFree(ac);
+    return false;
+  }
+  if (redisLibuvAttach(ac, loop_) != REDIS_OK) {
+    n->lastError = "cannot attach to the loop";
+    redisAsyncFree(ac);
+    return false;
+  }
+  ac->data = n;
+  redisAsyncSetConnectCallback(ac, onConnect);
+  redisAsyncSetDisconnectCallback(ac, onDisconnect);
+  n->ac = ac;
+  return true;
+}
+
+void RedisClient::onConnect(const redisAsyncContext* ac, int status) {
+  auto* n = static_cast<Node*>(ac->data);
+  if (status == REDIS_OK) return;
+  // hiredis frees the context after this callback and fails what was queued on it.
+  if (n->ac == ac) {
+    n->ac = nullptr;
+    n->lastError = ac->errstr;
+    n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
+    n->openUntilMs = nowMs() + n->backoffMs;
+    n->client->healthy_ = false;
+    if (n->client->options_.seeds.size() > 1) ++n->client->nextSeed_;
+  }
+}
+
+void RedisClient::onDisconnect(const redisAsyncContext* ac, int status) {
+  auto* n = static_cast<Node*>(ac->data);
+  if (n->ac != ac) return;  // dropped on purpose; already accounted for
+  n->ac = nullptr;
+  if (status != REDIS_OK) {
+    n->lastError = ac->errstr;
+    n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
+    n->openUntilMs = nowMs() + n->backoffMs;
+    n->client->healthy_ = false;
+  }
+}
+
+void RedisClient::dropNode(Node* n, const std::string& why) {
+  n->lastError = why;
+  n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
+  n->openUntilMs = nowMs() + n->backoffMs;
+  healthy_ = false;
+  if (auto* ac = n->ac) {
+    n->ac = nullptr;
+    redisAsyncFree(ac);  // fails every command still queued on it
+  }
+}
+
+void RedisClient::send(const RequestPtr& r) {
+  if (closing_) {
+    finish(r, Error{-1, "redis client is closing"});
+    return;
+  }
+  if (!slotsAsked_) {
+    slotsAsked_ = true;  // a standalone server answers with an error, which is ignored
+    refreshSlots();
+  }
+  Node* n = route(*r);
+  if (!n->ac) {
+    if (nowMs() < n->openUntilMs) {
+      finish(r, Error{-1, "redis " + n->name + " unavailable (" + n->lastError + "; retrying in " +
+                              std::to_string(n->openUntilMs - nowMs()) + " ms)"});
+      return;
+    }
+    if (!connect(n)) {
+      n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
+      n->openUntilMs = nowMs() + n->backoffMs;
+      finish(r, Error{-1, "redis " + n->name + ": " + n->lastError});
+      return;
+    }
+  }
+  if (!r->queued) {
+    pending_.push_back(r);
+    r->pos = std::prev(pending_.end());
+    r->queued = true;
+    armTimer();
+  }
+  if (r->asking) redisAsyncCommand(n->ac, nullptr, nullptr, "ASKING");
+  std::vector<const char*> argv;
+  std::vector<size_t> lens;
+  argv.reserve(r->argv.size());
+  lens.reserve(r->argv.size());
+  for (const auto& a : r->argv) {
+    argv.push_back(a.data());
+    lens.push_back(a.size());
+  }
+  auto* f = new InFlight{this, r, n};
+  r->sentTo = n;
+  if (redisAsyncCommandArgv(n->ac, onReplyThunk, f, static_cast<int>(argv.size()), argv.data(),
+                            lens.data()) != REDIS_OK) {
+    delete f;
+    finish(r, Error{-1, "redis " + n->name + ": cannot queue the command"});
+  }
+}
+
+void RedisClient::onReplyThunk(redisAsyncContext*, void* reply, void* privdata) {
+  auto* f = static_cast<InFlight*>(privdata);
+  f->client->onReply(f, reply);
+}
+
+void RedisClient::onReply(InFlight* f, void* raw) {
+  std::unique_ptr<InFlight> owned(f);
+  RequestPtr r = f->request;
+  Node* n = f->node;
+  if (r->done) return;  // timed out already
+  if (!raw) {
+    // The connection went away with the command on it.
+    finish(r, Error{-1, "redis " + n->name + ": connection lost" +
+                            (n->lastError.empty() ? "" : " (" + n->lastError + ")")});
+    return;
+  }
+  RedisReply reply = convert(static_cast<redisReply*>(raw));
+  n->backoffMs = 0;
+  healthy_ = true;
+  if (reply.isError()) {
+    std::string_view e = reply.str;
+    std::string host;
+    uint16_t port = 0;
+    bool moved = e.starts_with("MOVED "), ask = e.starts_with("ASK ");
+    if ((moved || ask) && parseRedirect(e, host, port) && r->redirects < kMaxRedirects) {
+      ++r->redirects;
+      if (host.empty()) host = n->host;
+      Node* to = node(host, port);
+      if (moved) {
+        if (slots_.empty()) slots_.assign(kSlots, nullptr);
+        slots_[redisKeySlot(r->routingKey)] = to;
+        r->asking = false;
+        refreshSlots();
+      } else {
+        r->asking = true;
+        r->askNode = to;
+      }
+      send(r);
+      return;
+    }
+    if (e.starts_with("NOSCRIPT") && r->script && r->argv[0] == "EVALSHA") {
+      // The server lost its script cache (restart, SCRIPT FLUSH): send the source once.
+      r->argv[0] = "EVAL";
+      r->argv[1] = r->script->source;
+      send(r);
+      return;
+    }
+    if (e.starts_with("TRYAGAIN") || e.starts_with("CLUSTERDOWN")) {
+      finish(r, Error{-1, "redis " + n->name + ": " + reply.str});
+      return;
+    }
+  }
+  r->asking = false;
+  finish(r, std::move(reply));
+}
+
+void RedisClient::finish(const RequestPtr& r, Result<RedisReply> result) {
+  if (r->done) return;
+  r->done = true;
+  if (r->queued) {
+    pending_.erase(r->pos);
+    r->queued = false;
+  }
+  auto cb = std::move(r->cb);
+  if (cb) cb(std::move(result));
+  if (pending_.empty() && closeWhenIdle_) armTimer();
+}
+
+void RedisClient::armTimer() {
+  if (pending_.empty() && closeWhenIdle_ && !closing_) {
+    uv_timer_start(
+        timer_, [](uv_timer_t* t) { static_cast<RedisClient*>(t->data)->onTimer(); }, 0, 0);
+    return;
+  }
+  if (pending_.empty() || closing_) {
+    uv_timer_stop(timer_);
+    return;
+  }
+  int64_t wait = std::max<int64_t>(0, pending_.front()->deadlineMs - nowMs());
+  uv_timer_start(
+      timer_, [](uv_timer_t* t) { static_cast<RedisClient*>(t->data)->onTimer(); },
+      static_cast<uint64_t>(wait) + 1, 0);
+}
+
+void RedisClient::onTimer() {
+  if (pending_.empty() && closeWhenIdle_) {
+    auto closed = std::move(closeWhenIdle_);
+    closeWhenIdle_ = nullptr;
+    close(std::move(closed));
+    return;
+  }
+  int64_t now = nowMs();
+  std::vector<Node*> stuck;
+  while (!pending_.empty() && pending_.front()->deadlineMs <= now) {
+    RequestPtr r = pending_.front();
+    if (r->sentTo && std::find(stuck.begin(), stuck.end(), r->sentTo) == stuck.end())
+      stuck.push_back(r->sentTo);
+    finish(r,
+           Error{-1, "redis " + (r->sentTo ? r->sentTo->name : std::string("?")) +
+                         ": no answer within " + std::to_string(options_.timeout.count()) + " ms"});
+  }
+  // A node that does not answer in time is paused, overloaded or gone: drop its
+  // connection so nothing else waits on it, and let the breaker space the retries.
+  for (Node* n : stuck) dropNode(n, "timed out");
+  armTimer();
+}
+
+void RedisClient::refreshSlots() {
+  if (refreshing_ || closing_) return;
+  refreshing_ = true;
+  auto r = std::make_shared<Request>();
+  r->argv = {"CLUSTER", "SLOTS"};
+  r->deadlineMs = nowMs() + options_.timeout.count() * 5;
+  r->cb = [this](Result<RedisReply> reply) {
+    refreshing_ = false;
+    if (reply && !reply.value().isError()) applySlots(reply.value(), nullptr);
+  };
+  send(r);
+}
+
+void RedisClient::applySlots(const RedisReply& reply, const Node*) {
+  if (reply.type != RedisReply::Type::kArray) return;
+  std::vector<Node*> slots(kSlots, nullptr);
+  for (const auto& range : reply.elements) {
+    if (range.elements.size() < 3 || range.elements[2].elements.size() < 2) continue;
+    int64_t from = range.elements[0].integer, to = range.elements[1].integer;
+    const auto& master = range.elements[2];
+    std::string host = master.elements[0].str;
+    auto port = static_cast<uint16_t>(master.elements[1].integer);
+    if (host.empty() || host == "?") host = options_.seeds.front().host;
+    Node* n = node(host, port);
+    for (int64_t s = std::max<int64_t>(0, from); s <= std::min<int64_t>(kSlots - 1, to); ++s)
+      slots[static_cast<size_t>(s)] = n;
+  }
+  slots_.swap(slots);
+}
+
+void RedisClient::close(std::function<void()> closed, bool graceful) {
+  if (graceful && !pending_.empty()) {
+    closeWhenIdle_ = closed ? std::move(closed) : [] {};
+    return;
+  }
+  closing_ = true;
+  std::vector<RequestPtr> left(pending_.begin(), pending_.end());
+  for (auto& r : left) finish(r, Error{-1, "redis client closed"});
+  for (auto& [name, n] : nodes_) {
+    if (auto* ac = n->ac) {
+      n->ac = nullptr;
+      redisAsyncFree(ac);
+    }
+  }
+  struct Closing {
+    std::function<void()> closed;
+  };
+  timer_->data = new Closing{std::move(closed)};
+  uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) {
+    auto* c = static_cast<Closing*>(h->data);
+    delete reinterpret_cast<uv_timer_t*>(h);
+    auto fn = std::move(c->closed);
+    delete c;
+    if (fn) fn();
+  });
+  timer_ = nullptr;
+}
+
+}  // namespace tollgate

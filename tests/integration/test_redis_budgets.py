@@ -1,0 +1,231 @@
+"""Shared budget pools in a real redis-server: exact accounting with several sidecars and
+many concurrent agents, holds of a killed sidecar committed once, fail-closed behaviour
+when Redis is shut down, paused or flushed, and `tollgate pools init`."""
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+from redis_harness import RedisServer, swarm
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
+
+POLICY = """
+apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - name: notes.write
+    match: {host: 127.0.0.1, methods: [POST]}
+    class: write
+    cost: {effort: %(estimate)d, risk: 1, effort_header: X-Cost-Effort}
+pools:
+  - {name: team, scope: shared, effort: {limit: %(limit)d, period: 1d}, risk: {limit: 1000000, period: 1d}}
+agents:
+  - {id: "agent-*", pool: team}
+rules:
+  - {id: writes, effect: allow, match: {tool: notes.write}}
+"""
+
+KEY = "tollgate:{team}:b"
+
+
+def sidecar(redis_urls, limit=10, estimate=4, store=None, workers=2):
+    tg = Tollgate({"workers": workers})
+    with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+        f.write(POLICY % {"limit": limit, "estimate": estimate})
+    tg.config.pop("hosts")
+    tg.config["policies"] = ["policy.yaml"]
+    tg.config["store"] = {"backend": "redis", "urls": redis_urls, **(store or {})}
+    with open(tg.config_path, "w") as f:
+        json.dump(tg.config, f)
+    return tg
+
+
+def pools_init(tg, *extra):
+    return subprocess.run([BIN, "pools", "init", "-c", tg.config_path, *extra], capture_output=True, text=True,
+                          timeout=30)
+
+
+def spend(redis):
+    v = redis("HMGET", KEY, "effort:committed", "effort:held")
+    return int(v[0] or 0), int(v[1] or 0)
+
+
+def call(tg, origin, cost=None, agent="agent-1"):
+    path = "/cost" if cost is None else f"/cost?effort={cost}"
+    rc, out, _ = curl("-i", "-H", f"X-Agent-Id: {agent}", "--data", "x", origin.url(path), proxy=tg.proxy)
+    status, _, body = parse_response(out)
+    return status, body
+
+
+class RedisBudgetTest(unittest.TestCase):
+    def test_a_pool_is_used_only_once_initialised(self):
+        with RedisServer() as redis, HttpOrigin() as origin:
+            tg = sidecar([redis.url])
+            with tg:
+                status, body = call(tg, origin, 1)
+                self.assertEqual(status, 403)
+                self.assertIn("budget_uninitialised", json.loads(body)["reason"])
+                self.assertIn("tollgate pools init", json.loads(body)["reason"])
+                _, pools = tg.admin("/v1/pools")
+                self.assertFalse(json.loads(pools)[0]["initialised"])
+                r = pools_init(tg)
+                self.assertEqual((r.returncode, r.stdout), (0, "team: created with zero spend\n"))
+                self.assertEqual(call(tg, origin, 3)[0], 200)
+                self.assertEqual(call(tg, origin, 4)[0], 200)
+                wait_for(lambda: spend(redis) == (7, 0), timeout=3, what="both settles")
+                status, body = call(tg, origin, 1)  # 7 + 4 held > 10
+                self.assertEqual(status, 403)
+                self.assertIn("budget_exhausted", json.loads(body)["reason"])
+                self.assertEqual(len(origin.requests), 2)
+                # A second init keeps the spend; --reset erases it.
+                r = pools_init(tg)
+                self.assertEqual((r.returncode, r.stdout), (0, "team: exists, kept\n"))
+                self.assertEqual(spend(redis), (7, 0))
+                code, pools = tg.admin("/v1/pools")
+                effort = [p for p in json.loads(pools) if p["dimension"] == "effort"][0]
+                self.assertEqual((effort["committed"], effort["held"], effort["remaining"], effort["initialised"]),
+                                 (7, 0, 3, True))
+                _, metrics = tg.admin("/metrics")
+                metrics = metrics.decode()
+                self.assertIn('tollgate_budget_operations_total{op="reserve",result="budget_exhausted"} 1', metrics)
+                self.assertIn('tollgate_budget_operations_total{op="settle",result="ok"} 2', metrics)
+                self.assertIn('tollgate_pool_committed{dimension="effort",pool="team"} 7', metrics)
+                r = pools_init(tg, "--reset")
+                self.assertEqual((r.returncode, r.stdout), (0, "team: reset to zero spend\n"))
+                self.assertEqual(spend(redis), (0, 0))
+                # Redis unreachable: init fails with exit 1 and says why.
+                redis.shutdown_nosave()
+                r = pools_init(tg)
+                self.assertEqual(r.returncode, 1)
+                self.assertIn("redis 127.0.0.1:", r.stderr)
+
+    def test_init_missing_in_the_config_creates_the_pool_at_start(self):
+        with RedisServer() as redis, HttpOrigin() as origin:
+            with sidecar([redis.url], store={"init_missing": True}) as tg:
+                self.assertEqual(call(tg, origin, 2)[0], 200)
+                wait_for(lambda: spend(redis) == (2, 0), timeout=3, what="the settle")
+
+    def test_shutdown_pause_and_flush_fail_closed_and_recover(self):
+        with RedisServer() as redis, HttpOrigin() as origin:
+            with sidecar([redis.url], limit=1000, store={"timeout": "100ms"}) as tg:
+                self.assertEqual(pools_init(tg).returncode, 0)
+                self.assertEqual(call(tg, origin, 1)[0], 200)
+
+                # Stopped: halted at once, not hung; the sidecar stays up.
+                redis.shutdown_nosave()
+                for _ in range(5):
+                    t0 = time.monotonic()
+                    status, body = call(tg, origin, 1)
+                    self.assertEqual(status, 403)
+                    self.assertIn("budget_unavailable", json.loads(body)["reason"])
+                    self.assertLess(time.monotonic() - t0, 1.0)
+                self.assertIsNone(tg.proc.poll())
+                # Back without its data: the pool stays halted until initialised.
+                redis.start()
+                status, body = wait_for(lambda: (lambda r: r if b"unavailable" not in r[1] else None)(
+                    call(tg, origin, 1)), timeout=5, what="the sidecar to reconnect")
+                self.assertEqual(status, 403)
+                self.assertIn("budget_uninitialised", json.loads(body)["reason"])
+                self.assertEqual(pools_init(tg).returncode, 0)
+                # Each worker reconnects at the end of its breaker's backoff (at most 1 s).
+                time.sleep(1.1)
+                self.assertEqual(call(tg, origin, 1)[0], 200)
+
+                # Paused: each call is answered within the timeout (plus curl's own time).
+                redis("CLIENT", "PAUSE", 1500, "ALL")
+                paused_at = time.monotonic()
+                times = []
+                while time.monotonic() - paused_at < 1.0:
+                    t0 = time.monotonic()
+                    status, body = call(tg, origin, 1)
+                    times.append(time.monotonic() - t0)
+                    self.assertEqual(status, 403, body)
+                    self.assertIn("budget_unavailable", json.loads(body)["reason"])
+                self.assertLess(max(times), 0.6, times)
+                # Unpaused: allowed again without a restart.
+                wait_for(lambda: call(tg, origin, 1)[0] == 200, timeout=5, what="recovery after the pause")
+                # The calls halted during the pause were never charged: their reserves were
+                # dropped with the connection or released once Redis answered again.
+                wait_for(lambda: spend(redis)[1] == 0, timeout=5, what="no hold left")
+                # (The first call's spend went with the restart; each later call cost 1.)
+                self.assertEqual(spend(redis)[0], len(origin.requests) - 1)
+
+                # Every worker is back within the breaker's longest backoff (1 s).
+                time.sleep(1.1)
+                # Flushed: halted as uninitialised, never recreated at zero spend by a call.
+                redis("FLUSHALL")
+                for _ in range(3):
+                    status, body = call(tg, origin, 1)
+                    self.assertEqual(status, 403)
+                    self.assertIn("budget_uninitialised", json.loads(body)["reason"])
+                self.assertEqual(redis("EXISTS", KEY), 0)
+                self.assertIsNone(tg.proc.poll())
+
+    def test_a_killed_sidecar_s_holds_expire_and_are_committed_once(self):
+        with RedisServer() as redis, HttpOrigin() as origin:
+            store = {"hold_ttl": "1s"}
+            with sidecar([redis.url], limit=100, store=store) as victim, sidecar([redis.url], limit=100,
+                                                                              store=store) as peer:
+                self.assertEqual(pools_init(peer).returncode, 0)
+                calls = []
+                for i in range(3):
+                    t = threading.Thread(target=lambda: curl("-s", "-H", "X-Agent-Id: agent-9", "--data", "x",
+                                                             origin.url("/delay?ms=3000"), proxy=victim.proxy))
+                    t.start()
+                    calls.append(t)
+                wait_for(lambda: spend(redis)[1] == 12, timeout=5, what="three holds")
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait(timeout=5)
+                for t in calls:
+                    t.join(timeout=10)
+                # The holds expire after 1 s; the next operation on the pool commits them.
+                time.sleep(1.2)
+                self.assertEqual(call(peer, origin, 2)[0], 200)
+                wait_for(lambda: spend(redis) == (14, 0), timeout=3, what="12 committed from holds + 2")
+                time.sleep(0.5)
+                self.assertEqual(spend(redis), (14, 0))  # nothing counted twice
+                code, pools = peer.admin("/v1/pools")
+                effort = [p for p in json.loads(pools) if p["dimension"] == "effort"][0]
+                self.assertEqual((effort["committed"], effort["held"]), (14, 0))
+
+    def test_exact_accounting_with_four_sidecars_and_64_agents_each(self):
+        limit = 6000
+        with RedisServer() as redis, HttpOrigin() as origin:
+            sidecars = [sidecar([redis.url], limit=limit, estimate=8) for _ in range(4)]
+            for s in sidecars:
+                s.__enter__()
+            try:
+                self.assertEqual(pools_init(sidecars[0]).returncode, 0)
+                samples, stop = [], threading.Event()
+
+                def sample():
+                    while not stop.is_set():
+                        samples.append(spend(redis))
+                        time.sleep(0.005)
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                results = swarm([s.proxy_port for s in sidecars], origin.port, agents_per_proxy=64,
+                                calls_per_agent=12, max_cost=8, seed=1234)
+                stop.set()
+                sampler.join(timeout=5)
+                wait_for(lambda: spend(redis)[1] == 0, timeout=5, what="every hold settled")
+                committed, held = spend(redis)
+                allowed = [c for _, status, c in results if status == 200]
+                refused = [c for _, status, c in results if status == 403]
+                self.assertEqual(len(results), 4 * 64 * 12)
+                self.assertEqual(len(allowed) + len(refused), len(results))
+                self.assertGreater(len(refused), 0)  # the pool ran out: the limit was contended
+                self.assertEqual(committed, sum(allowed))
+                self.assertEqual(len(origin.requests), len(allowed))
+                self.assertGreater(len(samples), 10)
+                self.assertLessEqual(max(c + h for c, h in samples), limit)
+            finally:
+                for s in sidecars:
+                    s.__exit__()
+
+
+if __name__ == "__main__":
+    unittest.main()
