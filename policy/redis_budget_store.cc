@@ -77,6 +77,11 @@ if op == 'init' then
     else
       redis.call('DEL', b, K(i, 2), K(i, 3))
       redis.call('HSET', b, 'created', I(now))
+      -- Sentinels keep every key of the pool in existence, so that a slot migration moves
+      -- them together and a script never sees some keys moved and others not (TRYAGAIN).
+      redis.call('HSET', K(i, 2), '_', '0:0')
+      redis.call('ZADD', K(i, 3), 'inf', '_')
+      redis.call('ZADD', K(i, 4), 'inf', '_')
       for j, dim in ipairs(DIMS) do
         local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
         if limit >= 0 then

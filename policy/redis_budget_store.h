@@ -5,6 +5,7 @@
 //   tollgate:{P}:h  hash: call id -> "effort:risk" held
 //   tollgate:{P}:x  sorted set: call id by hold expiry (ms, Redis server time)
 //   tollgate:{P}:d  sorted set: settled or released call ids (the last 100 000)
+// (`h`, `x` and `d` hold a sentinel member `_`, so that the four keys always exist.)
 // The script runs the same state machine as MemoryBudgetStore, on Redis's clock. A pool
 // whose `b` hash is missing (never initialised, flushed, restarted without persistence) is
 // never recreated by a call: calls are refused as budget_uninitialised until `tollgate pools

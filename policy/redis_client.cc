@@ -21,6 +21,7 @@ constexpr int kSlots = 16384;
 constexpr int kMaxRedirects = 5;
 constexpr int64_t kBackoffMinMs = 100;
 constexpr int64_t kBackoffMaxMs = 1000;
+constexpr int64_t kTryAgainMs = 10;
 
 uint16_t crc16(std::string_view s) {
   uint16_t crc = 0;
@@ -363,6 +364,11 @@ void RedisClient::onReply(InFlight* f, void* raw) {
       send(r);
       return;
     }
+    if (e.starts_with("TRYAGAIN") && nowMs() + kTryAgainMs < r->deadlineMs) {
+      // A slot being migrated: its keys are split for a moment. Again shortly, in time.
+      retryLater(r);
+      return;
+    }
     if (e.starts_with("TRYAGAIN") || e.starts_with("CLUSTERDOWN")) {
       finish(r, Error{-1, "redis " + n->name + ": " + reply.str});
       return;
@@ -370,6 +376,30 @@ void RedisClient::onReply(InFlight* f, void* raw) {
   }
   r->asking = false;
   finish(r, std::move(reply));
+}
+
+// A request waiting to be resent after TRYAGAIN.
+struct RedisClient::Later {
+  RedisClient* client;
+  RequestPtr request;
+  uv_timer_t timer;
+};
+
+void RedisClient::retryLater(const RequestPtr& r) {
+  auto* later = new Later{this, r, {}};
+  uv_timer_init(loop_, &later->timer);
+  later->timer.data = later;
+  waiting_.insert(&later->timer);
+  uv_timer_start(
+      &later->timer,
+      [](uv_timer_t* t) {
+        auto* l = static_cast<Later*>(t->data);
+        l->client->waiting_.erase(t);
+        if (!l->request->done) l->client->send(l->request);
+        uv_close(reinterpret_cast<uv_handle_t*>(t),
+                 [](uv_handle_t* h) { delete static_cast<Later*>(h->data); });
+      },
+      kTryAgainMs, 0);
 }
 
 void RedisClient::finish(const RequestPtr& r, Result<RedisReply> result) {
@@ -459,6 +489,11 @@ void RedisClient::close(std::function<void()> closed, bool graceful) {
     return;
   }
   closing_ = true;
+  for (uv_timer_t* t : waiting_) {
+    uv_close(reinterpret_cast<uv_handle_t*>(t),
+             [](uv_handle_t* h) { delete static_cast<Later*>(h->data); });
+  }
+  waiting_.clear();
   std::vector<RequestPtr> left(pending_.begin(), pending_.end());
   for (auto& r : left) finish(r, Error{-1, "redis client closed"});
   for (auto& [name, n] : nodes_) {

@@ -20,6 +20,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -85,6 +86,7 @@ class RedisClient {
   struct Request;
   using RequestPtr = std::shared_ptr<Request>;
   struct InFlight;
+  struct Later;
 
   void send(const RequestPtr& r);
   Node* route(const Request& r);
@@ -92,6 +94,7 @@ class RedisClient {
   bool connect(Node* n);
   void dropNode(Node* n, const std::string& why);
   void finish(const RequestPtr& r, Result<RedisReply> result);
+  void retryLater(const RequestPtr& r);
   void onReply(InFlight* f, void* reply);
   void armTimer();
   void onTimer();
@@ -108,6 +111,7 @@ class RedisClient {
   std::vector<Node*> slots_;                            // 16384 entries once known
   std::list<RequestPtr> pending_;                       // in deadline order
   uv_timer_t* timer_ = nullptr;                         // deadlines; freed by its close callback
+  std::set<uv_timer_t*> waiting_;                       // requests resent after TRYAGAIN
   bool refreshing_ = false;
   bool slotsAsked_ = false;
   bool closing_ = false;

@@ -74,9 +74,9 @@ def redis_call(port, *args, timeout=5.0):
 class RedisServer:
     """redis-server on a free loopback port, without persistence."""
 
-    def __init__(self, extra=()):
+    def __init__(self, extra=(), port=None):
         self.dir = tempfile.mkdtemp(prefix="tollgate-redis-")
-        self.port = closed_port()
+        self.port = port or closed_port()
         self.extra = list(extra)
         self.proc = None
 
@@ -120,12 +120,29 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _cluster_port():
+    """A free port whose cluster bus port (+10000) is valid and free too."""
+    for _ in range(1000):
+        p = closed_port()
+        if p + 10000 > 65535:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p + 10000))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise AssertionError("no free port pair for a cluster node")
+
+
 class RedisCluster:
     """Three masters (no replicas) on loopback, created with redis-cli --cluster create."""
 
     def __init__(self, masters=3):
         self.nodes = [RedisServer(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                   "--cluster-node-timeout", "5000"]) for _ in range(masters)]
+                                   "--cluster-node-timeout", "5000"], port=_cluster_port()) for _ in range(masters)]
 
     @property
     def urls(self):
@@ -156,7 +173,8 @@ class RedisCluster:
 
     def migrate_slot(self, slot, dst, pause=0.0):
         """Moves one slot with its keys, the way redis-cli --cluster reshard does; `pause`
-        seconds are spent between IMPORTING/MIGRATING and the key moves (ASK replies)."""
+        seconds are spent after IMPORTING/MIGRATING and again after the keys moved, while
+        the source answers ASK for them."""
         src = self.owner(slot)
         src_id, dst_id = src("CLUSTER", "MYID"), dst("CLUSTER", "MYID")
         dst("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
@@ -167,6 +185,7 @@ class RedisCluster:
             if not keys:
                 break
             src("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+        time.sleep(pause)
         for n in (dst, src) + tuple(n for n in self.nodes if n not in (src, dst)):
             n("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         return src
