@@ -177,6 +177,7 @@ def parse_response(data):
 class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # hundreds of agents connect at once in the budget tests
 
 
 class HttpOrigin:
