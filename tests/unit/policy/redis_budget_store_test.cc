@@ -1,0 +1,309 @@
+// The Redis budget store against a real redis-server started here on a loopback port:
+// idempotency by call id, hold expiry by Redis's clock, and a differential test that runs
+// one seeded sequence of operations on the memory and the Redis backends and requires
+// identical answers and identical pool states.
+#include "policy/redis_budget_store.h"
+
+#include <gtest/gtest.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <random>
+#include <thread>
+
+namespace tollgate {
+namespace {
+
+constexpr const char* kPools = R"(
+apiVersion: tollgate/v1
+kind: Policy
+pools:
+  - {name: team, scope: shared, effort: {limit: 3000, period: 30d}, risk: {limit: 400, period: 30d}}
+  - {name: other, scope: shared, effort: {limit: 40, period: 30d}}
+  - {name: third, scope: shared, effort: {limit: 1000, period: 30d}, risk: {limit: 1000, period: 30d}}
+)";
+
+uint16_t freePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// A redis-server child process without persistence.
+class RedisProcess {
+ public:
+  RedisProcess() : port_(freePort()) {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::string port = std::to_string(port_);
+      ::execlp("redis-server", "redis-server", "--port", port.c_str(), "--bind", "127.0.0.1",
+               "--save", "", "--appendonly", "no", "--logfile", "/dev/null", nullptr);
+      ::_exit(127);
+    }
+    for (int i = 0; i < 500 && !ping(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ~RedisProcess() {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  bool ping() const {
+    redisContext* c = redisConnect("127.0.0.1", port_);
+    bool ok = c && !c->err;
+    if (ok) {
+      auto* r = static_cast<redisReply*>(redisCommand(c, "PING"));
+      ok = r && r->type == REDIS_REPLY_STATUS;
+      if (r) freeReplyObject(r);
+    }
+    if (c) redisFree(c);
+    return ok;
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  uint16_t port_;
+  pid_t pid_ = -1;
+};
+
+class RedisBudgetStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(redis.ping()) << "redis-server did not start (is it installed?)";
+    set = PolicySet::parse(kPools, "pools.yaml").value();
+    options.seeds = {HostPort{"127.0.0.1", redis.port()}};
+    options.timeout = std::chrono::milliseconds(2000);
+    ASSERT_TRUE(RedisBudgetStore::initPools(*set, options, false));
+    uv_loop_init(&loop);
+    store = std::move(RedisBudgetStore::create(*set, options).value());
+    store->attach(&loop);
+  }
+  void TearDown() override {
+    bool closed = false;
+    store->detach([&] { closed = true; });
+    while (!closed) uv_run(&loop, UV_RUN_ONCE);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    store.reset();
+    uv_loop_close(&loop);
+  }
+  // Runs one asynchronous operation to its answer.
+  template <typename Op>
+  BudgetOutcome wait(Op op) {
+    bool answered = false;
+    BudgetOutcome out;
+    op([&](BudgetOutcome o) {
+      out = std::move(o);
+      answered = true;
+    });
+    while (!answered) uv_run(&loop, UV_RUN_ONCE);
+    return out;
+  }
+  BudgetOutcome reserve(const std::string& id, std::vector<Charge> c, int64_t ttlMs = 600'000) {
+    return wait([&](auto done) { store->reserve(id, c, std::chrono::milliseconds(ttlMs), done); });
+  }
+  BudgetOutcome settle(const std::string& id, std::vector<Charge> c) {
+    return wait([&](auto done) { store->settle(id, c, done); });
+  }
+  BudgetOutcome release(const std::string& id, std::vector<Charge> c) {
+    return wait([&](auto done) { store->release(id, c, done); });
+  }
+  std::vector<BudgetView> views() {
+    bool ready = false;
+    store->refresh([&] { ready = true; });
+    while (!ready) uv_run(&loop, UV_RUN_ONCE);
+    return store->view();
+  }
+  BudgetView budget(const std::string& pool, const std::string& dim) {
+    for (const auto& v : views()) {
+      if (v.pool == pool && v.dimension == dim) return v;
+    }
+    ADD_FAILURE() << "no budget " << pool << "/" << dim;
+    return {};
+  }
+
+  RedisProcess redis;
+  std::shared_ptr<const PolicySet> set;
+  RedisBudgetStore::Options options;
+  uv_loop_t loop;
+  std::unique_ptr<RedisBudgetStore> store;
+};
+
+TEST_F(RedisBudgetStoreTest, TheSameCallIdIsChargedOnce) {
+  EXPECT_EQ(reserve("c1", {{"team", 30, 2}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(reserve("c1", {{"team", 30, 2}}).status, BudgetStatus::kOk);  // a retry
+  EXPECT_EQ(budget("team", "effort").held, 30);
+  EXPECT_EQ(settle("c1", {{"team", 20, -1}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(settle("c1", {{"team", 20, -1}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(release("c1", {{"team", 30, 2}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(reserve("c1", {{"team", 30, 2}}).status, BudgetStatus::kUnknownCall);  // settled
+  auto effort = budget("team", "effort");
+  EXPECT_EQ(effort.committed, 20);
+  EXPECT_EQ(effort.held, 0);
+  EXPECT_EQ(budget("team", "risk").committed, 2);  // -1: what was held
+  // A release that arrives before its reserve (a reserve that timed out) wins.
+  EXPECT_EQ(release("late", {{"team", 5, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(reserve("late", {{"team", 5, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(budget("team", "effort").held, 0);
+}
+
+TEST_F(RedisBudgetStoreTest, AReserveFitsUpToTheLimitExactlyAndNotOneMore) {
+  EXPECT_EQ(reserve("c1", {{"other", 30, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(reserve("c2", {{"other", 10, 0}}).status, BudgetStatus::kOk);  // 40 of 40
+  auto refused = reserve("c3", {{"other", 1, 0}});
+  EXPECT_EQ(refused.status, BudgetStatus::kExhausted);
+  EXPECT_EQ(refused.pool, "other");
+  EXPECT_EQ(refused.reason, "pool other effort: 40 of 40 spent or held, 1 more asked");
+  EXPECT_EQ(reserve("c4", {{"other", 0, 0}}).status, BudgetStatus::kOk);  // nothing asked
+  EXPECT_EQ(reserve("c5", {{"other", 1, 1}}).status, BudgetStatus::kExhausted);
+  EXPECT_EQ(reserve("c6", {{"other", 0, 1}}).status, BudgetStatus::kUninitialised);  // no risk
+}
+
+TEST_F(RedisBudgetStoreTest, AnOverrunCommitsTheHoldAndTripsThePool) {
+  ASSERT_EQ(reserve("c1", {{"team", 10, 0}}).status, BudgetStatus::kOk);
+  auto s = settle("c1", {{"team", 25, 0}});
+  EXPECT_EQ(s.status, BudgetStatus::kOk);
+  EXPECT_EQ(s.overrun, 15);
+  EXPECT_EQ(s.pool, "team");
+  EXPECT_EQ(budget("team", "effort").committed, 10);
+  EXPECT_TRUE(budget("team", "effort").tripped);
+  EXPECT_EQ(reserve("c2", {{"team", 1, 0}}).status, BudgetStatus::kTripped);
+}
+
+TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedByRedisClock) {
+  ASSERT_EQ(reserve("c1", {{"other", 7, 0}}, 50).status, BudgetStatus::kOk);
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  auto effort = budget("other", "effort");
+  EXPECT_EQ(effort.committed, 7);
+  EXPECT_EQ(effort.held, 0);
+  EXPECT_EQ(settle("c1", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);  // too late
+  EXPECT_EQ(budget("other", "effort").committed, 7);
+}
+
+TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall) {
+  redisContext* c = redisConnect("127.0.0.1", redis.port());
+  freeReplyObject(redisCommand(c, "FLUSHALL"));
+  EXPECT_EQ(reserve("c1", {{"team", 1, 0}}).status, BudgetStatus::kUninitialised);
+  auto* r = static_cast<redisReply*>(redisCommand(c, "EXISTS tollgate:{team}:b"));
+  EXPECT_EQ(r->integer, 0);
+  freeReplyObject(r);
+  redisFree(c);
+  EXPECT_FALSE(budget("team", "effort").initialised);
+  auto created = RedisBudgetStore::initPools(*set, options, false);
+  ASSERT_TRUE(created);
+  EXPECT_EQ(created.value().size(), 3u);
+  EXPECT_EQ(reserve("c1", {{"team", 1, 0}}).status, BudgetStatus::kOk);
+}
+
+// One seeded sequence of reserves (new and repeated ids), settles (below, at and above the
+// hold), releases and operations on unknown ids, on both backends: every answer and, every
+// 50 operations, every pool's state must be the same.
+TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
+  // The memory store refuses shared pools: the same pools, declared local.
+  std::string text = kPools;
+  for (size_t at; (at = text.find("scope: shared")) != std::string::npos;)
+    text.replace(at, 13, "scope: local");
+  auto local = PolicySet::parse(text, "pools.yaml");
+  ASSERT_TRUE(local) << local.error().message;
+  auto memory = std::move(MemoryBudgetStore::create(*local.value()).value());
+
+  std::mt19937_64 rng(20261127);
+  const char* pools[] = {"team", "other", "third"};
+  std::vector<std::pair<std::string, Charge>> held;      // ids reserved and not yet settled
+  std::vector<std::pair<std::string, Charge>> finished;  // a call id keeps its pools
+  int next = 0, compared = 0, ok = 0, refused = 0, overruns = 0;
+  auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
+  for (int i = 0; i < 2000; ++i) {
+    int kind = pick(100);
+    BudgetOutcome m, r;
+    std::string what;
+    if (kind < 45 || held.empty()) {
+      std::string id = "call-" + std::to_string(next++);
+      Charge c{pools[pick(3)], pick(12), pick(4)};
+      if (c.pool == "other" && pick(10)) c.risk = 0;  // it has no risk budget: uninitialised
+      m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
+      r = reserve(id, {c});
+      if (m.status == BudgetStatus::kOk) held.emplace_back(id, c);
+      what = "reserve " + id;
+    } else if (kind < 50) {
+      auto& [id, c] = held[static_cast<size_t>(pick(static_cast<int>(held.size())))];
+      m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
+      r = reserve(id, {c});
+      what = "repeat reserve " + id;
+    } else if (kind < 85) {
+      size_t at = static_cast<size_t>(pick(static_cast<int>(held.size())));
+      auto [id, c] = held[at];
+      held.erase(held.begin() + static_cast<long>(at));
+      // Mostly at or under the hold; 1 in 50 above it (an overrun).
+      Charge actual{c.pool,
+                    pick(150) == 0 ? c.effort + 1 + pick(5) : pick(static_cast<int>(c.effort) + 1),
+                    pick(3) == 0 ? -1 : pick(static_cast<int>(c.risk) + 1)};
+      m = memory->settleNow(id, {actual});
+      r = settle(id, {actual});
+      finished.emplace_back(id, c);
+      what = "settle " + id;
+    } else if (kind < 95) {
+      size_t at = static_cast<size_t>(pick(static_cast<int>(held.size())));
+      auto [id, c] = held[at];
+      held.erase(held.begin() + static_cast<long>(at));
+      m = memory->releaseNow(id);
+      r = release(id, {c});
+      finished.emplace_back(id, c);
+      what = "release " + id;
+    } else {
+      // An id already finished, or never seen.
+      std::string id = "ghost-" + std::to_string(i);
+      Charge c{pools[pick(3)], 1, 0};
+      if (!finished.empty() && pick(2)) {
+        std::tie(id, c) = finished[static_cast<size_t>(pick(static_cast<int>(finished.size())))];
+      }
+      if (pick(2)) {
+        m = memory->settleNow(id, {c});
+        r = settle(id, {c});
+      } else {
+        m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
+        r = reserve(id, {c});
+        if (m.status == BudgetStatus::kOk) held.emplace_back(id, c);
+      }
+      what = "unknown " + id;
+    }
+    ASSERT_EQ(budgetStatusName(r.status), std::string(budgetStatusName(m.status)))
+        << what << ": " << r.reason;
+    ASSERT_EQ(r.pool, m.pool) << what;
+    ASSERT_EQ(r.overrun, m.overrun) << what;
+    (m.status == BudgetStatus::kOk ? ok : refused)++;
+    if (m.overrun > 0) ++overruns;
+    if (i % 50 == 49) {
+      auto mv = memory->view();
+      auto rv = views();
+      ASSERT_EQ(mv.size(), rv.size());
+      for (size_t k = 0; k < mv.size(); ++k) {
+        ASSERT_EQ(rv[k].pool, mv[k].pool);
+        ASSERT_EQ(rv[k].dimension, mv[k].dimension);
+        ASSERT_EQ(rv[k].committed, mv[k].committed)
+            << mv[k].pool << "/" << mv[k].dimension << " after " << i;
+        ASSERT_EQ(rv[k].held, mv[k].held) << mv[k].pool << "/" << mv[k].dimension << " after " << i;
+        ASSERT_EQ(rv[k].tripped, mv[k].tripped)
+            << mv[k].pool << "/" << mv[k].dimension << " after " << i;
+        ASSERT_EQ(rv[k].periodEndMs, mv[k].periodEndMs);
+      }
+      ++compared;
+    }
+  }
+  // The sequence exercised every outcome.
+  EXPECT_EQ(compared, 40);
+  EXPECT_GT(ok, 300);
+  EXPECT_GT(refused, 100);
+  EXPECT_GT(overruns, 0);
+}
+
+}  // namespace
+}  // namespace tollgate
