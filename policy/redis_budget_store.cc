@@ -1,6 +1,7 @@
 #include "policy/redis_budget_store.h"
 
-#include <regex>
+#include <algorithm>
+#include <cctype>
 
 #include "common/log.h"
 
@@ -247,10 +248,15 @@ RedisBudgetStore::PerLoop* RedisBudgetStore::local() const {
 }
 
 Result<std::vector<RedisBudgetStore::PoolSpec>> RedisBudgetStore::specsOf(const PolicySet& set) {
-  static const std::regex name("[A-Za-z0-9_.:-]{1,128}");
+  auto plain = [](const std::string& name) {
+    return !name.empty() && name.size() <= 128 && std::all_of(name.begin(), name.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == ':' ||
+             c == '-';
+    });
+  };
   std::vector<PoolSpec> out;
   for (const auto& p : set.pools()) {
-    if (!std::regex_match(p.name, name)) {
+    if (!plain(p.name)) {
       return Error{-1, p.mark.str() + ": pool '" + p.name +
                            "': the Redis store needs pool names of letters, digits and _ . : -"};
     }

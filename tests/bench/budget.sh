@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Budget benchmark: in one run on loopback, the same policy through Tollgate without a
+# cost (unbudgeted), with the cost charged to a memory pool, and charged to a shared pool
+# in a local redis-server. Each target: wrk with CONNS connections for DURATION (requests/s,
+# Tollgate's CPU per request, and for Redis its CPU and its script calls per request), then
+# one connection for LATENCY_DURATION (p50/p99, and the latency a budget adds).
+#
+#   tests/bench/budget.sh [--out FILE]    (./dev bench budget installs the peers and builds)
+# Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s),
+# ROUNDS (3): each figure is the median of ROUNDS rounds.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+TOLLGATE_BIN=${TOLLGATE_BIN:-$root/build/tollgate}
+WORKERS=${WORKERS:-1}
+CONNS=${CONNS:-64}
+DURATION=${DURATION:-10s}
+LATENCY_DURATION=${LATENCY_DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
+TARGETS="unbudgeted memory redis"
+OUT=""
+[[ "${1:-}" == "--out" ]] && OUT=$2
+
+for tool in wrk nginx redis-server redis-cli curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: run ./dev bench (it installs the peers)" >&2; exit 2; }
+done
+[[ -x "$TOLLGATE_BIN" ]] || { echo "no tollgate binary at $TOLLGATE_BIN: ./dev build" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/tollgate-budget-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [[ -f $work/origin/nginx.pid ]] && kill "$(cat "$work/origin/nginx.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
+hz=$(getconf CLK_TCK)
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }
+
+origin_port=$(free_port)
+mkdir -p "$work/origin/logs"
+cat > "$work/origin/nginx.conf" <<CONF
+worker_processes 2;
+error_log $work/origin/logs/error.log;
+pid $work/origin/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/origin/body; proxy_temp_path $work/origin/proxy;
+  fastcgi_temp_path $work/origin/fcgi; uwsgi_temp_path $work/origin/uwsgi; scgi_temp_path $work/origin/scgi;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$origin_port; location / { return 200 "hello from the origin\n"; } }
+}
+CONF
+nginx -p "$work/origin" -c "$work/origin/nginx.conf"
+wait_port "$origin_port"
+export ORIGIN=127.0.0.1:$origin_port
+
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+  --logfile "$work/redis.log" &
+redis_pid=$!; pids+=("$redis_pid")
+wait_port "$redis_port"
+
+sed 's/, cost: {effort: 1}//' "$here/budget-policy.yaml" > "$work/unbudgeted.yaml"
+sed 's/scope: shared/scope: local/' "$here/budget-policy.yaml" > "$work/memory.yaml"
+cp "$here/budget-policy.yaml" "$work/redis.yaml"
+declare -A port pid
+for t in $TARGETS; do
+  port[$t]=$(free_port)
+  store="{backend: memory}"
+  [[ $t == redis ]] && store="{backend: redis, urls: [\"redis://127.0.0.1:$redis_port\"]}"
+  cat > "$work/$t-tollgate.yaml" <<CONF
+workers: $WORKERS
+log: {level: warn}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:${port[$t]}", identity: {header: X-Agent-Id}}]
+admin: {address: "127.0.0.1:$(free_port)"}
+policies: ["$work/$t.yaml"]
+store: $store
+CONF
+done
+"$TOLLGATE_BIN" pools init -c "$work/redis-tollgate.yaml" >/dev/null
+for t in $TARGETS; do
+  "$TOLLGATE_BIN" run -c "$work/$t-tollgate.yaml" 2>"$work/$t.log" &
+  pid[$t]=$!; pids+=("${pid[$t]}")
+done
+for t in $TARGETS; do wait_port "${port[$t]}"; done
+for t in $TARGETS; do
+  body=$(curl -s --max-time 5 --proxy "http://127.0.0.1:${port[$t]}" -H "X-Agent-Id: bench-agent" "http://$ORIGIN/") || true
+  [[ "$body" == "hello from the origin" ]] || { echo "$t does not proxy: got '$body'" >&2; exit 1; }
+done
+
+evals() { redis-cli -p "$redis_port" info commandstats | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {n += $3} END {print n + 0}'; }
+declare -A rps p50 p99 cpu rcpu trips errors
+echo "running $ROUNDS rounds: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round" >&2
+  for t in $TARGETS; do
+    before=$(cpu_ticks "${pid[$t]}"); rbefore=$(cpu_ticks "$redis_pid"); ebefore=$(evals)
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -s "$here/forward.lua" "http://127.0.0.1:${port[$t]}")
+    after=$(cpu_ticks "${pid[$t]}"); rafter=$(cpu_ticks "$redis_pid"); eafter=$(evals)
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    rps[$t]+=" $(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
+    errors[$t]+=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+    cpu[$t]+=" $(awk -v d=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')"
+    rcpu[$t]+=" $(awk -v d=$((rafter - rbefore)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')"
+    trips[$t]+=" $(awk -v d=$((eafter - ebefore)) -v n="$requests" 'BEGIN {printf "%.2f", d / n}')"
+    out=$(FORWARD=1 wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "http://127.0.0.1:${port[$t]}")
+    p50[$t]+=" $(sed -n 's/^LATENCY p50=\([0-9]*\).*/\1/p' <<<"$out")"
+    p99[$t]+=" $(sed -n 's/^LATENCY .*p99=\([0-9]*\)/\1/p' <<<"$out")"
+  done
+done
+echo "per round, requests/s:" >&2
+for t in $TARGETS; do
+  echo "  $t:${rps[$t]}  cpu µs/req:${cpu[$t]}" >&2
+  for v in rps p50 p99 cpu rcpu trips; do
+    declare -n a=$v
+    a[$t]=$(median <<<"${a[$t]}")
+  done
+done
+table=$(
+  echo "| target | requests/s | vs unbudgeted | p50 µs (1 conn) | p99 µs (1 conn) | Tollgate CPU µs/req | Redis CPU µs/req | Redis scripts/req |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  for t in $TARGETS; do
+    ratio=$(awk -v a="${rps[$t]}" -v b="${rps[unbudgeted]}" 'BEGIN {printf "%.2f", a / b}')
+    echo "| $t | ${rps[$t]} | $ratio | ${p50[$t]} | ${p99[$t]} | ${cpu[$t]} | ${rcpu[$t]} | ${trips[$t]} |"
+  done
+)
+echo "$table"
+for t in $TARGETS; do
+  [[ -n "${errors[$t]// /}" ]] && echo "note: $t: ${errors[$t]}"
+done
+verdict=$(
+  awk -v a="${rps[redis]}" -v b="${rps[unbudgeted]}" 'BEGIN {printf "budgeted (Redis) throughput vs unbudgeted: %.2fx (target >= 0.80)\n", a / b}'
+  awk -v a="${p50[redis]}" -v b="${p50[unbudgeted]}" -v c="${p99[redis]}" -v d="${p99[unbudgeted]}" \
+    'BEGIN {printf "latency a Redis budget adds: p50 +%d µs, p99 +%d µs\n", a - b, c - d}'
+  echo "Redis scripts per budgeted call: ${trips[redis]} (reserve before the call: the one round trip on the request path; settle after the response, pipelined)"
+)
+echo "$verdict"
+echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, nginx, redis and Tollgate share $(nproc) cores)"
+if [[ -n "$OUT" ]]; then
+  { echo "$table"; echo; echo "$verdict"; } > "$OUT"
+fi
