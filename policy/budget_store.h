@@ -81,6 +81,10 @@ class BudgetStore {
   // using the store on the calling thread.
   virtual void attach(uv_loop_t* /*loop*/) {}
   virtual void detach(std::function<void()> done) { done(); }
+  // Shares a cascade quarantine with every sidecar on the store (a shared store only).
+  virtual void shareQuarantine(const std::string& /*glob*/, std::chrono::milliseconds /*ttl*/) {}
+  // Told of quarantines shared by other sidecars (and, once, by this one), on a worker thread.
+  std::function<void(const std::string& glob, std::chrono::milliseconds ttl)> onSharedQuarantine;
   // Told the result and duration of every operation (from worker threads): for metrics.
   std::function<void(const std::string& op, BudgetStatus, double seconds)> observer;
   // Makes the set's pools known after a reload. The memory store creates the new ones

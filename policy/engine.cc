@@ -131,7 +131,22 @@ void Engine::quarantineNeighbours(const PolicySet& set, const std::string& agent
                                   std::chrono::milliseconds ttl, int64_t nowMs) {
   const AgentDef* def = set.findAgent(agent);
   if (!def) return;
-  for (const auto& n : def->neighbours) quarantine_.emplace_back(n, nowMs + ttl.count());
+  for (const auto& n : def->neighbours) {
+    quarantine_.emplace_back(n, nowMs + ttl.count());
+    if (onQuarantine) onQuarantine(n, ttl);
+  }
+}
+
+void Engine::addQuarantine(const std::string& glob, std::chrono::milliseconds ttl) {
+  int64_t until = clock_() + ttl.count();
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [pattern, end] : quarantine_) {
+    if (pattern == glob) {
+      end = std::max(end, until);
+      return;
+    }
+  }
+  quarantine_.emplace_back(glob, until);
 }
 
 Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) {

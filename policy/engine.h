@@ -39,6 +39,11 @@ class Engine {
   Decision evaluate(const PolicySet& set, const Result<ToolCall>& call);
   void recordOutcome(const PolicySet& set, const ToolCall& call, const Outcome& outcome);
 
+  // Quarantines agents matching `glob` for `ttl` (a neighbour's halt on another sidecar).
+  void addQuarantine(const std::string& glob, std::chrono::milliseconds ttl);
+  // Told of every quarantine a cascade starts here, to share it with other sidecars.
+  std::function<void(const std::string& glob, std::chrono::milliseconds ttl)> onQuarantine;
+
   std::vector<Approval> approvals() const;
   // Returns false when there is no pending approval with this id.
   bool approve(const std::string& id, std::chrono::milliseconds lease);

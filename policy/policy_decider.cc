@@ -28,6 +28,14 @@ Result<std::unique_ptr<PolicyDecider>> PolicyDecider::create(std::vector<std::st
     if (!store) return store.error();
     decider->budgets_ = std::move(store.value());
   }
+  // Cascade quarantines reach every sidecar that shares the store.
+  PolicyDecider* d = decider.get();
+  d->engine_.onQuarantine = [d](const std::string& glob, std::chrono::milliseconds ttl) {
+    d->budgets_->shareQuarantine(glob, ttl);
+  };
+  d->budgets_->onSharedQuarantine = [d](const std::string& glob, std::chrono::milliseconds ttl) {
+    d->engine_.addQuarantine(glob, ttl);
+  };
   return decider;
 }
 

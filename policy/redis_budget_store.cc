@@ -3,7 +3,16 @@
 #include <algorithm>
 #include <cctype>
 
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+
+#include <charconv>
+
 #include "common/log.h"
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include <hiredis/adapters/libuv.h>
+#pragma GCC diagnostic pop
 
 namespace tollgate {
 namespace {
@@ -211,6 +220,32 @@ return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
   return script;
 }
 
+// Cascade quarantines shared by every sidecar: a sorted set of agent globs by the end of
+// their quarantine (Redis time, ms), and a message on kSignals for the sidecars running.
+// ARGV: op ("share" glob ttl-ms | "list").
+const RedisScript& signalScript() {
+  static const RedisScript script(R"LUA(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[1] == 'share' then
+  local ttl = tonumber(ARGV[3])
+  redis.call('ZADD', KEYS[1], 'GT', now + ttl, ARGV[2])
+  redis.call('PUBLISH', ARGV[4], 'quarantine ' .. string.format('%d', ttl) .. ' ' .. ARGV[2])
+  return 1
+end
+local out = {}
+local v = redis.call('ZRANGEBYSCORE', KEYS[1], now + 1, '+inf', 'WITHSCORES')
+for i = 1, #v, 2 do out[#out + 1] = {v[i], tonumber(v[i + 1]) - now} end
+return out
+)LUA");
+  return script;
+}
+
+constexpr const char* kQuarantineKey = "tollgate:{signals}:quarantine";
+constexpr const char* kSignals = "tollgate:signals";
+constexpr int64_t kResubscribeMs = 500;
+
 BudgetStatus statusOf(std::string_view s) {
   if (s == "ok") return BudgetStatus::kOk;
   if (s == "budget_exhausted") return BudgetStatus::kExhausted;
@@ -230,11 +265,117 @@ BudgetOutcome unavailable(std::string reason) {
 
 }  // namespace
 
+// The one subscription of the process to kSignals, on the first worker's loop; it
+// reconnects every 500 ms while it cannot, and reads the quarantines in force each time it
+// (re)subscribes, so that none is missed while it was away.
+struct RedisBudgetStore::Subscriber {
+  RedisBudgetStore* store;
+  uv_loop_t* loop;
+  RedisClient* client;  // the same loop's client, for the snapshot
+  redisAsyncContext* ac = nullptr;
+  uv_timer_t* timer = nullptr;
+  size_t seed = 0;
+  bool closing = false;
+
+  void start() {
+    timer = new uv_timer_t;
+    uv_timer_init(loop, timer);
+    timer->data = this;
+    connect();
+  }
+  void retry() {
+    if (closing) return;
+    uv_timer_start(
+        timer, [](uv_timer_t* t) { static_cast<Subscriber*>(t->data)->connect(); }, kResubscribeMs,
+        0);
+  }
+  void connect() {
+    const auto& seeds = store->options_.seeds;
+    const auto& where = seeds[seed++ % seeds.size()];
+    ac = redisAsyncConnect(where.host.c_str(), where.port);
+    if (!ac || ac->err || redisLibuvAttach(ac, loop) != REDIS_OK) {
+      if (ac) redisAsyncFree(ac);
+      ac = nullptr;
+      retry();
+      return;
+    }
+    ac->data = this;
+    redisAsyncSetConnectCallback(ac, [](const redisAsyncContext* c, int status) {
+      auto* self = static_cast<Subscriber*>(c->data);
+      if (status != REDIS_OK && self->ac == c) {
+        self->ac = nullptr;  // hiredis frees it
+        self->retry();
+      }
+    });
+    redisAsyncSetDisconnectCallback(ac, [](const redisAsyncContext* c, int) {
+      auto* self = static_cast<Subscriber*>(c->data);
+      if (self->ac != c) return;
+      self->ac = nullptr;
+      self->retry();
+    });
+    redisAsyncCommand(ac, onMessage, this, "SUBSCRIBE %s", kSignals);
+  }
+  static void onMessage(redisAsyncContext*, void* raw, void* privdata) {
+    auto* self = static_cast<Subscriber*>(privdata);
+    auto* r = static_cast<redisReply*>(raw);
+    if (!r || self->closing || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
+    std::string_view kind(r->element[0]->str ? r->element[0]->str : "");
+    if (kind == "subscribe") {
+      self->snapshot();
+      return;
+    }
+    if (kind != "message" || !r->element[2]->str) return;
+    // "quarantine TTL_MS GLOB"
+    std::string_view msg(r->element[2]->str, r->element[2]->len);
+    if (!msg.starts_with("quarantine ")) return;
+    msg.remove_prefix(11);
+    auto sp = msg.find(' ');
+    if (sp == std::string_view::npos) return;
+    int64_t ttl = 0;
+    auto [end, ec] = std::from_chars(msg.data(), msg.data() + sp, ttl);
+    if (ec != std::errc() || ttl <= 0) return;
+    if (self->store->onSharedQuarantine)
+      self->store->onSharedQuarantine(std::string(msg.substr(sp + 1)),
+                                      std::chrono::milliseconds(ttl));
+  }
+  void snapshot() {
+    client->eval(signalScript(), {kQuarantineKey}, {"list"}, [this](Result<RedisReply> r) {
+      if (closing || !r || r.value().type != RedisReply::Type::kArray) return;
+      for (const auto& e : r.value().elements) {
+        if (e.elements.size() == 2 && e.elements[1].integer > 0 && store->onSharedQuarantine)
+          store->onSharedQuarantine(e.elements[0].str,
+                                    std::chrono::milliseconds(e.elements[1].integer));
+      }
+    });
+  }
+  void close(std::function<void()> done) {
+    closing = true;
+    if (auto* c = ac) {
+      ac = nullptr;
+      redisAsyncFree(c);
+    }
+    struct Closing {
+      Subscriber* self;
+      std::function<void()> done;
+    };
+    timer->data = new Closing{this, std::move(done)};
+    uv_close(reinterpret_cast<uv_handle_t*>(timer), [](uv_handle_t* h) {
+      auto* c = static_cast<Closing*>(h->data);
+      delete reinterpret_cast<uv_timer_t*>(h);
+      auto fn = std::move(c->done);
+      delete c->self;
+      delete c;
+      fn();
+    });
+  }
+};
+
 struct RedisBudgetStore::PerLoop {
   uv_loop_t* loop;
   std::unique_ptr<RedisClient> client;
   std::vector<Retry> retries;
   bool flushing = false;
+  Subscriber* subscriber = nullptr;
 };
 
 namespace {
@@ -310,6 +451,25 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
       false};
   tlsPerLoop = l;
   tlsOwner = this;
+  if (!subscribed_.exchange(true)) {
+    l->subscriber = new Subscriber{this, loop, l->client.get()};
+    l->subscriber->start();
+  }
+}
+
+void RedisBudgetStore::shareQuarantine(const std::string& glob, std::chrono::milliseconds ttl) {
+  PerLoop* l = local();
+  if (!l) return;
+  l->client->eval(signalScript(), {kQuarantineKey},
+                  {"share", glob, std::to_string(ttl.count()), kSignals},
+                  [glob](Result<RedisReply> r) {
+                    if (!r || r.value().isError()) {
+                      Log::Line(LogLevel::kWarn, "cascade quarantine not shared")
+                          .add("agents", glob)
+                          .add("error", r ? r.value().str : r.error().message)
+                          .emit();
+                    }
+                  });
 }
 
 void RedisBudgetStore::detach(std::function<void()> done) {
@@ -326,12 +486,20 @@ void RedisBudgetStore::detach(std::function<void()> done) {
         .emit();
   }
   // Settlements still on the wire are waited for (each within its deadline).
-  l->client->close(
-      [l, done = std::move(done)] {
-        delete l;
-        done();
-      },
-      true);
+  auto closeClient = [l, done = std::move(done)] {
+    l->client->close(
+        [l, done] {
+          delete l;
+          done();
+        },
+        true);
+  };
+  if (l->subscriber) {
+    l->subscriber->close(std::move(closeClient));
+    l->subscriber = nullptr;
+  } else {
+    closeClient();
+  }
 }
 
 void RedisBudgetStore::retryLater(PerLoop* l, Retry retry) {

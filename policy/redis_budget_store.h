@@ -19,6 +19,7 @@
 
 #include <uv.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -48,6 +49,7 @@ class RedisBudgetStore : public BudgetStore {
   void refresh(std::function<void()> done) override;
   Status declare(const PolicySet& set) override;
   void attach(uv_loop_t* loop) override;
+  void shareQuarantine(const std::string& glob, std::chrono::milliseconds ttl) override;
   void detach(std::function<void()> done) override;
 
   struct InitResult {
@@ -72,6 +74,7 @@ class RedisBudgetStore : public BudgetStore {
     std::vector<Charge> charges;
   };
   struct PerLoop;
+  struct Subscriber;
 
   explicit RedisBudgetStore(Options options) : options_(std::move(options)) {}
   PerLoop* local() const;
@@ -86,6 +89,7 @@ class RedisBudgetStore : public BudgetStore {
   mutable std::mutex mutex_;
   std::shared_ptr<const std::vector<PoolSpec>> specs_;
   std::vector<BudgetView> cache_;  // the last view read from Redis
+  std::atomic<bool> subscribed_{false};
 };
 
 }  // namespace tollgate

@@ -191,6 +191,63 @@ class RedisBudgetTest(unittest.TestCase):
                 effort = [p for p in json.loads(pools) if p["dimension"] == "effort"][0]
                 self.assertEqual((effort["committed"], effort["held"]), (14, 0))
 
+    def test_a_cascade_on_one_sidecar_quarantines_neighbours_on_every_sidecar(self):
+        policy = """
+apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - {name: notes.read, match: {host: 127.0.0.1, methods: [GET]}, class: read}
+  - {name: notes.delete, match: {host: 127.0.0.1, methods: [DELETE]}, class: delete}
+agents:
+  - {id: "support-1", neighbours: ["support-2"]}
+  - {id: "support-*"}
+rules:
+  - {id: reads, effect: allow, match: {tool: notes.read}}
+  - {id: no-deletes, effect: halt, match: {tool: notes.delete}, cascade: {quarantine: 2s}}
+"""
+        with RedisServer() as redis, HttpOrigin() as origin:
+            sidecars = []
+            for _ in range(2):
+                tg = Tollgate({"workers": 2})
+                with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+                    f.write(policy)
+                tg.config.pop("hosts")
+                tg.config["policies"] = ["policy.yaml"]
+                tg.config["store"] = {"backend": "redis", "urls": [redis.url]}
+                with open(tg.config_path, "w") as f:
+                    json.dump(tg.config, f)
+                sidecars.append(tg)
+            a, b = sidecars
+            with a, b:
+                def get(tg, agent):
+                    rc, out, _ = curl("-i", "-H", f"X-Agent-Id: {agent}", origin.url("/hello"), proxy=tg.proxy)
+                    status, _, body = parse_response(out)
+                    return status, body
+                self.assertEqual(get(b, "support-2")[0], 200)
+                rc, out, _ = curl("-i", "-X", "DELETE", "-H", "X-Agent-Id: support-1", origin.url("/notes/1"),
+                                  proxy=a.proxy)
+                self.assertEqual(parse_response(out)[0], 403)
+                # The neighbour is quarantined on the other sidecar too, for the cascade's time.
+                status, body = wait_for(lambda: (lambda r: r if r[0] == 403 else None)(get(b, "support-2")),
+                                        timeout=2, what="the quarantine to reach the other sidecar")
+                self.assertEqual(json.loads(body)["rule"], "cascade")
+                self.assertEqual(get(b, "support-3")[0], 200)  # not a neighbour
+                # A sidecar started during the quarantine learns it from Redis at start.
+                c = Tollgate({"workers": 1})
+                with open(os.path.join(c.dir, "policy.yaml"), "w") as f:
+                    f.write(policy)
+                c.config.pop("hosts")
+                c.config["policies"] = ["policy.yaml"]
+                c.config["store"] = {"backend": "redis", "urls": [redis.url]}
+                with open(c.config_path, "w") as f:
+                    json.dump(c.config, f)
+                with c:
+                    status, body = wait_for(lambda: (lambda r: r if r[0] == 403 else None)(get(c, "support-2")),
+                                            timeout=2, what="the quarantine on a new sidecar")
+                    self.assertEqual(json.loads(body)["rule"], "cascade")
+                # It ends on every sidecar.
+                wait_for(lambda: get(b, "support-2")[0] == 200, timeout=5, what="the quarantine to end")
+
     def test_exact_accounting_with_four_sidecars_and_64_agents_each(self):
         limit = 6000
         with RedisServer() as redis, HttpOrigin() as origin:
