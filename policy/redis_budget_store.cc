@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <map>
 
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
@@ -19,22 +20,26 @@ namespace {
 
 constexpr size_t kMaxRetries = 10'000;  // per worker loop
 
-// ARGV: op, call id, ttl ms, pool count, then per pool (in KEYS order, 4 keys each):
-// name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk period ms.
-// Amounts are the estimate for reserve and the real cost for settle (-1: not known).
-// A limit of -1: the policy gives the pool no budget of that dimension.
+// KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
+// pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
+// period ms. For reserve, settle and release, always in batches: "batch", the number of
+// operations, then per operation: op, call id, hold ttl ms, and the 7 values per pool.
+// Amounts are the estimate for reserve and the real cost for settle (-1: what was held).
+// A limit of -1: the policy gives the pool no budget of that dimension. Operations run in
+// order, each exactly as it would alone; expired holds are committed first.
 const RedisScript& budgetScript() {
   static const RedisScript script(R"LUA(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, call = ARGV[1], ARGV[2]
-local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local ttl, n = tonumber(ARGV[3]), #KEYS / 4
+local base = 4  -- ARGV index before the current operation's per-pool values
 local DIMS = {'effort', 'risk'}
 local KEEP = 100000
 
 local function I(x) return string.format('%d', x) end
 local function num(v) return tonumber(v) or 0 end
-local function A(i, k) return ARGV[4 + 7 * (i - 1) + 1 + k] end
+local function A(i, k) return ARGV[base + 7 * (i - 1) + 1 + k] end
 local function K(i, k) return KEYS[4 * (i - 1) + k] end
 
 local function remember(d, id)
@@ -129,51 +134,102 @@ if op == 'view' then
   return out
 end
 
-if op == 'reserve' then
+-- A pool's budgets read at once: nil when the pool is missing (never initialised, flushed).
+local FIELDS = {'created'}
+for _, dim in ipairs(DIMS) do
+  for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
+    FIELDS[#FIELDS + 1] = dim .. ':' .. f
+  end
+end
+local function load(b)
+  local v = redis.call('HMGET', b, unpack(FIELDS))
+  if not v[1] then return nil end
+  local st = {}
+  for j, dim in ipairs(DIMS) do
+    local o = 1 + 5 * (j - 1)
+    st[dim] = {committed = num(v[o + 1]), held = num(v[o + 2]), period = num(v[o + 3]),
+               start = num(v[o + 4]), tripped = num(v[o + 5])}
+  end
+  return st
+end
+local function save(b, st)
+  local args = {}
+  for _, dim in ipairs(DIMS) do
+    local s = st[dim]
+    for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
+      args[#args + 1] = dim .. ':' .. f
+      args[#args + 1] = I(s[f])
+    end
+  end
+  redis.call('HSET', b, unpack(args))
+end
+local function rollState(s, period)
+  if s.period ~= period then
+    s.period, s.start = period, now - now % period
+    return true
+  elseif now >= s.start + period then
+    s.start, s.committed, s.tripped = now - now % period, 0, 0
+    return true
+  end
+  return false
+end
+
+local function reserve(call, ttl)
   if redis.call('HEXISTS', K(1, 2), call) == 1 then return {'ok', '', '', 0} end
   if redis.call('ZSCORE', K(1, 4), call) then
     return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0}
   end
+  local states, dirty = {}, {}
+  -- Rolled periods are kept even when the call is refused.
+  local function refuse(status, pool, reason)
+    for i, st in pairs(dirty) do save(K(i, 1), states[i]) end
+    return {status, pool, reason, 0}
+  end
   for i = 1, n do
-    local b, pool = K(i, 1), A(i, 0)
+    local pool = A(i, 0)
     for j, dim in ipairs(DIMS) do
       local amount = tonumber(A(i, j))
       if amount > 0 then
         local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
         if limit < 0 then
-          return {'budget_uninitialised', pool,
-                  'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store', 0}
+          return refuse('budget_uninitialised', pool,
+                        'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store')
         end
-        if redis.call('EXISTS', b) == 0 then
-          return {'budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from the ' ..
-                  'store (never initialised, or flushed): run tollgate pools init', 0}
+        if states[i] == nil then states[i] = load(K(i, 1)) or false end
+        local st = states[i]
+        if not st then
+          return refuse('budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from ' ..
+                        'the store (never initialised, or flushed): run tollgate pools init')
         end
-        roll(b, dim, period)
-        if num(redis.call('HGET', b, dim .. ':tripped')) ~= 0 then
-          return {'budget_tripped', pool,
-                  'pool ' .. pool .. ' was tripped by an overrun this period', 0}
+        if rollState(st[dim], period) then dirty[i] = true end
+        if st[dim].tripped ~= 0 then
+          return refuse('budget_tripped', pool,
+                        'pool ' .. pool .. ' was tripped by an overrun this period')
         end
-        local used = num(redis.call('HGET', b, dim .. ':committed')) +
-                     num(redis.call('HGET', b, dim .. ':held'))
+        local used = st[dim].committed + st[dim].held
         if used + amount > limit then
-          return {'budget_exhausted', pool,
-                  'pool ' .. pool .. ' ' .. dim .. ': ' .. I(used) .. ' of ' .. I(limit) ..
-                  ' spent or held, ' .. I(amount) .. ' more asked', 0}
+          return refuse('budget_exhausted', pool,
+                        'pool ' .. pool .. ' ' .. dim .. ': ' .. I(used) .. ' of ' .. I(limit) ..
+                        ' spent or held, ' .. I(amount) .. ' more asked')
         end
       end
     end
   end
   for i = 1, n do
     local e, r = math.max(tonumber(A(i, 1)), 0), math.max(tonumber(A(i, 2)), 0)
-    if e > 0 then redis.call('HINCRBY', K(i, 1), 'effort:held', e) end
-    if r > 0 then redis.call('HINCRBY', K(i, 1), 'risk:held', r) end
+    local st = states[i]
+    if st then
+      st.effort.held = st.effort.held + e
+      st.risk.held = st.risk.held + r
+      save(K(i, 1), st)
+    end
     redis.call('HSET', K(i, 2), call, I(e) .. ':' .. I(r))
     redis.call('ZADD', K(i, 3), now + ttl, call)
   end
   return {'ok', '', '', 0}
 end
 
-if op == 'settle' or op == 'release' then
+local function finish(op, call)
   if redis.call('HEXISTS', K(1, 2), call) == 0 then
     -- A release of a call never held leaves a mark, so that a reserve arriving late is refused.
     if op == 'release' then remember(K(1, 4), call) end
@@ -185,7 +241,7 @@ if op == 'settle' or op == 'release' then
     local v = redis.call('HGET', h, call)
     if v then
       local held = split(v)
-      local alive = redis.call('EXISTS', b) == 1
+      local st = load(b)
       for j, dim in ipairs(DIMS) do
         if held[j] > 0 then
           local cost = 0
@@ -193,17 +249,18 @@ if op == 'settle' or op == 'release' then
             cost = tonumber(A(i, j))
             if cost < 0 then cost = held[j] end
           end
-          if alive then
-            redis.call('HINCRBY', b, dim .. ':held', -held[j])
-            redis.call('HINCRBY', b, dim .. ':committed', math.min(cost, held[j]))
+          if st then
+            st[dim].held = st[dim].held - held[j]
+            st[dim].committed = st[dim].committed + math.min(cost, held[j])
           end
           if cost > held[j] then
             overrun = overrun + cost - held[j]
             opool = A(i, 0)
-            if alive then redis.call('HSET', b, dim .. ':tripped', '1') end
+            if st then st[dim].tripped = 1 end
           end
         end
       end
+      if st then save(b, st) end
       redis.call('HDEL', h, call)
       redis.call('ZREM', K(i, 3), call)
     end
@@ -213,6 +270,24 @@ if op == 'settle' or op == 'release' then
     return {'ok', opool, 'call ' .. call .. ' cost ' .. I(overrun) .. ' more than was held', overrun}
   end
   return {'ok', '', '', 0}
+end
+
+-- A batch: ARGV[2] operations, each "op, call id, ttl ms" then 7 values per pool.
+if op == 'batch' then
+  local out, at = {}, 3
+  for k = 1, tonumber(ARGV[2]) do
+    local o, call, hold = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+    base = at + 2
+    if o == 'reserve' then
+      out[k] = reserve(call, hold)
+    elseif o == 'settle' or o == 'release' then
+      out[k] = finish(o, call)
+    else
+      out[k] = {'unavailable', '', 'unknown op ' .. tostring(o), 0}
+    end
+    at = at + 3 + 7 * n
+  end
+  return out
 end
 
 return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
@@ -371,11 +446,26 @@ struct RedisBudgetStore::Subscriber {
 };
 
 struct RedisBudgetStore::PerLoop {
+  RedisBudgetStore* store;
   uv_loop_t* loop;
   std::unique_ptr<RedisClient> client;
   std::vector<Retry> retries;
   bool flushing = false;
   Subscriber* subscriber = nullptr;
+  struct Op {
+    std::string op;
+    uint64_t started;
+    Done done;
+  };
+  struct Batch {
+    std::vector<std::string> keys;
+    std::vector<std::string> args;
+    std::vector<Op> ops;
+  };
+  std::map<std::string, Batch> batches;  // by the pools charged
+  uv_check_t* check = nullptr;
+  uv_idle_t* idle = nullptr;
+  bool armed = false;
 };
 
 namespace {
@@ -444,11 +534,16 @@ std::shared_ptr<const std::vector<RedisBudgetStore::PoolSpec>> RedisBudgetStore:
 }
 
 void RedisBudgetStore::attach(uv_loop_t* loop) {
-  auto* l = new PerLoop{
-      loop,
-      std::make_unique<RedisClient>(loop, RedisClient::Options{options_.seeds, options_.timeout}),
-      {},
-      false};
+  auto* l = new PerLoop{};
+  l->store = this;
+  l->loop = loop;
+  l->client =
+      std::make_unique<RedisClient>(loop, RedisClient::Options{options_.seeds, options_.timeout});
+  l->check = new uv_check_t;
+  uv_check_init(loop, l->check);
+  l->check->data = l;
+  l->idle = new uv_idle_t;
+  uv_idle_init(loop, l->idle);
   tlsPerLoop = l;
   tlsOwner = this;
   if (!subscribed_.exchange(true)) {
@@ -485,7 +580,13 @@ void RedisBudgetStore::detach(std::function<void()> done) {
         .add("calls", static_cast<uint64_t>(l->retries.size()))
         .emit();
   }
-  // Settlements still on the wire are waited for (each within its deadline).
+  // What waits for this turn's batch goes now; then settlements still on the wire are
+  // waited for (each within its deadline).
+  flush(l);
+  uv_close(reinterpret_cast<uv_handle_t*>(l->check),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
+  uv_close(reinterpret_cast<uv_handle_t*>(l->idle),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
   auto closeClient = [l, done = std::move(done)] {
     l->client->close(
         [l, done] {
@@ -529,57 +630,102 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     return;
   }
   auto specs = this->specs();
-  std::vector<std::string> keys;
-  std::vector<std::string> args{op, callId, std::to_string(ttlMs), std::to_string(charges.size())};
+  std::string batchKey;
+  std::vector<std::string> args{op, callId, std::to_string(ttlMs)};
   uint16_t slot = 0;
   for (size_t i = 0; i < charges.size(); ++i) {
     const auto& c = charges[i];
     const PoolSpec* spec = nullptr;
-    for (const auto& s : *specs) {
-      if (s.name == c.pool) spec = &s;
+    for (const auto& sp : *specs) {
+      if (sp.name == c.pool) spec = &sp;
     }
     if (!spec) {
       done(BudgetOutcome{BudgetStatus::kUninitialised, c.pool,
                          "pool " + c.pool + " is not in the policy set", 0});
       return;
     }
-    for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(c.pool, k));
-    uint16_t s = redisKeySlot(keys.back());
+    uint16_t s = redisKeySlot(keyOf(c.pool, 'b'));
     if (i == 0) slot = s;
     if (s != slot) {
       done(unavailable("pools " + charges[0].pool + " and " + c.pool +
                        " are in different Redis slots; a call charges pools of one hash tag"));
       return;
     }
+    batchKey += c.pool;
+    batchKey += '\n';
     for (std::string v : {c.pool, std::to_string(c.effort), std::to_string(c.risk),
                           std::to_string(spec->effortLimit), std::to_string(spec->effortPeriodMs),
                           std::to_string(spec->riskLimit), std::to_string(spec->riskPeriodMs)})
       args.push_back(std::move(v));
   }
-  uint64_t started = uv_hrtime();
-  std::string opName = op;
-  l->client->eval(
-      budgetScript(), std::move(keys), std::move(args),
-      [this, l, opName, started, done = std::move(done)](Result<RedisReply> r) {
-        BudgetOutcome out;
-        if (!r) {
-          out = unavailable(r.error().message);
-        } else if (r.value().isError()) {
-          out = unavailable("redis: " + r.value().str);
-        } else if (r.value().type != RedisReply::Type::kArray || r.value().elements.size() != 4) {
-          out = unavailable("redis: unexpected reply to the budget script");
-        } else {
-          const auto& e = r.value().elements;
-          out.status = statusOf(e[0].str);
-          out.pool = e[1].str;
-          out.reason = e[2].str;
-          out.overrun = e[3].integer;
-        }
-        if (observer)
-          observer(opName, out.status, static_cast<double>(uv_hrtime() - started) / 1e9);
-        if (out.status != BudgetStatus::kUnavailable) flushRetries(l);
-        done(std::move(out));
-      });
+  // Operations on the same pools wait for the end of this loop turn and go as one script.
+  auto& batch = l->batches[batchKey];
+  if (batch.ops.empty()) {
+    batch.keys.clear();
+    for (const auto& c : charges) {
+      for (char k : {'b', 'h', 'x', 'd'}) batch.keys.push_back(keyOf(c.pool, k));
+    }
+  }
+  for (auto& a : args) batch.args.push_back(std::move(a));
+  batch.ops.push_back({op, uv_hrtime(), std::move(done)});
+  if (!l->armed) {
+    l->armed = true;
+    uv_check_start(l->check, [](uv_check_t* h) {
+      auto* pl = static_cast<PerLoop*>(h->data);
+      pl->store->flush(pl);
+    });
+    // An idle handle keeps the loop from blocking in poll while a batch waits.
+    uv_idle_start(l->idle, [](uv_idle_t*) {});
+  }
+}
+
+void RedisBudgetStore::flush(PerLoop* l) {
+  uv_check_stop(l->check);
+  uv_idle_stop(l->idle);
+  l->armed = false;
+  auto batches = std::move(l->batches);
+  l->batches.clear();
+  for (auto& [key, batch] : batches) {
+    std::vector<std::string> args;
+    args.reserve(batch.args.size() + 2);
+    args.push_back("batch");
+    args.push_back(std::to_string(batch.ops.size()));
+    for (auto& a : batch.args) args.push_back(std::move(a));
+    l->client->eval(budgetScript(), std::move(batch.keys), std::move(args),
+                    [this, l, ops = std::move(batch.ops)](Result<RedisReply> r) mutable {
+                      std::string failure;
+                      if (!r)
+                        failure = r.error().message;
+                      else if (r.value().isError())
+                        failure = "redis: " + r.value().str;
+                      else if (r.value().type != RedisReply::Type::kArray ||
+                               r.value().elements.size() != ops.size())
+                        failure = "redis: unexpected reply to the budget script";
+                      bool answered = false;
+                      for (size_t i = 0; i < ops.size(); ++i) {
+                        BudgetOutcome out;
+                        if (!failure.empty()) {
+                          out = unavailable(failure);
+                        } else {
+                          const auto& e = r.value().elements[i].elements;
+                          if (e.size() != 4) {
+                            out = unavailable("redis: unexpected reply to the budget script");
+                          } else {
+                            out.status = statusOf(e[0].str);
+                            out.pool = e[1].str;
+                            out.reason = e[2].str;
+                            out.overrun = e[3].integer;
+                          }
+                        }
+                        answered |= out.status != BudgetStatus::kUnavailable;
+                        if (observer)
+                          observer(ops[i].op, out.status,
+                                   static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
+                        ops[i].done(std::move(out));
+                      }
+                      if (answered) flushRetries(l);
+                    });
+  }
 }
 
 void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,

@@ -80,6 +80,7 @@ class RedisBudgetStore : public BudgetStore {
   PerLoop* local() const;
   void run(const char* op, const std::string& callId, const std::vector<Charge>& charges,
            int64_t ttlMs, Done done);
+  void flush(PerLoop* l);
   void retryLater(PerLoop* l, Retry retry);
   void flushRetries(PerLoop* l);
   std::shared_ptr<const std::vector<PoolSpec>> specs() const;

@@ -37,7 +37,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; tail -n 5 "$work"/*.log >&2; return 1; }
 cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
 hz=$(getconf CLK_TCK)
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }
@@ -63,11 +63,11 @@ export ORIGIN=127.0.0.1:$origin_port
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
-  --logfile "$work/redis.log" &
+  --logfile "$work/redis-server.log" &
 redis_pid=$!; pids+=("$redis_pid")
 wait_port "$redis_port"
 
-sed 's/, cost: {effort: 1}//' "$here/budget-policy.yaml" > "$work/unbudgeted.yaml"
+sed -e 's/, cost: {effort: 1}//' -e 's/scope: shared/scope: local/' "$here/budget-policy.yaml" > "$work/unbudgeted.yaml"
 sed 's/scope: shared/scope: local/' "$here/budget-policy.yaml" > "$work/memory.yaml"
 cp "$here/budget-policy.yaml" "$work/redis.yaml"
 declare -A port pid
