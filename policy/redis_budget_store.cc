@@ -217,12 +217,9 @@ local function reserve(call, ttl)
   end
   for i = 1, n do
     local e, r = math.max(tonumber(A(i, 1)), 0), math.max(tonumber(A(i, 2)), 0)
-    local st = states[i]
-    if st then
-      st.effort.held = st.effort.held + e
-      st.risk.held = st.risk.held + r
-      save(K(i, 1), st)
-    end
+    if dirty[i] then save(K(i, 1), states[i]) end
+    if e > 0 then redis.call('HINCRBY', K(i, 1), 'effort:held', e) end
+    if r > 0 then redis.call('HINCRBY', K(i, 1), 'risk:held', r) end
     redis.call('HSET', K(i, 2), call, I(e) .. ':' .. I(r))
     redis.call('ZADD', K(i, 3), now + ttl, call)
   end
@@ -241,7 +238,7 @@ local function finish(op, call)
     local v = redis.call('HGET', h, call)
     if v then
       local held = split(v)
-      local st = load(b)
+      local alive = redis.call('EXISTS', b) == 1
       for j, dim in ipairs(DIMS) do
         if held[j] > 0 then
           local cost = 0
@@ -249,18 +246,18 @@ local function finish(op, call)
             cost = tonumber(A(i, j))
             if cost < 0 then cost = held[j] end
           end
-          if st then
-            st[dim].held = st[dim].held - held[j]
-            st[dim].committed = st[dim].committed + math.min(cost, held[j])
+          if alive then
+            redis.call('HINCRBY', b, dim .. ':held', -held[j])
+            local c = math.min(cost, held[j])
+            if c > 0 then redis.call('HINCRBY', b, dim .. ':committed', c) end
           end
           if cost > held[j] then
             overrun = overrun + cost - held[j]
             opool = A(i, 0)
-            if st then st[dim].tripped = 1 end
+            if alive then redis.call('HSET', b, dim .. ':tripped', '1') end
           end
         end
       end
-      if st then save(b, st) end
       redis.call('HDEL', h, call)
       redis.call('ZREM', K(i, 3), call)
     end

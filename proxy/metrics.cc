@@ -136,10 +136,36 @@ void Metrics::setPool(const std::string& pool, const std::string& dimension, int
 }
 
 void Metrics::budgetOperation(const std::string& op, const std::string& result, double seconds) {
-  budgetOps_->Add({{"op", op}, {"result", result}}).Increment();
+  // Two per budgeted call: the series are looked up once, not per call.
+  static const char* const kOps[] = {"reserve", "settle", "release"};
+  static const char* const kResults[] = {"ok",
+                                         "budget_exhausted",
+                                         "budget_tripped",
+                                         "budget_uninitialised",
+                                         "budget_unavailable",
+                                         "unknown_call"};
+  size_t o = 0, r = 0;
+  while (o < 3 && op != kOps[o]) ++o;
+  while (r < 6 && result != kResults[r]) ++r;
   static const prometheus::Histogram::BucketBoundaries buckets{
       0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25};
-  budgetSeconds_->Add({{"op", op}}, buckets).Observe(seconds);
+  if (o == 3 || r == 6) {
+    budgetOps_->Add({{"op", op}, {"result", result}}).Increment();
+    budgetSeconds_->Add({{"op", op}}, buckets).Observe(seconds);
+    return;
+  }
+  auto* counter = budgetCounters_[o][r].load(std::memory_order_acquire);
+  if (!counter) {
+    counter = &budgetOps_->Add({{"op", op}, {"result", result}});
+    budgetCounters_[o][r].store(counter, std::memory_order_release);
+  }
+  counter->Increment();
+  auto* histogram = budgetHistograms_[o].load(std::memory_order_acquire);
+  if (!histogram) {
+    histogram = &budgetSeconds_->Add({{"op", op}}, buckets);
+    budgetHistograms_[o].store(histogram, std::memory_order_release);
+  }
+  histogram->Observe(seconds);
 }
 
 prometheus::Counter& Metrics::halts(const std::string& reason) {

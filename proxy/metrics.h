@@ -65,6 +65,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* poolRemaining_;
   prometheus::Family<prometheus::Counter>* budgetOps_;
   prometheus::Family<prometheus::Histogram>* budgetSeconds_;
+  std::atomic<prometheus::Counter*> budgetCounters_[3][6] = {};
+  std::atomic<prometheus::Histogram*> budgetHistograms_[3] = {};
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 
