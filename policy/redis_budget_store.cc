@@ -19,6 +19,7 @@ namespace tollgate {
 namespace {
 
 constexpr size_t kMaxRetries = 10'000;  // per worker loop
+constexpr size_t kMaxBatch = 256;       // operations in one script call
 
 // KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
 // pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
@@ -134,155 +135,209 @@ if op == 'view' then
   return out
 end
 
--- A pool's budgets read at once: nil when the pool is missing (never initialised, flushed).
-local FIELDS = {'created'}
-for _, dim in ipairs(DIMS) do
-  for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
-    FIELDS[#FIELDS + 1] = dim .. ':' .. f
-  end
-end
-local function load(b)
-  local v = redis.call('HMGET', b, unpack(FIELDS))
-  if not v[1] then return nil end
-  local st = {}
-  for j, dim in ipairs(DIMS) do
-    local o = 1 + 5 * (j - 1)
-    st[dim] = {committed = num(v[o + 1]), held = num(v[o + 2]), period = num(v[o + 3]),
-               start = num(v[o + 4]), tripped = num(v[o + 5])}
-  end
-  return st
-end
-local function save(b, st)
-  local args = {}
-  for _, dim in ipairs(DIMS) do
-    local s = st[dim]
-    for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
-      args[#args + 1] = dim .. ':' .. f
-      args[#args + 1] = I(s[f])
-    end
-  end
-  redis.call('HSET', b, unpack(args))
-end
-local function rollState(s, period)
-  if s.period ~= period then
-    s.period, s.start = period, now - now % period
-    return true
-  elseif now >= s.start + period then
-    s.start, s.committed, s.tripped = now - now % period, 0, 0
-    return true
-  end
-  return false
-end
-
-local function reserve(call, ttl)
-  if redis.call('HEXISTS', K(1, 2), call) == 1 then return {'ok', '', '', 0} end
-  if redis.call('ZSCORE', K(1, 4), call) then
-    return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0}
-  end
-  local states, dirty = {}, {}
-  -- Rolled periods are kept even when the call is refused.
-  local function refuse(status, pool, reason)
-    for i, st in pairs(dirty) do save(K(i, 1), states[i]) end
-    return {status, pool, reason, 0}
-  end
-  for i = 1, n do
-    local pool = A(i, 0)
-    for j, dim in ipairs(DIMS) do
-      local amount = tonumber(A(i, j))
-      if amount > 0 then
-        local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
-        if limit < 0 then
-          return refuse('budget_uninitialised', pool,
-                        'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store')
-        end
-        if states[i] == nil then states[i] = load(K(i, 1)) or false end
-        local st = states[i]
-        if not st then
-          return refuse('budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from ' ..
-                        'the store (never initialised, or flushed): run tollgate pools init')
-        end
-        if rollState(st[dim], period) then dirty[i] = true end
-        if st[dim].tripped ~= 0 then
-          return refuse('budget_tripped', pool,
-                        'pool ' .. pool .. ' was tripped by an overrun this period')
-        end
-        local used = st[dim].committed + st[dim].held
-        if used + amount > limit then
-          return refuse('budget_exhausted', pool,
-                        'pool ' .. pool .. ' ' .. dim .. ': ' .. I(used) .. ' of ' .. I(limit) ..
-                        ' spent or held, ' .. I(amount) .. ' more asked')
-        end
-      end
-    end
-  end
-  for i = 1, n do
-    local e, r = math.max(tonumber(A(i, 1)), 0), math.max(tonumber(A(i, 2)), 0)
-    if dirty[i] then save(K(i, 1), states[i]) end
-    if e > 0 then redis.call('HINCRBY', K(i, 1), 'effort:held', e) end
-    if r > 0 then redis.call('HINCRBY', K(i, 1), 'risk:held', r) end
-    redis.call('HSET', K(i, 2), call, I(e) .. ':' .. I(r))
-    redis.call('ZADD', K(i, 3), now + ttl, call)
-  end
-  return {'ok', '', '', 0}
-end
-
-local function finish(op, call)
-  if redis.call('HEXISTS', K(1, 2), call) == 0 then
-    -- A release of a call never held leaves a mark, so that a reserve arriving late is refused.
-    if op == 'release' then remember(K(1, 4), call) end
-    return {'unknown_call', '', 'no hold for call ' .. call, 0}
-  end
-  local overrun, opool = 0, ''
-  for i = 1, n do
-    local b, h = K(i, 1), K(i, 2)
-    local v = redis.call('HGET', h, call)
-    if v then
-      local held = split(v)
-      local alive = redis.call('EXISTS', b) == 1
-      for j, dim in ipairs(DIMS) do
-        if held[j] > 0 then
-          local cost = 0
-          if op == 'settle' then
-            cost = tonumber(A(i, j))
-            if cost < 0 then cost = held[j] end
-          end
-          if alive then
-            redis.call('HINCRBY', b, dim .. ':held', -held[j])
-            local c = math.min(cost, held[j])
-            if c > 0 then redis.call('HINCRBY', b, dim .. ':committed', c) end
-          end
-          if cost > held[j] then
-            overrun = overrun + cost - held[j]
-            opool = A(i, 0)
-            if alive then redis.call('HSET', b, dim .. ':tripped', '1') end
-          end
-        end
-      end
-      redis.call('HDEL', h, call)
-      redis.call('ZREM', K(i, 3), call)
-    end
-    remember(K(i, 4), call)
-  end
-  if overrun > 0 then
-    return {'ok', opool, 'call ' .. call .. ' cost ' .. I(overrun) .. ' more than was held', overrun}
-  end
-  return {'ok', '', '', 0}
-end
-
--- A batch: ARGV[2] operations, each "op, call id, ttl ms" then 7 values per pool.
+-- A batch: ARGV[2] operations, each "op, call id, ttl ms" then 7 values per pool. Every
+-- key is read once (the pools' budgets, the holds and settled marks of the batch's calls),
+-- the operations run in order on those values in Lua, exactly as each would alone, and
+-- what changed is written back once per key.
 if op == 'batch' then
-  local out, at = {}, 3
-  for k = 1, tonumber(ARGV[2]) do
-    local o, call, hold = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
-    base = at + 2
-    if o == 'reserve' then
-      out[k] = reserve(call, hold)
-    elseif o == 'settle' or o == 'release' then
-      out[k] = finish(o, call)
-    else
-      out[k] = {'unavailable', '', 'unknown op ' .. tostring(o), 0}
+  local m = tonumber(ARGV[2])
+  local FIELDS = {'created'}
+  for _, dim in ipairs(DIMS) do
+    for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
+      FIELDS[#FIELDS + 1] = dim .. ':' .. f
+    end
+  end
+  local ops, ids, seen = {}, {}, {}
+  local at = 3
+  for k = 1, m do
+    ops[k] = {op = ARGV[at], call = ARGV[at + 1], ttl = tonumber(ARGV[at + 2]), base = at + 2}
+    if not seen[ARGV[at + 1]] then
+      seen[ARGV[at + 1]] = true
+      ids[#ids + 1] = ARGV[at + 1]
     end
     at = at + 3 + 7 * n
+  end
+  -- Per pool: its budgets (false when missing), the holds and settled marks of these calls.
+  local st, dirty, holds, before, expiry, done, marks = {}, {}, {}, {}, {}, {}, {}
+  for i = 1, n do
+    local v = redis.call('HMGET', K(i, 1), unpack(FIELDS))
+    if v[1] then
+      st[i] = {}
+      for j, dim in ipairs(DIMS) do
+        local o = 1 + 5 * (j - 1)
+        st[i][dim] = {committed = num(v[o + 1]), held = num(v[o + 2]), period = num(v[o + 3]),
+                      start = num(v[o + 4]), tripped = num(v[o + 5])}
+      end
+    else
+      st[i] = false
+    end
+    holds[i], before[i], expiry[i], marks[i] = {}, {}, {}, {}
+    local h = redis.call('HMGET', K(i, 2), unpack(ids))
+    for x, id in ipairs(ids) do
+      holds[i][id] = h[x] or nil
+      before[i][id] = h[x] or nil
+    end
+  end
+  local d = redis.call('ZMSCORE', K(1, 4), unpack(ids))
+  for x, id in ipairs(ids) do done[id] = d[x] and true or false end
+
+  local function roll(s, period)
+    if s.period ~= period then
+      s.period, s.start = period, now - now % period
+      return true
+    elseif now >= s.start + period then
+      s.start, s.committed, s.tripped = now - now % period, 0, 0
+      return true
+    end
+    return false
+  end
+
+  local function reserve(call, hold)
+    if holds[1][call] then return {'ok', '', '', 0} end
+    if done[call] then return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0} end
+    for i = 1, n do
+      local pool = A(i, 0)
+      for j, dim in ipairs(DIMS) do
+        local amount = tonumber(A(i, j))
+        if amount > 0 then
+          local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
+          if limit < 0 then
+            return {'budget_uninitialised', pool,
+                    'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store', 0}
+          end
+          if not st[i] then
+            return {'budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from ' ..
+                    'the store (never initialised, or flushed): run tollgate pools init', 0}
+          end
+          local s = st[i][dim]
+          if roll(s, period) then dirty[i] = true end
+          if s.tripped ~= 0 then
+            return {'budget_tripped', pool,
+                    'pool ' .. pool .. ' was tripped by an overrun this period', 0}
+          end
+          local used = s.committed + s.held
+          if used + amount > limit then
+            return {'budget_exhausted', pool,
+                    'pool ' .. pool .. ' ' .. dim .. ': ' .. I(used) .. ' of ' .. I(limit) ..
+                    ' spent or held, ' .. I(amount) .. ' more asked', 0}
+          end
+        end
+      end
+    end
+    for i = 1, n do
+      local e, r = math.max(tonumber(A(i, 1)), 0), math.max(tonumber(A(i, 2)), 0)
+      if st[i] and (e > 0 or r > 0) then
+        st[i].effort.held = st[i].effort.held + e
+        st[i].risk.held = st[i].risk.held + r
+        dirty[i] = true
+      end
+      holds[i][call] = I(e) .. ':' .. I(r)
+      expiry[i][call] = now + hold
+    end
+    return {'ok', '', '', 0}
+  end
+
+  local function finish(o, call)
+    if not holds[1][call] then
+      -- A release of a call never held leaves a mark, so that a late reserve is refused.
+      if o == 'release' then
+        marks[1][call] = true
+        done[call] = true
+      end
+      return {'unknown_call', '', 'no hold for call ' .. call, 0}
+    end
+    local overrun, opool = 0, ''
+    for i = 1, n do
+      local v = holds[i][call]
+      if v then
+        local held = split(v)
+        for j, dim in ipairs(DIMS) do
+          if held[j] > 0 then
+            local cost = 0
+            if o == 'settle' then
+              cost = tonumber(A(i, j))
+              if cost < 0 then cost = held[j] end
+            end
+            if st[i] then
+              local s = st[i][dim]
+              s.held = s.held - held[j]
+              s.committed = s.committed + math.min(cost, held[j])
+              if cost > held[j] then s.tripped = 1 end
+              dirty[i] = true
+            end
+            if cost > held[j] then
+              overrun = overrun + cost - held[j]
+              opool = A(i, 0)
+            end
+          end
+        end
+        holds[i][call] = nil
+      end
+      marks[i][call] = true
+    end
+    done[call] = true
+    if overrun > 0 then
+      return {'ok', opool, 'call ' .. call .. ' cost ' .. I(overrun) .. ' more than was held', overrun}
+    end
+    return {'ok', '', '', 0}
+  end
+
+  local out = {}
+  for k = 1, m do
+    local o = ops[k]
+    base = o.base
+    if o.op == 'reserve' then
+      out[k] = reserve(o.call, o.ttl)
+    elseif o.op == 'settle' or o.op == 'release' then
+      out[k] = finish(o.op, o.call)
+    else
+      out[k] = {'unavailable', '', 'unknown op ' .. tostring(o.op), 0}
+    end
+  end
+
+  -- Write back what changed, one command per key.
+  for i = 1, n do
+    if dirty[i] and st[i] then
+      local args = {}
+      for _, dim in ipairs(DIMS) do
+        for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
+          args[#args + 1] = dim .. ':' .. f
+          args[#args + 1] = I(st[i][dim][f])
+        end
+      end
+      redis.call('HSET', K(i, 1), unpack(args))
+    end
+    local add, addx, del = {}, {}, {}
+    for _, id in ipairs(ids) do
+      local was, is = before[i][id], holds[i][id]
+      if is and not was then
+        add[#add + 1] = id
+        add[#add + 1] = is
+        addx[#addx + 1] = expiry[i][id]
+        addx[#addx + 1] = id
+      elseif was and not is then
+        del[#del + 1] = id
+      end
+    end
+    if #add > 0 then
+      redis.call('HSET', K(i, 2), unpack(add))
+      redis.call('ZADD', K(i, 3), unpack(addx))
+    end
+    if #del > 0 then
+      redis.call('HDEL', K(i, 2), unpack(del))
+      redis.call('ZREM', K(i, 3), unpack(del))
+    end
+    local dm = {}
+    for _, id in ipairs(ids) do
+      if marks[i][id] then
+        dm[#dm + 1] = now
+        dm[#dm + 1] = id
+      end
+    end
+    if #dm > 0 then
+      redis.call('ZADD', K(i, 4), unpack(dm))
+      redis.call('ZREMRANGEBYRANK', K(i, 4), 0, -(KEEP + 1))
+    end
   end
   return out
 end
@@ -442,6 +497,18 @@ struct RedisBudgetStore::Subscriber {
   }
 };
 
+// Operations on the same pools in one loop turn, sent as one script call.
+struct RedisBudgetStore::Batch {
+  struct Op {
+    std::string op;
+    uint64_t started;
+    Done done;
+  };
+  std::vector<std::string> keys;
+  std::vector<std::string> args;
+  std::vector<Op> ops;
+};
+
 struct RedisBudgetStore::PerLoop {
   RedisBudgetStore* store;
   uv_loop_t* loop;
@@ -449,16 +516,6 @@ struct RedisBudgetStore::PerLoop {
   std::vector<Retry> retries;
   bool flushing = false;
   Subscriber* subscriber = nullptr;
-  struct Op {
-    std::string op;
-    uint64_t started;
-    Done done;
-  };
-  struct Batch {
-    std::vector<std::string> keys;
-    std::vector<std::string> args;
-    std::vector<Op> ops;
-  };
   std::map<std::string, Batch> batches;  // by the pools charged
   uv_check_t* check = nullptr;
   uv_idle_t* idle = nullptr;
@@ -665,6 +722,13 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   }
   for (auto& a : args) batch.args.push_back(std::move(a));
   batch.ops.push_back({op, uv_hrtime(), std::move(done)});
+  if (batch.ops.size() >= kMaxBatch) {
+    // Large enough: it goes now (a script's arguments are bounded).
+    auto full = std::move(batch);
+    l->batches.erase(batchKey);
+    send(l, std::move(full));
+    return;
+  }
   if (!l->armed) {
     l->armed = true;
     uv_check_start(l->check, [](uv_check_t* h) {
@@ -682,47 +746,49 @@ void RedisBudgetStore::flush(PerLoop* l) {
   l->armed = false;
   auto batches = std::move(l->batches);
   l->batches.clear();
-  for (auto& [key, batch] : batches) {
-    std::vector<std::string> args;
-    args.reserve(batch.args.size() + 2);
-    args.push_back("batch");
-    args.push_back(std::to_string(batch.ops.size()));
-    for (auto& a : batch.args) args.push_back(std::move(a));
-    l->client->eval(budgetScript(), std::move(batch.keys), std::move(args),
-                    [this, l, ops = std::move(batch.ops)](Result<RedisReply> r) mutable {
-                      std::string failure;
-                      if (!r)
-                        failure = r.error().message;
-                      else if (r.value().isError())
-                        failure = "redis: " + r.value().str;
-                      else if (r.value().type != RedisReply::Type::kArray ||
-                               r.value().elements.size() != ops.size())
-                        failure = "redis: unexpected reply to the budget script";
-                      bool answered = false;
-                      for (size_t i = 0; i < ops.size(); ++i) {
-                        BudgetOutcome out;
-                        if (!failure.empty()) {
-                          out = unavailable(failure);
+  for (auto& [key, batch] : batches) send(l, std::move(batch));
+}
+
+void RedisBudgetStore::send(PerLoop* l, Batch batch) {
+  std::vector<std::string> args;
+  args.reserve(batch.args.size() + 2);
+  args.push_back("batch");
+  args.push_back(std::to_string(batch.ops.size()));
+  for (auto& a : batch.args) args.push_back(std::move(a));
+  l->client->eval(budgetScript(), std::move(batch.keys), std::move(args),
+                  [this, l, ops = std::move(batch.ops)](Result<RedisReply> r) mutable {
+                    std::string failure;
+                    if (!r)
+                      failure = r.error().message;
+                    else if (r.value().isError())
+                      failure = "redis: " + r.value().str;
+                    else if (r.value().type != RedisReply::Type::kArray ||
+                             r.value().elements.size() != ops.size())
+                      failure = "redis: unexpected reply to the budget script";
+                    bool answered = false;
+                    for (size_t i = 0; i < ops.size(); ++i) {
+                      BudgetOutcome out;
+                      if (!failure.empty()) {
+                        out = unavailable(failure);
+                      } else {
+                        const auto& e = r.value().elements[i].elements;
+                        if (e.size() != 4) {
+                          out = unavailable("redis: unexpected reply to the budget script");
                         } else {
-                          const auto& e = r.value().elements[i].elements;
-                          if (e.size() != 4) {
-                            out = unavailable("redis: unexpected reply to the budget script");
-                          } else {
-                            out.status = statusOf(e[0].str);
-                            out.pool = e[1].str;
-                            out.reason = e[2].str;
-                            out.overrun = e[3].integer;
-                          }
+                          out.status = statusOf(e[0].str);
+                          out.pool = e[1].str;
+                          out.reason = e[2].str;
+                          out.overrun = e[3].integer;
                         }
-                        answered |= out.status != BudgetStatus::kUnavailable;
-                        if (observer)
-                          observer(ops[i].op, out.status,
-                                   static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
-                        ops[i].done(std::move(out));
                       }
-                      if (answered) flushRetries(l);
-                    });
-  }
+                      answered |= out.status != BudgetStatus::kUnavailable;
+                      if (observer)
+                        observer(ops[i].op, out.status,
+                                 static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
+                      ops[i].done(std::move(out));
+                    }
+                    if (answered) flushRetries(l);
+                  });
 }
 
 void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,

@@ -74,6 +74,7 @@ class RedisBudgetStore : public BudgetStore {
     std::vector<Charge> charges;
   };
   struct PerLoop;
+  struct Batch;
   struct Subscriber;
 
   explicit RedisBudgetStore(Options options) : options_(std::move(options)) {}
@@ -81,6 +82,7 @@ class RedisBudgetStore : public BudgetStore {
   void run(const char* op, const std::string& callId, const std::vector<Charge>& charges,
            int64_t ttlMs, Done done);
   void flush(PerLoop* l);
+  void send(PerLoop* l, Batch batch);
   void retryLater(PerLoop* l, Retry retry);
   void flushRetries(PerLoop* l);
   std::shared_ptr<const std::vector<PoolSpec>> specs() const;

@@ -220,23 +220,56 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
   std::vector<std::pair<std::string, Charge>> held;      // ids reserved and not yet settled
   std::vector<std::pair<std::string, Charge>> finished;  // a call id keeps its pools
   int next = 0, compared = 0, ok = 0, refused = 0, overruns = 0;
+  struct Queued {
+    BudgetOutcome m;
+    std::string what;
+    std::function<void(BudgetStore::Done)> start;
+    BudgetOutcome r;
+    bool answered;
+  };
+  std::vector<Queued> queued;
+  int burst = 1, batched = 0;
+  auto runBurst = [&] {
+    for (auto& q : queued)
+      q.start([&q](BudgetOutcome o) {
+        q.r = std::move(o);
+        q.answered = true;
+      });
+    auto pending = [&] {
+      return std::any_of(queued.begin(), queued.end(), [](const Queued& q) { return !q.answered; });
+    };
+    while (pending()) uv_run(&loop, UV_RUN_ONCE);
+    if (queued.size() > 1) batched += static_cast<int>(queued.size());
+    for (const auto& q : queued) {
+      ASSERT_EQ(budgetStatusName(q.r.status), std::string(budgetStatusName(q.m.status)))
+          << q.what << ": " << q.r.reason;
+      ASSERT_EQ(q.r.pool, q.m.pool) << q.what;
+      ASSERT_EQ(q.r.overrun, q.m.overrun) << q.what;
+    }
+    queued.clear();
+  };
   auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
   for (int i = 0; i < 2000; ++i) {
     int kind = pick(100);
-    BudgetOutcome m, r;
+    BudgetOutcome m;
     std::string what;
+    std::function<void(BudgetStore::Done)> start;
     if (kind < 45 || held.empty()) {
       std::string id = "call-" + std::to_string(next++);
       Charge c{pools[pick(3)], pick(12), pick(4)};
       if (c.pool == "other" && pick(10)) c.risk = 0;  // it has no risk budget: uninitialised
       m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
-      r = reserve(id, {c});
+      start = [=, this](BudgetStore::Done d) {
+        store->reserve(id, {c}, std::chrono::minutes(10), d);
+      };
       if (m.status == BudgetStatus::kOk) held.emplace_back(id, c);
       what = "reserve " + id;
     } else if (kind < 50) {
       auto& [id, c] = held[static_cast<size_t>(pick(static_cast<int>(held.size())))];
       m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
-      r = reserve(id, {c});
+      start = [=, this](BudgetStore::Done d) {
+        store->reserve(id, {c}, std::chrono::minutes(10), d);
+      };
       what = "repeat reserve " + id;
     } else if (kind < 85) {
       size_t at = static_cast<size_t>(pick(static_cast<int>(held.size())));
@@ -247,7 +280,7 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
                     pick(150) == 0 ? c.effort + 1 + pick(5) : pick(static_cast<int>(c.effort) + 1),
                     pick(3) == 0 ? -1 : pick(static_cast<int>(c.risk) + 1)};
       m = memory->settleNow(id, {actual});
-      r = settle(id, {actual});
+      start = [=, this](BudgetStore::Done d) { store->settle(id, {actual}, d); };
       finished.emplace_back(id, c);
       what = "settle " + id;
     } else if (kind < 95) {
@@ -255,7 +288,7 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
       auto [id, c] = held[at];
       held.erase(held.begin() + static_cast<long>(at));
       m = memory->releaseNow(id);
-      r = release(id, {c});
+      start = [=, this](BudgetStore::Done d) { store->release(id, {c}, d); };
       finished.emplace_back(id, c);
       what = "release " + id;
     } else {
@@ -267,20 +300,26 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
       }
       if (pick(2)) {
         m = memory->settleNow(id, {c});
-        r = settle(id, {c});
+        start = [=, this](BudgetStore::Done d) { store->settle(id, {c}, d); };
       } else {
         m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
-        r = reserve(id, {c});
+        start = [=, this](BudgetStore::Done d) {
+          store->reserve(id, {c}, std::chrono::minutes(10), d);
+        };
         if (m.status == BudgetStatus::kOk) held.emplace_back(id, c);
       }
       what = "unknown " + id;
     }
-    ASSERT_EQ(budgetStatusName(r.status), std::string(budgetStatusName(m.status)))
-        << what << ": " << r.reason;
-    ASSERT_EQ(r.pool, m.pool) << what;
-    ASSERT_EQ(r.overrun, m.overrun) << what;
-    (m.status == BudgetStatus::kOk ? ok : refused)++;
+    queued.push_back({m, what, std::move(start), {}, false});
+    if (m.status == BudgetStatus::kOk) ++ok;
+    if (m.status != BudgetStatus::kOk) ++refused;
     if (m.overrun > 0) ++overruns;
+    // Bursts of 1 to 8 operations are started in one loop turn, so that the Redis store
+    // sends them as one batch: the answers must still be those of the one-by-one store.
+    if (static_cast<int>(queued.size()) >= burst || i % 50 == 49) {
+      runBurst();
+      burst = 1 + pick(8);
+    }
     if (i % 50 == 49) {
       auto mv = memory->view();
       auto rv = views();
@@ -303,6 +342,7 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
   EXPECT_GT(ok, 300);
   EXPECT_GT(refused, 100);
   EXPECT_GT(overruns, 0);
+  EXPECT_GT(batched, 1000);  // most operations went in batches of several
 }
 
 }  // namespace
