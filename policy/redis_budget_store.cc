@@ -23,8 +23,7 @@ constexpr size_t kMaxBatch = 256;       // operations in one script call
 
 // KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
 // pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
-// period ms. For reserve, settle and release, always in batches: "batch", the number of
-// operations, then per operation: op, call id, hold ttl ms, and the 7 values per pool.
+// period ms. Reserve, settle and release always go in batches (layout at `op == 'batch'`).
 // Amounts are the estimate for reserve and the real cost for settle (-1: what was held).
 // A limit of -1: the policy gives the pool no budget of that dimension. Operations run in
 // order, each exactly as it would alone; expired holds are committed first.
@@ -135,7 +134,10 @@ if op == 'view' then
   return out
 end
 
--- A batch: ARGV[2] operations, each "op, call id, ttl ms" then 7 values per pool. Every
+-- A batch: ARGV[2] operations on the pools of KEYS. ARGV[3…]: per pool its name, effort
+-- limit, effort period ms, risk limit, risk period ms; then per operation: op, call id, hold
+-- ttl ms, and per pool the effort and risk amounts. An answer is 0 for a plain ok, else
+-- {status, pool, reason, overrun}. Every
 -- key is read once (the pools' budgets, the holds and settled marks of the batch's calls),
 -- the operations run in order on those values in Lua, exactly as each would alone, and
 -- what changed is written back once per key.
@@ -147,15 +149,17 @@ if op == 'batch' then
       FIELDS[#FIELDS + 1] = dim .. ':' .. f
     end
   end
+  local function P(i, k) return ARGV[3 + 5 * (i - 1) + k] end
+  local function AM(i, j) return ARGV[base + 2 * (i - 1) + j] end
   local ops, ids, seen = {}, {}, {}
-  local at = 3
+  local at = 3 + 5 * n
   for k = 1, m do
     ops[k] = {op = ARGV[at], call = ARGV[at + 1], ttl = tonumber(ARGV[at + 2]), base = at + 2}
     if not seen[ARGV[at + 1]] then
       seen[ARGV[at + 1]] = true
       ids[#ids + 1] = ARGV[at + 1]
     end
-    at = at + 3 + 7 * n
+    at = at + 3 + 2 * n
   end
   -- Per pool: its budgets (false when missing), the holds and settled marks of these calls.
   local st, dirty, holds, before, expiry, done, marks = {}, {}, {}, {}, {}, {}, {}
@@ -196,11 +200,11 @@ if op == 'batch' then
     if holds[1][call] then return {'ok', '', '', 0} end
     if done[call] then return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0} end
     for i = 1, n do
-      local pool = A(i, 0)
+      local pool = P(i, 0)
       for j, dim in ipairs(DIMS) do
-        local amount = tonumber(A(i, j))
+        local amount = tonumber(AM(i, j))
         if amount > 0 then
-          local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
+          local limit, period = tonumber(P(i, 2 * j - 1)), tonumber(P(i, 2 * j))
           if limit < 0 then
             return {'budget_uninitialised', pool,
                     'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store', 0}
@@ -225,7 +229,7 @@ if op == 'batch' then
       end
     end
     for i = 1, n do
-      local e, r = math.max(tonumber(A(i, 1)), 0), math.max(tonumber(A(i, 2)), 0)
+      local e, r = math.max(tonumber(AM(i, 1)), 0), math.max(tonumber(AM(i, 2)), 0)
       if st[i] and (e > 0 or r > 0) then
         st[i].effort.held = st[i].effort.held + e
         st[i].risk.held = st[i].risk.held + r
@@ -255,7 +259,7 @@ if op == 'batch' then
           if held[j] > 0 then
             local cost = 0
             if o == 'settle' then
-              cost = tonumber(A(i, j))
+              cost = tonumber(AM(i, j))
               if cost < 0 then cost = held[j] end
             end
             if st[i] then
@@ -267,7 +271,7 @@ if op == 'batch' then
             end
             if cost > held[j] then
               overrun = overrun + cost - held[j]
-              opool = A(i, 0)
+              opool = P(i, 0)
             end
           end
         end
@@ -286,13 +290,16 @@ if op == 'batch' then
   for k = 1, m do
     local o = ops[k]
     base = o.base
+    local r
     if o.op == 'reserve' then
-      out[k] = reserve(o.call, o.ttl)
+      r = reserve(o.call, o.ttl)
     elseif o.op == 'settle' or o.op == 'release' then
-      out[k] = finish(o.op, o.call)
+      r = finish(o.op, o.call)
     else
-      out[k] = {'unavailable', '', 'unknown op ' .. tostring(o.op), 0}
+      r = {'unavailable', '', 'unknown op ' .. tostring(o.op), 0}
     end
+    if r[1] == 'ok' and r[4] == 0 then r = 0 end
+    out[k] = r
   end
 
   -- Write back what changed, one command per key.
@@ -685,6 +692,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   }
   auto specs = this->specs();
   std::string batchKey;
+  std::vector<const PoolSpec*> pools;
   std::vector<std::string> args{op, callId, std::to_string(ttlMs)};
   uint16_t slot = 0;
   for (size_t i = 0; i < charges.size(); ++i) {
@@ -707,17 +715,21 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     }
     batchKey += c.pool;
     batchKey += '\n';
-    for (std::string v : {c.pool, std::to_string(c.effort), std::to_string(c.risk),
-                          std::to_string(spec->effortLimit), std::to_string(spec->effortPeriodMs),
-                          std::to_string(spec->riskLimit), std::to_string(spec->riskPeriodMs)})
-      args.push_back(std::move(v));
+    pools.push_back(spec);
+    args.push_back(std::to_string(c.effort));
+    args.push_back(std::to_string(c.risk));
   }
   // Operations on the same pools wait for the end of this loop turn and go as one script.
   auto& batch = l->batches[batchKey];
   if (batch.ops.empty()) {
     batch.keys.clear();
-    for (const auto& c : charges) {
-      for (char k : {'b', 'h', 'x', 'd'}) batch.keys.push_back(keyOf(c.pool, k));
+    batch.args.clear();
+    for (const PoolSpec* p : pools) {
+      for (char k : {'b', 'h', 'x', 'd'}) batch.keys.push_back(keyOf(p->name, k));
+      for (std::string v :
+           {p->name, std::to_string(p->effortLimit), std::to_string(p->effortPeriodMs),
+            std::to_string(p->riskLimit), std::to_string(p->riskPeriodMs)})
+        batch.args.push_back(std::move(v));
     }
   }
   for (auto& a : args) batch.args.push_back(std::move(a));
@@ -770,6 +782,8 @@ void RedisBudgetStore::send(PerLoop* l, Batch batch) {
                       BudgetOutcome out;
                       if (!failure.empty()) {
                         out = unavailable(failure);
+                      } else if (r.value().elements[i].type == RedisReply::Type::kInteger) {
+                        out.status = BudgetStatus::kOk;  // the common answer, sent as 0
                       } else {
                         const auto& e = r.value().elements[i].elements;
                         if (e.size() != 4) {
