@@ -1,6 +1,8 @@
 #include "policy/budget_store.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <functional>
 
 namespace tollgate {
 namespace {
@@ -80,8 +82,11 @@ void MemoryBudgetStore::roll(Account& b, int64_t now) {
 }
 
 void MemoryBudgetStore::expireHolds(int64_t now) {
+  if (now < nextExpiryMs_) return;
+  nextExpiryMs_ = INT64_MAX;
   for (auto it = holds_.begin(); it != holds_.end();) {
     if (it->second.expiresMs > now) {
+      nextExpiryMs_ = std::min(nextExpiryMs_, it->second.expiresMs);
       ++it;
       continue;
     }
@@ -97,8 +102,9 @@ void MemoryBudgetStore::expireHolds(int64_t now) {
 }
 
 void MemoryBudgetStore::rememberDone(const std::string& callId) {
-  if (!done_.insert(callId).second) return;
-  doneOrder_.push_back(callId);
+  uint64_t id = std::hash<std::string>{}(callId);
+  if (!done_.insert(id).second) return;
+  doneOrder_.push_back(id);
   if (doneOrder_.size() > kRememberedCalls) {
     done_.erase(doneOrder_.front());
     doneOrder_.pop_front();
@@ -112,7 +118,7 @@ BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
   std::lock_guard<std::mutex> lock(mutex_);
   expireHolds(now);
   if (holds_.count(callId)) return {};  // the same call again: already held
-  if (done_.count(callId))
+  if (done_.count(std::hash<std::string>{}(callId)))
     return refuse(BudgetStatus::kUnknownCall, "", "call " + callId + " was already settled");
   // Check every budget first: all or nothing.
   Hold hold;
@@ -142,6 +148,7 @@ BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
     }
   }
   for (const auto& [key, amount] : hold.amounts) budgets_[key].held += amount;
+  nextExpiryMs_ = std::min(nextExpiryMs_, hold.expiresMs);
   holds_.emplace(callId, std::move(hold));
   return {};
 }

@@ -134,8 +134,10 @@ class MemoryBudgetStore : public BudgetStore {
   mutable std::mutex mutex_;
   std::map<std::string, Account> budgets_;  // "pool/effort", "pool/risk"
   std::unordered_map<std::string, Hold> holds_;
-  std::unordered_set<std::string> done_;  // settled or released call ids (bounded)
-  std::deque<std::string> doneOrder_;
+  // Settled or released call ids, by a 64-bit hash (bounded): a late retry is refused.
+  std::unordered_set<uint64_t> done_;
+  std::deque<uint64_t> doneOrder_;
+  int64_t nextExpiryMs_ = INT64_MAX;  // no hold expires before this
 };
 
 }  // namespace tollgate
