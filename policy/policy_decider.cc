@@ -85,11 +85,16 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
           done(std::move(d));
           return;
         }
-        const PoolDef* pool = set->findPool(b.pool);
-        if (b.status == BudgetStatus::kUnavailable && pool && pool->failOpen) {
+        // Fail open only when every pool the call is charged to says so explicitly.
+        bool failOpen = b.status == BudgetStatus::kUnavailable && !charges.empty();
+        for (const auto& c : charges) {
+          const PoolDef* pool = set->findPool(c.pool);
+          failOpen = failOpen && pool && pool->failOpen;
+        }
+        if (failOpen) {
           ctx->callId.clear();  // explicitly fail-open: forwarded, not charged
           d.context = ctx;
-          d.reason = "budget store unavailable; pool " + b.pool + " is fail_open";
+          d.reason = "budget store unavailable; pool " + charges.front().pool + " is fail_open";
           done(std::move(d));
           return;
         }

@@ -161,10 +161,49 @@ std::string Server::reload() {
 int Server::run() {
   Log::setLevel(config_.logLevel);
   std::signal(SIGPIPE, SIG_IGN);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  struct Signals {
+    uv_signal_t term, intr, hup;
+    Server* server;
+    std::vector<std::unique_ptr<Worker>>* workers;
+    std::vector<uv_fs_event_t*> watches;
+    uv_timer_t* debounce;
+  } signals{};
+  signals.server = this;
+  signals.workers = &workers_;
+  auto stop = [](uv_signal_t* h, int signum) {
+    auto* s = static_cast<Signals*>(h->data);
+    Log::Line(LogLevel::kInfo, "shutting down")
+        .add("signal", std::string(strsignal(signum)))
+        .emit();
+    s->server->admin_->setReady(false);
+    for (auto& w : *s->workers) w->requestDrain();
+    uv_close(reinterpret_cast<uv_handle_t*>(&s->term), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&s->intr), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&s->hup), nullptr);
+    for (auto* w : s->watches) uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(s->debounce), nullptr);
+  };
+  for (auto* h : {&signals.term, &signals.intr, &signals.hup}) {
+    uv_signal_init(&loop, h);
+    h->data = &signals;
+  }
+  // Handled before "listening" is logged: a signal sent as soon as the sidecar says it
+  // listens must not meet the default action (SIGHUP would end the process).
+  uv_signal_start(&signals.term, stop, SIGTERM);
+  uv_signal_start(&signals.intr, stop, SIGINT);
+  uv_signal_start(
+      &signals.hup, [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload(); },
+      SIGHUP);
   unsigned workers =
       config_.workers ? config_.workers : std::max(1u, std::thread::hardware_concurrency());
   if (auto st = bindListeners(workers); !st) {
     Log::Line(LogLevel::kError, "cannot listen").add("error", st.error().message).emit();
+    for (auto* h : {&signals.term, &signals.intr, &signals.hup})
+      uv_close(reinterpret_cast<uv_handle_t*>(h), nullptr);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
     return 1;
   }
   for (auto& rt : shared_.listeners) {
@@ -179,17 +218,6 @@ int Server::run() {
   for (auto& w : workers_) w->start();
   admin_->setReady(true);
 
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  struct Signals {
-    uv_signal_t term, intr, hup;
-    Server* server;
-    std::vector<std::unique_ptr<Worker>>* workers;
-    std::vector<uv_fs_event_t*> watches;
-    uv_timer_t* debounce;
-  } signals{};
-  signals.server = this;
-  signals.workers = &workers_;
   // Policy files are watched through their directories: editors replace files by rename.
   struct Watch {
     uv_fs_event_t event;
@@ -235,28 +263,6 @@ int Server::run() {
   }
   signals.debounce = &debounce;
   for (auto& w : watches) signals.watches.push_back(&w->event);
-  auto stop = [](uv_signal_t* h, int signum) {
-    auto* s = static_cast<Signals*>(h->data);
-    Log::Line(LogLevel::kInfo, "shutting down")
-        .add("signal", std::string(strsignal(signum)))
-        .emit();
-    s->server->admin_->setReady(false);
-    for (auto& w : *s->workers) w->requestDrain();
-    uv_close(reinterpret_cast<uv_handle_t*>(&s->term), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(&s->intr), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(&s->hup), nullptr);
-    for (auto* w : s->watches) uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(s->debounce), nullptr);
-  };
-  for (auto* h : {&signals.term, &signals.intr, &signals.hup}) {
-    uv_signal_init(&loop, h);
-    h->data = &signals;
-  }
-  uv_signal_start(&signals.term, stop, SIGTERM);
-  uv_signal_start(&signals.intr, stop, SIGINT);
-  uv_signal_start(
-      &signals.hup, [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload(); },
-      SIGHUP);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   for (auto& w : workers_) w->join();

@@ -164,6 +164,25 @@ class RedisBudgetTest(unittest.TestCase):
                 self.assertEqual(redis("EXISTS", KEY), 0)
                 self.assertIsNone(tg.proc.poll())
 
+    def test_a_fail_open_pool_lets_calls_through_uncharged_while_redis_is_down(self):
+        with RedisServer() as redis, HttpOrigin() as origin:
+            tg = sidecar([redis.url], limit=100)
+            with open(os.path.join(tg.dir, "policy.yaml")) as f:
+                text = f.read()
+            with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+                f.write(text.replace("{name: team, scope: shared,", "{name: team, scope: shared, fail_open: true,"))
+            with tg:
+                self.assertEqual(pools_init(tg).returncode, 0)
+                self.assertEqual(call(tg, origin, 3)[0], 200)
+                wait_for(lambda: spend(redis) == (3, 0), timeout=3, what="the settle")
+                redis.shutdown_nosave()
+                for _ in range(3):
+                    self.assertEqual(call(tg, origin, 3)[0], 200)  # explicitly fail-open
+                self.assertEqual(len(origin.requests), 4)
+                _, metrics = tg.admin("/metrics")
+                self.assertIn('tollgate_budget_operations_total{op="reserve",result="budget_unavailable"} 3',
+                              metrics.decode())
+
     def test_a_killed_sidecar_s_holds_expire_and_are_committed_once(self):
         with RedisServer() as redis, HttpOrigin() as origin:
             store = {"hold_ttl": "1s"}
