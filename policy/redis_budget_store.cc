@@ -691,7 +691,9 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     return;
   }
   auto specs = this->specs();
-  std::string batchKey;
+  // Reserves wait on the request path, settles and releases do not: a loop turn's reserves
+  // go in their own batch, sent first, so that they never queue behind settlements.
+  std::string batchKey = std::string_view(op) == "reserve" ? "r\n" : "s\n";
   std::vector<const PoolSpec*> pools;
   std::vector<std::string> args{op, callId, std::to_string(ttlMs)};
   uint16_t slot = 0;
@@ -719,7 +721,8 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     args.push_back(std::to_string(c.effort));
     args.push_back(std::to_string(c.risk));
   }
-  // Operations on the same pools wait for the end of this loop turn and go as one script.
+  // Operations on the same pools wait for the end of this loop turn and go as one script
+  // (the map's order sends the reserve batches first).
   auto& batch = l->batches[batchKey];
   if (batch.ops.empty()) {
     batch.keys.clear();
@@ -759,6 +762,7 @@ void RedisBudgetStore::flush(PerLoop* l) {
   auto batches = std::move(l->batches);
   l->batches.clear();
   for (auto& [key, batch] : batches) send(l, std::move(batch));
+  l->client->flushWrites();
 }
 
 void RedisBudgetStore::send(PerLoop* l, Batch batch) {

@@ -317,6 +317,13 @@ void RedisClient::send(const RequestPtr& r) {
   }
 }
 
+void RedisClient::flushWrites() {
+  for (auto& [name, n] : nodes_) {
+    // Only once connected: hiredis would take a connect in progress for a done one.
+    if (n->ac && (n->ac->c.flags & REDIS_CONNECTED)) redisAsyncHandleWrite(n->ac);
+  }
+}
+
 void RedisClient::onReplyThunk(redisAsyncContext*, void* reply, void* privdata) {
   auto* f = static_cast<InFlight*>(privdata);
   f->client->onReply(f, reply);

@@ -7,7 +7,9 @@
 #
 #   tests/bench/budget.sh [--out FILE]    (./dev bench budget installs the peers and builds)
 # Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s),
-# ROUNDS (3): each figure is the median of ROUNDS rounds.
+# ROUNDS (3): each figure is the median of ROUNDS rounds. PIN=1 gives redis-server the last
+# core to itself and runs everything else on the others (as when Redis is on its own host);
+# by default all processes share every core.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -18,8 +20,15 @@ DURATION=${DURATION:-10s}
 LATENCY_DURATION=${LATENCY_DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 TARGETS="unbudgeted memory redis"
+PIN=${PIN:-0}
 OUT=""
 [[ "${1:-}" == "--out" ]] && OUT=$2
+cores=$(nproc)
+on_rest=() on_redis=()
+if [[ $PIN == 1 ]]; then
+  (( cores >= 2 )) || { echo "PIN=1 needs at least 2 cores" >&2; exit 2; }
+  on_rest=(taskset -c "0-$((cores - 2))") on_redis=(taskset -c "$((cores - 1))")
+fi
 
 for tool in wrk nginx redis-server redis-cli curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool: run ./dev bench (it installs the peers)" >&2; exit 2; }
@@ -57,12 +66,12 @@ http {
   server { listen 127.0.0.1:$origin_port; location / { return 200 "hello from the origin\n"; } }
 }
 CONF
-nginx -p "$work/origin" -c "$work/origin/nginx.conf"
+"${on_rest[@]}" nginx -p "$work/origin" -c "$work/origin/nginx.conf"
 wait_port "$origin_port"
 export ORIGIN=127.0.0.1:$origin_port
 
 redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+"${on_redis[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
   --logfile "$work/redis-server.log" &
 redis_pid=$!; pids+=("$redis_pid")
 wait_port "$redis_port"
@@ -86,7 +95,7 @@ CONF
 done
 "$TOLLGATE_BIN" pools init -c "$work/redis-tollgate.yaml" >/dev/null
 for t in $TARGETS; do
-  "$TOLLGATE_BIN" run -c "$work/$t-tollgate.yaml" 2>"$work/$t.log" &
+  "${on_rest[@]}" "$TOLLGATE_BIN" run -c "$work/$t-tollgate.yaml" 2>"$work/$t.log" &
   pid[$t]=$!; pids+=("${pid[$t]}")
 done
 for t in $TARGETS; do wait_port "${port[$t]}"; done
@@ -102,7 +111,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round" >&2
   for t in $TARGETS; do
     before=$(cpu_ticks "${pid[$t]}"); rbefore=$(cpu_ticks "$redis_pid"); ebefore=$(evals)
-    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -s "$here/forward.lua" "http://127.0.0.1:${port[$t]}")
+    out=$("${on_rest[@]}" wrk -t2 -c"$CONNS" -d"$DURATION" -s "$here/forward.lua" "http://127.0.0.1:${port[$t]}")
     after=$(cpu_ticks "${pid[$t]}"); rafter=$(cpu_ticks "$redis_pid"); eafter=$(evals)
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps[$t]+=" $(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
@@ -110,7 +119,7 @@ for round in $(seq 1 "$ROUNDS"); do
     cpu[$t]+=" $(awk -v d=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')"
     rcpu[$t]+=" $(awk -v d=$((rafter - rbefore)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')"
     trips[$t]+=" $(awk -v d=$((eafter - ebefore)) -v n="$requests" 'BEGIN {printf "%.2f", d / n}')"
-    out=$(FORWARD=1 wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "http://127.0.0.1:${port[$t]}")
+    out=$(FORWARD=1 "${on_rest[@]}" wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "http://127.0.0.1:${port[$t]}")
     p50[$t]+=" $(sed -n 's/^LATENCY p50=\([0-9]*\).*/\1/p' <<<"$out")"
     p99[$t]+=" $(sed -n 's/^LATENCY .*p99=\([0-9]*\)/\1/p' <<<"$out")"
   done
@@ -142,7 +151,11 @@ verdict=$(
   echo "Redis scripts per budgeted call: ${trips[redis]} (reserve before the call: the one round trip on the request path; settle after the response, pipelined)"
 )
 echo "$verdict"
-echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, nginx, redis and Tollgate share $(nproc) cores)"
+if [[ $PIN == 1 ]]; then
+  echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; redis-server alone on core $((cores - 1)), wrk, nginx and Tollgate on cores 0-$((cores - 2)))"
+else
+  echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, nginx, redis and Tollgate share $cores cores)"
+fi
 if [[ -n "$OUT" ]]; then
   { echo "$table"; echo; echo "$verdict"; } > "$OUT"
 fi

@@ -221,15 +221,28 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
   std::vector<std::pair<std::string, Charge>> finished;  // a call id keeps its pools
   int next = 0, compared = 0, ok = 0, refused = 0, overruns = 0;
   struct Queued {
-    BudgetOutcome m;
+    bool reserve;
+    std::function<BudgetOutcome()> memory;  // the same operation on the memory store
+    std::function<void()> onOk;             // bookkeeping once the memory store said ok
     std::string what;
     std::function<void(BudgetStore::Done)> start;
-    BudgetOutcome r;
+    BudgetOutcome m, r;
     bool answered;
   };
   std::vector<Queued> queued;
   int burst = 1, batched = 0;
   auto runBurst = [&] {
+    // The Redis store sends a loop turn's reserves before its settles and releases; the
+    // memory store is given the burst in that order (each kind in the order it came).
+    for (bool reserves : {true, false}) {
+      for (auto& q : queued) {
+        if (q.reserve != reserves) continue;
+        q.m = q.memory();
+        if (q.m.status == BudgetStatus::kOk && q.onOk) q.onOk();
+        (q.m.status == BudgetStatus::kOk ? ok : refused)++;
+        if (q.m.overrun > 0) ++overruns;
+      }
+    }
     for (auto& q : queued)
       q.start([&q](BudgetOutcome o) {
         q.r = std::move(o);
@@ -251,22 +264,26 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
   auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
   for (int i = 0; i < 2000; ++i) {
     int kind = pick(100);
-    BudgetOutcome m;
     std::string what;
     std::function<void(BudgetStore::Done)> start;
+    std::function<BudgetOutcome()> mem;
+    std::function<void()> onOk;
+    bool isReserve = false;
     if (kind < 45 || held.empty()) {
       std::string id = "call-" + std::to_string(next++);
       Charge c{pools[pick(3)], pick(12), pick(4)};
       if (c.pool == "other" && pick(10)) c.risk = 0;  // it has no risk budget: uninitialised
-      m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
+      isReserve = true;
+      mem = [&memory, id, c] { return memory->reserveNow(id, {c}, std::chrono::minutes(10)); };
+      onOk = [&held, id, c] { held.emplace_back(id, c); };
       start = [=, this](BudgetStore::Done d) {
         store->reserve(id, {c}, std::chrono::minutes(10), d);
       };
-      if (m.status == BudgetStatus::kOk) held.emplace_back(id, c);
       what = "reserve " + id;
     } else if (kind < 50) {
-      auto& [id, c] = held[static_cast<size_t>(pick(static_cast<int>(held.size())))];
-      m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
+      auto [id, c] = held[static_cast<size_t>(pick(static_cast<int>(held.size())))];
+      isReserve = true;
+      mem = [&memory, id, c] { return memory->reserveNow(id, {c}, std::chrono::minutes(10)); };
       start = [=, this](BudgetStore::Done d) {
         store->reserve(id, {c}, std::chrono::minutes(10), d);
       };
@@ -279,7 +296,7 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
       Charge actual{c.pool,
                     pick(150) == 0 ? c.effort + 1 + pick(5) : pick(static_cast<int>(c.effort) + 1),
                     pick(3) == 0 ? -1 : pick(static_cast<int>(c.risk) + 1)};
-      m = memory->settleNow(id, {actual});
+      mem = [&memory, id, actual] { return memory->settleNow(id, {actual}); };
       start = [=, this](BudgetStore::Done d) { store->settle(id, {actual}, d); };
       finished.emplace_back(id, c);
       what = "settle " + id;
@@ -287,7 +304,7 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
       size_t at = static_cast<size_t>(pick(static_cast<int>(held.size())));
       auto [id, c] = held[at];
       held.erase(held.begin() + static_cast<long>(at));
-      m = memory->releaseNow(id);
+      mem = [&memory, id] { return memory->releaseNow(id); };
       start = [=, this](BudgetStore::Done d) { store->release(id, {c}, d); };
       finished.emplace_back(id, c);
       what = "release " + id;
@@ -299,21 +316,20 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
         std::tie(id, c) = finished[static_cast<size_t>(pick(static_cast<int>(finished.size())))];
       }
       if (pick(2)) {
-        m = memory->settleNow(id, {c});
+        mem = [&memory, id, c] { return memory->settleNow(id, {c}); };
         start = [=, this](BudgetStore::Done d) { store->settle(id, {c}, d); };
       } else {
-        m = memory->reserveNow(id, {c}, std::chrono::minutes(10));
+        isReserve = true;
+        mem = [&memory, id, c] { return memory->reserveNow(id, {c}, std::chrono::minutes(10)); };
+        onOk = [&held, id, c] { held.emplace_back(id, c); };
         start = [=, this](BudgetStore::Done d) {
           store->reserve(id, {c}, std::chrono::minutes(10), d);
         };
-        if (m.status == BudgetStatus::kOk) held.emplace_back(id, c);
       }
       what = "unknown " + id;
     }
-    queued.push_back({m, what, std::move(start), {}, false});
-    if (m.status == BudgetStatus::kOk) ++ok;
-    if (m.status != BudgetStatus::kOk) ++refused;
-    if (m.overrun > 0) ++overruns;
+    queued.push_back(
+        {isReserve, std::move(mem), std::move(onOk), what, std::move(start), {}, {}, false});
     // Bursts of 1 to 8 operations are started in one loop turn, so that the Redis store
     // sends them as one batch: the answers must still be those of the one-by-one store.
     if (static_cast<int>(queued.size()) >= burst || i % 50 == 49) {
