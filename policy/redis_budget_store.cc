@@ -691,9 +691,9 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     return;
   }
   auto specs = this->specs();
-  // Reserves wait on the request path, settles and releases do not: a loop turn's reserves
-  // go in their own batch, sent first, so that they never queue behind settlements.
-  std::string batchKey = std::string_view(op) == "reserve" ? "r\n" : "s\n";
+  // One batch per pool list and loop turn, reserves and settlements together: separate
+  // batches cost Redis a script call each and measured no faster reserve.
+  std::string batchKey;
   std::vector<const PoolSpec*> pools;
   std::vector<std::string> args{op, callId, std::to_string(ttlMs)};
   uint16_t slot = 0;
@@ -721,8 +721,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     args.push_back(std::to_string(c.effort));
     args.push_back(std::to_string(c.risk));
   }
-  // Operations on the same pools wait for the end of this loop turn and go as one script
-  // (the map's order sends the reserve batches first).
+  // Operations on the same pools wait for the end of this loop turn and go as one script.
   auto& batch = l->batches[batchKey];
   if (batch.ops.empty()) {
     batch.keys.clear();

@@ -221,7 +221,6 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
   std::vector<std::pair<std::string, Charge>> finished;  // a call id keeps its pools
   int next = 0, compared = 0, ok = 0, refused = 0, overruns = 0;
   struct Queued {
-    bool reserve;
     std::function<BudgetOutcome()> memory;  // the same operation on the memory store
     std::function<void()> onOk;             // bookkeeping once the memory store said ok
     std::string what;
@@ -232,16 +231,12 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
   std::vector<Queued> queued;
   int burst = 1, batched = 0;
   auto runBurst = [&] {
-    // The Redis store sends a loop turn's reserves before its settles and releases; the
-    // memory store is given the burst in that order (each kind in the order it came).
-    for (bool reserves : {true, false}) {
-      for (auto& q : queued) {
-        if (q.reserve != reserves) continue;
-        q.m = q.memory();
-        if (q.m.status == BudgetStatus::kOk && q.onOk) q.onOk();
-        (q.m.status == BudgetStatus::kOk ? ok : refused)++;
-        if (q.m.overrun > 0) ++overruns;
-      }
+    // The memory store answers the burst one by one, in order.
+    for (auto& q : queued) {
+      q.m = q.memory();
+      if (q.m.status == BudgetStatus::kOk && q.onOk) q.onOk();
+      (q.m.status == BudgetStatus::kOk ? ok : refused)++;
+      if (q.m.overrun > 0) ++overruns;
     }
     for (auto& q : queued)
       q.start([&q](BudgetOutcome o) {
@@ -268,12 +263,10 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
     std::function<void(BudgetStore::Done)> start;
     std::function<BudgetOutcome()> mem;
     std::function<void()> onOk;
-    bool isReserve = false;
     if (kind < 45 || held.empty()) {
       std::string id = "call-" + std::to_string(next++);
       Charge c{pools[pick(3)], pick(12), pick(4)};
       if (c.pool == "other" && pick(10)) c.risk = 0;  // it has no risk budget: uninitialised
-      isReserve = true;
       mem = [&memory, id, c] { return memory->reserveNow(id, {c}, std::chrono::minutes(10)); };
       onOk = [&held, id, c] { held.emplace_back(id, c); };
       start = [=, this](BudgetStore::Done d) {
@@ -282,7 +275,6 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
       what = "reserve " + id;
     } else if (kind < 50) {
       auto [id, c] = held[static_cast<size_t>(pick(static_cast<int>(held.size())))];
-      isReserve = true;
       mem = [&memory, id, c] { return memory->reserveNow(id, {c}, std::chrono::minutes(10)); };
       start = [=, this](BudgetStore::Done d) {
         store->reserve(id, {c}, std::chrono::minutes(10), d);
@@ -319,7 +311,6 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
         mem = [&memory, id, c] { return memory->settleNow(id, {c}); };
         start = [=, this](BudgetStore::Done d) { store->settle(id, {c}, d); };
       } else {
-        isReserve = true;
         mem = [&memory, id, c] { return memory->reserveNow(id, {c}, std::chrono::minutes(10)); };
         onOk = [&held, id, c] { held.emplace_back(id, c); };
         start = [=, this](BudgetStore::Done d) {
@@ -328,8 +319,7 @@ TEST_F(RedisBudgetStoreTest, DecidesExactlyAsTheMemoryStoreOnASeededSequence) {
       }
       what = "unknown " + id;
     }
-    queued.push_back(
-        {isReserve, std::move(mem), std::move(onOk), what, std::move(start), {}, {}, false});
+    queued.push_back({std::move(mem), std::move(onOk), what, std::move(start), {}, {}, false});
     // Bursts of 1 to 8 operations are started in one loop turn, so that the Redis store
     // sends them as one batch: the answers must still be those of the one-by-one store.
     if (static_cast<int>(queued.size()) >= burst || i % 50 == 49) {
