@@ -1,0 +1,63 @@
+// The audit stream's record chain (DESIGN §6), independent of files: each record is one
+// line of canonical JSON with `v`, `log_id`, `seq`, `ts_ns`, `prev` (hex SHA-256 of the
+// previous line; 64 zeros for the first) and `kind`, plus its fields. Every line is a leaf
+// of an RFC 6962 Merkle tree. A checkpoint record commits the tree of every line before it
+// (`tree_size`, `root`), links the previous checkpoint (`prev_checkpoint`) and is signed
+// with Ed25519 (`key_id`, `sig` over the canonical record without `sig`).
+//
+// AuditChain writes; verifyChain() checks a sequence of lines and names the first bad one.
+// Kinds: call, outcome, reload, approval, checkpoint, recovery, key_rotation, report, job.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "audit/merkle.h"
+#include "audit/signer.h"
+
+namespace tollgate {
+
+class AuditChain {
+ public:
+  explicit AuditChain(std::string logId) : logId_(std::move(logId)) {}
+
+  // The next record's line (no newline). `fields` may not set the chain's own keys; a
+  // timestamp earlier than the last one is raised to it (the clock may step back).
+  std::string append(std::string_view kind, nlohmann::json fields, int64_t tsNs);
+  // A signed checkpoint over every line so far.
+  std::string checkpoint(const Ed25519Key& key, int64_t tsNs);
+
+  uint64_t size() const { return tree_.size(); }
+  const std::string& logId() const { return logId_; }
+
+ private:
+  std::string seal(nlohmann::json record);
+  std::string logId_;
+  uint64_t seq_ = 0;
+  int64_t lastTs_ = 0;
+  std::string prev_ = std::string(64, '0');
+  std::string prevCheckpoint_ = std::string(64, '0');
+  MerkleAccumulator tree_;
+};
+
+struct ChainVerdict {
+  bool ok = true;
+  uint64_t line = 0;  // 1-based line of the first bad record
+  std::string reason;
+  uint64_t records = 0, checkpoints = 0;
+  uint64_t unsealed = 0;       // records after the last checkpoint
+  std::string lastCheckpoint;  // its line
+};
+
+// Keys by id. Every checkpoint must be signed by one of them.
+ChainVerdict verifyChain(const std::vector<std::string>& lines,
+                         const std::map<std::string, Ed25519Key>& keys);
+
+// Hex SHA-256 of a line: what the next record's `prev` holds.
+std::string lineHash(std::string_view line);
+
+}  // namespace tollgate
