@@ -30,7 +30,23 @@ std::string AuditChain::seal(Json record) {
   std::string line = canonical(record);
   prev_ = lineHash(line);
   tree_.append(leafHash(line));
+  ++sinceCheckpoint_;
   return line;
+}
+
+void AuditChain::resume(const std::vector<std::string>& lines) {
+  for (const auto& line : lines) {
+    Json r = Json::parse(line);
+    seq_ = r["seq"].get<uint64_t>();
+    lastTs_ = std::max(lastTs_, r["ts_ns"].get<int64_t>());
+    prev_ = lineHash(line);
+    tree_.append(leafHash(line));
+    ++sinceCheckpoint_;
+    if (r["kind"] == "checkpoint") {
+      prevCheckpoint_ = prev_;
+      sinceCheckpoint_ = 0;
+    }
+  }
 }
 
 std::string AuditChain::append(std::string_view kind, Json fields, int64_t tsNs) {
@@ -60,6 +76,7 @@ std::string AuditChain::checkpoint(const Ed25519Key& key, int64_t tsNs) {
   body["sig"] = toHexBytes(key.sign(canonical(body)));
   std::string line = seal(std::move(body));
   prevCheckpoint_ = lineHash(line);
+  sinceCheckpoint_ = 0;
   return line;
 }
 

@@ -31,7 +31,11 @@ class AuditChain {
   // A signed checkpoint over every line so far.
   std::string checkpoint(const Ed25519Key& key, int64_t tsNs);
 
+  // Continues after `lines`, a log that verifyChain() accepted.
+  void resume(const std::vector<std::string>& lines);
+
   uint64_t size() const { return tree_.size(); }
+  uint64_t sinceCheckpoint() const { return sinceCheckpoint_; }
   const std::string& logId() const { return logId_; }
 
  private:
@@ -42,6 +46,7 @@ class AuditChain {
   std::string prev_ = std::string(64, '0');
   std::string prevCheckpoint_ = std::string(64, '0');
   MerkleAccumulator tree_;
+  uint64_t sinceCheckpoint_ = 0;
 };
 
 struct ChainVerdict {

@@ -44,6 +44,10 @@ std::string Ed25519Key::rawPublic() const {
   return out;
 }
 
+bool Ed25519Key::exportRawPrivate(unsigned char* out, size_t* len) const {
+  return private_ && EVP_PKEY_get_raw_private_key(key_.get(), out, len) > 0;
+}
+
 std::string Ed25519Key::id() const {
   return sha256Hex(rawPublic(), 16);
 }

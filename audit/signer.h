@@ -20,7 +20,8 @@ class Ed25519Key {
 
   bool canSign() const { return private_; }
   std::string rawPublic() const;  // 32 bytes
-  std::string id() const;         // 32 hex digits
+  bool exportRawPrivate(unsigned char* out, size_t* len) const;
+  std::string id() const;  // 32 hex digits
   // 64-byte signature; empty on failure (or for a public-only key).
   std::string sign(std::string_view message) const;
   bool verify(std::string_view message, std::string_view signature) const;

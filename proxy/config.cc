@@ -153,6 +153,8 @@ Config read(const YAML::Node& root, const Reader& r) {
   Config c;
   c.path = r.path();
   auto base = std::filesystem::path(r.path()).parent_path();
+  // Like every path in the file, the default audit directory is the config file's.
+  c.auditDir = (base / "var/audit").lexically_normal().string();
   if (root.IsNull()) r.fail(root, "(root)", "the file is empty");
   r.forEach(
       root, "",
@@ -273,6 +275,7 @@ Config read(const YAML::Node& root, const Reader& r) {
         }
       });
   if (c.listeners.empty()) r.fail(root, "listeners", "at least one listener is required");
+
   return c;
 }
 

@@ -11,6 +11,7 @@
 #include <set>
 #include <thread>
 
+#include "audit/file_sink.h"
 #include "common/log.h"
 #include "policy/host_list_decider.h"
 #include "proxy/resolver.h"
@@ -61,13 +62,16 @@ uint16_t boundPort(int fd) {
 }  // namespace
 
 Server::Server(Config config) : config_(std::move(config)) {
-  audit_ = std::make_unique<MemoryAuditSink>();
   shared_.config = &config_;
   shared_.metrics = &metrics_;
-  shared_.audit = audit_.get();
 }
 
 Status Server::init() {
+  // The durable audit stream: a log that cannot be opened, locked or verified stops startup.
+  auto audit = FileAuditSink::open({config_.auditDir});
+  if (!audit) return audit.error();
+  audit_ = std::move(audit.value());
+  shared_.audit = audit_.get();
   if (!config_.policies.empty()) {
     StoreConfig store{config_.storeBackend, config_.storeUrls, config_.storeTimeout,
                       config_.storeInitMissing};

@@ -1,0 +1,311 @@
+#include "audit/file_sink.h"
+
+#include <fcntl.h>
+#include <openssl/rand.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "common/log.h"
+
+namespace tollgate {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr size_t kRecent = 1000;
+
+int64_t nowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string sysError(const std::string& what) {
+  return what + ": " + std::strerror(errno);
+}
+
+Result<std::string> readFile(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) return Error{-1, "cannot read " + p.string()};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+Status writeFile(const fs::path& p, const std::string& data, mode_t mode) {
+  int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return Error{-errno, sysError("open " + p.string())};
+  bool ok = ::write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size()) &&
+            ::fsync(fd) == 0;
+  ::close(fd);
+  if (!ok) return Error{-1, "cannot write " + p.string()};
+  return Status::success();
+}
+
+std::vector<fs::path> segments(const fs::path& dir) {
+  std::vector<fs::path> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    auto name = e.path().filename().string();
+    if (name.starts_with("segment-") && name.ends_with(".jsonl")) out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::string segmentName(uint64_t n) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "segment-%06llu.jsonl", static_cast<unsigned long long>(n));
+  return buf;
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> readAuditLog(const std::string& dir,
+                                              std::vector<std::string>* segmentOfLine) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return Error{-1, dir + " is not a directory"};
+  std::vector<std::string> lines;
+  for (const auto& seg : segments(dir)) {
+    auto data = readFile(seg);
+    if (!data) return data.error();
+    size_t start = 0;
+    const std::string& d = data.value();
+    while (start < d.size()) {
+      size_t nl = d.find('\n', start);
+      size_t end = nl == std::string::npos ? d.size() : nl;
+      lines.push_back(d.substr(start, end - start));
+      if (segmentOfLine) segmentOfLine->push_back(seg.filename().string());
+      start = end + 1;
+    }
+  }
+  return lines;
+}
+
+FileAuditSink::FileAuditSink(Options options) : options_(std::move(options)) {}
+
+Result<std::unique_ptr<FileAuditSink>> FileAuditSink::open(Options options) {
+  std::unique_ptr<FileAuditSink> sink(new FileAuditSink(std::move(options)));
+  if (auto st = sink->start(); !st) return st.error();
+  return sink;
+}
+
+Status FileAuditSink::start() {
+  fs::path dir = options_.dir;
+  std::error_code ec;
+  fs::create_directories(dir / "keys", ec);
+  if (ec) return Error{-1, "audit.dir " + dir.string() + ": " + ec.message()};
+  ::chmod(dir.c_str(), 0700);
+
+  // One writer per log.
+  lockFd_ = ::open((dir / "LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lockFd_ < 0) return Error{-errno, sysError("audit lock " + (dir / "LOCK").string())};
+  if (::flock(lockFd_, LOCK_EX | LOCK_NB) != 0) {
+    return Error{-1, "audit.dir " + dir.string() +
+                         " is in use by another process (its LOCK is held): one writer per log"};
+  }
+
+  // The checkpoint key and the log id, created on first use.
+  fs::path keyFile = dir / "keys" / "ed25519.key";
+  if (fs::exists(keyFile)) {
+    auto hex = readFile(keyFile);
+    if (!hex) return hex.error();
+    std::string raw = fromHexBytes(hex.value().substr(0, 64));
+    auto k = Ed25519Key::fromRawPrivate(raw);
+    if (!k) return Error{-1, keyFile.string() + ": " + k.error().message};
+    key_ = std::make_unique<Ed25519Key>(k.value());
+  } else {
+    auto k = Ed25519Key::generate();
+    if (!k) return k.error();
+    key_ = std::make_unique<Ed25519Key>(k.value());
+    unsigned char raw[32];
+    size_t len = sizeof raw;
+    if (!key_->exportRawPrivate(raw, &len)) return Error{-1, "cannot export the audit key"};
+    if (auto st = writeFile(keyFile, toHexBytes({reinterpret_cast<char*>(raw), len}) + "\n", 0600);
+        !st)
+      return st;
+  }
+  if (auto st = writeFile(dir / "keys" / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644);
+      !st)
+    return st;
+  std::string logId;
+  if (fs::exists(dir / "LOG_ID")) {
+    auto id = readFile(dir / "LOG_ID");
+    if (!id) return id.error();
+    logId = id.value().substr(0, id.value().find('\n'));
+  } else {
+    unsigned char rnd[16];
+    RAND_bytes(rnd, sizeof rnd);
+    logId = toHexBytes({reinterpret_cast<char*>(rnd), sizeof rnd});
+    if (auto st = writeFile(dir / "LOG_ID", logId + "\n", 0644); !st) return st;
+  }
+  chain_ = std::make_unique<AuditChain>(logId);
+
+  // What is there already: a torn last line is moved aside; the rest must verify.
+  auto segs = segments(dir);
+  std::string torn;
+  if (!segs.empty()) {
+    auto data = readFile(segs.back());
+    if (!data) return data.error();
+    const std::string& d = data.value();
+    size_t keep = d.empty() ? 0 : d.rfind('\n') == std::string::npos ? 0 : d.rfind('\n') + 1;
+    if (keep < d.size()) {
+      fs::path aside = dir / ("torn-" + std::to_string(nowNs()) + ".bin");
+      if (auto st = writeFile(aside, d.substr(keep), 0600); !st) return st;
+      if (::truncate(segs.back().c_str(), static_cast<off_t>(keep)) != 0)
+        return Error{-errno, sysError("truncate " + segs.back().string())};
+      torn = aside.filename().string() + ":" + std::to_string(d.size() - keep);
+    }
+  }
+  std::vector<std::string> segOf;
+  auto lines = readAuditLog(dir.string(), &segOf);
+  if (!lines) return lines.error();
+  std::map<std::string, Ed25519Key> keys{{key_->id(), *key_}};
+  auto verdict = verifyChain(lines.value(), keys);
+  if (!verdict.ok) {
+    return Error{-1, "audit log " + dir.string() + " does not verify at " +
+                         segOf[verdict.line - 1] + " record " + std::to_string(verdict.line) +
+                         ": " + verdict.reason + " (move it aside to start a new log)"};
+  }
+  chain_->resume(lines.value());
+  seq_ = lines.value().size();
+  for (size_t i = lines.value().size() > kRecent ? lines.value().size() - kRecent : 0;
+       i < lines.value().size(); ++i)
+    recent_.push_back(lines.value()[i]);
+
+  segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
+  if (auto st = openSegment(segmentNumber_); !st) return st;
+  if (!torn.empty()) {
+    auto colon = torn.rfind(':');
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++seq_;
+    push(chain_->append(
+        "recovery",
+        {{"torn_file", torn.substr(0, colon)}, {"torn_bytes", std::stoull(torn.substr(colon + 1))}},
+        nowNs()));
+  }
+  durable_ = seq_;
+  writer_ = std::thread([this] { run(); });
+  return Status::success();
+}
+
+Status FileAuditSink::openSegment(uint64_t number) {
+  if (segmentFd_ >= 0) ::close(segmentFd_);
+  fs::path p = fs::path(options_.dir) / segmentName(number);
+  segmentFd_ = ::open(p.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (segmentFd_ < 0) return Error{-errno, sysError("open " + p.string())};
+  struct stat st;
+  segmentSize_ = ::fstat(segmentFd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  segmentNumber_ = number;
+  return Status::success();
+}
+
+void FileAuditSink::push(std::string line) {
+  recent_.push_back(line);
+  if (recent_.size() > kRecent) recent_.pop_front();
+  queue_.push_back(std::move(line));
+}
+
+uint64_t FileAuditSink::append(AuditRecord r) {
+  nlohmann::json fields = {
+      {"agent", r.agent},   {"authority", r.authority}, {"decision", r.decision},
+      {"method", r.method}, {"path", r.path},           {"policy_digest", r.policyDigest},
+      {"reason", r.reason}, {"rule", r.rule},           {"tool", r.tool}};
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t seq = ++seq_;
+  push(chain_->append(r.kind.empty() ? "call" : r.kind, std::move(fields), nowNs()));
+  wake_.notify_one();
+  return seq;
+}
+
+std::vector<std::string> FileAuditSink::tail(size_t n) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  n = std::min(n, recent_.size());
+  return {recent_.end() - static_cast<std::ptrdiff_t>(n), recent_.end()};
+}
+
+void FileAuditSink::run() {
+  auto lastCheckpoint = std::chrono::steady_clock::now();
+  for (;;) {
+    std::vector<std::string> batch;
+    bool stop;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait_for(lock, options_.checkpointInterval,
+                     [this] { return stopping_ || !queue_.empty(); });
+      auto now = std::chrono::steady_clock::now();
+      bool due =
+          chain_->sinceCheckpoint() >= options_.checkpointEvery ||
+          (chain_->sinceCheckpoint() > 0 && now - lastCheckpoint >= options_.checkpointInterval) ||
+          (segmentSize_ >= options_.segmentBytes && chain_->sinceCheckpoint() > 0) ||
+          (stopping_ && chain_->sinceCheckpoint() > 0);
+      if (due) {
+        ++seq_;
+        push(chain_->checkpoint(*key_, nowNs()));
+        lastCheckpoint = now;
+      }
+      batch.swap(queue_);
+      stop = stopping_;
+    }
+    if (!batch.empty()) {
+      std::string out;
+      for (auto& l : batch) {
+        out += l;
+        out += '\n';
+      }
+      bool ok = healthy_;
+      size_t done = 0;
+      while (ok && done < out.size()) {
+        ssize_t n = ::write(segmentFd_, out.data() + done, out.size() - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0)
+          ok = false;
+        else
+          done += static_cast<size_t>(n);
+      }
+      if (ok && ::fdatasync(segmentFd_) != 0) ok = false;
+      if (!ok && healthy_.exchange(false)) {
+        Log::Line(LogLevel::kError, "audit stream unwritable")
+            .add("dir", options_.dir)
+            .add("error", std::string(std::strerror(errno)))
+            .emit();
+      }
+      if (ok) {
+        segmentSize_ += out.size();
+        durable_ += batch.size();
+      }
+      // A full segment is sealed (its last record a checkpoint) and the next one begun.
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (ok && segmentSize_ >= options_.segmentBytes && chain_->sinceCheckpoint() == 0 &&
+          queue_.empty()) {
+        (void)openSegment(segmentNumber_ + 1);
+      }
+    }
+    if (stop) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (queue_.empty()) break;
+    }
+  }
+}
+
+FileAuditSink::~FileAuditSink() {
+  if (writer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_one();
+    writer_.join();
+  }
+  if (segmentFd_ >= 0) ::close(segmentFd_);
+  if (lockFd_ >= 0) ::close(lockFd_);  // releases the flock
+}
+
+}  // namespace tollgate

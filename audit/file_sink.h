@@ -1,0 +1,76 @@
+// FileAuditSink: the durable audit stream (DESIGN §6) in a directory:
+//   segment-NNNNNN.jsonl  the records, one canonical JSON line each (audit/chain.h)
+//   LOG_ID                the log's id
+//   LOCK                  flock()ed by the one process writing the log
+//   keys/ed25519.key|.pub the checkpoint key (hex of the raw key; .key is 0600)
+//   torn-<ns>.bin         a torn last record found at start, moved aside
+// append() builds the record in order (under a mutex) and hands the line to a writer
+// thread that writes and fsyncs in groups; checkpoints go every `checkpointEvery` records
+// or `checkpointInterval`, at segment rotation and at close. At open the log is verified;
+// a torn last line is moved aside and a `recovery` record appended.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "audit/audit_sink.h"
+#include "audit/chain.h"
+#include "common/result.h"
+
+namespace tollgate {
+
+class FileAuditSink : public AuditSink {
+ public:
+  struct Options {
+    std::string dir;
+    uint64_t checkpointEvery = 1000;
+    std::chrono::milliseconds checkpointInterval{5000};
+    uint64_t segmentBytes = 64ull << 20;
+  };
+  static Result<std::unique_ptr<FileAuditSink>> open(Options options);
+  ~FileAuditSink() override;
+
+  uint64_t append(AuditRecord record) override;
+  std::vector<std::string> tail(size_t n) const override;
+  // False once a write or fsync failed (the calls must then be halted).
+  bool healthy() const { return healthy_; }
+  uint64_t durableSeq() const { return durable_; }
+
+ private:
+  explicit FileAuditSink(Options options);
+  Status start();
+  Status openSegment(uint64_t number);
+  void push(std::string line);  // under mutex_
+  void run();
+
+  Options options_;
+  std::unique_ptr<AuditChain> chain_;
+  std::unique_ptr<Ed25519Key> key_;
+  int lockFd_ = -1;
+  int segmentFd_ = -1;
+  uint64_t segmentNumber_ = 0;
+  uint64_t segmentSize_ = 0;
+
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::vector<std::string> queue_;  // lines built, not yet written
+  std::deque<std::string> recent_;  // for tail()
+  uint64_t seq_ = 0;                // last seq handed out
+  bool stopping_ = false;
+  std::atomic<bool> healthy_{true};
+  std::atomic<uint64_t> durable_{0};
+  std::thread writer_;
+};
+
+// Reads every segment of a log directory in order, as lines. Error: unreadable directory.
+Result<std::vector<std::string>> readAuditLog(const std::string& dir,
+                                              std::vector<std::string>* segmentOfLine = nullptr);
+
+}  // namespace tollgate

@@ -1,0 +1,122 @@
+"""The durable audit stream written by the real sidecar: every decision on disk as a
+hash-chained record, sealed by a signed checkpoint at shutdown, checked by `tollgate audit
+verify`; tampering found with its place; restart continues the chain; a torn last record
+moved aside with a recovery record; one writer per log."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import unittest
+
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response
+
+
+def verify(audit_dir, *extra):
+    return subprocess.run([BIN, "audit", "verify", audit_dir, *extra], capture_output=True, text=True, timeout=60)
+
+
+def records(audit_dir):
+    out = []
+    for seg in sorted(glob.glob(os.path.join(audit_dir, "segment-*.jsonl"))):
+        with open(seg) as f:
+            out += [json.loads(l) for l in f if l.strip()]
+    return out
+
+
+class AuditStreamTest(unittest.TestCase):
+    def sidecar(self, audit_dir):
+        tg = Tollgate({"hosts": {"allow": ["127.0.0.1"], "deny": ["blocked.example"]}, "audit": {"dir": audit_dir}})
+        return tg
+
+    def test_every_decision_is_recorded_sealed_and_verifiable(self):
+        with HttpOrigin() as origin:
+            tg = self.sidecar("audit")
+            audit_dir = os.path.join(tg.dir, "audit")
+            seqs = {}
+            with tg:
+                for i in range(5):
+                    rc, out, _ = curl("-i", "-H", f"X-Agent-Id: agent-{i}", origin.url(f"/hello?i={i}"), proxy=tg.proxy)
+                    status, headers, _ = parse_response(out)
+                    self.assertEqual(status, 200)
+                rc, out, _ = curl("-i", "http://blocked.example/x", proxy=tg.proxy)
+                status, _, body = parse_response(out)
+                self.assertEqual(status, 403)
+                seqs["halt"] = json.loads(body)["audit_seq"]
+                self.assertEqual(tg.stop(), 0)
+                recs = records(audit_dir)
+                calls = [r for r in recs if r["kind"] == "call"]
+                self.assertEqual(len(calls), 6)
+                self.assertEqual([r["decision"] for r in calls].count("allow"), 5)
+                halted = [r for r in recs if r["seq"] == seqs["halt"]]
+                self.assertEqual(len(halted), 1)
+                self.assertEqual(halted[0]["decision"], "halt")
+                self.assertEqual(halted[0]["authority"], "blocked.example:80")
+                self.assertEqual(recs[-1]["kind"], "checkpoint")  # sealed at shutdown
+                self.assertEqual([r["seq"] for r in recs], list(range(1, len(recs) + 1)))
+                r = verify(audit_dir)
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                self.assertEqual(r.stdout, f"ok: {len(recs)} records, 1 checkpoints, 0 after the last checkpoint (unsealed)\n")
+                self.assertEqual(oct(os.stat(os.path.join(audit_dir, "keys", "ed25519.key")).st_mode & 0o777), "0o600")
+
+                # The halt rewritten as an allow: the record is found, with its place.
+                seg = sorted(glob.glob(os.path.join(audit_dir, "segment-*.jsonl")))[0]
+                with open(seg) as f:
+                    lines = f.readlines()
+                lines[seqs["halt"] - 1] = lines[seqs["halt"] - 1].replace('"decision":"halt"', '"decision":"allow"')
+                with open(seg, "w") as f:
+                    f.writelines(lines)
+                r = verify(audit_dir)
+                self.assertEqual(r.returncode, 1)
+                self.assertIn(f"INVALID segment-000001.jsonl:{seqs['halt'] + 1} (record {seqs['halt'] + 1}): broken link", r.stdout)
+                # A key that did not sign it.
+                other = os.path.join(tg.dir, "other.pub")
+                with open(other, "w") as f:
+                    f.write("00" * 32 + "\n")
+                self.assertIn(verify(audit_dir, "--pubkey", other).returncode, (1, 2))
+                self.assertEqual(verify(os.path.join(tg.dir, "nope")).returncode, 2)
+
+    def test_a_restart_continues_the_chain_and_a_torn_record_is_moved_aside(self):
+        with HttpOrigin() as origin:
+            tg = self.sidecar("audit")
+            audit_dir = os.path.join(tg.dir, "audit")
+            config = tg.config_path
+            with tg:
+                curl(origin.url("/hello"), proxy=tg.proxy)
+                tg.stop()
+                first = records(audit_dir)
+                # A write cut short by a crash: half a record at the end of the segment.
+                seg = sorted(glob.glob(os.path.join(audit_dir, "segment-*.jsonl")))[-1]
+                partial = '{"agent":"agent-1","authority":"127.0.0.1:80","deci'
+                with open(seg, "a") as f:
+                    f.write(partial)
+                again = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
+                with again:
+                    curl(origin.url("/hello"), proxy=again.proxy)
+                    self.assertEqual(again.stop(), 0)
+                recs = records(audit_dir)
+                self.assertEqual(recs[:len(first)], first)  # nothing before the tear is lost
+                recovery = recs[len(first)]
+                self.assertEqual(recovery["kind"], "recovery")
+                self.assertEqual(recovery["torn_bytes"], len(partial))
+                torn = glob.glob(os.path.join(audit_dir, "torn-*.bin"))
+                self.assertEqual(len(torn), 1)
+                with open(torn[0]) as f:
+                    self.assertTrue(f.read().startswith('{"agent":"agent-1"'))
+                self.assertEqual(recs[-1]["kind"], "checkpoint")
+                self.assertEqual(len({r["log_id"] for r in recs}), 1)
+                r = verify(audit_dir)
+                self.assertEqual(r.returncode, 0, r.stdout)
+
+    def test_a_second_writer_is_refused(self):
+        first = self.sidecar("audit")
+        audit_dir = os.path.join(first.dir, "audit")
+        with first:
+            second = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
+            with self.assertRaisesRegex(AssertionError, "in use by another process"):
+                with second:
+                    pass
+
+
+if __name__ == "__main__":
+    unittest.main()
