@@ -28,6 +28,11 @@ class AuditChain {
   // The next record's line (no newline). `fields` may not set the chain's own keys; a
   // timestamp earlier than the last one is raised to it (the clock may step back).
   std::string append(std::string_view kind, nlohmann::json fields, int64_t tsNs);
+  // The same for records of string fields only, written directly in canonical form (the
+  // hot path: one per decision). Keys must not be the chain's own.
+  std::string appendStrings(std::string_view kind,
+                            std::vector<std::pair<std::string_view, std::string_view>> fields,
+                            int64_t tsNs);
   // A signed checkpoint over every line so far.
   std::string checkpoint(const Ed25519Key& key, int64_t tsNs);
 
@@ -61,6 +66,10 @@ struct ChainVerdict {
 // Keys by id. Every checkpoint must be signed by one of them.
 ChainVerdict verifyChain(const std::vector<std::string>& lines,
                          const std::map<std::string, Ed25519Key>& keys);
+
+// Appends `text` as a JSON string exactly as canonicalJson() writes it (invalid UTF-8
+// replaced by U+FFFD).
+void appendCanonicalString(std::string& out, std::string_view text);
 
 // Hex SHA-256 of a line: what the next record's `prev` holds.
 std::string lineHash(std::string_view line);

@@ -33,6 +33,8 @@ class FileAuditSink : public AuditSink {
     uint64_t checkpointEvery = 1000;
     std::chrono::milliseconds checkpointInterval{5000};
     uint64_t segmentBytes = 64ull << 20;
+    // At most one fsync per interval: records arriving meanwhile share it (group commit).
+    std::chrono::microseconds syncInterval{1000};
   };
   static Result<std::unique_ptr<FileAuditSink>> open(Options options);
   ~FileAuditSink() override;
@@ -64,6 +66,7 @@ class FileAuditSink : public AuditSink {
   std::deque<std::string> recent_;  // for tail()
   uint64_t seq_ = 0;                // last seq handed out
   bool stopping_ = false;
+  bool idle_ = false;  // the writer waits for records
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> durable_{0};
   std::thread writer_;

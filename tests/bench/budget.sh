@@ -91,6 +91,7 @@ listeners: [{name: egress, kind: forward, address: "127.0.0.1:${port[$t]}", iden
 admin: {address: "127.0.0.1:$(free_port)"}
 policies: ["$work/$t.yaml"]
 store: $store
+audit: {dir: "$work/audit-$t"}
 CONF
 done
 "$TOLLGATE_BIN" pools init -c "$work/redis-tollgate.yaml" >/dev/null

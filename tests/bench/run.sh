@@ -79,6 +79,7 @@ log: {level: ${TOLLGATE_LOG:-warn}}
 listeners: [{name: egress, kind: forward, address: "127.0.0.1:$tollgate_port"}]
 admin: {address: "127.0.0.1:$tollgate_admin"}
 hosts: {allow: ["127.0.0.1"]}
+audit: {dir: "$work/audit-tollgate"}
 CONF
 "$TOLLGATE_BIN" run -c "$work/tollgate.yaml" 2>"$work/tollgate.log" &
 tollgate_pid=$!; pids+=("$tollgate_pid")
@@ -90,6 +91,7 @@ log: {level: ${TOLLGATE_LOG:-warn}}
 listeners: [{name: egress, kind: forward, address: "127.0.0.1:$policy_port", identity: {header: X-Agent-Id}}]
 admin: {address: "127.0.0.1:$policy_admin"}
 policies: ["$root/examples/policies/swarm.yaml", "$here/policy.yaml"]
+audit: {dir: "$work/audit-policy"}
 CONF
 "$TOLLGATE_BIN" run -c "$work/tollgate-policy.yaml" 2>"$work/tollgate-policy.log" &
 policy_pid=$!; pids+=("$policy_pid")

@@ -50,6 +50,29 @@ TEST_F(ChainTest, ACleanLogVerifies) {
   EXPECT_TRUE(isCanonicalJson(lines[0]));
 }
 
+TEST_F(ChainTest, TheDirectWriterIsCanonicalAndEqualsTheGeneralOne) {
+  const std::string tricky[] = {"plain",
+                                "quote\" back\\ slash/",
+                                std::string("ctl\x01\x1f\x7f\b\f\n\r\t"),
+                                "caf\xc3\xa9 \xf0\x9f\x98\x80",
+                                "bad\xff\xc3(utf8",
+                                ""};
+  for (const auto& t : tricky) {
+    AuditChain a("log-1"), b("log-1");
+    auto direct = a.appendStrings("call", {{"agent", t}, {"zeta", "z"}, {"path", "/p"}}, 7);
+    ASSERT_TRUE(isCanonicalJson(direct)) << direct;
+    // The general writer takes valid UTF-8 only: given what the direct one repaired.
+    auto parsed = Json::parse(direct);
+    auto general = b.append("call", {{"agent", parsed["agent"]}, {"zeta", "z"}, {"path", "/p"}}, 7);
+    EXPECT_EQ(direct, general);
+    if (t.find('\xff') == std::string::npos) {
+      EXPECT_EQ(parsed["agent"], t);
+    } else {
+      EXPECT_EQ(parsed["agent"], "bad\xef\xbf\xbd\xef\xbf\xbd(utf8");  // each bad byte replaced
+    }
+  }
+}
+
 TEST_F(ChainTest, FieldsCannotOverrideTheChainsOwnKeys) {
   AuditChain c("log-1");
   auto line = c.append("call", {{"seq", 99}, {"prev", "x"}, {"kind", "forged"}}, 5);
