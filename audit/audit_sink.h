@@ -28,6 +28,8 @@ class AuditSink {
   virtual uint64_t append(AuditRecord record) = 0;
   // The last n records, oldest first, each as one JSON line.
   virtual std::vector<std::string> tail(size_t n) const = 0;
+  // False while records cannot be made durable: calls are then halted (fail closed).
+  virtual bool healthy() const { return true; }
 };
 
 class MemoryAuditSink : public AuditSink {

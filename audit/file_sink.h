@@ -42,7 +42,7 @@ class FileAuditSink : public AuditSink {
   uint64_t append(AuditRecord record) override;
   std::vector<std::string> tail(size_t n) const override;
   // False once a write or fsync failed (the calls must then be halted).
-  bool healthy() const { return healthy_; }
+  bool healthy() const override { return healthy_; }
   uint64_t durableSeq() const { return durable_; }
 
  private:

@@ -469,13 +469,25 @@ void ClientSession::decide() {
   });
 }
 
-void ClientSession::onDecision(const Decision& d) {
+void ClientSession::onDecision(const Decision& decided) {
+  Decision d = decided;
+  if (d.verdict == Verdict::kAllow && !worker_.audit().healthy()) {
+    // Fail closed: a call whose decision cannot be recorded durably does not go out. It was
+    // allowed, so the decider hears that it was never sent (its budget hold is released).
+    Outcome unsent;
+    unsent.sent = false;
+    worker_.decider().onOutcome(callInfo(), decided, unsent);
+    d.verdict = Verdict::kHalt;
+    d.context.reset();
+    d.rule = "audit";
+    d.reason = "audit_unavailable: the audit stream cannot be written (disk full or failing)";
+  }
   decision_ = d;
   const char* verdict = verdictName(d.verdict);
   decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
   if (d.verdict == Verdict::kHalt) {
     bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
-                   d.rule == "breaker" || d.rule.starts_with("hosts.");
+                   d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.");
     haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
   }
   const auto& head = request_.head();

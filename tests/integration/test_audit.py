@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
+import time
 import unittest
 
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response
@@ -107,6 +109,46 @@ class AuditStreamTest(unittest.TestCase):
                 self.assertEqual(len({r["log_id"] for r in recs}), 1)
                 r = verify(audit_dir)
                 self.assertEqual(r.returncode, 0, r.stdout)
+
+    def test_a_full_disk_halts_calls_with_audit_unavailable(self):
+        mnt = tempfile.mkdtemp(prefix="tollgate-audit-tmpfs-")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt],
+                          capture_output=True).returncode != 0:
+            self.skipTest("cannot mount a tmpfs here (needs root): the full-disk test did not run")
+        try:
+            with HttpOrigin() as origin:
+                tg = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": os.path.join(mnt, "audit")}})
+                with tg:
+                    rc, out, _ = curl("-i", origin.url("/hello"), proxy=tg.proxy)
+                    self.assertEqual(parse_response(out)[0], 200)
+                    # Fill the disk: the next group of records cannot be written.
+                    with open(os.path.join(mnt, "filler"), "wb") as f:
+                        try:
+                            while True:
+                                f.write(b"\0" * 65536)
+                                f.flush()
+                        except OSError:
+                            pass
+                    statuses = []
+                    for _ in range(50):
+                        rc, out, _ = curl("-i", origin.url("/hello"), proxy=tg.proxy)
+                        status, _, body = parse_response(out)
+                        statuses.append(status)
+                        if status == 403:
+                            doc = json.loads(body)
+                            self.assertEqual(doc["rule"], "audit")
+                            self.assertIn("audit_unavailable", doc["reason"])
+                            break
+                        time.sleep(0.02)
+                    self.assertEqual(statuses[-1], 403, statuses)
+                    # Fail closed from then on, and the sidecar stays up.
+                    rc, out, _ = curl("-i", origin.url("/hello"), proxy=tg.proxy)
+                    self.assertEqual(parse_response(out)[0], 403)
+                    self.assertIsNone(tg.proc.poll())
+                    self.assertTrue(any(l.get("msg") == "audit stream unwritable" for l in tg.logs()))
+        finally:
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+            os.rmdir(mnt)
 
     def test_a_second_writer_is_refused(self):
         first = self.sidecar("audit")
