@@ -5,6 +5,7 @@
 #include <set>
 
 #include "audit/canonical_json.h"
+#include "common/json.h"
 #include "common/sha256.h"
 
 namespace tollgate {
@@ -24,86 +25,11 @@ std::string canonical(const Json& j) {
 
 }  // namespace
 
-void appendCanonicalString(std::string& out, std::string_view text) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  out += '"';
-  for (size_t i = 0; i < text.size();) {
-    // The common case: a run of printable ASCII other than " and \, copied at once.
-    size_t run = i;
-    while (run < text.size()) {
-      auto r = static_cast<unsigned char>(text[run]);
-      if (r < 0x20 || r >= 0x80 || r == '"' || r == '\\') break;
-      ++run;
-    }
-    if (run > i) {
-      out.append(text.data() + i, run - i);
-      i = run;
-      continue;
-    }
-    auto c = static_cast<unsigned char>(text[i]);
-    if (c >= 0x80) {
-      // A valid UTF-8 sequence is copied; anything else becomes U+FFFD.
-      size_t len = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
-      bool ok = len && i + len <= text.size();
-      uint32_t cp = ok ? c & (0x7F >> len) : 0;
-      for (size_t k = 1; ok && k < len; ++k) {
-        auto cc = static_cast<unsigned char>(text[i + k]);
-        ok = (cc & 0xC0) == 0x80;
-        cp = (cp << 6) | (cc & 0x3F);
-      }
-      static const uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-      ok = ok && cp >= kMin[len] && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
-      if (ok) {
-        out.append(text.substr(i, len));
-        i += len;
-      } else {
-        out += "\xef\xbf\xbd";
-        ++i;
-      }
-      continue;
-    }
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\b':
-        out += "\\b";
-        break;
-      case '\f':
-        out += "\\f";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (c < 0x20) {
-          out += "\\u00";
-          out += kHex[c >> 4];
-          out += kHex[c & 0xF];
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-    ++i;
-  }
-  out += '"';
-}
-
 std::string lineHash(std::string_view line) {
   return sha256Hex(line);
 }
 
-std::string AuditChain::seal(Json record) {
-  std::string line = canonical(record);
+std::string AuditChain::seal(std::string line) {
   prev_ = lineHash(line);
   tree_.append(leafHash(line));
   ++sinceCheckpoint_;
@@ -134,7 +60,7 @@ std::string AuditChain::append(std::string_view kind, Json fields, int64_t tsNs)
   record["ts_ns"] = lastTs_;
   record["prev"] = prev_;
   record["kind"] = std::string(kind);
-  return seal(std::move(record));
+  return seal(canonical(record));
 }
 
 std::string AuditChain::appendStrings(
@@ -166,18 +92,15 @@ std::string AuditChain::appendStrings(
   line += '{';
   for (size_t i = 0; i < entries.size(); ++i) {
     if (i) line += ',';
-    appendCanonicalString(line, entries[i].key);
+    appendJsonString(line, entries[i].key);
     line += ':';
     if (entries[i].raw)
       line += entries[i].value;
     else
-      appendCanonicalString(line, entries[i].value);
+      appendJsonString(line, entries[i].value);
   }
   line += '}';
-  prev_ = lineHash(line);
-  tree_.append(leafHash(line));
-  ++sinceCheckpoint_;
-  return line;
+  return seal(std::move(line));
 }
 
 std::string AuditChain::checkpoint(const Ed25519Key& key, int64_t tsNs) {
@@ -193,7 +116,7 @@ std::string AuditChain::checkpoint(const Ed25519Key& key, int64_t tsNs) {
   body["prev"] = prev_;
   body["kind"] = "checkpoint";
   body["sig"] = toHexBytes(key.sign(canonical(body)));
-  std::string line = seal(std::move(body));
+  std::string line = seal(canonical(body));
   prevCheckpoint_ = lineHash(line);
   sinceCheckpoint_ = 0;
   return line;

@@ -44,7 +44,7 @@ class AuditChain {
   const std::string& logId() const { return logId_; }
 
  private:
-  std::string seal(nlohmann::json record);
+  std::string seal(std::string line);  // links and hashes a finished line
   std::string logId_;
   uint64_t seq_ = 0;
   int64_t lastTs_ = 0;
@@ -66,10 +66,6 @@ struct ChainVerdict {
 // Keys by id. Every checkpoint must be signed by one of them.
 ChainVerdict verifyChain(const std::vector<std::string>& lines,
                          const std::map<std::string, Ed25519Key>& keys);
-
-// Appends `text` as a JSON string exactly as canonicalJson() writes it (invalid UTF-8
-// replaced by U+FFFD).
-void appendCanonicalString(std::string& out, std::string_view text);
 
 // Hex SHA-256 of a line: what the next record's `prev` holds.
 std::string lineHash(std::string_view line);

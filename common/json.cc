@@ -39,11 +39,23 @@ void appendJsonString(std::string& out, std::string_view text) {
   static constexpr char kHex[] = "0123456789abcdef";
   out += '"';
   for (size_t i = 0; i < text.size();) {
+    // The common case: a run of printable ASCII other than " and \, copied at once.
+    size_t run = i;
+    while (run < text.size()) {
+      auto r = static_cast<unsigned char>(text[run]);
+      if (r < 0x20 || r >= 0x80 || r == '"' || r == '\\') break;
+      ++run;
+    }
+    if (run > i) {
+      out.append(text.data() + i, run - i);
+      i = run;
+      continue;
+    }
     auto c = static_cast<unsigned char>(text[i]);
     if (c >= 0x80) {
       size_t len = utf8Length(text, i);
       if (len == 0) {
-        out += "\\ufffd";
+        out += "\xef\xbf\xbd";  // U+FFFD, as itself
         ++i;
       } else {
         out.append(text.substr(i, len));
@@ -58,6 +70,12 @@ void appendJsonString(std::string& out, std::string_view text) {
       case '\\':
         out += "\\\\";
         break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
       case '\n':
         out += "\\n";
         break;
@@ -67,14 +85,10 @@ void appendJsonString(std::string& out, std::string_view text) {
       case '\t':
         out += "\\t";
         break;
-      default:
-        if (c < 0x20 || c == 0x7F) {
-          out += "\\u00";
-          out += kHex[c >> 4];
-          out += kHex[c & 0xF];
-        } else {
-          out += static_cast<char>(c);
-        }
+      default:  // the other control characters
+        out += "\\u00";
+        out += kHex[c >> 4];
+        out += kHex[c & 0xF];
     }
     ++i;
   }

@@ -8,7 +8,10 @@
 
 namespace tollgate {
 
-// Appends `text` as a JSON string literal (with quotes). Invalid UTF-8 bytes become U+FFFD.
+// Appends `text` as a JSON string literal (with quotes), in the canonical form of the
+// audit stream (the bytes nlohmann-json writes with ensure_ascii off): `"` `\` and control
+// characters escaped (\b \f \n \r \t, else \u00XX), everything else as is. Invalid UTF-8
+// bytes become U+FFFD.
 void appendJsonString(std::string& out, std::string_view text);
 
 // Builds one JSON object: JsonObject(out).add("k", "v").add("n", 3).close().

@@ -847,6 +847,24 @@ void RedisBudgetStore::release(const std::string& callId, const std::vector<Char
       });
 }
 
+std::pair<std::vector<std::string>, std::vector<std::string>> RedisBudgetStore::poolCall(
+    const char* op, const char* mode, const PoolSpec& s) {
+  std::vector<std::string> keys;
+  for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
+  std::vector<std::string> args{op,
+                                mode,
+                                "0",
+                                "1",
+                                s.name,
+                                "0",
+                                "0",
+                                std::to_string(s.effortLimit),
+                                std::to_string(s.effortPeriodMs),
+                                std::to_string(s.riskLimit),
+                                std::to_string(s.riskPeriodMs)};
+  return {std::move(keys), std::move(args)};
+}
+
 std::vector<BudgetView> RedisBudgetStore::view() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return cache_;
@@ -867,19 +885,7 @@ void RedisBudgetStore::refresh(std::function<void()> done) {
   };
   auto g = std::make_shared<Gather>(Gather{{}, specs->size(), std::move(done)});
   for (const auto& s : *specs) {
-    std::vector<std::string> keys;
-    for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
-    std::vector<std::string> args{"view",
-                                  "",
-                                  "0",
-                                  "1",
-                                  s.name,
-                                  "0",
-                                  "0",
-                                  std::to_string(s.effortLimit),
-                                  std::to_string(s.effortPeriodMs),
-                                  std::to_string(s.riskLimit),
-                                  std::to_string(s.riskPeriodMs)};
+    auto [keys, args] = poolCall("view", "", s);
     l->client->eval(
         budgetScript(), std::move(keys), std::move(args), [this, g, s](Result<RedisReply> r) {
           bool ok = r && r.value().type == RedisReply::Type::kArray;
@@ -929,19 +935,7 @@ Result<std::vector<RedisBudgetStore::InitResult>> RedisBudgetStore::initPools(
         &loop, RedisClient::Options{options.seeds,
                                     std::max(options.timeout, std::chrono::milliseconds(2000))});
     for (const auto& s : specs.value()) {
-      std::vector<std::string> keys;
-      for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
-      std::vector<std::string> args{"init",
-                                    reset ? "reset" : "missing",
-                                    "0",
-                                    "1",
-                                    s.name,
-                                    "0",
-                                    "0",
-                                    std::to_string(s.effortLimit),
-                                    std::to_string(s.effortPeriodMs),
-                                    std::to_string(s.riskLimit),
-                                    std::to_string(s.riskPeriodMs)};
+      auto [keys, args] = poolCall("init", reset ? "reset" : "missing", s);
       bool answered = false;
       client.eval(budgetScript(), std::move(keys), std::move(args),
                   [&, name = s.name](Result<RedisReply> r) {

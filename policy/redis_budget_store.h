@@ -87,6 +87,9 @@ class RedisBudgetStore : public BudgetStore {
   void flushRetries(PerLoop* l);
   std::shared_ptr<const std::vector<PoolSpec>> specs() const;
   static Result<std::vector<PoolSpec>> specsOf(const PolicySet& set);
+  // The keys and arguments of a one-pool init or view call of the script.
+  static std::pair<std::vector<std::string>, std::vector<std::string>> poolCall(
+      const char* op, const char* mode, const PoolSpec& spec);
 
   Options options_;
   mutable std::mutex mutex_;

@@ -14,10 +14,14 @@ TEST(Json, EscapesControlCharactersAndQuotes) {
 TEST(Json, KeepsValidUtf8AndReplacesInvalidBytes) {
   std::string out;
   appendJsonString(out, "caf\xc3\xa9 \xff");
-  EXPECT_EQ(out, "\"caf\xc3\xa9 \\ufffd\"");
+  EXPECT_EQ(out, "\"caf\xc3\xa9 \xef\xbf\xbd\"");
   out.clear();
   appendJsonString(out, "\xed\xa0\x80");  // a UTF-16 surrogate encoded in UTF-8
-  EXPECT_EQ(out, R"("\ufffd\ufffd\ufffd")");
+  EXPECT_EQ(out, "\"\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"");
+  out.clear();
+  appendJsonString(out, "\b\f\x7f");  // as canonical JSON writes them
+  EXPECT_EQ(out, R"("\b\f)"
+                 "\x7f\"");
 }
 
 TEST(Json, BuildsObjects) {
