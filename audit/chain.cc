@@ -51,8 +51,7 @@ void AuditChain::resume(const std::vector<std::string>& lines) {
   }
 }
 
-std::string AuditChain::append(std::string_view kind, Json fields, int64_t tsNs) {
-  Json record = fields.is_object() ? std::move(fields) : Json::object();
+void AuditChain::stamp(Json& record, std::string_view kind, int64_t tsNs) {
   lastTs_ = std::max(lastTs_, tsNs);
   record["v"] = 1;
   record["log_id"] = logId_;
@@ -60,6 +59,11 @@ std::string AuditChain::append(std::string_view kind, Json fields, int64_t tsNs)
   record["ts_ns"] = lastTs_;
   record["prev"] = prev_;
   record["kind"] = std::string(kind);
+}
+
+std::string AuditChain::append(std::string_view kind, Json fields, int64_t tsNs) {
+  Json record = fields.is_object() ? std::move(fields) : Json::object();
+  stamp(record, kind, tsNs);
   return seal(canonical(record));
 }
 
@@ -108,13 +112,7 @@ std::string AuditChain::checkpoint(const Ed25519Key& key, int64_t tsNs) {
                {"root", toHex(tree_.root())},
                {"prev_checkpoint", prevCheckpoint_},
                {"key_id", key.id()}};
-  lastTs_ = std::max(lastTs_, tsNs);
-  body["v"] = 1;
-  body["log_id"] = logId_;
-  body["seq"] = ++seq_;
-  body["ts_ns"] = lastTs_;
-  body["prev"] = prev_;
-  body["kind"] = "checkpoint";
+  stamp(body, "checkpoint", tsNs);
   body["sig"] = toHexBytes(key.sign(canonical(body)));
   std::string line = seal(canonical(body));
   prevCheckpoint_ = lineHash(line);

@@ -44,6 +44,8 @@ class AuditChain {
   const std::string& logId() const { return logId_; }
 
  private:
+  // Sets the chain's own keys (the next seq, the timestamp raised monotonic, prev, kind).
+  void stamp(nlohmann::json& record, std::string_view kind, int64_t tsNs);
   std::string seal(std::string line);  // links and hashes a finished line
   std::string logId_;
   uint64_t seq_ = 0;

@@ -31,10 +31,10 @@ rules:
 KEY = "tollgate:{team}:b"
 
 
-def sidecar(redis_urls, limit=10, estimate=4, store=None, workers=2):
+def sidecar(redis_urls, limit=10, estimate=4, store=None, workers=2, policy=None):
     tg = Tollgate({"workers": workers})
     with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
-        f.write(POLICY % {"limit": limit, "estimate": estimate})
+        f.write(policy or POLICY % {"limit": limit, "estimate": estimate})
     tg.config.pop("hosts")
     tg.config["policies"] = ["policy.yaml"]
     tg.config["store"] = {"backend": "redis", "urls": redis_urls, **(store or {})}
@@ -225,18 +225,7 @@ rules:
   - {id: no-deletes, effect: halt, match: {tool: notes.delete}, cascade: {quarantine: 2s}}
 """
         with RedisServer() as redis, HttpOrigin() as origin:
-            sidecars = []
-            for _ in range(2):
-                tg = Tollgate({"workers": 2})
-                with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
-                    f.write(policy)
-                tg.config.pop("hosts")
-                tg.config["policies"] = ["policy.yaml"]
-                tg.config["store"] = {"backend": "redis", "urls": [redis.url]}
-                with open(tg.config_path, "w") as f:
-                    json.dump(tg.config, f)
-                sidecars.append(tg)
-            a, b = sidecars
+            a, b = sidecar([redis.url], policy=policy), sidecar([redis.url], policy=policy)
             with a, b:
                 def get(tg, agent):
                     rc, out, _ = curl("-i", "-H", f"X-Agent-Id: {agent}", origin.url("/hello"), proxy=tg.proxy)
@@ -252,15 +241,7 @@ rules:
                 self.assertEqual(json.loads(body)["rule"], "cascade")
                 self.assertEqual(get(b, "support-3")[0], 200)  # not a neighbour
                 # A sidecar started during the quarantine learns it from Redis at start.
-                c = Tollgate({"workers": 1})
-                with open(os.path.join(c.dir, "policy.yaml"), "w") as f:
-                    f.write(policy)
-                c.config.pop("hosts")
-                c.config["policies"] = ["policy.yaml"]
-                c.config["store"] = {"backend": "redis", "urls": [redis.url]}
-                with open(c.config_path, "w") as f:
-                    json.dump(c.config, f)
-                with c:
+                with sidecar([redis.url], policy=policy, workers=1) as c:
                     status, body = wait_for(lambda: (lambda r: r if r[0] == 403 else None)(get(c, "support-2")),
                                             timeout=2, what="the quarantine on a new sidecar")
                     self.assertEqual(json.loads(body)["rule"], "cascade")
