@@ -1,13 +1,10 @@
 // The tollgate binary: `tollgate run -c FILE`, `tollgate --version`, `tollgate help`.
 #include <cstdio>
-#include <fstream>
-#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include "audit/chain.h"
-#include "audit/file_sink.h"
+#include "audit/audit_cli.h"
 #include "policy/policy_cli.h"
 #include "policy/policy_set.h"
 #include "policy/redis_budget_store.h"
@@ -113,55 +110,6 @@ int poolsInit(const std::vector<std::string_view>& args) {
   return 0;
 }
 
-int auditVerify(const std::vector<std::string_view>& args) {
-  std::string dir, pubkey;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--pubkey") {
-      if (i + 1 >= args.size()) return usageError("--pubkey needs a file");
-      pubkey = std::string(args[++i]);
-    } else if (dir.empty() && !args[i].starts_with("-")) {
-      dir = std::string(args[i]);
-    } else {
-      return usageError("audit verify: unknown argument '" + std::string(args[i]) + "'");
-    }
-  }
-  if (dir.empty()) return usageError("audit verify needs a DIR");
-  if (pubkey.empty()) pubkey = dir + "/keys/ed25519.pub";
-  std::ifstream in(pubkey);
-  std::string hex;
-  if (!(in >> hex)) {
-    std::fprintf(stderr, "tollgate: cannot read the public key %s\n", pubkey.c_str());
-    return 2;
-  }
-  auto key = tollgate::Ed25519Key::fromRawPublic(tollgate::fromHexBytes(hex));
-  if (!key) {
-    std::fprintf(stderr, "tollgate: %s: %s\n", pubkey.c_str(), key.error().message.c_str());
-    return 2;
-  }
-  std::vector<std::string> segmentOf;
-  auto lines = tollgate::readAuditLog(dir, &segmentOf);
-  if (!lines) {
-    std::fprintf(stderr, "tollgate: %s\n", lines.error().message.c_str());
-    return 2;
-  }
-  std::map<std::string, tollgate::Ed25519Key> keys{{key.value().id(), key.value()}};
-  auto v = tollgate::verifyChain(lines.value(), keys);
-  if (!v.ok) {
-    // The line within its segment.
-    size_t within = 0;
-    for (size_t i = 0; i < v.line; ++i)
-      within = i > 0 && segmentOf[i] != segmentOf[i - 1] ? 1 : within + 1;
-    std::printf("INVALID %s:%zu (record %llu): %s\n", segmentOf[v.line - 1].c_str(), within,
-                static_cast<unsigned long long>(v.line), v.reason.c_str());
-    return 1;
-  }
-  std::printf("ok: %llu records, %llu checkpoints, %llu after the last checkpoint (unsealed)\n",
-              static_cast<unsigned long long>(v.records),
-              static_cast<unsigned long long>(v.checkpoints),
-              static_cast<unsigned long long>(v.unsealed));
-  return 0;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -185,8 +133,7 @@ int main(int argc, char** argv) {
     return usageError("unknown policy command '" + std::string(args[1]) + "'");
   }
   if (cmd == "audit") {
-    if (args.size() < 2 || args[1] != "verify") return usageError("audit needs verify");
-    return auditVerify({args.begin() + 2, args.end()});
+    return tollgate::auditCommand({args.begin() + 1, args.end()}, stdout, stderr);
   }
   if (cmd == "pools") {
     if (args.size() < 2 || args[1] != "init") return usageError("pools needs init");
