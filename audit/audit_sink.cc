@@ -36,6 +36,11 @@ uint64_t MemoryAuditSink::append(AuditRecord r) {
   return seq_;
 }
 
+uint64_t MemoryAuditSink::durableSeq() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return seq_;
+}
+
 std::vector<std::string> MemoryAuditSink::tail(size_t n) const {
   std::lock_guard<std::mutex> lock(mutex_);
   n = std::min(n, recent_.size());

@@ -21,6 +21,17 @@ struct AuditRecord {
   std::string toJson() const;
 };
 
+// Told by a sink's writer as records become durable; methods run on the writer's thread and
+// must be quick and thread-safe.
+class AuditObserver {
+ public:
+  virtual ~AuditObserver() = default;
+  // A batch was written: `records` are durable now (ok), or the stream failed (!ok).
+  virtual void onBatch(size_t records, double fsyncSeconds, bool ok) = 0;
+  // A checkpoint with this seq was written into the stream.
+  virtual void onCheckpoint(uint64_t /*seq*/) {}
+};
+
 class AuditSink {
  public:
   virtual ~AuditSink() = default;
@@ -30,6 +41,11 @@ class AuditSink {
   virtual std::vector<std::string> tail(size_t n) const = 0;
   // False while records cannot be made durable: calls are then halted (fail closed).
   virtual bool healthy() const { return true; }
+  // Every record up to this seq is durable; a call is forwarded only once its record is.
+  virtual uint64_t durableSeq() const = 0;
+  // The observer (or none) told of every batch from now on; set and cleared while the
+  // sink lives, it must outlive the setting.
+  virtual void setObserver(AuditObserver* /*observer*/) {}
 };
 
 class MemoryAuditSink : public AuditSink {
@@ -37,6 +53,7 @@ class MemoryAuditSink : public AuditSink {
   explicit MemoryAuditSink(size_t keep = 1000) : keep_(keep) {}
   uint64_t append(AuditRecord record) override;
   std::vector<std::string> tail(size_t n) const override;
+  uint64_t durableSeq() const override;
 
  private:
   size_t keep_;

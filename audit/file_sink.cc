@@ -227,6 +227,11 @@ uint64_t FileAuditSink::append(AuditRecord r) {
   return seq;
 }
 
+void FileAuditSink::setObserver(AuditObserver* observer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  observer_ = observer;
+}
+
 std::vector<std::string> FileAuditSink::tail(size_t n) const {
   std::lock_guard<std::mutex> lock(mutex_);
   n = std::min(n, recent_.size());
@@ -260,6 +265,7 @@ void FileAuditSink::run() {
         ++seq_;
         push(chain_->checkpoint(*key_, nowNs()));
         lastCheckpoint = now;
+        if (observer_) observer_->onCheckpoint(seq_);
       }
       batch.swap(queue_);
       stop = stopping_;
@@ -280,8 +286,9 @@ void FileAuditSink::run() {
         else
           done += static_cast<size_t>(n);
       }
-      lastSync = std::chrono::steady_clock::now();
+      auto written = std::chrono::steady_clock::now();
       if (ok && ::fdatasync(segmentFd_) != 0) ok = false;
+      lastSync = std::chrono::steady_clock::now();
       if (!ok && healthy_.exchange(false)) {
         Log::Line(LogLevel::kError, "audit stream unwritable")
             .add("dir", options_.dir)
@@ -294,6 +301,9 @@ void FileAuditSink::run() {
       }
       // A full segment is sealed (its last record a checkpoint) and the next one begun.
       std::lock_guard<std::mutex> lock(mutex_);
+      if (observer_)
+        observer_->onBatch(batch.size(), std::chrono::duration<double>(lastSync - written).count(),
+                           ok);
       if (ok && segmentSize_ >= options_.segmentBytes && chain_->sinceCheckpoint() == 0 &&
           queue_.empty()) {
         (void)openSegment(segmentNumber_ + 1);

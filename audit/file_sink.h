@@ -43,7 +43,8 @@ class FileAuditSink : public AuditSink {
   std::vector<std::string> tail(size_t n) const override;
   // False once a write or fsync failed (the calls must then be halted).
   bool healthy() const override { return healthy_; }
-  uint64_t durableSeq() const { return durable_; }
+  uint64_t durableSeq() const override { return durable_; }
+  void setObserver(AuditObserver* observer) override;
 
  private:
   explicit FileAuditSink(Options options);
@@ -69,6 +70,7 @@ class FileAuditSink : public AuditSink {
   bool idle_ = false;  // the writer waits for records
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> durable_{0};
+  AuditObserver* observer_ = nullptr;  // under mutex_
   std::thread writer_;
 };
 

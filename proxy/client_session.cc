@@ -507,40 +507,73 @@ void ClientSession::onDecision(const Decision& decided) {
   auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {
-    bool throttle = d.verdict == Verdict::kThrottle;
-    bool approve = d.verdict == Verdict::kApprove;
-    std::string body;
-    JsonObject obj(body);
-    obj.add("error", throttle  ? "throttled"
-                     : approve ? "approval_required"
-                               : "halted")
-        .add("rule", d.rule)
-        .add("reason", d.reason)
-        .add("agent", agent())
-        .add("tool", d.tool)
-        .add("audit_seq", auditSeq_);
-    if (approve) obj.add("approval_id", d.approvalId);
-    if (throttle) obj.add("retry_after", d.retryAfterSeconds);
-    obj.close();
-    body += '\n';
-    std::string extra = "X-Tollgate-Decision: ";
-    extra += verdict;
-    extra += "; rule=";
-    extra += d.rule;
-    if (approve) {
-      extra += "; approval=";
-      extra += d.approvalId;
-    }
-    extra += "\r\n";
-    if (throttle)
-      extra += "Retry-After: " + std::to_string(std::max(1, d.retryAfterSeconds)) + "\r\n";
-    discardBody_ = true;
-    upOut_.clear();
-    // With the body still to come (or held back by Expect), the connection cannot be reused.
-    reply(throttle ? 429 : 403, body, extra, !requestDone_);
+    refuse(d);
+    return;
+  }
+  // The decision is durable before the call goes out (group commit: one fsync for every
+  // call of the same millisecond).
+  if (auditSeq_ > worker_.audit().durableSeq()) {
+    ++pendingCallbacks_;
+    worker_.awaitDurable(auditSeq_, this);
     return;
   }
   connectUpstream();
+}
+
+void ClientSession::onAuditDurable(bool durable) {
+  --pendingCallbacks_;
+  if (closed_) return;
+  if (durable) {
+    connectUpstream();
+    return;
+  }
+  // The stream failed before the record reached the disk: fail closed. The call was never
+  // sent, so its budget hold is released.
+  reportOutcome();
+  Decision d = decision_;
+  d.verdict = Verdict::kHalt;
+  d.context.reset();
+  d.rule = "audit";
+  d.reason = "audit_unavailable: the audit stream cannot be written (disk full or failing)";
+  decision_ = d;
+  decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
+  haltCounter(worker_.metrics(), "audit").Increment();
+  refuse(d);
+}
+
+void ClientSession::refuse(const Decision& d) {
+  const char* verdict = verdictName(d.verdict);
+  bool throttle = d.verdict == Verdict::kThrottle;
+  bool approve = d.verdict == Verdict::kApprove;
+  std::string body;
+  JsonObject obj(body);
+  obj.add("error", throttle  ? "throttled"
+                   : approve ? "approval_required"
+                             : "halted")
+      .add("rule", d.rule)
+      .add("reason", d.reason)
+      .add("agent", agent())
+      .add("tool", d.tool)
+      .add("audit_seq", auditSeq_);
+  if (approve) obj.add("approval_id", d.approvalId);
+  if (throttle) obj.add("retry_after", d.retryAfterSeconds);
+  obj.close();
+  body += '\n';
+  std::string extra = "X-Tollgate-Decision: ";
+  extra += verdict;
+  extra += "; rule=";
+  extra += d.rule;
+  if (approve) {
+    extra += "; approval=";
+    extra += d.approvalId;
+  }
+  extra += "\r\n";
+  if (throttle)
+    extra += "Retry-After: " + std::to_string(std::max(1, d.retryAfterSeconds)) + "\r\n";
+  discardBody_ = true;
+  upOut_.clear();
+  // With the body still to come (or held back by Expect), the connection cannot be reused.
+  reply(throttle ? 429 : 403, body, extra, !requestDone_);
 }
 
 // ---- upstream side -----------------------------------------------------------------------

@@ -39,6 +39,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool closed() const { return closed_; }
   // True while a callback from outside (a decider) is still to come.
   bool busy() const { return pendingCallbacks_ > 0; }
+  // The worker's answer to awaitDurable(): the call's audit record is durable, or not.
+  void onAuditDurable(bool durable);
 
  private:
   // In order: a request's head is read, its body maybe buffered for the decision, then it
@@ -78,6 +80,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   CallInfo callInfo() const;
   void decide();
   void onDecision(const Decision& decision);
+  // Answers a call that was not allowed (403, 429) from its decision.
+  void refuse(const Decision& decision);
   void connectUpstream();
   void connectNextAddress();
   void attachUpstream(StreamPtr stream, bool reused);

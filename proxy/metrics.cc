@@ -102,6 +102,50 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                           .Add({}, prometheus::Histogram::BucketBoundaries{
                                        0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005,
                                        0.0001, 0.001, 0.01});
+  auditRecords_ = &prometheus::BuildCounter()
+                       .Name("tollgate_audit_records_total")
+                       .Help("Audit records made durable (written and fsynced)")
+                       .Register(r)
+                       .Add({});
+  auditBatches_ = &prometheus::BuildCounter()
+                       .Name("tollgate_audit_batches_total")
+                       .Help("Audit group commits: one write and one fsync each")
+                       .Register(r)
+                       .Add({});
+  auditFailures_ = &prometheus::BuildCounter()
+                        .Name("tollgate_audit_write_failures_total")
+                        .Help("Audit batches that could not be written or fsynced")
+                        .Register(r)
+                        .Add({});
+  auditFsync_ = &prometheus::BuildHistogram()
+                     .Name("tollgate_audit_fsync_seconds")
+                     .Help("Time of one audit batch's fsync")
+                     .Register(r)
+                     .Add({}, prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005,
+                                                                      0.001, 0.0025, 0.005, 0.01,
+                                                                      0.025, 0.05, 0.1, 0.25, 1});
+  auditLastCheckpoint_ = &prometheus::BuildGauge()
+                              .Name("tollgate_audit_last_checkpoint_seq")
+                              .Help("Seq of the last signed checkpoint written")
+                              .Register(r)
+                              .Add({});
+  auditHealthy_ = &prometheus::BuildGauge()
+                       .Name("tollgate_audit_healthy")
+                       .Help("1 while the audit stream can be written; 0: calls are halted")
+                       .Register(r)
+                       .Add({});
+  auditHealthy_->Set(1);
+}
+
+void Metrics::auditBatch(size_t records, double fsyncSeconds, bool ok) {
+  if (!ok) {
+    auditFailures_->Increment();
+    auditHealthy_->Set(0);
+    return;
+  }
+  auditRecords_->Increment(static_cast<double>(records));
+  auditBatches_->Increment();
+  auditFsync_->Observe(fsyncSeconds);
 }
 
 Metrics::Listener& Metrics::addListener(const std::string& name) {

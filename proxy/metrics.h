@@ -44,6 +44,9 @@ class Metrics {
   void budgetOperation(const std::string& op, const std::string& result, double seconds);
   void setPool(const std::string& pool, const std::string& dimension, int64_t limit,
                int64_t committed, int64_t held);
+  // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
+  void auditBatch(size_t records, double fsyncSeconds, bool ok);
+  void auditCheckpoint(uint64_t seq) { auditLastCheckpoint_->Set(static_cast<double>(seq)); }
   std::string render() const;
 
  private:
@@ -67,6 +70,12 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* budgetSeconds_;
   std::atomic<prometheus::Counter*> budgetCounters_[3][6] = {};
   std::atomic<prometheus::Histogram*> budgetHistograms_[3] = {};
+  prometheus::Counter* auditRecords_;
+  prometheus::Counter* auditBatches_;
+  prometheus::Counter* auditFailures_;
+  prometheus::Histogram* auditFsync_;
+  prometheus::Gauge* auditLastCheckpoint_;
+  prometheus::Gauge* auditHealthy_;
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 

@@ -146,6 +146,15 @@ Status Server::bindListeners(unsigned workers) {
   return Status::success();
 }
 
+void Server::AuditWatch::onBatch(size_t records, double fsyncSeconds, bool ok) {
+  server_.metrics_.auditBatch(records, fsyncSeconds, ok);
+  for (auto& w : server_.workers_) w->notifyDurable();
+}
+
+void Server::AuditWatch::onCheckpoint(uint64_t seq) {
+  server_.metrics_.auditCheckpoint(seq);
+}
+
 std::string Server::reload() {
   std::string error = decider_->reload();
   if (!error.empty()) {
@@ -220,6 +229,7 @@ int Server::run() {
   }
   for (unsigned i = 0; i < workers; ++i) workers_.push_back(std::make_unique<Worker>(shared_, i));
   for (auto& w : workers_) w->start();
+  audit_->setObserver(&auditWatch_);
   admin_->setReady(true);
 
   // Policy files are watched through their directories: editors replace files by rename.
@@ -270,6 +280,7 @@ int Server::run() {
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   for (auto& w : workers_) w->join();
+  audit_->setObserver(nullptr);
   workers_.clear();
   Log::Line(LogLevel::kInfo, "stopped").emit();
   return 0;

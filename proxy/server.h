@@ -41,6 +41,17 @@ class Server {
   SharedState shared_;
   std::unique_ptr<AdminApi> admin_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  // Hears the audit writer: metrics, and wakes the workers whose calls wait on a record.
+  class AuditWatch : public AuditObserver {
+   public:
+    explicit AuditWatch(Server& server) : server_(server) {}
+    void onBatch(size_t records, double fsyncSeconds, bool ok) override;
+    void onCheckpoint(uint64_t seq) override;
+
+   private:
+    Server& server_;
+  };
+  AuditWatch auditWatch_{*this};
 };
 
 }  // namespace tollgate

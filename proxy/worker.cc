@@ -20,6 +20,10 @@ Worker::Worker(SharedState& shared, unsigned index)
   uv_async_init(&loop_.loop, &drainAsync_,
                 [](uv_async_t* a) { static_cast<Worker*>(a->data)->beginDrain(); });
   drainAsync_.data = this;
+  uv_async_init(&loop_.loop, &durableAsync_,
+                [](uv_async_t* a) { static_cast<Worker*>(a->data)->wakeDurable(); });
+  durableAsync_.data = this;
+  uv_unref(reinterpret_cast<uv_handle_t*>(&durableAsync_));
   uv_check_init(&loop_.loop, &check_);
   check_.data = this;
   uv_check_start(&check_, onCheck);
@@ -119,6 +123,30 @@ void Worker::release(ClientSession* session) {
   released_.push_back(session);
 }
 
+void Worker::awaitDurable(uint64_t seq, ClientSession* session) {
+  durableWaiters_.emplace_back(seq, session);
+  // Seen by the writer before it reads durableSeq() again: either it wakes us, or the
+  // record is durable already and the check below finds it.
+  durableWaiting_.store(true);
+  if (shared_.audit->durableSeq() >= seq || !shared_.audit->healthy())
+    uv_async_send(&durableAsync_);  // answered on the next turn, not inside the caller
+}
+
+void Worker::notifyDurable() {
+  if (durableWaiting_.load()) uv_async_send(&durableAsync_);
+}
+
+void Worker::wakeDurable() {
+  uint64_t durable = shared_.audit->durableSeq();
+  bool healthy = shared_.audit->healthy();
+  while (!durableWaiters_.empty() && (durableWaiters_.front().first <= durable || !healthy)) {
+    auto [seq, session] = durableWaiters_.front();
+    durableWaiters_.pop_front();
+    session->onAuditDurable(seq <= durable);
+  }
+  if (durableWaiters_.empty()) durableWaiting_.store(false);
+}
+
 void Worker::onCheck(uv_check_t* check) {
   auto* w = static_cast<Worker*>(check->data);
   w->freeReleased();
@@ -171,6 +199,7 @@ void Worker::finishIfIdle() {
   deadline_.reset();
   logFlush_.reset();
   uv_close(reinterpret_cast<uv_handle_t*>(&drainAsync_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&durableAsync_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&check_), nullptr);
 }
 

@@ -6,6 +6,7 @@
 #include <uv.h>
 
 #include <atomic>
+#include <deque>
 #include <memory>
 #include <string>
 #include <thread>
@@ -74,6 +75,13 @@ class Worker {
   // Called by a session that has closed its handles; it is deleted on the next loop turn.
   void release(ClientSession* session);
 
+  // Calls session->onAuditDurable(ok) once audit record `seq` is durable (ok) or the audit
+  // stream has failed (!ok). Seqs awaited by one worker only grow (its records are made in
+  // order). The session stays busy, and so alive, until then.
+  void awaitDurable(uint64_t seq, ClientSession* session);
+  // Thread-safe, from the audit writer: records became durable, or the stream failed.
+  void notifyDurable();
+
  private:
   struct Listening {
     uv_tcp_t handle;
@@ -84,6 +92,7 @@ class Worker {
   void openListeners();
   static void onConnection(uv_stream_t* server, int status);
   static void onCheck(uv_check_t* check);
+  void wakeDurable();
   void beginDrain();
   void finishIfIdle();
   void freeReleased();
@@ -101,6 +110,9 @@ class Worker {
   unsigned index_;
   LoopHolder loop_;
   uv_async_t drainAsync_;
+  uv_async_t durableAsync_;
+  std::deque<std::pair<uint64_t, ClientSession*>> durableWaiters_;
+  std::atomic<bool> durableWaiting_{false};
   uv_check_t check_;
   Resolver resolver_;
   UpstreamPool pool_;

@@ -83,6 +83,7 @@ class Tollgate:
             if line.get("msg") == "listening":
                 found[line["listener"]] = int(line["address"].rsplit(":", 1)[1])
         if self.proc.poll() is not None:
+            self.reader.join(timeout=5)  # what it said before exiting
             raise AssertionError(f"tollgate exited with {self.proc.returncode}: {self.lines}")
         return found if "egress" in found and "admin" in found else None
 
