@@ -196,13 +196,37 @@ Status FileAuditSink::start() {
   return Status::success();
 }
 
+void FileAuditSink::closeSegment() {
+  if (segmentFd_ < 0) return;
+  // The space reserved past the end is given back (a sealed segment does not grow).
+  if (allocatedTo_ > segmentSize_) {
+    (void)::fallocate(segmentFd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(segmentSize_),
+                      static_cast<off_t>(allocatedTo_ - segmentSize_));
+  }
+  ::close(segmentFd_);
+  segmentFd_ = -1;
+}
+
+void FileAuditSink::reserve(uint64_t bytes) {
+  // Appending into blocks reserved beforehand (the file's size unchanged) makes an fsync
+  // flush data only, without a journal commit for new blocks: about half its time on ext4.
+  if (segmentSize_ + bytes <= allocatedTo_ || options_.reserveChunk == 0) return;
+  uint64_t to = std::max(segmentSize_ + bytes, allocatedTo_ + options_.reserveChunk);
+  if (::fallocate(segmentFd_, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(to)) == 0)
+    allocatedTo_ = to;
+  else
+    allocatedTo_ = segmentSize_ + bytes;  // not supported or no space: plain appends
+}
+
 Status FileAuditSink::openSegment(uint64_t number) {
-  if (segmentFd_ >= 0) ::close(segmentFd_);
+  closeSegment();
   fs::path p = fs::path(options_.dir) / segmentName(number);
   segmentFd_ = ::open(p.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (segmentFd_ < 0) return Error{-errno, sysError("open " + p.string())};
   struct stat st;
   segmentSize_ = ::fstat(segmentFd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  allocatedTo_ = segmentSize_;
   segmentNumber_ = number;
   return Status::success();
 }
@@ -277,6 +301,7 @@ void FileAuditSink::run() {
         out += '\n';
       }
       bool ok = healthy_;
+      if (ok) reserve(out.size());
       size_t done = 0;
       while (ok && done < out.size()) {
         ssize_t n = ::write(segmentFd_, out.data() + done, out.size() - done);
@@ -325,7 +350,7 @@ FileAuditSink::~FileAuditSink() {
     wake_.notify_all();
     writer_.join();
   }
-  if (segmentFd_ >= 0) ::close(segmentFd_);
+  closeSegment();
   if (lockFd_ >= 0) ::close(lockFd_);  // releases the flock
 }
 

@@ -35,6 +35,9 @@ class FileAuditSink : public AuditSink {
     uint64_t segmentBytes = 64ull << 20;
     // At most one fsync per interval: records arriving meanwhile share it (group commit).
     std::chrono::microseconds syncInterval{1000};
+    // Blocks reserved ahead of the segment's end, so that an fsync need not commit new
+    // blocks to the journal (0: none).
+    uint64_t reserveChunk = 4ull << 20;
   };
   static Result<std::unique_ptr<FileAuditSink>> open(Options options);
   ~FileAuditSink() override;
@@ -50,7 +53,9 @@ class FileAuditSink : public AuditSink {
   explicit FileAuditSink(Options options);
   Status start();
   Status openSegment(uint64_t number);
-  void push(std::string line);  // under mutex_
+  void closeSegment();
+  void reserve(uint64_t bytes);  // blocks for the next write, ahead of the file's end
+  void push(std::string line);   // under mutex_
   void run();
 
   Options options_;
@@ -60,6 +65,7 @@ class FileAuditSink : public AuditSink {
   int segmentFd_ = -1;
   uint64_t segmentNumber_ = 0;
   uint64_t segmentSize_ = 0;
+  uint64_t allocatedTo_ = 0;  // blocks reserved up to here (fallocate, size kept)
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;

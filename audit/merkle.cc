@@ -1,40 +1,30 @@
 #include "audit/merkle.h"
 
-#include <openssl/evp.h>
-
 #include <bit>
 #include <memory>
 
+#include "common/sha256.h"
+
 namespace tollgate {
 namespace {
-
-Hash sha256(std::initializer_list<std::span<const uint8_t>> parts) {
-  // One context per thread, reused: hashing is on the audit writer's hot path.
-  thread_local std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(),
-                                                                           EVP_MD_CTX_free);
-  Hash out;
-  EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
-  for (auto p : parts) EVP_DigestUpdate(ctx.get(), p.data(), p.size());
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx.get(), out.data(), &len);
-  return out;
-}
 
 // The largest power of two strictly below n (n >= 2).
 uint64_t split(uint64_t n) {
   return std::bit_floor(n - 1);
 }
 
+std::string_view bytes(const Hash& h) {
+  return {reinterpret_cast<const char*>(h.data()), h.size()};
+}
+
 }  // namespace
 
 Hash leafHash(std::string_view record) {
-  static const uint8_t prefix = 0x00;
-  return sha256({{&prefix, 1}, {reinterpret_cast<const uint8_t*>(record.data()), record.size()}});
+  return sha256({std::string_view("\0", 1), record});
 }
 
 Hash nodeHash(const Hash& left, const Hash& right) {
-  static const uint8_t prefix = 0x01;
-  return sha256({{&prefix, 1}, left, right});
+  return sha256({std::string_view("\1", 1), bytes(left), bytes(right)});
 }
 
 Hash emptyRoot() {

@@ -1,5 +1,6 @@
 #include "common/json.h"
 
+#include <array>
 #include <charconv>
 
 namespace tollgate {
@@ -35,17 +36,21 @@ size_t utf8Length(std::string_view s, size_t i) {
 
 }  // namespace
 
+// Bytes copied as they are: printable ASCII other than " and \.
+constexpr std::array<bool, 256> kPlain = [] {
+  std::array<bool, 256> t{};
+  for (int c = 0x20; c < 0x80; ++c) t[static_cast<size_t>(c)] = c != '"' && c != '\\';
+  return t;
+}();
+
 void appendJsonString(std::string& out, std::string_view text) {
   static constexpr char kHex[] = "0123456789abcdef";
   out += '"';
+  const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
   for (size_t i = 0; i < text.size();) {
-    // The common case: a run of printable ASCII other than " and \, copied at once.
+    // The common case: a run of plain bytes, copied at once.
     size_t run = i;
-    while (run < text.size()) {
-      auto r = static_cast<unsigned char>(text[run]);
-      if (r < 0x20 || r >= 0x80 || r == '"' || r == '\\') break;
-      ++run;
-    }
+    while (run < text.size() && kPlain[bytes[run]]) ++run;
     if (run > i) {
       out.append(text.data() + i, run - i);
       i = run;

@@ -3,18 +3,38 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
+#include <memory>
 
 namespace tollgate {
+namespace {
+
+const EVP_MD* fetchedSha256() {
+  // Fetched once for the process and kept (freed by OpenSSL's cleanup at exit).
+  static EVP_MD* md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+  return md;
+}
+
+}  // namespace
+
+Sha256Digest sha256(std::initializer_list<std::string_view> parts) {
+  thread_local std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(),
+                                                                           EVP_MD_CTX_free);
+  Sha256Digest out;
+  unsigned int len = 0;
+  EVP_DigestInit_ex2(ctx.get(), fetchedSha256(), nullptr);
+  for (auto p : parts) EVP_DigestUpdate(ctx.get(), p.data(), p.size());
+  EVP_DigestFinal_ex(ctx.get(), out.data(), &len);
+  return out;
+}
 
 std::string sha256Hex(std::string_view data, size_t bytes) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
+  auto md = sha256({data});
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned i = 0; i < std::min<size_t>(len, bytes); ++i) {
-    out += kHex[md[i] >> 4];
-    out += kHex[md[i] & 0xF];
+  size_t n = std::min<size_t>(md.size(), bytes);
+  std::string out(2 * n, '\0');
+  for (size_t i = 0; i < n; ++i) {
+    out[2 * i] = kHex[md[i] >> 4];
+    out[2 * i + 1] = kHex[md[i] & 0xF];
   }
   return out;
 }

@@ -269,9 +269,31 @@ Config read(const YAML::Node& root, const Reader& r) {
           if (c.storeBackend == "redis" && c.storeUrls.empty())
             r.fail(v, key + ".urls", "required for the redis backend");
         } else if (key == "audit") {
-          r.forEach(v, key, {"dir"}, [&](const std::string& k, const YAML::Node& av) {
-            c.auditDir = (base / r.str(av, k)).lexically_normal().string();
-          });
+          r.forEach(v, key,
+                    {"dir", "sink", "checkpoint_every", "checkpoint_interval", "segment_size",
+                     "sync_interval"},
+                    [&](const std::string& k, const YAML::Node& av) {
+                      if (k == "audit.dir") {
+                        c.auditDir = (base / r.str(av, k)).lexically_normal().string();
+                      } else if (k == "audit.sink") {
+                        c.auditSink = r.str(av, k);
+                        if (c.auditSink != "file" && c.auditSink != "memory")
+                          r.fail(av, k, "expected file or memory");
+                      } else if (k == "audit.checkpoint_every") {
+                        c.auditCheckpointEvery = r.integer(av, k, 1'000'000);
+                        if (c.auditCheckpointEvery == 0) r.fail(av, k, "must be greater than 0");
+                      } else if (k == "audit.checkpoint_interval") {
+                        c.auditCheckpointInterval = r.duration(av, k);
+                        if (c.auditCheckpointInterval.count() == 0)
+                          r.fail(av, k, "must be greater than 0");
+                      } else if (k == "audit.segment_size") {
+                        c.auditSegmentSize = r.size(av, k);
+                        if (c.auditSegmentSize < 4096) r.fail(av, k, "at least 4k");
+                      } else {
+                        c.auditSyncInterval = r.duration(av, k);
+                        if (c.auditSyncInterval.count() > 1000) r.fail(av, k, "at most 1s");
+                      }
+                    });
         }
       });
   if (c.listeners.empty()) r.fail(root, "listeners", "at least one listener is required");

@@ -64,6 +64,11 @@ struct Config {
   Millis storeHoldTtl{120'000};  // a hold not settled by then is committed
   bool storeInitMissing = false;
   std::string auditDir = "var/audit";
+  std::string auditSink = "file";  // or "memory": not durable, development and benchmarks only
+  uint64_t auditCheckpointEvery = 1000;
+  Millis auditCheckpointInterval{5000};
+  uint64_t auditSegmentSize = 64ull << 20;
+  Millis auditSyncInterval{1};  // at most one fsync per interval; the calls meanwhile share it
   LimitsConfig limits;
   TimeoutsConfig timeouts;
 };

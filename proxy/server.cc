@@ -68,9 +68,22 @@ Server::Server(Config config) : config_(std::move(config)) {
 
 Status Server::init() {
   // The durable audit stream: a log that cannot be opened, locked or verified stops startup.
-  auto audit = FileAuditSink::open({config_.auditDir});
-  if (!audit) return audit.error();
-  audit_ = std::move(audit.value());
+  if (config_.auditSink == "memory") {
+    Log::Line(LogLevel::kWarn,
+              "audit records kept in memory only: not durable, never in production")
+        .emit();
+    audit_ = std::make_unique<MemoryAuditSink>();
+  } else {
+    FileAuditSink::Options options;
+    options.dir = config_.auditDir;
+    options.checkpointEvery = config_.auditCheckpointEvery;
+    options.checkpointInterval = config_.auditCheckpointInterval;
+    options.segmentBytes = config_.auditSegmentSize;
+    options.syncInterval = config_.auditSyncInterval;
+    auto audit = FileAuditSink::open(options);
+    if (!audit) return audit.error();
+    audit_ = std::move(audit.value());
+  }
   shared_.audit = audit_.get();
   if (!config_.policies.empty()) {
     StoreConfig store{config_.storeBackend, config_.storeUrls, config_.storeTimeout,

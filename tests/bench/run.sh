@@ -18,8 +18,9 @@ DURATION=${DURATION:-10s}
 LATENCY_DURATION=${LATENCY_DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 # Which targets to run; tollgate+policy is Tollgate with examples/policies/swarm.yaml and
-# tests/bench/policy.yaml loaded (every call extracted and evaluated).
-TARGETS=${TARGETS:-direct tollgate tollgate+policy nginx haproxy squid}
+# tests/bench/policy.yaml loaded (every call extracted and evaluated); tollgate-unaudited is
+# Tollgate with `audit: {sink: memory}` (no durable stream), the peer of the audited one.
+TARGETS=${TARGETS:-direct tollgate tollgate-unaudited tollgate+policy nginx haproxy squid}
 OUT=""
 [[ "${1:-}" == "--out" ]] && OUT=$2
 
@@ -84,6 +85,18 @@ CONF
 "$TOLLGATE_BIN" run -c "$work/tollgate.yaml" 2>"$work/tollgate.log" &
 tollgate_pid=$!; pids+=("$tollgate_pid")
 
+unaudited_port=$(free_port); unaudited_admin=$(free_port)
+cat > "$work/tollgate-unaudited.yaml" <<CONF
+workers: $WORKERS
+log: {level: ${TOLLGATE_LOG:-warn}}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:$unaudited_port"}]
+admin: {address: "127.0.0.1:$unaudited_admin"}
+hosts: {allow: ["127.0.0.1"]}
+audit: {sink: memory}
+CONF
+"$TOLLGATE_BIN" run -c "$work/tollgate-unaudited.yaml" 2>"$work/tollgate-unaudited.log" &
+unaudited_pid=$!; pids+=("$unaudited_pid")
+
 policy_port=$(free_port); policy_admin=$(free_port)
 cat > "$work/tollgate-policy.yaml" <<CONF
 workers: $WORKERS
@@ -141,7 +154,7 @@ CONF
 squid -N -f "$work/squid/squid.conf" >"$work/squid/out.log" 2>&1 &
 squid_pid=$!; pids+=("$squid_pid")
 
-for p in $tollgate_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
+for p in $tollgate_port $unaudited_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
 rp_pids=$(pgrep -P "$(cat "$work/rp/nginx.pid")" | tr '\n' ' ')
 
 # Smoke checks: every target must answer with the origin's body.
@@ -152,6 +165,7 @@ check() {  # NAME CURL-ARGS...
 }
 check direct "http://$ORIGIN/"
 check tollgate --proxy "http://127.0.0.1:$tollgate_port" "http://$ORIGIN/"
+check tollgate-unaudited --proxy "http://127.0.0.1:$unaudited_port" "http://$ORIGIN/"
 check tollgate+policy --proxy "http://127.0.0.1:$policy_port" -H "X-Agent-Id: bench-agent" "http://$ORIGIN/"
 check nginx "http://127.0.0.1:$rp_port/"
 check haproxy "http://127.0.0.1:$haproxy_port/"
@@ -185,6 +199,7 @@ for round in $(seq 1 "$ROUNDS"); do
     case $t in
       direct) run_target direct "http://$ORIGIN/" 0 ;;
       tollgate) run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid" ;;
+      tollgate-unaudited) run_target tollgate-unaudited "http://127.0.0.1:$unaudited_port" 1 "$unaudited_pid" ;;
       tollgate+policy) run_target tollgate+policy "http://127.0.0.1:$policy_port" 1 "$policy_pid" ;;
       # shellcheck disable=SC2086
       nginx) run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids ;;
@@ -223,6 +238,8 @@ ratio_line() {  # LABEL A B TARGET
 verdict=$(
   ratio_line "Tollgate CPU/req vs nginx" "${cpu[tollgate]:-}" "${cpu[nginx]:-}" "<= 1.00"
   ratio_line "Tollgate throughput vs squid" "${rps[tollgate]:-}" "${rps[squid]:-}" ">= 5"
+  ratio_line "Tollgate throughput with the audit stream vs without" "${rps[tollgate]:-}" "${rps[tollgate-unaudited]:-}" ">= 0.85"
+  ratio_line "Tollgate CPU/req with the audit stream vs without" "${cpu[tollgate]:-}" "${cpu[tollgate-unaudited]:-}" "-"
   ratio_line "Tollgate CPU/req with the swarm policy vs without" "${cpu[tollgate+policy]:-}" "${cpu[tollgate]:-}" "<= 1.10"
 )
 echo "$verdict"

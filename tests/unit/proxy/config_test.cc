@@ -58,6 +58,21 @@ log: {level: warn}
   EXPECT_EQ(c->logLevel, LogLevel::kWarn);
 }
 
+TEST(Config, ReadsTheAuditStreamKeys) {
+  auto c = parseConfig(R"(
+listeners: [{name: a, address: "127.0.0.1:0"}]
+audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment_size: 16m, sync_interval: 0ms}
+)",
+                       "/etc/tollgate/t.yaml");
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->auditDir, "/etc/tollgate/logs/audit");
+  EXPECT_EQ(c->auditSink, "file");
+  EXPECT_EQ(c->auditCheckpointEvery, 500u);
+  EXPECT_EQ(c->auditCheckpointInterval.count(), 2000);
+  EXPECT_EQ(c->auditSegmentSize, 16u << 20);
+  EXPECT_EQ(c->auditSyncInterval.count(), 0);
+}
+
 struct BadCase {
   const char* yaml;
   const char* expected;  // substring of the error
@@ -91,6 +106,12 @@ INSTANTIATE_TEST_SUITE_P(
             "duplicate listener name"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nstore: {backend: redis}\n",
                 "store.urls: required"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {sink: s3}\n",
+                "bad.yaml:2:15: audit.sink: expected file or memory"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {checkpoint_every: 0}\n",
+                "audit.checkpoint_every: must be greater than 0"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {sync_interval: 2s}\n",
+                "audit.sync_interval: at most 1s"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'\n", "(yaml)"},
         BadCase{"", "the file is empty"}));
 
