@@ -8,13 +8,14 @@ namespace tollgate {
 
 std::string AuditRecord::toJson() const {
   std::string line;
-  JsonObject(line)
-      .add("agent", agent)
+  JsonObject obj(line);
+  obj.add("agent", agent)
       .add("authority", authority)
       .add("decision", decision)
       .add("kind", kind)
-      .add("method", method)
-      .add("path", path)
+      .add("method", method);
+  if (!paramsSha256.empty()) obj.add("params_sha256", paramsSha256);
+  obj.add("path", path)
       .add("policy_digest", policyDigest)
       .add("reason", reason)
       .add("rule", rule)

@@ -15,6 +15,9 @@ struct AuditRecord {
   std::string kind;  // "call"
   std::string agent, tool, method, authority, path, decision, rule, reason;
   std::string policyDigest;
+  // "sha256:<hex>" of the call's body as the policy read it (a tool call's params travel in
+  // it); empty when the body was not read, and then not recorded.
+  std::string paramsSha256;
   uint64_t seq = 0;  // set by the sink
   int64_t tsNs = 0;  // set by the sink
   // One JSON line, keys sorted as the canonical records of the audit stream will be.

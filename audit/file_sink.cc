@@ -242,6 +242,7 @@ uint64_t FileAuditSink::append(AuditRecord r) {
       {"agent", r.agent},   {"authority", r.authority}, {"decision", r.decision},
       {"method", r.method}, {"path", r.path},           {"policy_digest", r.policyDigest},
       {"reason", r.reason}, {"rule", r.rule},           {"tool", r.tool}};
+  if (!r.paramsSha256.empty()) fields.emplace_back("params_sha256", r.paramsSha256);
   std::string_view kind = r.kind.empty() ? std::string_view("call") : std::string_view(r.kind);
   int64_t ts = nowNs();
   std::lock_guard<std::mutex> lock(mutex_);

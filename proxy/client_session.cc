@@ -8,6 +8,7 @@
 
 #include "common/json.h"
 #include "common/log.h"
+#include "common/sha256.h"
 #include "policy/tool_call.h"
 #include "proxy/admin_api.h"
 #include "proxy/worker.h"
@@ -504,6 +505,7 @@ void ClientSession::onDecision(const Decision& decided) {
   record.rule = d.rule;
   record.reason = d.reason;
   record.policyDigest = d.policyDigest;
+  if (bodyNeed_ > 0) record.paramsSha256 = "sha256:" + sha256Hex(body_);
   auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {

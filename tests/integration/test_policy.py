@@ -99,8 +99,22 @@ class PolicyTest(unittest.TestCase):
         self.assertEqual(json.loads(body)["bytes"], len('{"amount": 100}'))  # the body still reached the origin whole
         status, _, body = self.call("agent-1", "-H", "Content-Type: application/json", "--data", '{"amount": 1000}', url="/sink")
         self.assertEqual(status, 403)
-        self.assertEqual(json.loads(body)["rule"], "default-deny")
+        doc = json.loads(body)
+        self.assertEqual(doc["rule"], "default-deny")
         self.assertEqual(len(self.origin.requests), before + 1)
+        # Both records carry the hash of the params the policy read.
+        recs = {}
+        for seg in sorted(os.listdir(os.path.join(self.tg.dir, "var", "audit"))):
+            if seg.startswith("segment-"):
+                with open(os.path.join(self.tg.dir, "var", "audit", seg)) as f:
+                    for line in f:
+                        r = json.loads(line)
+                        recs[r["seq"]] = r
+        halted = recs[doc["audit_seq"]]
+        self.assertEqual(halted["params_sha256"], "sha256:" + hashlib.sha256(b'{"amount": 1000}').hexdigest())
+        allowed = [r for r in recs.values() if r.get("path") == "/sink" and r.get("decision") == "allow"]
+        self.assertEqual(allowed[-1]["params_sha256"], "sha256:" + hashlib.sha256(b'{"amount": 100}').hexdigest())
+        self.assertNotIn("params_sha256", [r for r in recs.values() if r.get("path") == "/hello"][-1])
 
     def test_approval_flow(self):
         status, headers, body = self.call("agent-2", "-X", "DELETE")
