@@ -181,6 +181,13 @@ Status FileAuditSink::start() {
     recent_.push_back(lines.value()[i]);
 
   segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
+  // A log sealed at shutdown continues in a new segment: the last one is complete.
+  bool sealed = !lines.value().empty() && torn.empty() &&
+                lines.value().back().find("\"kind\":\"checkpoint\"") != std::string::npos;
+  if (sealed) {
+    for (auto& r : options_.replicas) r->onSealed(segs.back().string());
+    ++segmentNumber_;
+  }
   if (auto st = openSegment(segmentNumber_); !st) return st;
   if (!torn.empty()) {
     auto colon = torn.rfind(':');
@@ -228,6 +235,7 @@ Status FileAuditSink::openSegment(uint64_t number) {
   segmentSize_ = ::fstat(segmentFd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
   allocatedTo_ = segmentSize_;
   segmentNumber_ = number;
+  segmentOpened_ = std::chrono::steady_clock::now();
   return Status::success();
 }
 
@@ -263,6 +271,12 @@ std::vector<std::string> FileAuditSink::tail(size_t n) const {
   return {recent_.end() - static_cast<std::ptrdiff_t>(n), recent_.end()};
 }
 
+bool FileAuditSink::rotationDue() const {
+  return segmentSize_ > 0 &&
+         (segmentSize_ >= options_.segmentBytes ||
+          std::chrono::steady_clock::now() - segmentOpened_ >= options_.segmentAge);
+}
+
 void FileAuditSink::run() {
   auto lastCheckpoint = std::chrono::steady_clock::now();
   auto lastSync = std::chrono::steady_clock::time_point{};
@@ -284,7 +298,7 @@ void FileAuditSink::run() {
       bool due =
           chain_->sinceCheckpoint() >= options_.checkpointEvery ||
           (chain_->sinceCheckpoint() > 0 && now - lastCheckpoint >= options_.checkpointInterval) ||
-          (segmentSize_ >= options_.segmentBytes && chain_->sinceCheckpoint() > 0) ||
+          (rotationDue() && chain_->sinceCheckpoint() > 0) ||
           (stopping_ && chain_->sinceCheckpoint() > 0);
       if (due) {
         ++seq_;
@@ -323,16 +337,24 @@ void FileAuditSink::run() {
       }
       if (ok) {
         segmentSize_ += out.size();
+        uint64_t first = durable_ + 1;
         durable_ += batch.size();
+        for (auto& r : options_.replicas) r->onDurable(first, batch);
       }
-      // A full segment is sealed (its last record a checkpoint) and the next one begun.
       std::lock_guard<std::mutex> lock(mutex_);
       if (observer_)
         observer_->onBatch(batch.size(), std::chrono::duration<double>(lastSync - written).count(),
                            ok);
-      if (ok && segmentSize_ >= options_.segmentBytes && chain_->sinceCheckpoint() == 0 &&
+    }
+    {
+      // A full or old segment is sealed (its last record a checkpoint), the next one begun.
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (healthy_ && !stopping_ && rotationDue() && chain_->sinceCheckpoint() == 0 &&
           queue_.empty()) {
-        (void)openSegment(segmentNumber_ + 1);
+        std::string sealedPath = (fs::path(options_.dir) / segmentName(segmentNumber_)).string();
+        if (openSegment(segmentNumber_ + 1)) {
+          for (auto& r : options_.replicas) r->onSealed(sealedPath);
+        }
       }
     }
     if (stop) {

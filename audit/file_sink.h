@@ -22,6 +22,7 @@
 
 #include "audit/audit_sink.h"
 #include "audit/chain.h"
+#include "audit/replica.h"
 #include "common/result.h"
 
 namespace tollgate {
@@ -32,7 +33,12 @@ class FileAuditSink : public AuditSink {
     std::string dir;
     uint64_t checkpointEvery = 1000;
     std::chrono::milliseconds checkpointInterval{5000};
+    // A segment is sealed with a checkpoint and the next one begun at this size or age (and
+    // at start, when the last one was sealed at shutdown).
     uint64_t segmentBytes = 64ull << 20;
+    std::chrono::milliseconds segmentAge{3'600'000};
+    // Told of every durable line and every sealed segment (Redis Stream, export).
+    std::vector<std::shared_ptr<AuditReplica>> replicas;
     // At most one fsync per interval: records arriving meanwhile share it (group commit).
     std::chrono::microseconds syncInterval{1000};
     // Blocks reserved ahead of the segment's end, so that an fsync need not commit new
@@ -56,6 +62,7 @@ class FileAuditSink : public AuditSink {
   void closeSegment();
   void reserve(uint64_t bytes);  // blocks for the next write, ahead of the file's end
   void push(std::string line);   // under mutex_
+  bool rotationDue() const;      // under mutex_
   void run();
 
   Options options_;
@@ -66,6 +73,7 @@ class FileAuditSink : public AuditSink {
   uint64_t segmentNumber_ = 0;
   uint64_t segmentSize_ = 0;
   uint64_t allocatedTo_ = 0;  // blocks reserved up to here (fallocate, size kept)
+  std::chrono::steady_clock::time_point segmentOpened_;
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;
