@@ -57,19 +57,27 @@ std::optional<VerifiedLog> readAndVerify(const std::string& dir, const Ed25519Ke
   return log;
 }
 
+// A reason may quote a forged record's bytes: control characters are not sent to a terminal.
+std::string printable(std::string text) {
+  for (char& c : text) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  }
+  return text;
+}
+
 // "INVALID segment-NNNNNN.jsonl:LINE (record SEQ): reason", or "INVALID DIR: reason" for a
 // reason about the whole log (line 0).
 int printInvalid(std::FILE* out, const VerifiedLog& log, const std::string& dir, uint64_t line,
                  const std::string& reason) {
   if (line == 0 || line > log.lines.size()) {
-    std::fprintf(out, "INVALID %s: %s\n", dir.c_str(), reason.c_str());
+    std::fprintf(out, "INVALID %s: %s\n", dir.c_str(), printable(reason).c_str());
     return 1;
   }
   size_t within = 0;  // the line within its segment
   for (size_t i = 0; i < line; ++i)
     within = i > 0 && log.segmentOf[i] != log.segmentOf[i - 1] ? 1 : within + 1;
   std::fprintf(out, "INVALID %s:%zu (record %llu): %s\n", log.segmentOf[line - 1].c_str(), within,
-               static_cast<unsigned long long>(line), reason.c_str());
+               static_cast<unsigned long long>(line), printable(reason).c_str());
   return 1;
 }
 
@@ -161,7 +169,7 @@ int auditProveVerify(const std::string& proofPath, const std::string& pubkey, st
     return 1;
   }
   if (auto st = verifyInclusionProof(proof.value(), *key); !st) {
-    std::fprintf(out, "INVALID proof: %s\n", st.error().message.c_str());
+    std::fprintf(out, "INVALID proof: %s\n", printable(st.error().message).c_str());
     return 1;
   }
   std::fprintf(out, "ok: record %llu is leaf %llu of the tree of size %llu signed by key %s\n",
