@@ -29,6 +29,15 @@ std::string lineHash(std::string_view line) {
   return sha256Hex(line);
 }
 
+bool checkpointSignatureValid(const Json& checkpoint, const Ed25519Key& key) {
+  if (!checkpoint.is_object() || !checkpoint.contains("sig") || !checkpoint["sig"].is_string())
+    return false;
+  std::string sig = fromHexBytes(checkpoint["sig"].get<std::string>());
+  Json body = checkpoint;
+  body.erase("sig");
+  return sig.size() == 64 && key.verify(canonical(body), sig);
+}
+
 std::string AuditChain::seal(std::string line) {
   prev_ = lineHash(line);
   tree_.append(leafHash(line));
@@ -180,10 +189,7 @@ ChainVerdict verifyChain(const std::vector<std::string>& lines,
       auto key = keys.find(r["key_id"].get<std::string>());
       if (key == keys.end())
         return bad(n, "checkpoint signed by an unknown key " + r["key_id"].get<std::string>());
-      std::string sig = fromHexBytes(r["sig"].get<std::string>());
-      Json body = r;
-      body.erase("sig");
-      if (sig.size() != 64 || !key->second.verify(canonical(body), sig))
+      if (!checkpointSignatureValid(r, key->second))
         return bad(n, "checkpoint signature does not verify");
       prevCheckpoint = lineHash(line);
       ++v.checkpoints;

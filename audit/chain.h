@@ -72,4 +72,8 @@ ChainVerdict verifyChain(const std::vector<std::string>& lines,
 // Hex SHA-256 of a line: what the next record's `prev` holds.
 std::string lineHash(std::string_view line);
 
+// Whether a parsed checkpoint record carries `key`'s Ed25519 signature (hex `sig`) over its
+// canonical form without `sig`. The verifier and `audit prove --verify` both use it.
+bool checkpointSignatureValid(const nlohmann::json& checkpoint, const Ed25519Key& key);
+
 }  // namespace tollgate

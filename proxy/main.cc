@@ -23,10 +23,18 @@ usage:
   tollgate pools init -c FILE [--reset]
                                   create the config's pools that are missing from its Redis
                                   store with zero spend (--reset: all of them, spend erased)
-  tollgate audit verify DIR [--pubkey F]
+  tollgate audit verify DIR [--pubkey F] [--state F]
                                   check an audit log: canonical records, hash links, Merkle
                                   roots and signatures of its checkpoints (key: F, or
-                                  DIR/keys/ed25519.pub); 0 valid, 1 invalid, 2 unreadable
+                                  DIR/keys/ed25519.pub); --state F: also check it still
+                                  holds the checkpoint F trusts (truncation, rollback, fork),
+                                  then trust its last one; 0 valid, 1 invalid, 2 unreadable
+  tollgate audit prove DIR SEQ [--pubkey F]
+                                  print (JSON) an inclusion proof of record SEQ against the
+                                  last checkpoint; 1 when it is not yet sealed by one
+  tollgate audit prove --verify PROOF --pubkey F
+                                  check a proof without the log; 0 valid, 1 invalid,
+                                  2 unreadable
   tollgate --version              print the version
   tollgate help                   print this help
 

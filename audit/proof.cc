@@ -1,0 +1,124 @@
+#include "audit/proof.h"
+
+#include <nlohmann/json.hpp>
+
+#include "audit/canonical_json.h"
+#include "audit/chain.h"
+
+namespace tollgate {
+namespace {
+
+using Json = nlohmann::json;
+
+std::string stringField(const Json& j, const char* key) {
+  if (!j.is_object()) return {};
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
+bool unsignedField(const Json& j, const char* key, uint64_t* out) {
+  if (!j.is_object()) return false;
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_number_unsigned()) return false;
+  *out = it->get<uint64_t>();
+  return true;
+}
+
+Error invalid(std::string message) {
+  return Error{-1, std::move(message)};
+}
+
+}  // namespace
+
+Result<InclusionProof> proveInclusion(const std::vector<std::string>& lines, uint64_t seq) {
+  if (seq == 0 || seq > lines.size())
+    return invalid("the log has no record " + std::to_string(seq) + " (it has " +
+                   std::to_string(lines.size()) + ")");
+  // The last checkpoint: it covers every record before it.
+  size_t at = lines.size();
+  uint64_t treeSize = 0;
+  while (at-- > 0) {
+    Json r = Json::parse(lines[at], nullptr, false);
+    if (stringField(r, "kind") == "checkpoint" && unsignedField(r, "tree_size", &treeSize)) break;
+  }
+  if (at == static_cast<size_t>(-1) || seq > treeSize || treeSize > lines.size())
+    return invalid("record " + std::to_string(seq) + " is not yet sealed by a checkpoint");
+  std::vector<Hash> leaves;
+  leaves.reserve(treeSize);
+  for (uint64_t i = 0; i < treeSize; ++i) leaves.push_back(leafHash(lines[i]));
+  return InclusionProof{lines[seq - 1], seq - 1, treeSize, inclusionProof(leaves, seq - 1),
+                        lines[at]};
+}
+
+std::string encodeProof(const InclusionProof& p) {
+  Json path = Json::array();
+  for (const Hash& h : p.path) path.push_back(toHex(h));
+  Json j = {{"v", 1},
+            {"leaf_index", p.leafIndex},
+            {"tree_size", p.treeSize},
+            {"record", p.record},
+            {"path", std::move(path)},
+            {"checkpoint", p.checkpoint}};
+  return j.dump(2) + "\n";
+}
+
+Result<InclusionProof> decodeProof(std::string_view text) {
+  Json j = Json::parse(text, nullptr, false);
+  if (j.is_discarded()) return invalid("not JSON");
+  if (!j.is_object()) return invalid("not a proof object");
+  if (!j.contains("v") || j["v"] != 1) return invalid("unknown proof version");
+  InclusionProof p;
+  if (!unsignedField(j, "leaf_index", &p.leafIndex))
+    return invalid("missing or bad \"leaf_index\"");
+  if (!unsignedField(j, "tree_size", &p.treeSize)) return invalid("missing or bad \"tree_size\"");
+  if (!j.contains("record") || !j["record"].is_string()) return invalid("missing \"record\"");
+  p.record = j["record"].get<std::string>();
+  if (!j.contains("checkpoint") || !j["checkpoint"].is_string())
+    return invalid("missing \"checkpoint\"");
+  p.checkpoint = j["checkpoint"].get<std::string>();
+  if (!j.contains("path") || !j["path"].is_array()) return invalid("missing \"path\"");
+  for (const Json& h : j["path"]) {
+    auto hash = h.is_string() ? hashFromHex(h.get<std::string>()) : std::nullopt;
+    if (!hash) return invalid("a path element is not a hex SHA-256");
+    p.path.push_back(*hash);
+  }
+  return p;
+}
+
+Status verifyInclusionProof(const InclusionProof& p, const Ed25519Key& key) {
+  if (!isCanonicalJson(p.checkpoint)) return invalid("the checkpoint is not canonical JSON");
+  Json cp = Json::parse(p.checkpoint, nullptr, false);
+  uint64_t cpSize = 0, cpSeq = 0;
+  if (stringField(cp, "kind") != "checkpoint" || !unsignedField(cp, "tree_size", &cpSize) ||
+      !unsignedField(cp, "seq", &cpSeq) || stringField(cp, "log_id").empty())
+    return invalid("the checkpoint is not a checkpoint record");
+  auto root = hashFromHex(stringField(cp, "root"));
+  if (!root) return invalid("the checkpoint has no root");
+  if (stringField(cp, "key_id") != key.id())
+    return invalid("the checkpoint is signed by key " + stringField(cp, "key_id") +
+                   ", not by the given key " + key.id());
+  if (!checkpointSignatureValid(cp, key))
+    return invalid("the checkpoint signature does not verify");
+  if (p.treeSize != cpSize)
+    return invalid("tree size " + std::to_string(p.treeSize) + " is not the checkpoint's " +
+                   std::to_string(cpSize));
+  if (p.leafIndex >= p.treeSize)
+    return invalid("leaf index " + std::to_string(p.leafIndex) + " is outside the tree of size " +
+                   std::to_string(p.treeSize));
+  if (!isCanonicalJson(p.record)) return invalid("the record is not canonical JSON");
+  Json rec = Json::parse(p.record, nullptr, false);
+  uint64_t seq = 0;
+  if (!unsignedField(rec, "seq", &seq)) return invalid("the record has no seq");
+  if (stringField(rec, "log_id") != stringField(cp, "log_id"))
+    return invalid("the record is of another log than the checkpoint");
+  if (seq != p.leafIndex + 1)
+    return invalid("the record has seq " + std::to_string(seq) + ", not the leaf index " +
+                   std::to_string(p.leafIndex) + " + 1");
+  if (!verifyInclusion(leafHash(p.record), p.leafIndex, p.treeSize, p.path, *root))
+    return invalid(
+        "the audit path does not lead from the record's leaf hash to the checkpoint's "
+        "root");
+  return Status::success();
+}
+
+}  // namespace tollgate
