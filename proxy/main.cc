@@ -33,6 +33,12 @@ usage:
                                   recorded digest (archived in DIR/policies), or with the
                                   given set, and list the decisions that would differ;
                                   0 none differ, 1 some differ, 2 unreadable
+  tollgate audit report DIR [--from T] [--to T] [--format md|html|json] [--out F]
+                        [--gap DURATION] [--pubkey F]
+                                  compliance summary of the period (T: RFC 3339 or unix
+                                  seconds; default the whole log); its sha256 is appended to
+                                  the log as a report record when no sidecar holds it;
+                                  0 ok, 1 the log does not verify, 2 usage or unreadable
   tollgate --version              print the version
   tollgate help                   print this help
 
