@@ -40,6 +40,21 @@ bool hasFailureCondition(const PolicySet& set, const std::string& ruleId) {
   return false;
 }
 
+// Whether the decision on this call could depend on its body: an MCP tool (named in the
+// body) or a rule that could match it reading params.
+bool needsBody(const PolicySet& set, const ToolCall& call) {
+  if (call.toolDef() && !call.toolDef()->mcpTools.empty()) return true;
+  std::vector<uint32_t> candidates;
+  set.candidateRules(call.tool(), call.actionClass(), candidates);
+  for (uint32_t i : candidates) {
+    const Rule& r = set.rules()[i];
+    if (r.needsParams && (r.match.agent.empty() || globMatch(r.match.agent, call.agent())) &&
+        (r.match.host.empty() || hostMatch(r.match.host, call.host())))
+      return true;
+  }
+  return false;
+}
+
 ReplayResult notReplayable(std::string why) {
   ReplayResult r;
   r.whyNot = std::move(why);
@@ -75,7 +90,6 @@ ReplayResult replayCall(const RecordedCall& call, const PolicySet* set,
   uint16_t port = 0;
   if (!splitAuthority(call.authority, host, port))
     return notReplayable("no destination in the record");
-  if (set->needsBody(host)) return notReplayable("needed a body the record does not carry");
 
   CallInfo info;
   info.listener = "replay";
@@ -88,6 +102,8 @@ ReplayResult replayCall(const RecordedCall& call, const PolicySet* set,
   int64_t nowMs = call.tsNs / 1'000'000;
   Engine engine([nowMs] { return nowMs; });  // fresh: no state carries from call to call
   auto tc = Extractor::extract(info, *set);
+  if (tc && needsBody(*set, tc.value()))
+    return notReplayable("needed a body the record does not carry");
   Decision d = engine.evaluate(*set, tc);
 
   ReplayResult r;
