@@ -125,20 +125,21 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
   std::string dir;
   std::vector<std::string> policyFiles;
   bool policyMode = false;
+  // DIR first; every argument after --policy is a policy file.
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--policy") {
       policyMode = true;
     } else if (args[i].starts_with("-")) {
       return usageError(err, "audit replay: unknown argument '" + std::string(args[i]) + "'");
-    } else if (dir.empty()) {
-      dir = std::string(args[i]);
     } else if (policyMode) {
       policyFiles.emplace_back(args[i]);
+    } else if (dir.empty()) {
+      dir = std::string(args[i]);
     } else {
       return usageError(err, "audit replay: unexpected argument '" + std::string(args[i]) + "'");
     }
   }
-  if (dir.empty()) return usageError(err, "audit replay needs a DIR");
+  if (dir.empty()) return usageError(err, "audit replay needs a DIR (before --policy)");
   if (policyMode && policyFiles.empty()) return usageError(err, "--policy needs a FILE");
 
   std::shared_ptr<const PolicySet> given;
@@ -210,8 +211,9 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
     }
     if (str(r, "kind") != "call") continue;
     RecordedCall c;
-    c.seq = r.value("seq", uint64_t{0});
-    c.tsNs = r.value("ts_ns", int64_t{0});
+    // verifyChain() checks these types; replay reads an unverified log without throwing.
+    if (r.contains("seq") && r["seq"].is_number_unsigned()) c.seq = r["seq"].get<uint64_t>();
+    if (r.contains("ts_ns") && r["ts_ns"].is_number_integer()) c.tsNs = r["ts_ns"].get<int64_t>();
     c.agent = str(r, "agent");
     c.method = str(r, "method");
     c.authority = str(r, "authority");
