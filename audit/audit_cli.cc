@@ -1,6 +1,10 @@
 #include "audit/audit_cli.h"
 
+#include <unistd.h>
 #include <charconv>
+
+#include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -10,8 +14,16 @@
 
 #include "audit/chain.h"
 #include "audit/file_sink.h"
+#include "audit/policy_archive.h"
 #include "audit/proof.h"
+#include "audit/report.h"
 #include "audit/verify_state.h"
+#include "common/sha256.h"
+#include "common/units.h"
+
+#ifndef TOLLGATE_VERSION
+#define TOLLGATE_VERSION "unknown"
+#endif
 
 namespace tollgate {
 namespace {
@@ -224,6 +236,145 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
   return 0;
 }
 
+int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
+  std::string dir, pubkey, outFile, format = "md";
+  std::string fromText, toText;
+  int64_t fromNs = kWholeLogFrom, toNs = kWholeLogTo;
+  int64_t gapNs = 3600LL * 1'000'000'000;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string v;
+    if (args[i] == "--from" || args[i] == "--to" || args[i] == "--format" || args[i] == "--out" ||
+        args[i] == "--gap" || args[i] == "--pubkey") {
+      std::string flag(args[i]);
+      if (i + 1 >= args.size()) return usageError(err, flag + " needs a value");
+      v = std::string(args[++i]);
+      if (flag == "--from" || flag == "--to") {
+        auto t = parseReportTime(v);
+        if (!t)
+          return usageError(err, flag + ": expected RFC 3339 or unix seconds, got '" + v + "'");
+        (flag == "--from" ? fromNs : toNs) = *t;
+        (flag == "--from" ? fromText : toText) = v;
+      } else if (flag == "--format") {
+        if (v != "md" && v != "html" && v != "json")
+          return usageError(err, "--format is md, html or json");
+        format = v;
+      } else if (flag == "--out") {
+        outFile = v;
+      } else if (flag == "--gap") {
+        auto d = parseDuration(v);
+        if (!d || d->count() <= 0) return usageError(err, "--gap needs a duration such as 1h");
+        gapNs = static_cast<int64_t>(d->count()) * 1'000'000;
+      } else {
+        pubkey = v;
+      }
+    } else if (dir.empty() && !args[i].starts_with("-")) {
+      dir = std::string(args[i]);
+    } else {
+      return usageError(err, "audit report: unknown argument '" + std::string(args[i]) + "'");
+    }
+  }
+  if (dir.empty()) return usageError(err, "audit report needs a DIR");
+  if (fromNs > toNs) return usageError(err, "--from is after --to");
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "LOG_ID", ec)) {
+    std::fprintf(err, "tollgate: %s is not an audit log (no LOG_ID)\n", dir.c_str());
+    return 2;
+  }
+  if (pubkey.empty()) pubkey = dir + "/keys/ed25519.pub";
+  std::ifstream keyIn(pubkey);
+  std::string hex;
+  if (!(keyIn >> hex)) {
+    std::fprintf(err, "tollgate: cannot read the public key %s\n", pubkey.c_str());
+    return 2;
+  }
+  auto key = Ed25519Key::fromRawPublic(fromHexBytes(hex));
+  if (!key) {
+    std::fprintf(err, "tollgate: %s: %s\n", pubkey.c_str(), key.error().message.c_str());
+    return 2;
+  }
+  std::vector<std::string> segmentOf;
+  auto lines = readAuditLog(dir, &segmentOf);
+  if (!lines) {
+    std::fprintf(err, "tollgate: %s\n", lines.error().message.c_str());
+    return 2;
+  }
+
+  ReportContext ctx;
+  ctx.version = TOLLGATE_VERSION;
+  char host[256] = {0};
+  ctx.hostname = ::gethostname(host, sizeof host - 1) == 0 ? host : "unknown";
+  int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+  ctx.generatedAt = formatReportTime(now);
+  ctx.dir = dir;
+  std::ifstream idIn(std::filesystem::path(dir) / "LOG_ID");
+  std::getline(idIn, ctx.logId);
+  ctx.keys.push_back({key.value().id(), "sha256:" + sha256Hex(key.value().rawPublic())});
+  std::map<std::string, Ed25519Key> keys{{key.value().id(), key.value()}};
+  auto v = verifyChain(lines.value(), keys);
+  ctx.verified = v.ok;
+  if (v.ok) {
+    ctx.verifier = std::to_string(v.records) + " records, " + std::to_string(v.checkpoints) +
+                   " checkpoints, " + std::to_string(v.unsealed) + " unsealed";
+  } else {
+    ctx.verifier = "INVALID at " + segmentOf[v.line - 1] + " record " + std::to_string(v.line) +
+                   ": " + v.reason;
+  }
+  ctx.unsealed = v.unsealed;
+  ctx.fromNs = fromNs;
+  // A period reaching into the future ends now, so the silence after the log is not inflated.
+  ctx.toNs = toNs != kWholeLogTo ? std::min(toNs, now) : toNs;
+  ctx.gapNs = gapNs;
+  std::vector<nlohmann::json> records;
+  for (const auto& line : lines.value()) {
+    auto r = nlohmann::json::parse(line, nullptr, false);
+    if (!r.is_discarded() && r.is_object()) records.push_back(std::move(r));
+  }
+  auto summary = summarizeAudit(records, ctx.fromNs, ctx.toNs, gapNs);
+  for (const auto& d : summary.digests) {
+    std::string p = policyArchivePath(dir, d);
+    ctx.archived[d] = !p.empty() && std::filesystem::exists(p, ec);
+  }
+  std::string report = renderReport(reportDocument(ctx, summary), format);
+
+  if (outFile.empty()) {
+    std::fwrite(report.data(), 1, report.size(), out);
+  } else {
+    std::ofstream o(outFile, std::ios::binary | std::ios::trunc);
+    if (!(o << report) || !o.flush()) {
+      std::fprintf(err, "tollgate: cannot write %s\n", outFile.c_str());
+      return 2;
+    }
+  }
+  // The report's hash goes into the log it reports on, when no sidecar holds the log.
+  std::string hash = sha256Hex(report);
+  if (!v.ok) {
+    std::fprintf(err,
+                 "note: the report's hash sha256:%s was not appended: the log does not verify\n",
+                 hash.c_str());
+  } else {
+    FileAuditSink::Options options;
+    options.dir = dir;
+    auto sink = FileAuditSink::open(options);
+    if (!sink) {
+      std::fprintf(err, "note: the report's hash sha256:%s could not be appended to the log: %s\n",
+                   hash.c_str(), sink.error().message.c_str());
+    } else {
+      uint64_t seq = sink.value()->appendEvent(
+          "report", {{"sha256", hash},
+                     {"format", format},
+                     {"from", fromText},
+                     {"to", toText},
+                     {"file", outFile.empty() ? std::string("-") : outFile}});
+      sink.value().reset();  // written, sealed by a checkpoint and fsynced at close
+      std::fprintf(err, "report sha256:%s appended to the log as record %llu\n", hash.c_str(),
+                   static_cast<unsigned long long>(seq));
+    }
+  }
+  return v.ok ? 0 : 1;
+}
+
 }  // namespace
 
 int auditCommand(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
@@ -231,6 +382,7 @@ int auditCommand(const std::vector<std::string_view>& args, std::FILE* out, std:
   std::vector<std::string_view> rest(args.begin() + 1, args.end());
   if (args[0] == "verify") return auditVerify(rest, out, err);
   if (args[0] == "prove") return auditProve(rest, out, err);
+  if (args[0] == "report") return auditReport(rest, out, err);
   return usageError(err, "unknown audit command '" + std::string(args[0]) + "'");
 }
 

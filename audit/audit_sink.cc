@@ -1,6 +1,7 @@
 #include "audit/audit_sink.h"
 
 #include <chrono>
+#include <nlohmann/json.hpp>
 
 #include "common/json.h"
 
@@ -42,13 +43,33 @@ uint64_t MemoryAuditSink::durableSeq() const {
   return seq_;
 }
 
+uint64_t MemoryAuditSink::appendEvent(std::string_view kind, const AuditFields& fields) {
+  int64_t ts = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                   std::chrono::system_clock::now().time_since_epoch())
+                   .count();
+  nlohmann::json j = nlohmann::json::object();  // keys sorted, as the stream's records
+  for (const auto& [k, v] : fields) j[std::string(k)] = std::string(v);
+  j["kind"] = std::string(kind);
+  j["ts_ns"] = ts;
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t seq = ++seq_;
+  j["seq"] = seq;
+  recent_.push_back(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+  if (recent_.size() > keep_) recent_.pop_front();
+  return seq;
+}
+
 std::vector<std::string> MemoryAuditSink::tail(size_t n) const {
   std::lock_guard<std::mutex> lock(mutex_);
   n = std::min(n, recent_.size());
   std::vector<std::string> out;
   out.reserve(n);
-  for (auto it = recent_.end() - static_cast<std::ptrdiff_t>(n); it != recent_.end(); ++it)
-    out.push_back(it->toJson());
+  for (auto it = recent_.end() - static_cast<std::ptrdiff_t>(n); it != recent_.end(); ++it) {
+    if (const auto* r = std::get_if<AuditRecord>(&*it))
+      out.push_back(r->toJson());
+    else
+      out.push_back(std::get<std::string>(*it));
+  }
   return out;
 }
 

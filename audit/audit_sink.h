@@ -7,6 +7,9 @@
 #include <deque>
 #include <mutex>
 #include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
 #include <vector>
 
 namespace tollgate {
@@ -35,11 +38,18 @@ class AuditObserver {
   virtual void onCheckpoint(uint64_t /*seq*/) {}
 };
 
+// The fields of a record other than a call: string keys and values (the keys not the
+// chain's own: v, log_id, seq, ts_ns, prev, kind).
+using AuditFields = std::vector<std::pair<std::string_view, std::string_view>>;
+
 class AuditSink {
  public:
   virtual ~AuditSink() = default;
   // Records one decision and returns its sequence number (1, 2, …).
   virtual uint64_t append(AuditRecord record) = 0;
+  // Records an event of another kind (reload, report, …; one of audit/chain.h's kinds) with
+  // string fields, in order with the calls; returns its sequence number.
+  virtual uint64_t appendEvent(std::string_view kind, const AuditFields& fields) = 0;
   // The last n records, oldest first, each as one JSON line.
   virtual std::vector<std::string> tail(size_t n) const = 0;
   // False while records cannot be made durable: calls are then halted (fail closed).
@@ -55,6 +65,7 @@ class MemoryAuditSink : public AuditSink {
  public:
   explicit MemoryAuditSink(size_t keep = 1000) : keep_(keep) {}
   uint64_t append(AuditRecord record) override;
+  uint64_t appendEvent(std::string_view kind, const AuditFields& fields) override;
   std::vector<std::string> tail(size_t n) const override;
   uint64_t durableSeq() const override;
 
@@ -62,7 +73,8 @@ class MemoryAuditSink : public AuditSink {
   size_t keep_;
   mutable std::mutex mutex_;
   uint64_t seq_ = 0;
-  std::deque<AuditRecord> recent_;  // rendered only when read
+  // Calls rendered only when read; events (rare) rendered at once.
+  std::deque<std::variant<AuditRecord, std::string>> recent_;
 };
 
 }  // namespace tollgate

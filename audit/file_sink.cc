@@ -265,6 +265,23 @@ void FileAuditSink::setObserver(AuditObserver* observer) {
   observer_ = observer;
 }
 
+uint64_t FileAuditSink::appendEvent(std::string_view kind, const AuditFields& fields) {
+  std::vector<std::pair<std::string_view, std::string_view>> kept;
+  for (const auto& [k, v] : fields) {
+    bool own =
+        k == "v" || k == "log_id" || k == "seq" || k == "ts_ns" || k == "prev" || k == "kind";
+    bool repeated =
+        std::any_of(kept.begin(), kept.end(), [&](const auto& e) { return e.first == k; });
+    if (!own && !repeated) kept.emplace_back(k, v);
+  }
+  int64_t ts = nowNs();
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t seq = ++seq_;
+  push(chain_->appendStrings(kind, std::move(kept), ts));
+  if (idle_) wake_.notify_one();
+  return seq;
+}
+
 std::vector<std::string> FileAuditSink::tail(size_t n) const {
   std::lock_guard<std::mutex> lock(mutex_);
   n = std::min(n, recent_.size());

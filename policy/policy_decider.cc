@@ -146,9 +146,14 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
 }
 
 std::string PolicyDecider::reload() {
+  std::lock_guard<std::mutex> lock(reloadMutex_);
   auto set = PolicySet::load(files_);
   if (!set) return set.error().message;
   if (auto st = budgets_->declare(*set.value()); !st) return st.error().message;
+  if (beforeActivate) {
+    std::string error = beforeActivate(*set.value(), *set_.load());
+    if (!error.empty()) return error;
+  }
   set_.store(set.value());
   return {};
 }

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,9 @@ class PolicyDecider : public Decider {
 
   // How long a reservation is held before it is committed anyway (the call may have run).
   std::chrono::milliseconds holdTtl{120'000};
+  // Called by reload() with a new valid set before it becomes active (so before any decision
+  // carries its digest), e.g. to archive it; an error message rejects the set.
+  std::function<std::string(const PolicySet& next, const PolicySet& previous)> beforeActivate;
 
  private:
   PolicyDecider(std::vector<std::string> files, std::shared_ptr<const PolicySet> set);
@@ -57,6 +62,7 @@ class PolicyDecider : public Decider {
   };
   std::vector<Charge> chargesOf(const PolicySet& set, const ToolCall& call) const;
   std::vector<std::string> files_;
+  std::mutex reloadMutex_;  // reloads come from signals, the file watch and the admin API
   std::atomic<std::shared_ptr<const PolicySet>> set_;
   Engine engine_;
   std::unique_ptr<BudgetStore> budgets_;

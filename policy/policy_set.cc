@@ -697,38 +697,44 @@ Result<std::shared_ptr<const PolicySet>> PolicySet::parse(const std::string& tex
 }
 
 Result<std::shared_ptr<const PolicySet>> PolicySet::load(const std::vector<std::string>& files) {
+  std::vector<PolicySource> sources;
+  for (const auto& file : files) {
+    std::ifstream in(file);
+    if (!in) return Error{-1, file + ": cannot open the file"};
+    std::stringstream text;
+    text << in.rdbuf();
+    sources.push_back({file, text.str()});
+  }
+  return fromSources(std::move(sources));
+}
+
+Result<std::shared_ptr<const PolicySet>> PolicySet::fromSources(std::vector<PolicySource> sources) {
   auto set = std::make_shared<PolicySet>();
   std::string all;
+  size_t current = 0;  // the file being read, for the parser's errors
   try {
-    for (const auto& file : files) {
-      std::ifstream in(file);
-      if (!in) return Error{-1, file + ": cannot open the file"};
-      std::stringstream text;
-      text << in.rdbuf();
-      for (const auto& doc : YAML::LoadAll(text.str())) {
+    for (current = 0; current < sources.size(); ++current) {
+      const auto& source = sources[current];
+      for (const auto& doc : YAML::LoadAll(source.text)) {
         if (doc.IsNull()) continue;
-        PolicyLoader(*set, file).load(doc);
+        PolicyLoader(*set, source.file).load(doc);
       }
-      all += file;
+      all += source.file;
       all += '\0';
-      all += text.str();
+      all += source.text;
       all += '\0';
     }
     crossCheck(*set);
   } catch (const PolicyError& e) {
     return Error{-1, e.message};
   } catch (const YAML::Exception& e) {
-    // The file is the one being read when the parser threw.
-    std::string file =
-        files.empty()
-            ? ""
-            : files[std::min(files.size() - 1,
-                             static_cast<size_t>(std::count(all.begin(), all.end(), '\0') / 2))];
+    std::string file = sources.empty() ? "" : sources[std::min(sources.size() - 1, current)].file;
     return Error{-1, file + ":" + std::to_string(e.mark.line + 1) + ":" +
                          std::to_string(e.mark.column + 1) + ": (yaml): " + e.msg};
   }
   set->buildIndex();
-  set->files_ = files;
+  for (const auto& source : sources) set->files_.push_back(source.file);
+  set->sources_ = std::move(sources);
   set->digest_ = "sha256:" + sha256Hex(all);
   return std::shared_ptr<const PolicySet>(std::move(set));
 }

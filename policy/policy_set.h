@@ -131,10 +131,19 @@ struct BreakerDef {
   SourceMark mark;
 };
 
+// One policy file as it was read: its path as named in the config and its bytes. The digest
+// is computed over these, so the same sources always give the same set and digest.
+struct PolicySource {
+  std::string file;
+  std::string text;
+};
+
 class PolicySet {
  public:
   // Loads and validates every file; the set is all of them together.
   static Result<std::shared_ptr<const PolicySet>> load(const std::vector<std::string>& files);
+  // The same from sources already read (e.g. a set archived in the audit log).
+  static Result<std::shared_ptr<const PolicySet>> fromSources(std::vector<PolicySource> sources);
   // For tests and `policy test`: one document from text.
   static Result<std::shared_ptr<const PolicySet>> parse(const std::string& text,
                                                         const std::string& file);
@@ -146,6 +155,8 @@ class PolicySet {
   const std::vector<BreakerDef>& breakers() const { return breakers_; }
   const std::string& digest() const { return digest_; }  // "sha256:<hex>"
   const std::vector<std::string>& files() const { return files_; }
+  // Every file's bytes as loaded (empty for parse()): what is archived by digest.
+  const std::vector<PolicySource>& sources() const { return sources_; }
   // True when some rule needs the request body (params or MCP) for a call to this host.
   bool needsBody(std::string_view host) const;
   // True when breakers or failure conditions need the outcome of calls.
@@ -171,6 +182,7 @@ class PolicySet {
   std::vector<Rule> rules_;
   std::vector<BreakerDef> breakers_;
   std::vector<std::string> files_;
+  std::vector<PolicySource> sources_;
   std::string digest_;
   std::unordered_map<std::string, std::vector<uint32_t>> rulesByTool_;  // exact tool names
   std::unordered_map<std::string, std::vector<uint32_t>>

@@ -8,6 +8,7 @@
 #include "policy/policy_cli.h"
 #include "policy/policy_set.h"
 #include "policy/redis_budget_store.h"
+#include "policy/replay.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
 #include "proxy/version.h"
@@ -35,6 +36,17 @@ usage:
   tollgate audit prove --verify PROOF --pubkey F
                                   check a proof without the log; 0 valid, 1 invalid,
                                   2 unreadable
+  tollgate audit replay DIR [--policy FILE...]
+                                  re-evaluate every recorded call with the policy set of its
+                                  recorded digest (archived in DIR/policies), or with the
+                                  given set, and list the decisions that would differ;
+                                  0 none differ, 1 some differ, 2 unreadable
+  tollgate audit report DIR [--from T] [--to T] [--format md|html|json] [--out F]
+                        [--gap DURATION] [--pubkey F]
+                                  compliance summary of the period (T: RFC 3339 or unix
+                                  seconds; default the whole log); its sha256 is appended to
+                                  the log as a report record when no sidecar holds it;
+                                  0 ok, 1 the log does not verify, 2 usage or unreadable
   tollgate --version              print the version
   tollgate help                   print this help
 
@@ -141,6 +153,9 @@ int main(int argc, char** argv) {
     return usageError("unknown policy command '" + std::string(args[1]) + "'");
   }
   if (cmd == "audit") {
+    // Replay needs the policy engine, so it lives in policy/ (audit/ never includes it).
+    if (args.size() >= 2 && args[1] == "replay")
+      return tollgate::auditReplay({args.begin() + 2, args.end()}, stdout, stderr);
     return tollgate::auditCommand({args.begin() + 1, args.end()}, stdout, stderr);
   }
   if (cmd == "pools") {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "audit/file_sink.h"
+#include "audit/policy_archive.h"
 #include "common/log.h"
 #include "policy/host_list_decider.h"
 #include "proxy/resolver.h"
@@ -96,6 +97,12 @@ Status Server::init() {
                                                   double seconds) {
       m->budgetOperation(op, budgetStatusName(s), seconds);
     };
+    // Every set is archived in the audit log before it decides anything (audit replay).
+    std::string error = activatePolicies(*policy_->current(), "", "startup");
+    if (!error.empty()) return Error{-1, error};
+    policy_->beforeActivate = [this](const PolicySet& next, const PolicySet& previous) {
+      return activatePolicies(next, previous.digest(), reloadTrigger_);
+    };
     decider_ = std::move(policy.value());
     Log::Line(LogLevel::kInfo, "policies loaded")
         .add("files", static_cast<uint64_t>(config_.policies.size()))
@@ -108,7 +115,7 @@ Status Server::init() {
   admin_ = std::make_unique<AdminApi>(metrics_, *audit_, shared_,
                                       policy_ ? &policy_->budgets() : nullptr,
                                       policy_ ? &policy_->engine() : nullptr);
-  admin_->setReloadHook([this] { return reload(); });
+  admin_->setReloadHook([this] { return reload("admin"); });
   shared_.admin = admin_.get();
   return Status::success();
 }
@@ -168,10 +175,38 @@ void Server::AuditWatch::onCheckpoint(uint64_t seq) {
   server_.metrics_.auditCheckpoint(seq);
 }
 
-std::string Server::reload() {
+std::string Server::activatePolicies(const PolicySet& next, const std::string& previousDigest,
+                                     const char* trigger) {
+  // Archived next to the log it decides for (a log kept in memory has no archive).
+  if (config_.auditSink == "file") {
+    ArchivedFiles files;
+    for (const auto& s : next.sources()) files.emplace_back(s.file, s.text);
+    if (auto st = archivePolicySet(config_.auditDir, next.digest(), files); !st)
+      return st.error().message;
+  }
+  std::string archive = "policies/" + next.digest().substr(7) + ".json";
+  audit_->appendEvent("reload", {{"digest", next.digest()},
+                                 {"previous_digest", previousDigest},
+                                 {"result", "ok"},
+                                 {"trigger", trigger},
+                                 {"archive", archive}});
+  return {};
+}
+
+std::string Server::reload(const char* trigger) {
+  std::lock_guard<std::mutex> lock(reloadMutex_);
+  reloadTrigger_ = trigger;
   std::string error = decider_->reload();
   if (!error.empty()) {
-    // The last good set stays active.
+    // The last good set stays active: the record names it as the digest after the reload.
+    if (policy_) {
+      const std::string& active = policy_->current()->digest();
+      audit_->appendEvent("reload", {{"digest", active},
+                                     {"previous_digest", active},
+                                     {"result", "rejected"},
+                                     {"trigger", trigger},
+                                     {"error", error}});
+    }
     Log::Line(LogLevel::kWarn, "reload rejected").add("error", error).emit();
     metrics_.reloads(false).Increment();
     return error;
@@ -220,7 +255,8 @@ int Server::run() {
   uv_signal_start(&signals.term, stop, SIGTERM);
   uv_signal_start(&signals.intr, stop, SIGINT);
   uv_signal_start(
-      &signals.hup, [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload(); },
+      &signals.hup,
+      [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload("sighup"); },
       SIGHUP);
   unsigned workers =
       config_.workers ? config_.workers : std::max(1u, std::thread::hardware_concurrency());
@@ -273,8 +309,8 @@ int Server::run() {
             if (status < 0 || !name || !watch->names.count(name)) return;
             // Several events arrive for one save; reload once they settle.
             uv_timer_start(
-                watch->debounce, [](uv_timer_t* t) { static_cast<Server*>(t->data)->reload(); },
-                200, 0);
+                watch->debounce,
+                [](uv_timer_t* t) { static_cast<Server*>(t->data)->reload("file"); }, 200, 0);
           },
           dir.c_str(), 0);
       if (rc != 0) {

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "audit/audit_sink.h"
@@ -31,7 +33,11 @@ class Server {
 
  private:
   Status bindListeners(unsigned workers);
-  std::string reload();
+  // Re-reads the policies; `trigger` (sighup, file, admin) goes into the reload record.
+  std::string reload(const char* trigger);
+  // Archives a set about to become active and records its reload record; an error rejects it.
+  std::string activatePolicies(const PolicySet& next, const std::string& previousDigest,
+                               const char* trigger);
 
   Config config_;
   Metrics metrics_;
@@ -52,6 +58,8 @@ class Server {
     Server& server_;
   };
   AuditWatch auditWatch_{*this};
+  std::mutex reloadMutex_;
+  const char* reloadTrigger_ = "";  // of the reload in progress, under reloadMutex_
 };
 
 }  // namespace tollgate
