@@ -271,7 +271,7 @@ Config read(const YAML::Node& root, const Reader& r) {
         } else if (key == "audit") {
           r.forEach(v, key,
                     {"dir", "sink", "checkpoint_every", "checkpoint_interval", "segment_size",
-                     "sync_interval"},
+                     "segment_age", "sync_interval", "replica", "export"},
                     [&](const std::string& k, const YAML::Node& av) {
                       if (k == "audit.dir") {
                         c.auditDir = (base / r.str(av, k)).lexically_normal().string();
@@ -289,6 +289,30 @@ Config read(const YAML::Node& root, const Reader& r) {
                       } else if (k == "audit.segment_size") {
                         c.auditSegmentSize = r.size(av, k);
                         if (c.auditSegmentSize < 4096) r.fail(av, k, "at least 4k");
+                      } else if (k == "audit.segment_age") {
+                        c.auditSegmentAge = r.duration(av, k);
+                        if (c.auditSegmentAge.count() < 1000) r.fail(av, k, "at least 1s");
+                      } else if (k == "audit.replica") {
+                        r.forEach(av, k, {"url", "stream", "maxlen"},
+                                  [&](const std::string& rk, const YAML::Node& rv) {
+                                    if (rk == "audit.replica.url") {
+                                      c.auditReplicaUrl = r.str(rv, rk);
+                                      if (auto p = parseRedisUrl(c.auditReplicaUrl); !p)
+                                        r.fail(rv, rk, p.error().message);
+                                    } else if (rk == "audit.replica.stream") {
+                                      c.auditReplicaStream = r.str(rv, rk);
+                                      if (c.auditReplicaStream.empty())
+                                        r.fail(rv, rk, "must not be empty");
+                                    } else {
+                                      c.auditReplicaMaxlen = r.integer(rv, rk, 1ull << 40);
+                                    }
+                                  });
+                        if (c.auditReplicaUrl.empty()) r.fail(av, k + ".url", "required");
+                      } else if (k == "audit.export") {
+                        r.forEach(av, k, {"dir"}, [&](const std::string& ek, const YAML::Node& ev) {
+                          c.auditExportDir = (base / r.str(ev, ek)).lexically_normal().string();
+                        });
+                        if (c.auditExportDir.empty()) r.fail(av, k + ".dir", "required");
                       } else {
                         c.auditSyncInterval = r.duration(av, k);
                         if (c.auditSyncInterval.count() > 1000) r.fail(av, k, "at most 1s");

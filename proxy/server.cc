@@ -11,10 +11,13 @@
 #include <set>
 #include <thread>
 
+#include "audit/dir_export.h"
 #include "audit/file_sink.h"
 #include "audit/policy_archive.h"
+#include "audit/redis_replica.h"
 #include "common/log.h"
 #include "policy/host_list_decider.h"
+#include "policy/redis_client.h"
 #include "proxy/resolver.h"
 
 namespace tollgate {
@@ -81,6 +84,22 @@ Status Server::init() {
     options.checkpointInterval = config_.auditCheckpointInterval;
     options.segmentBytes = config_.auditSegmentSize;
     options.syncInterval = config_.auditSyncInterval;
+    options.segmentAge = config_.auditSegmentAge;
+    if (!config_.auditReplicaUrl.empty()) {
+      RedisStreamReplica::Options ro;
+      auto hp = parseRedisUrl(config_.auditReplicaUrl).value();
+      ro.host = hp.host;
+      ro.port = hp.port;
+      ro.key = config_.auditReplicaStream;
+      ro.maxlen = config_.auditReplicaMaxlen;
+      ro.logDir = config_.auditDir;
+      options.replicas.push_back(std::make_shared<RedisStreamReplica>(ro));
+    }
+    if (!config_.auditExportDir.empty()) {
+      auto exporter = DirectoryExport::open(config_.auditDir, config_.auditExportDir);
+      if (!exporter) return exporter.error();
+      options.replicas.push_back(exporter.value());
+    }
     auto audit = FileAuditSink::open(options);
     if (!audit) return audit.error();
     audit_ = std::move(audit.value());

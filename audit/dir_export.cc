@@ -1,0 +1,240 @@
+#include "audit/dir_export.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "common/log.h"
+
+namespace tollgate {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool isCheckpoint(const std::string& line) {
+  return line.find("\"kind\":\"checkpoint\"") != std::string::npos;
+}
+
+uint64_t seqOf(const std::string& line) {
+  auto j = nlohmann::json::parse(line, nullptr, false);
+  if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned()) return 0;
+  return j["seq"].get<uint64_t>();
+}
+
+std::vector<fs::path> segmentsIn(const fs::path& dir) {
+  std::vector<fs::path> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    auto name = e.path().filename().string();
+    if (name.starts_with("segment-") && name.ends_with(".jsonl")) out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Writes `data` to `to` through a temporary file: fsynced, renamed, the directory fsynced.
+Status writeAtomically(const fs::path& to, const std::string& data) {
+  fs::path tmp = to;
+  tmp += ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Error{-errno, "open " + tmp.string() + ": " + std::strerror(errno)};
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  bool ok = done == data.size() && ::fsync(fd) == 0;
+  int saved = errno;
+  ::close(fd);
+  if (!ok || ::rename(tmp.c_str(), to.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    return Error{-saved, "write " + to.string() + ": " + std::strerror(saved)};
+  }
+  int dfd = ::open(to.parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return Status::success();
+}
+
+Result<std::string> readAll(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) return Error{-1, "cannot read " + p.string()};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+DirectoryExport::DirectoryExport(std::string logDir, std::string to)
+    : logDir_(std::move(logDir)), to_(std::move(to)) {}
+
+Result<std::shared_ptr<DirectoryExport>> DirectoryExport::open(std::string logDir, std::string to) {
+  std::error_code ec;
+  fs::create_directories(fs::path(to) / "keys", ec);
+  if (ec) return Error{-1, "audit.export.dir " + to + ": " + ec.message()};
+  if (fs::equivalent(logDir, to, ec))
+    return Error{-1, "audit.export.dir " + to + " is the log's own directory"};
+  std::shared_ptr<DirectoryExport> e(new DirectoryExport(std::move(logDir), std::move(to)));
+  e->thread_ = std::thread([raw = e.get()] { raw->run(); });
+  return e;
+}
+
+DirectoryExport::~DirectoryExport() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void DirectoryExport::onDurable(uint64_t /*firstSeq*/, const std::vector<std::string>& lines) {
+  std::vector<std::string> checkpoints;
+  for (const auto& l : lines)
+    if (isCheckpoint(l)) checkpoints.push_back(l);
+  if (checkpoints.empty()) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  tasks_.emplace_back(std::move(checkpoints));
+  wake_.notify_one();
+}
+
+void DirectoryExport::onSealed(const std::string& path) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  tasks_.emplace_back(Seal{path});
+  wake_.notify_one();
+}
+
+void DirectoryExport::flush() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  idle_.wait(lock, [this] { return tasks_.empty() && !busy_; });
+}
+
+void DirectoryExport::run() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    busy_ = true;
+  }
+  catchUp();
+  for (;;) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      busy_ = false;
+      idle_.notify_all();
+      wake_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;  // stopping, and everything done
+      task = std::move(tasks_.front());
+      tasks_.pop_front();
+      busy_ = true;
+    }
+    Status st = std::holds_alternative<Seal>(task)
+                    ? copySegment(std::get<Seal>(task).path)
+                    : appendCheckpoints(std::get<std::vector<std::string>>(task));
+    if (!st) {
+      Log::Line(LogLevel::kError, "audit export failed")
+          .add("to", to_)
+          .add("error", st.error().message)
+          .emit();
+    }
+  }
+}
+
+void DirectoryExport::catchUp() {
+  auto segs = segmentsIn(logDir_);
+  // Every segment but the newest is sealed; the newest is reported by the writer when it is.
+  for (size_t i = 0; i + 1 < segs.size(); ++i) {
+    if (auto st = copySegment(segs[i].string()); !st) {
+      Log::Line(LogLevel::kError, "audit export failed")
+          .add("to", to_)
+          .add("error", st.error().message)
+          .emit();
+    }
+  }
+  std::vector<std::string> checkpoints;
+  for (const auto& seg : segs) {
+    auto data = readAll(seg);
+    if (!data) continue;
+    std::istringstream in(data.value());
+    std::string line;
+    while (std::getline(in, line)) {
+      if (!in.eof() && isCheckpoint(line)) checkpoints.push_back(line);  // whole lines only
+    }
+  }
+  if (auto st = appendCheckpoints(checkpoints); !st) {
+    Log::Line(LogLevel::kError, "audit export failed")
+        .add("to", to_)
+        .add("error", st.error().message)
+        .emit();
+  }
+}
+
+Status DirectoryExport::copySegment(const std::string& path) {
+  fs::path from(path), to = fs::path(to_) / fs::path(path).filename();
+  std::error_code ec;
+  // The log's id and public keys go along, so that the copy verifies on its own.
+  for (const auto& name : {std::string("LOG_ID")}) {
+    if (fs::exists(fs::path(logDir_) / name, ec))
+      fs::copy_file(fs::path(logDir_) / name, fs::path(to_) / name,
+                    fs::copy_options::overwrite_existing, ec);
+  }
+  for (const auto& e : fs::directory_iterator(fs::path(logDir_) / "keys", ec)) {
+    if (e.path().extension() == ".pub")
+      fs::copy_file(e.path(), fs::path(to_) / "keys" / e.path().filename(),
+                    fs::copy_options::overwrite_existing, ec);
+  }
+  auto data = readAll(from);
+  if (!data) return data.error();
+  if (fs::exists(to, ec)) {
+    // A sealed segment never changes: a copy of another size is somebody else's.
+    if (fs::file_size(to, ec) == data.value().size()) return Status::success();
+    return Error{
+        -1, to.string() + " exists and differs from the sealed " + from.string() + ": left alone"};
+  }
+  return writeAtomically(to, data.value());
+}
+
+Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines) {
+  if (lines.empty()) return Status::success();
+  fs::path file = fs::path(to_) / "checkpoints.jsonl";
+  // Only checkpoints after the last one already there: catch-up and the writer overlap.
+  uint64_t last = 0;
+  if (auto data = readAll(file); data) {
+    const std::string& d = data.value();
+    size_t end = d.size();
+    while (end > 0 && d[end - 1] == '\n') --end;
+    size_t start = d.rfind('\n', end == 0 ? 0 : end - 1);
+    start = start == std::string::npos ? 0 : start + 1;
+    if (end > start) last = seqOf(d.substr(start, end - start));
+  }
+  std::string out;
+  for (const auto& l : lines) {
+    if (seqOf(l) > last) {
+      out += l;
+      out += '\n';
+      last = seqOf(l);
+    }
+  }
+  if (out.empty()) return Status::success();
+  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return Error{-errno, "open " + file.string() + ": " + std::strerror(errno)};
+  bool ok = ::write(fd, out.data(), out.size()) == static_cast<ssize_t>(out.size()) &&
+            ::fdatasync(fd) == 0;
+  int saved = errno;
+  ::close(fd);
+  if (!ok) return Error{-saved, "append " + file.string() + ": " + std::strerror(saved)};
+  return Status::success();
+}
+
+}  // namespace tollgate

@@ -1,0 +1,72 @@
+// RedisStreamReplica: every durable audit line XADDed to a Redis Stream, for readers that
+// want the decisions live (SIEM shippers, dashboards, other sidecars). Never a trust root:
+// the entries are the log's canonical lines, checked with the log's keys like the log.
+//
+// The entry id is `SEQ-0`, so the stream holds each record once and in order: after a
+// reconnect the replica asks for the stream's last id and goes on from there, reading
+// what the stream misses from the log's segments (what was queued while Redis was away,
+// or dropped when the queue was full). One connection on its own thread; the audit writer
+// only appends to a bounded queue.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "audit/replica.h"
+#include "common/result.h"
+
+struct redisContext;
+
+namespace tollgate {
+
+class RedisStreamReplica : public AuditReplica {
+ public:
+  struct Options {
+    std::string host = "127.0.0.1";
+    uint16_t port = 6379;
+    std::string key;      // the stream, e.g. tollgate:audit:<log id>
+    uint64_t maxlen = 0;  // approximate cap on the stream's length (0: none)
+    std::string logDir;   // where to read what the stream misses
+    size_t queueLimit = 100'000;
+    std::chrono::milliseconds timeout{1000};
+  };
+  explicit RedisStreamReplica(Options options);
+  ~RedisStreamReplica() override;
+
+  void onDurable(uint64_t firstSeq, const std::vector<std::string>& lines) override;
+
+  // Seq of the last record known to be in the stream; records dropped from the queue.
+  uint64_t replicated() const { return replicated_; }
+  uint64_t dropped() const { return dropped_; }
+  // Waits until every record handed over is in the stream, or `limit` passes.
+  bool waitReplicated(uint64_t seq, std::chrono::milliseconds limit);
+
+ private:
+  void run();
+  bool connect();
+  void disconnect();
+  // Sends lines[i] as seq first+i; false on a transport or server error.
+  bool send(uint64_t first, const std::vector<std::string>& lines);
+  // The lines with seq in [from, to] read from the log's segments.
+  std::vector<std::string> readLog(uint64_t from, uint64_t to);
+
+  Options options_;
+  redisContext* ctx_ = nullptr;
+  std::mutex mutex_;
+  std::condition_variable wake_, progress_;
+  std::deque<std::pair<uint64_t, std::string>> queue_;  // (seq, line)
+  bool stopping_ = false;
+  std::atomic<uint64_t> replicated_{0}, dropped_{0};
+  bool warnedDown_ = false;
+  std::vector<std::string> logCache_;  // the log's lines while catching up
+  std::thread thread_;
+};
+
+}  // namespace tollgate
