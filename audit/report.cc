@@ -420,7 +420,8 @@ std::string renderReport(const Json& doc, std::string_view format) {
   w.heading(3, "Policy sets used");
   w.table(tableOf(doc["policy_sets"], {"digest", "archived"}), "No policy set decided a call.");
   w.heading(2, "Human approvals");
-  w.table(tableOf(doc["approvals"], {"seq", "time", "id", "state", "agent", "tool", "rule"}),
+  w.table(tableOf(doc["approvals"],
+                  {"seq", "time", "approval_id", "state", "approver", "agent", "tool", "rule"}),
           "No approval records.");
   w.heading(2, "Gaps");
   w.para("Silences longer than " + cell(doc["gaps"]["threshold_seconds"]) + " s:");

@@ -150,7 +150,8 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
     if (!failure.empty()) return error(500, "reload_failed", failure);
     return json(200, R"({"reloaded":true})");
   }
-  if (path == "/v1/approvals" || path.starts_with("/v1/approvals/")) return approvals(method, path);
+  if (path == "/v1/approvals" || path.starts_with("/v1/approvals/"))
+    return approvals(method, path, authorization);
   if (path == "/v1/pools") {
     if (!get) return error(405, "method_not_allowed", "use GET");
     if (!budgets_)
@@ -177,7 +178,8 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   return error(404, "not_found", "no admin endpoint " + std::string(path));
 }
 
-AdminResponse AdminApi::approvals(std::string_view method, std::string_view path) const {
+AdminResponse AdminApi::approvals(std::string_view method, std::string_view path,
+                                  std::string_view authorization) const {
   if (!engine_)
     return error(404, "not_found", "approvals need a policy set (policies: in the config)");
   if (path == "/v1/approvals") {
@@ -220,6 +222,27 @@ AdminResponse AdminApi::approvals(std::string_view method, std::string_view path
   else
     return error(404, "not_found", "use /approve or /deny");
   if (!ok) return error(409, "not_pending", "no pending approval " + id);
+  // The human decision is a record of its own: who (the token's fingerprint, never the
+  // token), what, and the call it lets through or stops.
+  for (const auto& a : engine_->approvals()) {
+    if (a.id != id) continue;
+    std::string approver =
+        "sha256:" + sha256Hex(authorization.substr(std::min<size_t>(7, authorization.size())), 8);
+    std::string lease = std::to_string(a.leaseUntilMs);
+    audit_.appendEvent("approval", {{"approval_id", a.id},
+                                    {"state", a.state},
+                                    {"approver", approver},
+                                    {"agent", a.agent},
+                                    {"tool", a.tool},
+                                    {"method", a.method},
+                                    {"authority", a.authority},
+                                    {"path", a.path},
+                                    {"rule", a.rule},
+                                    {"fingerprint", a.fingerprint},
+                                    {"policy_digest", a.policyDigest},
+                                    {"lease_until_ms", lease}});
+    break;
+  }
   std::string body;
   JsonObject(body).add("id", id).add("state", action == "approve" ? "approved" : "denied").close();
   return json(200, std::move(body));

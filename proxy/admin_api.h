@@ -35,7 +35,8 @@ class AdminApi {
   void prepare(std::string_view path, std::function<void()> ready) const;
 
  private:
-  AdminResponse approvals(std::string_view method, std::string_view path) const;
+  AdminResponse approvals(std::string_view method, std::string_view path,
+                          std::string_view authorization) const;
   bool authorized(std::string_view authorization) const;
 
  public:

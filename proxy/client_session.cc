@@ -2,6 +2,7 @@
 
 #include <openssl/evp.h>
 
+#include <charconv>
 #include <cstring>
 #include <random>
 #include <unordered_map>
@@ -152,6 +153,18 @@ void ClientSession::reportOutcome() {
     outcome.responseHeader = [this](std::string_view name) { return response_.head().find(name); };
   }
   worker_.decider().onOutcome(callInfo(), decision_, outcome);
+  // What happened to the allowed call, linked to its decision by call_seq.
+  char seq[24], status[8], durationUs[24];
+  auto num = [](char* buf, size_t size, uint64_t v) {
+    return std::string_view(buf, static_cast<size_t>(std::to_chars(buf, buf + size, v).ptr - buf));
+  };
+  worker_.audit().appendEvent(
+      "outcome",
+      {{"call_seq", num(seq, sizeof seq, auditSeq_)},
+       {"status", num(status, sizeof status, static_cast<uint64_t>(std::max(0, status_)))},
+       {"sent", outcome.sent ? "true" : "false"},
+       {"failed", outcome.failed ? "true" : "false"},
+       {"duration_us", num(durationUs, sizeof durationUs, (uv_hrtime() - startNs_) / 1000)}});
 }
 
 void ClientSession::close() {

@@ -55,6 +55,13 @@ class AuditStreamTest(unittest.TestCase):
                 calls = [r for r in recs if r["kind"] == "call"]
                 self.assertEqual(len(calls), 6)
                 self.assertEqual([r["decision"] for r in calls].count("allow"), 5)
+                # Each allowed call's outcome is recorded, linked by call_seq; a halt has none.
+                outcomes = [r for r in recs if r["kind"] == "outcome"]
+                self.assertEqual(sorted(int(o["call_seq"]) for o in outcomes),
+                                 sorted(r["seq"] for r in calls if r["decision"] == "allow"))
+                self.assertTrue(all(o["status"] == "200" and o["sent"] == "true" and o["failed"] == "false"
+                                    for o in outcomes), outcomes)
+                self.assertTrue(all(int(o["call_seq"]) < o["seq"] for o in outcomes))
                 halted = [r for r in recs if r["seq"] == seqs["halt"]]
                 self.assertEqual(len(halted), 1)
                 self.assertEqual(halted[0]["decision"], "halt")

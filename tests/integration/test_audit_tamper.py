@@ -268,7 +268,8 @@ class AuditTamperTest(unittest.TestCase):
 
     def test_a_foreign_key(self):
         # A log signed with another key, verified with the original public key.
-        self.assertInvalid(self.foreign, "(record 6): checkpoint signed by an unknown key", pub=self.pub)
+        first_cp = next(i + 1 for i, l in enumerate(read_lines(self.foreign)) if json.loads(l)["kind"] == "checkpoint")
+        self.assertInvalid(self.foreign, f"(record {first_cp}): checkpoint signed by an unknown key", pub=self.pub)
         # The original log with its keys/ replaced: the trusted key still decides.
         d = self.copy()
         shutil.copy(self.foreign_pub, os.path.join(d, "keys", "ed25519.pub"))
@@ -318,15 +319,17 @@ class AuditTamperTest(unittest.TestCase):
         state = tempfile.mktemp(dir=self.tmp)
         shutil.copy(trusted, state)
         out = self.assertValid(branches["a"], "--state", state)
-        self.assertIn(f"trusts checkpoint seq {n + 4} (tree size {n + 3}), advanced", out)
+        k = len(read_lines(branches["a"])) - n  # each call and its outcome, then a checkpoint
+        self.assertEqual(k, 7)
+        self.assertIn(f"trusts checkpoint seq {n + k} (tree size {n + k - 1}), advanced", out)
         # Same length, other records: the checkpoint at the trusted size has another root.
         # (Each run of the sidecar begins a segment: the record is line 4 of the branch's own.)
-        out = self.assertInvalid(branches["b"], f"(record {n + 4}): fork: the checkpoint "
-                                                f"at tree size {n + 3} has root", "--state", state)
-        self.assertRegex(out, r"^INVALID segment-\d{6}\.jsonl:4 ")
+        out = self.assertInvalid(branches["b"], f"(record {n + k}): fork: the checkpoint "
+                                                f"at tree size {n + k - 1} has root", "--state", state)
+        self.assertRegex(out, rf"^INVALID segment-\d{{6}}\.jsonl:{k} ")
         # Longer: a call where the trusted checkpoint was.
-        self.assertInvalid(branches["c"], f"(record {n + 4}): the trusted checkpoint (seq {n + 4}, tree size {n + 3}) "
-                                          f"is gone: record {n + 4} is not a checkpoint now", "--state", state)
+        self.assertInvalid(branches["c"], f"(record {n + k}): the trusted checkpoint (seq {n + k}, tree size {n + k - 1}) "
+                                          f"is gone: record {n + k} is not a checkpoint now", "--state", state)
         # Rolled back to before the branch.
         self.assertInvalid(self.base, "truncated", "--state", state)
         # Another log altogether.
@@ -508,18 +511,19 @@ class AuditTamperTest(unittest.TestCase):
         tg = sidecar(d)
         with tg:
             calls(tg, self.origin, ["u1", "u2"])
-            wait_for(lambda: len(read_lines(d)) == len(self.lines) + 2, what="the records on disk")
+            # Two calls and their outcomes.
+            wait_for(lambda: len(read_lines(d)) == len(self.lines) + 4, what="the records on disk")
             tg.stop(sig=signal.SIGKILL)  # a crash: no checkpoint after them
         n = len(self.lines)
-        self.assertIn("2 after the last checkpoint (unsealed)", self.assertValid(d))
-        for seq in (n + 1, n + 2, n):  # the last checkpoint itself is sealed by none yet
+        self.assertIn("4 after the last checkpoint (unsealed)", self.assertValid(d))
+        for seq in (n + 1, n + 4, n):  # the last checkpoint itself is sealed by none yet
             r = self.prove(d, seq)
             self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
             self.assertIn(f"record {seq} is not yet sealed by a checkpoint", r.stderr)
         r = self.prove(d, n - 1)  # an older record proves against the last checkpoint
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(self.check_proof(r.stdout).returncode, 0)
-        self.assertEqual(self.prove(d, n + 3).returncode, 2)  # no such record
+        self.assertEqual(self.prove(d, n + 5).returncode, 2)  # no such record
         forged = self.copy()  # and a log that does not verify proves nothing
         write_lines(forged, self.lines[:4] + self.lines[5:])
         r = self.prove(forged, 2)

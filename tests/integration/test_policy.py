@@ -103,6 +103,17 @@ class PolicyTest(unittest.TestCase):
         self.assertEqual(doc["rule"], "default-deny")
         self.assertEqual(len(self.origin.requests), before + 1)
         # Both records carry the hash of the params the policy read.
+        # A halt is answered at once; its record is on disk a moment later.
+        wait_for(lambda: doc["audit_seq"] in self.records(), timeout=5, what="the halt's record")
+        recs = self.records()
+        halted = recs[doc["audit_seq"]]
+        self.assertEqual(halted["params_sha256"], "sha256:" + hashlib.sha256(b'{"amount": 1000}').hexdigest())
+        allowed = [r for r in recs.values() if r.get("path") == "/sink" and r.get("decision") == "allow"]
+        self.assertEqual(allowed[-1]["params_sha256"], "sha256:" + hashlib.sha256(b'{"amount": 100}').hexdigest())
+        self.assertNotIn("params_sha256", [r for r in recs.values() if r.get("path") == "/hello"][-1])
+
+    def records(self):
+        """The sidecar's audit records by seq."""
         recs = {}
         for seg in sorted(os.listdir(os.path.join(self.tg.dir, "var", "audit"))):
             if seg.startswith("segment-"):
@@ -110,11 +121,7 @@ class PolicyTest(unittest.TestCase):
                     for line in f:
                         r = json.loads(line)
                         recs[r["seq"]] = r
-        halted = recs[doc["audit_seq"]]
-        self.assertEqual(halted["params_sha256"], "sha256:" + hashlib.sha256(b'{"amount": 1000}').hexdigest())
-        allowed = [r for r in recs.values() if r.get("path") == "/sink" and r.get("decision") == "allow"]
-        self.assertEqual(allowed[-1]["params_sha256"], "sha256:" + hashlib.sha256(b'{"amount": 100}').hexdigest())
-        self.assertNotIn("params_sha256", [r for r in recs.values() if r.get("path") == "/hello"][-1])
+        return recs
 
     def test_approval_flow(self):
         status, headers, body = self.call("agent-2", "-X", "DELETE")
@@ -133,6 +140,12 @@ class PolicyTest(unittest.TestCase):
         rc, out, _ = curl("-i", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
                           f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
         self.assertEqual(parse_response(out)[0], 200)
+        # The human decision is in the audit stream, with the approver's token fingerprint.
+        approvals = [r for r in self.records().values() if r["kind"] == "approval" and r["approval_id"] == approval]
+        self.assertEqual(len(approvals), 1)
+        self.assertEqual(approvals[0]["state"], "approved")
+        self.assertEqual(approvals[0]["approver"], "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:16])
+        self.assertEqual((approvals[0]["agent"], approvals[0]["method"]), ("agent-2", "DELETE"))
         status, _, body = self.call("agent-2", "-X", "DELETE")
         self.assertEqual((status, body), (200, b"hello"))  # forwarded now
         # Another agent's identical call is a different call: it needs its own approval.
