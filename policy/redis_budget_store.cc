@@ -18,8 +18,9 @@
 namespace tollgate {
 namespace {
 
-constexpr size_t kMaxRetries = 10'000;  // per worker loop
-constexpr size_t kMaxBatch = 256;       // operations in one script call
+constexpr size_t kMaxRetries = 10'000;   // per worker loop
+constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
+constexpr size_t kMaxBatch = 256;        // operations in one script call
 
 // KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
 // pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
@@ -526,6 +527,7 @@ struct RedisBudgetStore::PerLoop {
   std::map<std::string, Batch> batches;  // by the pools charged
   uv_check_t* check = nullptr;
   uv_idle_t* idle = nullptr;
+  uv_timer_t* retryTimer = nullptr;  // undelivered settlements are retried on it, traffic or not
   bool armed = false;
 };
 
@@ -605,6 +607,10 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
   l->check->data = l;
   l->idle = new uv_idle_t;
   uv_idle_init(loop, l->idle);
+  l->retryTimer = new uv_timer_t;
+  uv_timer_init(loop, l->retryTimer);
+  l->retryTimer->data = l;
+  uv_unref(reinterpret_cast<uv_handle_t*>(l->retryTimer));
   tlsPerLoop = l;
   tlsOwner = this;
   if (!subscribed_.exchange(true)) {
@@ -648,6 +654,8 @@ void RedisBudgetStore::detach(std::function<void()> done) {
            [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
   uv_close(reinterpret_cast<uv_handle_t*>(l->idle),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
+  uv_close(reinterpret_cast<uv_handle_t*>(l->retryTimer),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
   auto closeClient = [l, done = std::move(done)] {
     l->client->close(
         [l, done] {
@@ -667,6 +675,17 @@ void RedisBudgetStore::detach(std::function<void()> done) {
 void RedisBudgetStore::retryLater(PerLoop* l, Retry retry) {
   if (l->retries.size() >= kMaxRetries) return;  // the hold expires and is committed
   l->retries.push_back(std::move(retry));
+  // Retried with the next answered batch, or after a moment when no traffic follows (a
+  // settlement must not wait for the next call, or its hold would commit the estimate).
+  if (!uv_is_active(reinterpret_cast<uv_handle_t*>(l->retryTimer))) {
+    uv_timer_start(
+        l->retryTimer,
+        [](uv_timer_t* t) {
+          auto* pl = static_cast<PerLoop*>(t->data);
+          pl->store->flushRetries(pl);
+        },
+        kRetryDelayMs, 0);
+  }
 }
 
 void RedisBudgetStore::flushRetries(PerLoop* l) {

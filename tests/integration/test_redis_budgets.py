@@ -53,8 +53,8 @@ def spend(redis):
     return int(v[0] or 0), int(v[1] or 0)
 
 
-def call(tg, origin, cost=None, agent="agent-1"):
-    path = "/cost" if cost is None else f"/cost?effort={cost}"
+def call(tg, origin, cost=None, agent="agent-1", path_extra=""):
+    path = ("/cost?x=1" if cost is None else f"/cost?effort={cost}") + path_extra
     rc, out, _ = curl("-i", "-H", f"X-Agent-Id: {agent}", "--data", "x", origin.url(path), proxy=tg.proxy)
     status, _, body = parse_response(out)
     return status, body
@@ -163,6 +163,23 @@ class RedisBudgetTest(unittest.TestCase):
                     self.assertIn("budget_uninitialised", json.loads(body)["reason"])
                 self.assertEqual(redis("EXISTS", KEY), 0)
                 self.assertIsNone(tg.proc.poll())
+
+    def test_a_settlement_redis_missed_is_delivered_without_further_traffic(self):
+        """The call ends while Redis is paused, so its settlement times out; no other call
+        follows. It must still be delivered once Redis answers (its real cost, 2), not left
+        for the hold's expiry to commit the estimate (4) half a minute later."""
+        with RedisServer() as redis, HttpOrigin() as origin:
+            tg = sidecar([redis.url], limit=100, store={"timeout": "100ms", "hold_ttl": "30s"})
+            with tg:
+                self.assertEqual(pools_init(tg).returncode, 0)
+                result = {}
+                t = threading.Thread(target=lambda: result.update(r=call(tg, origin, path_extra="&ms=700", cost=2)))
+                t.start()
+                wait_for(lambda: spend(redis)[1] == 4, timeout=5, what="the call's hold")
+                redis("CLIENT", "PAUSE", 1200, "ALL")  # the call ends and settles meanwhile
+                t.join(timeout=10)
+                self.assertEqual(result["r"][0], 200)
+                wait_for(lambda: spend(redis) == (2, 0), timeout=5, what="the settlement, with no traffic")
 
     def test_a_fail_open_pool_lets_calls_through_uncharged_while_redis_is_down(self):
         with RedisServer() as redis, HttpOrigin() as origin:

@@ -187,7 +187,7 @@ class HttpOrigin:
     GET /hello -> "hello"; POST /echo -> the body; POST /sink -> {"bytes","sha256"} of the
     body (content-length or chunked, streamed); GET /stream?bytes=N -> N pattern bytes,
     chunked; GET /delay?ms=N -> "late" after N ms; GET /status/NNN -> that status;
-    any /cost?effort=N&risk=M -> "done" with X-Cost-Effort: N and X-Cost-Risk: M.
+    any /cost?effort=N&risk=M[&ms=D] -> "done" with X-Cost-Effort: N and X-Cost-Risk: M (after D ms).
     """
 
     def __init__(self):
@@ -284,6 +284,7 @@ class HttpOrigin:
         if path.startswith("/status/"):
             return self.reply(sock, int(path.split("/")[2]), b"status")
         if path == "/cost":
+            time.sleep(int(params.get("ms", ["0"])[0]) / 1000)
             extra = b"".join(b"X-Cost-%s: %s\r\n" % (k.capitalize().encode(), params[k][0].encode())
                              for k in ("effort", "risk") if k in params)
             return self.reply(sock, 200, b"done", extra)
