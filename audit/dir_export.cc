@@ -7,10 +7,11 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "audit/file_sink.h"
+#include "common/files.h"
 #include "common/log.h"
 
 namespace tollgate {
@@ -26,53 +27,6 @@ uint64_t seqOf(const std::string& line) {
   auto j = nlohmann::json::parse(line, nullptr, false);
   if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned()) return 0;
   return j["seq"].get<uint64_t>();
-}
-
-std::vector<fs::path> segmentsIn(const fs::path& dir) {
-  std::vector<fs::path> out;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec)) {
-    auto name = e.path().filename().string();
-    if (name.starts_with("segment-") && name.ends_with(".jsonl")) out.push_back(e.path());
-  }
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-// Writes `data` to `to` through a temporary file: fsynced, renamed, the directory fsynced.
-Status writeAtomically(const fs::path& to, const std::string& data) {
-  fs::path tmp = to;
-  tmp += ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Error{-errno, "open " + tmp.string() + ": " + std::strerror(errno)};
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    done += static_cast<size_t>(n);
-  }
-  bool ok = done == data.size() && ::fsync(fd) == 0;
-  int saved = errno;
-  ::close(fd);
-  if (!ok || ::rename(tmp.c_str(), to.c_str()) != 0) {
-    ::unlink(tmp.c_str());
-    return Error{-saved, "write " + to.string() + ": " + std::strerror(saved)};
-  }
-  int dfd = ::open(to.parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return Status::success();
-}
-
-Result<std::string> readAll(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) return Error{-1, "cannot read " + p.string()};
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 }  // namespace
@@ -152,10 +106,10 @@ void DirectoryExport::run() {
 }
 
 void DirectoryExport::catchUp() {
-  auto segs = segmentsIn(logDir_);
+  auto segs = auditSegments(logDir_);
   // Every segment but the newest is sealed; the newest is reported by the writer when it is.
   for (size_t i = 0; i + 1 < segs.size(); ++i) {
-    if (auto st = copySegment(segs[i].string()); !st) {
+    if (auto st = copySegment(segs[i]); !st) {
       Log::Line(LogLevel::kError, "audit export failed")
           .add("to", to_)
           .add("error", st.error().message)
@@ -164,7 +118,7 @@ void DirectoryExport::catchUp() {
   }
   std::vector<std::string> checkpoints;
   for (const auto& seg : segs) {
-    auto data = readAll(seg);
+    auto data = readFile(seg);
     if (!data) continue;
     std::istringstream in(data.value());
     std::string line;
@@ -194,7 +148,7 @@ Status DirectoryExport::copySegment(const std::string& path) {
       fs::copy_file(e.path(), fs::path(to_) / "keys" / e.path().filename(),
                     fs::copy_options::overwrite_existing, ec);
   }
-  auto data = readAll(from);
+  auto data = readFile(from.string());
   if (!data) return data.error();
   if (fs::exists(to, ec)) {
     // A sealed segment never changes: a copy of another size is somebody else's.
@@ -202,7 +156,7 @@ Status DirectoryExport::copySegment(const std::string& path) {
     return Error{
         -1, to.string() + " exists and differs from the sealed " + from.string() + ": left alone"};
   }
-  return writeAtomically(to, data.value());
+  return writeFileAtomic(to.string(), data.value(), 0600);
 }
 
 Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines) {
@@ -210,7 +164,7 @@ Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines)
   fs::path file = fs::path(to_) / "checkpoints.jsonl";
   // Only checkpoints after the last one already there: catch-up and the writer overlap.
   uint64_t last = 0;
-  if (auto data = readAll(file); data) {
+  if (auto data = readFile(file.string()); data) {
     const std::string& d = data.value();
     size_t end = d.size();
     while (end > 0 && d[end - 1] == '\n') --end;
@@ -229,8 +183,7 @@ Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines)
   if (out.empty()) return Status::success();
   int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (fd < 0) return Error{-errno, "open " + file.string() + ": " + std::strerror(errno)};
-  bool ok = ::write(fd, out.data(), out.size()) == static_cast<ssize_t>(out.size()) &&
-            ::fdatasync(fd) == 0;
+  bool ok = writeAll(fd, out) && ::fdatasync(fd) == 0;
   int saved = errno;
   ::close(fd);
   if (!ok) return Error{-saved, "append " + file.string() + ": " + std::strerror(saved)};

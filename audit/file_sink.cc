@@ -68,6 +68,12 @@ std::string segmentName(uint64_t n) {
 
 }  // namespace
 
+std::vector<std::string> auditSegments(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& p : segments(dir)) out.push_back(p.string());
+  return out;
+}
+
 Result<std::vector<std::string>> readAuditLog(const std::string& dir,
                                               std::vector<std::string>* segmentOfLine) {
   std::error_code ec;

@@ -92,6 +92,9 @@ class FileAuditSink : public AuditSink {
   std::thread writer_;
 };
 
+// The segment files of a log directory (full paths), in order.
+std::vector<std::string> auditSegments(const std::string& dir);
+
 // Reads every segment of a log directory in order, as lines. Error: unreadable directory.
 Result<std::vector<std::string>> readAuditLog(const std::string& dir,
                                               std::vector<std::string>* segmentOfLine = nullptr);

@@ -1,0 +1,67 @@
+#include "common/files.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace tollgate {
+
+Result<std::string> readFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Error{-1, "cannot read " + path};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+bool writeAll(int fd, std::string_view data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      return false;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+Status syncDir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Error{-errno, "open " + dir + ": " + std::strerror(errno)};
+  int rc = ::fsync(fd);
+  int saved = errno;
+  ::close(fd);
+  if (rc != 0) return Error{-saved, "fsync " + dir + ": " + std::strerror(saved)};
+  return Status::success();
+}
+
+Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
+  // Unique per process and call: two writers of one path (reloads from a signal and from
+  // the admin API) never share a temporary file.
+  static std::atomic<uint64_t> counter{0};
+  std::string tmp =
+      path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter.fetch_add(1));
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return Error{-errno, "open " + tmp + ": " + std::strerror(errno)};
+  bool ok = writeAll(fd, data) && ::fsync(fd) == 0;
+  int saved = errno;
+  ::close(fd);
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    if (ok) saved = errno;
+    ::unlink(tmp.c_str());
+    return Error{-saved, "cannot write " + path + ": " + std::strerror(saved)};
+  }
+  auto dir = std::filesystem::path(path).parent_path();
+  return syncDir(dir.empty() ? std::string(".") : dir.string());
+}
+
+}  // namespace tollgate

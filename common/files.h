@@ -1,0 +1,22 @@
+// Whole-file reads and durable writes, for the audit log's keys, ids, archives and exports.
+#pragma once
+
+#include <sys/types.h>
+
+#include <string>
+#include <string_view>
+
+#include "common/result.h"
+
+namespace tollgate {
+
+Result<std::string> readFile(const std::string& path);
+// Writes all of `data` to `fd` (retrying short writes and EINTR); false on an error (errno).
+bool writeAll(int fd, std::string_view data);
+// Replaces `path` durably: a temporary file next to it, written and fsynced, renamed over
+// it, and the directory fsynced. Readers see the old or the new file, never a part.
+Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mode);
+// fsyncs a directory (after a rename or a new file in it).
+Status syncDir(const std::string& dir);
+
+}  // namespace tollgate
