@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "audit/audit_cli.h"
+#include "certs/certs_cli.h"
 #include "policy/policy_cli.h"
 #include "policy/policy_set.h"
 #include "policy/redis_budget_store.h"
@@ -47,6 +48,18 @@ usage:
                                   seconds; default the whole log); its sha256 is appended to
                                   the log as a report record when no sidecar holds it;
                                   0 ok, 1 the log does not verify, 2 usage or unreadable
+  tollgate certs init DIR [--permit NAME]... [--name CN] [--force]
+                                  create the local CA for TLS interception in DIR (0700):
+                                  ca.key (0600, ECDSA P-256) and ca.crt (0644); --permit
+                                  limits what it may sign (example.com: it and its
+                                  subdomains, .internal: only subdomains, 10.0.0.0/8: those
+                                  addresses; a name type not permitted is excluded); prints
+                                  how to make agents trust it; refuses to replace an existing
+                                  CA without --force; 0 created, 1 failed or exists, 2 usage
+  tollgate certs mint DIR HOST [--key-out F]
+                                  debugging: print (PEM) a leaf for HOST (DNS name or IP) as
+                                  the sidecar would mint it from DIR's CA; --key-out F writes
+                                  the shared leaf key (0600); 1 when the CA does not permit HOST
   tollgate --version              print the version
   tollgate help                   print this help
 
@@ -158,6 +171,7 @@ int main(int argc, char** argv) {
       return tollgate::auditReplay({args.begin() + 2, args.end()}, stdout, stderr);
     return tollgate::auditCommand({args.begin() + 1, args.end()}, stdout, stderr);
   }
+  if (cmd == "certs") return tollgate::certsCommand({args.begin() + 1, args.end()}, stdout, stderr);
   if (cmd == "pools") {
     if (args.size() < 2 || args[1] != "init") return usageError("pools needs init");
     return poolsInit({args.begin() + 2, args.end()});
