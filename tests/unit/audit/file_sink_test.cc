@@ -1,0 +1,84 @@
+// FileAuditSink at start: a torn final record, cut at every byte offset (a crash in mid
+// write), is moved aside whole, a recovery record says how many bytes it had, and the log
+// verifies and goes on. In-process, so every offset is covered quickly; the integration
+// test (test_audit_tamper.py) restarts the real binary at a sample of offsets.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "audit/file_sink.h"
+#include "common/files.h"
+
+namespace tollgate {
+namespace {
+
+namespace fs = std::filesystem;
+
+ChainVerdict verifyDir(const fs::path& dir) {
+  std::ifstream pub(dir / "keys" / "ed25519.pub");
+  std::string hex;
+  pub >> hex;
+  auto key = Ed25519Key::fromRawPublic(fromHexBytes(hex));
+  auto lines = readAuditLog(dir.string());
+  if (!key || !lines) {
+    ChainVerdict bad;
+    bad.ok = false;
+    bad.reason = "unreadable";
+    return bad;
+  }
+  return verifyChain(lines.value(), {{key.value().id(), key.value()}});
+}
+
+TEST(FileSinkTest, ATornFinalRecordAtEveryOffsetIsMovedAsideAndRecorded) {
+  fs::path base = fs::temp_directory_path() / ("tollgate-torn-" + std::to_string(::getpid()));
+  fs::remove_all(base);
+  {
+    auto sink = FileAuditSink::open({(base / "log").string()});
+    ASSERT_TRUE(sink) << sink.error().message;
+    for (int i = 0; i < 5; ++i) {
+      AuditRecord r;
+      r.agent = "agent-" + std::to_string(i);
+      r.decision = "allow";
+      r.path = "/notes/" + std::to_string(i);
+      sink.value()->append(r);
+    }
+  }  // closed: the final record is the checkpoint that seals it
+  auto segs = auditSegments((base / "log").string());
+  ASSERT_EQ(segs.size(), 1u);
+  auto data = readFile(segs[0]).value();
+  auto lines = readAuditLog((base / "log").string()).value();
+  ASSERT_EQ(lines.size(), 6u);
+  size_t final = lines.back().size() + 1;  // with its newline
+  size_t start = data.size() - final;
+  for (size_t k = 1; k < final; ++k) {
+    SCOPED_TRACE("bytes of the final record written: " + std::to_string(k));
+    fs::path d = base / ("copy-" + std::to_string(k));
+    fs::copy(base / "log", d, fs::copy_options::recursive);
+    fs::resize_file(d / fs::path(segs[0]).filename(), start + k);
+    {
+      auto sink = FileAuditSink::open({d.string()});
+      ASSERT_TRUE(sink) << sink.error().message;
+    }
+    std::vector<fs::path> torn;
+    for (const auto& e : fs::directory_iterator(d))
+      if (e.path().filename().string().starts_with("torn-")) torn.push_back(e.path());
+    ASSERT_EQ(torn.size(), 1u);
+    EXPECT_EQ(readFile(torn[0].string()).value(), data.substr(start, k));
+    auto after = readAuditLog(d.string()).value();
+    ASSERT_GE(after.size(), 7u);  // five calls, the recovery record, a checkpoint
+    auto recovery = nlohmann::json::parse(after[5]);
+    EXPECT_EQ(recovery["kind"], "recovery");
+    EXPECT_EQ(recovery["torn_bytes"], k);
+    EXPECT_EQ(nlohmann::json::parse(after.back())["kind"], "checkpoint");
+    auto v = verifyDir(d);
+    EXPECT_TRUE(v.ok) << v.reason;
+    fs::remove_all(d);
+  }
+  fs::remove_all(base);
+}
+
+}  // namespace
+}  // namespace tollgate
