@@ -135,6 +135,21 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                        .Register(r)
                        .Add({});
   auditHealthy_->Set(1);
+  replicaSeq_ = &prometheus::BuildGauge()
+                     .Name("tollgate_audit_replica_seq")
+                     .Help("Last audit seq known to be in the Redis Stream replica")
+                     .Register(r)
+                     .Add({});
+  replicaLag_ = &prometheus::BuildGauge()
+                     .Name("tollgate_audit_replica_lag_records")
+                     .Help("Durable audit records not yet in the Redis Stream replica")
+                     .Register(r)
+                     .Add({});
+  replicaDropped_ = &prometheus::BuildGauge()
+                         .Name("tollgate_audit_replica_dropped_records")
+                         .Help("Records dropped from the replica's queue (read back from the log)")
+                         .Register(r)
+                         .Add({});
 }
 
 void Metrics::auditBatch(size_t records, double fsyncSeconds, bool ok) {
@@ -220,7 +235,15 @@ prometheus::Counter& Metrics::reloads(bool ok) {
   return reloads_->Add({{"result", ok ? "ok" : "error"}});
 }
 
+void Metrics::auditReplica(uint64_t replicatedSeq, uint64_t durableSeq, uint64_t dropped) {
+  replicaSeq_->Set(static_cast<double>(replicatedSeq));
+  replicaLag_->Set(
+      static_cast<double>(durableSeq > replicatedSeq ? durableSeq - replicatedSeq : 0));
+  replicaDropped_->Set(static_cast<double>(dropped));
+}
+
 std::string Metrics::render() const {
+  if (renderHook_) renderHook_();
   prometheus::TextSerializer serializer;
   return serializer.Serialize(registry_->Collect());
 }

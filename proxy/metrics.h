@@ -10,6 +10,7 @@
 
 #include <array>
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -47,6 +48,11 @@ class Metrics {
   // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
   void auditBatch(size_t records, double fsyncSeconds, bool ok);
   void auditCheckpoint(uint64_t seq) { auditLastCheckpoint_->Set(static_cast<double>(seq)); }
+  // The Redis Stream replica: the last seq known in the stream, records the writer has
+  // made durable, and records dropped from its queue (read back from the log later).
+  void auditReplica(uint64_t replicatedSeq, uint64_t durableSeq, uint64_t dropped);
+  // Called at the start of every render(), to refresh gauges read from elsewhere.
+  void setRenderHook(std::function<void()> hook) { renderHook_ = std::move(hook); }
   std::string render() const;
 
  private:
@@ -76,6 +82,10 @@ class Metrics {
   prometheus::Histogram* auditFsync_;
   prometheus::Gauge* auditLastCheckpoint_;
   prometheus::Gauge* auditHealthy_;
+  prometheus::Gauge* replicaSeq_;
+  prometheus::Gauge* replicaLag_;
+  prometheus::Gauge* replicaDropped_;
+  std::function<void()> renderHook_;
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 

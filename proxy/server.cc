@@ -93,7 +93,12 @@ Status Server::init() {
       ro.key = config_.auditReplicaStream;
       ro.maxlen = config_.auditReplicaMaxlen;
       ro.logDir = config_.auditDir;
-      options.replicas.push_back(std::make_shared<RedisStreamReplica>(ro));
+      auto replica = std::make_shared<RedisStreamReplica>(ro);
+      options.replicas.push_back(replica);
+      metrics_.setRenderHook([this, weak = std::weak_ptr<RedisStreamReplica>(replica)] {
+        if (auto r = weak.lock())
+          metrics_.auditReplica(r->replicated(), audit_->durableSeq(), r->dropped());
+      });
     }
     if (!config_.auditExportDir.empty()) {
       auto exporter = DirectoryExport::open(config_.auditDir, config_.auditExportDir);

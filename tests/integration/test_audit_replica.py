@@ -62,6 +62,18 @@ class AuditReplicaTest(unittest.TestCase):
             tg = self.sidecar({"replica": {"url": redis.url}})
             with tg:
                 calls(tg, origin, 20, "a")
+
+                def replica_metrics():
+                    _, text = tg.admin("/metrics")
+                    vals = {}
+                    for line in text.decode().splitlines():
+                        if line.startswith("tollgate_audit_replica_") or line.startswith("tollgate_audit_records_total"):
+                            name, value = line.rsplit(" ", 1)
+                            vals[name] = float(value)
+                    return vals if vals.get("tollgate_audit_replica_lag_records") == 0 and \
+                        vals.get("tollgate_audit_replica_seq", 0) >= 40 else None
+                vals = wait_for(replica_metrics, timeout=5, what="the replica caught up, in /metrics")
+                self.assertEqual(vals["tollgate_audit_replica_dropped_records"], 0)
                 self.assertEqual(tg.stop(), 0)
             lines = self.assertStreamIsTheLog(redis)
             self.assertEqual(json.loads(lines[-1])["kind"], "checkpoint")  # the seal went too
