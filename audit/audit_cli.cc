@@ -461,7 +461,7 @@ int auditRotateKey(const std::vector<std::string_view>& args, std::FILE* out, st
 }  // namespace
 
 int auditCommand(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
-  if (args.empty()) return usageError(err, "audit needs verify or prove");
+  if (args.empty()) return usageError(err, "audit needs verify, prove, report or rotate-key");
   std::vector<std::string_view> rest(args.begin() + 1, args.end());
   if (args[0] == "verify") return auditVerify(rest, out, err);
   if (args[0] == "prove") return auditProve(rest, out, err);
