@@ -49,13 +49,64 @@ std::optional<Ed25519Key> loadPublicKey(const std::string& path, std::FILE* err)
   return key.value();
 }
 
+// What a verifier trusts: the log's first key (rotations chain from it), or keys pinned with
+// their windows (--keyring F).
+struct Trust {
+  std::optional<Ed25519Key> anchor;
+  std::optional<Keyring> pinned;
+  ChainVerdict verify(const std::vector<std::string>& lines) const {
+    return pinned ? verifyChain(lines, *pinned) : verifyChain(lines, *anchor);
+  }
+  const Ed25519Key& first() const {
+    if (anchor) return *anchor;
+    const KeyWindow* w = &pinned->front();
+    for (const auto& k : *pinned) {
+      if (k.fromSeq < w->fromSeq) w = &k;
+    }
+    return w->key;
+  }
+};
+
+// --keyring F, else --pubkey F, else the log's anchor (DIR/keys/anchor.pub, or
+// DIR/keys/ed25519.pub for a log written before anchor.pub existed); nullopt after printing
+// why.
+std::optional<Trust> loadTrust(const std::string& dir, const std::string& pubkey,
+                               const std::string& keyring, std::FILE* err) {
+  Trust t;
+  if (!keyring.empty()) {
+    std::ifstream in(keyring, std::ios::binary);
+    std::stringstream ss;
+    if (in) ss << in.rdbuf();
+    if (!in) {
+      std::fprintf(err, "tollgate: cannot read the keyring %s\n", keyring.c_str());
+      return std::nullopt;
+    }
+    auto ring = parseKeyring(ss.str());
+    if (!ring) {
+      std::fprintf(err, "tollgate: %s: %s\n", keyring.c_str(), ring.error().message.c_str());
+      return std::nullopt;
+    }
+    t.pinned = ring.value();
+    return t;
+  }
+  std::string path = pubkey;
+  if (path.empty()) {
+    std::error_code ec;
+    path = dir + "/keys/anchor.pub";
+    if (!std::filesystem::exists(path, ec)) path = dir + "/keys/ed25519.pub";
+  }
+  t.anchor = loadPublicKey(path, err);
+  if (!t.anchor) return std::nullopt;
+  return t;
+}
+
 struct VerifiedLog {
   std::vector<std::string> lines, segmentOf;
   ChainVerdict verdict;
 };
 
 // Reads and verifies the log in `dir`; the exit code when it cannot be read (2).
-std::optional<VerifiedLog> readAndVerify(const std::string& dir, const Ed25519Key& key,
+std::optional<VerifiedLog> readAndVerify(const std::string& dir, const Trust& trust,
                                          std::FILE* err) {
   VerifiedLog log;
   auto lines = readAuditLog(dir, &log.segmentOf);
@@ -64,8 +115,7 @@ std::optional<VerifiedLog> readAndVerify(const std::string& dir, const Ed25519Ke
     return std::nullopt;
   }
   log.lines = std::move(lines.value());
-  std::map<std::string, Ed25519Key> keys{{key.id(), key}};
-  log.verdict = verifyChain(log.lines, keys);
+  log.verdict = trust.verify(log.lines);
   return log;
 }
 
@@ -94,11 +144,13 @@ int printInvalid(std::FILE* out, const VerifiedLog& log, const std::string& dir,
 }
 
 int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
-  std::string dir, pubkey, statePath;
+  std::string dir, pubkey, statePath, keyring;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--pubkey" || args[i] == "--state") {
+    if (args[i] == "--pubkey" || args[i] == "--state" || args[i] == "--keyring") {
       if (i + 1 >= args.size()) return usageError(err, std::string(args[i]) + " needs a file");
-      (args[i] == "--pubkey" ? pubkey : statePath) = std::string(args[i + 1]);
+      (args[i] == "--pubkey"  ? pubkey
+       : args[i] == "--state" ? statePath
+                              : keyring) = std::string(args[i + 1]);
       ++i;
     } else if (dir.empty() && !args[i].starts_with("-")) {
       dir = std::string(args[i]);
@@ -107,9 +159,10 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
     }
   }
   if (dir.empty()) return usageError(err, "audit verify needs a DIR");
-  if (pubkey.empty()) pubkey = dir + "/keys/ed25519.pub";
-  auto key = loadPublicKey(pubkey, err);
-  if (!key) return 2;
+  if (!pubkey.empty() && !keyring.empty())
+    return usageError(err, "audit verify takes --pubkey or --keyring, not both");
+  auto trust = loadTrust(dir, pubkey, keyring, err);
+  if (!trust) return 2;
   // The state first: a corrupt one is an error whatever the log holds.
   std::optional<TrustedCheckpoint> trusted;
   if (!statePath.empty()) {
@@ -120,7 +173,7 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
     }
     trusted = loaded.value();
   }
-  auto log = readAndVerify(dir, *key, err);
+  auto log = readAndVerify(dir, *trust, err);
   if (!log) return 2;
   const ChainVerdict& v = log->verdict;
   if (!v.ok) return printInvalid(out, *log, dir, v.line, v.reason);
@@ -133,6 +186,7 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
       out, "ok: %llu records, %llu checkpoints, %llu after the last checkpoint (unsealed)\n",
       static_cast<unsigned long long>(v.records), static_cast<unsigned long long>(v.checkpoints),
       static_cast<unsigned long long>(v.unsealed));
+  std::fprintf(out, "keys: %s\n", describeKeyring(v.keyring).c_str());
   if (statePath.empty()) return 0;
   if (v.lastCheckpoint.empty()) {
     std::fprintf(out, "state %s: no checkpoint to trust yet (not written)\n", statePath.c_str());
@@ -158,11 +212,12 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
   return 0;
 }
 
-int auditProveVerify(const std::string& proofPath, const std::string& pubkey, std::FILE* out,
-                     std::FILE* err) {
-  if (pubkey.empty()) return usageError(err, "audit prove --verify needs --pubkey F");
-  auto key = loadPublicKey(pubkey, err);
-  if (!key) return 2;
+int auditProveVerify(const std::string& proofPath, const std::string& pubkey,
+                     const std::string& keyring, std::FILE* out, std::FILE* err) {
+  if (pubkey.empty() == keyring.empty())
+    return usageError(err, "audit prove --verify needs --pubkey F or --keyring F");
+  auto trust = loadTrust({}, pubkey, keyring, err);
+  if (!trust) return 2;
   std::ifstream in(proofPath, std::ios::binary);
   std::stringstream ss;
   if (in) ss << in.rdbuf();
@@ -180,24 +235,28 @@ int auditProveVerify(const std::string& proofPath, const std::string& pubkey, st
     std::fprintf(out, "INVALID proof: %s\n", proof.error().message.c_str());
     return 1;
   }
-  if (auto st = verifyInclusionProof(proof.value(), *key); !st) {
-    std::fprintf(out, "INVALID proof: %s\n", printable(st.error().message).c_str());
+  auto signer = verifyInclusionProof(proof.value(), trust->first(),
+                                     trust->pinned ? &*trust->pinned : nullptr);
+  if (!signer) {
+    std::fprintf(out, "INVALID proof: %s\n", printable(signer.error().message).c_str());
     return 1;
   }
   std::fprintf(out, "ok: record %llu is leaf %llu of the tree of size %llu signed by key %s\n",
                static_cast<unsigned long long>(proof.value().leafIndex + 1),
                static_cast<unsigned long long>(proof.value().leafIndex),
-               static_cast<unsigned long long>(proof.value().treeSize), key->id().c_str());
+               static_cast<unsigned long long>(proof.value().treeSize), signer.value().c_str());
   return 0;
 }
 
 int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
-  std::string dir, seqArg, pubkey, proofPath;
+  std::string dir, seqArg, pubkey, proofPath, keyring;
   bool verifyMode = false;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--pubkey" || args[i] == "--verify") {
+    if (args[i] == "--pubkey" || args[i] == "--verify" || args[i] == "--keyring") {
       if (i + 1 >= args.size()) return usageError(err, std::string(args[i]) + " needs a file");
-      (args[i] == "--pubkey" ? pubkey : proofPath) = std::string(args[i + 1]);
+      (args[i] == "--pubkey"    ? pubkey
+       : args[i] == "--keyring" ? keyring
+                                : proofPath) = std::string(args[i + 1]);
       verifyMode = verifyMode || args[i] == "--verify";
       ++i;
     } else if (!args[i].starts_with("-") && (dir.empty() || seqArg.empty())) {
@@ -208,17 +267,18 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
   }
   if (verifyMode) {
     if (!dir.empty()) return usageError(err, "audit prove --verify takes no DIR");
-    return auditProveVerify(proofPath, pubkey, out, err);
+    return auditProveVerify(proofPath, pubkey, keyring, out, err);
   }
   uint64_t seq = 0;
   auto [end, ec] = std::from_chars(seqArg.data(), seqArg.data() + seqArg.size(), seq);
   if (dir.empty() || seqArg.empty() || ec != std::errc() || end != seqArg.data() + seqArg.size() ||
       seq == 0)
     return usageError(err, "audit prove needs DIR SEQ (a record's seq, from 1)");
-  if (pubkey.empty()) pubkey = dir + "/keys/ed25519.pub";
-  auto key = loadPublicKey(pubkey, err);
-  if (!key) return 2;
-  auto log = readAndVerify(dir, *key, err);
+  if (!pubkey.empty() && !keyring.empty())
+    return usageError(err, "audit prove takes --pubkey or --keyring, not both");
+  auto trust = loadTrust(dir, pubkey, keyring, err);
+  if (!trust) return 2;
+  auto log = readAndVerify(dir, *trust, err);
   if (!log) return 2;
   // Only a log that verifies is evidence.
   if (!log->verdict.ok) return printInvalid(out, *log, dir, log->verdict.line, log->verdict.reason);
@@ -280,18 +340,8 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
     std::fprintf(err, "tollgate: %s is not an audit log (no LOG_ID)\n", dir.c_str());
     return 2;
   }
-  if (pubkey.empty()) pubkey = dir + "/keys/ed25519.pub";
-  std::ifstream keyIn(pubkey);
-  std::string hex;
-  if (!(keyIn >> hex)) {
-    std::fprintf(err, "tollgate: cannot read the public key %s\n", pubkey.c_str());
-    return 2;
-  }
-  auto key = Ed25519Key::fromRawPublic(fromHexBytes(hex));
-  if (!key) {
-    std::fprintf(err, "tollgate: %s: %s\n", pubkey.c_str(), key.error().message.c_str());
-    return 2;
-  }
+  auto trust = loadTrust(dir, pubkey, {}, err);
+  if (!trust) return 2;
   std::vector<std::string> segmentOf;
   auto lines = readAuditLog(dir, &segmentOf);
   if (!lines) {
@@ -310,9 +360,10 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   ctx.dir = dir;
   std::ifstream idIn(std::filesystem::path(dir) / "LOG_ID");
   std::getline(idIn, ctx.logId);
-  ctx.keys.push_back({key.value().id(), "sha256:" + sha256Hex(key.value().rawPublic())});
-  std::map<std::string, Ed25519Key> keys{{key.value().id(), key.value()}};
-  auto v = verifyChain(lines.value(), keys);
+  auto v = trust->verify(lines.value());
+  // Every key the log used (as far as it verifies), the anchor first.
+  for (const auto& w : v.keyring)
+    ctx.keys.push_back({w.key.id(), "sha256:" + sha256Hex(w.key.rawPublic())});
   ctx.verified = v.ok;
   if (v.ok) {
     ctx.verifier = std::to_string(v.records) + " records, " + std::to_string(v.checkpoints) +
@@ -375,14 +426,47 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   return v.ok ? 0 : 1;
 }
 
+int auditRotateKey(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
+  std::string dir;
+  for (auto a : args) {
+    if (!dir.empty() || a.starts_with("-"))
+      return usageError(err, "audit rotate-key: unknown argument '" + std::string(a) + "'");
+    dir = std::string(a);
+  }
+  if (dir.empty()) return usageError(err, "audit rotate-key needs a DIR");
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "LOG_ID", ec)) {
+    std::fprintf(err, "tollgate: %s is not an audit log (no LOG_ID)\n", dir.c_str());
+    return 2;
+  }
+  // Opening verifies the log and takes its LOCK: a running sidecar rotates through its admin
+  // API instead (POST /v1/audit/rotate-key).
+  auto sink = FileAuditSink::open(FileAuditSink::Options(dir));
+  if (!sink) {
+    std::fprintf(err, "tollgate: %s\n", sink.error().message.c_str());
+    return 1;
+  }
+  auto done = sink.value()->rotateKey();
+  sink.value().reset();  // the rotation sealed by a checkpoint of the new key, fsynced
+  if (!done) {
+    std::fprintf(err, "tollgate: key rotation failed: %s\n", done.error().message.c_str());
+    return 1;
+  }
+  std::fprintf(out, "rotated at record %llu: old key %s, new key %s\n",
+               static_cast<unsigned long long>(done.value().seq), done.value().oldKeyId.c_str(),
+               done.value().newKeyId.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int auditCommand(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
-  if (args.empty()) return usageError(err, "audit needs verify or prove");
+  if (args.empty()) return usageError(err, "audit needs verify, prove, report or rotate-key");
   std::vector<std::string_view> rest(args.begin() + 1, args.end());
   if (args[0] == "verify") return auditVerify(rest, out, err);
   if (args[0] == "prove") return auditProve(rest, out, err);
   if (args[0] == "report") return auditReport(rest, out, err);
+  if (args[0] == "rotate-key") return auditRotateKey(rest, out, err);
   return usageError(err, "unknown audit command '" + std::string(args[0]) + "'");
 }
 

@@ -3,6 +3,7 @@
 // durable stream (DESIGN §6) replaces it behind this interface.
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
 #include <deque>
 #include <mutex>
@@ -11,6 +12,8 @@
 #include <utility>
 #include <variant>
 #include <vector>
+
+#include "common/result.h"
 
 namespace tollgate {
 
@@ -38,6 +41,12 @@ class AuditObserver {
   virtual void onCheckpoint(uint64_t /*seq*/) {}
 };
 
+// What a checkpoint key rotation did: the key_rotation record's seq and the two key ids.
+struct KeyRotation {
+  std::string oldKeyId, newKeyId;
+  uint64_t seq = 0;
+};
+
 // The fields of a record other than a call: string keys and values (the keys not the
 // chain's own: v, log_id, seq, ts_ns, prev, kind).
 using AuditFields = std::vector<std::pair<std::string_view, std::string_view>>;
@@ -59,6 +68,11 @@ class AuditSink {
   // The observer (or none) told of every batch from now on; set and cleared while the
   // sink lives, it must outlive the setting.
   virtual void setObserver(AuditObserver* /*observer*/) {}
+  // Replaces the checkpoint signing key by a new one (a key_rotation record signed by both),
+  // once that record is durable. Error: the sink has no keys, or the rotation failed.
+  virtual Result<KeyRotation> rotateKey() {
+    return Error{-ENOTSUP, "this audit sink keeps no signed log (audit.sink: memory)"};
+  }
 };
 
 class MemoryAuditSink : public AuditSink {

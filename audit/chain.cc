@@ -129,9 +129,106 @@ std::string AuditChain::checkpoint(const Ed25519Key& key, int64_t tsNs) {
   return line;
 }
 
-ChainVerdict verifyChain(const std::vector<std::string>& lines,
-                         const std::map<std::string, Ed25519Key>& keys) {
+std::string AuditChain::keyRotation(const Ed25519Key& oldKey, const Ed25519Key& newKey,
+                                    int64_t tsNs) {
+  Json body = {{"old_key_id", oldKey.id()},
+               {"new_key_id", newKey.id()},
+               {"new_public", toHexBytes(newKey.rawPublic())}};
+  stamp(body, "key_rotation", tsNs);
+  std::string signedPart = canonical(body);
+  body["sig_old"] = toHexBytes(oldKey.sign(signedPart));
+  body["sig_new"] = toHexBytes(newKey.sign(signedPart));
+  return seal(canonical(body));
+}
+
+Result<Ed25519Key> checkKeyRotation(const Json& r, const Ed25519Key& active) {
+  for (const char* k : {"old_key_id", "new_key_id", "new_public", "sig_old", "sig_new"}) {
+    if (!r.contains(k) || !r[k].is_string())
+      return Error{-1,
+                   "key rotation without old_key_id, new_key_id, new_public, sig_old and sig_new"};
+  }
+  std::string oldId = r["old_key_id"].get<std::string>();
+  std::string newId = r["new_key_id"].get<std::string>();
+  if (oldId != active.id())
+    return Error{-1, "key rotation not signed by the active key " + active.id() +
+                         " (it names the old key " + oldId + ")"};
+  auto newKey = Ed25519Key::fromRawPublic(fromHexBytes(r["new_public"].get<std::string>()));
+  if (!newKey) return Error{-1, "key rotation whose new_public is not an Ed25519 public key"};
+  if (newKey.value().id() != newId)
+    return Error{-1, "key rotation whose new_key_id is not the id of new_public"};
+  if (newId == active.id()) return Error{-1, "key rotation to the active key itself"};
+  Json body = r;
+  body.erase("sig_old");
+  body.erase("sig_new");
+  std::string signedPart = canonical(body);
+  std::string sigOld = fromHexBytes(r["sig_old"].get<std::string>());
+  std::string sigNew = fromHexBytes(r["sig_new"].get<std::string>());
+  if (sigOld.size() != 64 || !active.verify(signedPart, sigOld))
+    return Error{-1, "key rotation not signed by the active key " + active.id()};
+  if (sigNew.size() != 64 || !newKey.value().verify(signedPart, sigNew))
+    return Error{-1, "key rotation not signed by the new key " + newId};
+  return newKey.value();
+}
+
+std::string describeKeyring(const Keyring& keyring) {
+  std::string out;
+  for (const auto& w : keyring) {
+    if (!out.empty()) out += ", ";
+    out += w.key.id() + " seq " + std::to_string(w.fromSeq) + "-" +
+           (w.toSeq ? std::to_string(w.toSeq) : std::string());
+  }
+  return out;
+}
+
+Result<Keyring> parseKeyring(std::string_view text) {
+  Json j = Json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_array() || j.empty())
+    return Error{-1, "a keyring is a non-empty JSON array of {key_id, public, from_seq, to_seq}"};
+  Keyring ring;
+  for (size_t i = 0; i < j.size(); ++i) {
+    const Json& e = j[i];
+    std::string where = "keyring entry " + std::to_string(i + 1) + ": ";
+    if (!e.is_object() || !e.contains("key_id") || !e["key_id"].is_string() ||
+        !e.contains("public") || !e["public"].is_string() || !e.contains("from_seq") ||
+        !e["from_seq"].is_number_unsigned())
+      return Error{-1, where + "needs key_id, public and from_seq"};
+    auto key = Ed25519Key::fromRawPublic(fromHexBytes(e["public"].get<std::string>()));
+    if (!key) return Error{-1, where + "public is not a hex Ed25519 public key"};
+    if (key.value().id() != e["key_id"].get<std::string>())
+      return Error{-1, where + "key_id is not the id of its public key"};
+    uint64_t from = e["from_seq"].get<uint64_t>(), to = 0;
+    if (e.contains("to_seq") && !e["to_seq"].is_null()) {
+      if (!e["to_seq"].is_number_unsigned()) return Error{-1, where + "to_seq is not a seq"};
+      to = e["to_seq"].get<uint64_t>();
+    }
+    if (from == 0 || (to != 0 && to < from))
+      return Error{-1, where + "from_seq must be at least 1 and to_seq at least from_seq"};
+    for (const auto& w : ring) {
+      if (w.key.id() == key.value().id()) return Error{-1, where + "the key is listed twice"};
+    }
+    ring.push_back({key.value(), from, to});
+  }
+  return ring;
+}
+
+namespace {
+
+std::string window(const KeyWindow& w) {
+  return "seq " + std::to_string(w.fromSeq) + "-" + (w.toSeq ? std::to_string(w.toSeq) : "");
+}
+
+const KeyWindow* findKey(const Keyring& ring, const std::string& id) {
+  for (const auto& w : ring) {
+    if (w.key.id() == id) return &w;
+  }
+  return nullptr;
+}
+
+ChainVerdict verifyChainImpl(const std::vector<std::string>& lines, const Ed25519Key& anchor,
+                             const Keyring* pinned) {
   ChainVerdict v;
+  // The derived keyring: the anchor from seq 1, each rotation's new key after it.
+  v.keyring.push_back({anchor, 1, 0});
   auto bad = [&](uint64_t line, std::string reason) {
     v.ok = false;
     v.line = line;
@@ -186,15 +283,52 @@ ChainVerdict verifyChain(const std::vector<std::string>& lines,
                    "checkpoint root does not match the records before it (a record was changed)");
       if (r["prev_checkpoint"] != prevCheckpoint)
         return bad(n, "checkpoint does not link the previous checkpoint (a fork or a replay)");
-      auto key = keys.find(r["key_id"].get<std::string>());
-      if (key == keys.end())
-        return bad(n, "checkpoint signed by an unknown key " + r["key_id"].get<std::string>());
-      if (!checkpointSignatureValid(r, key->second))
+      std::string keyId = r["key_id"].get<std::string>();
+      const KeyWindow& active = v.keyring.back();
+      if (keyId != active.key.id()) {
+        const KeyWindow* used = findKey(v.keyring, keyId);
+        if (used)
+          return bad(n, "checkpoint signed by key " + keyId +
+                            " outside its validity window (retired at seq " +
+                            std::to_string(used->toSeq) + ")");
+        if (pinned && findKey(*pinned, keyId))
+          return bad(n, "checkpoint signed by key " + keyId + " before any key rotation to it" +
+                            " (the active key is " + active.key.id() + ")");
+        return bad(n, "checkpoint signed by an unknown key " + keyId);
+      }
+      if (pinned) {
+        const KeyWindow* w = findKey(*pinned, keyId);
+        if (!w)
+          return bad(n, "checkpoint signed by key " + keyId + ", which the keyring does not list");
+        if (seq < w->fromSeq || (w->toSeq && seq > w->toSeq))
+          return bad(n, "checkpoint signed by key " + keyId + " outside its validity window (" +
+                            window(*w) + " in the keyring)");
+      }
+      if (!checkpointSignatureValid(r, active.key))
         return bad(n, "checkpoint signature does not verify");
       prevCheckpoint = lineHash(line);
       ++v.checkpoints;
       v.unsealed = 0;
       v.lastCheckpoint = line;
+    } else if (r["kind"] == "key_rotation") {
+      auto next = checkKeyRotation(r, v.keyring.back().key);
+      if (!next) return bad(n, next.error().message);
+      std::string newId = next.value().id();
+      if (const KeyWindow* used = findKey(v.keyring, newId))
+        return bad(n, "key rotation to key " + newId + ", which this log retired at seq " +
+                          std::to_string(used->toSeq));
+      if (pinned) {
+        const KeyWindow* o = findKey(*pinned, v.keyring.back().key.id());
+        if (o && (seq < o->fromSeq || (o->toSeq && seq > o->toSeq)))
+          return bad(n, "key rotation signed by key " + o->key.id() +
+                            " outside its validity window (" + window(*o) + " in the keyring)");
+        const KeyWindow* w = findKey(*pinned, newId);
+        if (!w || w->key.rawPublic() != next.value().rawPublic())
+          return bad(n, "key rotation to key " + newId + ", which the keyring does not list");
+      }
+      v.keyring.back().toSeq = seq;
+      v.keyring.push_back({next.value(), seq + 1, 0});
+      ++v.unsealed;
     } else {
       ++v.unsealed;
     }
@@ -203,6 +337,27 @@ ChainVerdict verifyChain(const std::vector<std::string>& lines,
     ++v.records;
   }
   return v;
+}
+
+}  // namespace
+
+ChainVerdict verifyChain(const std::vector<std::string>& lines, const Ed25519Key& anchor) {
+  return verifyChainImpl(lines, anchor, nullptr);
+}
+
+ChainVerdict verifyChain(const std::vector<std::string>& lines, const Keyring& pinned) {
+  if (pinned.empty()) {
+    ChainVerdict v;
+    v.ok = false;
+    v.reason = "an empty keyring trusts no key";
+    return v;
+  }
+  // The chain starts from the pinned key of the lowest from_seq.
+  const KeyWindow* first = &pinned.front();
+  for (const auto& w : pinned) {
+    if (w.fromSeq < first->fromSeq) first = &w;
+  }
+  return verifyChainImpl(lines, first->key, &pinned);
 }
 
 }  // namespace tollgate

@@ -5,6 +5,11 @@
 // (`tree_size`, `root`), links the previous checkpoint (`prev_checkpoint`) and is signed
 // with Ed25519 (`key_id`, `sig` over the canonical record without `sig`).
 //
+// Keys rotate (DESIGN §6 "key window"): a `key_rotation` record names `old_key_id`,
+// `new_key_id` and `new_public` (hex raw key) and carries `sig_old` and `sig_new`, Ed25519
+// signatures by both keys over the canonical record without the two sig fields. The old key
+// signs checkpoints up to the rotation, the new one from the next record on.
+//
 // AuditChain writes; verifyChain() checks a sequence of lines and names the first bad one.
 // Kinds: call, outcome, reload, approval, checkpoint, recovery, key_rotation, report, job.
 #pragma once
@@ -18,6 +23,7 @@
 
 #include "audit/merkle.h"
 #include "audit/signer.h"
+#include "common/result.h"
 
 namespace tollgate {
 
@@ -35,6 +41,8 @@ class AuditChain {
                             int64_t tsNs);
   // A signed checkpoint over every line so far.
   std::string checkpoint(const Ed25519Key& key, int64_t tsNs);
+  // A key_rotation record from `oldKey` to `newKey`, signed by both.
+  std::string keyRotation(const Ed25519Key& oldKey, const Ed25519Key& newKey, int64_t tsNs);
 
   // Continues after `lines`, a log that verifyChain() accepted.
   void resume(const std::vector<std::string>& lines);
@@ -56,6 +64,24 @@ class AuditChain {
   uint64_t sinceCheckpoint_ = 0;
 };
 
+// One key of a log and the seqs of the checkpoints it may sign: fromSeq..toSeq (toSeq 0: to
+// the end). A rotation at seq R closes the old key's window at R and opens the new one's at
+// R + 1.
+struct KeyWindow {
+  Ed25519Key key;
+  uint64_t fromSeq = 1;
+  uint64_t toSeq = 0;
+};
+// Keys in the order they were used: the verifier's view of a log, or the windows an
+// operator pins out of band (`audit verify --keyring F`).
+using Keyring = std::vector<KeyWindow>;
+
+// "K1 seq 1-120, K2 seq 121-".
+std::string describeKeyring(const Keyring& keyring);
+// A keyring file: [{"key_id":hex,"public":hex,"from_seq":N,"to_seq":N|null}, …]; each
+// key_id must be its public key's id. Error: the first bad entry.
+Result<Keyring> parseKeyring(std::string_view text);
+
 struct ChainVerdict {
   bool ok = true;
   uint64_t line = 0;  // 1-based line of the first bad record
@@ -63,11 +89,17 @@ struct ChainVerdict {
   uint64_t records = 0, checkpoints = 0;
   uint64_t unsealed = 0;       // records after the last checkpoint
   std::string lastCheckpoint;  // its line
+  Keyring keyring;             // the keys the log used, with their windows (so far)
 };
 
-// Keys by id. Every checkpoint must be signed by one of them.
-ChainVerdict verifyChain(const std::vector<std::string>& lines,
-                         const std::map<std::string, Ed25519Key>& keys);
+// Trusting `anchor`, the log's first key: each key_rotation must be signed by the active
+// key and by the new one, which is active from then on; every checkpoint must be signed by
+// the active key.
+ChainVerdict verifyChain(const std::vector<std::string>& lines, const Ed25519Key& anchor);
+// Trusting only the keys in `pinned`: the same, starting from its key of the lowest
+// from_seq, and each checkpoint's key must also be in `pinned` with the seq inside its
+// window, and each rotation's new key listed there.
+ChainVerdict verifyChain(const std::vector<std::string>& lines, const Keyring& pinned);
 
 // Hex SHA-256 of a line: what the next record's `prev` holds.
 std::string lineHash(std::string_view line);
@@ -75,5 +107,10 @@ std::string lineHash(std::string_view line);
 // Whether a parsed checkpoint record carries `key`'s Ed25519 signature (hex `sig`) over its
 // canonical form without `sig`. The verifier and `audit prove --verify` both use it.
 bool checkpointSignatureValid(const nlohmann::json& checkpoint, const Ed25519Key& key);
+
+// Checks a parsed key_rotation record against the key active before it: it names that key,
+// its new_key_id is new_public's id, and sig_old and sig_new verify. Returns the new key;
+// error: why not (the verifier and `audit prove --verify` both use it).
+Result<Ed25519Key> checkKeyRotation(const nlohmann::json& rotation, const Ed25519Key& active);
 
 }  // namespace tollgate

@@ -1,6 +1,7 @@
 #include "audit/file_sink.h"
 
 #include <fcntl.h>
+#include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "common/log.h"
@@ -47,6 +49,47 @@ Status writeFile(const fs::path& p, const std::string& data, mode_t mode) {
   ::close(fd);
   if (!ok) return Error{-1, "cannot write " + p.string()};
   return Status::success();
+}
+
+Status syncDir(const fs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Error{-errno, sysError("open " + dir.string())};
+  bool ok = ::fsync(fd) == 0;
+  ::close(fd);
+  if (!ok) return Error{-1, sysError("fsync " + dir.string())};
+  return Status::success();
+}
+
+// Written to a temporary file and renamed over `p`: readers see the old or the new bytes.
+Status replaceFile(const fs::path& p, const std::string& data, mode_t mode) {
+  fs::path tmp = p;
+  tmp += ".tmp";
+  if (auto st = writeFile(tmp, data, mode); !st) return st;
+  if (::rename(tmp.c_str(), p.c_str()) != 0) return Error{-errno, sysError("rename " + p.string())};
+  return syncDir(p.parent_path());
+}
+
+Result<Ed25519Key> readPrivateKey(const fs::path& p) {
+  auto hex = readFile(p);
+  if (!hex) return hex.error();
+  auto k = Ed25519Key::fromRawPrivate(fromHexBytes(hex.value().substr(0, 64)));
+  if (!k) return Error{-1, p.string() + ": " + k.error().message};
+  return k;
+}
+
+// A new private key in `p` (0600, hex of the raw key), durable when this returns.
+Status writePrivateKey(const fs::path& p, const Ed25519Key& key) {
+  unsigned char raw[32];
+  size_t len = sizeof raw;
+  if (!key.exportRawPrivate(raw, &len)) return Error{-1, "cannot export the audit key"};
+  std::string hex = toHexBytes({reinterpret_cast<char*>(raw), len}) + "\n";
+  OPENSSL_cleanse(raw, sizeof raw);
+  std::error_code ec;
+  fs::remove(p, ec);  // a file left over keeps its mode under O_CREAT: made anew with 0600
+  Status st = writeFile(p, hex, 0600);
+  OPENSSL_cleanse(hex.data(), hex.size());
+  if (!st) return st;
+  return syncDir(p.parent_path());
 }
 
 std::vector<fs::path> segments(const fs::path& dir) {
@@ -118,29 +161,6 @@ Status FileAuditSink::start() {
                          " is in use by another process (its LOCK is held): one writer per log"};
   }
 
-  // The checkpoint key and the log id, created on first use.
-  fs::path keyFile = dir / "keys" / "ed25519.key";
-  if (fs::exists(keyFile)) {
-    auto hex = readFile(keyFile);
-    if (!hex) return hex.error();
-    std::string raw = fromHexBytes(hex.value().substr(0, 64));
-    auto k = Ed25519Key::fromRawPrivate(raw);
-    if (!k) return Error{-1, keyFile.string() + ": " + k.error().message};
-    key_ = std::make_unique<Ed25519Key>(k.value());
-  } else {
-    auto k = Ed25519Key::generate();
-    if (!k) return k.error();
-    key_ = std::make_unique<Ed25519Key>(k.value());
-    unsigned char raw[32];
-    size_t len = sizeof raw;
-    if (!key_->exportRawPrivate(raw, &len)) return Error{-1, "cannot export the audit key"};
-    if (auto st = writeFile(keyFile, toHexBytes({reinterpret_cast<char*>(raw), len}) + "\n", 0600);
-        !st)
-      return st;
-  }
-  if (auto st = writeFile(dir / "keys" / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644);
-      !st)
-    return st;
   std::string logId;
   if (fs::exists(dir / "LOG_ID")) {
     auto id = readFile(dir / "LOG_ID");
@@ -173,13 +193,7 @@ Status FileAuditSink::start() {
   std::vector<std::string> segOf;
   auto lines = readAuditLog(dir.string(), &segOf);
   if (!lines) return lines.error();
-  std::map<std::string, Ed25519Key> keys{{key_->id(), *key_}};
-  auto verdict = verifyChain(lines.value(), keys);
-  if (!verdict.ok) {
-    return Error{-1, "audit log " + dir.string() + " does not verify at " +
-                         segOf[verdict.line - 1] + " record " + std::to_string(verdict.line) +
-                         ": " + verdict.reason + " (move it aside to start a new log)"};
-  }
+  if (auto st = loadKeys(lines.value(), segOf); !st) return st;
   chain_->resume(lines.value());
   seq_ = lines.value().size();
   for (size_t i = lines.value().size() > kRecent ? lines.value().size() - kRecent : 0;
@@ -207,6 +221,120 @@ Status FileAuditSink::start() {
   durable_ = seq_;
   writer_ = std::thread([this] { run(); });
   return Status::success();
+}
+
+Status FileAuditSink::loadKeys(const std::vector<std::string>& lines,
+                               const std::vector<std::string>& segOf) {
+  fs::path keys = fs::path(options_.dir) / "keys";
+  fs::path keyFile = keys / "ed25519.key", nextFile = keys / "ed25519.key.next";
+  fs::path anchorFile = keys / "anchor.pub";
+  std::error_code ec;
+  std::optional<Ed25519Key> current, next;
+  if (fs::exists(keyFile, ec)) {
+    auto k = readPrivateKey(keyFile);
+    if (!k) return k.error();
+    current = k.value();
+  }
+  if (fs::exists(nextFile, ec)) {
+    auto k = readPrivateKey(nextFile);
+    if (k) next = k.value();  // torn by a crash before the rotation: the log cannot name it
+  }
+  if (lines.empty()) {
+    // A new log: its first key is the anchor.
+    if (!current) {
+      auto k = Ed25519Key::generate();
+      if (!k) return k.error();
+      if (auto st = writePrivateKey(keyFile, k.value()); !st) return st;
+      current = k.value();
+    }
+    fs::remove(nextFile, ec);
+    key_ = std::make_unique<Ed25519Key>(*current);
+    if (auto st = replaceFile(anchorFile, toHexBytes(key_->rawPublic()) + "\n", 0644); !st)
+      return st;
+    return replaceFile(keys / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644);
+  }
+  // A log written before anchor.pub existed never rotated: its one key is the anchor.
+  std::optional<Ed25519Key> anchor = current;
+  bool writeAnchor = !fs::exists(anchorFile, ec);
+  if (!writeAnchor) {
+    auto hex = readFile(anchorFile);
+    if (!hex) return hex.error();
+    auto k = Ed25519Key::fromRawPublic(fromHexBytes(hex.value().substr(0, 64)));
+    if (!k) return Error{-1, anchorFile.string() + ": " + k.error().message};
+    anchor = k.value();
+  }
+  if (!anchor) return Error{-1, "audit log " + options_.dir + " has no key in " + keys.string()};
+  auto verdict = verifyChain(lines, *anchor);
+  if (!verdict.ok) {
+    return Error{-1, "audit log " + options_.dir + " does not verify at " +
+                         segOf[verdict.line - 1] + " record " + std::to_string(verdict.line) +
+                         ": " + verdict.reason + " (move it aside to start a new log)"};
+  }
+  std::string activeId = verdict.keyring.back().key.id();
+  if (current && current->id() == activeId) {
+    fs::remove(nextFile, ec);  // a rotation whose record never became durable
+    key_ = std::make_unique<Ed25519Key>(*current);
+  } else if (next && next->id() == activeId) {
+    // A rotation whose record is durable, interrupted before the old key was deleted.
+    if (::rename(nextFile.c_str(), keyFile.c_str()) != 0)
+      return Error{-errno, sysError("rename " + nextFile.string())};
+    if (auto st = syncDir(keys); !st) return st;
+    key_ = std::make_unique<Ed25519Key>(*next);
+  } else {
+    return Error{-1, "audit log " + options_.dir + ": the private key of its active key " +
+                         activeId + " is not in " + keyFile.string()};
+  }
+  if (writeAnchor) {
+    if (auto st = replaceFile(anchorFile, toHexBytes(anchor->rawPublic()) + "\n", 0644); !st)
+      return st;
+  }
+  return replaceFile(keys / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644);
+}
+
+Result<KeyRotation> FileAuditSink::rotateKey() {
+  std::lock_guard<std::mutex> rotating(rotateMutex_);
+  fs::path keys = fs::path(options_.dir) / "keys";
+  fs::path keyFile = keys / "ed25519.key", nextFile = keys / "ed25519.key.next";
+  auto next = Ed25519Key::generate();
+  if (!next) return next.error();
+  // The new private key is durable before the rotation record can be: after a crash, start
+  // keeps whichever of the two keys the log names as active.
+  if (auto st = writePrivateKey(nextFile, next.value()); !st) return st.error();
+  KeyRotation done;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!healthy_) return Error{-1, "the audit stream is unwritable"};
+    done.oldKeyId = key_->id();
+    done.newKeyId = next.value().id();
+    // Everything before the rotation is sealed by the old key.
+    if (chain_->sinceCheckpoint() > 0) {
+      ++seq_;
+      push(chain_->checkpoint(*key_, nowNs()));
+      if (observer_) observer_->onCheckpoint(seq_);
+    }
+    ++seq_;
+    push(chain_->keyRotation(*key_, next.value(), nowNs()));
+    done.seq = seq_;
+    *key_ = next.value();  // the writer's next checkpoint is signed by the new key
+    if (idle_) wake_.notify_one();
+  }
+  // A rotation is rare: polling keeps it out of the writer's loop.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (durable_ < done.seq && healthy_ && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (durable_ < done.seq)
+    return Error{-1, "the key_rotation record (seq " + std::to_string(done.seq) +
+                         ") did not become durable; the next start keeps the key the log names"};
+  // The old private key is deleted, not archived: whoever takes the disk later cannot sign
+  // checkpoints of the past (forward security); verifiers need only the public keys, which
+  // the rotation records chain from the anchor. (The rename replaces the file; its blocks
+  // are not scrubbed.)
+  if (::rename(nextFile.c_str(), keyFile.c_str()) != 0)
+    return Error{-errno, sysError("rename " + nextFile.string())};
+  if (auto st = syncDir(keys); !st) return st.error();
+  if (auto st = replaceFile(keys / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644); !st)
+    return st.error();
+  return done;
 }
 
 void FileAuditSink::closeSegment() {

@@ -2,7 +2,10 @@
 //   segment-NNNNNN.jsonl  the records, one canonical JSON line each (audit/chain.h)
 //   LOG_ID                the log's id
 //   LOCK                  flock()ed by the one process writing the log
-//   keys/ed25519.key|.pub the checkpoint key (hex of the raw key; .key is 0600)
+//   keys/anchor.pub       the log's first checkpoint key (hex of the raw public key): what
+//                         verifiers trust; later keys follow from key_rotation records
+//   keys/ed25519.key|.pub the current checkpoint key (hex of the raw key; .key is 0600)
+//   keys/ed25519.key.next a new key while it is being rotated in (0600; resolved at start)
 //   torn-<ns>.bin         a torn last record found at start, moved aside
 // append() builds the record in order (under a mutex) and hands the line to a writer
 // thread that writes and fsyncs in groups; checkpoints go every `checkpointEvery` records
@@ -58,10 +61,17 @@ class FileAuditSink : public AuditSink {
   bool healthy() const override { return healthy_; }
   uint64_t durableSeq() const override { return durable_; }
   void setObserver(AuditObserver* observer) override;
+  // Seals the records so far with a checkpoint by the current key, appends a key_rotation
+  // record to a new key, signs checkpoints with the new key from then on, and deletes the
+  // old private key once the rotation record is durable. Blocks until then.
+  Result<KeyRotation> rotateKey() override;
 
  private:
   explicit FileAuditSink(Options options);
   Status start();
+  // Verifies `lines` from the log's anchor key and takes the private key of the key active
+  // after its rotations (finishing a rotation a crash interrupted).
+  Status loadKeys(const std::vector<std::string>& lines, const std::vector<std::string>& segOf);
   Status openSegment(uint64_t number);
   void closeSegment();
   void reserve(uint64_t bytes);  // blocks for the next write, ahead of the file's end
@@ -90,6 +100,7 @@ class FileAuditSink : public AuditSink {
   std::atomic<uint64_t> durable_{0};
   AuditObserver* observer_ = nullptr;  // under mutex_
   std::thread writer_;
+  std::mutex rotateMutex_;  // one rotation at a time
 };
 
 // The segment files of a log directory (full paths), in order.

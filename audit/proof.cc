@@ -46,8 +46,14 @@ Result<InclusionProof> proveInclusion(const std::vector<std::string>& lines, uin
   std::vector<Hash> leaves;
   leaves.reserve(treeSize);
   for (uint64_t i = 0; i < treeSize; ++i) leaves.push_back(leafHash(lines[i]));
-  return InclusionProof{lines[seq - 1], seq - 1, treeSize, inclusionProof(leaves, seq - 1),
-                        lines[at]};
+  InclusionProof proof{lines[seq - 1], seq - 1, treeSize, inclusionProof(leaves, seq - 1),
+                       lines[at],      {}};
+  for (size_t i = 0; i < at; ++i) {
+    if (lines[i].find("\"kind\":\"key_rotation\"") == std::string::npos) continue;
+    Json r = Json::parse(lines[i], nullptr, false);
+    if (stringField(r, "kind") == "key_rotation") proof.rotations.push_back(lines[i]);
+  }
+  return proof;
 }
 
 std::string encodeProof(const InclusionProof& p) {
@@ -59,6 +65,7 @@ std::string encodeProof(const InclusionProof& p) {
             {"record", p.record},
             {"path", std::move(path)},
             {"checkpoint", p.checkpoint}};
+  if (!p.rotations.empty()) j["rotations"] = p.rotations;
   return j.dump(2) + "\n";
 }
 
@@ -82,10 +89,18 @@ Result<InclusionProof> decodeProof(std::string_view text) {
     if (!hash) return invalid("a path element is not a hex SHA-256");
     p.path.push_back(*hash);
   }
+  if (j.contains("rotations")) {
+    if (!j["rotations"].is_array()) return invalid("\"rotations\" is not an array");
+    for (const Json& r : j["rotations"]) {
+      if (!r.is_string()) return invalid("a rotation is not a record line");
+      p.rotations.push_back(r.get<std::string>());
+    }
+  }
   return p;
 }
 
-Status verifyInclusionProof(const InclusionProof& p, const Ed25519Key& key) {
+Result<std::string> verifyInclusionProof(const InclusionProof& p, const Ed25519Key& anchor,
+                                         const Keyring* pinned) {
   if (!isCanonicalJson(p.checkpoint)) return invalid("the checkpoint is not canonical JSON");
   Json cp = Json::parse(p.checkpoint, nullptr, false);
   uint64_t cpSize = 0, cpSeq = 0;
@@ -94,11 +109,42 @@ Status verifyInclusionProof(const InclusionProof& p, const Ed25519Key& key) {
     return invalid("the checkpoint is not a checkpoint record");
   auto root = hashFromHex(stringField(cp, "root"));
   if (!root) return invalid("the checkpoint has no root");
+  // The key chain from the anchor to the checkpoint's key.
+  Ed25519Key key = anchor;
+  uint64_t lastSeq = 0;
+  for (size_t i = 0; i < p.rotations.size(); ++i) {
+    std::string which = "rotation " + std::to_string(i + 1) + ": ";
+    if (!isCanonicalJson(p.rotations[i])) return invalid(which + "not canonical JSON");
+    Json r = Json::parse(p.rotations[i], nullptr, false);
+    uint64_t rseq = 0;
+    if (stringField(r, "kind") != "key_rotation" || !unsignedField(r, "seq", &rseq))
+      return invalid(which + "not a key_rotation record");
+    if (stringField(r, "log_id") != stringField(cp, "log_id"))
+      return invalid(which + "a record of another log than the checkpoint");
+    if (rseq <= lastSeq || rseq >= cpSeq)
+      return invalid(which + "seq " + std::to_string(rseq) +
+                     " is not after the previous rotation and before the checkpoint");
+    auto next = checkKeyRotation(r, key);
+    if (!next) return invalid(which + next.error().message);
+    key = next.value();
+    lastSeq = rseq;
+  }
   if (stringField(cp, "key_id") != key.id())
-    return invalid("the checkpoint is signed by key " + stringField(cp, "key_id") +
-                   ", not by the given key " + key.id());
+    return invalid("the checkpoint is signed by key " + stringField(cp, "key_id") + ", not by " +
+                   (p.rotations.empty() ? "the given key " : "the key its rotations lead to ") +
+                   key.id());
   if (!checkpointSignatureValid(cp, key))
     return invalid("the checkpoint signature does not verify");
+  if (pinned) {
+    const KeyWindow* w = nullptr;
+    for (const auto& k : *pinned) {
+      if (k.key.id() == key.id()) w = &k;
+    }
+    if (!w) return invalid("the checkpoint's key " + key.id() + " is not in the keyring");
+    if (cpSeq < w->fromSeq || (w->toSeq && cpSeq > w->toSeq))
+      return invalid("the checkpoint (seq " + std::to_string(cpSeq) + ") is signed by key " +
+                     key.id() + " outside its validity window in the keyring");
+  }
   if (p.treeSize != cpSize)
     return invalid("tree size " + std::to_string(p.treeSize) + " is not the checkpoint's " +
                    std::to_string(cpSize));
@@ -118,7 +164,7 @@ Status verifyInclusionProof(const InclusionProof& p, const Ed25519Key& key) {
     return invalid(
         "the audit path does not lead from the record's leaf hash to the checkpoint's "
         "root");
-  return Status::success();
+  return key.id();
 }
 
 }  // namespace tollgate

@@ -1,7 +1,9 @@
 // Inclusion proofs (DESIGN §6, `tollgate audit prove`): evidence that one record is leaf
 // `leaf_index` of the Merkle tree a signed checkpoint commits, checkable without the log.
 // A proof carries the record's own line, the audit path (sibling subtree hashes only: no
-// other record's content) and the checkpoint's line with its Ed25519 signature.
+// other record's content) and the checkpoint's line with its Ed25519 signature. When the
+// checkpoint's key is not the log's first one, the proof also carries the key_rotation
+// records that lead from that first key (the anchor) to it.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "audit/chain.h"
 #include "audit/merkle.h"
 #include "audit/signer.h"
 #include "common/result.h"
@@ -21,6 +24,8 @@ struct InclusionProof {
   uint64_t treeSize = 0;   // the checkpoint's tree_size
   std::vector<Hash> path;  // RFC 6962 audit path, from the leaf up
   std::string checkpoint;  // the checkpoint's line, signed
+  // The key_rotation lines before the checkpoint, in order (none: signed by the anchor).
+  std::vector<std::string> rotations;
 };
 
 // The proof of record `seq` against the last checkpoint of `lines` (a log verifyChain()
@@ -29,14 +34,19 @@ struct InclusionProof {
 Result<InclusionProof> proveInclusion(const std::vector<std::string>& lines, uint64_t seq);
 
 // JSON text ({"v":1,"leaf_index":…,"tree_size":…,"record":…,"path":[hex…],
-// "checkpoint":…}), and back. Decoding checks the shape only; verifyInclusionProof() the rest.
+// "checkpoint":…}, and "rotations":[line…] when there are any), and back. Decoding checks the shape
+// only; verifyInclusionProof() the rest.
 std::string encodeProof(const InclusionProof& proof);
 Result<InclusionProof> decodeProof(std::string_view text);
 
-// Checks a proof on its own: the checkpoint is a canonical checkpoint record signed by
-// `key`, the tree size is the checkpoint's, the record is canonical, of the same log and at
-// leaf seq - 1, and the audit path leads from its leaf hash to the checkpoint's root.
-// Error: the first check that fails.
-Status verifyInclusionProof(const InclusionProof& proof, const Ed25519Key& key);
+// Checks a proof on its own: each rotation is a canonical key_rotation record of the log,
+// before the checkpoint, signed by the key active before it (from `anchor`) and by its new
+// key; the checkpoint is a canonical checkpoint record signed by the key active after them;
+// the tree size is the checkpoint's, the record is canonical, of the same log and at leaf
+// seq - 1, and the audit path leads from its leaf hash to the checkpoint's root. With
+// `pinned`, the signing key must also be listed there with the checkpoint's seq inside its
+// window. Returns the signing key's id; error: the first check that fails.
+Result<std::string> verifyInclusionProof(const InclusionProof& proof, const Ed25519Key& anchor,
+                                         const Keyring* pinned = nullptr);
 
 }  // namespace tollgate

@@ -4,6 +4,7 @@
 
 #include <openssl/crypto.h>
 
+#include <cerrno>
 #include <charconv>
 
 #include "common/json.h"
@@ -149,6 +150,22 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
     std::string failure = reload_ ? reload_() : std::string("no reload hook");
     if (!failure.empty()) return error(500, "reload_failed", failure);
     return json(200, R"({"reloaded":true})");
+  }
+  if (path == "/v1/audit/rotate-key") {
+    if (method != "POST") return error(405, "method_not_allowed", "use POST");
+    // Blocks this loop until the rotation record is durable: one group commit, rare.
+    auto done = audit_.rotateKey();
+    if (!done) {
+      bool none = done.error().code == -ENOTSUP;
+      return error(none ? 404 : 500, none ? "not_found" : "rotation_failed", done.error().message);
+    }
+    std::string body;
+    JsonObject(body)
+        .add("old_key_id", done.value().oldKeyId)
+        .add("new_key_id", done.value().newKeyId)
+        .add("seq", done.value().seq)
+        .close();
+    return json(200, std::move(body));
   }
   if (path == "/v1/approvals" || path.starts_with("/v1/approvals/"))
     return approvals(method, path, authorization);

@@ -1,5 +1,6 @@
 // AdminApi: the admin listener's endpoints (/healthz, /readyz, /metrics, /v1/status,
-// /v1/audit/tail, POST /v1/reload). Served by the same sessions and HTTP code as the proxy.
+// /v1/audit/tail, POST /v1/reload, POST /v1/audit/rotate-key). Served by the same sessions and HTTP
+// code as the proxy.
 #pragma once
 
 #include <atomic>

@@ -25,18 +25,23 @@ usage:
   tollgate pools init -c FILE [--reset]
                                   create the config's pools that are missing from its Redis
                                   store with zero spend (--reset: all of them, spend erased)
-  tollgate audit verify DIR [--pubkey F] [--state F]
+  tollgate audit verify DIR [--pubkey F | --keyring F] [--state F]
                                   check an audit log: canonical records, hash links, Merkle
-                                  roots and signatures of its checkpoints (key: F, or
-                                  DIR/keys/ed25519.pub); --state F: also check it still
-                                  holds the checkpoint F trusts (truncation, rollback, fork),
-                                  then trust its last one; 0 valid, 1 invalid, 2 unreadable
-  tollgate audit prove DIR SEQ [--pubkey F]
+                                  roots and signatures of its checkpoints, key rotations and
+                                  key windows (first key: F, or DIR/keys/anchor.pub;
+                                  --keyring F: keys pinned with their windows, JSON);
+                                  --state F: also check it still holds the checkpoint F
+                                  trusts (truncation, rollback, fork), then trust its last
+                                  one; 0 valid, 1 invalid, 2 unreadable
+  tollgate audit prove DIR SEQ [--pubkey F | --keyring F]
                                   print (JSON) an inclusion proof of record SEQ against the
                                   last checkpoint; 1 when it is not yet sealed by one
-  tollgate audit prove --verify PROOF --pubkey F
+  tollgate audit prove --verify PROOF --pubkey F|--keyring F
                                   check a proof without the log; 0 valid, 1 invalid,
                                   2 unreadable
+  tollgate audit rotate-key DIR   rotate the checkpoint key of a log no process holds (a
+                                  running sidecar: POST /v1/audit/rotate-key); 0 rotated,
+                                  1 in use, invalid or failed, 2 usage
   tollgate audit replay DIR [--policy FILE...]
                                   re-evaluate every recorded call with the policy set of its
                                   recorded digest (archived in DIR/policies), or with the

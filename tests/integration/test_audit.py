@@ -70,7 +70,9 @@ class AuditStreamTest(unittest.TestCase):
                 self.assertEqual([r["seq"] for r in recs], list(range(1, len(recs) + 1)))
                 r = verify(audit_dir)
                 self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-                self.assertEqual(r.stdout, f"ok: {len(recs)} records, 1 checkpoints, 0 after the last checkpoint (unsealed)\n")
+                key_id = [r for r in recs if r["kind"] == "checkpoint"][0]["key_id"]
+                self.assertEqual(r.stdout, f"ok: {len(recs)} records, 1 checkpoints, 0 after the last checkpoint (unsealed)\n"
+                                           f"keys: {key_id} seq 1-\n")
                 self.assertEqual(oct(os.stat(os.path.join(audit_dir, "keys", "ed25519.key")).st_mode & 0o777), "0o600")
 
                 # The halt rewritten as an allow: the record is found, with its place.

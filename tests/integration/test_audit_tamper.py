@@ -144,7 +144,8 @@ class AuditTamperTest(unittest.TestCase):
         for line in self.lines:  # the forger's canonical form is the writer's
             self.assertEqual(canonical(json.loads(line)), line)
         out = self.assertValid(self.base)
-        self.assertEqual(out, f"ok: {len(self.lines)} records, 3 checkpoints, 0 after the last checkpoint (unsealed)\n")
+        self.assertEqual(out, f"ok: {len(self.lines)} records, 3 checkpoints, 0 after the last checkpoint (unsealed)\n"
+                              f"keys: {self.records[-1]['key_id']} seq 1-\n")
         state = self.state()
         for _ in range(2):
             out = self.assertValid(self.base, "--state", state)

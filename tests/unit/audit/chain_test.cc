@@ -12,10 +12,7 @@ using Json = nlohmann::json;
 
 class ChainTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    key = std::make_unique<Ed25519Key>(Ed25519Key::generate().value());
-    keys.emplace(key->id(), *key);
-  }
+  void SetUp() override { key = std::make_unique<Ed25519Key>(Ed25519Key::generate().value()); }
   // n call records with a checkpoint after every `every`, and one at the end.
   std::vector<std::string> log(int n, int every, AuditChain* chain = nullptr) {
     AuditChain own("log-1");
@@ -33,12 +30,11 @@ class ChainTest : public ::testing::Test {
     return lines;
   }
   std::unique_ptr<Ed25519Key> key;
-  std::map<std::string, Ed25519Key> keys;
 };
 
 TEST_F(ChainTest, ACleanLogVerifies) {
   auto lines = log(50, 10);
-  auto v = verifyChain(lines, keys);
+  auto v = verifyChain(lines, *key);
   EXPECT_TRUE(v.ok) << v.line << ": " << v.reason;
   EXPECT_EQ(v.records, 55u);
   EXPECT_EQ(v.checkpoints, 5u);
@@ -87,7 +83,7 @@ TEST_F(ChainTest, AClockSteppingBackIsRaisedToTheLastTimestamp) {
   std::vector<std::string> lines{c.append("call", {}, 100), c.append("call", {}, 50)};
   EXPECT_EQ(Json::parse(lines[1])["ts_ns"], 100);
   lines.push_back(c.checkpoint(*key, 10));
-  EXPECT_TRUE(verifyChain(lines, keys).ok);
+  EXPECT_TRUE(verifyChain(lines, *key).ok);
 }
 
 struct Expect {
@@ -105,13 +101,13 @@ TEST_F(ChainTest, DeletionInsertionAndReorderingAreCaught) {
   auto lines = log(30, 10);
   auto deleted = lines;
   deleted.erase(deleted.begin() + 5);
-  expectBad(verifyChain(deleted, keys), {6, "records missing"});
+  expectBad(verifyChain(deleted, *key), {6, "records missing"});
   auto inserted = lines;
   inserted.insert(inserted.begin() + 5, lines[2]);
-  expectBad(verifyChain(inserted, keys), {6, "repeated or reordered"});
+  expectBad(verifyChain(inserted, *key), {6, "repeated or reordered"});
   auto swapped = lines;
   std::swap(swapped[3], swapped[4]);
-  expectBad(verifyChain(swapped, keys), {4, "sequence broken"});
+  expectBad(verifyChain(swapped, *key), {4, "sequence broken"});
 }
 
 TEST_F(ChainTest, AnOldRecordRewrittenWithTheChainRecomputedFailsAtTheCheckpoint) {
@@ -130,13 +126,13 @@ TEST_F(ChainTest, AnOldRecordRewrittenWithTheChainRecomputedFailsAtTheCheckpoint
     forged.push_back(r.dump());
     prev = lineHash(forged.back());
   }
-  expectBad(verifyChain(forged, keys), {7, "root does not match"});
+  expectBad(verifyChain(forged, *key), {7, "root does not match"});
   // A plain edit without recomputing breaks the next link.
   auto edited = lines;
   auto r = Json::parse(edited[3]);
   r["decision"] = "allow";
   edited[3] = r.dump();
-  expectBad(verifyChain(edited, keys), {5, "broken link"});
+  expectBad(verifyChain(edited, *key), {5, "broken link"});
 }
 
 TEST_F(ChainTest, AForeignKeyAReplayedCheckpointAndAForkAreCaught) {
@@ -146,12 +142,12 @@ TEST_F(ChainTest, AForeignKeyAReplayedCheckpointAndAForkAreCaught) {
   std::vector<std::string> foreign;
   for (int i = 1; i <= 3; ++i) foreign.push_back(c.append("call", {}, i));
   foreign.push_back(c.checkpoint(other, 4));
-  expectBad(verifyChain(foreign, keys), {4, "unknown key"});
+  expectBad(verifyChain(foreign, *key), {4, "unknown key"});
   // Signed by a known id but with another key's signature.
   auto r = Json::parse(foreign[3]);
   r["key_id"] = key->id();
   foreign[3] = r.dump();
-  auto fv = verifyChain(foreign, keys);
+  auto fv = verifyChain(foreign, *key);
   expectBad(fv, {4, "signature does not verify"});
   // An old checkpoint replayed later, its prev and seq fixed up.
   auto replayed = lines;
@@ -163,7 +159,7 @@ TEST_F(ChainTest, AForeignKeyAReplayedCheckpointAndAForkAreCaught) {
   replayed.erase(replayed.begin() + 21);  // drop the real final checkpoint
   replayed.push_back(old.dump());
   replayed.erase(replayed.end() - 2);
-  expectBad(verifyChain(replayed, keys), {22, "tree_size"});
+  expectBad(verifyChain(replayed, *key), {22, "tree_size"});
   // A fork: two logs sharing a prefix; a checkpoint of one cannot follow the other.
   AuditChain a("log-1"), b("log-1");
   std::vector<std::string> la, lb;
@@ -174,33 +170,33 @@ TEST_F(ChainTest, AForeignKeyAReplayedCheckpointAndAForkAreCaught) {
   la.push_back(a.checkpoint(*key, 5));
   auto fork = lb;
   fork.push_back(la.back());
-  expectBad(verifyChain(fork, keys), {5, "broken link"});
+  expectBad(verifyChain(fork, *key), {5, "broken link"});
 }
 
 TEST_F(ChainTest, NonCanonicalAndForeignRecordsAreCaught) {
   auto lines = log(6, 3);
   auto spaced = lines;
   spaced[1].insert(1, " ");
-  expectBad(verifyChain(spaced, keys), {2, "not canonical"});
+  expectBad(verifyChain(spaced, *key), {2, "not canonical"});
   auto dup = lines;
   dup[1].insert(1, "\"agent\":\"x\",");
-  expectBad(verifyChain(dup, keys), {2, "duplicate key"});
+  expectBad(verifyChain(dup, *key), {2, "duplicate key"});
   auto otherLog = lines;
   auto r = Json::parse(otherLog[1]);
   r["log_id"] = "log-2";
   otherLog[1] = r.dump();
-  expectBad(verifyChain(otherLog, keys), {2, "another log"});
+  expectBad(verifyChain(otherLog, *key), {2, "another log"});
   auto backwards = lines;
   r = Json::parse(backwards[1]);
   r["ts_ns"] = 5;
   backwards[1] = r.dump();
-  expectBad(verifyChain(backwards, keys), {2, "time goes backwards"});
+  expectBad(verifyChain(backwards, *key), {2, "time goes backwards"});
   // A seal turned into something else is no longer a record the log can hold.
   auto unsealed = lines;
   r = Json::parse(unsealed.back());
   r["kind"] = "note";
   unsealed.back() = r.dump();
-  expectBad(verifyChain(unsealed, keys), {8, "unknown record kind"});
+  expectBad(verifyChain(unsealed, *key), {8, "unknown record kind"});
 }
 
 // Every single-bit flip anywhere in a small sealed log is detected.
@@ -212,7 +208,7 @@ TEST_F(ChainTest, EveryBitFlipOfASmallLogIsDetected) {
       for (int bit = 0; bit < 8; ++bit) {
         auto bad = lines;
         bad[l][byte] = static_cast<char>(bad[l][byte] ^ (1 << bit));
-        auto v = verifyChain(bad, keys);
+        auto v = verifyChain(bad, *key);
         ASSERT_FALSE(v.ok) << "line " << l + 1 << " byte " << byte << " bit " << bit << ": "
                            << lines[l] << " -> " << bad[l];
         ASSERT_LE(v.line, lines.size());

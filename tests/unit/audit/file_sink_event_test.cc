@@ -39,7 +39,7 @@ TEST(FileSinkEventTest, EventsAreChainedAndVerify) {
   pub >> hex;
   auto key = Ed25519Key::fromRawPublic(fromHexBytes(hex));
   ASSERT_TRUE(key);
-  auto v = verifyChain(lines.value(), {{key.value().id(), key.value()}});
+  auto v = verifyChain(lines.value(), key.value());
   EXPECT_TRUE(v.ok) << v.reason;
   std::filesystem::remove_all(dir);
 }

@@ -29,7 +29,7 @@ ChainVerdict verifyDir(const fs::path& dir) {
     bad.reason = "unreadable";
     return bad;
   }
-  return verifyChain(lines.value(), {{key.value().id(), key.value()}});
+  return verifyChain(lines.value(), key.value());
 }
 
 TEST(FileSinkTest, ATornFinalRecordAtEveryOffsetIsMovedAsideAndRecorded) {
