@@ -196,6 +196,8 @@ Status FileAuditSink::start() {
   if (auto st = loadKeys(lines.value(), segOf); !st) return st;
   chain_->resume(lines.value());
   seq_ = lines.value().size();
+  queuedSinceCheckpoint_ = chain_->sinceCheckpoint();
+  builtSeq_ = seq_;
   for (size_t i = lines.value().size() > kRecent ? lines.value().size() - kRecent : 0;
        i < lines.value().size(); ++i)
     recent_.push_back(lines.value()[i]);
@@ -213,10 +215,13 @@ Status FileAuditSink::start() {
     auto colon = torn.rfind(':');
     std::lock_guard<std::mutex> lock(mutex_);
     ++seq_;
-    push(chain_->append(
+    Pending p;
+    p.type = Pending::Type::kLine;
+    p.line = chain_->append(
         "recovery",
         {{"torn_file", torn.substr(0, colon)}, {"torn_bytes", std::stoull(torn.substr(colon + 1))}},
-        nowNs()));
+        nowNs());
+    enqueue(std::move(p));
   }
   durable_ = seq_;
   writer_ = std::thread([this] { run(); });
@@ -307,15 +312,23 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
     done.oldKeyId = key_->id();
     done.newKeyId = next.value().id();
     // Everything before the rotation is sealed by the old key.
-    if (chain_->sinceCheckpoint() > 0) {
+    if (queuedSinceCheckpoint_ > 0) {
       ++seq_;
-      push(chain_->checkpoint(*key_, nowNs()));
+      Pending cp;
+      cp.type = Pending::Type::kCheckpoint;
+      cp.key = key_;
+      enqueue(std::move(cp));
       if (observer_) observer_->onCheckpoint(seq_);
     }
     ++seq_;
-    push(chain_->keyRotation(*key_, next.value(), nowNs()));
+    Pending rotation;
+    rotation.type = Pending::Type::kRotation;
+    rotation.key = key_;
+    rotation.next = std::make_shared<Ed25519Key>(next.value());
+    rotation.tsNs = nowNs();
+    key_ = rotation.next;  // the next checkpoint queued is signed by the new key
+    enqueue(std::move(rotation));
     done.seq = seq_;
-    *key_ = next.value();  // the writer's next checkpoint is signed by the new key
     if (idle_) wake_.notify_one();
   }
   // A rotation is rare: polling keeps it out of the writer's loop.
@@ -373,23 +386,32 @@ Status FileAuditSink::openSegment(uint64_t number) {
   return Status::success();
 }
 
-void FileAuditSink::push(std::string line) {
-  recent_.push_back(line);
-  if (recent_.size() > kRecent) recent_.pop_front();
-  queue_.push_back(std::move(line));
+void FileAuditSink::enqueue(Pending pending) {
+  if (pending.type == Pending::Type::kCheckpoint)
+    queuedSinceCheckpoint_ = 0;
+  else
+    ++queuedSinceCheckpoint_;
+  queue_.push_back(std::move(pending));
 }
 
 uint64_t FileAuditSink::append(AuditRecord r) {
-  std::vector<std::pair<std::string_view, std::string_view>> fields = {
-      {"agent", r.agent},   {"authority", r.authority}, {"decision", r.decision},
-      {"method", r.method}, {"path", r.path},           {"policy_digest", r.policyDigest},
-      {"reason", r.reason}, {"rule", r.rule},           {"tool", r.tool}};
-  if (!r.paramsSha256.empty()) fields.emplace_back("params_sha256", r.paramsSha256);
-  std::string_view kind = r.kind.empty() ? std::string_view("call") : std::string_view(r.kind);
-  int64_t ts = nowNs();
+  Pending p;
+  p.kind = r.kind.empty() ? std::string("call") : std::move(r.kind);
+  p.fields.reserve(10);
+  p.fields.emplace_back("agent", std::move(r.agent));
+  p.fields.emplace_back("authority", std::move(r.authority));
+  p.fields.emplace_back("decision", std::move(r.decision));
+  p.fields.emplace_back("method", std::move(r.method));
+  p.fields.emplace_back("path", std::move(r.path));
+  p.fields.emplace_back("policy_digest", std::move(r.policyDigest));
+  p.fields.emplace_back("reason", std::move(r.reason));
+  p.fields.emplace_back("rule", std::move(r.rule));
+  p.fields.emplace_back("tool", std::move(r.tool));
+  if (!r.paramsSha256.empty()) p.fields.emplace_back("params_sha256", std::move(r.paramsSha256));
+  p.tsNs = nowNs();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = ++seq_;
-  push(chain_->appendStrings(kind, std::move(fields), ts));
+  enqueue(std::move(p));
   if (idle_) wake_.notify_one();  // a busy writer takes it with its next batch
   return seq;
 }
@@ -400,24 +422,28 @@ void FileAuditSink::setObserver(AuditObserver* observer) {
 }
 
 uint64_t FileAuditSink::appendEvent(std::string_view kind, const AuditFields& fields) {
-  std::vector<std::pair<std::string_view, std::string_view>> kept;
+  Pending p;
+  p.kind = std::string(kind);
   for (const auto& [k, v] : fields) {
     bool own =
         k == "v" || k == "log_id" || k == "seq" || k == "ts_ns" || k == "prev" || k == "kind";
     bool repeated =
-        std::any_of(kept.begin(), kept.end(), [&](const auto& e) { return e.first == k; });
-    if (!own && !repeated) kept.emplace_back(k, v);
+        std::any_of(p.fields.begin(), p.fields.end(), [&](const auto& e) { return e.first == k; });
+    if (!own && !repeated) p.fields.emplace_back(std::string(k), std::string(v));
   }
-  int64_t ts = nowNs();
+  p.tsNs = nowNs();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = ++seq_;
-  push(chain_->appendStrings(kind, std::move(kept), ts));
+  enqueue(std::move(p));
   if (idle_) wake_.notify_one();
   return seq;
 }
 
 std::vector<std::string> FileAuditSink::tail(size_t n) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
+  // What was appended before this call is in the answer (it is built within a group commit).
+  uint64_t want = seq_;
+  built_.wait_for(lock, std::chrono::milliseconds(200), [&] { return builtSeq_ >= want; });
   n = std::min(n, recent_.size());
   return {recent_.end() - static_cast<std::ptrdiff_t>(n), recent_.end()};
 }
@@ -432,6 +458,7 @@ void FileAuditSink::run() {
   auto lastCheckpoint = std::chrono::steady_clock::now();
   auto lastSync = std::chrono::steady_clock::time_point{};
   for (;;) {
+    std::vector<Pending> pending;
     std::vector<std::string> batch;
     bool stop;
     {
@@ -446,19 +473,49 @@ void FileAuditSink::run() {
         wake_.wait_until(lock, next, [this] { return stopping_; });
       idle_ = false;
       auto now = std::chrono::steady_clock::now();
-      bool due =
-          chain_->sinceCheckpoint() >= options_.checkpointEvery ||
-          (chain_->sinceCheckpoint() > 0 && now - lastCheckpoint >= options_.checkpointInterval) ||
-          (rotationDue() && chain_->sinceCheckpoint() > 0) ||
-          (stopping_ && chain_->sinceCheckpoint() > 0);
+      uint64_t since = queuedSinceCheckpoint_;
+      bool due = since >= options_.checkpointEvery ||
+                 (since > 0 && now - lastCheckpoint >= options_.checkpointInterval) ||
+                 (rotationDue() && since > 0) || (stopping_ && since > 0);
       if (due) {
         ++seq_;
-        push(chain_->checkpoint(*key_, nowNs()));
+        Pending cp;
+        cp.type = Pending::Type::kCheckpoint;
+        cp.key = key_;
+        enqueue(std::move(cp));
         lastCheckpoint = now;
         if (observer_) observer_->onCheckpoint(seq_);
       }
-      batch.swap(queue_);
+      pending.swap(queue_);
       stop = stopping_;
+    }
+    // Built here, in seq order, without the lock: appends go on meanwhile.
+    batch.reserve(pending.size());
+    for (auto& p : pending) {
+      switch (p.type) {
+        case Pending::Type::kFields: {
+          std::vector<std::pair<std::string_view, std::string_view>> fields(p.fields.begin(),
+                                                                            p.fields.end());
+          batch.push_back(chain_->appendStrings(p.kind, std::move(fields), p.tsNs));
+          break;
+        }
+        case Pending::Type::kLine:
+          batch.push_back(std::move(p.line));
+          break;
+        case Pending::Type::kCheckpoint:
+          batch.push_back(chain_->checkpoint(*p.key, nowNs()));
+          break;
+        case Pending::Type::kRotation:
+          batch.push_back(chain_->keyRotation(*p.key, *p.next, p.tsNs));
+          break;
+      }
+    }
+    if (!batch.empty()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& l : batch) recent_.push_back(l);
+      while (recent_.size() > kRecent) recent_.pop_front();
+      builtSeq_ += batch.size();
+      built_.notify_all();
     }
     if (!batch.empty()) {
       std::string out;
@@ -500,7 +557,7 @@ void FileAuditSink::run() {
     {
       // A full or old segment is sealed (its last record a checkpoint), the next one begun.
       std::lock_guard<std::mutex> lock(mutex_);
-      if (healthy_ && !stopping_ && rotationDue() && chain_->sinceCheckpoint() == 0 &&
+      if (healthy_ && !stopping_ && rotationDue() && queuedSinceCheckpoint_ == 0 &&
           queue_.empty()) {
         std::string sealedPath = (fs::path(options_.dir) / segmentName(segmentNumber_)).string();
         if (openSegment(segmentNumber_ + 1)) {

@@ -75,13 +75,13 @@ class FileAuditSink : public AuditSink {
   Status openSegment(uint64_t number);
   void closeSegment();
   void reserve(uint64_t bytes);  // blocks for the next write, ahead of the file's end
-  void push(std::string line);   // under mutex_
-  bool rotationDue() const;      // under mutex_
+
+  bool rotationDue() const;  // under mutex_
   void run();
 
   Options options_;
   std::unique_ptr<AuditChain> chain_;
-  std::unique_ptr<Ed25519Key> key_;
+  std::shared_ptr<const Ed25519Key> key_;  // signs the next checkpoint queued (under mutex_)
   int lockFd_ = -1;
   int segmentFd_ = -1;
   uint64_t segmentNumber_ = 0;
@@ -91,9 +91,24 @@ class FileAuditSink : public AuditSink {
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;
-  std::vector<std::string> queue_;  // lines built, not yet written
-  std::deque<std::string> recent_;  // for tail()
-  uint64_t seq_ = 0;                // last seq handed out
+  // A record waiting to be built, on the writer's thread and in seq order, then written:
+  // the calls' workers only hand their fields over (building and hashing a line is the
+  // audit's main CPU cost, and it is off the request path this way).
+  struct Pending {
+    enum class Type { kFields, kLine, kCheckpoint, kRotation } type = Type::kFields;
+    std::string kind;
+    std::vector<std::pair<std::string, std::string>> fields;
+    int64_t tsNs = 0;
+    std::string line;                             // kLine: built already
+    std::shared_ptr<const Ed25519Key> key, next;  // kCheckpoint: key; kRotation: key -> next
+  };
+  void enqueue(Pending pending);  // under mutex_
+  std::vector<Pending> queue_;
+  uint64_t queuedSinceCheckpoint_ = 0;
+  uint64_t builtSeq_ = 0;                  // records built (and in recent_)
+  mutable std::condition_variable built_;  // records queued or built since the last checkpoint
+  std::deque<std::string> recent_;         // for tail()
+  uint64_t seq_ = 0;                       // last seq handed out
   bool stopping_ = false;
   bool idle_ = false;  // the writer waits for records
   std::atomic<bool> healthy_{true};
