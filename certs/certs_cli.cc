@@ -12,6 +12,7 @@
 
 #include "certs/leaf_cache.h"
 #include "certs/local_ca.h"
+#include "common/files.h"
 
 namespace tollgate {
 namespace {
@@ -113,14 +114,7 @@ int certsInit(const std::vector<std::string_view>& args, std::FILE* out, std::FI
 Status writePrivateFile(const std::string& path, const std::string& content) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return Error{-errno, "cannot create " + path + ": " + std::strerror(errno)};
-  bool ok = ::fchmod(fd, 0600) == 0;
-  size_t done = 0;
-  while (ok && done < content.size()) {
-    ssize_t n = ::write(fd, content.data() + done, content.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) done += static_cast<size_t>(n);
-  }
+  bool ok = ::fchmod(fd, 0600) == 0 && writeAll(fd, content);
   int saved = errno;
   ::close(fd);
   if (!ok) return Error{-saved, "cannot write " + path + ": " + std::strerror(saved)};

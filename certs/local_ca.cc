@@ -17,6 +17,7 @@
 #include <ctime>
 
 #include "certs/openssl_error.h"
+#include "common/files.h"
 
 namespace tollgate {
 namespace {
@@ -243,14 +244,7 @@ Result<std::string> writeTemp(const std::string& path, const std::string& conten
   ::unlink(tmp.c_str());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
   if (fd < 0) return Error{-errno, "cannot create " + tmp + ": " + std::strerror(errno)};
-  bool ok = ::fchmod(fd, mode) == 0;
-  size_t done = 0;
-  while (ok && done < content.size()) {
-    ssize_t n = ::write(fd, content.data() + done, content.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) done += static_cast<size_t>(n);
-  }
+  bool ok = ::fchmod(fd, mode) == 0 && writeAll(fd, content);
   ok = ok && ::fsync(fd) == 0;
   int saved = errno;
   ::close(fd);

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import unittest
 
+from audit_log import canonical, read_lines, run, segments, write_lines
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
 
 try:
@@ -26,36 +27,8 @@ except ImportError:  # the forgeries that need a signature are skipped
 TOKEN = "rotate-secret"
 
 
-def run(*args, timeout=60):
-    return subprocess.run([BIN, "audit", *args], capture_output=True, text=True, errors="replace",
-                          timeout=timeout)
-
-
-def canonical(record):
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def sha(data):
     return hashlib.sha256(data).hexdigest()
-
-
-def segments(d):
-    return sorted(glob.glob(os.path.join(d, "segment-*.jsonl")))
-
-
-def read_lines(d):
-    out = []
-    for seg in segments(d):
-        with open(seg) as f:
-            out += f.read().splitlines()
-    return out
-
-
-def write_lines(d, lines):
-    for seg in segments(d):
-        os.remove(seg)
-    with open(os.path.join(d, "segment-000001.jsonl"), "w") as f:
-        f.write("".join(l + "\n" for l in lines))
 
 
 def merkle_root(lines):

@@ -17,42 +17,12 @@ import tempfile
 import time
 import unittest
 
+from audit_log import canonical, read_lines, run, segments, write_lines
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
-
-
-def run(*args, timeout=60):
-    # errors="replace": a reason may quote a forged record's bytes.
-    return subprocess.run([BIN, "audit", *args], capture_output=True, text=True, errors="replace",
-                          timeout=timeout)
-
-
-def canonical(record):
-    """The stream's canonical form (sorted keys, no whitespace), as a forger would write it."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def sha(line):
     return hashlib.sha256(line.encode()).hexdigest()
-
-
-def segments(d):
-    return sorted(glob.glob(os.path.join(d, "segment-*.jsonl")))
-
-
-def read_lines(d):
-    out = []
-    for seg in segments(d):
-        with open(seg) as f:
-            out += f.read().splitlines()
-    return out
-
-
-def write_lines(d, lines):
-    """The log as one segment holding `lines`."""
-    for seg in segments(d):
-        os.remove(seg)
-    with open(os.path.join(d, "segment-000001.jsonl"), "w") as f:
-        f.write("".join(l + "\n" for l in lines))
 
 
 def sidecar(audit_dir):
