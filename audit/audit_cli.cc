@@ -1,6 +1,9 @@
 #include "audit/audit_cli.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
 #include <unistd.h>
+#include <cctype>
 #include <charconv>
 
 #include <chrono>
@@ -18,6 +21,7 @@
 #include "audit/proof.h"
 #include "audit/report.h"
 #include "audit/verify_state.h"
+#include "common/files.h"
 #include "common/sha256.h"
 #include "common/units.h"
 
@@ -296,15 +300,72 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
   return 0;
 }
 
+// Every byte but letters and digits as %XX, for a query value.
+std::string percentEncoded(std::string_view v) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : v) {
+    if (std::isalnum(c)) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 0xF];
+    }
+  }
+  return out;
+}
+
+// POSTs `target` to a sidecar's admin API at HOST:PORT; the response's status and body.
+Result<std::pair<int, std::string>> postAdmin(const std::string& hostPort,
+                                              const std::string& target, const std::string& token) {
+  auto hp = parseHostPort(hostPort);
+  if (!hp) return Error{-1, "--admin: expected HOST:PORT, got '" + hostPort + "'"};
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(hp->host.c_str(), std::to_string(hp->port).c_str(), &hints, &res) != 0 || !res)
+    return Error{-1, "cannot resolve " + hp->host};
+  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  timeval tv{10, 0};
+  bool ok = fd >= 0 && ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 &&
+            ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0 &&
+            ::connect(fd, res->ai_addr, res->ai_addrlen) == 0;
+  freeaddrinfo(res);
+  std::string request = "POST " + target + " HTTP/1.1\r\nHost: " + hostPort +
+                        "\r\nContent-Length: 0\r\nConnection: close\r\n";
+  if (!token.empty()) request += "Authorization: Bearer " + token + "\r\n";
+  request += "\r\n";
+  ok = ok && writeAll(fd, request);
+  std::string response;
+  char buf[4096];
+  for (ssize_t n; ok && (n = ::read(fd, buf, sizeof buf)) != 0;) {
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      ok = false;
+      break;
+    }
+    response.append(buf, static_cast<size_t>(n));
+  }
+  if (fd >= 0) ::close(fd);
+  if (!ok || !response.starts_with("HTTP/1.1 ") || response.size() < 12)
+    return Error{-1, "no answer from the admin API at " + hostPort};
+  auto bodyAt = response.find("\r\n\r\n");
+  return std::pair<int, std::string>{
+      std::atoi(response.substr(9, 3).c_str()),
+      bodyAt == std::string::npos ? std::string() : response.substr(bodyAt + 4)};
+}
+
 int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
-  std::string dir, pubkey, outFile, format = "md";
+  std::string dir, pubkey, outFile, format = "md", admin, token;
   std::string fromText, toText;
   int64_t fromNs = kWholeLogFrom, toNs = kWholeLogTo;
   int64_t gapNs = 3600LL * 1'000'000'000;
   for (size_t i = 0; i < args.size(); ++i) {
     std::string v;
     if (args[i] == "--from" || args[i] == "--to" || args[i] == "--format" || args[i] == "--out" ||
-        args[i] == "--gap" || args[i] == "--pubkey") {
+        args[i] == "--gap" || args[i] == "--pubkey" || args[i] == "--admin" ||
+        args[i] == "--token") {
       std::string flag(args[i]);
       if (i + 1 >= args.size()) return usageError(err, flag + " needs a value");
       v = std::string(args[++i]);
@@ -320,6 +381,10 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
         format = v;
       } else if (flag == "--out") {
         outFile = v;
+      } else if (flag == "--admin") {
+        admin = v;
+      } else if (flag == "--token") {
+        token = v;
       } else if (flag == "--gap") {
         auto d = parseDuration(v);
         if (!d || d->count() <= 0) return usageError(err, "--gap needs a duration such as 1h");
@@ -408,16 +473,36 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
     FileAuditSink::Options options;
     options.dir = dir;
     auto sink = FileAuditSink::open(options);
-    if (!sink) {
+    std::string file = outFile.empty() ? std::string("-") : outFile;
+    if (!sink && !admin.empty()) {
+      // The log is held (a sidecar runs on it): the hash goes in through its admin API.
+      if (token.empty() && std::getenv("TOLLGATE_ADMIN_TOKEN"))
+        token = std::getenv("TOLLGATE_ADMIN_TOKEN");
+      auto r = postAdmin(admin,
+                         "/v1/audit/report?sha256=" + hash + "&format=" + format +
+                             "&from=" + percentEncoded(fromText) + "&to=" + percentEncoded(toText) +
+                             "&file=" + percentEncoded(file),
+                         token);
+      if (!r || r.value().first != 200) {
+        std::fprintf(
+            err, "note: the report's hash sha256:%s could not be appended through %s: %s\n",
+            hash.c_str(), admin.c_str(), r ? r.value().second.c_str() : r.error().message.c_str());
+      } else {
+        auto doc = nlohmann::json::parse(r.value().second, nullptr, false);
+        std::fprintf(err, "report sha256:%s appended to the log as record %llu (through %s)\n",
+                     hash.c_str(),
+                     static_cast<unsigned long long>(doc.is_object() ? doc.value("seq", 0ull) : 0),
+                     admin.c_str());
+      }
+    } else if (!sink) {
       std::fprintf(err, "note: the report's hash sha256:%s could not be appended to the log: %s\n",
                    hash.c_str(), sink.error().message.c_str());
     } else {
-      uint64_t seq = sink.value()->appendEvent(
-          "report", {{"sha256", hash},
-                     {"format", format},
-                     {"from", fromText},
-                     {"to", toText},
-                     {"file", outFile.empty() ? std::string("-") : outFile}});
+      uint64_t seq = sink.value()->appendEvent("report", {{"sha256", hash},
+                                                          {"format", format},
+                                                          {"from", fromText},
+                                                          {"to", toText},
+                                                          {"file", file}});
       sink.value().reset();  // written, sealed by a checkpoint and fsynced at close
       std::fprintf(err, "report sha256:%s appended to the log as record %llu\n", hash.c_str(),
                    static_cast<unsigned long long>(seq));

@@ -39,6 +39,24 @@ std::string_view queryParam(std::string_view query, std::string_view name) {
   return {};
 }
 
+// %XX sequences decoded (the audit CLI encodes every byte but letters and digits).
+std::string percentDecoded(std::string_view v) {
+  std::string out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i] == '%' && i + 2 < v.size()) {
+      int x = 0;
+      auto [p, ec] = std::from_chars(v.data() + i + 1, v.data() + i + 3, x, 16);
+      if (ec == std::errc() && p == v.data() + i + 3) {
+        out += static_cast<char>(x);
+        i += 2;
+        continue;
+      }
+    }
+    out += v[i] == '+' ? ' ' : v[i];
+  }
+  return out;
+}
+
 }  // namespace
 
 AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared,
@@ -150,6 +168,24 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
     std::string failure = reload_ ? reload_() : std::string("no reload hook");
     if (!failure.empty()) return error(500, "reload_failed", failure);
     return json(200, R"({"reloaded":true})");
+  }
+  if (path == "/v1/audit/report") {
+    // `tollgate audit report --admin` while this sidecar holds the log: the report's hash
+    // goes into the stream through it.
+    if (method != "POST") return error(405, "method_not_allowed", "use POST");
+    std::string hash(queryParam(query, "sha256"));
+    if (hash.size() != 64 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
+      return error(400, "bad_request", "sha256= must be 64 lower-case hex digits");
+    std::string format = percentDecoded(queryParam(query, "format"));
+    std::string from = percentDecoded(queryParam(query, "from"));
+    std::string to = percentDecoded(queryParam(query, "to"));
+    std::string file = percentDecoded(queryParam(query, "file"));
+    uint64_t seq = audit_.appendEvent(
+        "report",
+        {{"sha256", hash}, {"format", format}, {"from", from}, {"to", to}, {"file", file}});
+    std::string body;
+    JsonObject(body).add("seq", seq).close();
+    return json(200, std::move(body));
   }
   if (path == "/v1/audit/rotate-key") {
     if (method != "POST") return error(405, "method_not_allowed", "use POST");

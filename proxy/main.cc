@@ -48,10 +48,11 @@ usage:
                                   given set, and list the decisions that would differ;
                                   0 none differ, 1 some differ, 2 unreadable
   tollgate audit report DIR [--from T] [--to T] [--format md|html|json] [--out F]
-                        [--gap DURATION] [--pubkey F]
+                        [--gap DURATION] [--pubkey F] [--admin HOST:PORT [--token T]]
                                   compliance summary of the period (T: RFC 3339 or unix
                                   seconds; default the whole log); its sha256 is appended to
-                                  the log as a report record when no sidecar holds it;
+                                  the log as a report record (through the running sidecar's
+                                  admin API with --admin);
                                   0 ok, 1 the log does not verify, 2 usage or unreadable
   tollgate certs init DIR [--permit NAME]... [--name CN] [--force]
                                   create the local CA for TLS interception in DIR (0700):

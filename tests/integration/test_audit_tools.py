@@ -272,6 +272,35 @@ class AuditToolsTest(unittest.TestCase):
         self.assertIn("could not be appended", self.live.stderr)
         self.assertIn("in use by another process", self.live.stderr)
 
+    def test_report_hash_through_the_running_sidecars_admin_api(self):
+        token = "report-token"
+        with HttpOrigin() as origin:
+            tg = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": "audit"},
+                           "admin": {"address": "127.0.0.1:0",
+                                     "tokens": ["sha256:" + hashlib.sha256(token.encode()).hexdigest()]}})
+            audit = os.path.join(tg.dir, "audit")
+            out = os.path.join(self.work, "admin-report.md")
+            with tg:
+                for i in range(2):
+                    curl("-s", origin.url(f"/hello?{i}"), proxy=tg.proxy)
+                admin = f"127.0.0.1:{tg.admin_port}"
+                r = run("report", audit, "--out", out, "--from", "2026-01-01T00:00:00+01:00", "--admin", admin)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertIn("could not be appended through", r.stderr)  # no token: 401
+                r = run("report", audit, "--out", out, "--from", "2026-01-01T00:00:00+01:00", "--admin", admin,
+                        "--token", token)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                with open(out, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                self.assertIn(f"report sha256:{digest} appended to the log as record", r.stderr)
+                self.assertEqual(tg.stop(), 0)
+                reports = [x for x in records(audit) if x["kind"] == "report"]
+                self.assertEqual(len(reports), 1)
+                self.assertEqual((reports[0]["sha256"], reports[0]["from"], reports[0]["file"]),
+                                 (digest, "2026-01-01T00:00:00+01:00", out))
+                v = subprocess.run([BIN, "audit", "verify", audit], capture_output=True, text=True, timeout=60)
+                self.assertEqual(v.returncode, 0, v.stdout)
+
 
 if __name__ == "__main__":
     unittest.main()
