@@ -101,6 +101,11 @@ ChainVerdict verifyChain(const std::vector<std::string>& lines, const Ed25519Key
 // window, and each rotation's new key listed there.
 ChainVerdict verifyChain(const std::vector<std::string>& lines, const Keyring& pinned);
 
+// Whether a line (of a log that verified) is a checkpoint: canonical lines have the one form.
+inline bool isCheckpointLine(std::string_view line) {
+  return line.find("\"kind\":\"checkpoint\"") != std::string_view::npos;
+}
+
 // Hex SHA-256 of a line: what the next record's `prev` holds.
 std::string lineHash(std::string_view line);
 

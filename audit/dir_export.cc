@@ -19,10 +19,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-bool isCheckpoint(const std::string& line) {
-  return line.find("\"kind\":\"checkpoint\"") != std::string::npos;
-}
-
 uint64_t seqOf(const std::string& line) {
   auto j = nlohmann::json::parse(line, nullptr, false);
   if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned()) return 0;
@@ -57,7 +53,7 @@ DirectoryExport::~DirectoryExport() {
 void DirectoryExport::onDurable(uint64_t /*firstSeq*/, const std::vector<std::string>& lines) {
   std::vector<std::string> checkpoints;
   for (const auto& l : lines)
-    if (isCheckpoint(l)) checkpoints.push_back(l);
+    if (isCheckpointLine(l)) checkpoints.push_back(l);
   if (checkpoints.empty()) return;
   std::lock_guard<std::mutex> lock(mutex_);
   tasks_.emplace_back(std::move(checkpoints));
@@ -123,7 +119,7 @@ void DirectoryExport::catchUp() {
     std::istringstream in(data.value());
     std::string line;
     while (std::getline(in, line)) {
-      if (!in.eof() && isCheckpoint(line)) checkpoints.push_back(line);  // whole lines only
+      if (!in.eof() && isCheckpointLine(line)) checkpoints.push_back(line);  // whole lines only
     }
   }
   if (auto st = appendCheckpoints(checkpoints); !st) {

@@ -11,9 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <optional>
-#include <sstream>
 
 #include "common/files.h"
 #include "common/log.h"
@@ -34,44 +32,14 @@ std::string sysError(const std::string& what) {
   return what + ": " + std::strerror(errno);
 }
 
-Result<std::string> readFile(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) return Error{-1, "cannot read " + p.string()};
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-Status writeFile(const fs::path& p, const std::string& data, mode_t mode) {
-  int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  if (fd < 0) return Error{-errno, sysError("open " + p.string())};
-  bool ok = ::write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size()) &&
-            ::fsync(fd) == 0;
-  ::close(fd);
-  if (!ok) return Error{-1, "cannot write " + p.string()};
-  return Status::success();
-}
-
-Status syncDir(const fs::path& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Error{-errno, sysError("open " + dir.string())};
-  bool ok = ::fsync(fd) == 0;
-  ::close(fd);
-  if (!ok) return Error{-1, sysError("fsync " + dir.string())};
-  return Status::success();
-}
-
-// Written to a temporary file and renamed over `p`: readers see the old or the new bytes.
+// Every file here is replaced whole (temp file, fsync, rename, directory fsync): readers and
+// a restart after a crash see the old or the new bytes.
 Status replaceFile(const fs::path& p, const std::string& data, mode_t mode) {
-  fs::path tmp = p;
-  tmp += ".tmp";
-  if (auto st = writeFile(tmp, data, mode); !st) return st;
-  if (::rename(tmp.c_str(), p.c_str()) != 0) return Error{-errno, sysError("rename " + p.string())};
-  return syncDir(p.parent_path());
+  return writeFileAtomic(p.string(), data, mode);
 }
 
 Result<Ed25519Key> readPrivateKey(const fs::path& p) {
-  auto hex = readFile(p);
+  auto hex = readFile(p.string());
   if (!hex) return hex.error();
   auto k = Ed25519Key::fromRawPrivate(fromHexBytes(hex.value().substr(0, 64)));
   if (!k) return Error{-1, p.string() + ": " + k.error().message};
@@ -85,12 +53,9 @@ Status writePrivateKey(const fs::path& p, const Ed25519Key& key) {
   if (!key.exportRawPrivate(raw, &len)) return Error{-1, "cannot export the audit key"};
   std::string hex = toHexBytes({reinterpret_cast<char*>(raw), len}) + "\n";
   OPENSSL_cleanse(raw, sizeof raw);
-  std::error_code ec;
-  fs::remove(p, ec);  // a file left over keeps its mode under O_CREAT: made anew with 0600
-  Status st = writeFile(p, hex, 0600);
+  Status st = replaceFile(p, hex, 0600);  // a new file: created with 0600
   OPENSSL_cleanse(hex.data(), hex.size());
-  if (!st) return st;
-  return syncDir(p.parent_path());
+  return st;
 }
 
 std::vector<fs::path> segments(const fs::path& dir) {
@@ -124,7 +89,7 @@ Result<std::vector<std::string>> readAuditLog(const std::string& dir,
   if (!fs::is_directory(dir, ec)) return Error{-1, dir + " is not a directory"};
   std::vector<std::string> lines;
   for (const auto& seg : segments(dir)) {
-    auto data = readFile(seg);
+    auto data = readFile(seg.string());
     if (!data) return data.error();
     size_t start = 0;
     const std::string& d = data.value();
@@ -164,14 +129,14 @@ Status FileAuditSink::start() {
 
   std::string logId;
   if (fs::exists(dir / "LOG_ID")) {
-    auto id = readFile(dir / "LOG_ID");
+    auto id = readFile((dir / "LOG_ID").string());
     if (!id) return id.error();
     logId = id.value().substr(0, id.value().find('\n'));
   } else {
     unsigned char rnd[16];
     RAND_bytes(rnd, sizeof rnd);
     logId = toHexBytes({reinterpret_cast<char*>(rnd), sizeof rnd});
-    if (auto st = writeFile(dir / "LOG_ID", logId + "\n", 0644); !st) return st;
+    if (auto st = replaceFile(dir / "LOG_ID", logId + "\n", 0644); !st) return st;
   }
   chain_ = std::make_unique<AuditChain>(logId);
 
@@ -179,13 +144,13 @@ Status FileAuditSink::start() {
   auto segs = segments(dir);
   std::string torn;
   if (!segs.empty()) {
-    auto data = readFile(segs.back());
+    auto data = readFile(segs.back().string());
     if (!data) return data.error();
     const std::string& d = data.value();
     size_t keep = d.empty() ? 0 : d.rfind('\n') == std::string::npos ? 0 : d.rfind('\n') + 1;
     if (keep < d.size()) {
       fs::path aside = dir / ("torn-" + std::to_string(nowNs()) + ".bin");
-      if (auto st = writeFile(aside, d.substr(keep), 0600); !st) return st;
+      if (auto st = replaceFile(aside, d.substr(keep), 0600); !st) return st;
       if (::truncate(segs.back().c_str(), static_cast<off_t>(keep)) != 0)
         return Error{-errno, sysError("truncate " + segs.back().string())};
       torn = aside.filename().string() + ":" + std::to_string(d.size() - keep);
@@ -205,8 +170,7 @@ Status FileAuditSink::start() {
 
   segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
   // A log sealed at shutdown continues in a new segment: the last one is complete.
-  bool sealed = !lines.value().empty() && torn.empty() &&
-                lines.value().back().find("\"kind\":\"checkpoint\"") != std::string::npos;
+  bool sealed = !lines.value().empty() && torn.empty() && isCheckpointLine(lines.value().back());
   if (sealed) {
     for (auto& r : options_.replicas) r->onSealed(segs.back().string());
     ++segmentNumber_;
@@ -263,7 +227,7 @@ Status FileAuditSink::loadKeys(const std::vector<std::string>& lines,
   std::optional<Ed25519Key> anchor = current;
   bool writeAnchor = !fs::exists(anchorFile, ec);
   if (!writeAnchor) {
-    auto hex = readFile(anchorFile);
+    auto hex = readFile(anchorFile.string());
     if (!hex) return hex.error();
     auto k = Ed25519Key::fromRawPublic(fromHexBytes(hex.value().substr(0, 64)));
     if (!k) return Error{-1, anchorFile.string() + ": " + k.error().message};
@@ -284,7 +248,7 @@ Status FileAuditSink::loadKeys(const std::vector<std::string>& lines,
     // A rotation whose record is durable, interrupted before the old key was deleted.
     if (::rename(nextFile.c_str(), keyFile.c_str()) != 0)
       return Error{-errno, sysError("rename " + nextFile.string())};
-    if (auto st = syncDir(keys); !st) return st;
+    if (auto st = syncDir(keys.string()); !st) return st;
     key_ = std::make_unique<Ed25519Key>(*next);
   } else {
     return Error{-1, "audit log " + options_.dir + ": the private key of its active key " +
@@ -345,7 +309,7 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
   // are not scrubbed.)
   if (::rename(nextFile.c_str(), keyFile.c_str()) != 0)
     return Error{-errno, sysError("rename " + nextFile.string())};
-  if (auto st = syncDir(keys); !st) return st.error();
+  if (auto st = syncDir(keys.string()); !st) return st.error();
   if (auto st = replaceFile(keys / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644); !st)
     return st.error();
   return done;
