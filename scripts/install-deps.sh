@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build pkg-config git curl ca-certificates openssl
-  python3 python3-yaml python3-jsonschema python3-cryptography iproute2 iptables procps
+  python3 python3-yaml python3-jsonschema python3-cryptography python3-requests iproute2 iptables procps
   libuv1-dev libssl-dev libyaml-cpp-dev libhiredis-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libre2-dev
   node-llhttp redis-server)

@@ -21,6 +21,7 @@ from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wa
 
 try:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives import serialization
 except ImportError:  # the forgeries that need a signature are skipped
     Ed25519PrivateKey = None
 
@@ -214,7 +215,7 @@ class AuditKeysTest(unittest.TestCase):
     def forge_checkpoint(self, lines, key_hex, ts=None):
         """A correct checkpoint over `lines` signed with the raw private key `key_hex`."""
         priv = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(key_hex))
-        pub = priv.public_key().public_bytes_raw()
+        pub = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         last = json.loads(lines[-1])
         cps = [l for l in lines if json.loads(l)["kind"] == "checkpoint"]
         body = {"v": 1, "log_id": last["log_id"], "seq": last["seq"] + 1, "ts_ns": ts or last["ts_ns"],
@@ -252,7 +253,7 @@ class AuditKeysTest(unittest.TestCase):
         rot = self.rotations[0]
         stolen = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.stolen))
         thief = Ed25519PrivateKey.generate()
-        thief_pub = thief.public_key().public_bytes_raw()
+        thief_pub = thief.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         body = {k: rot[k] for k in ("v", "log_id", "seq", "ts_ns", "prev", "kind")}
         body.update({"old_key_id": rot["old_key_id"], "new_key_id": sha(thief_pub)[:32],
                      "new_public": thief_pub.hex()})
@@ -260,7 +261,7 @@ class AuditKeysTest(unittest.TestCase):
         body["sig_old"] = stolen.sign(signed).hex()
         body["sig_new"] = thief.sign(signed).hex()
         lines = list(self.lines[: rot["seq"] - 1]) + [canonical(body)]
-        lines.append(self.forge_checkpoint(lines, thief.private_bytes_raw().hex()))
+        lines.append(self.forge_checkpoint(lines, thief.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()).hex()))
         d = self.copy()
         write_lines(d, lines)
         r = run("verify", d, "--pubkey", self.anchor)
