@@ -52,16 +52,22 @@ Status Leaf::applyTo(SSL* ssl) const {
   return Status::success();
 }
 
+Status configureServerContext(SSL_CTX* ctx) {
+  if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
+    return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  SSL_CTX_set_alpn_select_cb(ctx, selectHttp11, nullptr);
+  return Status::success();
+}
+
 Result<SslCtxPtr> makeServerContext(const Leaf& leaf) {
   SslCtxPtr ctx(SSL_CTX_new(TLS_server_method()), SSL_CTX_free);
-  bool ok = ctx != nullptr && SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION) == 1 &&
+  bool ok = ctx != nullptr && configureServerContext(ctx.get()).ok() &&
             SSL_CTX_use_certificate(ctx.get(), leaf.certificate()) == 1 &&
             SSL_CTX_use_PrivateKey(ctx.get(), leaf.key()) == 1 &&
             SSL_CTX_add1_chain_cert(ctx.get(), leaf.issuer()) == 1 &&
             SSL_CTX_check_private_key(ctx.get()) == 1;
   if (!ok) return Error{-1, "SSL_CTX for " + leaf.host() + ": " + takeOpenSslErrors()};
-  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
-  SSL_CTX_set_alpn_select_cb(ctx.get(), selectHttp11, nullptr);
   return ctx;
 }
 

@@ -79,6 +79,8 @@ using LeafPtr = std::shared_ptr<const Leaf>;
 
 // A server SSL_CTX with `leaf`'s certificate, key and chain (what Leaf::sslContext caches).
 Result<SslCtxPtr> makeServerContext(const Leaf& leaf);
+// What every intercepting server context has: TLS 1.2+, no renegotiation, ALPN http/1.1.
+Status configureServerContext(SSL_CTX* ctx);
 
 class LeafCache {
  public:

@@ -7,9 +7,11 @@
 #include <random>
 #include <unordered_map>
 
+#include "certs/openssl_error.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "common/sha256.h"
+#include "common/units.h"
 #include "policy/tool_call.h"
 #include "proxy/admin_api.h"
 #include "proxy/worker.h"
@@ -158,13 +160,15 @@ void ClientSession::reportOutcome() {
   auto num = [](char* buf, size_t size, uint64_t v) {
     return std::string_view(buf, static_cast<size_t>(std::to_chars(buf, buf + size, v).ptr - buf));
   };
-  worker_.audit().appendEvent(
-      "outcome",
-      {{"call_seq", num(seq, sizeof seq, auditSeq_)},
-       {"status", num(status, sizeof status, static_cast<uint64_t>(std::max(0, status_)))},
-       {"sent", outcome.sent ? "true" : "false"},
-       {"failed", outcome.failed ? "true" : "false"},
-       {"duration_us", num(durationUs, sizeof durationUs, (uv_hrtime() - startNs_) / 1000)}});
+  AuditFields fields{
+      {"call_seq", num(seq, sizeof seq, auditSeq_)},
+      {"status", num(status, sizeof status, static_cast<uint64_t>(std::max(0, status_)))},
+      {"sent", outcome.sent ? "true" : "false"},
+      {"failed", outcome.failed ? "true" : "false"},
+      {"duration_us", num(durationUs, sizeof durationUs, (uv_hrtime() - startNs_) / 1000)}};
+  // Why it never reached the upstream (an upstream certificate that failed verification…).
+  if (!upstreamError_.empty()) fields.emplace_back("error", upstreamError_);
+  worker_.audit().appendEvent("outcome", fields);
 }
 
 void ClientSession::close() {
@@ -218,6 +222,8 @@ void ClientSession::identify() {
   if (agent_.size() > 256 ||
       agent_.find_first_of(std::string_view("\0\r\n", 3)) != std::string::npos)
     agent_.clear();
+  // Inside an intercepted tunnel, a request that names no agent is the CONNECT's.
+  if (agent_.empty() && intercept_) agent_ = tunnelAgent_;
 }
 
 // ---- client side -------------------------------------------------------------------------
@@ -305,14 +311,35 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     s.headReady_ = true;
     return 0;
   }
-  if (!parseTarget(head, s.target_, reason)) {
+  if (s.intercept_) {
+    bool mismatch = false;
+    if (!parseTunnelTarget(head, s.intercept_->host, s.interceptPort_, s.target_, reason,
+                           mismatch)) {
+      if (!mismatch) {
+        p.fail(400, reason);
+        return -1;
+      }
+      // Domain fronting: a halt, recorded against the tunnel's authority.
+      s.localHaltRule_ = "tls.host_mismatch";
+      s.localHaltReason_ = reason;
+      s.target_.scheme = "https";
+      s.target_.host = s.intercept_->host;
+      s.target_.port = s.interceptPort_;
+      s.target_.key = formatHostPort(s.target_.host, s.target_.port);
+      s.target_.pathQuery = "/";
+    } else if (s.intercept_->sniMismatch) {
+      s.localHaltRule_ = "tls.sni_mismatch";
+      s.localHaltReason_ = "the TLS server name (SNI) is " + s.intercept_->sni +
+                           ", the CONNECT was to " + s.target_.key;
+    }
+  } else if (!parseTarget(head, s.target_, reason)) {
     p.fail(400, reason);
     return -1;
   }
   // The upstream gets the path the policy judged: dot segments resolved, duplicate slashes
   // and needless escapes gone. A path that cannot be normalised is left for the decider,
   // which halts it when policies are on.
-  if (s.target_.scheme == "http") {
+  if (s.target_.scheme != "tunnel") {
     auto q = s.target_.pathQuery.find('?');
     auto normal = Extractor::normalisePath(std::string_view(s.target_.pathQuery).substr(0, q));
     if (normal) {
@@ -437,6 +464,15 @@ void ClientSession::processRequestHead() {
   phase_ = Phase::kDeciding;
   firstRequest_ = false;
   if (listener_.admin) return;  // answered once the request is complete
+  if (!localHaltRule_.empty()) {
+    haltLocally(std::move(localHaltRule_), std::move(localHaltReason_));
+    return;
+  }
+  if (request_.head().method == HTTP_CONNECT && listener_.config.interceptTls &&
+      !hostMatches(listener_.config.passthrough, target_.host)) {
+    startIntercept();
+    return;
+  }
   if (bodyNeed_ > 0 && !requestDone_ && !bodyTruncated_) {
     // Read the body (up to the policy's bound) before deciding; a client waiting for
     // 100 Continue is told to send it.
@@ -501,7 +537,8 @@ void ClientSession::onDecision(const Decision& decided) {
   decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
   if (d.verdict == Verdict::kHalt) {
     bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
-                   d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.");
+                   d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.") ||
+                   d.rule.starts_with("tls.");
     haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
   }
   const auto& head = request_.head();
@@ -596,7 +633,7 @@ void ClientSession::refuse(const Decision& d) {
 void ClientSession::connectUpstream() {
   phase_ = Phase::kConnecting;
   if (!retried_) {
-    if (auto idle = worker_.pool().take(target_.key)) {
+    if (auto idle = worker_.pool().take(poolKey())) {
       attachUpstream(std::move(idle), true);
       return;
     }
@@ -641,6 +678,57 @@ void ClientSession::onConnect(TcpStream& stream, int status) {
     }
     worker_.metrics().upstreamConnectErrors(uv_err_name(status)).Increment();
     upstreamFailed(502, "upstream_unavailable", std::string("connect: ") + uv_strerror(status));
+    return;
+  }
+  if (target_.scheme == "https") {
+    startUpstreamTls();
+    return;
+  }
+  attachUpstream(std::move(upstream_), false);
+}
+
+std::string ClientSession::poolKey() const {
+  // A TLS connection is never handed to a plain-HTTP call to the same host:port, or back.
+  return target_.scheme == "https" ? "tls:" + target_.key : target_.key;
+}
+
+void ClientSession::startUpstreamTls() {
+  SSL* ssl = upstream_->tlsBegin(worker_.tls().upstreamClient(), false);
+  Status prepared = ssl ? prepareUpstream(ssl, target_.host)
+                        : Status(Error{-1, "SSL_new: " + takeOpenSslErrors()});
+  if (!prepared) {
+    upstreamFailed(502, "upstream_tls", prepared.error().message);
+    return;
+  }
+  // The connect timeout covers the handshake too.
+  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
+  if (int rc = upstream_->tlsHandshake(); rc != 0) onHandshake(*upstream_, rc);
+}
+
+void ClientSession::onHandshake(TcpStream& stream, int status) {
+  if (&stream == client_.get()) {
+    if (status == 0) return;
+    // The agent gave up on the leaf (it does not trust the local CA, …) or sent no TLS.
+    std::string why =
+        intercept_ && !intercept_->error.empty() ? intercept_->error : stream.tlsError();
+    worker_.metrics().tlsHandshakeFailures("agent").Increment();
+    Log::Line(LogLevel::kInfo, "agent TLS handshake failed")
+        .add("listener", listener_.config.name)
+        .add("authority", intercept_ ? formatHostPort(intercept_->host, interceptPort_) : "")
+        .add("agent", agent())
+        .add("reason", why)
+        .emit();
+    close();
+    return;
+  }
+  if (&stream != upstream_.get() || phase_ != Phase::kConnecting) return;
+  upstreamTimer_->stop();
+  if (status != 0) {
+    // Never a silent pass: the agent is told why, and the outcome record keeps it.
+    upstreamError_ = stream.tlsError().empty() ? uv_strerror(status) : stream.tlsError();
+    worker_.metrics().upstreamConnectErrors("tls").Increment();
+    worker_.metrics().tlsHandshakeFailures("upstream").Increment();
+    upstreamFailed(502, "upstream_tls", "TLS to " + target_.key + ": " + upstreamError_);
     return;
   }
   attachUpstream(std::move(upstream_), false);
@@ -694,6 +782,73 @@ void ClientSession::startTunnel() {
     upstream_->append(pendingIn_);
     pendingIn_.clear();
     flushUpstream();
+  }
+  updateReading();
+}
+
+void ClientSession::haltLocally(std::string rule, std::string reason) {
+  Decision d;
+  d.verdict = Verdict::kHalt;
+  d.rule = std::move(rule);
+  d.reason = std::move(reason);
+  d.tool = "host:" + target_.host;
+  onDecision(d);
+}
+
+void ClientSession::startIntercept() {
+  auto& tls = worker_.tls();
+  // The leaf first: a host the CA may not sign for (name constraints) is refused here, in
+  // plain HTTP, instead of with a certificate the agent would reject.
+  if (auto leaf = tls.leaves()->get(target_.host); !leaf) {
+    haltLocally("tls.intercept", "cannot intercept " + target_.key + ": " + leaf.error().message);
+    return;
+  }
+  AuditRecord record;
+  record.kind = "call";
+  record.agent = agent();
+  record.tool = "host:" + target_.host;
+  record.method = "CONNECT";
+  record.authority = target_.key;
+  record.decision = "allow";
+  record.rule = "tls.intercept";
+  record.reason = "TLS intercepted: each request inside the tunnel is decided on its own";
+  auditSeq_ = worker_.audit().append(std::move(record));
+  decision_.verdict = Verdict::kAllow;
+  decision_.rule = "tls.intercept";
+  outcomeReported_ = true;  // the decider never saw the CONNECT: nothing to settle
+  decisionCounter(worker_.metrics(), decision_.verdict, decision_.rule).Increment();
+  status_ = 200;
+  client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
+  flushClient();
+  if (closed_) return;
+  logRequest();
+
+  intercept_ = std::make_unique<InterceptTls>();
+  intercept_->leaves = tls.leaves();
+  intercept_->host = target_.host;
+  interceptPort_ = target_.port;
+  tunnelAgent_ = agent_;
+  // What the agent sent after the CONNECT is the start of its ClientHello.
+  std::string early = std::move(pendingIn_);
+  pendingIn_.clear();
+  parserPaused_ = false;
+  request_.reset();
+  resetExchange();
+  SSL* ssl = client_->tlsBegin(tls.interceptServer(), true);
+  if (!ssl) {
+    Log::Line(LogLevel::kError, "SSL_new failed").add("reason", takeOpenSslErrors()).emit();
+    close();
+    return;
+  }
+  if (auto s = prepareIntercept(ssl, intercept_.get()); !s) {
+    Log::Line(LogLevel::kError, "cannot present the leaf").add("reason", s.error().message).emit();
+    close();
+    return;
+  }
+  clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
+  if (client_->tlsHandshake(early) != 0) {
+    close();
+    return;
   }
   updateReading();
 }
@@ -898,6 +1053,7 @@ void ClientSession::retryOrFail(int status) {
 
 void ClientSession::upstreamFailed(int status, std::string_view error, std::string_view reason) {
   upstreamTimer_->stop();
+  if (upstreamError_.empty()) upstreamError_ = reason;
   upstream_.reset();
   if (responseStarted_) {
     close();
@@ -935,7 +1091,7 @@ void ClientSession::onUpstreamTimer() {
 void ClientSession::releaseUpstream(bool reusable) {
   upstreamTimer_->stop();
   if (!upstream_) return;
-  if (reusable) worker_.pool().put(target_.key, std::move(upstream_));
+  if (reusable) worker_.pool().put(poolKey(), std::move(upstream_));
   upstream_.reset();
 }
 
@@ -1028,6 +1184,9 @@ void ClientSession::resetExchange() {
   upOut_.clear();
   retryHead_.clear();
   traceId_.clear();
+  upstreamError_.clear();
+  localHaltRule_.clear();
+  localHaltReason_.clear();
   addrs_.clear();
   nextAddr_ = 0;
   startNs_ = upstreamSentNs_ = upstreamHeadNs_ = 0;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "proxy/resolver.h"
 #include "proxy/tcp_stream.h"
 #include "proxy/timer.h"
+#include "proxy/tls.h"
 
 namespace tollgate {
 
@@ -71,6 +73,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void onReadEnd(TcpStream& stream, int status) override;
   void onDrained(TcpStream& stream) override;
   void onWriteError(TcpStream& stream, int status) override;
+  void onHandshake(TcpStream& stream, int status) override;
   // Resolver::Waiter
   void onResolved(int status, const std::vector<sockaddr_storage>& addrs) override;
 
@@ -87,6 +90,13 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void attachUpstream(StreamPtr stream, bool reused);
   void sendRequest();
   void startTunnel();
+  // CONNECT with intercept_tls: 200, then the agent's TLS is terminated with a minted leaf
+  // and the requests inside are read and decided one by one.
+  void startIntercept();
+  // Halts the current request without asking the decider (a rule of the proxy's own).
+  void haltLocally(std::string rule, std::string reason);
+  void startUpstreamTls();
+  std::string poolKey() const;
   void finishExchange();
   void resetExchange();
   void retryOrFail(int status);
@@ -129,6 +139,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::string upPending_;  // upstream bytes after the 101 head of an upgrade
   std::string retryHead_;  // request head kept for one retry on a stale pooled connection
   std::string traceId_;
+  std::string upstreamError_;  // why the call failed before it reached the upstream
+  std::string localHaltRule_, localHaltReason_;  // set while a request is parsed
   std::vector<sockaddr_storage> addrs_;
   size_t nextAddr_ = 0;
   uint64_t startNs_ = 0, upstreamSentNs_ = 0, upstreamHeadNs_ = 0;
@@ -168,6 +180,11 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool draining_ = false;
   bool closeAfterResponse_ = false;
   bool closed_ = false;
+
+  // An intercepted tunnel, for every request inside it.
+  std::unique_ptr<InterceptTls> intercept_;
+  uint16_t interceptPort_ = 0;
+  std::string tunnelAgent_;  // identified on the CONNECT, for requests that name none
 };
 
 }  // namespace tollgate

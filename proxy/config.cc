@@ -6,6 +6,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -101,7 +102,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
   ListenerConfig l;
   bool hasAddress = false;
   r.forEach(
-      node, where, {"name", "kind", "address", "identity", "intercept_tls", "max_connections"},
+      node, where,
+      {"name", "kind", "address", "identity", "intercept_tls", "passthrough", "max_connections"},
       [&](const std::string& key, const YAML::Node& v) {
         if (key.ends_with(".name"))
           l.name = r.str(v, key);
@@ -138,6 +140,16 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
           if (modes > 1) r.fail(v, key, "choose one of header, proxy_basic or source");
         } else if (key.ends_with(".intercept_tls")) {
           l.interceptTls = r.boolean(v, key);
+        } else if (key.ends_with(".passthrough")) {
+          for (auto host : r.strings(v, key)) {
+            for (auto& ch : host)
+              ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+            auto name = std::string_view(host).substr(host.starts_with("*.") ? 2 : 0);
+            if (name.empty() || name.find_first_of("*/: ") != std::string_view::npos)
+              r.fail(v, key,
+                     "'" + host + "': expected a host name, or *.domain for every name under it");
+            l.passthrough.push_back(host);
+          }
         } else if (key.ends_with(".max_connections")) {
           l.maxConnections = static_cast<uint32_t>(r.integer(v, key, 10'000'000));
         }
@@ -155,11 +167,12 @@ Config read(const YAML::Node& root, const Reader& r) {
   auto base = std::filesystem::path(r.path()).parent_path();
   // Like every path in the file, the default audit directory is the config file's.
   c.auditDir = (base / "var/audit").lexically_normal().string();
+  c.tlsCaDir = (base / "var/ca").lexically_normal().string();
   if (root.IsNull()) r.fail(root, "(root)", "the file is empty");
   r.forEach(
       root, "",
       {"mode", "workers", "log", "listeners", "admin", "hosts", "limits", "timeouts", "policies",
-       "store", "audit"},
+       "store", "audit", "tls"},
       [&](const std::string& key, const YAML::Node& v) {
         if (key == "mode") {
           auto m = r.str(v, key);
@@ -268,6 +281,18 @@ Config read(const YAML::Node& root, const Reader& r) {
                     });
           if (c.storeBackend == "redis" && c.storeUrls.empty())
             r.fail(v, key + ".urls", "required for the redis backend");
+        } else if (key == "tls") {
+          r.forEach(v, key, {"ca_dir", "upstream_ca_file", "leaf_cache_size"},
+                    [&](const std::string& k, const YAML::Node& tv) {
+                      if (k == "tls.ca_dir")
+                        c.tlsCaDir = (base / r.str(tv, k)).lexically_normal().string();
+                      else if (k == "tls.upstream_ca_file")
+                        c.tlsUpstreamCaFile = (base / r.str(tv, k)).lexically_normal().string();
+                      else
+                        c.tlsLeafCacheSize = r.integer(tv, k, 10'000'000);
+                      if (k == "tls.leaf_cache_size" && c.tlsLeafCacheSize == 0)
+                        r.fail(tv, k, "must be greater than 0");
+                    });
         } else if (key == "audit") {
           r.forEach(v, key,
                     {"dir", "sink", "checkpoint_every", "checkpoint_interval", "segment_size",

@@ -25,6 +25,8 @@ struct ListenerConfig {
   bool identityProxyBasic = false;                    // identity: {proxy_basic: true} (the user)
   std::map<std::string, std::string> identitySource;  // identity: {source: {IP: agent}}
   bool interceptTls = false;
+  // CONNECT to these hosts is tunnelled blind even with intercept_tls ("*.d": names under d).
+  std::vector<std::string> passthrough;
   uint32_t maxConnections = 10000;
 };
 
@@ -68,13 +70,15 @@ struct Config {
   uint64_t auditCheckpointEvery = 1000;
   Millis auditCheckpointInterval{5000};
   uint64_t auditSegmentSize = 64ull << 20;
-  Millis auditSyncInterval{1};
+  Millis auditSyncInterval{1};  // at most one fsync per interval; the calls meanwhile share it
   Millis auditSegmentAge{3'600'000};
   std::string auditReplicaUrl;  // redis://HOST:PORT, empty: no replica
   std::string auditReplicaStream = "tollgate:audit:{log_id}";
   uint64_t auditReplicaMaxlen = 0;
-  std::string auditExportDir;  // empty: no export  // at most one fsync per interval; the calls
-                               // meanwhile share it
+  std::string auditExportDir;     // empty: no export
+  std::string tlsCaDir;           // the local CA interception mints from (tls.ca_dir)
+  std::string tlsUpstreamCaFile;  // empty: the system's trust store
+  uint64_t tlsLeafCacheSize = 10'000;
   LimitsConfig limits;
   TimeoutsConfig timeouts;
 };

@@ -35,7 +35,7 @@ bool forEachToken(std::string_view list, Fn fn) {
 }  // namespace
 
 std::string Target::authority() const {
-  if (port != 80) return formatHostPort(host, port);
+  if (port != (scheme == "https" ? 443 : 80)) return formatHostPort(host, port);
   if (host.find(':') == std::string::npos) return host;
   std::string out;
   out.reserve(host.size() + 2);
@@ -182,6 +182,75 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
 
 bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
   if (!parseTargetParts(head, out, reason)) return false;
+  out.key = formatHostPort(out.host, out.port);
+  return true;
+}
+
+bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16_t tunnelPort,
+                       Target& out, std::string& reason, bool& mismatch) {
+  mismatch = false;
+  if (head.method == HTTP_CONNECT) {
+    reason = "CONNECT inside an intercepted tunnel";
+    return false;
+  }
+  std::string_view url = head.url();
+  if (head.count("host") > 1) {
+    reason = "more than one Host header";
+    return false;
+  }
+  auto hostHeader = head.find("host");
+  std::string_view authority;
+  if (url.starts_with('/')) {
+    if (!hostHeader) {
+      reason = "origin-form request without a Host header";
+      return false;
+    }
+    authority = *hostHeader;
+    out.pathQuery.assign(url);
+  } else {
+    // absolute-form: allowed when it names the tunnel (RFC 9112 §3.2.2)
+    constexpr std::string_view kHttps = "https://";
+    if (url.size() < kHttps.size() || !equalsIgnoreCase(url.substr(0, kHttps.size()), kHttps)) {
+      reason = "inside a TLS tunnel the target is origin-form or https://";
+      return false;
+    }
+    auto rest = url.substr(kHttps.size());
+    auto pathStart = rest.find_first_of("/?#");
+    authority = rest.substr(0, pathStart);
+    auto path = pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
+    if (authority.find('@') != std::string_view::npos || path.find('#') != std::string_view::npos) {
+      reason = "userinfo or fragment in the request target";
+      return false;
+    }
+    out.pathQuery = path.empty()     ? "/"
+                    : path[0] == '?' ? "/" + std::string(path)
+                                     : std::string(path);
+  }
+  std::string host;
+  uint16_t port = 0;
+  if (!parseAuthority(authority, 443, host, port)) {
+    reason = "invalid Host header";
+    return false;
+  }
+  if (hostHeader && !url.starts_with('/')) {
+    std::string h;
+    uint16_t p = 0;
+    if (!parseAuthority(*hostHeader, 443, h, p) || h != host || p != port) {
+      reason = "the Host header names " + std::string(*hostHeader) + ", the target " +
+               std::string(authority);
+      mismatch = true;
+      return false;
+    }
+  }
+  if (host != tunnelHost || port != tunnelPort) {
+    reason = "the request names " + formatHostPort(host, port) + " inside a tunnel to " +
+             formatHostPort(std::string(tunnelHost), tunnelPort);
+    mismatch = true;
+    return false;
+  }
+  out.scheme = "https";
+  out.host = std::move(host);
+  out.port = port;
   out.key = formatHostPort(out.host, out.port);
   return true;
 }

@@ -11,7 +11,7 @@
 namespace tollgate {
 
 struct Target {
-  std::string scheme;  // "http" or "tunnel"
+  std::string scheme;  // "http", "https" (inside an intercepted tunnel) or "tunnel"
   std::string host;    // lower-case, no trailing dot, IPv6 without brackets
   uint16_t port = 0;
   std::string pathQuery;          // origin-form; empty for CONNECT
@@ -22,6 +22,14 @@ struct Target {
 // Parses and validates a request's target against its Host header(s). On failure returns
 // false and sets reason (the request is then a 400).
 bool parseTarget(const HttpHead& head, Target& out, std::string& reason);
+
+// A request inside a TLS tunnel the proxy intercepted (CONNECT host:port): origin-form with a
+// Host that names the tunnel's authority, or absolute-form https://that-authority/…. The
+// target's scheme is "https". On failure returns false with reason; `mismatch` is set when
+// the request names another host than the tunnel (domain fronting), which is a halt rather
+// than a bad request.
+bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16_t tunnelPort,
+                       Target& out, std::string& reason, bool& mismatch);
 
 // Parses "host[:port]" (port optional when defaultPort != 0). Lower-cases the host.
 bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port);

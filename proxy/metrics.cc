@@ -57,6 +57,10 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Name("tollgate_upstream_connect_errors_total")
                         .Help("Upstream connections that failed, by reason")
                         .Register(r);
+  tlsFailures_ = &prometheus::BuildCounter()
+                      .Name("tollgate_tls_handshake_failures_total")
+                      .Help("TLS handshakes that failed, by side (agent: intercepted, upstream)")
+                      .Register(r);
   decisions_ = &prometheus::BuildCounter()
                     .Name("tollgate_decisions_total")
                     .Help("Decisions, by decision and rule")
@@ -179,6 +183,10 @@ Metrics::Listener& Metrics::addListener(const std::string& name) {
 
 prometheus::Counter& Metrics::upstreamConnectErrors(const std::string& reason) {
   return connectErrors_->Add({{"reason", reason}});
+}
+
+prometheus::Counter& Metrics::tlsHandshakeFailures(const std::string& side) {
+  return tlsFailures_->Add({{"side", side}});
 }
 
 prometheus::Counter& Metrics::decision(const std::string& decision, const std::string& rule) {

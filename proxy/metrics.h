@@ -34,6 +34,7 @@ class Metrics {
   Metrics();
   Listener& addListener(const std::string& name);
   prometheus::Counter& upstreamConnectErrors(const std::string& reason);
+  prometheus::Counter& tlsHandshakeFailures(const std::string& side);
   prometheus::Counter& decision(const std::string& decision, const std::string& rule);
   prometheus::Counter& reloads(bool ok);
   // Halts by reason: the decider's built-in reasons (default-deny, extract, cascade,
@@ -64,6 +65,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* rejected_;
   prometheus::Family<prometheus::Counter>* bytes_;
   prometheus::Family<prometheus::Counter>* connectErrors_;
+  prometheus::Family<prometheus::Counter>* tlsFailures_;
   prometheus::Family<prometheus::Counter>* decisions_;
   prometheus::Family<prometheus::Counter>* reloads_;
   prometheus::Family<prometheus::Counter>* halts_;

@@ -71,6 +71,11 @@ Server::Server(Config config) : config_(std::move(config)) {
 }
 
 Status Server::init() {
+  // TLS first: a missing CA for an intercepting listener stops startup before anything opens.
+  auto tls = TlsContexts::create(config_);
+  if (!tls) return tls.error();
+  tls_ = std::move(tls.value());
+  shared_.tls = tls_.get();
   // The durable audit stream: a log that cannot be opened, locked or verified stops startup.
   if (config_.auditSink == "memory") {
     Log::Line(LogLevel::kWarn,

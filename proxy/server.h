@@ -15,6 +15,7 @@
 #include "proxy/admin_api.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
+#include "proxy/tls.h"
 #include "proxy/worker.h"
 
 namespace tollgate {
@@ -44,6 +45,7 @@ class Server {
   std::unique_ptr<Decider> decider_;
   PolicyDecider* policy_ = nullptr;  // decider_, when the config names policies
   std::unique_ptr<AuditSink> audit_;
+  std::unique_ptr<TlsContexts> tls_;
   SharedState shared_;
   std::unique_ptr<AdminApi> admin_;
   std::vector<std::unique_ptr<Worker>> workers_;

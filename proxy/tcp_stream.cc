@@ -1,6 +1,11 @@
 #include "proxy/tcp_stream.h"
 
+#include <openssl/err.h>
+#include <openssl/x509.h>
+
 #include <cstring>
+
+#include "certs/openssl_error.h"
 
 namespace tollgate {
 namespace {
@@ -9,6 +14,9 @@ namespace {
 // back for one stream, and every reader consumes or copies the bytes in the callback.
 constexpr size_t kReadBufferSize = 64 * 1024;
 thread_local char tReadBuffer[kReadBufferSize];
+// Plaintext of one socket read, delivered in one onRead (TLS records are at most 16 KiB
+// each; a full 64 KiB read of records decrypts to less than that).
+thread_local char tPlainBuffer[kReadBufferSize];
 
 struct WriteRequest {
   uv_write_t req;
@@ -36,6 +44,10 @@ StreamPtr TcpStream::create(uv_loop_t* loop) {
 TcpStream::TcpStream(uv_loop_t* loop) {
   uv_tcp_init(loop, &tcp_);
   tcp_.data = this;
+}
+
+TcpStream::~TcpStream() {
+  if (ssl_) SSL_free(ssl_);
 }
 
 int TcpStream::accept(uv_stream_t* server) {
@@ -66,16 +78,27 @@ void TcpStream::onConnectCb(uv_connect_t* req, int status) {
 }
 
 int TcpStream::readStart() {
-  if (reading_ || closing_) return 0;
-  int rc = uv_read_start(stream(), onAlloc, onReadCb);
-  if (rc == 0) reading_ = true;
-  return rc;
+  wantRead_ = true;
+  return syncReading();
 }
 
 void TcpStream::readStop() {
-  if (!reading_) return;
-  uv_read_stop(stream());
-  reading_ = false;
+  wantRead_ = false;
+  (void)syncReading();
+}
+
+int TcpStream::syncReading() {
+  // A handshake reads whatever the handler wants: its answer is needed to go on.
+  bool want = (wantRead_ || handshaking_) && !closing_;
+  if (want == reading_) return 0;
+  if (!want) {
+    uv_read_stop(stream());
+    reading_ = false;
+    return 0;
+  }
+  int rc = uv_read_start(stream(), onAlloc, onReadCb);
+  if (rc == 0) reading_ = true;
+  return rc;
 }
 
 void TcpStream::onAlloc(uv_handle_t*, size_t, uv_buf_t* buf) {
@@ -87,31 +110,202 @@ void TcpStream::onReadCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
   auto* stream = static_cast<TcpStream*>(s->data);
   if (nread == 0 || stream->closing_ || !stream->handler_) return;
   if (nread < 0) {
-    stream->readStop();
+    stream->wantRead_ = false;
+    if (stream->handshaking_) {
+      stream->tlsError_ = nread == UV_EOF ? "the peer closed the connection during the handshake"
+                                          : uv_strerror(static_cast<int>(nread));
+      stream->failTls(static_cast<int>(nread));
+      return;
+    }
+    (void)stream->syncReading();
     stream->handler_->onReadEnd(*stream, static_cast<int>(nread));
     return;
   }
-  stream->handler_->onRead(*stream, std::string_view(buf->base, static_cast<size_t>(nread)));
+  std::string_view data(buf->base, static_cast<size_t>(nread));
+  if (stream->ssl_) {
+    stream->readTls(data);
+    return;
+  }
+  stream->handler_->onRead(*stream, data);
+}
+
+SSL* TcpStream::tlsBegin(SSL_CTX* ctx, bool server) {
+  if (ssl_ || closing_) return nullptr;
+  ssl_ = SSL_new(ctx);
+  if (!ssl_) return nullptr;
+  tlsIn_ = BIO_new(BIO_s_mem());
+  tlsOut_ = BIO_new(BIO_s_mem());
+  if (!tlsIn_ || !tlsOut_) {
+    BIO_free(tlsIn_);
+    BIO_free(tlsOut_);
+    SSL_free(ssl_);
+    ssl_ = nullptr;
+    tlsIn_ = tlsOut_ = nullptr;
+    return nullptr;
+  }
+  // An empty input BIO means "more to come", not end of file.
+  BIO_set_mem_eof_return(tlsIn_, -1);
+  SSL_set_bio(ssl_, tlsIn_, tlsOut_);
+  if (server)
+    SSL_set_accept_state(ssl_);
+  else
+    SSL_set_connect_state(ssl_);
+  return ssl_;
+}
+
+int TcpStream::tlsHandshake(std::string_view early) {
+  if (!ssl_ || closing_) return UV_EINVAL;
+  handshaking_ = true;
+  if (int rc = syncReading(); rc != 0) return rc;
+  // The first step runs now: a client's ClientHello goes out, a server reads `early`.
+  readTls(early);
+  return 0;
+}
+
+void TcpStream::readTls(std::string_view data) {
+  if (!handler_) return;
+  if (!data.empty() && BIO_write(tlsIn_, data.data(), static_cast<int>(data.size())) !=
+                           static_cast<int>(data.size())) {
+    tlsError_ = "out of memory";
+    failTls(UV_ENOMEM);
+    return;
+  }
+  if (handshaking_) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(ssl_);
+    if (r != 1) {
+      int e = SSL_get_error(ssl_, r);
+      if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        if (flushTls() != 0) {
+          tlsError_ = "write failed during the handshake";
+          failTls(UV_EPIPE);
+        }
+        return;
+      }
+      long verify = SSL_get_verify_result(ssl_);
+      if (!SSL_is_server(ssl_) && verify != X509_V_OK) {
+        tlsError_ =
+            std::string("certificate verify failed: ") + X509_verify_cert_error_string(verify);
+        ERR_clear_error();
+      } else {
+        tlsError_ = takeOpenSslErrors();
+        if (tlsError_.empty()) tlsError_ = "handshake failed";
+      }
+      (void)flushTls();  // the alert, for the peer's logs
+      failTls(UV_EPROTO);
+      return;
+    }
+    handshaking_ = false;
+    (void)syncReading();
+    if (flushTls() != 0) {
+      tlsError_ = "write failed during the handshake";
+      failTls(UV_EPIPE);
+      return;
+    }
+    handler_->onHandshake(*this, 0);
+    if (closing_ || !handler_) return;
+    // Plaintext appended during the handshake goes out now.
+    if (!out_.empty() && flush() != 0) {
+      handler_->onWriteError(*this, UV_EPIPE);
+      return;
+    }
+  }
+  // Every record this read completed, decrypted into one delivery.
+  size_t plain = 0;
+  for (;;) {
+    if (plain == kReadBufferSize) {
+      handler_->onRead(*this, std::string_view(tPlainBuffer, plain));
+      plain = 0;
+      if (closing_ || !handler_) return;
+    }
+    ERR_clear_error();
+    int n = SSL_read(ssl_, tPlainBuffer + plain, static_cast<int>(kReadBufferSize - plain));
+    if (n > 0) {
+      plain += static_cast<size_t>(n);
+      continue;
+    }
+    int e = SSL_get_error(ssl_, n);
+    if (plain > 0) {
+      handler_->onRead(*this, std::string_view(tPlainBuffer, plain));
+      plain = 0;
+      if (closing_ || !handler_) return;
+    }
+    if (e == SSL_ERROR_WANT_READ) break;
+    // close_notify is an orderly end; anything else a broken stream.
+    if (e != SSL_ERROR_ZERO_RETURN) {
+      tlsError_ = takeOpenSslErrors();
+      if (tlsError_.empty()) tlsError_ = "TLS read failed";
+    }
+    (void)flushTls();
+    wantRead_ = false;
+    (void)syncReading();
+    handler_->onReadEnd(*this, e == SSL_ERROR_ZERO_RETURN ? UV_EOF : UV_EPROTO);
+    return;
+  }
+  // Session tickets, key updates: what reading made OpenSSL say.
+  if (flushTls() != 0) {
+    wantRead_ = false;
+    (void)syncReading();
+    handler_->onWriteError(*this, UV_EPIPE);
+  }
+}
+
+void TcpStream::failTls(int status) {
+  handshaking_ = false;
+  wantRead_ = false;
+  (void)syncReading();
+  if (handler_) handler_->onHandshake(*this, status < 0 ? status : UV_EPROTO);
+}
+
+int TcpStream::flushTls() {
+  char* data = nullptr;
+  long n = BIO_get_mem_data(tlsOut_, &data);
+  if (n <= 0) return 0;
+  int rc = writeRaw(std::string_view(data, static_cast<size_t>(n)));
+  (void)BIO_reset(tlsOut_);
+  return rc;
 }
 
 int TcpStream::flush() {
   if (out_.empty() || closing_) return 0;
+  if (ssl_) {
+    if (handshaking_) return 0;  // sent once the handshake is done
+    ERR_clear_error();
+    // A memory BIO takes every byte: one SSL_write writes all of them.
+    int n = SSL_write(ssl_, out_.data(), static_cast<int>(out_.size()));
+    if (n != static_cast<int>(out_.size())) {
+      tlsError_ = takeOpenSslErrors();
+      return UV_EPROTO;
+    }
+    out_.clear();
+    return flushTls();
+  }
+  return writeRaw(out_, &out_);
+}
+
+int TcpStream::writeRaw(std::string_view data, std::string* owner) {
   // With nothing queued, write at once: the common case then needs no write request, and
   // libuv's write completion (which re-arms epoll with one epoll_ctl per write) is skipped.
   if (tcp_.write_queue_size == 0) {
-    uv_buf_t buf = uv_buf_init(out_.data(), static_cast<unsigned>(out_.size()));
+    uv_buf_t buf = uv_buf_init(const_cast<char*>(data.data()), static_cast<unsigned>(data.size()));
     int n = uv_try_write(stream(), &buf, 1);
-    if (n >= 0 && static_cast<size_t>(n) == out_.size()) {
-      out_.clear();
+    if (n >= 0 && static_cast<size_t>(n) == data.size()) {
+      if (owner) owner->clear();
       return 0;
     }
     if (n >= 0)
-      out_.erase(0, static_cast<size_t>(n));
+      data.remove_prefix(static_cast<size_t>(n));
     else if (n != UV_EAGAIN)
       return n;
   }
   auto* req = new WriteRequest;
-  req->data.swap(out_);
+  if (owner) {
+    // The unsent tail of the owner's buffer moves into the request without a copy.
+    owner->erase(0, owner->size() - data.size());
+    req->data.swap(*owner);
+  } else {
+    req->data.assign(data);
+  }
   uv_buf_t buf = uv_buf_init(req->data.data(), static_cast<unsigned>(req->data.size()));
   int rc = uv_write(&req->req, stream(), &buf, 1, onWriteCb);
   if (rc != 0) {
@@ -149,6 +343,11 @@ void TcpStream::shutdown() {
   if (shutdown_ || closing_) return;
   shutdown_ = true;
   (void)flush();
+  if (ssl_ && !handshaking_) {
+    ERR_clear_error();
+    (void)SSL_shutdown(ssl_);  // close_notify: the peer can tell an end from a cut
+    (void)flushTls();
+  }
   auto* req = new ShutdownRequest;
   if (uv_shutdown(&req->req, stream(), onShutdownCb) != 0) delete req;
 }
@@ -161,7 +360,7 @@ void TcpStream::close() {
   if (closing_) return;
   closing_ = true;
   handler_ = nullptr;
-  reading_ = false;
+  reading_ = wantRead_ = handshaking_ = false;
   uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), onCloseCb);
 }
 

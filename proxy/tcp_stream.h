@@ -3,8 +3,14 @@
 // the handler and frees the wrapper in libuv's close callback. Output is gathered with
 // append() and sent by flush() as one write; each write request owns its bytes and frees
 // them in its callback whatever the status.
+//
+// TLS is a layer inside the stream (startTls): OpenSSL works on memory BIOs, the socket
+// stays libuv's. The handler then reads and appends plaintext; the stream reads during the
+// handshake whatever the handler asked, and every socket read is delivered as one onRead of
+// the plaintext it carried, as without TLS.
 #pragma once
 
+#include <openssl/ssl.h>
 #include <uv.h>
 
 #include <cstddef>
@@ -33,6 +39,11 @@ class TcpStream {
     virtual void onDrained(TcpStream& stream) = 0;
     // A write failed; the stream is unusable.
     virtual void onWriteError(TcpStream& stream, int status) = 0;
+    // The TLS handshake ended: 0, or UV_EPROTO (tlsError() says why) or a libuv error.
+    virtual void onHandshake(TcpStream& stream, int status) {
+      (void)stream;
+      (void)status;
+    }
 
    protected:
     ~Handler() = default;
@@ -50,7 +61,17 @@ class TcpStream {
   [[nodiscard]] int connect(const sockaddr* addr);
   [[nodiscard]] int readStart();
   void readStop();
-  bool reading() const { return reading_; }
+
+  // TLS, in two steps: tlsBegin() makes the SSL (the caller sets SNI, the name to verify,
+  // the certificate, app data), tlsHandshake() starts it. `early` are bytes of the peer's
+  // that were read before TLS began (a ClientHello that came with the CONNECT). Appended
+  // plaintext waits until the handshake is done. Returns null / a libuv error.
+  SSL* tlsBegin(SSL_CTX* ctx, bool server);
+  [[nodiscard]] int tlsHandshake(std::string_view early = {});
+  SSL* ssl() const { return ssl_; }
+  bool tlsReady() const { return ssl_ != nullptr && !handshaking_; }
+  // Why the handshake or a later read failed.
+  const std::string& tlsError() const { return tlsError_; }
 
   void append(std::string_view data) { out_.append(data); }
   std::string& output() { return out_; }
@@ -69,7 +90,7 @@ class TcpStream {
 
  private:
   explicit TcpStream(uv_loop_t* loop);
-  ~TcpStream() = default;
+  ~TcpStream();
   friend struct StreamCloser;
 
   static void onAlloc(uv_handle_t* handle, size_t suggested, uv_buf_t* buf);
@@ -79,15 +100,29 @@ class TcpStream {
   static void onShutdownCb(uv_shutdown_t* req, int status);
   static void onCloseCb(uv_handle_t* handle);
   void checkDrain();
+  int syncReading();
+  // Hands `data` to the socket; what cannot be written now is queued (taken from `owner`,
+  // whose bytes `data` is, without a copy).
+  int writeRaw(std::string_view data, std::string* owner = nullptr);
+  // Sends what OpenSSL wrote into its output BIO.
+  int flushTls();
+  void readTls(std::string_view data);
+  void failTls(int status);
 
   uv_tcp_t tcp_;
   Handler* handler_ = nullptr;
   std::string out_;
   size_t lowWatermark_ = 0;
   bool wantDrain_ = false;
-  bool reading_ = false;
+  bool wantRead_ = false;  // what the handler asked
+  bool reading_ = false;   // what libuv does
   bool shutdown_ = false;
   bool closing_ = false;
+  SSL* ssl_ = nullptr;
+  BIO* tlsIn_ = nullptr;   // socket -> OpenSSL (owned by ssl_)
+  BIO* tlsOut_ = nullptr;  // OpenSSL -> socket (owned by ssl_)
+  bool handshaking_ = false;
+  std::string tlsError_;
 };
 
 }  // namespace tollgate

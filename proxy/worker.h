@@ -25,6 +25,7 @@ namespace tollgate {
 
 class ClientSession;
 class AdminApi;
+class TlsContexts;
 
 // A listener as all workers share it: its config, counters and bound address.
 struct ListenerRuntime {
@@ -45,6 +46,7 @@ struct SharedState {
   Decider* decider = nullptr;
   AuditSink* audit = nullptr;
   AdminApi* admin = nullptr;
+  TlsContexts* tls = nullptr;
   std::vector<std::unique_ptr<ListenerRuntime>> listeners;
 };
 
@@ -67,6 +69,7 @@ class Worker {
   Decider& decider() { return *shared_.decider; }
   AuditSink& audit() { return *shared_.audit; }
   AdminApi& admin() { return *shared_.admin; }
+  TlsContexts& tls() { return *shared_.tls; }
   Resolver& resolver() { return resolver_; }
   UpstreamPool& pool() { return pool_; }
   bool draining() const { return draining_; }

@@ -1,0 +1,119 @@
+#include "proxy/tls.h"
+
+#include <openssl/x509v3.h>
+
+#include "certs/openssl_error.h"
+#include "proxy/resolver.h"
+
+namespace tollgate {
+namespace {
+
+// Called during the ClientHello: an SNI that names another host than the CONNECT gets a leaf
+// for what it names (so the agent's TLS completes and it can be told why it is halted), and
+// the mismatch is noted for the session.
+int onServerName(SSL* ssl, int* alert, void*) {
+  auto* state = static_cast<InterceptTls*>(SSL_get_app_data(ssl));
+  if (!state) return SSL_TLSEXT_ERR_OK;
+  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  if (!name || !*name) return SSL_TLSEXT_ERR_OK;
+  std::string sni(name);
+  for (auto& c : sni) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (sni.ends_with('.')) sni.pop_back();
+  state->sni = sni;
+  if (sni == state->host) return SSL_TLSEXT_ERR_OK;
+  state->sniMismatch = true;
+  auto leaf = state->leaves->get(sni);
+  if (!leaf || !leaf.value()->applyTo(ssl).ok()) {
+    state->error = leaf ? "cannot present a leaf for " + sni : leaf.error().message;
+    *alert = SSL_AD_UNRECOGNIZED_NAME;
+    return SSL_TLSEXT_ERR_ALERT_FATAL;
+  }
+  return SSL_TLSEXT_ERR_OK;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
+  std::unique_ptr<TlsContexts> t(new TlsContexts);
+  // Upstreams: every https:// call is verified, whichever listener it came from.
+  t->upstreamClient_ = SSL_CTX_new(TLS_client_method());
+  if (!t->upstreamClient_) return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
+  SSL_CTX_set_min_proto_version(t->upstreamClient_, TLS1_2_VERSION);
+  SSL_CTX_set_verify(t->upstreamClient_, SSL_VERIFY_PEER, nullptr);
+  SSL_CTX_set_options(t->upstreamClient_, SSL_OP_NO_RENEGOTIATION);
+  static const unsigned char kHttp11[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+  SSL_CTX_set_alpn_protos(t->upstreamClient_, kHttp11, sizeof kHttp11);
+  if (!config.tlsUpstreamCaFile.empty()) {
+    if (SSL_CTX_load_verify_locations(t->upstreamClient_, config.tlsUpstreamCaFile.c_str(),
+                                      nullptr) != 1) {
+      return Error{-1, config.path + ": tls.upstream_ca_file: cannot load " +
+                           config.tlsUpstreamCaFile + ": " + takeOpenSslErrors()};
+    }
+  } else if (SSL_CTX_set_default_verify_paths(t->upstreamClient_) != 1) {
+    return Error{-1, "the system's trust store: " + takeOpenSslErrors()};
+  }
+
+  bool intercepts = false;
+  for (const auto& l : config.listeners) intercepts |= l.interceptTls;
+  if (!intercepts) return t;
+  auto ca = LocalCa::load(config.tlsCaDir);
+  if (!ca) {
+    return Error{-1, config.path + ": tls.ca_dir: " + ca.error().message +
+                         " (a listener has intercept_tls; create the CA with `tollgate certs "
+                         "init " +
+                         config.tlsCaDir + "`)"};
+  }
+  LeafCache::Options options;
+  options.capacity = config.tlsLeafCacheSize;
+  auto leaves = LeafCache::create(std::make_shared<const LocalCa>(std::move(ca.value())), options);
+  if (!leaves) return leaves.error();
+  t->leaves_ = std::move(leaves.value());
+  t->interceptServer_ = SSL_CTX_new(TLS_server_method());
+  if (!t->interceptServer_) return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
+  if (auto s = configureServerContext(t->interceptServer_); !s) return s.error();
+  static const unsigned char kContext[] = "tollgate-intercept";
+  SSL_CTX_set_session_id_context(t->interceptServer_, kContext, sizeof kContext - 1);
+  SSL_CTX_set_tlsext_servername_callback(t->interceptServer_, onServerName);
+  return t;
+}
+
+TlsContexts::~TlsContexts() {
+  SSL_CTX_free(interceptServer_);
+  SSL_CTX_free(upstreamClient_);
+}
+
+Status prepareIntercept(SSL* ssl, InterceptTls* state) {
+  auto leaf = state->leaves->get(state->host);
+  if (!leaf) return leaf.error();
+  if (auto s = leaf.value()->applyTo(ssl); !s) return s;
+  SSL_set_app_data(ssl, state);
+  return Status::success();
+}
+
+Status prepareUpstream(SSL* ssl, std::string_view host) {
+  std::string name(host);
+  sockaddr_storage ss;
+  if (Resolver::parseLiteral(name, ss)) {
+    if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name.c_str()) != 1)
+      return Error{-1, "upstream " + name + ": " + takeOpenSslErrors()};
+    return Status::success();
+  }
+  SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+  if (SSL_set_tlsext_host_name(ssl, name.c_str()) != 1 || SSL_set1_host(ssl, name.c_str()) != 1)
+    return Error{-1, "upstream " + name + ": " + takeOpenSslErrors()};
+  return Status::success();
+}
+
+bool hostMatches(const std::vector<std::string>& patterns, std::string_view host) {
+  for (const auto& p : patterns) {
+    if (p.starts_with("*.")) {
+      auto domain = std::string_view(p).substr(1);  // ".domain"
+      if (host.size() > domain.size() && host.ends_with(domain)) return true;
+    } else if (host == p) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace tollgate

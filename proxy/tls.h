@@ -1,0 +1,60 @@
+// TLS as the proxy speaks it, built once at start and shared by every worker:
+//   - interception: a server context without a certificate of its own; each connection gets
+//     the leaf minted for the CONNECT host (LeafCache), and a servername callback notes an
+//     SNI that names another host (domain fronting: the session halts it);
+//   - upstreams: a client context that verifies the chain (the system's trust store or
+//     tls.upstream_ca_file) and, per connection, the host name or IP the call was for.
+#pragma once
+
+#include <openssl/ssl.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "certs/leaf_cache.h"
+#include "common/result.h"
+#include "proxy/config.h"
+
+namespace tollgate {
+
+class TlsContexts {
+ public:
+  // Loads the local CA when a listener intercepts; errors name the config key.
+  static Result<std::unique_ptr<TlsContexts>> create(const Config& config);
+  ~TlsContexts();
+  TlsContexts(const TlsContexts&) = delete;
+  TlsContexts& operator=(const TlsContexts&) = delete;
+
+  // Null when no listener intercepts.
+  SSL_CTX* interceptServer() const { return interceptServer_; }
+  LeafCache* leaves() const { return leaves_.get(); }
+  SSL_CTX* upstreamClient() const { return upstreamClient_; }
+
+ private:
+  TlsContexts() = default;
+  SSL_CTX* interceptServer_ = nullptr;
+  SSL_CTX* upstreamClient_ = nullptr;
+  std::unique_ptr<LeafCache> leaves_;
+};
+
+// The state of one intercepted handshake, the servername callback's app data.
+struct InterceptTls {
+  LeafCache* leaves = nullptr;
+  std::string host;  // the CONNECT host: the leaf presented unless the SNI names another
+  std::string sni;   // what the agent sent, empty without SNI
+  bool sniMismatch = false;
+  std::string error;  // a leaf that could not be minted
+};
+
+// Presents the leaf for state->host on `ssl` and hooks the servername callback to `state`,
+// which must outlive the handshake.
+Status prepareIntercept(SSL* ssl, InterceptTls* state);
+// SNI (names only, never IPs) and the name the upstream's certificate must carry.
+Status prepareUpstream(SSL* ssl, std::string_view host);
+
+// Whether `host` matches one of `patterns` ("name" exactly, "*.domain" every name under it).
+bool hostMatches(const std::vector<std::string>& patterns, std::string_view host);
+
+}  // namespace tollgate
