@@ -787,6 +787,8 @@ void ClientSession::startTunnel() {
 }
 
 void ClientSession::haltLocally(std::string rule, std::string reason) {
+  // The tunnel itself is suspect (fronting): nothing more goes over it.
+  if (rule.starts_with("tls.")) closeAfterResponse_ = true;
   Decision d;
   d.verdict = Verdict::kHalt;
   d.rule = std::move(rule);

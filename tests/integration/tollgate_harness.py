@@ -190,19 +190,31 @@ class HttpOrigin:
     any /cost?effort=N&risk=M[&ms=D] -> "done" with X-Cost-Effort: N and X-Cost-Risk: M (after D ms).
     """
 
-    def __init__(self):
+    def __init__(self, tls=None):
+        """tls: an ssl.SSLContext (server side) to serve HTTPS; the SNI of each handshake
+        is kept in self.snis."""
         self.connections = 0
         self.requests = []  # (method, target, {lower name: [values]})
+        self.snis = []
         self.lock = threading.Lock()
+        self.tls = tls
         origin = self
+        if tls is not None:
+            def on_sni(_sslobj, name, _ctx):
+                with origin.lock:
+                    origin.snis.append(name)
+            tls.sni_callback = on_sni
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self):
                 with origin.lock:
                     origin.connections += 1
-                f = self.request.makefile("rb")
+                sock = self.request
                 try:
-                    while origin.serve_one(f, self.request):
+                    if origin.tls is not None:
+                        sock = origin.tls.wrap_socket(sock, server_side=True)
+                    f = sock.makefile("rb")
+                    while origin.serve_one(f, sock):
                         pass
                 except (ConnectionError, OSError, ValueError):
                     pass
@@ -219,8 +231,8 @@ class HttpOrigin:
         self.server.shutdown()
         self.server.server_close()
 
-    def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path, host="127.0.0.1"):
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
     def serve_one(self, f, sock):
         line = f.readline(65536)

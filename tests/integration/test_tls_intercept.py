@@ -1,0 +1,292 @@
+"""TLS interception through the real binary (issue 6): curl through HTTPS_PROXY, Python's
+requests and openssl s_client against HTTPS origins this test makes, with a Tollgate local
+CA from `tollgate certs init`. Allow and halt inside the tunnel, passthrough, SNI and Host
+that name another host, upstream certificates that fail verification, an agent that does
+not trust the CA, name constraints, and the audit records of all of it."""
+import datetime
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import unittest
+
+from audit_log import read_lines
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+POLICY = """
+apiVersion: tollgate/v1
+kind: Policy
+metadata: {name: tls}
+tools:
+  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers"]}, class: read}
+  - {name: api.write, match: {host: localhost, methods: [POST], paths: ["/echo"]}, class: write}
+  - {name: blind, match: {host: 127.0.0.1, methods: [CONNECT]}, class: read}
+agents:
+  - {id: "agent-*"}
+rules:
+  - {id: allow-reads, effect: allow, match: {tool: api.read}}
+  - {id: allow-blind, effect: allow, match: {tool: blind}}
+  - {id: no-writes, effect: halt, match: {tool: api.write}, reason: "writes need a ticket"}
+"""
+
+
+class Pki:
+    """A throw-away CA for the ORIGINS (not Tollgate's) and leaves it signs."""
+
+    def __init__(self, d):
+        self.dir = d
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "origin test CA")])
+        now = datetime.datetime.utcnow()
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.ca_file = os.path.join(d, "origin-ca.crt")
+        with open(self.ca_file, "wb") as f:
+            f.write(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(self, label, names=("localhost",), ips=("127.0.0.1",), days=(-1, 30), self_signed=False):
+        """Writes LABEL.pem (leaf + chain) and LABEL.key; returns a server SSLContext."""
+        import ipaddress
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+        now = datetime.datetime.utcnow()
+        sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        cert = (x509.CertificateBuilder().subject_name(subject)
+                .issuer_name(subject if self_signed else self.cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now + datetime.timedelta(days=days[0]))
+                .not_valid_after(now + datetime.timedelta(days=days[1]))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .sign(key if self_signed else self.key, hashes.SHA256()))
+        pem = os.path.join(self.dir, label + ".pem")
+        key_file = os.path.join(self.dir, label + ".key")
+        with open(pem, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+            if not self_signed:
+                f.write(self.cert.public_bytes(serialization.Encoding.PEM))
+        with open(key_file, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pem, key_file)
+        return ctx
+
+
+class TlsInterceptTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="tollgate-tls-")
+        cls.pki = Pki(cls.tmp)
+        cls.origin = HttpOrigin(tls=cls.pki.leaf("valid")).__enter__()
+        cls.expired = HttpOrigin(tls=cls.pki.leaf("expired", days=(-30, -1))).__enter__()
+        cls.self_signed = HttpOrigin(tls=cls.pki.leaf("selfsigned", self_signed=True)).__enter__()
+        cls.wrong_name = HttpOrigin(tls=cls.pki.leaf("wrongname", names=("other.test",), ips=())).__enter__()
+        cls.ca_dir = os.path.join(cls.tmp, "ca")
+        r = subprocess.run([BIN, "certs", "init", cls.ca_dir], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        cls.ca = os.path.join(cls.ca_dir, "ca.crt")
+        cls.tg = Tollgate({"tls": {"ca_dir": cls.ca_dir, "upstream_ca_file": cls.pki.ca_file}},
+                          listener={"intercept_tls": True, "passthrough": ["127.0.0.1"]})
+        with open(os.path.join(cls.tg.dir, "policy.yaml"), "w") as f:
+            f.write(POLICY)
+        cls.tg.config.pop("hosts")
+        cls.tg.config["policies"] = ["policy.yaml"]
+        with open(cls.tg.config_path, "w") as f:
+            json.dump(cls.tg.config, f)
+        cls.tg.__enter__()
+        cls.audit_dir = os.path.join(cls.tg.dir, "var", "audit")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tg.__exit__(None, None, None)
+        for o in (cls.origin, cls.expired, cls.self_signed, cls.wrong_name):
+            o.__exit__(None, None, None)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def https(self, origin, path, *args, agent="agent-1", ca=None, host="localhost"):
+        rc, out, err = curl("-i", "--cacert", ca or self.ca, "-H", f"X-Agent-Id: {agent}", *args,
+                            origin.url(path, host=host), proxy=self.tg.proxy, env_proxy=True)
+        return rc, out, err
+
+    def records(self, **match):
+        def find():
+            out = []
+            for line in read_lines(self.audit_dir):
+                r = json.loads(line)
+                if all(r.get(k) == v for k, v in match.items()):
+                    out.append(r)
+            return out
+        return wait_for(find, timeout=5, what=f"audit records {match}")
+
+    def test_an_allowed_call_goes_through_the_intercepted_tunnel(self):
+        before = len(self.origin.requests)
+        rc, out, err = self.https(self.origin, "/hello")
+        self.assertEqual(rc, 0, err)
+        status, headers, body = parse_response(out.split(b"\r\n\r\n", 1)[1])  # after the 200 of CONNECT
+        self.assertEqual((status, body), (200, b"hello"))
+        # The origin saw the request re-originated by the proxy, with its Via.
+        method, target, seen = self.origin.requests[before]
+        self.assertEqual((method, target), ("GET", "/hello"))
+        self.assertTrue(seen["via"][0].startswith("1.1 tollgate-"))
+        self.assertIn("localhost", self.origin.snis)
+        # The CONNECT and the call inside are both on record.
+        self.assertTrue(self.records(method="CONNECT", rule="tls.intercept", authority=f"localhost:{self.origin.port}"))
+        call = self.records(kind="call", method="GET", path="/hello", agent="agent-1", decision="allow")[-1]
+        self.assertEqual(call["tool"], "api.read")
+        self.assertTrue(self.records(kind="outcome", call_seq=str(call["seq"]), status="200", sent="true"))
+
+    def test_a_forbidden_call_gets_403_inside_the_tunnel(self):
+        before = len(self.origin.requests)
+        rc, out, err = self.https(self.origin, "/echo", "-d", '{"x":1}', "-H", "Content-Type: application/json")
+        self.assertEqual(rc, 0, err)
+        status, headers, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(status, 403)
+        doc = json.loads(body)
+        self.assertEqual((doc["rule"], doc["reason"], doc["tool"]), ("no-writes", "writes need a ticket", "api.write"))
+        self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=no-writes"])
+        self.assertEqual(len(self.origin.requests), before)
+        self.assertTrue(self.records(method="POST", path="/echo", decision="halt", rule="no-writes"))
+
+    def test_keep_alive_inside_the_tunnel_reuses_one_upstream_connection(self):
+        before_conn, before = self.origin.connections, len(self.origin.requests)
+        rc, out, err = self.https(self.origin, "/hello", "--next", "--cacert", self.ca, "-H", "X-Agent-Id: agent-1",
+                                  self.origin.url("/headers", host="localhost"))
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b"hello", out)
+        self.assertIn(b'"via"', out)
+        self.assertEqual(out.count(b"HTTP/1.1 200 Connection established"), 1)  # one tunnel, two calls
+        self.assertEqual(len(self.origin.requests) - before, 2)
+        self.assertLessEqual(self.origin.connections - before_conn, 1)  # pooled TLS upstream
+
+    def test_python_requests_honours_https_proxy_and_the_bundle(self):
+        code = ("import requests,sys; r=requests.get(sys.argv[1], headers={'X-Agent-Id':'agent-py'}, timeout=10); "
+                "print(r.status_code, r.text)")
+        env = dict(os.environ, HTTPS_PROXY=self.tg.proxy, REQUESTS_CA_BUNDLE=self.ca)
+        env.pop("NO_PROXY", None)
+        env.pop("no_proxy", None)
+        r = subprocess.run(["/usr/bin/python3", "-c", code, self.origin.url("/hello", host="localhost")],
+                           capture_output=True, text=True, env=env, timeout=30)
+        self.assertEqual(r.stdout.strip(), "200 hello", r.stderr)
+        r = subprocess.run(["/usr/bin/python3", "-c", code, self.origin.url("/nothing-here", host="localhost")],
+                           capture_output=True, text=True, env=env, timeout=30)
+        self.assertTrue(r.stdout.startswith("403 "), r.stdout + r.stderr)
+        self.assertEqual(json.loads(r.stdout[4:])["rule"], "default-deny")
+
+    def s_client(self, servername, request):
+        r = subprocess.run(["openssl", "s_client", "-quiet", "-proxy", f"127.0.0.1:{self.tg.proxy_port}",
+                            "-connect", f"localhost:{self.origin.port}", "-servername", servername,
+                            "-CAfile", self.ca, "-verify_return_error"],
+                           input=request, capture_output=True, timeout=20)
+        return r.stdout
+
+    def test_an_sni_naming_another_host_is_a_halt(self):
+        before = len(self.origin.requests)
+        out = self.s_client("evil.test", f"GET /hello HTTP/1.1\r\nHost: localhost:{self.origin.port}\r\n"
+                                          "X-Agent-Id: agent-1\r\n\r\n".encode())
+        status, headers, body = parse_response(out)
+        self.assertEqual(status, 403)
+        doc = json.loads(body)
+        self.assertEqual(doc["rule"], "tls.sni_mismatch")
+        self.assertIn("evil.test", doc["reason"])
+        self.assertEqual(len(self.origin.requests), before)
+        self.assertTrue(self.records(rule="tls.sni_mismatch", decision="halt"))
+
+    def test_a_host_naming_another_host_is_a_halt(self):
+        before = len(self.origin.requests)
+        out = self.s_client("localhost", b"GET /hello HTTP/1.1\r\nHost: evil.test\r\nX-Agent-Id: agent-1\r\n\r\n")
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 403)
+        doc = json.loads(body)
+        self.assertEqual(doc["rule"], "tls.host_mismatch")
+        self.assertIn("evil.test", doc["reason"])
+        # The absolute form may name the tunnel only.
+        out = self.s_client("localhost", b"GET https://evil.test/hello HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+        self.assertEqual(json.loads(parse_response(out)[2])["rule"], "tls.host_mismatch")
+        self.assertEqual(len(self.origin.requests), before)
+        self.assertTrue(self.records(rule="tls.host_mismatch", decision="halt"))
+
+    def test_upstream_certificates_that_fail_verification_are_502_with_the_reason(self):
+        for origin, why in ((self.expired, "certificate has expired"),
+                            (self.self_signed, "self-signed certificate"),
+                            (self.wrong_name, "hostname mismatch")):
+            with self.subTest(why=why):
+                rc, out, err = self.https(origin, "/hello")
+                self.assertEqual(rc, 0, err)
+                status, _, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
+                self.assertEqual(status, 502)
+                doc = json.loads(body)
+                self.assertEqual(doc["error"], "upstream_tls")
+                self.assertIn(why, doc["reason"])
+                self.assertEqual(origin.requests, [])  # not one byte of the call reached it
+                calls = self.records(kind="call", authority=f"localhost:{origin.port}", decision="allow")
+                outcome = self.records(kind="outcome", call_seq=str(calls[-1]["seq"]))[-1]
+                self.assertEqual((outcome["status"], outcome["sent"]), ("502", "false"))
+                self.assertIn(why, outcome["error"])
+
+    def test_passthrough_hosts_are_tunnelled_blind(self):
+        # 127.0.0.1 is in the passthrough list: the agent sees the origin's own certificate.
+        rc, out, err = self.https(self.origin, "/hello", ca=self.pki.ca_file, host="127.0.0.1")
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(out.endswith(b"hello"))
+        self.assertTrue(self.records(method="CONNECT", rule="allow-blind", authority=f"127.0.0.1:{self.origin.port}"))
+        # With the Tollgate CA alone the agent cannot verify it: nobody intercepted.
+        rc, _, err = self.https(self.origin, "/hello", host="127.0.0.1")
+        self.assertEqual(rc, 60, err)
+
+    def test_an_agent_that_does_not_trust_the_ca_fails_its_handshake_and_nothing_is_sent(self):
+        before = len(self.origin.requests)
+        rc, _, err = self.https(self.origin, "/hello", ca=self.pki.ca_file)
+        self.assertEqual(rc, 60, err)  # curl: peer certificate cannot be authenticated
+        self.assertEqual(len(self.origin.requests), before)
+        _, metrics = self.tg.admin("/metrics")
+        self.assertIn('tollgate_tls_handshake_failures_total{side="agent"}', metrics.decode())
+        rc, out, err = self.https(self.origin, "/hello")  # and the sidecar serves on
+        self.assertEqual(rc, 0, err)
+
+
+class TlsConfigTest(unittest.TestCase):
+    def test_intercept_without_a_ca_stops_startup_with_the_key_and_the_fix(self):
+        d = tempfile.mkdtemp(prefix="tollgate-tls-")
+        try:
+            path = os.path.join(d, "t.yaml")
+            with open(path, "w") as f:
+                f.write("listeners: [{name: e, address: '127.0.0.1:0', intercept_tls: true}]\n"
+                        "tls: {ca_dir: nowhere}\nhosts: {allow: ['*']}\n")
+            r = subprocess.run([BIN, "run", "-c", path], capture_output=True, text=True, timeout=10)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("tls.ca_dir", r.stderr)
+            self.assertIn("tollgate certs init", r.stderr)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def test_a_host_the_ca_may_not_sign_for_is_refused_before_any_tls(self):
+        d = tempfile.mkdtemp(prefix="tollgate-tls-")
+        try:
+            ca_dir = os.path.join(d, "ca")
+            r = subprocess.run([BIN, "certs", "init", ca_dir, "--permit", "example.com"],
+                               capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
+                out, _ = raw_exchange(tg.proxy_port, b"CONNECT localhost:9 HTTP/1.1\r\nHost: localhost:9\r\n\r\n")
+                status, headers, body = parse_response(out)
+                self.assertEqual(status, 403, out)
+                doc = json.loads(body)
+                self.assertEqual(doc["rule"], "tls.intercept")
+                self.assertIn("name constraints", doc["reason"])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
