@@ -1,6 +1,7 @@
 #include "proxy/client_session.h"
 
 #include <openssl/evp.h>
+#include <openssl/x509v3.h>
 
 #include <charconv>
 #include <cstring>
@@ -92,6 +93,8 @@ prometheus::Counter& haltCounter(Metrics& metrics, const std::string& reason) {
 
 const char* errorName(int status) {
   switch (status) {
+    case 404:
+      return "no_route";
     case 408:
       return "request_timeout";
     case 413:
@@ -105,6 +108,52 @@ const char* errorName(int status) {
     default:
       return "bad_request";
   }
+}
+
+// The agent named by a verified client certificate: its subject CN, or its first URI SAN
+// (spiffe://…). Empty without a verified certificate.
+std::string peerIdentity(SSL* ssl, bool sanUri) {
+  if (!ssl || SSL_get_verify_result(ssl) != X509_V_OK) return {};
+  X509* cert = SSL_get0_peer_certificate(ssl);
+  if (!cert) return {};
+  if (sanUri) {
+    std::string out;
+    auto* names =
+        static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+    for (int i = 0; names && i < sk_GENERAL_NAME_num(names) && out.empty(); ++i) {
+      const GENERAL_NAME* name = sk_GENERAL_NAME_value(names, i);
+      if (name->type == GEN_URI) {
+        const auto* uri = name->d.uniformResourceIdentifier;
+        out.assign(reinterpret_cast<const char*>(ASN1_STRING_get0_data(uri)),
+                   static_cast<size_t>(ASN1_STRING_length(uri)));
+      }
+    }
+    GENERAL_NAMES_free(names);
+    return out;
+  }
+  X509_NAME* subject = X509_get_subject_name(cert);
+  int i = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+  if (i < 0) return {};
+  unsigned char* utf8 = nullptr;
+  int n = ASN1_STRING_to_UTF8(&utf8, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, i)));
+  if (n < 0) return {};
+  std::string out(reinterpret_cast<char*>(utf8), static_cast<size_t>(n));
+  OPENSSL_free(utf8);
+  return out;
+}
+
+// The route of a reverse listener for host and path: the longest matching path prefix.
+const RouteConfig* findRoute(const std::vector<RouteConfig>& routes, std::string_view host,
+                             std::string_view path) {
+  const RouteConfig* best = nullptr;
+  for (const auto& r : routes) {
+    bool hostOk = r.host == "*" || r.host == host ||
+                  (r.host.starts_with("*.") && host.size() > r.host.size() - 1 &&
+                   host.ends_with(std::string_view(r.host).substr(1)));
+    if (!hostOk || !path.starts_with(r.pathPrefix)) continue;
+    if (!best || r.pathPrefix.size() > best->pathPrefix.size()) best = &r;
+  }
+  return best;
 }
 
 }  // namespace
@@ -133,6 +182,13 @@ void ClientSession::start() {
   clientTimer_ = Timer::create(worker_.loop(), [this] { onClientTimer(); });
   upstreamTimer_ = Timer::create(worker_.loop(), [this] { onUpstreamTimer(); });
   clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
+  if (listener_.tls) {
+    // A reverse listener terminates TLS from the first byte (header_read covers the handshake).
+    if (!client_->tlsBegin(listener_.tls, true) || client_->tlsHandshake() != 0) {
+      close();
+      return;
+    }
+  }
   updateReading();
 }
 
@@ -211,6 +267,14 @@ void ClientSession::identify() {
         auto colon = decoded.find(':');
         if (colon != std::string::npos) agent_ = decoded.substr(0, colon);
       }
+    }
+  } else if (!l.identityMtls.empty()) {
+    agent_ = peerIdentity(client_->ssl(), l.identityMtls == "san_uri");
+  } else if (!l.identityBearer.empty()) {
+    auto v = head.find("authorization");
+    if (v && v->size() > 7 && equalsIgnoreCase(v->substr(0, 7), "bearer ")) {
+      auto it = l.identityBearer.find("sha256:" + sha256Hex(v->substr(7)));
+      if (it != l.identityBearer.end()) agent_ = it->second;
     }
   } else if (!l.identitySource.empty()) {
     auto peer = client_->peerAddress();
@@ -327,10 +391,18 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
       s.target_.port = s.interceptPort_;
       s.target_.key = formatHostPort(s.target_.host, s.target_.port);
       s.target_.pathQuery = "/";
+      s.target_.upstreamHost = s.target_.host;
+      s.target_.upstreamPort = s.target_.port;
+      s.target_.upstreamTls = true;
     } else if (s.intercept_->sniMismatch) {
       s.localHaltRule_ = "tls.sni_mismatch";
       s.localHaltReason_ = "the TLS server name (SNI) is " + s.intercept_->sni +
                            ", the CONNECT was to " + s.target_.key;
+    }
+  } else if (s.listener_.config.kind == "reverse") {
+    if (!parseReverseTarget(head, s.listener_.tls != nullptr, s.target_, reason)) {
+      p.fail(400, reason);
+      return -1;
     }
   } else if (!parseTarget(head, s.target_, reason)) {
     p.fail(400, reason);
@@ -345,6 +417,30 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     if (normal) {
       if (q != std::string::npos) normal.value() += s.target_.pathQuery.substr(q);
       s.target_.pathQuery = std::move(normal.value());
+    }
+  }
+  // A reverse listener routes by the normalised path (a dot segment cannot climb out of a
+  // route's prefix).
+  if (s.listener_.config.kind == "reverse") {
+    const RouteConfig* route =
+        findRoute(s.listener_.config.routes, s.target_.host,
+                  std::string_view(s.target_.pathQuery).substr(0, s.target_.pathQuery.find('?')));
+    if (!route) {
+      p.fail(404, "no route for " + s.target_.key +
+                      s.target_.pathQuery.substr(0, s.target_.pathQuery.find('?')));
+      return -1;
+    }
+    s.target_.upstreamHost = route->upstream.host;
+    s.target_.upstreamPort = route->upstream.port;
+    s.target_.upstreamTls = route->upstreamTls;
+    // The certificate was chosen by the SNI: a Host naming another tool is fronting.
+    if (SSL* ssl = s.client_->ssl()) {
+      const char* sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+      if (sni && !equalsIgnoreCase(sni, s.target_.host)) {
+        s.localHaltRule_ = "tls.host_mismatch";
+        s.localHaltReason_ =
+            "the Host header names " + s.target_.host + ", the TLS server name (SNI) " + sni;
+      }
     }
   }
   if (limits.maxBodyBytes != 0 && p.hasContentLength() && p.contentLength() > limits.maxBodyBytes) {
@@ -382,12 +478,15 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   out += ' ';
   out += s.target_.pathQuery;
   out += " HTTP/1.1\r\nHost: ";
-  out += s.target_.authority();
+  out += s.target_.upstreamAuthority();
   out += "\r\n";
   bool hasConnection = head.find("connection").has_value();
   for (size_t i = 0; i < head.size(); ++i) {
     auto name = head.name(i);
     if (isHopByHop(name) || (hasConnection && namedByConnection(head, name))) continue;
+    // A bearer token the listener identifies agents by is the sidecar's, not the tool's.
+    if (!s.listener_.config.identityBearer.empty() && equalsIgnoreCase(name, "authorization"))
+      continue;
     out += name;
     out += ": ";
     out += head.value(i);
@@ -638,7 +737,7 @@ void ClientSession::connectUpstream() {
       return;
     }
   }
-  worker_.resolver().resolve(target_.host, this);
+  worker_.resolver().resolve(target_.upstreamHost, this);
 }
 
 void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& addrs) {
@@ -646,7 +745,7 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
   if (status < 0) {
     worker_.metrics().upstreamConnectErrors("dns").Increment();
     upstreamFailed(502, "upstream_unavailable",
-                   "cannot resolve " + target_.host + ": " + uv_strerror(status));
+                   "cannot resolve " + target_.upstreamHost + ": " + uv_strerror(status));
     return;
   }
   addrs_ = addrs;
@@ -657,9 +756,9 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
 void ClientSession::connectNextAddress() {
   auto addr = addrs_[nextAddr_++];
   if (addr.ss_family == AF_INET6)
-    reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.port);
+    reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.upstreamPort);
   else
-    reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(target_.port);
+    reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(target_.upstreamPort);
   upstream_ = TcpStream::create(worker_.loop());
   upstream_->setHandler(this);
   upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
@@ -680,7 +779,7 @@ void ClientSession::onConnect(TcpStream& stream, int status) {
     upstreamFailed(502, "upstream_unavailable", std::string("connect: ") + uv_strerror(status));
     return;
   }
-  if (target_.scheme == "https") {
+  if (target_.upstreamTls) {
     startUpstreamTls();
     return;
   }
@@ -689,12 +788,13 @@ void ClientSession::onConnect(TcpStream& stream, int status) {
 
 std::string ClientSession::poolKey() const {
   // A TLS connection is never handed to a plain-HTTP call to the same host:port, or back.
-  return target_.scheme == "https" ? "tls:" + target_.key : target_.key;
+  auto key = formatHostPort(target_.upstreamHost, target_.upstreamPort);
+  return target_.upstreamTls ? "tls:" + key : key;
 }
 
 void ClientSession::startUpstreamTls() {
   SSL* ssl = upstream_->tlsBegin(worker_.tls().upstreamClient(), false);
-  Status prepared = ssl ? prepareUpstream(ssl, target_.host)
+  Status prepared = ssl ? prepareUpstream(ssl, target_.upstreamHost)
                         : Status(Error{-1, "SSL_new: " + takeOpenSslErrors()});
   if (!prepared) {
     upstreamFailed(502, "upstream_tls", prepared.error().message);

@@ -2,6 +2,7 @@
 
 #include "policy/redis_client.h"
 
+#include "proxy/http_message.h"
 #include "proxy/resolver.h"
 
 #include <yaml-cpp/yaml.h>
@@ -101,9 +102,14 @@ class Reader {
 ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::string& where) {
   ListenerConfig l;
   bool hasAddress = false;
+  auto base = std::filesystem::path(r.path()).parent_path();
+  auto file = [&](const YAML::Node& v, const std::string& key) {
+    return (base / r.str(v, key)).lexically_normal().string();
+  };
   r.forEach(
       node, where,
-      {"name", "kind", "address", "identity", "intercept_tls", "passthrough", "max_connections"},
+      {"name", "kind", "address", "identity", "intercept_tls", "passthrough", "max_connections",
+       "tls", "routes"},
       [&](const std::string& key, const YAML::Node& v) {
         if (key.ends_with(".name"))
           l.name = r.str(v, key);
@@ -112,32 +118,50 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
           if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
             r.fail(v, key, "expected forward, transparent or reverse");
           }
-          if (l.kind != "forward")
-            r.fail(v, key, "only 'forward' listeners are implemented so far");
+          if (l.kind == "transparent")
+            r.fail(v, key, "only 'forward' and 'reverse' listeners are implemented so far");
         } else if (key.ends_with(".address")) {
           l.address = r.address(v, key);
           hasAddress = true;
         } else if (key.ends_with(".identity")) {
-          r.forEach(v, key, {"header", "proxy_basic", "source"},
-                    [&](const std::string& k, const YAML::Node& hv) {
-                      if (k.ends_with(".header")) {
-                        l.identityHeader = r.str(hv, k);
-                      } else if (k.ends_with(".proxy_basic")) {
-                        l.identityProxyBasic = r.boolean(hv, k);
-                      } else {
-                        if (!hv.IsMap())
-                          r.fail(hv, k, "expected a mapping from source IP to agent id");
-                        for (const auto& kv : hv) {
-                          sockaddr_storage ss;
-                          auto ip = kv.first.as<std::string>();
-                          if (!Resolver::parseLiteral(ip, ss))
-                            r.fail(kv.first, k, "'" + ip + "' is not an IP address");
-                          l.identitySource[ip] = r.str(kv.second, k + "." + ip);
-                        }
-                      }
-                    });
-          int modes = !l.identityHeader.empty() + l.identityProxyBasic + !l.identitySource.empty();
-          if (modes > 1) r.fail(v, key, "choose one of header, proxy_basic or source");
+          r.forEach(
+              v, key, {"header", "proxy_basic", "source", "mtls", "bearer"},
+              [&](const std::string& k, const YAML::Node& hv) {
+                if (k.ends_with(".header")) {
+                  l.identityHeader = r.str(hv, k);
+                } else if (k.ends_with(".mtls")) {
+                  l.identityMtls = r.str(hv, k);
+                  if (l.identityMtls != "subject_cn" && l.identityMtls != "san_uri")
+                    r.fail(hv, k, "expected subject_cn or san_uri");
+                } else if (k.ends_with(".bearer")) {
+                  if (!hv.IsMap() || hv.size() == 0)
+                    r.fail(hv, k, "expected a mapping from sha256:<hex> of a token to an agent id");
+                  for (const auto& kv : hv) {
+                    auto t = kv.first.as<std::string>();
+                    if (!t.starts_with("sha256:") || t.size() != 71 ||
+                        t.find_first_not_of("0123456789abcdef", 7) != std::string::npos)
+                      r.fail(kv.first, k,
+                             "tokens are stored hashed: sha256:<64 hex digits> (printf %s TOKEN | "
+                             "sha256sum)");
+                    l.identityBearer[t] = r.str(kv.second, k + "." + t);
+                  }
+                } else if (k.ends_with(".proxy_basic")) {
+                  l.identityProxyBasic = r.boolean(hv, k);
+                } else {
+                  if (!hv.IsMap()) r.fail(hv, k, "expected a mapping from source IP to agent id");
+                  for (const auto& kv : hv) {
+                    sockaddr_storage ss;
+                    auto ip = kv.first.as<std::string>();
+                    if (!Resolver::parseLiteral(ip, ss))
+                      r.fail(kv.first, k, "'" + ip + "' is not an IP address");
+                    l.identitySource[ip] = r.str(kv.second, k + "." + ip);
+                  }
+                }
+              });
+          int modes = !l.identityHeader.empty() + l.identityProxyBasic + !l.identitySource.empty() +
+                      !l.identityMtls.empty() + !l.identityBearer.empty();
+          if (modes > 1)
+            r.fail(v, key, "choose one of header, proxy_basic, source, mtls or bearer");
         } else if (key.ends_with(".intercept_tls")) {
           l.interceptTls = r.boolean(v, key);
         } else if (key.ends_with(".passthrough")) {
@@ -150,10 +174,77 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                      "'" + host + "': expected a host name, or *.domain for every name under it");
             l.passthrough.push_back(host);
           }
+        } else if (key.ends_with(".tls")) {
+          r.forEach(v, key, {"certificates", "client_ca", "require_client_cert"},
+                    [&](const std::string& k, const YAML::Node& tv) {
+                      if (k.ends_with(".client_ca")) {
+                        l.clientCa = file(tv, k);
+                      } else if (k.ends_with(".require_client_cert")) {
+                        l.requireClientCert = r.boolean(tv, k);
+                      } else {
+                        if (!tv.IsSequence() || tv.size() == 0)
+                          r.fail(tv, k, "expected a non-empty list");
+                        for (size_t i = 0; i < tv.size(); ++i) {
+                          auto ck = k + "[" + std::to_string(i) + "]";
+                          CertConfig cert;
+                          r.forEach(tv[i], ck, {"cert", "key"},
+                                    [&](const std::string& kk, const YAML::Node& cv) {
+                                      (kk.ends_with(".cert") ? cert.cert : cert.key) = file(cv, kk);
+                                    });
+                          if (cert.cert.empty() || cert.key.empty())
+                            r.fail(tv[i], ck, "cert and key are required");
+                          l.certificates.push_back(cert);
+                        }
+                      }
+                    });
+        } else if (key.ends_with(".routes")) {
+          if (!v.IsSequence() || v.size() == 0) r.fail(v, key, "expected a non-empty list");
+          for (size_t i = 0; i < v.size(); ++i) {
+            auto rk = key + "[" + std::to_string(i) + "]";
+            RouteConfig route;
+            bool hasUpstream = false;
+            r.forEach(v[i], rk, {"host", "path_prefix", "upstream"},
+                      [&](const std::string& k, const YAML::Node& rv) {
+                        if (k.ends_with(".host")) {
+                          route.host = r.str(rv, k);
+                          for (auto& ch : route.host)
+                            ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+                        } else if (k.ends_with(".path_prefix")) {
+                          route.pathPrefix = r.str(rv, k);
+                          if (!route.pathPrefix.starts_with('/'))
+                            r.fail(rv, k, "must start with /");
+                        } else {
+                          auto url = r.str(rv, k);
+                          auto sep = url.find("://");
+                          auto scheme = url.substr(0, sep);
+                          if (sep == std::string::npos || (scheme != "http" && scheme != "https"))
+                            r.fail(rv, k, "expected http://host:port or https://host:port");
+                          route.upstreamTls = scheme == "https";
+                          auto authority = url.substr(sep + 3);
+                          if (authority.ends_with('/')) authority.pop_back();
+                          if (!parseAuthority(authority, route.upstreamTls ? 443 : 80,
+                                              route.upstream.host, route.upstream.port))
+                            r.fail(rv, k, "'" + url + "': expected scheme://host[:port], no path");
+                          hasUpstream = true;
+                        }
+                      });
+            if (!hasUpstream) r.fail(v[i], rk + ".upstream", "required");
+            l.routes.push_back(std::move(route));
+          }
         } else if (key.ends_with(".max_connections")) {
           l.maxConnections = static_cast<uint32_t>(r.integer(v, key, 10'000'000));
         }
       });
+  if (l.kind == "reverse") {
+    if (l.routes.empty()) r.fail(node, where + ".routes", "a reverse listener needs routes");
+    if (l.interceptTls) r.fail(node, where + ".intercept_tls", "only for forward listeners");
+  } else if (!l.routes.empty() || !l.certificates.empty() || !l.clientCa.empty()) {
+    r.fail(node, where + (l.routes.empty() ? ".tls" : ".routes"), "only for reverse listeners");
+  }
+  if (!l.identityMtls.empty() && l.clientCa.empty())
+    r.fail(node, where + ".identity.mtls", "needs tls.client_ca (and tls.certificates)");
+  if (!l.clientCa.empty() && l.certificates.empty())
+    r.fail(node, where + ".tls.client_ca", "needs tls.certificates");
   if (l.name.empty()) r.fail(node, where + ".name", "required");
   if (!hasAddress) r.fail(node, where + ".address", "required");
   if (l.name == "admin")

@@ -16,6 +16,20 @@ namespace tollgate {
 
 using Millis = std::chrono::milliseconds;
 
+// A reverse listener's route: requests for `host` (exact, "*.domain", or "*") whose path
+// starts with `pathPrefix` go to `upstream`.
+struct RouteConfig {
+  std::string host = "*";
+  std::string pathPrefix = "/";
+  bool upstreamTls = false;  // https://
+  HostPort upstream;
+};
+
+struct CertConfig {
+  std::string cert;  // PEM: the certificate, then its chain
+  std::string key;
+};
+
 struct ListenerConfig {
   std::string name;
   std::string kind = "forward";
@@ -24,7 +38,14 @@ struct ListenerConfig {
   std::string identityHeader;                         // identity: {header: X-Agent-Id}
   bool identityProxyBasic = false;                    // identity: {proxy_basic: true} (the user)
   std::map<std::string, std::string> identitySource;  // identity: {source: {IP: agent}}
+  std::string identityMtls;  // identity: {mtls: subject_cn | san_uri} (reverse, with client_ca)
+  std::map<std::string, std::string> identityBearer;  // identity: {bearer: {sha256:<hex>: agent}}
   bool interceptTls = false;
+  // kind: reverse
+  std::vector<CertConfig> certificates;  // tls.certificates, chosen by SNI; none: plain HTTP
+  std::string clientCa;                  // tls.client_ca: agents present certificates it signed
+  bool requireClientCert = true;         // tls.require_client_cert (with client_ca)
+  std::vector<RouteConfig> routes;
   // CONNECT to these hosts is tunnelled blind even with intercept_tls ("*.d": names under d).
   std::vector<std::string> passthrough;
   uint32_t maxConnections = 10000;

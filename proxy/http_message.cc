@@ -180,8 +180,38 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
 
 }  // namespace
 
+std::string Target::upstreamAuthority() const {
+  Target t;
+  t.scheme = upstreamTls ? "https" : "http";
+  t.host = upstreamHost;
+  t.port = upstreamPort;
+  return t.authority();
+}
+
 bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
   if (!parseTargetParts(head, out, reason)) return false;
+  out.key = formatHostPort(out.host, out.port);
+  out.upstreamHost = out.host;
+  out.upstreamPort = out.port;
+  return true;
+}
+
+bool parseReverseTarget(const HttpHead& head, bool tls, Target& out, std::string& reason) {
+  std::string_view url = head.url();
+  if (head.method == HTTP_CONNECT || !url.starts_with('/')) {
+    reason = "a reverse listener takes origin-form requests only";
+    return false;
+  }
+  if (head.count("host") != 1) {
+    reason = "exactly one Host header is required";
+    return false;
+  }
+  out.scheme = tls ? "https" : "http";
+  if (!parseAuthority(*head.find("host"), tls ? 443 : 80, out.host, out.port)) {
+    reason = "invalid Host header";
+    return false;
+  }
+  out.pathQuery.assign(url);
   out.key = formatHostPort(out.host, out.port);
   return true;
 }
@@ -252,6 +282,9 @@ bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16
   out.host = std::move(host);
   out.port = port;
   out.key = formatHostPort(out.host, out.port);
+  out.upstreamHost = out.host;
+  out.upstreamPort = out.port;
+  out.upstreamTls = true;
   return true;
 }
 

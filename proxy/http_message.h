@@ -15,8 +15,13 @@ struct Target {
   std::string host;    // lower-case, no trailing dot, IPv6 without brackets
   uint16_t port = 0;
   std::string pathQuery;          // origin-form; empty for CONNECT
-  std::string key;                // "host:port" (IPv6 bracketed): the upstream pool's key, for logs
+  std::string key;                // "host:port" (IPv6 bracketed), for records and logs
   std::string authority() const;  // host:port as sent upstream in Host (default port elided)
+  // Where the call goes: the same host and port, except behind a reverse listener's route.
+  std::string upstreamHost;
+  uint16_t upstreamPort = 0;
+  bool upstreamTls = false;
+  std::string upstreamAuthority() const;
 };
 
 // Parses and validates a request's target against its Host header(s). On failure returns
@@ -30,6 +35,10 @@ bool parseTarget(const HttpHead& head, Target& out, std::string& reason);
 // than a bad request.
 bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16_t tunnelPort,
                        Target& out, std::string& reason, bool& mismatch);
+
+// A request to a reverse listener: origin-form with a Host (the public name of the tool),
+// default port 443 with TLS, else 80. The upstream is the route's, set by the caller.
+bool parseReverseTarget(const HttpHead& head, bool tls, Target& out, std::string& reason);
 
 // Parses "host[:port]" (port optional when defaultPort != 0). Lower-cases the host.
 bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port);

@@ -178,6 +178,7 @@ Status Server::bindListeners(unsigned workers) {
   for (const auto& l : config_.listeners) {
     auto rt = std::make_unique<ListenerRuntime>();
     rt->config = l;
+    rt->tls = tls_ ? tls_->listenerServer(l.name) : nullptr;
     rt->metrics = &metrics_.addListener(l.name);
     auto st = bindOne(*rt, l.address, workers);
     shared_.listeners.push_back(std::move(rt));

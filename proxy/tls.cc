@@ -2,6 +2,8 @@
 
 #include <openssl/x509v3.h>
 
+#include <algorithm>
+
 #include "certs/openssl_error.h"
 #include "proxy/resolver.h"
 
@@ -53,6 +55,42 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
     return Error{-1, "the system's trust store: " + takeOpenSslErrors()};
   }
 
+  for (const auto& l : config.listeners) {
+    if (l.certificates.empty()) continue;
+    auto lt = std::make_unique<ListenerTls>();
+    lt->listener = l.name;
+    for (const auto& c : l.certificates) {
+      SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+      if (!ctx) return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
+      lt->contexts.push_back(ctx);
+      if (auto st = configureServerContext(ctx); !st) return st.error();
+      if (SSL_CTX_use_certificate_chain_file(ctx, c.cert.c_str()) != 1 ||
+          SSL_CTX_use_PrivateKey_file(ctx, c.key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+          SSL_CTX_check_private_key(ctx) != 1) {
+        return Error{-1, config.path + ": listener " + l.name + ": tls.certificates: " + c.cert +
+                             " / " + c.key + ": " + takeOpenSslErrors()};
+      }
+      std::string context = "tollgate-" + l.name;
+      SSL_CTX_set_session_id_context(ctx, reinterpret_cast<const unsigned char*>(context.data()),
+                                     static_cast<unsigned>(std::min<size_t>(context.size(), 32)));
+      if (!l.clientCa.empty()) {
+        STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(l.clientCa.c_str());
+        if (!names || SSL_CTX_load_verify_locations(ctx, l.clientCa.c_str(), nullptr) != 1) {
+          if (names) sk_X509_NAME_pop_free(names, X509_NAME_free);
+          return Error{-1, config.path + ": listener " + l.name + ": tls.client_ca: cannot load " +
+                               l.clientCa + ": " + takeOpenSslErrors()};
+        }
+        SSL_CTX_set_client_CA_list(ctx, names);
+        SSL_CTX_set_verify(
+            ctx, SSL_VERIFY_PEER | (l.requireClientCert ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
+            nullptr);
+      }
+    }
+    SSL_CTX_set_tlsext_servername_callback(lt->contexts.front(), selectBySni);
+    SSL_CTX_set_tlsext_servername_arg(lt->contexts.front(), lt.get());
+    t->listenerTls_.push_back(std::move(lt));
+  }
+
   bool intercepts = false;
   for (const auto& l : config.listeners) intercepts |= l.interceptTls;
   if (!intercepts) return t;
@@ -80,6 +118,26 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
 TlsContexts::~TlsContexts() {
   SSL_CTX_free(interceptServer_);
   SSL_CTX_free(upstreamClient_);
+}
+
+SSL_CTX* TlsContexts::listenerServer(const std::string& listener) const {
+  for (const auto& lt : listenerTls_)
+    if (lt->listener == listener) return lt->contexts.front();
+  return nullptr;
+}
+
+int TlsContexts::selectBySni(SSL* ssl, int*, void* arg) {
+  auto* lt = static_cast<ListenerTls*>(arg);
+  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  if (!name || lt->contexts.size() == 1) return SSL_TLSEXT_ERR_OK;  // the first certificate
+  for (auto* ctx : lt->contexts) {
+    X509* cert = SSL_CTX_get0_certificate(ctx);
+    if (cert && X509_check_host(cert, name, 0, 0, nullptr) == 1) {
+      if (ctx != SSL_get_SSL_CTX(ssl)) SSL_set_SSL_CTX(ssl, ctx);
+      break;
+    }
+  }
+  return SSL_TLSEXT_ERR_OK;
 }
 
 Status prepareIntercept(SSL* ssl, InterceptTls* state) {

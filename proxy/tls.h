@@ -29,11 +29,27 @@ class TlsContexts {
 
   // Null when no listener intercepts.
   SSL_CTX* interceptServer() const { return interceptServer_; }
+  // A reverse listener's server context (its certificates by SNI, mTLS); null: plain HTTP.
+  SSL_CTX* listenerServer(const std::string& listener) const;
   LeafCache* leaves() const { return leaves_.get(); }
   SSL_CTX* upstreamClient() const { return upstreamClient_; }
 
  private:
   TlsContexts() = default;
+  // One context per certificate; the first answers every ClientHello and its servername
+  // callback switches to the one whose names cover the SNI.
+  struct ListenerTls {
+    ListenerTls() = default;
+    ListenerTls(const ListenerTls&) = delete;
+    ListenerTls& operator=(const ListenerTls&) = delete;
+    ~ListenerTls() {
+      for (auto* ctx : contexts) SSL_CTX_free(ctx);
+    }
+    std::string listener;
+    std::vector<SSL_CTX*> contexts;
+  };
+  static int selectBySni(SSL* ssl, int* alert, void* arg);
+  std::vector<std::unique_ptr<ListenerTls>> listenerTls_;
   SSL_CTX* interceptServer_ = nullptr;
   SSL_CTX* upstreamClient_ = nullptr;
   std::unique_ptr<LeafCache> leaves_;

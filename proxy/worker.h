@@ -3,6 +3,7 @@
 // a later loop turn, never inside their own callbacks.
 #pragma once
 
+#include <openssl/ssl.h>
 #include <uv.h>
 
 #include <atomic>
@@ -33,6 +34,7 @@ struct ListenerRuntime {
   bool admin = false;
   std::atomic<uint32_t> connections{0};
   Metrics::Listener* metrics = nullptr;
+  SSL_CTX* tls = nullptr;  // a reverse listener's TLS (TlsContexts owns it); null: plain
   std::string boundAddress;
   // One listening socket per worker (admin: worker 0 only); -1 once the worker's loop owns it.
   std::vector<int> fds;

@@ -3,7 +3,6 @@ requests and openssl s_client against HTTPS origins this test makes, with a Toll
 CA from `tollgate certs init`. Allow and halt inside the tunnel, passthrough, SNI and Host
 that name another host, upstream certificates that fail verification, an agent that does
 not trust the CA, name constraints, and the audit records of all of it."""
-import datetime
 import json
 import os
 import shutil
@@ -13,12 +12,9 @@ import tempfile
 import unittest
 
 from audit_log import read_lines
+from tls_pki import Pki
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 POLICY = """
 apiVersion: tollgate/v1
@@ -35,52 +31,6 @@ rules:
   - {id: allow-blind, effect: allow, match: {tool: blind}}
   - {id: no-writes, effect: halt, match: {tool: api.write}, reason: "writes need a ticket"}
 """
-
-
-class Pki:
-    """A throw-away CA for the ORIGINS (not Tollgate's) and leaves it signs."""
-
-    def __init__(self, d):
-        self.dir = d
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "origin test CA")])
-        now = datetime.datetime.utcnow()
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - datetime.timedelta(days=1))
-                     .not_valid_after(now + datetime.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.ca_file = os.path.join(d, "origin-ca.crt")
-        with open(self.ca_file, "wb") as f:
-            f.write(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def leaf(self, label, names=("localhost",), ips=("127.0.0.1",), days=(-1, 30), self_signed=False):
-        """Writes LABEL.pem (leaf + chain) and LABEL.key; returns a server SSLContext."""
-        import ipaddress
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-        now = datetime.datetime.utcnow()
-        sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        cert = (x509.CertificateBuilder().subject_name(subject)
-                .issuer_name(subject if self_signed else self.cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now + datetime.timedelta(days=days[0]))
-                .not_valid_after(now + datetime.timedelta(days=days[1]))
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .sign(key if self_signed else self.key, hashes.SHA256()))
-        pem = os.path.join(self.dir, label + ".pem")
-        key_file = os.path.join(self.dir, label + ".key")
-        with open(pem, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-            if not self_signed:
-                f.write(self.cert.public_bytes(serialization.Encoding.PEM))
-        with open(key_file, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(pem, key_file)
-        return ctx
 
 
 class TlsInterceptTest(unittest.TestCase):

@@ -1,0 +1,192 @@
+"""The TLS-terminating reverse listener (issue 6, `kind: reverse`) through the real binary:
+certificates chosen by SNI, routes by host and path prefix to http:// and https://
+upstreams, agent identity from an mTLS client certificate (subject CN or SAN URI) or from a
+bearer token stored hashed; the same policy and audit as the forward path."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import unittest
+
+from audit_log import read_lines
+from tls_pki import Pki
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
+
+POLICY = """
+apiVersion: tollgate/v1
+kind: Policy
+metadata: {name: reverse}
+tools:
+  - {name: tickets.read, match: {host: tickets.test, methods: [GET], paths: ["/hello", "/headers", "/v1/**"]}, class: read}
+  - {name: kb.read, match: {host: kb.test, methods: [GET], paths: ["/hello", "/headers"]}, class: read}
+agents:
+  - {id: "*"}
+rules:
+  - {id: triage-reads, effect: allow, match: {tool: tickets.read, agent: "spiffe://swarm/triage"}}
+  - {id: cn-reads, effect: allow, match: {tool: kb.read, agent: "agent-cn"}}
+  - {id: bearer-reads, effect: allow, match: {tool: "*", agent: "agent-bearer"}}
+"""
+
+TOKEN = "tool-token-123"
+
+
+class ReverseTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="tollgate-rev-")
+        cls.servers = Pki(os.path.join(cls.tmp), name="public CA")
+        cls.servers.leaf("tickets", names=("tickets.test",), ips=())
+        cls.servers.leaf("kb", names=("kb.test",), ips=())
+        cls.agents = Pki(cls.tmp, name="agents CA")
+        cls.agents.leaf("triage", names=(), ips=(), client=True, cn="ignored-cn", uris=("spiffe://swarm/triage",))
+        cls.agents.leaf("cn", names=(), ips=(), client=True, cn="agent-cn")
+        cls.stranger_ca = Pki(cls.tmp, name="stranger CA")
+        cls.stranger_ca.leaf("stranger", names=(), ips=(), client=True, cn="agent-cn")
+        cls.upstreams = Pki(cls.tmp, name="upstream CA")
+        cls.plain = HttpOrigin().__enter__()
+        cls.secure = HttpOrigin(tls=cls.upstreams.leaf("upstream", names=("localhost",))).__enter__()
+
+        def listener(name, **extra):
+            l = {"name": name, "kind": "reverse", "address": "127.0.0.1:0",
+                 "routes": [{"host": "tickets.test", "path_prefix": "/v1/", "upstream": f"https://localhost:{cls.secure.port}"},
+                            {"host": "tickets.test", "upstream": f"http://127.0.0.1:{cls.plain.port}"},
+                            {"host": "kb.test", "upstream": f"http://127.0.0.1:{cls.plain.port}"}]}
+            l.update(extra)
+            return l
+        certs = [{"cert": cls.servers.files[n][0], "key": cls.servers.files[n][1]} for n in ("tickets", "kb")]
+        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_file}})
+        cls.tg.config["listeners"] = [
+            listener("egress", tls={"certificates": certs, "client_ca": cls.agents.ca_file},
+                     identity={"mtls": "san_uri"}),
+            listener("cn", tls={"certificates": certs, "client_ca": cls.agents.ca_file}, identity={"mtls": "subject_cn"}),
+            listener("bearer", tls={"certificates": certs},
+                     identity={"bearer": {"sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest(): "agent-bearer"}}),
+        ]
+        with open(os.path.join(cls.tg.dir, "policy.yaml"), "w") as f:
+            f.write(POLICY)
+        cls.tg.config.pop("hosts")
+        cls.tg.config["policies"] = ["policy.yaml"]
+        with open(cls.tg.config_path, "w") as f:
+            json.dump(cls.tg.config, f)
+        cls.tg.__enter__()
+        cls.ports = {l["listener"]: int(l["address"].rsplit(":", 1)[1]) for l in cls.tg.logs("listening")}
+        cls.audit_dir = os.path.join(cls.tg.dir, "var", "audit")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tg.__exit__(None, None, None)
+        cls.plain.__exit__(None, None, None)
+        cls.secure.__exit__(None, None, None)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def get(self, listener, host, path, *args, cert=None):
+        port = self.ports[listener]
+        extra = ["--resolve", f"{host}:{port}:127.0.0.1", "--cacert", self.servers.ca_file]
+        if cert:
+            extra += ["--cert", cert[0], "--key", cert[1]]
+        rc, out, err = curl("-i", *extra, *args, f"https://{host}:{port}{path}")
+        return rc, out, err
+
+    def records(self, **match):
+        def find():
+            return [r for r in map(json.loads, read_lines(self.audit_dir))
+                    if all(r.get(k) == v for k, v in match.items())]
+        return wait_for(find, timeout=5, what=f"audit records {match}")
+
+    def test_an_mtls_agent_is_named_by_its_spiffe_uri_and_routed_by_path(self):
+        before_plain, before_secure = len(self.plain.requests), len(self.secure.requests)
+        rc, out, err = self.get("egress", "tickets.test", "/hello", cert=self.agents.files["triage"])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(parse_response(out)[::2], (200, b"hello"))
+        self.assertEqual(len(self.plain.requests), before_plain + 1)
+        # /v1/ goes to the https:// upstream, verified against its CA.
+        rc, out, err = self.get("egress", "tickets.test", "/v1/../v1/headers", "--path-as-is",
+                                cert=self.agents.files["triage"])
+        self.assertEqual(rc, 0, err)
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 404)  # the upstream's own answer for /v1/headers
+        self.assertEqual(len(self.secure.requests), before_secure + 1)
+        self.assertEqual(self.secure.requests[-1][1], "/v1/headers")  # the path the policy judged
+        self.assertEqual(self.secure.requests[-1][2]["host"], [f"localhost:{self.secure.port}"])
+        rec = self.records(agent="spiffe://swarm/triage", path="/hello", decision="allow")[-1]
+        self.assertEqual((rec["tool"], rec["rule"], rec["authority"]), ("tickets.read", "triage-reads", f"tickets.test:{self.ports['egress']}"))
+
+    def test_the_certificate_is_chosen_by_sni(self):
+        for host in ("tickets.test", "kb.test"):
+            r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{self.ports['bearer']}",
+                                "-servername", host, "-CAfile", self.servers.ca_file, "-verify_hostname", host,
+                                "-verify_return_error"], input=b"", capture_output=True, timeout=20)
+            self.assertIn(b"Verify return code: 0 (ok)", r.stdout, r.stderr)
+            self.assertIn(f"CN = {host}".encode(), r.stdout)
+
+    def test_a_client_without_a_certificate_cannot_connect_and_a_foreign_one_is_refused(self):
+        rc, out, err = self.get("egress", "tickets.test", "/hello")
+        self.assertNotEqual(rc, 0)  # the handshake is refused: certificate required
+        rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.stranger_ca.files["stranger"])
+        self.assertNotEqual(rc, 0)  # signed by a CA the listener does not trust
+        rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.agents.files["cn"])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(parse_response(out)[::2], (200, b"hello"))
+        self.assertTrue(self.records(agent="agent-cn", rule="cn-reads", decision="allow"))
+
+    def test_an_agent_is_only_allowed_what_the_policy_gives_it(self):
+        before = len(self.plain.requests)
+        rc, out, err = self.get("egress", "kb.test", "/hello", cert=self.agents.files["triage"])
+        self.assertEqual(rc, 0, err)
+        status, headers, body = parse_response(out)
+        self.assertEqual(status, 403)
+        self.assertEqual(json.loads(body)["rule"], "default-deny")
+        self.assertEqual(len(self.plain.requests), before)
+
+    def test_a_bearer_token_names_the_agent_and_is_not_forwarded(self):
+        rc, out, err = self.get("bearer", "kb.test", "/headers", "-H", f"Authorization: Bearer {TOKEN}")
+        self.assertEqual(rc, 0, err)
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 200)
+        self.assertNotIn("authorization", json.loads(body))
+        self.assertTrue(self.records(agent="agent-bearer", path="/headers", decision="allow"))
+        rc, out, err = self.get("bearer", "kb.test", "/headers", "-H", "Authorization: Bearer wrong")
+        self.assertEqual(parse_response(out)[0], 403)
+
+    def test_a_host_that_disagrees_with_the_sni_is_a_halt_and_unrouted_paths_are_404(self):
+        rc, out, err = self.get("bearer", "kb.test", "/hello", "-H", "Host: tickets.test",
+                                "-H", f"Authorization: Bearer {TOKEN}")
+        self.assertEqual(rc, 0, err)
+        status, _, body = parse_response(out)
+        self.assertEqual((status, json.loads(body)["rule"]), (403, "tls.host_mismatch"))
+        rc, out, err = self.get("bearer", "other.test", "/hello", "-k", "-H", f"Authorization: Bearer {TOKEN}")
+        status, _, body = parse_response(out)
+        self.assertEqual((status, json.loads(body)["error"]), (404, "no_route"))
+        self.assertTrue(self.records(rule="http.no_route", decision="halt"))
+
+
+class ReverseConfigTest(unittest.TestCase):
+    def check(self, listener, expect):
+        """`expect["msg"]` is in what `tollgate run` prints before it exits with 2."""
+        d = tempfile.mkdtemp(prefix="tollgate-rev-")
+        try:
+            path = os.path.join(d, "t.yaml")
+            with open(path, "w") as f:
+                json.dump({"listeners": [listener], "hosts": {"allow": ["*"]}}, f)
+            r = subprocess.run([BIN, "run", "-c", path], capture_output=True, text=True, timeout=10)
+            self.assertEqual(r.returncode, 2, r.stderr)  # a config error, like every other
+            self.assertIn(expect["msg"], r.stderr)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def test_bad_reverse_configs_stop_startup_with_the_key(self):
+        base = {"name": "r", "kind": "reverse", "address": "127.0.0.1:0"}
+        self.check(base, {"msg": "routes: a reverse listener needs routes"})
+        self.check(dict(base, routes=[{"upstream": "ftp://x"}]), {"msg": "expected http://host:port or https://host:port"})
+        self.check(dict(base, routes=[{"upstream": "http://x:1"}], identity={"mtls": "san_uri"}),
+                   {"msg": "identity.mtls: needs tls.client_ca"})
+        self.check(dict(base, routes=[{"upstream": "http://x:1"}], tls={"certificates": [{"cert": "no.pem", "key": "no.key"}]}),
+                   {"msg": "tls.certificates: "})
+        self.check({"name": "f", "address": "127.0.0.1:0", "routes": [{"upstream": "http://x:1"}]},
+                   {"msg": "only for reverse listeners"})
+
+
+if __name__ == "__main__":
+    unittest.main()
