@@ -252,6 +252,7 @@ void TcpStream::readTls(std::string_view data) {
 
 void TcpStream::failTls(int status) {
   handshaking_ = false;
+  tlsFailed_ = true;
   wantRead_ = false;
   (void)syncReading();
   if (handler_) handler_->onHandshake(*this, status < 0 ? status : UV_EPROTO);
@@ -270,6 +271,7 @@ int TcpStream::flush() {
   if (out_.empty() || closing_) return 0;
   if (ssl_) {
     if (handshaking_) return 0;  // sent once the handshake is done
+    if (tlsFailed_) return UV_EPROTO;
     ERR_clear_error();
     // A memory BIO takes every byte: one SSL_write writes all of them.
     int n = SSL_write(ssl_, out_.data(), static_cast<int>(out_.size()));

@@ -69,7 +69,7 @@ class TcpStream {
   SSL* tlsBegin(SSL_CTX* ctx, bool server);
   [[nodiscard]] int tlsHandshake(std::string_view early = {});
   SSL* ssl() const { return ssl_; }
-  bool tlsReady() const { return ssl_ != nullptr && !handshaking_; }
+  bool tlsReady() const { return ssl_ != nullptr && !handshaking_ && !tlsFailed_; }
   // Why the handshake or a later read failed.
   const std::string& tlsError() const { return tlsError_; }
 
@@ -122,6 +122,7 @@ class TcpStream {
   BIO* tlsIn_ = nullptr;   // socket -> OpenSSL (owned by ssl_)
   BIO* tlsOut_ = nullptr;  // OpenSSL -> socket (owned by ssl_)
   bool handshaking_ = false;
+  bool tlsFailed_ = false;  // the handshake failed: nothing more is sent or read
   std::string tlsError_;
 };
 
