@@ -110,8 +110,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
           if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
             r.fail(v, key, "expected forward, transparent or reverse");
           }
-          if (l.kind != "forward")
-            r.fail(v, key, "only 'forward' listeners are implemented so far");
+          if (l.kind == "reverse")
+            r.fail(v, key, "only 'forward' and 'transparent' listeners are implemented so far");
         } else if (key.ends_with(".address")) {
           l.address = r.address(v, key);
           hasAddress = true;
