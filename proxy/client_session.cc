@@ -12,6 +12,7 @@
 #include "common/sha256.h"
 #include "policy/tool_call.h"
 #include "proxy/admin_api.h"
+#include "proxy/original_dst.h"
 #include "proxy/worker.h"
 
 namespace tollgate {
@@ -131,6 +132,14 @@ void ClientSession::start() {
   clientTimer_ = Timer::create(worker_.loop(), [this] { onClientTimer(); });
   upstreamTimer_ = Timer::create(worker_.loop(), [this] { onUpstreamTimer(); });
   clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
+  if (listener_.config.kind == "transparent" && !listener_.admin) {
+    transparent_ = peeking_ = true;
+    auto dst = getOriginalDst(client_->tcp());
+    if (dst)
+      originalDst_ = dst.value();
+    else
+      notRedirected_ = dst.error().message;
+  }
   updateReading();
 }
 
@@ -174,6 +183,7 @@ void ClientSession::close() {
   reportOutcome();
   closed_ = true;
   worker_.resolver().cancel(this);
+  worker_.resolver().cancel(&hostCheck_);
   client_.reset();
   upstream_.reset();
   clientTimer_.reset();
@@ -233,6 +243,11 @@ void ClientSession::onRead(TcpStream& stream, std::string_view data) {
 }
 
 void ClientSession::readClient(std::string_view data) {
+  std::string peeked;
+  if (peeking_) {
+    if (!peekTransparent(data, peeked)) return;
+    data = peeked;
+  }
   switch (phase_) {
     case Phase::kLingering:
       return;
@@ -309,6 +324,7 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     p.fail(400, reason);
     return -1;
   }
+  if (s.transparent_ && !s.transparentTarget(p)) return -1;
   // The upstream gets the path the policy judged: dot segments resolved, duplicate slashes
   // and needless escapes gone. A path that cannot be normalised is left for the decider,
   // which halts it when policies are on.
@@ -437,6 +453,14 @@ void ClientSession::processRequestHead() {
   phase_ = Phase::kDeciding;
   firstRequest_ = false;
   if (listener_.admin) return;  // answered once the request is complete
+  if (transparent_) {
+    checkTransparentHost();  // goes on with readBodyOrDecide() once the Host is checked
+    return;
+  }
+  readBodyOrDecide();
+}
+
+void ClientSession::readBodyOrDecide() {
   if (bodyNeed_ > 0 && !requestDone_ && !bodyTruncated_) {
     // Read the body (up to the policy's bound) before deciding; a client waiting for
     // 100 Continue is told to send it.
@@ -501,7 +525,8 @@ void ClientSession::onDecision(const Decision& decided) {
   decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
   if (d.verdict == Verdict::kHalt) {
     bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
-                   d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.");
+                   d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.") ||
+                   d.rule.starts_with("transparent.");
     haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
   }
   const auto& head = request_.head();
@@ -600,6 +625,14 @@ void ClientSession::connectUpstream() {
       attachUpstream(std::move(idle), true);
       return;
     }
+  }
+  if (transparent_) {
+    // Where the client dialled, not a fresh lookup of Host: checkTransparentHost() made
+    // sure that the name resolves to this address.
+    addrs_.assign(1, originalDst_);
+    nextAddr_ = 0;
+    connectNextAddress();
+    return;
   }
   worker_.resolver().resolve(target_.host, this);
 }
@@ -956,7 +989,8 @@ void ClientSession::reply(int status, std::string_view body, std::string_view ex
   if (!closed_) finishExchange();
 }
 
-void ClientSession::badRequest(int status, std::string_view error, std::string_view reason) {
+void ClientSession::badRequest(int status, std::string_view error, std::string_view reason,
+                               std::string_view ruleFamily) {
   AuditRecord record;
   record.kind = "call";
   record.agent = agent();
@@ -965,7 +999,7 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
                       : "";
   record.authority = target_.host.empty() ? "" : target_.key;
   record.decision = "halt";
-  record.rule = std::string("http.") + std::string(error);
+  record.rule = std::string(ruleFamily) + "." + std::string(error);
   record.reason = std::string(reason);
   auditSeq_ = worker_.audit().append(std::move(record));
   haltCounter(worker_.metrics(), "bad_request").Increment();

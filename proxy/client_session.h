@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "policy/decider.h"
+#include "proxy/client_hello.h"
 #include "proxy/http_message.h"
 #include "proxy/http_parser.h"
 #include "proxy/resolver.h"
@@ -77,6 +78,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void readClient(std::string_view data);
   void readUpstream(std::string_view data);
   void processRequestHead();
+  void readBodyOrDecide();
   CallInfo callInfo() const;
   void decide();
   void onDecision(const Decision& decision);
@@ -92,7 +94,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void retryOrFail(int status);
   void upstreamFailed(int status, std::string_view error, std::string_view reason);
   void reply(int status, std::string_view body, std::string_view extraHeaders, bool close);
-  void badRequest(int status, std::string_view error, std::string_view reason);
+  void badRequest(int status, std::string_view error, std::string_view reason,
+                  std::string_view ruleFamily = "http");
   void handleAdmin();
   void answerAdmin();
   void closeAfterReply();
@@ -106,6 +109,20 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void releaseUpstream(bool reusable);
   std::string_view agent() const;
   void identify();
+
+  // Transparent listeners (DESIGN §1): the first bytes tell TLS from HTTP, a request's Host
+  // must name the address the client dialled, and the upstream is that address.
+  struct HostCheck : Resolver::Waiter {
+    explicit HostCheck(ClientSession& session) : s(session) {}
+    void onResolved(int status, const std::vector<sockaddr_storage>& addrs) override;
+    ClientSession& s;
+  };
+  bool peekTransparent(std::string_view data, std::string& held);
+  bool transparentTarget(HttpParser& p);
+  void checkTransparentHost();
+  void onTransparentHost(int status, const std::vector<sockaddr_storage>& addrs);
+  void onTransparentTls(const ClientHello& hello, std::string peeked);
+  void refuseConnection(std::string_view rule, std::string_view reason, std::string authority);
 
   Worker& worker_;
   ListenerRuntime& listener_;
@@ -168,6 +185,14 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool draining_ = false;
   bool closeAfterResponse_ = false;
   bool closed_ = false;
+
+  // Transparent listeners only.
+  bool transparent_ = false;
+  bool peeking_ = false;            // the first bytes are still being looked at
+  std::string peeked_;              // what was read while peeking
+  sockaddr_storage originalDst_{};  // where the client connected before the REDIRECT
+  std::string notRedirected_;       // why there is no original destination; empty: there is
+  HostCheck hostCheck_{*this};
 };
 
 }  // namespace tollgate
