@@ -38,7 +38,7 @@ bool ClientSession::peekTransparent(std::string_view data, std::string& held) {
   auto authority = formatAddress(originalDst_);
   if (!notRedirected_.empty()) {
     refuseConnection("transparent.not_redirected", "not a redirected connection: " + notRedirected_,
-                     client_->peerAddress());
+                     "");
   } else if (hello.status == ClientHello::Status::kMalformed) {
     refuseConnection("transparent.bad_tls", "malformed TLS ClientHello: " + hello.error, authority);
   } else {

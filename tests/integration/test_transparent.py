@@ -343,11 +343,16 @@ class TransparentModeTest(unittest.TestCase):
         self.net.curl("http://tool.test/allowed")
         self.net.curl("--resolve", f"tool.test:80:{DECOY_IP}", "http://tool.test/allowed")
         self.net.curl(f"http://127.0.0.1:{PORT}/")
+        # Something that starts like TLS but is not a ClientHello, on a redirected port.
+        send = ("import socket; s = socket.create_connection(('%s', 80), timeout=3)\n"
+                "s.sendall(bytes.fromhex('1603010000')); s.recv(100)\n" % TOOL_IP)
+        self.net.in_agent(sys.executable, "-c", send)
         records = self.net.audit_tail()
         rules = {(r.get("decision"), r.get("rule")) for r in records}
         self.assertIn(("allow", "allow-tool"), rules)
         self.assertIn(("halt", "transparent.host_mismatch"), rules)
         self.assertIn(("halt", "transparent.not_redirected"), rules)
+        self.assertIn(("halt", "transparent.bad_tls"), rules)
         allowed = [r for r in records if r.get("rule") == "allow-tool"]
         self.assertEqual(allowed[-1]["authority"], "tool.test:80")
         self.assertEqual(allowed[-1]["agent"], "agent-1")
