@@ -15,6 +15,7 @@
 #include "common/units.h"
 #include "policy/tool_call.h"
 #include "proxy/admin_api.h"
+#include "proxy/original_dst.h"
 #include "proxy/worker.h"
 
 namespace tollgate {
@@ -189,6 +190,14 @@ void ClientSession::start() {
       return;
     }
   }
+  if (listener_.config.kind == "transparent" && !listener_.admin) {
+    transparent_ = peeking_ = true;
+    auto dst = getOriginalDst(client_->tcp());
+    if (dst)
+      originalDst_ = dst.value();
+    else
+      notRedirected_ = dst.error().message;
+  }
   updateReading();
 }
 
@@ -234,6 +243,7 @@ void ClientSession::close() {
   reportOutcome();
   closed_ = true;
   worker_.resolver().cancel(this);
+  worker_.resolver().cancel(&hostCheck_);
   client_.reset();
   upstream_.reset();
   clientTimer_.reset();
@@ -303,6 +313,11 @@ void ClientSession::onRead(TcpStream& stream, std::string_view data) {
 }
 
 void ClientSession::readClient(std::string_view data) {
+  std::string peeked;
+  if (peeking_) {
+    if (!peekTransparent(data, peeked)) return;
+    data = peeked;
+  }
   switch (phase_) {
     case Phase::kLingering:
       return;
@@ -408,6 +423,7 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     p.fail(400, reason);
     return -1;
   }
+  if (s.transparent_ && !s.transparentTarget(p)) return -1;
   // The upstream gets the path the policy judged: dot segments resolved, duplicate slashes
   // and needless escapes gone. A path that cannot be normalised is left for the decider,
   // which halts it when policies are on.
@@ -572,6 +588,15 @@ void ClientSession::processRequestHead() {
     startIntercept();
     return;
   }
+  if (transparent_ && !intercept_) {
+    // (Inside intercepted TLS the upstream's certificate must name the host instead.)
+    checkTransparentHost();  // goes on with readBodyOrDecide() once the Host is checked
+    return;
+  }
+  readBodyOrDecide();
+}
+
+void ClientSession::readBodyOrDecide() {
   if (bodyNeed_ > 0 && !requestDone_ && !bodyTruncated_) {
     // Read the body (up to the policy's bound) before deciding; a client waiting for
     // 100 Continue is told to send it.
@@ -637,7 +662,7 @@ void ClientSession::onDecision(const Decision& decided) {
   if (d.verdict == Verdict::kHalt) {
     bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
                    d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.") ||
-                   d.rule.starts_with("tls.");
+                   d.rule.starts_with("tls.") || d.rule.starts_with("transparent.");
     haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
   }
   const auto& head = request_.head();
@@ -736,6 +761,14 @@ void ClientSession::connectUpstream() {
       attachUpstream(std::move(idle), true);
       return;
     }
+  }
+  if (transparent_) {
+    // Where the client dialled, not a fresh lookup of Host: checkTransparentHost() made
+    // sure that the name resolves to this address.
+    addrs_.assign(1, originalDst_);
+    nextAddr_ = 0;
+    connectNextAddress();
+    return;
   }
   worker_.resolver().resolve(target_.upstreamHost, this);
 }
@@ -898,19 +931,40 @@ void ClientSession::haltLocally(std::string rule, std::string reason) {
 }
 
 void ClientSession::startIntercept() {
-  auto& tls = worker_.tls();
-  // The leaf first: a host the CA may not sign for (name constraints) is refused here, in
-  // plain HTTP, instead of with a certificate the agent would reject.
-  if (auto leaf = tls.leaves()->get(target_.host); !leaf) {
-    haltLocally("tls.intercept", "cannot intercept " + target_.key + ": " + leaf.error().message);
-    return;
+  if (!recordIntercept(target_.host, target_.port)) return;
+  status_ = 200;
+  client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
+  flushClient();
+  if (closed_) return;
+  logRequest();
+  // What the agent sent after the CONNECT is the start of its ClientHello.
+  std::string early = std::move(pendingIn_);
+  pendingIn_.clear();
+  parserPaused_ = false;
+  request_.reset();
+  std::string host = target_.host;
+  uint16_t port = target_.port;
+  resetExchange();
+  beginInterceptTls(host, port, early);
+}
+
+bool ClientSession::recordIntercept(const std::string& host, uint16_t port) {
+  // The leaf first: a host the CA may not sign for (name constraints) is refused here (in
+  // plain HTTP after a CONNECT) instead of with a certificate the agent would reject.
+  if (auto leaf = worker_.tls().leaves()->get(host); !leaf) {
+    auto reason = "cannot intercept " + formatHostPort(host, port) + ": " + leaf.error().message;
+    if (transparent_)
+      refuseConnection("tls.intercept", reason, formatHostPort(host, port));
+    else
+      haltLocally("tls.intercept", reason);
+    return false;
   }
   AuditRecord record;
   record.kind = "call";
   record.agent = agent();
-  record.tool = "host:" + target_.host;
-  record.method = "CONNECT";
-  record.authority = target_.key;
+  record.tool = "host:" + host;
+  record.method = transparent_ ? "TLS" : "CONNECT";
+  record.authority = formatHostPort(host, port);
   record.decision = "allow";
   record.rule = "tls.intercept";
   record.reason = "TLS intercepted: each request inside the tunnel is decided on its own";
@@ -919,31 +973,25 @@ void ClientSession::startIntercept() {
   decision_.rule = "tls.intercept";
   outcomeReported_ = true;  // the decider never saw the CONNECT: nothing to settle
   decisionCounter(worker_.metrics(), decision_.verdict, decision_.rule).Increment();
-  status_ = 200;
-  client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
-  flushClient();
-  if (closed_) return;
-  logRequest();
+  return true;
+}
 
+void ClientSession::beginInterceptTls(const std::string& host, uint16_t port,
+                                      std::string_view early) {
+  auto& tls = worker_.tls();
   intercept_ = std::make_unique<InterceptTls>();
   intercept_->leaves = tls.leaves();
-  intercept_->host = target_.host;
-  interceptPort_ = target_.port;
+  intercept_->host = host;
+  interceptPort_ = port;
   tunnelAgent_ = agent_;
-  // What the agent sent after the CONNECT is the start of its ClientHello.
-  std::string early = std::move(pendingIn_);
-  pendingIn_.clear();
-  parserPaused_ = false;
-  request_.reset();
-  resetExchange();
   SSL* ssl = client_->tlsBegin(tls.interceptServer(), true);
   if (!ssl) {
     Log::Line(LogLevel::kError, "SSL_new failed").add("reason", takeOpenSslErrors()).emit();
     close();
     return;
   }
-  if (auto s = prepareIntercept(ssl, intercept_.get()); !s) {
-    Log::Line(LogLevel::kError, "cannot present the leaf").add("reason", s.error().message).emit();
+  if (auto st = prepareIntercept(ssl, intercept_.get()); !st) {
+    Log::Line(LogLevel::kError, "cannot present the leaf").add("reason", st.error().message).emit();
     close();
     return;
   }
@@ -1214,7 +1262,8 @@ void ClientSession::reply(int status, std::string_view body, std::string_view ex
   if (!closed_) finishExchange();
 }
 
-void ClientSession::badRequest(int status, std::string_view error, std::string_view reason) {
+void ClientSession::badRequest(int status, std::string_view error, std::string_view reason,
+                               std::string_view ruleFamily) {
   AuditRecord record;
   record.kind = "call";
   record.agent = agent();
@@ -1223,7 +1272,7 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
                       : "";
   record.authority = target_.host.empty() ? "" : target_.key;
   record.decision = "halt";
-  record.rule = std::string("http.") + std::string(error);
+  record.rule = std::string(ruleFamily) + "." + std::string(error);
   record.reason = std::string(reason);
   auditSeq_ = worker_.audit().append(std::move(record));
   haltCounter(worker_.metrics(), "bad_request").Increment();

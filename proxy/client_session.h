@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "policy/decider.h"
+#include "proxy/client_hello.h"
 #include "proxy/http_message.h"
 #include "proxy/http_parser.h"
 #include "proxy/resolver.h"
@@ -80,6 +81,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void readClient(std::string_view data);
   void readUpstream(std::string_view data);
   void processRequestHead();
+  void readBodyOrDecide();
   CallInfo callInfo() const;
   void decide();
   void onDecision(const Decision& decision);
@@ -93,6 +95,10 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   // CONNECT with intercept_tls: 200, then the agent's TLS is terminated with a minted leaf
   // and the requests inside are read and decided one by one.
   void startIntercept();
+  // The audit record of an interception (false: refused, e.g. a host the CA may not sign).
+  bool recordIntercept(const std::string& host, uint16_t port);
+  // Terminates the agent's TLS with the leaf for host; `early`: its first bytes, if read.
+  void beginInterceptTls(const std::string& host, uint16_t port, std::string_view early);
   // Halts the current request without asking the decider (a rule of the proxy's own).
   void haltLocally(std::string rule, std::string reason);
   void startUpstreamTls();
@@ -102,7 +108,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void retryOrFail(int status);
   void upstreamFailed(int status, std::string_view error, std::string_view reason);
   void reply(int status, std::string_view body, std::string_view extraHeaders, bool close);
-  void badRequest(int status, std::string_view error, std::string_view reason);
+  void badRequest(int status, std::string_view error, std::string_view reason,
+                  std::string_view ruleFamily = "http");
   void handleAdmin();
   void answerAdmin();
   void closeAfterReply();
@@ -116,6 +123,20 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void releaseUpstream(bool reusable);
   std::string_view agent() const;
   void identify();
+
+  // Transparent listeners (DESIGN §1): the first bytes tell TLS from HTTP, a request's Host
+  // must name the address the client dialled, and the upstream is that address.
+  struct HostCheck : Resolver::Waiter {
+    explicit HostCheck(ClientSession& session) : s(session) {}
+    void onResolved(int status, const std::vector<sockaddr_storage>& addrs) override;
+    ClientSession& s;
+  };
+  bool peekTransparent(std::string_view data, std::string& held);
+  bool transparentTarget(HttpParser& p);
+  void checkTransparentHost();
+  void onTransparentHost(int status, const std::vector<sockaddr_storage>& addrs);
+  void onTransparentTls(const ClientHello& hello, std::string peeked);
+  void refuseConnection(std::string_view rule, std::string_view reason, std::string authority);
 
   Worker& worker_;
   ListenerRuntime& listener_;
@@ -185,6 +206,14 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::unique_ptr<InterceptTls> intercept_;
   uint16_t interceptPort_ = 0;
   std::string tunnelAgent_;  // identified on the CONNECT, for requests that name none
+
+  // Transparent listeners only.
+  bool transparent_ = false;
+  bool peeking_ = false;            // the first bytes are still being looked at
+  std::string peeked_;              // what was read while peeking
+  sockaddr_storage originalDst_{};  // where the client connected before the REDIRECT
+  std::string notRedirected_;       // why there is no original destination; empty: there is
+  HostCheck hostCheck_{*this};
 };
 
 }  // namespace tollgate

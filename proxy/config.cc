@@ -118,8 +118,6 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
           if (l.kind != "forward" && l.kind != "transparent" && l.kind != "reverse") {
             r.fail(v, key, "expected forward, transparent or reverse");
           }
-          if (l.kind == "transparent")
-            r.fail(v, key, "only 'forward' and 'reverse' listeners are implemented so far");
         } else if (key.ends_with(".address")) {
           l.address = r.address(v, key);
           hasAddress = true;
@@ -237,7 +235,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
       });
   if (l.kind == "reverse") {
     if (l.routes.empty()) r.fail(node, where + ".routes", "a reverse listener needs routes");
-    if (l.interceptTls) r.fail(node, where + ".intercept_tls", "only for forward listeners");
+    if (l.interceptTls)
+      r.fail(node, where + ".intercept_tls", "only for forward and transparent listeners");
   } else if (!l.routes.empty() || !l.certificates.empty() || !l.clientCa.empty()) {
     r.fail(node, where + (l.routes.empty() ? ".tls" : ".routes"), "only for reverse listeners");
   }

@@ -73,6 +73,24 @@ audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment
   EXPECT_EQ(c->auditSyncInterval.count(), 0);
 }
 
+TEST(Config, AcceptsTransparentListeners) {
+  auto c = parseConfig(R"(
+listeners:
+  - {name: egress, kind: forward, address: "127.0.0.1:15002"}
+  - {name: redirected, kind: transparent, address: "127.0.0.1:15001", identity: {source: {"127.0.0.1": agent-1}}}
+  - {name: redirected6, kind: transparent, address: "[::1]:15001", intercept_tls: true}
+)",
+                       "t.yaml");
+  ASSERT_TRUE(c) << c.error().message;
+  ASSERT_EQ(c->listeners.size(), 3u);
+  EXPECT_EQ(c->listeners[0].kind, "forward");
+  EXPECT_EQ(c->listeners[1].kind, "transparent");
+  EXPECT_EQ(c->listeners[1].identitySource.at("127.0.0.1"), "agent-1");
+  EXPECT_EQ(c->listeners[2].kind, "transparent");
+  EXPECT_EQ(c->listeners[2].address.host, "::1");
+  EXPECT_TRUE(c->listeners[2].interceptTls);
+}
+
 struct BadCase {
   const char* yaml;
   const char* expected;  // substring of the error
@@ -101,6 +119,17 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nmode: yolo\n",
                 "mode: expected enforce or observe"},
         BadCase{"listeners: [{name: a}]\n", "listeners[0].address: required"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0'}]\n",
+                "bad.yaml:1:13: listeners[0].routes: a reverse listener needs routes"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{upstream: 'http://x:1'}], identity: {mtls: san_uri}}]\n",
+                "listeners[0].identity.mtls: needs tls.client_ca"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: ['a/b']}]\n",
+                "listeners[0].passthrough: 'a/b': expected a host name"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\ntls: {leaf_cache_size: 0}\n",
+                "tls.leaf_cache_size: must be greater than 0"},
+        BadCase{"listeners: [{name: a, kind: sideways, address: '127.0.0.1:0'}]\n",
+                "listeners[0].kind: expected forward, transparent or reverse"},
         BadCase{
             "listeners: [{name: a, address: '127.0.0.1:0'}, {name: a, address: '127.0.0.1:0'}]\n",
             "duplicate listener name"},

@@ -1,0 +1,458 @@
+"""Transparent mode for real: network namespaces, a veth pair, iptables REDIRECT.
+
+    agent namespace                                   tools namespace
+    curl (root) --tcp 80/443--> REDIRECT              transparent_tool.py
+      -> tollgate (uid 65534) on 127.0.0.1/[::1]:15001   10.203.0.2, 10.203.0.3 (a decoy),
+      -> the original destination, over the veth ------> fd00:203::2; tcp 80, 443, 8080, udp 5353
+
+deploy/transparent-init.sh sets up the agent namespace as an init container would. The
+tests prove that an allowed call reaches the tool through the sidecar, a forbidden one is
+halted, a Host that does not name the dialled address is halted, and that no path avoids
+the sidecar: a direct IP, 443, another port, UDP, IPv6. Nothing leaves the two namespaces
+this test creates. Needs root and `ip netns`; skips with the reason otherwise, unless
+TOLLGATE_REQUIRE_NETNS=1 (CI sets it), which turns the skip into a failure.
+"""
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import uuid
+
+from tls_pki import Pki
+from tollgate_harness import BIN, HERE, parse_response, wait_for
+
+INIT = os.path.join(HERE, "..", "..", "deploy", "transparent-init.sh")
+SIDECAR_UID = 65534  # nobody: the sidecar runs unprivileged, the agent as root
+PORT = 15001
+AGENT_IP, TOOL_IP, DECOY_IP = "10.203.0.1", "10.203.0.2", "10.203.0.3"
+AGENT_IP6, TOOL_IP6 = "fd00:203::1", "fd00:203::2"
+
+POLICY = """apiVersion: tollgate/v1
+kind: Policy
+metadata: {name: transparent-test}
+tools:
+  - name: tool.allowed
+    match: {host: tool.test, methods: [GET], paths: ["/allowed"]}
+    class: read
+  - name: other.allowed
+    match: {host: other.test, methods: [GET], paths: ["/allowed"]}
+    class: read
+rules:
+  - {id: allow-tool, effect: allow, match: {tool: tool.allowed}}
+  - {id: allow-other, effect: allow, match: {tool: other.allowed}}
+"""
+
+
+def sh(*cmd, check=True, timeout=15, **kw):
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=timeout, **kw)
+
+
+def skip_or_fail(reason):
+    if os.environ.get("TOLLGATE_REQUIRE_NETNS") == "1":
+        raise AssertionError(f"TOLLGATE_REQUIRE_NETNS=1 but the namespace test cannot run: {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def why_not_runnable():
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, veth, iptables)"
+    for tool in ("ip", "iptables", "ip6tables", "setpriv", "curl"):
+        if not shutil.which(tool):
+            return f"needs {tool}"
+    probe = "tgprobe" + uuid.uuid4().hex[:6]
+    try:
+        r = sh("ip", "netns", "add", probe, check=False)
+        if r.returncode != 0:
+            return f"`ip netns add` failed: {r.stderr.strip()}"
+        for tool in ("iptables", "ip6tables"):
+            r = sh("ip", "netns", "exec", probe, tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
+                   "--dport", "80", "-j", "REDIRECT", "--to-ports", "1", check=False)
+            if r.returncode != 0:
+                return f"{tool} REDIRECT does not work in a namespace: {r.stderr.strip()}"
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+class Topology:
+    """The two namespaces, the veth pair, the tool server and the sidecar; close() undoes it
+    all (also at exit, whatever failed half way)."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.agent, self.tools = f"tga{tag}", f"tgt{tag}"
+        self.dir = tempfile.mkdtemp(prefix="tollgate-transparent-")
+        self.etc = f"/etc/netns/{self.agent}"
+        self.made_etc_netns = not os.path.exists("/etc/netns")
+        self.procs = []
+        self.lines = []
+        atexit.register(self.close)
+
+    def build(self):
+        a, t = self.agent, self.tools
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", t)
+        sh("ip", "link", "add", f"v{a}", "type", "veth", "peer", "name", f"v{t}")
+        sh("ip", "link", "set", f"v{a}", "netns", a)
+        sh("ip", "link", "set", f"v{t}", "netns", t)
+        for ns, dev, v4s, v6 in ((a, f"v{a}", [AGENT_IP], AGENT_IP6), (t, f"v{t}", [TOOL_IP, DECOY_IP], TOOL_IP6)):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            for ip in v4s:
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        # Names as the agent namespace sees them (`ip netns exec` mounts these over /etc);
+        # DNS goes to loopback, where nothing answers: no lookup leaves the namespaces.
+        os.makedirs(self.etc, exist_ok=True)
+        with open(os.path.join(self.etc, "hosts"), "w") as f:
+            f.write(f"127.0.0.1 localhost\n::1 localhost\n{TOOL_IP} tool.test\n{TOOL_IP6} tool.test\n"
+                    f"{DECOY_IP} other.test\n")
+        with open(os.path.join(self.etc, "resolv.conf"), "w") as f:
+            f.write("nameserver 127.0.0.1\n")
+        r = self.in_agent(INIT, "--uid", str(SIDECAR_UID), "--port", str(PORT), "--dns-servers", "none")
+        assert r.returncode == 0, r.stderr
+
+    def start_tool(self):
+        self.tool_log = os.path.join(self.dir, "tool.jsonl")
+        open(self.tool_log, "w").close()
+        # The tool's own certificate (tool.test and its address), from a CA the sidecar trusts
+        # for upstreams; the agent trusts only the sidecar's local CA.
+        self.pki = Pki(self.dir, name="tool CA")
+        self.pki.leaf("tool", names=("tool.test",), ips=(TOOL_IP, TOOL_IP6))
+        p = subprocess.Popen(["ip", "netns", "exec", self.tools, sys.executable,
+                              os.path.join(HERE, "transparent_tool.py"), self.tool_log,
+                              *self.pki.files["tool"]],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(p)
+        assert p.stdout.readline().strip() == b"ready", p.stderr.read(2000)
+
+    def start_sidecar(self):
+        # The sidecar's files belong to its uid; the binary is copied where that uid can run it.
+        binary = os.path.join(self.dir, "tollgate")
+        shutil.copy(os.path.abspath(BIN), binary)
+        with open(os.path.join(self.dir, "policy.yaml"), "w") as f:
+            f.write(POLICY)
+        self.ca = os.path.join(self.dir, "ca")
+        r = sh(BIN, "certs", "init", self.ca, timeout=30)
+        assert r.returncode == 0, r.stderr
+        config = {
+            "workers": 1,
+            "listeners": [
+                {"name": "egress", "kind": "transparent", "address": f"127.0.0.1:{PORT}",
+                 "identity": {"header": "X-Agent-Id"}, "intercept_tls": True},
+                {"name": "egress6", "kind": "transparent", "address": f"[::1]:{PORT}",
+                 "identity": {"header": "X-Agent-Id"}, "intercept_tls": True},
+            ],
+            "tls": {"ca_dir": "ca", "upstream_ca_file": self.pki.ca_file},
+            "admin": {"address": "127.0.0.1:15000"},
+            "policies": ["policy.yaml"],
+            "audit": {"dir": "audit"},
+            "timeouts": {"upstream_connect": "3s", "upstream_response": "5s"},
+        }
+        cfg = os.path.join(self.dir, "tollgate.yaml")
+        with open(cfg, "w") as f:
+            json.dump(config, f)
+        for root, dirs, files in os.walk(self.dir):
+            for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                os.chown(name, SIDECAR_UID, SIDECAR_UID)
+        p = subprocess.Popen(["ip", "netns", "exec", self.agent, "setpriv", f"--reuid={SIDECAR_UID}",
+                              f"--regid={SIDECAR_UID}", "--clear-groups", binary, "run", "-c", cfg],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(p)
+
+        def read():
+            for raw in p.stderr:
+                try:
+                    self.lines.append(json.loads(raw))
+                except ValueError:
+                    self.lines.append({"raw": raw.decode(errors="replace")})
+
+        threading.Thread(target=read, daemon=True).start()
+
+        def listening():
+            if p.poll() is not None:
+                raise AssertionError(f"tollgate exited with {p.returncode}: {self.lines}")
+            names = {l.get("listener") for l in self.lines if l.get("msg") == "listening"}
+            return {"egress", "egress6", "admin"} <= names
+
+        wait_for(listening, timeout=10, what="the sidecar's listeners")
+
+    def in_agent(self, *cmd, timeout=15):
+        return sh("ip", "netns", "exec", self.agent, *cmd, check=False, timeout=timeout)
+
+    def in_tools(self, *cmd, timeout=15):
+        return sh("ip", "netns", "exec", self.tools, *cmd, check=False, timeout=timeout)
+
+    def curl(self, *args):
+        """curl run by the agent (root, so redirected); returns (exit code, status, headers, body)."""
+        r = subprocess.run(["ip", "netns", "exec", self.agent, "curl", "-sS", "-i", "--max-time", "5",
+                            "-H", "X-Agent-Id: agent-1", *args], capture_output=True, timeout=20)
+        if r.returncode != 0 or not r.stdout:
+            return r.returncode, None, {}, r.stderr.decode(errors="replace")
+        status, headers, body = parse_response(r.stdout)
+        return 0, status, headers, body
+
+    def tool_events(self):
+        with open(self.tool_log) as f:
+            return [json.loads(l) for l in f if l.strip()]
+
+    def audit_tail(self):
+        r = self.in_agent("curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000/v1/audit/tail?n=200")
+        assert r.returncode == 0, r.stderr
+        return [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for pipe in (p.stdin, p.stdout, p.stderr):
+                if pipe:
+                    pipe.close()
+        self.procs = []
+        for ns in (self.agent, self.tools):
+            sh("ip", "netns", "del", ns, check=False)  # takes the veth pair with it
+        shutil.rmtree(self.etc, ignore_errors=True)
+        if self.made_etc_netns:
+            try:
+                os.rmdir("/etc/netns")
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TransparentModeTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        reason = why_not_runnable()
+        if reason:
+            skip_or_fail(f"transparent-mode namespace test skipped: {reason}")
+        cls.net = Topology()
+        try:
+            cls.net.build()
+            cls.net.start_tool()
+            cls.net.start_sidecar()
+        except BaseException:
+            cls.net.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.net.close()
+
+    def requests_for(self, path):
+        return [e for e in self.net.tool_events() if e["event"] == "request" and f" {path} " in e["line"]]
+
+    def test_allowed_call_reaches_the_tool_through_the_sidecar(self):
+        rc, status, headers, body = self.net.curl("-4", "http://tool.test/allowed")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 200, body)
+        doc = json.loads(body)
+        self.assertEqual(doc["path"], "/allowed")
+        self.assertEqual((doc["local"], doc["port"]), (TOOL_IP, 80))
+        self.assertIn("tollgate-", doc["via"])  # the sidecar forwarded it
+        self.assertIn("tollgate-", headers["via"][0])
+
+    def test_forbidden_call_is_halted(self):
+        rc, status, headers, body = self.net.curl("http://tool.test/forbidden")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 403, body)
+        self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
+        doc = json.loads(body)
+        self.assertEqual((doc["error"], doc["rule"], doc["agent"]), ("halted", "default-deny", "agent-1"))
+        self.assertEqual(self.requests_for("/forbidden"), [])
+
+    def test_a_host_that_does_not_name_the_dialled_address_is_halted(self):
+        cases = [
+            # An allowed name, dialled at another address: the classic spoof.
+            ("--resolve", f"tool.test:80:{DECOY_IP}", "http://tool.test/allowed"),
+            # The right address, another name in Host.
+            ("-H", "Host: other.test", f"http://{TOOL_IP}/allowed"),
+            # An IP literal in Host that is not the dialled address.
+            ("-H", f"Host: {DECOY_IP}", f"http://{TOOL_IP}/allowed"),
+            # The right name and address, another port in Host.
+            ("-H", "Host: tool.test:8080", f"http://{TOOL_IP}/allowed"),
+            # A name that does not resolve.
+            ("-H", "Host: nowhere.test", f"http://{TOOL_IP}/allowed"),
+        ]
+        for args in cases:
+            with self.subTest(args=args):
+                rc, status, headers, body = self.net.curl(*args)
+                self.assertEqual(rc, 0, body)
+                self.assertEqual(status, 403, body)
+                self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=transparent.host_mismatch"])
+                doc = json.loads(body)
+                self.assertEqual(doc["rule"], "transparent.host_mismatch")
+                self.assertIn("does not name the address the client dialled", doc["reason"])
+        # Nothing reached the decoy, and the tool only ever saw its own name.
+        self.assertEqual([e for e in self.net.tool_events() if e["local"] == DECOY_IP], [])
+        self.assertEqual([e for e in self.requests_for("/allowed") if e["headers"].get("host") != "tool.test"], [])
+
+    def test_a_direct_ip_on_port_80_goes_through_the_sidecar(self):
+        before = len(self.net.tool_events())
+        rc, status, headers, body = self.net.curl(f"http://{TOOL_IP}/allowed")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 403, body)  # the policy names tool.test, not its address
+        self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
+        self.assertEqual(len(self.net.tool_events()), before)
+
+    def test_tls_on_443_is_intercepted_and_governed_request_by_request(self):
+        ca = os.path.join(self.net.ca, "ca.crt")
+        rc, status, headers, body = self.net.curl("-4", "--cacert", ca, "https://tool.test/allowed")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 200, body)
+        doc = json.loads(body)
+        self.assertEqual((doc["path"], doc["local"], doc["port"]), ("/allowed", TOOL_IP, 443))
+        self.assertIn("tollgate-", doc["via"])
+        before = len(self.net.tool_events())
+        rc, status, headers, body = self.net.curl("--cacert", ca, "https://tool.test/forbidden")
+        self.assertEqual((rc, status), (0, 403), body)
+        self.assertEqual(json.loads(body)["rule"], "default-deny")
+        self.assertEqual([e for e in self.net.tool_events()[before:] if e["event"] == "request"], [])
+        # IPv6 is intercepted the same way.
+        rc, status, _, body = self.net.curl("-6", "--cacert", ca, "https://tool.test/allowed")
+        self.assertEqual((rc, status), (0, 200), body)
+        records = [r for r in self.net.audit_tail() if r.get("rule") == "tls.intercept"]
+        self.assertEqual(records[-1]["authority"], "tool.test:443")
+        self.assertEqual(records[-1]["method"], "TLS")
+
+    def test_tls_naming_another_host_than_the_one_dialled_goes_nowhere(self):
+        ca = os.path.join(self.net.ca, "ca.crt")
+        before = len(self.net.tool_events())
+        # other.test (allowed) is the decoy's address; the server there has no certificate
+        # for that name, so the sidecar cannot verify it and nothing is sent.
+        rc, status, _, body = self.net.curl("--cacert", ca, "https://other.test/allowed")
+        self.assertEqual((rc, status), (0, 502), body)
+        doc = json.loads(body)
+        self.assertEqual(doc["error"], "upstream_tls")
+        self.assertIn("hostname mismatch", doc["reason"])
+        self.assertEqual([e for e in self.net.tool_events()[before:] if e["event"] == "request"], [])
+        # An agent that does not trust the sidecar's CA gets nothing at all.
+        rc, _, _, err = self.net.curl("https://tool.test/allowed")
+        self.assertEqual(rc, 60, err)
+
+    def test_other_ports_and_udp_are_refused_under_lockdown(self):
+        # The tool does listen there (seen from its own namespace)...
+        r = self.net.in_tools("curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/control")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        before = len(self.net.tool_events())
+        # ...but the agent cannot reach it, over IPv4 or IPv6, and is told at once.
+        for url in (f"http://{TOOL_IP}:8080/bypass", f"http://[{TOOL_IP6}]:8080/bypass"):
+            with self.subTest(url=url):
+                started = time.monotonic()
+                rc, _, _, err = self.net.curl("-g", url)
+                self.assertEqual(rc, 7, err)  # connection refused (a reset from the lockdown)
+                self.assertLess(time.monotonic() - started, 4)
+        send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "try:\n    s.sendto(b'bypass', ('%s', 5353))\nexcept OSError as e:\n    print(e)\n" % TOOL_IP)
+        self.net.in_agent(sys.executable, "-c", send)
+        time.sleep(0.3)
+        self.assertEqual(self.net.tool_events()[before:], [])
+
+    def test_ipv6_is_redirected_too(self):
+        rc, status, headers, body = self.net.curl("-6", "http://tool.test/allowed")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 200, body)
+        doc = json.loads(body)
+        self.assertEqual((doc["local"], doc["port"]), (TOOL_IP6, 80))
+        self.assertIn("tollgate-", doc["via"])
+        rc, status, headers, body = self.net.curl("-g", f"http://[{TOOL_IP6}]/allowed")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 403, body)
+        self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
+
+    def test_dialling_the_sidecar_itself_is_refused(self):
+        rc, status, headers, body = self.net.curl("-H", "Host: tool.test", f"http://127.0.0.1:{PORT}/allowed")
+        self.assertEqual(rc, 0, body)
+        self.assertEqual(status, 400, body)
+        doc = json.loads(body)
+        self.assertEqual(doc["error"], "not_redirected")
+        self.assertIn("loop", doc["reason"])
+
+    def test_the_audit_stream_has_the_decisions(self):
+        self.net.curl("http://tool.test/allowed")
+        self.net.curl("--resolve", f"tool.test:80:{DECOY_IP}", "http://tool.test/allowed")
+        self.net.curl(f"http://127.0.0.1:{PORT}/")
+        # Something that starts like TLS but is not a ClientHello, on a redirected port.
+        send = ("import socket; s = socket.create_connection(('%s', 80), timeout=3)\n"
+                "s.sendall(bytes.fromhex('1603010000')); s.recv(100)\n" % TOOL_IP)
+        self.net.in_agent(sys.executable, "-c", send)
+        records = self.net.audit_tail()
+        rules = {(r.get("decision"), r.get("rule")) for r in records}
+        self.assertIn(("allow", "allow-tool"), rules)
+        self.assertIn(("halt", "transparent.host_mismatch"), rules)
+        self.assertIn(("halt", "transparent.not_redirected"), rules)
+        self.assertIn(("halt", "transparent.bad_tls"), rules)
+        allowed = [r for r in records if r.get("rule") == "allow-tool"]
+        self.assertEqual(allowed[-1]["authority"], "tool.test:80")
+        self.assertEqual(allowed[-1]["agent"], "agent-1")
+
+
+class InitScriptTest(unittest.TestCase):
+    """deploy/transparent-init.sh on its own, in a namespace of its own."""
+
+    def setUp(self):
+        reason = why_not_runnable()
+        if reason:
+            skip_or_fail(f"init script namespace test skipped: {reason}")
+        self.ns = "tgi" + uuid.uuid4().hex[:6]
+        sh("ip", "netns", "add", self.ns)
+        self.addCleanup(sh, "ip", "netns", "del", self.ns, check=False)
+
+    def run_in(self, *cmd):
+        r = sh("ip", "netns", "exec", self.ns, *cmd, check=False)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout
+
+    def rules(self):
+        return {(tool, table): self.run_in(tool, "-t", table, "-S")
+                for tool in ("iptables", "ip6tables") for table in ("nat", "filter")}
+
+    def test_idempotent_and_uninstall_removes_exactly_what_it_added(self):
+        # Someone else's rules, which must survive untouched.
+        for tool in ("iptables", "ip6tables"):
+            self.run_in(tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "9999", "-j", "RETURN")
+            self.run_in(tool, "-t", "filter", "-A", "OUTPUT", "-p", "udp", "--dport", "9999", "-j", "ACCEPT")
+        before = self.rules()
+        self.run_in(INIT, "--uid", "1234", "--port", "15006", "--dns-servers", "10.0.0.53,fd00::53")
+        once = self.rules()
+        self.run_in(INIT, "--uid", "1234", "--port", "15006", "--dns-servers", "10.0.0.53,fd00::53")
+        self.assertEqual(self.rules(), once)
+        for tool in ("iptables", "ip6tables"):
+            nat = once[(tool, "nat")].splitlines()
+            # Our chain comes first, before rules that could let traffic skip it.
+            self.assertEqual(nat[nat.index("-A OUTPUT -j TOLLGATE_OUTPUT") + 1].split()[-1], "RETURN")
+            self.assertIn("-A TOLLGATE_OUTPUT -m owner --uid-owner 1234 -j RETURN", nat)
+            self.assertIn("-A TOLLGATE_OUTPUT -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 15006", nat)
+            self.assertIn("-A OUTPUT -j TOLLGATE_LOCKDOWN", once[(tool, "filter")])
+        self.assertIn("-d 10.0.0.53/32 -p udp -m udp --dport 53 -j RETURN", once[("iptables", "filter")])
+        self.assertNotIn("fd00::53", once[("iptables", "filter")])
+        self.assertIn("-d fd00::53/128 -p udp -m udp --dport 53 -j RETURN", once[("ip6tables", "filter")])
+        # Without the lockdown the filter table is back to what it was.
+        self.run_in(INIT, "--uid", "1234", "--no-lockdown")
+        now = self.rules()
+        self.assertEqual(now[("iptables", "filter")], before[("iptables", "filter")])
+        self.assertIn("TOLLGATE_OUTPUT", now[("iptables", "nat")])
+        self.run_in(INIT, "--uninstall")
+        self.assertEqual(self.rules(), before)
+
+    def test_bad_arguments_are_refused(self):
+        for args in ([], ["--uid", "nobody"], ["--uid", "1", "--port", "0"], ["--uid", "1", "--ports", "80,x"]):
+            with self.subTest(args=args):
+                r = sh("ip", "netns", "exec", self.ns, INIT, *args, check=False)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn("transparent-init", r.stderr)
+        self.assertEqual(self.rules()[("iptables", "nat")].count("TOLLGATE"), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
