@@ -1274,10 +1274,10 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
   record.decision = "halt";
   record.rule = std::string(ruleFamily) + "." + std::string(error);
   record.reason = std::string(reason);
+  decision_.verdict = Verdict::kHalt;
+  decision_.rule = record.rule;  // before the record is moved away
   auditSeq_ = worker_.audit().append(std::move(record));
   haltCounter(worker_.metrics(), "bad_request").Increment();
-  decision_.verdict = Verdict::kHalt;
-  decision_.rule = record.rule;
   discardBody_ = true;
   std::string body;
   JsonObject(body).add("error", error).add("reason", reason).add("audit_seq", auditSeq_).close();
