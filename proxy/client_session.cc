@@ -318,6 +318,10 @@ void ClientSession::readClient(std::string_view data) {
     if (!peekTransparent(data, peeked)) return;
     data = peeked;
   }
+  if (blindTls_ && phase_ != Phase::kTunnel) {
+    pendingIn_.append(data);  // TLS for a passthrough host, relayed once it is allowed
+    return;
+  }
   switch (phase_) {
     case Phase::kLingering:
       return;
@@ -617,7 +621,8 @@ CallInfo ClientSession::callInfo() const {
   CallInfo call;
   call.listener = listener_.config.name;
   call.agent = agent();
-  call.method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+  call.method =
+      blindTls_ ? "CONNECT" : llhttp_method_name(static_cast<llhttp_method_t>(head.method));
   call.scheme = target_.scheme;
   call.host = target_.host;
   call.port = target_.port;
@@ -670,7 +675,8 @@ void ClientSession::onDecision(const Decision& decided) {
   record.kind = "call";
   record.agent = agent();
   record.tool = d.tool;
-  record.method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+  record.method =
+      blindTls_ ? "CONNECT" : llhttp_method_name(static_cast<llhttp_method_t>(head.method));
   record.authority = target_.key;
   record.path = target_.pathQuery;
   record.decision = worker_.config().observe && d.verdict != Verdict::kAllow
@@ -718,6 +724,10 @@ void ClientSession::onAuditDurable(bool durable) {
 }
 
 void ClientSession::refuse(const Decision& d) {
+  if (blindTls_) {
+    close();  // a TLS client: no HTTP answer it could read; the record says why
+    return;
+  }
   const char* verdict = verdictName(d.verdict);
   bool throttle = d.verdict == Verdict::kThrottle;
   bool approve = d.verdict == Verdict::kApprove;
@@ -908,9 +918,11 @@ void ClientSession::startTunnel() {
   phase_ = Phase::kTunnel;
   status_ = 200;
   upstreamSentNs_ = uv_hrtime();
-  client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
-  flushClient();
-  if (closed_) return;
+  if (!blindTls_) {
+    client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
+    flushClient();
+    if (closed_) return;
+  }
   if (!pendingIn_.empty()) {
     upstream_->append(pendingIn_);
     pendingIn_.clear();

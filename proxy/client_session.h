@@ -214,6 +214,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   sockaddr_storage originalDst_{};  // where the client connected before the REDIRECT
   std::string notRedirected_;       // why there is no original destination; empty: there is
   HostCheck hostCheck_{*this};
+  bool blindTls_ = false;  // TLS to a passthrough host: decided as a CONNECT, relayed blind
 };
 
 }  // namespace tollgate

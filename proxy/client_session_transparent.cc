@@ -58,6 +58,23 @@ void ClientSession::onTransparentTls(const ClientHello& hello, std::string peeke
   auto port = portOf(originalDst_);
   std::string host =
       hello.serverName.empty() ? formatAddress(originalDst_, false) : hello.serverName;
+  if (hostMatches(listener_.config.passthrough, host)) {
+    // Clients that pin certificates: decided at host level like a CONNECT to the SNI's name,
+    // then relayed to the dialled address without looking inside.
+    blindTls_ = true;
+    target_.scheme = "tunnel";
+    target_.host = host;
+    target_.port = port;
+    target_.key = formatHostPort(host, port);
+    target_.upstreamHost = host;
+    target_.upstreamPort = port;
+    pendingIn_ = std::move(peeked);
+    headReady_ = true;
+    // Nothing inside is verified, so the SNI must name the dialled address, as Host must.
+    phase_ = Phase::kDeciding;
+    checkTransparentHost();
+    return;
+  }
   if (!listener_.config.interceptTls) {
     refuseConnection("transparent.tls",
                      "TLS on a transparent listener without intercept_tls: nothing inside it could "

@@ -43,8 +43,12 @@ tools:
   - name: other.allowed
     match: {host: other.test, methods: [GET], paths: ["/allowed"]}
     class: read
+  - name: pinned
+    match: {host: pinned.test, methods: [CONNECT]}
+    class: read
 rules:
   - {id: allow-tool, effect: allow, match: {tool: tool.allowed}}
+  - {id: allow-pinned, effect: allow, match: {tool: pinned}}
   - {id: allow-other, effect: allow, match: {tool: other.allowed}}
 """
 
@@ -112,7 +116,7 @@ class Topology:
         os.makedirs(self.etc, exist_ok=True)
         with open(os.path.join(self.etc, "hosts"), "w") as f:
             f.write(f"127.0.0.1 localhost\n::1 localhost\n{TOOL_IP} tool.test\n{TOOL_IP6} tool.test\n"
-                    f"{DECOY_IP} other.test\n")
+                    f"{DECOY_IP} other.test\n{TOOL_IP} pinned.test\n{TOOL_IP} blocked.test\n")
         with open(os.path.join(self.etc, "resolv.conf"), "w") as f:
             f.write("nameserver 127.0.0.1\n")
         r = self.in_agent(INIT, "--uid", str(SIDECAR_UID), "--port", str(PORT), "--dns-servers", "none")
@@ -145,9 +149,11 @@ class Topology:
             "workers": 1,
             "listeners": [
                 {"name": "egress", "kind": "transparent", "address": f"127.0.0.1:{PORT}",
-                 "identity": {"header": "X-Agent-Id"}, "intercept_tls": True},
+                 "identity": {"header": "X-Agent-Id"}, "intercept_tls": True,
+                 "passthrough": ["pinned.test", "blocked.test"]},
                 {"name": "egress6", "kind": "transparent", "address": f"[::1]:{PORT}",
-                 "identity": {"header": "X-Agent-Id"}, "intercept_tls": True},
+                 "identity": {"header": "X-Agent-Id"}, "intercept_tls": True,
+                 "passthrough": ["pinned.test", "blocked.test"]},
             ],
             "tls": {"ca_dir": "ca", "upstream_ca_file": self.pki.ca_file},
             "admin": {"address": "127.0.0.1:15000"},
@@ -324,6 +330,28 @@ class TransparentModeTest(unittest.TestCase):
         records = [r for r in self.net.audit_tail() if r.get("rule") == "tls.intercept"]
         self.assertEqual(records[-1]["authority"], "tool.test:443")
         self.assertEqual(records[-1]["method"], "TLS")
+
+    def test_passthrough_tls_is_decided_by_its_sni_and_relayed_blind(self):
+        before = len(self.net.tool_events())
+        # pinned.test is allowed at host level: the agent talks TLS with the tool itself
+        # (its own certificate, for tool.test: -k), nothing is intercepted (no Via).
+        rc, status, _, body = self.net.curl("-4", "-k", "https://pinned.test/allowed")
+        self.assertEqual((rc, status), (0, 200), body)
+        self.assertEqual(json.loads(body)["via"], "")
+        # blocked.test is a passthrough host no rule allows: the connection is closed.
+        rc, _, _, err = self.net.curl("-4", "-k", "https://blocked.test/allowed")
+        self.assertNotEqual(rc, 0)
+        # An allowed SNI sent to another address (the decoy) is not relayed there.
+        rc, _, _, err = self.net.curl("-4", "-k", "--resolve", f"pinned.test:443:{DECOY_IP}",
+                                      "https://pinned.test/allowed")
+        self.assertNotEqual(rc, 0)
+        events = self.net.tool_events()[before:]
+        self.assertEqual([e["local"] for e in events if e["event"] == "request"], [TOOL_IP])
+        self.assertEqual([e for e in events if e["local"] == DECOY_IP], [])
+        rules = [(r.get("method"), r.get("authority"), r.get("rule")) for r in self.net.audit_tail()]
+        self.assertIn(("CONNECT", "pinned.test:443", "allow-pinned"), rules)
+        self.assertIn(("CONNECT", "blocked.test:443", "default-deny"), rules)
+        self.assertIn(("CONNECT", "pinned.test:443", "transparent.host_mismatch"), rules)
 
     def test_tls_naming_another_host_than_the_one_dialled_goes_nowhere(self):
         ca = os.path.join(self.net.ca, "ca.crt")
