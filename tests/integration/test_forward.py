@@ -149,8 +149,13 @@ class ForwardProxyTest(unittest.TestCase):
         for _ in range(3):
             curl(self.origin.url("/hello"), proxy=self.tg.proxy)
         curl("http://evil.example/", proxy=self.tg.proxy)
+        before = before.decode()
+        # A request is counted just after its reply is written (by its worker, while the
+        # admin listener is served by worker 0): wait for the counts, then check they are exact.
+        wait_for(lambda: count(self.tg.admin("/metrics")[1].decode(), 403) - count(before, 403) >= 1,
+                 what="the 403 counted")
         _, after = self.tg.admin("/metrics")
-        before, after = before.decode(), after.decode()
+        after = after.decode()
         self.assertEqual(count(after, 200) - count(before, 200), 3)
         self.assertEqual(count(after, 403) - count(before, 403), 1)
         for name in ("tollgate_request_duration_seconds_bucket", "tollgate_upstream_duration_seconds_bucket",
