@@ -12,7 +12,7 @@ import tempfile
 import unittest
 
 from audit_log import read_lines
-from tls_pki import Pki
+from tls_fixtures import TestPki, server_context
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for
 
 
@@ -37,16 +37,16 @@ class TlsInterceptTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="tollgate-tls-")
-        cls.pki = Pki(cls.tmp)
-        cls.origin = HttpOrigin(tls=cls.pki.leaf("valid")).__enter__()
-        cls.expired = HttpOrigin(tls=cls.pki.leaf("expired", days=(-30, -1))).__enter__()
-        cls.self_signed = HttpOrigin(tls=cls.pki.leaf("selfsigned", self_signed=True)).__enter__()
-        cls.wrong_name = HttpOrigin(tls=cls.pki.leaf("wrongname", names=("other.test",), ips=())).__enter__()
+        cls.pki = TestPki(os.path.join(cls.tmp, "origins"))
+        cls.origin = HttpOrigin(tls=server_context(*cls.pki.valid())).__enter__()
+        cls.expired = HttpOrigin(tls=server_context(*cls.pki.expired())).__enter__()
+        cls.self_signed = HttpOrigin(tls=server_context(*cls.pki.self_signed())).__enter__()
+        cls.wrong_name = HttpOrigin(tls=server_context(*cls.pki.wrong_name("other.test"))).__enter__()
         cls.ca_dir = os.path.join(cls.tmp, "ca")
         r = subprocess.run([BIN, "certs", "init", cls.ca_dir], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         cls.ca = os.path.join(cls.ca_dir, "ca.crt")
-        cls.tg = Tollgate({"tls": {"ca_dir": cls.ca_dir, "upstream_ca_file": cls.pki.ca_file}},
+        cls.tg = Tollgate({"tls": {"ca_dir": cls.ca_dir, "upstream_ca_file": cls.pki.ca_cert}},
                           listener={"intercept_tls": True, "passthrough": ["127.0.0.1"]})
         with open(os.path.join(cls.tg.dir, "policy.yaml"), "w") as f:
             f.write(POLICY)
@@ -186,7 +186,7 @@ class TlsInterceptTest(unittest.TestCase):
 
     def test_passthrough_hosts_are_tunnelled_blind(self):
         # 127.0.0.1 is in the passthrough list: the agent sees the origin's own certificate.
-        rc, out, err = self.https(self.origin, "/hello", ca=self.pki.ca_file, host="127.0.0.1")
+        rc, out, err = self.https(self.origin, "/hello", ca=self.pki.ca_cert, host="127.0.0.1")
         self.assertEqual(rc, 0, err)
         self.assertTrue(out.endswith(b"hello"))
         self.assertTrue(self.records(method="CONNECT", rule="allow-blind", authority=f"127.0.0.1:{self.origin.port}"))
@@ -196,7 +196,7 @@ class TlsInterceptTest(unittest.TestCase):
 
     def test_an_agent_that_does_not_trust_the_ca_fails_its_handshake_and_nothing_is_sent(self):
         before = len(self.origin.requests)
-        rc, _, err = self.https(self.origin, "/hello", ca=self.pki.ca_file)
+        rc, _, err = self.https(self.origin, "/hello", ca=self.pki.ca_cert)
         self.assertEqual(rc, 60, err)  # curl: peer certificate cannot be authenticated
         self.assertEqual(len(self.origin.requests), before)
         _, metrics = self.tg.admin("/metrics")

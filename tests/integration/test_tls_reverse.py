@@ -11,7 +11,7 @@ import tempfile
 import unittest
 
 from audit_log import read_lines
-from tls_pki import Pki
+from tls_fixtures import TestPki, server_context
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
 
 POLICY = """
@@ -36,17 +36,15 @@ class ReverseTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="tollgate-rev-")
-        cls.servers = Pki(os.path.join(cls.tmp), name="public CA")
-        cls.servers.leaf("tickets", names=("tickets.test",), ips=())
-        cls.servers.leaf("kb", names=("kb.test",), ips=())
-        cls.agents = Pki(cls.tmp, name="agents CA")
-        cls.agents.leaf("triage", names=(), ips=(), client=True, cn="ignored-cn", uris=("spiffe://swarm/triage",))
-        cls.agents.leaf("cn", names=(), ips=(), client=True, cn="agent-cn")
-        cls.stranger_ca = Pki(cls.tmp, name="stranger CA")
-        cls.stranger_ca.leaf("stranger", names=(), ips=(), client=True, cn="agent-cn")
-        cls.upstreams = Pki(cls.tmp, name="upstream CA")
+        cls.servers = TestPki(os.path.join(cls.tmp, "public"), name="public CA")
+        cls.certs = {n: cls.servers.leaf(n, names=(n + ".test",), ips=()) for n in ("tickets", "kb")}
+        cls.agents = TestPki(os.path.join(cls.tmp, "agents"), name="agents CA")
+        cls.triage = cls.agents.client("ignored-cn", uris=("spiffe://swarm/triage",))
+        cls.by_cn = cls.agents.client("agent-cn")
+        cls.stranger = TestPki(os.path.join(cls.tmp, "stranger"), name="stranger CA").client("agent-cn")
+        cls.upstreams = TestPki(os.path.join(cls.tmp, "upstream"), name="upstream CA")
         cls.plain = HttpOrigin().__enter__()
-        cls.secure = HttpOrigin(tls=cls.upstreams.leaf("upstream", names=("localhost",))).__enter__()
+        cls.secure = HttpOrigin(tls=server_context(*cls.upstreams.valid())).__enter__()
 
         def listener(name, **extra):
             l = {"name": name, "kind": "reverse", "address": "127.0.0.1:0",
@@ -55,12 +53,12 @@ class ReverseTest(unittest.TestCase):
                             {"host": "kb.test", "upstream": f"http://127.0.0.1:{cls.plain.port}"}]}
             l.update(extra)
             return l
-        certs = [{"cert": cls.servers.files[n][0], "key": cls.servers.files[n][1]} for n in ("tickets", "kb")]
-        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_file}})
+        certs = [{"cert": cls.certs[n].cert, "key": cls.certs[n].key} for n in ("tickets", "kb")]
+        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_cert}})
         cls.tg.config["listeners"] = [
-            listener("egress", tls={"certificates": certs, "client_ca": cls.agents.ca_file},
+            listener("egress", tls={"certificates": certs, "client_ca": cls.agents.ca_cert},
                      identity={"mtls": "san_uri"}),
-            listener("cn", tls={"certificates": certs, "client_ca": cls.agents.ca_file}, identity={"mtls": "subject_cn"}),
+            listener("cn", tls={"certificates": certs, "client_ca": cls.agents.ca_cert}, identity={"mtls": "subject_cn"}),
             listener("bearer", tls={"certificates": certs},
                      identity={"bearer": {"sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest(): "agent-bearer"}}),
         ]
@@ -83,7 +81,7 @@ class ReverseTest(unittest.TestCase):
 
     def get(self, listener, host, path, *args, cert=None):
         port = self.ports[listener]
-        extra = ["--resolve", f"{host}:{port}:127.0.0.1", "--cacert", self.servers.ca_file]
+        extra = ["--resolve", f"{host}:{port}:127.0.0.1", "--cacert", self.servers.ca_cert]
         if cert:
             extra += ["--cert", cert[0], "--key", cert[1]]
         rc, out, err = curl("-i", *extra, *args, f"https://{host}:{port}{path}")
@@ -97,13 +95,13 @@ class ReverseTest(unittest.TestCase):
 
     def test_an_mtls_agent_is_named_by_its_spiffe_uri_and_routed_by_path(self):
         before_plain, before_secure = len(self.plain.requests), len(self.secure.requests)
-        rc, out, err = self.get("egress", "tickets.test", "/hello", cert=self.agents.files["triage"])
+        rc, out, err = self.get("egress", "tickets.test", "/hello", cert=self.triage)
         self.assertEqual(rc, 0, err)
         self.assertEqual(parse_response(out)[::2], (200, b"hello"))
         self.assertEqual(len(self.plain.requests), before_plain + 1)
         # /v1/ goes to the https:// upstream, verified against its CA.
         rc, out, err = self.get("egress", "tickets.test", "/v1/../v1/headers", "--path-as-is",
-                                cert=self.agents.files["triage"])
+                                cert=self.triage)
         self.assertEqual(rc, 0, err)
         status, _, body = parse_response(out)
         self.assertEqual(status, 404)  # the upstream's own answer for /v1/headers
@@ -116,7 +114,7 @@ class ReverseTest(unittest.TestCase):
     def test_the_certificate_is_chosen_by_sni(self):
         for host in ("tickets.test", "kb.test"):
             r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{self.ports['bearer']}",
-                                "-servername", host, "-CAfile", self.servers.ca_file, "-verify_hostname", host,
+                                "-servername", host, "-CAfile", self.servers.ca_cert, "-verify_hostname", host,
                                 "-verify_return_error"], input=b"", capture_output=True, timeout=20)
             self.assertIn(b"Verify return code: 0 (ok)", r.stdout, r.stderr)
             self.assertIn(f"CN = {host}".encode(), r.stdout)
@@ -124,16 +122,16 @@ class ReverseTest(unittest.TestCase):
     def test_a_client_without_a_certificate_cannot_connect_and_a_foreign_one_is_refused(self):
         rc, out, err = self.get("egress", "tickets.test", "/hello")
         self.assertNotEqual(rc, 0)  # the handshake is refused: certificate required
-        rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.stranger_ca.files["stranger"])
+        rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.stranger)
         self.assertNotEqual(rc, 0)  # signed by a CA the listener does not trust
-        rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.agents.files["cn"])
+        rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.by_cn)
         self.assertEqual(rc, 0, err)
         self.assertEqual(parse_response(out)[::2], (200, b"hello"))
         self.assertTrue(self.records(agent="agent-cn", rule="cn-reads", decision="allow"))
 
     def test_an_agent_is_only_allowed_what_the_policy_gives_it(self):
         before = len(self.plain.requests)
-        rc, out, err = self.get("egress", "kb.test", "/hello", cert=self.agents.files["triage"])
+        rc, out, err = self.get("egress", "kb.test", "/hello", cert=self.triage)
         self.assertEqual(rc, 0, err)
         status, headers, body = parse_response(out)
         self.assertEqual(status, 403)

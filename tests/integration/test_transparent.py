@@ -24,7 +24,7 @@ import time
 import unittest
 import uuid
 
-from tls_pki import Pki
+from tls_fixtures import TestPki
 from tollgate_harness import BIN, HERE, parse_response, wait_for
 
 INIT = os.path.join(HERE, "..", "..", "deploy", "transparent-init.sh")
@@ -127,11 +127,11 @@ class Topology:
         open(self.tool_log, "w").close()
         # The tool's own certificate (tool.test and its address), from a CA the sidecar trusts
         # for upstreams; the agent trusts only the sidecar's local CA.
-        self.pki = Pki(self.dir, name="tool CA")
-        self.pki.leaf("tool", names=("tool.test",), ips=(TOOL_IP, TOOL_IP6))
+        self.pki = TestPki(os.path.join(self.dir, "tool-pki"), name="tool CA")
+        self.tool_cert = self.pki.leaf("tool", names=("tool.test",), ips=(TOOL_IP, TOOL_IP6))
         p = subprocess.Popen(["ip", "netns", "exec", self.tools, sys.executable,
                               os.path.join(HERE, "transparent_tool.py"), self.tool_log,
-                              *self.pki.files["tool"]],
+                              *self.tool_cert],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(p)
         assert p.stdout.readline().strip() == b"ready", p.stderr.read(2000)
@@ -155,7 +155,7 @@ class Topology:
                  "identity": {"header": "X-Agent-Id"}, "intercept_tls": True,
                  "passthrough": ["pinned.test", "blocked.test"]},
             ],
-            "tls": {"ca_dir": "ca", "upstream_ca_file": self.pki.ca_file},
+            "tls": {"ca_dir": "ca", "upstream_ca_file": self.pki.ca_cert},
             "admin": {"address": "127.0.0.1:15000"},
             "policies": ["policy.yaml"],
             "audit": {"dir": "audit"},

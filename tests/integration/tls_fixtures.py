@@ -163,39 +163,11 @@ class _TlsServerMixin:
         return tls
 
 
-class HttpsOrigin(_TlsServerMixin, HttpOrigin):
-    """HttpOrigin over TLS: the same paths (/hello, /echo, /headers, /status/N, /delay, ...),
-    keep-alive, and .requests / .connections; plus .snis, .client_subjects and
-    .handshake_errors. client_ca: require a client certificate signed by it (mTLS)."""
-
-    def __init__(self, cert, key, client_ca=None, handshake_timeout=10.0):
-        self.connections = 0
-        self.requests = []  # (method, target, {lower name: [values]})
-        self._init_tls(cert, key, client_ca, handshake_timeout)
-        self.tls = self.context  # what HttpOrigin calls its server context, where it has one
-        origin = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                tls = origin._accept_tls(self.request)
-                if tls is None:
-                    return
-                with origin.lock:
-                    origin.connections += 1
-                try:
-                    f = tls.makefile("rb")
-                    while origin.serve_one(f, tls):
-                        pass
-                except (ConnectionError, OSError, ValueError):
-                    pass
-                finally:
-                    tls.close()
-
-        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-
-    def url(self, path, host="127.0.0.1"):
-        return f"https://{host}:{self.port}{path}"
+def HttpsOrigin(cert, key, client_ca=None):
+    """HttpOrigin over TLS: the same paths, keep-alive, .requests / .connections, plus .snis,
+    .client_subjects and .handshake_errors. client_ca: a client certificate signed by it is
+    required (mTLS)."""
+    return HttpOrigin(tls=server_context(cert, key, client_ca))
 
 
 class TlsEchoServer(_TlsServerMixin):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -195,7 +196,9 @@ class HttpOrigin:
         is kept in self.snis."""
         self.connections = 0
         self.requests = []  # (method, target, {lower name: [values]})
-        self.snis = []
+        self.snis = []             # the SNI of each handshake (None: none sent)
+        self.client_subjects = []  # per verified client certificate: {"commonName": ..., ...}
+        self.handshake_errors = []
         self.lock = threading.Lock()
         self.tls = tls
         origin = self
@@ -212,7 +215,17 @@ class HttpOrigin:
                 sock = self.request
                 try:
                     if origin.tls is not None:
-                        sock = origin.tls.wrap_socket(sock, server_side=True)
+                        try:
+                            sock = origin.tls.wrap_socket(sock, server_side=True)
+                        except (OSError, ssl.SSLError) as e:
+                            with origin.lock:
+                                origin.handshake_errors.append(str(e))
+                            return
+                        peer = sock.getpeercert()
+                        if peer:
+                            with origin.lock:
+                                origin.client_subjects.append({k: v for rdn in peer.get("subject", ())
+                                                               for (k, v) in rdn})
                     f = sock.makefile("rb")
                     while origin.serve_one(f, sock):
                         pass
