@@ -32,8 +32,13 @@ int selectHttp11(SSL*, const unsigned char** out, unsigned char* outlen, const u
 
 }  // namespace
 
-Leaf::Leaf(std::string host, X509Ptr cert, EVP_PKEY* key, X509* issuer)
-    : host_(std::move(host)), cert_(std::move(cert)), key_(key), issuer_(issuer) {
+Leaf::Leaf(std::string host, X509Ptr cert, EVP_PKEY* key, X509* issuer,
+           std::function<void(SSL_CTX*)> configure)
+    : host_(std::move(host)),
+      cert_(std::move(cert)),
+      key_(key),
+      issuer_(issuer),
+      configure_(std::move(configure)) {
   EVP_PKEY_up_ref(key_);
   X509_up_ref(issuer_);
   notBefore_ = asTimePoint(X509_get0_notBefore(cert_.get()));
@@ -74,9 +79,10 @@ Result<SslCtxPtr> makeServerContext(const Leaf& leaf) {
 Result<SslCtxPtr> Leaf::sslContext() const {
   std::call_once(ctxOnce_, [this] {
     auto ctx = makeServerContext(*this);
-    if (ctx)
+    if (ctx) {
       ctx_ = std::move(ctx.value());
-    else
+      if (configure_) configure_(ctx_.get());
+    } else
       ctxError_ = ctx.error().message;
   });
   if (!ctx_) return Error{-1, ctxError_};
@@ -109,7 +115,7 @@ Result<LeafPtr> LeafCache::mint(const LeafHost& host) {
   signings_.fetch_add(1, std::memory_order_relaxed);
   if (!cert) return cert.error();
   return LeafPtr(std::make_shared<const Leaf>(host.name, std::move(cert.value()), key_.get(),
-                                              ca_->certificate()));
+                                              ca_->certificate(), options_.configureContext));
 }
 
 Result<LeafPtr> LeafCache::get(std::string_view hostText) {

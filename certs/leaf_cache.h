@@ -46,7 +46,9 @@ using SslCtxPtr = std::shared_ptr<SSL_CTX>;
 // connection that uses it.
 class Leaf {
  public:
-  Leaf(std::string host, X509Ptr cert, EVP_PKEY* key, X509* issuer);
+  // `configure` (may be empty) is applied to the SSL_CTX once it is built.
+  Leaf(std::string host, X509Ptr cert, EVP_PKEY* key, X509* issuer,
+       std::function<void(SSL_CTX*)> configure = {});
   ~Leaf();
   Leaf(const Leaf&) = delete;
   Leaf& operator=(const Leaf&) = delete;
@@ -70,6 +72,7 @@ class Leaf {
   EVP_PKEY* key_;  // one reference held
   X509* issuer_;   // one reference held
   CertClock::time_point notBefore_, notAfter_;
+  std::function<void(SSL_CTX*)> configure_;
   mutable std::once_flag ctxOnce_;
   mutable SslCtxPtr ctx_;
   mutable std::string ctxError_;
@@ -90,6 +93,9 @@ class LeafCache {
     std::chrono::seconds backdate = std::chrono::hours(1);
     std::chrono::seconds renewBefore = std::chrono::hours(1);
     std::function<CertClock::time_point()> clock = [] { return CertClock::now(); };
+    // Applied to each leaf's server SSL_CTX when it is built (the proxy's callbacks): a
+    // connection then starts from its host's ready context, with nothing set per SSL.
+    std::function<void(SSL_CTX*)> configureContext;
   };
 
   // Generates the shared leaf key.

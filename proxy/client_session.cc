@@ -996,17 +996,17 @@ void ClientSession::beginInterceptTls(const std::string& host, uint16_t port,
   intercept_->host = host;
   interceptPort_ = port;
   tunnelAgent_ = agent_;
-  SSL* ssl = client_->tlsBegin(tls.interceptServer(), true);
+  // The host's ready context (its leaf, minted by recordIntercept()): nothing is set per SSL.
+  auto ctx = tls.leaves()->serverContext(host);
+  SSL* ssl = ctx ? client_->tlsBegin(ctx.value().get(), true) : nullptr;
   if (!ssl) {
-    Log::Line(LogLevel::kError, "SSL_new failed").add("reason", takeOpenSslErrors()).emit();
+    Log::Line(LogLevel::kError, "cannot start the agent's TLS")
+        .add("reason", ctx ? takeOpenSslErrors() : ctx.error().message)
+        .emit();
     close();
     return;
   }
-  if (auto st = prepareIntercept(ssl, intercept_.get()); !st) {
-    Log::Line(LogLevel::kError, "cannot present the leaf").add("reason", st.error().message).emit();
-    close();
-    return;
-  }
+  prepareIntercept(ssl, intercept_.get());
   clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
   if (client_->tlsHandshake(early) != 0) {
     close();

@@ -24,9 +24,9 @@ int onServerName(SSL* ssl, int* alert, void*) {
   state->sni = sni;
   if (sni == state->host) return SSL_TLSEXT_ERR_OK;
   state->sniMismatch = true;
-  auto leaf = state->leaves->get(sni);
-  if (!leaf || !leaf.value()->applyTo(ssl).ok()) {
-    state->error = leaf ? "cannot present a leaf for " + sni : leaf.error().message;
+  auto ctx = state->leaves->serverContext(sni);
+  if (!ctx || SSL_set_SSL_CTX(ssl, ctx.value().get()) == nullptr) {
+    state->error = ctx ? "cannot present a leaf for " + sni : ctx.error().message;
     *alert = SSL_AD_UNRECOGNIZED_NAME;
     return SSL_TLSEXT_ERR_ALERT_FATAL;
   }
@@ -103,20 +103,21 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
   }
   LeafCache::Options options;
   options.capacity = config.tlsLeafCacheSize;
+  options.configureContext = [](SSL_CTX* ctx) {
+    static const unsigned char kContext[] = "tollgate-intercept";
+    SSL_CTX_set_session_id_context(ctx, kContext, sizeof kContext - 1);
+    SSL_CTX_set_tlsext_servername_callback(ctx, onServerName);
+    // One TLS 1.3 ticket (OpenSSL sends two): an agent can resume, and a full handshake
+    // does not pay for a second ticket it may never use.
+    SSL_CTX_set_num_tickets(ctx, 1);
+  };
   auto leaves = LeafCache::create(std::make_shared<const LocalCa>(std::move(ca.value())), options);
   if (!leaves) return leaves.error();
   t->leaves_ = std::move(leaves.value());
-  t->interceptServer_ = SSL_CTX_new(TLS_server_method());
-  if (!t->interceptServer_) return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
-  if (auto s = configureServerContext(t->interceptServer_); !s) return s.error();
-  static const unsigned char kContext[] = "tollgate-intercept";
-  SSL_CTX_set_session_id_context(t->interceptServer_, kContext, sizeof kContext - 1);
-  SSL_CTX_set_tlsext_servername_callback(t->interceptServer_, onServerName);
   return t;
 }
 
 TlsContexts::~TlsContexts() {
-  SSL_CTX_free(interceptServer_);
   SSL_CTX_free(upstreamClient_);
 }
 
@@ -140,12 +141,8 @@ int TlsContexts::selectBySni(SSL* ssl, int*, void* arg) {
   return SSL_TLSEXT_ERR_OK;
 }
 
-Status prepareIntercept(SSL* ssl, InterceptTls* state) {
-  auto leaf = state->leaves->get(state->host);
-  if (!leaf) return leaf.error();
-  if (auto s = leaf.value()->applyTo(ssl); !s) return s;
+void prepareIntercept(SSL* ssl, InterceptTls* state) {
   SSL_set_app_data(ssl, state);
-  return Status::success();
 }
 
 Status prepareUpstream(SSL* ssl, std::string_view host) {

@@ -27,8 +27,7 @@ class TlsContexts {
   TlsContexts(const TlsContexts&) = delete;
   TlsContexts& operator=(const TlsContexts&) = delete;
 
-  // Null when no listener intercepts.
-  SSL_CTX* interceptServer() const { return interceptServer_; }
+  // The leaves of intercepted connections; null when no listener intercepts.
   // A reverse listener's server context (its certificates by SNI, mTLS); null: plain HTTP.
   SSL_CTX* listenerServer(const std::string& listener) const;
   LeafCache* leaves() const { return leaves_.get(); }
@@ -50,7 +49,6 @@ class TlsContexts {
   };
   static int selectBySni(SSL* ssl, int* alert, void* arg);
   std::vector<std::unique_ptr<ListenerTls>> listenerTls_;
-  SSL_CTX* interceptServer_ = nullptr;
   SSL_CTX* upstreamClient_ = nullptr;
   std::unique_ptr<LeafCache> leaves_;
 };
@@ -64,9 +62,9 @@ struct InterceptTls {
   std::string error;  // a leaf that could not be minted
 };
 
-// Presents the leaf for state->host on `ssl` and hooks the servername callback to `state`,
-// which must outlive the handshake.
-Status prepareIntercept(SSL* ssl, InterceptTls* state);
+// Hooks the servername callback of `ssl` (made from the leaf context of state->host) to
+// `state`, which must outlive the handshake.
+void prepareIntercept(SSL* ssl, InterceptTls* state);
 // SNI (names only, never IPs) and the name the upstream's certificate must carry.
 Status prepareUpstream(SSL* ssl, std::string_view host);
 
