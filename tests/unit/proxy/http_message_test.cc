@@ -73,6 +73,75 @@ TEST(ParseTarget, RejectsAmbiguity) {
   EXPECT_FALSE(target("GET http://a_b!.example/ HTTP/1.1\r\n\r\n").ok);
 }
 
+// A request inside a tunnel to api.example:443 (intercepted CONNECT).
+struct Tunnel {
+  bool ok;
+  bool mismatch;
+  Target target;
+  std::string reason;
+};
+
+Tunnel inTunnel(const std::string& head, uint16_t port = 443) {
+  Noop n;
+  HttpParser::Limits l;
+  HttpParser p(HttpParser::Type::kRequest, l, n);
+  EXPECT_NE(p.execute(head).state, HttpParser::State::kError) << head;
+  Tunnel t{};
+  t.ok = parseTunnelTarget(p.head(), "api.example", port, t.target, t.reason, t.mismatch);
+  return t;
+}
+
+TEST(ParseTunnelTarget, OriginAndAbsoluteFormNamingTheTunnel) {
+  auto t = inTunnel("GET /v1/x?y=1 HTTP/1.1\r\nHost: API.example\r\n\r\n");
+  ASSERT_TRUE(t.ok) << t.reason;
+  EXPECT_EQ(t.target.scheme, "https");
+  EXPECT_EQ(t.target.key, "api.example:443");
+  EXPECT_EQ(t.target.authority(), "api.example");  // 443 is https's default
+  EXPECT_TRUE(t.target.upstreamTls);
+  EXPECT_EQ(t.target.upstreamHost, "api.example");
+  t = inTunnel("GET https://api.example:8443 HTTP/1.1\r\nHost: api.example:8443\r\n\r\n", 8443);
+  ASSERT_TRUE(t.ok) << t.reason;
+  EXPECT_EQ(t.target.pathQuery, "/");
+  EXPECT_EQ(t.target.authority(), "api.example:8443");
+}
+
+TEST(ParseTunnelTarget, AnotherHostIsAMismatchNotABadRequest) {
+  for (const char* head : {"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+                           "GET / HTTP/1.1\r\nHost: api.example:444\r\n\r\n",
+                           "GET https://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+                           "GET https://api.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n"}) {
+    auto t = inTunnel(head);
+    EXPECT_FALSE(t.ok) << head;
+    EXPECT_TRUE(t.mismatch) << head << ": " << t.reason;
+  }
+  for (const char* head :
+       {"GET / HTTP/1.1\r\n\r\n", "GET http://api.example/ HTTP/1.1\r\nHost: api.example\r\n\r\n",
+        "GET https://u@api.example/ HTTP/1.1\r\nHost: api.example\r\n\r\n",
+        "CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n"}) {
+    auto t = inTunnel(head);
+    EXPECT_FALSE(t.ok) << head;
+    EXPECT_FALSE(t.mismatch) << head << ": " << t.reason;
+  }
+}
+
+TEST(ParseReverseTarget, HostNamesTheToolAndTheDefaultPortFollowsTls) {
+  Noop n;
+  HttpParser::Limits l;
+  HttpParser p(HttpParser::Type::kRequest, l, n);
+  ASSERT_NE(p.execute("GET /a HTTP/1.1\r\nHost: Tickets.Example\r\n\r\n").state,
+            HttpParser::State::kError);
+  Target t;
+  std::string reason;
+  ASSERT_TRUE(parseReverseTarget(p.head(), true, t, reason)) << reason;
+  EXPECT_EQ(t.key, "tickets.example:443");
+  ASSERT_TRUE(parseReverseTarget(p.head(), false, t, reason)) << reason;
+  EXPECT_EQ(t.key, "tickets.example:80");
+  HttpParser q(HttpParser::Type::kRequest, l, n);
+  ASSERT_NE(q.execute("GET http://x.example/ HTTP/1.1\r\nHost: x.example\r\n\r\n").state,
+            HttpParser::State::kError);
+  EXPECT_FALSE(parseReverseTarget(q.head(), true, t, reason));
+}
+
 TEST(HopByHop, ConnectionNamedHeadersAreFound) {
   Noop n;
   HttpParser::Limits l;
