@@ -42,14 +42,9 @@ class PolicyTest(unittest.TestCase):
     def setUpClass(cls):
         cls.origin = HttpOrigin().__enter__()
         cls.tg = Tollgate({"admin": {"address": "127.0.0.1:0",
-                                     "tokens": ["sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()]}})
+                                     "tokens": ["sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()]}},
+                          policy=POLICY)
         cls.policy = os.path.join(cls.tg.dir, "policy.yaml")
-        with open(cls.policy, "w") as f:
-            f.write(POLICY)
-        cls.tg.config.pop("hosts")
-        cls.tg.config["policies"] = ["policy.yaml"]
-        with open(cls.tg.config_path, "w") as f:
-            json.dump(cls.tg.config, f)
         cls.tg.__enter__()
 
     @classmethod

@@ -47,13 +47,7 @@ class TlsInterceptTest(unittest.TestCase):
         assert r.returncode == 0, r.stderr
         cls.ca = os.path.join(cls.ca_dir, "ca.crt")
         cls.tg = Tollgate({"tls": {"ca_dir": cls.ca_dir, "upstream_ca_file": cls.pki.ca_cert}},
-                          listener={"intercept_tls": True, "passthrough": ["127.0.0.1"]})
-        with open(os.path.join(cls.tg.dir, "policy.yaml"), "w") as f:
-            f.write(POLICY)
-        cls.tg.config.pop("hosts")
-        cls.tg.config["policies"] = ["policy.yaml"]
-        with open(cls.tg.config_path, "w") as f:
-            json.dump(cls.tg.config, f)
+                          listener={"intercept_tls": True, "passthrough": ["127.0.0.1"]}, policy=POLICY)
         cls.tg.__enter__()
         cls.audit_dir = os.path.join(cls.tg.dir, "var", "audit")
 

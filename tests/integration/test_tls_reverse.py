@@ -54,20 +54,15 @@ class ReverseTest(unittest.TestCase):
             l.update(extra)
             return l
         certs = [{"cert": cls.certs[n].cert, "key": cls.certs[n].key} for n in ("tickets", "kb")]
-        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_cert}})
-        cls.tg.config["listeners"] = [
+        listeners = [
             listener("egress", tls={"certificates": certs, "client_ca": cls.agents.ca_cert},
                      identity={"mtls": "san_uri"}),
             listener("cn", tls={"certificates": certs, "client_ca": cls.agents.ca_cert}, identity={"mtls": "subject_cn"}),
             listener("bearer", tls={"certificates": certs},
                      identity={"bearer": {"sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest(): "agent-bearer"}}),
         ]
-        with open(os.path.join(cls.tg.dir, "policy.yaml"), "w") as f:
-            f.write(POLICY)
-        cls.tg.config.pop("hosts")
-        cls.tg.config["policies"] = ["policy.yaml"]
-        with open(cls.tg.config_path, "w") as f:
-            json.dump(cls.tg.config, f)
+        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_cert}, "listeners": listeners},
+                          policy=POLICY)
         cls.tg.__enter__()
         cls.ports = {l["listener"]: int(l["address"].rsplit(":", 1)[1]) for l in cls.tg.logs("listening")}
         cls.audit_dir = os.path.join(cls.tg.dir, "var", "audit")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tollgate_harness import HttpOrigin, _ThreadingServer
+from tollgate_harness import HttpOrigin, Serving, _ThreadingServer
 
 Leaf = collections.namedtuple("Leaf", "cert key")  # file paths (PEM); cert holds the leaf only
 
@@ -170,7 +170,7 @@ def HttpsOrigin(cert, key, client_ca=None):
     return HttpOrigin(tls=server_context(cert, key, client_ca))
 
 
-class TlsEchoServer(_TlsServerMixin):
+class TlsEchoServer(_TlsServerMixin, Serving):
     """A plain TLS server that echoes every byte back (no HTTP): for passthrough tunnels.
     .snis / .client_subjects / .handshake_errors as HttpsOrigin; .received counts bytes."""
 
@@ -199,14 +199,6 @@ class TlsEchoServer(_TlsServerMixin):
 
         self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def tls_client(port, cafile, server_hostname="localhost", cert=None, key=None, timeout=5.0):

@@ -42,7 +42,9 @@ def pattern(n, seed=0):
 class Tollgate:
     """The sidecar under test, with a config built from defaults and overrides."""
 
-    def __init__(self, overrides=None, listener=None, stderr_to_file=False):
+    def __init__(self, overrides=None, listener=None, stderr_to_file=False, policy=None):
+        """policy: the text of a policy set, written to policy.yaml and loaded instead of
+        the default `hosts: {allow: ["*"]}`."""
         self.dir = tempfile.mkdtemp(prefix="tollgate-test-")
         listener_cfg = {"name": "egress", "kind": "forward", "address": "127.0.0.1:0",
                         "identity": {"header": "X-Agent-Id"}}
@@ -54,6 +56,11 @@ class Tollgate:
             "hosts": {"allow": ["*"]},
         }
         self.config.update(overrides or {})
+        if policy is not None:
+            with open(os.path.join(self.dir, "policy.yaml"), "w") as f:
+                f.write(policy)
+            self.config.pop("hosts", None)
+            self.config["policies"] = ["policy.yaml"]
         self.config_path = os.path.join(self.dir, "tollgate.yaml")
         with open(self.config_path, "w") as f:
             json.dump(self.config, f)  # JSON is YAML
@@ -182,7 +189,20 @@ class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 1024  # hundreds of agents connect at once in the budget tests
 
 
-class HttpOrigin:
+class Serving:
+    """A server in its own thread: subclasses set self.server (a socketserver) in __init__."""
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class HttpOrigin(Serving):
     """A keep-alive HTTP/1.1 origin on raw sockets that records what reaches it.
 
     GET /hello -> "hello"; POST /echo -> the body; POST /sink -> {"bytes","sha256"} of the
@@ -234,15 +254,6 @@ class HttpOrigin:
 
         self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
     def url(self, path, host="127.0.0.1"):
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
@@ -355,7 +366,7 @@ class SilentOrigin:
         self.sock.close()
 
 
-class UpgradeEchoOrigin:
+class UpgradeEchoOrigin(Serving):
     """Answers an Upgrade request with 101, then echoes raw bytes back."""
 
     def __init__(self):
@@ -383,16 +394,8 @@ class UpgradeEchoOrigin:
         self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
 
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
 
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class TlsOrigin:
+class TlsOrigin(Serving):
     """An HTTPS origin with a certificate for localhost/127.0.0.1 made with openssl."""
 
     def __init__(self):
@@ -425,13 +428,8 @@ class TlsOrigin:
         self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
 
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
