@@ -12,6 +12,9 @@
 # by default all processes share every core.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tests/bench/lib.sh
+source "$here/lib.sh"
+on_port_timeout() { tail -n 5 "$work"/*.log >&2; }
 root=$(cd "$here/../.." && pwd)
 TOLLGATE_BIN=${TOLLGATE_BIN:-$root/build/tollgate}
 WORKERS=${WORKERS:-1}
@@ -45,11 +48,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; tail -n 5 "$work"/*.log >&2; return 1; }
-cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
-hz=$(getconf CLK_TCK)
-median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }
 
 origin_port=$(free_port)
 mkdir -p "$work/origin/logs"
@@ -151,12 +149,9 @@ verdict=$(
     'BEGIN {printf "latency a Redis budget adds: p50 +%d µs, p99 +%d µs\n", a - b, c - d}'
   echo "Redis scripts per budgeted call: ${trips[redis]} (reserve before the call: the one round trip on the request path; settle after the response, pipelined)"
 )
-echo "$verdict"
 if [[ $PIN == 1 ]]; then
-  echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; redis-server alone on core $((cores - 1)), wrk, nginx and Tollgate on cores 0-$((cores - 2)))"
+  footer="(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; redis-server alone on core $((cores - 1)), wrk, nginx and Tollgate on cores 0-$((cores - 2)))"
 else
-  echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, nginx, redis and Tollgate share $cores cores)"
+  footer="(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, nginx, redis and Tollgate share $cores cores)"
 fi
-if [[ -n "$OUT" ]]; then
-  { echo "$table"; echo; echo "$verdict"; } > "$OUT"
-fi
+report "$table" "$verdict" "$footer" "$OUT"

@@ -10,6 +10,8 @@
 # loopback figures on a shared machine move by tens of percent from one run to the next.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tests/bench/lib.sh
+source "$here/lib.sh"
 root=$(cd "$here/../.." && pwd)
 TOLLGATE_BIN=${TOLLGATE_BIN:-$root/build/tollgate}
 WORKERS=${WORKERS:-1}
@@ -42,11 +44,6 @@ cleanup() {
 trap cleanup EXIT
 [[ -n "${KEEP:-}" ]] && trap - EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-# CPU ticks (utime + stime of every thread) of a list of pids.
-cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
-hz=$(getconf CLK_TCK)
 
 nginx_conf() {  # DIR BODY
   mkdir -p "$1/logs"
@@ -172,7 +169,6 @@ check haproxy "http://127.0.0.1:$haproxy_port/"
 check squid --proxy "http://127.0.0.1:$squid_port" "http://$ORIGIN/"
 
 declare -A rps p50 p99 cpu errors
-median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }
 run_target() {  # NAME URL FORWARD PIDS...
   local name=$1 url=$2 forward=$3; shift 3
   local script=() ; [[ $forward == 1 ]] && script=(-s "$here/forward.lua")
@@ -231,10 +227,6 @@ echo "$table"
 for t in $TARGETS; do
   [[ -n "${errors[$t]// /}" ]] && echo "note: $t: ${errors[$t]}"
 done
-ratio_line() {  # LABEL A B TARGET
-  [[ -n "$2" && -n "$3" && "$2" != "-" && "$3" != "-" ]] || return 0
-  awk -v l="$1" -v a="$2" -v b="$3" -v t="$4" 'BEGIN {printf "%s: %.2fx (target %s)\n", l, a / b, t}'
-}
 verdict=$(
   ratio_line "Tollgate CPU/req vs nginx" "${cpu[tollgate]:-}" "${cpu[nginx]:-}" "<= 1.00"
   ratio_line "Tollgate throughput vs squid" "${rps[tollgate]:-}" "${rps[squid]:-}" ">= 5"
@@ -242,8 +234,4 @@ verdict=$(
   ratio_line "Tollgate CPU/req with the audit stream vs without" "${cpu[tollgate]:-}" "${cpu[tollgate-unaudited]:-}" "-"
   ratio_line "Tollgate CPU/req with the swarm policy vs without" "${cpu[tollgate+policy]:-}" "${cpu[tollgate]:-}" "<= 1.10"
 )
-echo "$verdict"
-echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)"
-if [[ -n "$OUT" ]]; then
-  { echo "$table"; echo; echo "$verdict"; } > "$OUT"
-fi
+report "$table" "$verdict" "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)" "$OUT"

@@ -22,6 +22,8 @@
 # (keep-alive new-conn); TOLLGATE_AUDIT (file; memory: no durable stream).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tests/bench/lib.sh
+source "$here/lib.sh"
 root=$(cd "$here/../.." && pwd)
 TOLLGATE_BIN=${TOLLGATE_BIN:-$root/build/tollgate}
 HTTPS_LOAD_BIN=${HTTPS_LOAD_BIN:-$root/build/tests/https_load}
@@ -57,12 +59,6 @@ cleanup() {
 trap cleanup EXIT
 [[ -n "${KEEP:-}" ]] && trap - EXIT
 
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() { for _ in $(seq 1 200); do port_open "$1" && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-# CPU ticks (utime + stime of every thread) of a list of pids.
-cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
-hz=$(getconf CLK_TCK)
 json_field() { sed -n "s/.*\"$1\":\\([^,}]*\\).*/\\1/p"; }  # FIELD < one JSON line
 
 # The origins' PKI: a test CA and a leaf for localhost / 127.0.0.1 (tests/integration/tls_fixtures.py).
@@ -188,7 +184,6 @@ for t in $TARGETS; do
 done
 
 declare -A rps p50 p99 cpu errors
-median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }
 run_target() {  # TARGET MODE
   local t=$1 mode=$2 key="$1 $2" flags=() conns=$CONNS
   [[ $mode == new-conn ]] && flags=(--new-conn) && conns=$NEW_CONNS
@@ -253,10 +248,6 @@ done
 for t in $TARGETS; do
   [[ -n ${unavailable[$t]:-} && $t == tollgate ]] && echo "note: tollgate: interception not available (${unavailable[$t]})"
 done
-ratio_line() {  # LABEL A B TARGET
-  [[ -n "$2" && -n "$3" && "$2" != "-" && "$3" != "-" ]] || return 0
-  awk -v l="$1" -v a="$2" -v b="$3" -v t="$4" 'BEGIN {printf "%s: %.2fx (target %s)\n", l, a / b, t}'
-}
 verdict=$(
   ratio_line "Tollgate CPU per HTTPS request vs nginx (keep-alive)" "${cpu[tollgate keep-alive]:-}" "${cpu[nginx keep-alive]:-}" "<= 1.50"
   ratio_line "Tollgate CPU per new HTTPS connection vs nginx" "${cpu[tollgate new-conn]:-}" "${cpu[nginx new-conn]:-}" "-"
@@ -264,8 +255,4 @@ verdict=$(
   ratio_line "Tollgate new connections/s vs mitmproxy" "${rps[tollgate new-conn]:-}" "${rps[mitmproxy new-conn]:-}" ">= 20"
   ratio_line "Tollgate CPU per HTTPS request vs nginx re-encrypting (keep-alive)" "${cpu[tollgate keep-alive]:-}" "${cpu[nginx-reencrypt keep-alive]:-}" "-"
 )
-echo "$verdict"
-echo "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections (new-conn $NEW_CONNS), ${DURATION}s; https_load, the origin and the proxies share $(nproc) cores)"
-if [[ -n "$OUT" ]]; then
-  { echo "$table"; echo; echo "$verdict"; } > "$OUT"
-fi
+report "$table" "$verdict" "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections (new-conn $NEW_CONNS), ${DURATION}s; https_load, the origin and the proxies share $(nproc) cores)" "$OUT"
