@@ -29,3 +29,22 @@ report() {  # TABLE VERDICT FOOTER OUT
     { echo "$1"; echo; echo "$2"; } > "$4"
   fi
 }
+# An nginx config in DIR: WORKERS workers, no access log, long keep-alive; BODY (servers,
+# upstreams) and the script's NGINX_HTTP_EXTRA lines go in its http block.
+nginx_conf() {  # DIR BODY
+  mkdir -p "$1/logs"
+  cat > "$1/nginx.conf" <<CONF
+worker_processes $WORKERS;
+error_log $1/logs/error.log;
+pid $1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
+  keepalive_requests 1000000;
+${NGINX_HTTP_EXTRA:-}
+$2
+}
+CONF
+}

@@ -45,22 +45,6 @@ trap cleanup EXIT
 [[ -n "${KEEP:-}" ]] && trap - EXIT
 
 
-nginx_conf() {  # DIR BODY
-  mkdir -p "$1/logs"
-  cat > "$1/nginx.conf" <<CONF
-worker_processes $WORKERS;
-error_log $1/logs/error.log;
-pid $1/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
-  fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
-  keepalive_requests 1000000;
-$2
-}
-CONF
-}
 
 origin_port=$(free_port)
 nginx_conf "$work/origin" "  server { listen 127.0.0.1:$origin_port; location / { return 200 \"hello from the origin\\n\"; } }"

@@ -69,24 +69,9 @@ TestPki(sys.argv[1]).leaf("origin", names=("localhost",), ips=("127.0.0.1",))
 ' "$work/pki"
 ca=$work/pki/ca.crt
 
-nginx_conf() {  # DIR BODY
-  mkdir -p "$1/logs"
-  cat > "$1/nginx.conf" <<CONF
-worker_processes $WORKERS;
-error_log $1/logs/error.log;
-pid $1/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
-  fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
-  keepalive_requests 1000000;
-  ssl_certificate $work/pki/origin.crt; ssl_certificate_key $work/pki/origin.key;
-  ssl_session_cache off; ssl_session_tickets off;
-$2
-}
-CONF
-}
+# Every nginx here serves TLS with the origin's leaf, without session cache or tickets.
+NGINX_HTTP_EXTRA="  ssl_certificate $work/pki/origin.crt; ssl_certificate_key $work/pki/origin.key;
+  ssl_session_cache off; ssl_session_tickets off;"
 
 # The origin: plain HTTP (behind nginx) and HTTPS (direct, and behind the intercepting proxies).
 origin_port=$(free_port); origin_tls_port=$(free_port)
