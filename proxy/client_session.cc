@@ -829,10 +829,17 @@ void ClientSession::onConnect(TcpStream& stream, int status) {
   attachUpstream(std::move(upstream_), false);
 }
 
-std::string ClientSession::poolKey() const {
+const std::string& ClientSession::poolKey() {
   // A TLS connection is never handed to a plain-HTTP call to the same host:port, or back.
-  auto key = formatHostPort(target_.upstreamHost, target_.upstreamPort);
-  return target_.upstreamTls ? "tls:" + key : key;
+  // The common case, a plain call to where the target names, needs no new string.
+  if (!target_.upstreamTls && target_.upstreamHost == target_.host &&
+      target_.upstreamPort == target_.port)
+    return target_.key;
+  if (poolKey_.empty()) {
+    poolKey_ = target_.upstreamTls ? "tls:" : "";
+    poolKey_ += formatHostPort(target_.upstreamHost, target_.upstreamPort);
+  }
+  return poolKey_;
 }
 
 void ClientSession::startUpstreamTls() {
@@ -1347,6 +1354,7 @@ void ClientSession::resetExchange() {
   upOut_.clear();
   retryHead_.clear();
   traceId_.clear();
+  poolKey_.clear();
   upstreamError_.clear();
   localHaltRule_.clear();
   localHaltReason_.clear();

@@ -102,7 +102,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   // Halts the current request without asking the decider (a rule of the proxy's own).
   void haltLocally(std::string rule, std::string reason);
   void startUpstreamTls();
-  std::string poolKey() const;
+  // The upstream pool's key for this call's upstream.
+  const std::string& poolKey();
   void finishExchange();
   void resetExchange();
   void retryOrFail(int status);
@@ -161,6 +162,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::string retryHead_;  // request head kept for one retry on a stale pooled connection
   std::string traceId_;
   std::string upstreamError_;  // why the call failed before it reached the upstream
+  std::string poolKey_;        // see poolKey()
   std::string localHaltRule_, localHaltReason_;  // set while a request is parsed
   std::vector<sockaddr_storage> addrs_;
   size_t nextAddr_ = 0;

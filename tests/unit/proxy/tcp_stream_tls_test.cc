@@ -106,7 +106,8 @@ class TlsStreamTest : public ::testing::Test {
   void runUntil(const std::function<bool()>& done) {
     uv_timer_t tick;
     uv_timer_init(&loop_, &tick);
-    uv_timer_start(&tick, [](uv_timer_t*) {}, 10, 10);
+    uv_timer_start(
+        &tick, [](uv_timer_t*) {}, 10, 10);
     uint64_t deadline = uv_hrtime() + 5'000'000'000ull;
     while (!done() && uv_hrtime() < deadline) uv_run(&loop_, UV_RUN_ONCE);
     uv_close(reinterpret_cast<uv_handle_t*>(&tick), nullptr);
