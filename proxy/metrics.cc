@@ -154,6 +154,30 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                          .Help("Records dropped from the replica's queue (read back from the log)")
                          .Register(r)
                          .Add({});
+  leafCached_ = &prometheus::BuildGauge()
+                     .Name("tollgate_tls_leaf_cache_entries")
+                     .Help("Hosts whose intercepting leaf certificate is cached")
+                     .Register(r)
+                     .Add({});
+  leafSignings_ = &prometheus::BuildCounter()
+                       .Name("tollgate_tls_leaf_signings_total")
+                       .Help("Leaf certificates signed by the local CA")
+                       .Register(r)
+                       .Add({});
+  leafHits_ = &prometheus::BuildCounter()
+                   .Name("tollgate_tls_leaf_cache_hits_total")
+                   .Help("Intercepted connections served a cached leaf")
+                   .Register(r)
+                   .Add({});
+}
+
+void Metrics::tlsLeaves(uint64_t cached, uint64_t signings, uint64_t hits) {
+  leafCached_->Set(static_cast<double>(cached));
+  if (signings > leafSigningsSeen_)
+    leafSignings_->Increment(static_cast<double>(signings - leafSigningsSeen_));
+  if (hits > leafHitsSeen_) leafHits_->Increment(static_cast<double>(hits - leafHitsSeen_));
+  leafSigningsSeen_ = signings;
+  leafHitsSeen_ = hits;
 }
 
 void Metrics::auditBatch(size_t records, double fsyncSeconds, bool ok) {
@@ -251,7 +275,7 @@ void Metrics::auditReplica(uint64_t replicatedSeq, uint64_t durableSeq, uint64_t
 }
 
 std::string Metrics::render() const {
-  if (renderHook_) renderHook_();
+  for (const auto& hook : renderHooks_) hook();
   prometheus::TextSerializer serializer;
   return serializer.Serialize(registry_->Collect());
 }

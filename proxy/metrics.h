@@ -52,8 +52,10 @@ class Metrics {
   // The Redis Stream replica: the last seq known in the stream, records the writer has
   // made durable, and records dropped from its queue (read back from the log later).
   void auditReplica(uint64_t replicatedSeq, uint64_t durableSeq, uint64_t dropped);
+  // The interception leaf cache: hosts cached, and its signings and hits since start.
+  void tlsLeaves(uint64_t cached, uint64_t signings, uint64_t hits);
   // Called at the start of every render(), to refresh gauges read from elsewhere.
-  void setRenderHook(std::function<void()> hook) { renderHook_ = std::move(hook); }
+  void addRenderHook(std::function<void()> hook) { renderHooks_.push_back(std::move(hook)); }
   std::string render() const;
 
  private:
@@ -87,7 +89,11 @@ class Metrics {
   prometheus::Gauge* replicaSeq_;
   prometheus::Gauge* replicaLag_;
   prometheus::Gauge* replicaDropped_;
-  std::function<void()> renderHook_;
+  std::vector<std::function<void()>> renderHooks_;
+  prometheus::Gauge* leafCached_;
+  prometheus::Counter* leafSignings_;
+  prometheus::Counter* leafHits_;
+  uint64_t leafSigningsSeen_ = 0, leafHitsSeen_ = 0;  // render() is called by one thread
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
 

@@ -76,6 +76,10 @@ Status Server::init() {
   if (!tls) return tls.error();
   tls_ = std::move(tls.value());
   shared_.tls = tls_.get();
+  if (LeafCache* leaves = tls_->leaves()) {
+    metrics_.addRenderHook(
+        [this, leaves] { metrics_.tlsLeaves(leaves->size(), leaves->signings(), leaves->hits()); });
+  }
   // The durable audit stream: a log that cannot be opened, locked or verified stops startup.
   if (config_.auditSink == "memory") {
     Log::Line(LogLevel::kWarn,
@@ -100,7 +104,7 @@ Status Server::init() {
       ro.logDir = config_.auditDir;
       auto replica = std::make_shared<RedisStreamReplica>(ro);
       options.replicas.push_back(replica);
-      metrics_.setRenderHook([this, weak = std::weak_ptr<RedisStreamReplica>(replica)] {
+      metrics_.addRenderHook([this, weak = std::weak_ptr<RedisStreamReplica>(replica)] {
         if (auto r = weak.lock())
           metrics_.auditReplica(r->replicated(), audit_->durableSeq(), r->dropped());
       });

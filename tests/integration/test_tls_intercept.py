@@ -3,6 +3,7 @@ requests and openssl s_client against HTTPS origins this test makes, with a Toll
 CA from `tollgate certs init`. Allow and halt inside the tunnel, passthrough, SNI and Host
 that name another host, upstream certificates that fail verification, an agent that does
 not trust the CA, name constraints, and the audit records of all of it."""
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import unittest
 
 from audit_log import read_lines
 from tls_fixtures import TestPki, server_context
-from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, wait_for
 
 
 POLICY = """
@@ -21,7 +22,7 @@ apiVersion: tollgate/v1
 kind: Policy
 metadata: {name: tls}
 tools:
-  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers"]}, class: read}
+  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers", "/stream"]}, class: read}
   - {name: api.write, match: {host: localhost, methods: [POST], paths: ["/echo"]}, class: write}
   - {name: blind, match: {host: 127.0.0.1, methods: [CONNECT]}, class: read}
 agents:
@@ -89,6 +90,25 @@ class TlsInterceptTest(unittest.TestCase):
         call = self.records(kind="call", method="GET", path="/hello", agent="agent-1", decision="allow")[-1]
         self.assertEqual(call["tool"], "api.read")
         self.assertTrue(self.records(kind="outcome", call_seq=str(call["seq"]), status="200", sent="true"))
+
+    def test_a_large_response_streams_through_both_tls_legs(self):
+        rc, out, err = self.https(self.origin, "/stream?bytes=3000000")
+        self.assertEqual(rc, 0, err)
+        status, _, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(status, 200)
+        self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(pattern(3000000, seed=1)).hexdigest())
+
+    def test_leaves_are_minted_once_per_host_and_counted(self):
+        for _ in range(3):
+            rc, _, err = self.https(self.origin, "/hello")
+            self.assertEqual(rc, 0, err)
+        _, metrics = self.tg.admin("/metrics")
+        values = dict(line.rsplit(" ", 1) for line in metrics.decode().splitlines()
+                      if line.startswith("tollgate_tls_leaf"))
+        self.assertGreaterEqual(float(values["tollgate_tls_leaf_cache_hits_total"]), 2)
+        # localhost and the hosts the fronting tests named, never one per connection
+        self.assertLessEqual(float(values["tollgate_tls_leaf_signings_total"]), 4)
+        self.assertGreaterEqual(float(values["tollgate_tls_leaf_cache_entries"]), 1)
 
     def test_a_forbidden_call_gets_403_inside_the_tunnel(self):
         before = len(self.origin.requests)
