@@ -844,8 +844,9 @@ const std::string& ClientSession::poolKey() {
 
 void ClientSession::startUpstreamTls() {
   SSL* ssl = upstream_->tlsBegin(worker_.tls().upstreamClient(), false);
-  Status prepared = ssl ? prepareUpstream(ssl, target_.upstreamHost)
-                        : Status(Error{-1, "SSL_new: " + takeOpenSslErrors()});
+  Status prepared =
+      ssl ? worker_.tls().prepareUpstream(ssl, target_.upstreamHost, target_.upstreamPort)
+          : Status(Error{-1, "SSL_new: " + takeOpenSslErrors()});
   if (!prepared) {
     upstreamFailed(502, "upstream_tls", prepared.error().message);
     return;

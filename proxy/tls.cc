@@ -33,6 +33,15 @@ int onServerName(SSL* ssl, int* alert, void*) {
   return SSL_TLSEXT_ERR_OK;
 }
 
+// The pool key ("host:port") of an upstream SSL, freed with it.
+int upstreamKeyIndex() {
+  static const int index = SSL_get_ex_new_index(
+      0, nullptr, nullptr, nullptr, [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
+        delete static_cast<std::string*>(ptr);
+      });
+  return index;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
@@ -45,6 +54,12 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
   SSL_CTX_set_options(t->upstreamClient_, SSL_OP_NO_RENEGOTIATION);
   static const unsigned char kHttp11[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
   SSL_CTX_set_alpn_protos(t->upstreamClient_, kHttp11, sizeof kHttp11);
+  // Sessions are kept here, by name and port, not in OpenSSL's cache (which is by session id).
+  SSL_CTX_set_session_cache_mode(t->upstreamClient_,
+                                 SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+  SSL_CTX_set_app_data(t->upstreamClient_, t.get());
+  SSL_CTX_sess_set_new_cb(t->upstreamClient_, onNewSession);
+  (void)upstreamKeyIndex();
   if (!config.tlsUpstreamCaFile.empty()) {
     if (SSL_CTX_load_verify_locations(t->upstreamClient_, config.tlsUpstreamCaFile.c_str(),
                                       nullptr) != 1) {
@@ -118,6 +133,7 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
 }
 
 TlsContexts::~TlsContexts() {
+  for (auto& [key, session] : sessions_) SSL_SESSION_free(session);
   SSL_CTX_free(upstreamClient_);
 }
 
@@ -156,6 +172,45 @@ Status prepareUpstream(SSL* ssl, std::string_view host) {
   SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
   if (SSL_set_tlsext_host_name(ssl, name.c_str()) != 1 || SSL_set1_host(ssl, name.c_str()) != 1)
     return Error{-1, "upstream " + name + ": " + takeOpenSslErrors()};
+  return Status::success();
+}
+
+int TlsContexts::onNewSession(SSL* ssl, SSL_SESSION* session) {
+  auto* self = static_cast<TlsContexts*>(SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl)));
+  auto* key = static_cast<std::string*>(SSL_get_ex_data(ssl, upstreamKeyIndex()));
+  if (!self || !key || !SSL_SESSION_is_resumable(session)) return 0;
+  // A copy: OpenSSL marks a connection's own session not resumable when the connection ends
+  // without close_notify (an upstream that just closes), which would spoil the kept one.
+  SSL_SESSION* copy = SSL_SESSION_dup(session);
+  if (!copy) return 0;
+  std::lock_guard lock(self->sessionsMu_);
+  auto it = self->sessions_.find(*key);
+  if (it != self->sessions_.end()) {
+    SSL_SESSION_free(it->second);
+    it->second = copy;
+  } else {
+    if (self->sessions_.size() >= kMaxSessions) {
+      SSL_SESSION_free(self->sessions_.begin()->second);
+      self->sessions_.erase(self->sessions_.begin());
+    }
+    self->sessions_.emplace(*key, copy);
+  }
+  return 0;  // OpenSSL keeps its own reference
+}
+
+Status TlsContexts::prepareUpstream(SSL* ssl, const std::string& host, uint16_t port) {
+  if (auto s = tollgate::prepareUpstream(ssl, host); !s) return s;
+  auto* key = new std::string(host + ":" + std::to_string(port));
+  SSL_set_ex_data(ssl, upstreamKeyIndex(), key);
+  SSL_SESSION* copy = nullptr;
+  {
+    std::lock_guard lock(sessionsMu_);
+    if (auto it = sessions_.find(*key); it != sessions_.end()) copy = SSL_SESSION_dup(it->second);
+  }
+  if (copy) {
+    SSL_set_session(ssl, copy);  // takes its own reference
+    SSL_SESSION_free(copy);
+  }
   return Status::success();
 }
 

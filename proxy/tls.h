@@ -9,8 +9,10 @@
 #include <openssl/ssl.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "certs/leaf_cache.h"
@@ -32,6 +34,10 @@ class TlsContexts {
   SSL_CTX* listenerServer(const std::string& listener) const;
   LeafCache* leaves() const { return leaves_.get(); }
   SSL_CTX* upstreamClient() const { return upstreamClient_; }
+  // prepareUpstream() for host:port, plus the TLS session kept from an earlier connection
+  // to the same name and port, so a new upstream connection resumes (no key exchange or
+  // chain verification again; the session was verified for that name).
+  Status prepareUpstream(SSL* ssl, const std::string& host, uint16_t port);
 
  private:
   TlsContexts() = default;
@@ -48,6 +54,11 @@ class TlsContexts {
     std::vector<SSL_CTX*> contexts;
   };
   static int selectBySni(SSL* ssl, int* alert, void* arg);
+  static int onNewSession(SSL* ssl, SSL_SESSION* session);
+  // Upstream sessions by "host:port", bounded; taken by any worker.
+  static constexpr size_t kMaxSessions = 10'000;
+  std::mutex sessionsMu_;
+  std::unordered_map<std::string, SSL_SESSION*> sessions_;
   std::vector<std::unique_ptr<ListenerTls>> listenerTls_;
   SSL_CTX* upstreamClient_ = nullptr;
   std::unique_ptr<LeafCache> leaves_;

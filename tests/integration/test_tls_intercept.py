@@ -22,7 +22,7 @@ apiVersion: tollgate/v1
 kind: Policy
 metadata: {name: tls}
 tools:
-  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers", "/stream"]}, class: read}
+  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers", "/stream", "/close"]}, class: read}
   - {name: api.write, match: {host: localhost, methods: [POST], paths: ["/echo"]}, class: write}
   - {name: blind, match: {host: 127.0.0.1, methods: [CONNECT]}, class: read}
 agents:
@@ -97,6 +97,19 @@ class TlsInterceptTest(unittest.TestCase):
         status, _, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(status, 200)
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(pattern(3000000, seed=1)).hexdigest())
+
+    def test_a_new_upstream_connection_resumes_the_session_of_the_last_one(self):
+        # /close ends each upstream connection: every call needs a new one.
+        before = len(self.origin.resumed)
+        for _ in range(3):
+            rc, out, err = self.https(self.origin, "/close")
+            self.assertEqual(rc, 0, err)
+            self.assertTrue(out.endswith(b"closing"), out)
+        # The origin saw the proxy's handshakes: after the first, resumed (the chain was
+        # verified once for localhost:port); the agent's own side is another story.
+        self.assertEqual(self.origin.resumed[before + 1:], [True] * (len(self.origin.resumed) - before - 1))
+        # (the first call may have taken a connection pooled by an earlier test)
+        self.assertGreaterEqual(len(self.origin.resumed) - before, 2)
 
     def test_leaves_are_minted_once_per_host_and_counted(self):
         for _ in range(3):

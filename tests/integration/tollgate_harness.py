@@ -219,6 +219,7 @@ class HttpOrigin(Serving):
         self.snis = []             # the SNI of each handshake (None: none sent)
         self.client_subjects = []  # per verified client certificate: {"commonName": ..., ...}
         self.handshake_errors = []
+        self.resumed = []          # per handshake: whether the client resumed a session
         self.lock = threading.Lock()
         self.tls = tls
         origin = self
@@ -241,6 +242,8 @@ class HttpOrigin(Serving):
                             with origin.lock:
                                 origin.handshake_errors.append(str(e))
                             return
+                        with origin.lock:
+                            origin.resumed.append(sock.session_reused)
                         peer = sock.getpeercert()
                         if peer:
                             with origin.lock:
@@ -308,6 +311,9 @@ class HttpOrigin(Serving):
         params = urllib.parse.parse_qs(query)
         if path == "/hello":
             return self.reply(sock, 200, b"hello")
+        if path == "/close":  # answered, then the connection is closed (never pooled)
+            self.reply(sock, 200, b"closing", b"Connection: close\r\n")
+            return False
         if path == "/echo":
             return self.reply(sock, 200, body)
         if path == "/sink":
