@@ -50,13 +50,6 @@ Leaf::~Leaf() {
   X509_free(issuer_);
 }
 
-Status Leaf::applyTo(SSL* ssl) const {
-  if (SSL_use_certificate(ssl, cert_.get()) != 1 || SSL_use_PrivateKey(ssl, key_) != 1 ||
-      SSL_clear_chain_certs(ssl) != 1 || SSL_add1_chain_cert(ssl, issuer_) != 1)
-    return Error{-1, "leaf for " + host_ + ": " + takeOpenSslErrors()};
-  return Status::success();
-}
-
 Status configureServerContext(SSL_CTX* ctx) {
   if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
     return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};

@@ -7,15 +7,11 @@
 // entry within `renewBefore` of its notAfter is minted again on its next use (meanwhile the
 // still-valid old leaf keeps being served to other threads).
 //
-// How the proxy is expected to use it (the wiring is the proxy's, certs/ knows nothing of
-// it): create one LeafCache at startup from LocalCa::load(dir) and share it (a pointer) with
-// every worker. For an intercepted connection, either
-//   - in the server SSL_CTX's servername callback (SSL_CTX_set_tlsext_servername_callback),
-//     take the SNI (or, for CONNECT without SNI, the CONNECT host), call
-//     serverContext(host) and SSL_set_SSL_CTX(ssl, ctx.get()); keep the shared_ptr alive
-//     with the connection (SSL_set_SSL_CTX takes its own reference too); or
-//   - call get(host) and leaf->applyTo(ssl) on an SSL made from one shared base SSL_CTX,
-//     which avoids an SSL_CTX per host (cheaper in memory for many hosts).
+// How the proxy uses it (the wiring is the proxy's, certs/ knows nothing of it): one
+// LeafCache created at startup from LocalCa::load(dir), shared by every worker, with
+// Options::configureContext installing the proxy's servername callback on each leaf's
+// SSL_CTX. An intercepted connection's SSL is made from serverContext(host) of the CONNECT
+// host; an SNI naming another host switches it with SSL_set_SSL_CTX in that callback.
 // A host the CA's name constraints do not permit is an error here: the proxy should then
 // refuse the interception (a halt with a reason), not present a certificate agents reject.
 #pragma once
@@ -60,8 +56,6 @@ class Leaf {
   CertClock::time_point notBefore() const { return notBefore_; }
   CertClock::time_point notAfter() const { return notAfter_; }
 
-  // Sets this leaf, its key and the chain (the CA) on `ssl` (SSL_use_certificate and co.).
-  Status applyTo(SSL* ssl) const;
   // A server SSL_CTX for this host: min TLS 1.2, ALPN selects http/1.1, chain leaf + CA.
   // Built once (thread-safe), then the same context is returned.
   Result<SslCtxPtr> sslContext() const;

@@ -32,10 +32,9 @@ bool forEachToken(std::string_view list, Fn fn) {
   return false;
 }
 
-}  // namespace
-
-std::string Target::authority() const {
-  if (port != (scheme == "https" ? 443 : 80)) return formatHostPort(host, port);
+// host[:port] as sent in Host: the port elided when it is the scheme's default.
+std::string authorityOf(const std::string& host, uint16_t port, uint16_t defaultPort) {
+  if (port != defaultPort) return formatHostPort(host, port);
   if (host.find(':') == std::string::npos) return host;
   std::string out;
   out.reserve(host.size() + 2);
@@ -43,6 +42,37 @@ std::string Target::authority() const {
   out += host;
   out += ']';
   return out;
+}
+
+// Splits what follows "scheme://" in an absolute-form target into its authority and the
+// origin-form path ("/" when empty, "/?q" for a bare query). No userinfo, no fragment.
+bool splitAbsolute(std::string_view rest, std::string_view& authority, std::string& pathQuery,
+                   std::string& reason) {
+  auto pathStart = rest.find_first_of("/?#");
+  authority = rest.substr(0, pathStart);
+  if (authority.find('@') != std::string_view::npos) {
+    reason = "userinfo in the request target";
+    return false;
+  }
+  std::string_view path =
+      pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
+  if (path.find('#') != std::string_view::npos) {
+    reason = "fragment in the request target";
+    return false;
+  }
+  if (path.empty())
+    pathQuery = "/";
+  else if (path[0] == '?')
+    pathQuery = "/" + std::string(path);
+  else
+    pathQuery.assign(path);
+  return true;
+}
+
+}  // namespace
+
+std::string Target::authority() const {
+  return authorityOf(host, port, scheme == "https" ? 443 : 80);
 }
 
 bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host,
@@ -143,30 +173,13 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
     reason = "unsupported scheme " + scheme;
     return false;
   }
-  auto rest = url.substr(schemeEnd + 3);
-  auto pathStart = rest.find_first_of("/?#");
-  auto authority = rest.substr(0, pathStart);
-  if (authority.find('@') != std::string_view::npos) {
-    reason = "userinfo in the request target";
-    return false;
-  }
+  std::string_view authority;
+  if (!splitAbsolute(url.substr(schemeEnd + 3), authority, out.pathQuery, reason)) return false;
   out.scheme = "http";
   if (!parseAuthority(authority, 80, out.host, out.port)) {
     reason = "invalid authority in the request target";
     return false;
   }
-  std::string_view path =
-      pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
-  if (path.find('#') != std::string_view::npos) {
-    reason = "fragment in the request target";
-    return false;
-  }
-  if (path.empty())
-    out.pathQuery = "/";
-  else if (path[0] == '?')
-    out.pathQuery = "/" + std::string(path);
-  else
-    out.pathQuery.assign(path);
   if (hostHeader) {
     std::string h;
     uint16_t p = 0;
@@ -181,11 +194,7 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
 }  // namespace
 
 std::string Target::upstreamAuthority() const {
-  Target t;
-  t.scheme = upstreamTls ? "https" : "http";
-  t.host = upstreamHost;
-  t.port = upstreamPort;
-  return t.authority();
+  return authorityOf(upstreamHost, upstreamPort, upstreamTls ? 443 : 80);
 }
 
 bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
@@ -244,17 +253,7 @@ bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16
       reason = "inside a TLS tunnel the target is origin-form or https://";
       return false;
     }
-    auto rest = url.substr(kHttps.size());
-    auto pathStart = rest.find_first_of("/?#");
-    authority = rest.substr(0, pathStart);
-    auto path = pathStart == std::string_view::npos ? std::string_view() : rest.substr(pathStart);
-    if (authority.find('@') != std::string_view::npos || path.find('#') != std::string_view::npos) {
-      reason = "userinfo or fragment in the request target";
-      return false;
-    }
-    out.pathQuery = path.empty()     ? "/"
-                    : path[0] == '?' ? "/" + std::string(path)
-                                     : std::string(path);
+    if (!splitAbsolute(url.substr(kHttps.size()), authority, out.pathQuery, reason)) return false;
   }
   std::string host;
   uint16_t port = 0;

@@ -204,24 +204,6 @@ TEST(LeafCache, ServerContextCompletesAVerifiedHandshakeWithHttp11) {
   EXPECT_EQ(hs.alpn, "http/1.1");
 }
 
-TEST(LeafCache, ApplyToSetsTheLeafOnAnSslFromABaseContext) {
-  FakeClock clock;
-  // Real time here: the TLS client checks validity against its own clock.
-  clock.offsetSeconds = CertClock::to_time_t(CertClock::now()) - CertClock::to_time_t(kStart);
-  auto ca = makeCa({}, clock.now());
-  auto cache = makeCache(ca, &clock);
-  auto leaf = cache->get("127.0.0.1");
-  ASSERT_TRUE(leaf.ok());
-  SSL_CTX* base = SSL_CTX_new(TLS_server_method());
-  SSL* server = SSL_new(base);
-  ASSERT_TRUE(leaf.value()->applyTo(server).ok());
-  Handshake hs = connect(ca->certificate(), server, "127.0.0.1");
-  SSL_free(server);
-  SSL_CTX_free(base);
-  EXPECT_TRUE(hs.ok);
-  EXPECT_EQ(hs.verify, X509_V_OK);
-}
-
 TEST(LeafCache, ConcurrentFirstUseOfOneHostSignsOnce) {
   FakeClock clock;
   auto cache = makeCache(makeCa(), &clock);
