@@ -43,7 +43,7 @@ uint64_t MemoryAuditSink::durableSeq() const {
   return seq_;
 }
 
-uint64_t MemoryAuditSink::appendEvent(std::string_view kind, const AuditFields& fields) {
+uint64_t MemoryAuditSink::addEvent(std::string_view kind, const AuditFields& fields, AuditSync) {
   int64_t ts = std::chrono::duration_cast<std::chrono::nanoseconds>(
                    std::chrono::system_clock::now().time_since_epoch())
                    .count();

@@ -17,6 +17,12 @@
 
 namespace tollgate {
 
+// When a record is synced to disk: at once (a call waits for it before it is forwarded, or
+// it is a rare event someone may read back at once), or with the next batch, which records
+// no one waits for (outcomes, halts) join, at the latest a moment later (FileAuditSink's
+// lazySync).
+enum class AuditSync { kNow, kBatched };
+
 struct AuditRecord {
   std::string kind;  // "call"
   std::string agent, tool, method, authority, path, decision, rule, reason;
@@ -26,6 +32,8 @@ struct AuditRecord {
   std::string paramsSha256;
   uint64_t seq = 0;  // set by the sink
   int64_t tsNs = 0;  // set by the sink
+  // kNow when the caller waits for the record to be durable before it forwards the call.
+  AuditSync sync = AuditSync::kBatched;
   // One JSON line, keys sorted as the canonical records of the audit stream will be.
   std::string toJson() const;
 };
@@ -58,13 +66,18 @@ class AuditSink {
   virtual uint64_t append(AuditRecord record) = 0;
   // Records an event of another kind (reload, report, …; one of audit/chain.h's kinds) with
   // string fields, in order with the calls; returns its sequence number.
-  virtual uint64_t appendEvent(std::string_view kind, const AuditFields& fields) = 0;
+  uint64_t appendEvent(std::string_view kind, const AuditFields& fields,
+                       AuditSync sync = AuditSync::kNow) {
+    return addEvent(kind, fields, sync);
+  }
   // The last n records, oldest first, each as one JSON line.
   virtual std::vector<std::string> tail(size_t n) const = 0;
   // False while records cannot be made durable: calls are then halted (fail closed).
   virtual bool healthy() const { return true; }
   // Every record up to this seq is durable; a call is forwarded only once its record is.
   virtual uint64_t durableSeq() const = 0;
+  // Someone waits for the records up to `seq` to be durable: sync them at once.
+  virtual void requestDurable(uint64_t /*seq*/) {}
   // The observer (or none) told of every batch from now on; set and cleared while the
   // sink lives, it must outlive the setting.
   virtual void setObserver(AuditObserver* /*observer*/) {}
@@ -73,15 +86,20 @@ class AuditSink {
   virtual Result<KeyRotation> rotateKey() {
     return Error{-ENOTSUP, "this audit sink keeps no signed log (audit.sink: memory)"};
   }
+
+ protected:
+  virtual uint64_t addEvent(std::string_view kind, const AuditFields& fields, AuditSync sync) = 0;
 };
 
 class MemoryAuditSink : public AuditSink {
  public:
   explicit MemoryAuditSink(size_t keep = 1000) : keep_(keep) {}
   uint64_t append(AuditRecord record) override;
-  uint64_t appendEvent(std::string_view kind, const AuditFields& fields) override;
   std::vector<std::string> tail(size_t n) const override;
   uint64_t durableSeq() const override;
+
+ protected:
+  uint64_t addEvent(std::string_view kind, const AuditFields& fields, AuditSync sync) override;
 
  private:
   size_t keep_;

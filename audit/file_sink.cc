@@ -294,7 +294,8 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
     key_ = rotation.next;  // the next checkpoint queued is signed by the new key
     enqueue(std::move(rotation));
     done.seq = seq_;
-    if (idle_) wake_.notify_one();
+    wanted_ = seq_;
+    wakeWriter(AuditSync::kNow);
   }
   // A rotation is rare: polling keeps it out of the writer's loop.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -352,6 +353,7 @@ Status FileAuditSink::openSegment(uint64_t number) {
 }
 
 void FileAuditSink::enqueue(Pending pending) {
+  if (queue_.empty()) queuedAt_ = std::chrono::steady_clock::now();
   if (pending.type == Pending::Type::kCheckpoint)
     queuedSinceCheckpoint_ = 0;
   else
@@ -376,9 +378,23 @@ uint64_t FileAuditSink::append(AuditRecord r) {
   p.tsNs = nowNs();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = ++seq_;
+  if (r.sync == AuditSync::kNow) wanted_ = seq;
   enqueue(std::move(p));
-  if (idle_) wake_.notify_one();  // a busy writer takes it with its next batch
+  wakeWriter(r.sync);
   return seq;
+}
+
+void FileAuditSink::wakeWriter(AuditSync sync) {
+  // A busy writer looks at the queue when its batch is done; an idle one sleeps until the
+  // deadline of the oldest batched record, which the first one queued sets.
+  if (idle_ && (sync == AuditSync::kNow || queue_.size() == 1)) wake_.notify_one();
+}
+
+void FileAuditSink::requestDurable(uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (seq <= wanted_ || seq <= durable_) return;
+  wanted_ = std::min(seq, seq_);
+  wakeWriter(AuditSync::kNow);
 }
 
 void FileAuditSink::setObserver(AuditObserver* observer) {
@@ -386,7 +402,7 @@ void FileAuditSink::setObserver(AuditObserver* observer) {
   observer_ = observer;
 }
 
-uint64_t FileAuditSink::appendEvent(std::string_view kind, const AuditFields& fields) {
+uint64_t FileAuditSink::addEvent(std::string_view kind, const AuditFields& fields, AuditSync sync) {
   Pending p;
   p.kind = std::string(kind);
   for (const auto& [k, v] : fields) {
@@ -399,8 +415,9 @@ uint64_t FileAuditSink::appendEvent(std::string_view kind, const AuditFields& fi
   p.tsNs = nowNs();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = ++seq_;
+  if (sync == AuditSync::kNow) wanted_ = seq;
   enqueue(std::move(p));
-  if (idle_) wake_.notify_one();
+  wakeWriter(sync);
   return seq;
 }
 
@@ -428,15 +445,23 @@ void FileAuditSink::run() {
     bool stop;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      idle_ = true;
-      wake_.wait_for(lock, options_.checkpointInterval,
-                     [this] { return stopping_ || !queue_.empty(); });
-      idle_ = false;  // records arriving from now on wait for this batch without a wakeup
-      // Group commit: at most one fsync per syncInterval; what arrives meanwhile joins it.
+      // The next batch goes when a call waits for one of its records, when its oldest
+      // record has waited lazySync, or when a checkpoint is due with no record coming.
+      for (;;) {
+        if (stopping_ || (!queue_.empty() && wanted_ > durable_)) break;
+        auto deadline = queuedSinceCheckpoint_ > 0
+                            ? lastCheckpoint + options_.checkpointInterval
+                            : std::chrono::steady_clock::now() + options_.checkpointInterval;
+        if (!queue_.empty()) deadline = std::min(deadline, queuedAt_ + options_.lazySync);
+        if (std::chrono::steady_clock::now() >= deadline) break;
+        idle_ = true;
+        wake_.wait_until(lock, deadline);
+        idle_ = false;  // records arriving from now on join this batch without a wakeup
+      }
+      // The optional cap: at most one fsync per syncInterval; what arrives meanwhile joins.
       auto next = lastSync + options_.syncInterval;
       if (!stopping_ && std::chrono::steady_clock::now() < next)
         wake_.wait_until(lock, next, [this] { return stopping_; });
-      idle_ = false;
       auto now = std::chrono::steady_clock::now();
       uint64_t since = queuedSinceCheckpoint_;
       bool due = since >= options_.checkpointEvery ||

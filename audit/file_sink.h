@@ -44,8 +44,12 @@ class FileAuditSink : public AuditSink {
     std::chrono::milliseconds segmentAge{3'600'000};
     // Told of every durable line and every sealed segment (Redis Stream, export).
     std::vector<std::shared_ptr<AuditReplica>> replicas;
-    // At most one fsync per interval: records arriving meanwhile share it (group commit).
-    std::chrono::microseconds syncInterval{1000};
+    // Group commit: a record a call waits for (awaited, requestDurable()) is written and
+    // synced at once, or right after the sync in progress, with every record queued by then;
+    // records no one waits for ride along, or are synced `lazySync` after they came.
+    std::chrono::microseconds lazySync{2000};
+    // At most one fsync per interval (0: none; a cap for disks where a sync is costly).
+    std::chrono::microseconds syncInterval{0};
     // Blocks reserved ahead of the segment's end, so that an fsync need not commit new
     // blocks to the journal (0: none).
     uint64_t reserveChunk = 4ull << 20;
@@ -54,17 +58,20 @@ class FileAuditSink : public AuditSink {
   ~FileAuditSink() override;
 
   uint64_t append(AuditRecord record) override;
-  // Keys that are the chain's own, or repeated, are left out (they would not verify).
-  uint64_t appendEvent(std::string_view kind, const AuditFields& fields) override;
   std::vector<std::string> tail(size_t n) const override;
   // False once a write or fsync failed (the calls must then be halted).
   bool healthy() const override { return healthy_; }
   uint64_t durableSeq() const override { return durable_; }
+  void requestDurable(uint64_t seq) override;
   void setObserver(AuditObserver* observer) override;
   // Seals the records so far with a checkpoint by the current key, appends a key_rotation
   // record to a new key, signs checkpoints with the new key from then on, and deletes the
   // old private key once the rotation record is durable. Blocks until then.
   Result<KeyRotation> rotateKey() override;
+
+ protected:
+  // Keys that are the chain's own, or repeated, are left out (they would not verify).
+  uint64_t addEvent(std::string_view kind, const AuditFields& fields, AuditSync sync) override;
 
  private:
   explicit FileAuditSink(Options options);
@@ -103,7 +110,12 @@ class FileAuditSink : public AuditSink {
     std::shared_ptr<const Ed25519Key> key, next;  // kCheckpoint: key; kRotation: key -> next
   };
   void enqueue(Pending pending);  // under mutex_
+  // Wakes the writer for a record just queued (under mutex_): at once for kNow, else only
+  // to set the deadline of the first record of a batch.
+  void wakeWriter(AuditSync sync);
   std::vector<Pending> queue_;
+  std::chrono::steady_clock::time_point queuedAt_;  // when queue_ stopped being empty
+  uint64_t wanted_ = 0;                             // records up to here are kNow
   uint64_t queuedSinceCheckpoint_ = 0;
   uint64_t builtSeq_ = 0;                  // records built (and in recent_)
   mutable std::condition_variable built_;  // records queued or built since the last checkpoint

@@ -233,7 +233,7 @@ void ClientSession::reportOutcome() {
       {"duration_us", num(durationUs, sizeof durationUs, (uv_hrtime() - startNs_) / 1000)}};
   // Why it never reached the upstream (an upstream certificate that failed verification…).
   if (!upstreamError_.empty()) fields.emplace_back("error", upstreamError_);
-  worker_.audit().appendEvent("outcome", fields);
+  worker_.audit().appendEvent("outcome", fields, AuditSync::kBatched);  // no one waits for it
 }
 
 void ClientSession::close() {
@@ -686,6 +686,8 @@ void ClientSession::onDecision(const Decision& decided) {
   record.reason = d.reason;
   record.policyDigest = d.policyDigest;
   if (bodyNeed_ > 0) record.paramsSha256 = "sha256:" + sha256Hex(body_);
+  if (d.verdict == Verdict::kAllow || worker_.config().observe)
+    record.sync = AuditSync::kNow;  // forwarded once it is durable
   auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {

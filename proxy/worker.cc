@@ -125,6 +125,7 @@ void Worker::release(ClientSession* session) {
 
 void Worker::awaitDurable(uint64_t seq, ClientSession* session) {
   durableWaiters_.emplace_back(seq, session);
+  shared_.audit->requestDurable(seq);  // a no-op for a record appended with AuditSync::kNow
   // Seen by the writer before it reads durableSeq() again: either it wakes us, or the
   // record is durable already and the check below finds it.
   durableWaiting_.store(true);

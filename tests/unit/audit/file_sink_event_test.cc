@@ -1,9 +1,12 @@
 // FileAuditSink::appendEvent: an event record is chained in order with the calls and still
-// verifies when a caller passes the chain's own or repeated keys (they are left out).
+// verifies when a caller passes the chain's own or repeated keys (they are left out). And the
+// group commit: a record a call waits for is synced at once, a batched one waits for it.
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -41,6 +44,51 @@ TEST(FileSinkEventTest, EventsAreChainedAndVerify) {
   ASSERT_TRUE(key);
   auto v = verifyChain(lines.value(), key.value());
   EXPECT_TRUE(v.ok) << v.reason;
+  std::filesystem::remove_all(dir);
+}
+
+bool durableWithin(const AuditSink& sink, uint64_t seq, std::chrono::milliseconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (sink.durableSeq() < seq && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return sink.durableSeq() >= seq;
+}
+
+TEST(FileSinkSyncTest, BatchedRecordsWaitForARecordACallWaitsFor) {
+  auto dir =
+      std::filesystem::temp_directory_path() / ("tollgate-sink-sync-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  {
+    FileAuditSink::Options options(dir.string());
+    options.lazySync = std::chrono::hours(1);  // a batched record alone is never synced
+    auto opened = FileAuditSink::open(options);
+    ASSERT_TRUE(opened) << opened.error().message;
+    auto& sink = *opened.value();
+    AuditRecord halted;  // a halt: answered without waiting for its record
+    halted.decision = "halt";
+    uint64_t first = sink.append(halted);
+    uint64_t outcome = sink.appendEvent("outcome", {{"call_seq", "0"}}, AuditSync::kBatched);
+    EXPECT_FALSE(durableWithin(sink, first, std::chrono::milliseconds(100)));
+    // An allowed call's record goes at once, and the batched ones before it with it.
+    AuditRecord allowed;
+    allowed.decision = "allow";
+    allowed.sync = AuditSync::kNow;
+    uint64_t awaited = sink.append(allowed);
+    EXPECT_TRUE(durableWithin(sink, awaited, std::chrono::seconds(10)));
+    EXPECT_GT(awaited, outcome);
+    // A batched record someone asks for (Worker::awaitDurable) goes at once too; so does an
+    // event, which is kNow unless its caller says otherwise.
+    uint64_t later = sink.append(halted);
+    EXPECT_FALSE(durableWithin(sink, later, std::chrono::milliseconds(50)));
+    sink.requestDurable(later);
+    EXPECT_TRUE(durableWithin(sink, later, std::chrono::seconds(10)));
+    uint64_t reload = sink.appendEvent("reload", {{"digest", "d"}});
+    EXPECT_TRUE(durableWithin(sink, reload, std::chrono::seconds(10)));
+  }
+  // Nothing was lost at close: every record, then the closing checkpoint.
+  auto lines = readAuditLog(dir.string());
+  ASSERT_TRUE(lines);
+  EXPECT_EQ(lines.value().size(), 6u);
   std::filesystem::remove_all(dir);
 }
 
