@@ -391,6 +391,7 @@ void FileAuditSink::wakeWriter(AuditSync sync) {
 }
 
 void FileAuditSink::requestDurable(uint64_t seq) {
+  if (seq <= wanted_.load(std::memory_order_relaxed)) return;  // appended as kNow: the hot path
   std::lock_guard<std::mutex> lock(mutex_);
   if (seq <= wanted_ || seq <= durable_) return;
   wanted_ = std::min(seq, seq_);

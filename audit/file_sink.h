@@ -115,7 +115,7 @@ class FileAuditSink : public AuditSink {
   void wakeWriter(AuditSync sync);
   std::vector<Pending> queue_;
   std::chrono::steady_clock::time_point queuedAt_;  // when queue_ stopped being empty
-  uint64_t wanted_ = 0;                             // records up to here are kNow
+  std::atomic<uint64_t> wanted_{0};  // records up to here are waited for (written under mutex_)
   uint64_t queuedSinceCheckpoint_ = 0;
   uint64_t builtSeq_ = 0;                  // records built (and in recent_)
   mutable std::condition_variable built_;  // records queued or built since the last checkpoint
