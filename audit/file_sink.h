@@ -44,7 +44,7 @@ class FileAuditSink : public AuditSink {
     std::chrono::milliseconds segmentAge{3'600'000};
     // Told of every durable line and every sealed segment (Redis Stream, export).
     std::vector<std::shared_ptr<AuditReplica>> replicas;
-    // Group commit: a record a call waits for (awaited, requestDurable()) is written and
+    // Group commit: a record a call waits for (AuditSync::kNow, requestDurable()) is written and
     // synced at once, or right after the sync in progress, with every record queued by then;
     // records no one waits for ride along, or are synced `lazySync` after they came.
     std::chrono::microseconds lazySync{2000};
