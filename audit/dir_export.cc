@@ -7,7 +7,6 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "audit/file_sink.h"
@@ -15,17 +14,7 @@
 #include "common/log.h"
 
 namespace tollgate {
-namespace {
-
 namespace fs = std::filesystem;
-
-uint64_t seqOf(const std::string& line) {
-  auto j = nlohmann::json::parse(line, nullptr, false);
-  if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned()) return 0;
-  return j["seq"].get<uint64_t>();
-}
-
-}  // namespace
 
 DirectoryExport::DirectoryExport(std::string logDir, std::string to)
     : logDir_(std::move(logDir)), to_(std::move(to)) {}
@@ -166,14 +155,14 @@ Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines)
     while (end > 0 && d[end - 1] == '\n') --end;
     size_t start = d.rfind('\n', end == 0 ? 0 : end - 1);
     start = start == std::string::npos ? 0 : start + 1;
-    if (end > start) last = seqOf(d.substr(start, end - start));
+    if (end > start) last = auditRecordSeq(d.substr(start, end - start));
   }
   std::string out;
   for (const auto& l : lines) {
-    if (seqOf(l) > last) {
+    if (auditRecordSeq(l) > last) {
       out += l;
       out += '\n';
-      last = seqOf(l);
+      last = auditRecordSeq(l);
     }
   }
   if (out.empty()) return Status::success();

@@ -13,6 +13,8 @@
 #include <filesystem>
 #include <optional>
 
+#include <nlohmann/json.hpp>
+
 #include "common/files.h"
 #include "common/log.h"
 
@@ -83,6 +85,28 @@ std::vector<std::string> auditSegments(const std::string& dir) {
   return out;
 }
 
+namespace {
+
+void splitLines(const std::string& d, std::vector<std::string>& lines) {
+  size_t start = 0;
+  while (start < d.size()) {
+    size_t nl = d.find('\n', start);
+    size_t end = nl == std::string::npos ? d.size() : nl;
+    lines.push_back(d.substr(start, end - start));
+    start = end + 1;
+  }
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> readAuditSegment(const std::string& path) {
+  auto data = readFile(path);
+  if (!data) return data.error();
+  std::vector<std::string> lines;
+  splitLines(data.value(), lines);
+  return lines;
+}
+
 Result<std::vector<std::string>> readAuditLog(const std::string& dir,
                                               std::vector<std::string>* segmentOfLine) {
   std::error_code ec;
@@ -91,17 +115,33 @@ Result<std::vector<std::string>> readAuditLog(const std::string& dir,
   for (const auto& seg : segments(dir)) {
     auto data = readFile(seg.string());
     if (!data) return data.error();
-    size_t start = 0;
-    const std::string& d = data.value();
-    while (start < d.size()) {
-      size_t nl = d.find('\n', start);
-      size_t end = nl == std::string::npos ? d.size() : nl;
-      lines.push_back(d.substr(start, end - start));
-      if (segmentOfLine) segmentOfLine->push_back(seg.filename().string());
-      start = end + 1;
-    }
+    splitLines(data.value(), lines);
+    if (segmentOfLine) segmentOfLine->resize(lines.size(), seg.filename().string());
   }
   return lines;
+}
+
+uint64_t auditRecordSeq(std::string_view line) {
+  auto j = nlohmann::json::parse(line, nullptr, false);
+  if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned()) return 0;
+  return j["seq"].get<uint64_t>();
+}
+
+uint64_t auditSegmentFirstSeq(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  std::string line;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) break;
+    std::string_view chunk(buf, static_cast<size_t>(n));
+    size_t nl = chunk.find('\n');
+    line.append(chunk.substr(0, nl));
+    if (nl != std::string_view::npos) break;
+  }
+  ::close(fd);
+  return auditRecordSeq(line);
 }
 
 FileAuditSink::FileAuditSink(Options options) : options_(std::move(options)) {}

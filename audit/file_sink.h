@@ -137,4 +137,14 @@ std::vector<std::string> auditSegments(const std::string& dir);
 Result<std::vector<std::string>> readAuditLog(const std::string& dir,
                                               std::vector<std::string>* segmentOfLine = nullptr);
 
+// The lines of one segment file. Error: unreadable.
+Result<std::vector<std::string>> readAuditSegment(const std::string& path);
+
+// The seq of a record line (0: not a record).
+uint64_t auditRecordSeq(std::string_view line);
+
+// The seq of a segment's first record, read without reading the rest (0: empty or
+// unreadable): with it a reader finds the segment holding a seq, not the whole log.
+uint64_t auditSegmentFirstSeq(const std::string& path);
+
 }  // namespace tollgate

@@ -139,15 +139,29 @@ bool RedisStreamReplica::send(uint64_t first, const std::vector<std::string>& li
 }
 
 std::vector<std::string> RedisStreamReplica::readLog(uint64_t from, uint64_t to) {
-  // Read once per catch-up, not per batch.
-  if (logCache_.size() < to) {
-    auto lines = readAuditLog(options_.logDir);
-    logCache_ = lines ? std::move(lines.value()) : std::vector<std::string>{};
-  }
   std::vector<std::string> out;
-  // Line i of the log is seq i + 1 (verified at the sink's start).
-  for (uint64_t seq = from; seq <= to && seq <= logCache_.size(); ++seq)
-    out.push_back(logCache_[seq - 1]);
+  while (from <= to) {
+    if (from < cacheFirst_ || from - cacheFirst_ >= logCache_.size()) {
+      // The segment holding `from`: the last one that begins at or before it.
+      std::string holding;
+      for (const auto& seg : auditSegments(options_.logDir)) {
+        uint64_t first = auditSegmentFirstSeq(seg);
+        if (first == 0) continue;  // empty (just begun)
+        if (first > from) break;
+        holding = seg;
+        cacheFirst_ = first;
+      }
+      logCache_.clear();
+      if (holding.empty()) break;
+      auto lines = readAuditSegment(holding);
+      if (!lines) break;
+      logCache_ = std::move(lines.value());
+      if (from - cacheFirst_ >= logCache_.size()) break;  // not in the log
+    }
+    // A segment's lines are consecutive seqs (verified at the sink's start).
+    for (; from <= to && from - cacheFirst_ < logCache_.size(); ++from)
+      out.push_back(logCache_[from - cacheFirst_]);
+  }
   return out;
 }
 

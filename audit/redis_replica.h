@@ -54,7 +54,9 @@ class RedisStreamReplica : public AuditReplica {
   void disconnect();
   // Sends lines[i] as seq first+i; false on a transport or server error.
   bool send(uint64_t first, const std::vector<std::string>& lines);
-  // The lines with seq in [from, to] read from the log's segments.
+  // The lines with seq in [from, to] read from the log: from the segment holding `from` and
+  // the ones after it, one segment in memory at a time (a catch-up from seq 1 of a long log
+  // must not read the whole log into memory).
   std::vector<std::string> readLog(uint64_t from, uint64_t to);
 
   Options options_;
@@ -65,7 +67,8 @@ class RedisStreamReplica : public AuditReplica {
   bool stopping_ = false;
   std::atomic<uint64_t> replicated_{0}, dropped_{0};
   bool warnedDown_ = false;
-  std::vector<std::string> logCache_;  // the log's lines while catching up
+  std::vector<std::string> logCache_;  // while catching up: a segment's lines…
+  uint64_t cacheFirst_ = 0;            // …the first of which has this seq
   std::thread thread_;
 };
 

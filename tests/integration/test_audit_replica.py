@@ -57,22 +57,25 @@ class AuditReplicaTest(unittest.TestCase):
         self.assertEqual([e[1] for e in entries], lines)
         return lines
 
+    def wait_replicated(self, tg, at_least):
+        """The replica's metrics once it holds every record up to `at_least` and lags none."""
+        def replica_metrics():
+            _, text = tg.admin("/metrics")
+            vals = {}
+            for line in text.decode().splitlines():
+                if line.startswith("tollgate_audit_replica_") or line.startswith("tollgate_audit_records_total"):
+                    name, value = line.rsplit(" ", 1)
+                    vals[name] = float(value)
+            return vals if vals.get("tollgate_audit_replica_lag_records") == 0 and \
+                vals.get("tollgate_audit_replica_seq", 0) >= at_least else None
+        return wait_for(replica_metrics, timeout=10, what="the replica caught up, in /metrics")
+
     def test_every_record_is_in_the_stream_once_and_in_order(self):
         with RedisServer() as redis, HttpOrigin() as origin:
             tg = self.sidecar({"replica": {"url": redis.url}})
             with tg:
                 calls(tg, origin, 20, "a")
-
-                def replica_metrics():
-                    _, text = tg.admin("/metrics")
-                    vals = {}
-                    for line in text.decode().splitlines():
-                        if line.startswith("tollgate_audit_replica_") or line.startswith("tollgate_audit_records_total"):
-                            name, value = line.rsplit(" ", 1)
-                            vals[name] = float(value)
-                    return vals if vals.get("tollgate_audit_replica_lag_records") == 0 and \
-                        vals.get("tollgate_audit_replica_seq", 0) >= 40 else None
-                vals = wait_for(replica_metrics, timeout=5, what="the replica caught up, in /metrics")
+                vals = self.wait_replicated(tg, 40)
                 self.assertEqual(vals["tollgate_audit_replica_dropped_records"], 0)
                 self.assertEqual(tg.stop(), 0)
             lines = self.assertStreamIsTheLog(redis)
@@ -106,6 +109,24 @@ class AuditReplicaTest(unittest.TestCase):
                 self.assertGreater(len(self.assertStreamIsTheLog(redis)), first + 7)
             finally:
                 redis.__exit__(None, None, None)
+
+    def test_a_catch_up_reads_the_log_segment_by_segment(self):
+        # A log of many small segments written without the replica; the next sidecar, with
+        # it, fills the empty stream from seq 1 across every segment (reading the one that
+        # holds the next seq each time, not the whole log).
+        with RedisServer() as redis, HttpOrigin() as origin:
+            plain = self.sidecar({"segment_size": "4k"})
+            with plain:
+                calls(plain, origin, 40, "plain")
+                self.assertEqual(plain.stop(), 0)
+            self.assertGreater(len(glob.glob(os.path.join(self.audit, "segment-*.jsonl"))), 5)
+            tg = self.sidecar({"segment_size": "4k", "replica": {"url": redis.url}})
+            with tg:
+                calls(tg, origin, 2, "after")
+                self.wait_replicated(tg, len(log_lines(self.audit)))
+                self.assertEqual(tg.stop(), 0)
+            lines = self.assertStreamIsTheLog(redis)
+            self.assertEqual(sum(json.loads(l)["kind"] == "call" for l in lines), 42)
 
     def test_sealed_segments_and_checkpoints_are_exported_and_verify(self):
         export = os.path.join(self.tmp, "archive")
