@@ -46,17 +46,19 @@ std::string AuditChain::seal(std::string line) {
 }
 
 void AuditChain::resume(const std::vector<std::string>& lines) {
-  for (const auto& line : lines) {
-    Json r = Json::parse(line);
-    seq_ = r["seq"].get<uint64_t>();
-    lastTs_ = std::max(lastTs_, r["ts_ns"].get<int64_t>());
-    prev_ = lineHash(line);
-    tree_.append(leafHash(line));
-    ++sinceCheckpoint_;
-    if (r["kind"] == "checkpoint") {
-      prevCheckpoint_ = prev_;
-      sinceCheckpoint_ = 0;
-    }
+  for (const auto& line : lines) resume(line);
+}
+
+void AuditChain::resume(std::string_view line) {
+  Json r = Json::parse(line);
+  seq_ = r["seq"].get<uint64_t>();
+  lastTs_ = std::max(lastTs_, r["ts_ns"].get<int64_t>());
+  prev_ = lineHash(line);
+  tree_.append(leafHash(line));
+  ++sinceCheckpoint_;
+  if (r["kind"] == "checkpoint") {
+    prevCheckpoint_ = prev_;
+    sinceCheckpoint_ = 0;
   }
 }
 
@@ -224,119 +226,127 @@ const KeyWindow* findKey(const Keyring& ring, const std::string& id) {
   return nullptr;
 }
 
+}  // namespace
+
+ChainVerifier::ChainVerifier(const Ed25519Key& anchor, const Keyring* pinned) : pinned_(pinned) {
+  // The derived keyring: the anchor from seq 1, each rotation's new key after it.
+  v_.keyring.push_back({anchor, 1, 0});
+}
+
+bool ChainVerifier::add(const std::string& line) {
+  if (!v_.ok) return false;
+  auto bad = [this](uint64_t at, std::string reason) {
+    v_.ok = false;
+    v_.line = at;
+    v_.reason = std::move(reason);
+    return false;
+  };
+  uint64_t n = v_.records + 1;
+  auto canon = canonicalJson(line);
+  if (!canon) return bad(n, "not a JSON record: " + canon.error().message);
+  if (canon.value() != line) return bad(n, "not canonical JSON (the record was rewritten)");
+  Json r = Json::parse(line);
+  if (!r.is_object()) return bad(n, "not a JSON object");
+  for (const char* k : kOwnKeys) {
+    if (!r.contains(k)) return bad(n, std::string("missing \"") + k + "\"");
+  }
+  if (r["v"] != 1) return bad(n, "unknown record version");
+  if (!r["seq"].is_number_unsigned() || !r["ts_ns"].is_number_integer() || !r["prev"].is_string() ||
+      !r["log_id"].is_string() || !r["kind"].is_string())
+    return bad(n, "a chain field has the wrong type");
+  if (!kKinds.count(r["kind"].get<std::string>()))
+    return bad(n, "unknown record kind \"" + r["kind"].get<std::string>() + "\"");
+  if (n == 1) logId_ = r["log_id"].get<std::string>();
+  if (r["log_id"] != logId_)
+    return bad(n, "record of another log (" + r["log_id"].get<std::string>() + ")");
+  uint64_t seq = r["seq"].get<uint64_t>();
+  if (seq != n) {
+    return bad(n, "sequence broken: expected seq " + std::to_string(n) + ", found " +
+                      std::to_string(seq) +
+                      (seq > n ? " (records missing)" : " (records repeated or reordered)"));
+  }
+  if (r["prev"] != prev_)
+    return bad(n, "broken link: prev is not the hash of record " + std::to_string(n - 1));
+  int64_t ts = r["ts_ns"].get<int64_t>();
+  if (ts < lastTs_) return bad(n, "time goes backwards (ts_ns below the previous record's)");
+  lastTs_ = ts;
+  if (r["kind"] == "checkpoint") {
+    if (!r.contains("tree_size") || !r.contains("root") || !r.contains("prev_checkpoint") ||
+        !r.contains("key_id") || !r.contains("sig") || !r["sig"].is_string() ||
+        !r["key_id"].is_string() || !r["root"].is_string())
+      return bad(n, "checkpoint without tree_size, root, prev_checkpoint, key_id and sig");
+    if (r["tree_size"] != tree_.size())
+      return bad(n, "checkpoint tree_size " + r["tree_size"].dump() + " is not the " +
+                        std::to_string(tree_.size()) +
+                        " records before it (a replayed checkpoint?)");
+    if (r["root"] != toHex(tree_.root()))
+      return bad(n, "checkpoint root does not match the records before it (a record was changed)");
+    if (r["prev_checkpoint"] != prevCheckpoint_)
+      return bad(n, "checkpoint does not link the previous checkpoint (a fork or a replay)");
+    std::string keyId = r["key_id"].get<std::string>();
+    const KeyWindow& active = v_.keyring.back();
+    if (keyId != active.key.id()) {
+      const KeyWindow* used = findKey(v_.keyring, keyId);
+      if (used)
+        return bad(n, "checkpoint signed by key " + keyId +
+                          " outside its validity window (retired at seq " +
+                          std::to_string(used->toSeq) + ")");
+      if (pinned_ && findKey(*pinned_, keyId))
+        return bad(n, "checkpoint signed by key " + keyId + " before any key rotation to it" +
+                          " (the active key is " + active.key.id() + ")");
+      return bad(n, "checkpoint signed by an unknown key " + keyId);
+    }
+    if (pinned_) {
+      const KeyWindow* w = findKey(*pinned_, keyId);
+      if (!w)
+        return bad(n, "checkpoint signed by key " + keyId + ", which the keyring does not list");
+      if (seq < w->fromSeq || (w->toSeq && seq > w->toSeq))
+        return bad(n, "checkpoint signed by key " + keyId + " outside its validity window (" +
+                          window(*w) + " in the keyring)");
+    }
+    if (!checkpointSignatureValid(r, active.key))
+      return bad(n, "checkpoint signature does not verify");
+    prevCheckpoint_ = lineHash(line);
+    ++v_.checkpoints;
+    v_.unsealed = 0;
+    v_.lastCheckpoint = line;
+  } else if (r["kind"] == "key_rotation") {
+    auto next = checkKeyRotation(r, v_.keyring.back().key);
+    if (!next) return bad(n, next.error().message);
+    std::string newId = next.value().id();
+    if (const KeyWindow* used = findKey(v_.keyring, newId))
+      return bad(n, "key rotation to key " + newId + ", which this log retired at seq " +
+                        std::to_string(used->toSeq));
+    if (pinned_) {
+      const KeyWindow* o = findKey(*pinned_, v_.keyring.back().key.id());
+      if (o && (seq < o->fromSeq || (o->toSeq && seq > o->toSeq)))
+        return bad(n, "key rotation signed by key " + o->key.id() +
+                          " outside its validity window (" + window(*o) + " in the keyring)");
+      const KeyWindow* w = findKey(*pinned_, newId);
+      if (!w || w->key.rawPublic() != next.value().rawPublic())
+        return bad(n, "key rotation to key " + newId + ", which the keyring does not list");
+    }
+    v_.keyring.back().toSeq = seq;
+    v_.keyring.push_back({next.value(), seq + 1, 0});
+    ++v_.unsealed;
+  } else {
+    ++v_.unsealed;
+  }
+  prev_ = lineHash(line);
+  tree_.append(leafHash(line));
+  ++v_.records;
+  return true;
+}
+
+namespace {
+
 ChainVerdict verifyChainImpl(const std::vector<std::string>& lines, const Ed25519Key& anchor,
                              const Keyring* pinned) {
-  ChainVerdict v;
-  // The derived keyring: the anchor from seq 1, each rotation's new key after it.
-  v.keyring.push_back({anchor, 1, 0});
-  auto bad = [&](uint64_t line, std::string reason) {
-    v.ok = false;
-    v.line = line;
-    v.reason = std::move(reason);
-    return v;
-  };
-  std::string logId, prev = std::string(64, '0'), prevCheckpoint = std::string(64, '0');
-  int64_t lastTs = 0;
-  MerkleAccumulator tree;
-  for (size_t i = 0; i < lines.size(); ++i) {
-    const std::string& line = lines[i];
-    uint64_t n = i + 1;
-    auto canon = canonicalJson(line);
-    if (!canon) return bad(n, "not a JSON record: " + canon.error().message);
-    if (canon.value() != line) return bad(n, "not canonical JSON (the record was rewritten)");
-    Json r = Json::parse(line);
-    if (!r.is_object()) return bad(n, "not a JSON object");
-    for (const char* k : kOwnKeys) {
-      if (!r.contains(k)) return bad(n, std::string("missing \"") + k + "\"");
-    }
-    if (r["v"] != 1) return bad(n, "unknown record version");
-    if (!r["seq"].is_number_unsigned() || !r["ts_ns"].is_number_integer() ||
-        !r["prev"].is_string() || !r["log_id"].is_string() || !r["kind"].is_string())
-      return bad(n, "a chain field has the wrong type");
-    if (!kKinds.count(r["kind"].get<std::string>()))
-      return bad(n, "unknown record kind \"" + r["kind"].get<std::string>() + "\"");
-    if (i == 0) logId = r["log_id"].get<std::string>();
-    if (r["log_id"] != logId)
-      return bad(n, "record of another log (" + r["log_id"].get<std::string>() + ")");
-    uint64_t seq = r["seq"].get<uint64_t>();
-    if (seq != n) {
-      return bad(n, "sequence broken: expected seq " + std::to_string(n) + ", found " +
-                        std::to_string(seq) +
-                        (seq > n ? " (records missing)" : " (records repeated or reordered)"));
-    }
-    if (r["prev"] != prev)
-      return bad(n, "broken link: prev is not the hash of record " + std::to_string(n - 1));
-    int64_t ts = r["ts_ns"].get<int64_t>();
-    if (ts < lastTs) return bad(n, "time goes backwards (ts_ns below the previous record's)");
-    lastTs = ts;
-    if (r["kind"] == "checkpoint") {
-      if (!r.contains("tree_size") || !r.contains("root") || !r.contains("prev_checkpoint") ||
-          !r.contains("key_id") || !r.contains("sig") || !r["sig"].is_string() ||
-          !r["key_id"].is_string() || !r["root"].is_string())
-        return bad(n, "checkpoint without tree_size, root, prev_checkpoint, key_id and sig");
-      if (r["tree_size"] != tree.size())
-        return bad(n, "checkpoint tree_size " + r["tree_size"].dump() + " is not the " +
-                          std::to_string(tree.size()) +
-                          " records before it (a replayed checkpoint?)");
-      if (r["root"] != toHex(tree.root()))
-        return bad(n,
-                   "checkpoint root does not match the records before it (a record was changed)");
-      if (r["prev_checkpoint"] != prevCheckpoint)
-        return bad(n, "checkpoint does not link the previous checkpoint (a fork or a replay)");
-      std::string keyId = r["key_id"].get<std::string>();
-      const KeyWindow& active = v.keyring.back();
-      if (keyId != active.key.id()) {
-        const KeyWindow* used = findKey(v.keyring, keyId);
-        if (used)
-          return bad(n, "checkpoint signed by key " + keyId +
-                            " outside its validity window (retired at seq " +
-                            std::to_string(used->toSeq) + ")");
-        if (pinned && findKey(*pinned, keyId))
-          return bad(n, "checkpoint signed by key " + keyId + " before any key rotation to it" +
-                            " (the active key is " + active.key.id() + ")");
-        return bad(n, "checkpoint signed by an unknown key " + keyId);
-      }
-      if (pinned) {
-        const KeyWindow* w = findKey(*pinned, keyId);
-        if (!w)
-          return bad(n, "checkpoint signed by key " + keyId + ", which the keyring does not list");
-        if (seq < w->fromSeq || (w->toSeq && seq > w->toSeq))
-          return bad(n, "checkpoint signed by key " + keyId + " outside its validity window (" +
-                            window(*w) + " in the keyring)");
-      }
-      if (!checkpointSignatureValid(r, active.key))
-        return bad(n, "checkpoint signature does not verify");
-      prevCheckpoint = lineHash(line);
-      ++v.checkpoints;
-      v.unsealed = 0;
-      v.lastCheckpoint = line;
-    } else if (r["kind"] == "key_rotation") {
-      auto next = checkKeyRotation(r, v.keyring.back().key);
-      if (!next) return bad(n, next.error().message);
-      std::string newId = next.value().id();
-      if (const KeyWindow* used = findKey(v.keyring, newId))
-        return bad(n, "key rotation to key " + newId + ", which this log retired at seq " +
-                          std::to_string(used->toSeq));
-      if (pinned) {
-        const KeyWindow* o = findKey(*pinned, v.keyring.back().key.id());
-        if (o && (seq < o->fromSeq || (o->toSeq && seq > o->toSeq)))
-          return bad(n, "key rotation signed by key " + o->key.id() +
-                            " outside its validity window (" + window(*o) + " in the keyring)");
-        const KeyWindow* w = findKey(*pinned, newId);
-        if (!w || w->key.rawPublic() != next.value().rawPublic())
-          return bad(n, "key rotation to key " + newId + ", which the keyring does not list");
-      }
-      v.keyring.back().toSeq = seq;
-      v.keyring.push_back({next.value(), seq + 1, 0});
-      ++v.unsealed;
-    } else {
-      ++v.unsealed;
-    }
-    prev = lineHash(line);
-    tree.append(leafHash(line));
-    ++v.records;
+  ChainVerifier verifier(anchor, pinned);
+  for (const auto& line : lines) {
+    if (!verifier.add(line)) break;
   }
-  return v;
+  return verifier.verdict();
 }
 
 }  // namespace

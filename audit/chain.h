@@ -44,8 +44,9 @@ class AuditChain {
   // A key_rotation record from `oldKey` to `newKey`, signed by both.
   std::string keyRotation(const Ed25519Key& oldKey, const Ed25519Key& newKey, int64_t tsNs);
 
-  // Continues after `lines`, a log that verifyChain() accepted.
+  // Continues after `lines`, a log that verifyChain() accepted; or after one more line.
   void resume(const std::vector<std::string>& lines);
+  void resume(std::string_view line);
 
   uint64_t size() const { return tree_.size(); }
   uint64_t sinceCheckpoint() const { return sinceCheckpoint_; }
@@ -90,6 +91,23 @@ struct ChainVerdict {
   uint64_t unsealed = 0;       // records after the last checkpoint
   std::string lastCheckpoint;  // its line
   Keyring keyring;             // the keys the log used, with their windows (so far)
+};
+
+// verifyChain() a line at a time, so that a log is checked as it is read, one segment in
+// memory at a time. add() is false from the first bad line on; verdict() says why.
+class ChainVerifier {
+ public:
+  // `pinned` (or none): as verifyChain(lines, pinned) below; it must outlive the verifier.
+  explicit ChainVerifier(const Ed25519Key& anchor, const Keyring* pinned = nullptr);
+  bool add(const std::string& line);
+  const ChainVerdict& verdict() const { return v_; }
+
+ private:
+  ChainVerdict v_;
+  const Keyring* pinned_;
+  std::string logId_, prev_ = std::string(64, '0'), prevCheckpoint_ = std::string(64, '0');
+  int64_t lastTs_ = 0;
+  MerkleAccumulator tree_;
 };
 
 // Trusting `anchor`, the log's first key: each key_rotation must be signed by the active

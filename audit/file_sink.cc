@@ -196,21 +196,38 @@ Status FileAuditSink::start() {
       torn = aside.filename().string() + ":" + std::to_string(d.size() - keep);
     }
   }
-  std::vector<std::string> segOf;
-  auto lines = readAuditLog(dir.string(), &segOf);
-  if (!lines) return lines.error();
-  if (auto st = loadKeys(lines.value(), segOf); !st) return st;
-  chain_->resume(lines.value());
-  seq_ = lines.value().size();
+  // The log is read one segment at a time, verified and the chain resumed as it goes: a
+  // long log is never in memory whole.
+  bool emptyLog = true;
+  for (const auto& seg : segments(dir)) emptyLog = emptyLog && fs::file_size(seg, ec) == 0;
+  auto scan = [&](const Ed25519Key& anchor, ChainVerdict& verdict) -> Status {
+    ChainVerifier verifier(anchor);
+    for (const auto& seg : segments(dir)) {
+      auto lines = readAuditSegment(seg.string());
+      if (!lines) return lines.error();
+      for (auto& line : lines.value()) {
+        if (!verifier.add(line)) {
+          const ChainVerdict& bad = verifier.verdict();
+          return Error{-1, "audit log " + options_.dir + " does not verify at " +
+                               seg.filename().string() + " record " + std::to_string(bad.line) +
+                               ": " + bad.reason + " (move it aside to start a new log)"};
+        }
+        chain_->resume(line);
+        recent_.push_back(std::move(line));
+        if (recent_.size() > kRecent) recent_.pop_front();
+      }
+    }
+    verdict = verifier.verdict();
+    return Status::success();
+  };
+  if (auto st = loadKeys(emptyLog, scan); !st) return st;
+  seq_ = chain_->size();
   queuedSinceCheckpoint_ = chain_->sinceCheckpoint();
   builtSeq_ = seq_;
-  for (size_t i = lines.value().size() > kRecent ? lines.value().size() - kRecent : 0;
-       i < lines.value().size(); ++i)
-    recent_.push_back(lines.value()[i]);
 
   segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
   // A log sealed at shutdown continues in a new segment: the last one is complete.
-  bool sealed = !lines.value().empty() && torn.empty() && isCheckpointLine(lines.value().back());
+  bool sealed = !recent_.empty() && torn.empty() && isCheckpointLine(recent_.back());
   if (sealed) {
     for (auto& r : options_.replicas) r->onSealed(segs.back().string());
     ++segmentNumber_;
@@ -233,8 +250,7 @@ Status FileAuditSink::start() {
   return Status::success();
 }
 
-Status FileAuditSink::loadKeys(const std::vector<std::string>& lines,
-                               const std::vector<std::string>& segOf) {
+Status FileAuditSink::loadKeys(bool emptyLog, const LogScan& scan) {
   fs::path keys = fs::path(options_.dir) / "keys";
   fs::path keyFile = keys / "ed25519.key", nextFile = keys / "ed25519.key.next";
   fs::path anchorFile = keys / "anchor.pub";
@@ -249,7 +265,7 @@ Status FileAuditSink::loadKeys(const std::vector<std::string>& lines,
     auto k = readPrivateKey(nextFile);
     if (k) next = k.value();  // torn by a crash before the rotation: the log cannot name it
   }
-  if (lines.empty()) {
+  if (emptyLog) {
     // A new log: its first key is the anchor.
     if (!current) {
       auto k = Ed25519Key::generate();
@@ -274,12 +290,8 @@ Status FileAuditSink::loadKeys(const std::vector<std::string>& lines,
     anchor = k.value();
   }
   if (!anchor) return Error{-1, "audit log " + options_.dir + " has no key in " + keys.string()};
-  auto verdict = verifyChain(lines, *anchor);
-  if (!verdict.ok) {
-    return Error{-1, "audit log " + options_.dir + " does not verify at " +
-                         segOf[verdict.line - 1] + " record " + std::to_string(verdict.line) +
-                         ": " + verdict.reason + " (move it aside to start a new log)"};
-  }
+  ChainVerdict verdict;
+  if (auto st = scan(*anchor, verdict); !st) return st;
   std::string activeId = verdict.keyring.back().key.id();
   if (current && current->id() == activeId) {
     fs::remove(nextFile, ec);  // a rotation whose record never became durable

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -76,9 +77,11 @@ class FileAuditSink : public AuditSink {
  private:
   explicit FileAuditSink(Options options);
   Status start();
-  // Verifies `lines` from the log's anchor key and takes the private key of the key active
-  // after its rotations (finishing a rotation a crash interrupted).
-  Status loadKeys(const std::vector<std::string>& lines, const std::vector<std::string>& segOf);
+  // Reads the log through `scan`, which verifies it from the log's anchor key, and takes the
+  // private key of the key active after its rotations (finishing a rotation a crash
+  // interrupted). A new log (emptyLog) gets its first key instead.
+  using LogScan = std::function<Status(const Ed25519Key& anchor, ChainVerdict& verdict)>;
+  Status loadKeys(bool emptyLog, const LogScan& scan);
   Status openSegment(uint64_t number);
   void closeSegment();
   void reserve(uint64_t bytes);  // blocks for the next write, ahead of the file's end

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -78,6 +79,61 @@ TEST(FileSinkTest, ATornFinalRecordAtEveryOffsetIsMovedAsideAndRecorded) {
     fs::remove_all(d);
   }
   fs::remove_all(base);
+}
+
+// A log of many segments is read back one segment at a time at start: it resumes where it
+// was (seq, chain, tail), and a record changed in a middle segment stops the start with that
+// segment's name and the record's number.
+TEST(FileSinkTest, ALogOfManySegmentsResumesAndNamesTheSegmentOfABadRecord) {
+  fs::path dir = fs::temp_directory_path() / ("tollgate-segs-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  options.segmentBytes = 2048;
+  options.checkpointEvery = 8;
+  auto write = [&](int from, int n) {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    for (int i = from; i < from + n; ++i) {
+      AuditRecord r;
+      r.agent = "agent-" + std::to_string(i);
+      r.decision = "allow";
+      r.sync = AuditSync::kNow;
+      uint64_t seq = sink.value()->append(r);
+      while (sink.value()->durableSeq() < seq) std::this_thread::yield();
+    }
+  };
+  write(0, 60);
+  auto segs = auditSegments(dir.string());
+  ASSERT_GT(segs.size(), 4u);
+  write(60, 5);  // resumed after every segment: the chain goes on and verifies
+  auto lines = readAuditLog(dir.string()).value();
+  EXPECT_EQ(nlohmann::json::parse(lines.back())["kind"], "checkpoint");
+  auto v = verifyDir(dir);
+  EXPECT_TRUE(v.ok) << v.reason;
+  {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    auto tail = sink.value()->tail(3);
+    ASSERT_EQ(tail.size(), 3u);
+    EXPECT_EQ(tail.back(), lines.back());
+  }
+  // One record of the second segment rewritten (same length): the start refuses the log.
+  auto seg = readAuditSegment(segs[1]).value();
+  std::string changed = seg[1];
+  auto at = changed.find("agent-");
+  ASSERT_NE(at, std::string::npos);
+  changed[at] = 'A';
+  auto data = readFile(segs[1]).value();
+  data.replace(data.find(seg[1]), seg[1].size(), changed);
+  ASSERT_TRUE(writeFileAtomic(segs[1], data, 0600));
+  uint64_t badSeq = nlohmann::json::parse(seg[2])["seq"].get<uint64_t>();  // its link breaks
+  auto refused = FileAuditSink::open(options);
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message.find(fs::path(segs[1]).filename().string() + " record " +
+                                         std::to_string(badSeq)),
+            std::string::npos)
+      << refused.error().message;
+  fs::remove_all(dir);
 }
 
 }  // namespace
