@@ -131,20 +131,32 @@ std::string printable(std::string text) {
   return text;
 }
 
+// Where a line of the log is: its segment and its line within it.
+struct LineAt {
+  std::string segment;
+  size_t within = 0;
+};
+
 // "INVALID segment-NNNNNN.jsonl:LINE (record SEQ): reason", or "INVALID DIR: reason" for a
-// reason about the whole log (line 0).
-int printInvalid(std::FILE* out, const VerifiedLog& log, const std::string& dir, uint64_t line,
+// reason about the whole log (line 0, or no place known).
+int printInvalid(std::FILE* out, const std::string& dir, uint64_t line, const LineAt* at,
                  const std::string& reason) {
-  if (line == 0 || line > log.lines.size()) {
+  if (line == 0 || !at) {
     std::fprintf(out, "INVALID %s: %s\n", dir.c_str(), printable(reason).c_str());
     return 1;
   }
-  size_t within = 0;  // the line within its segment
-  for (size_t i = 0; i < line; ++i)
-    within = i > 0 && log.segmentOf[i] != log.segmentOf[i - 1] ? 1 : within + 1;
-  std::fprintf(out, "INVALID %s:%zu (record %llu): %s\n", log.segmentOf[line - 1].c_str(), within,
+  std::fprintf(out, "INVALID %s:%zu (record %llu): %s\n", at->segment.c_str(), at->within,
                static_cast<unsigned long long>(line), printable(reason).c_str());
   return 1;
+}
+
+int printInvalid(std::FILE* out, const VerifiedLog& log, const std::string& dir, uint64_t line,
+                 const std::string& reason) {
+  if (line == 0 || line > log.lines.size()) return printInvalid(out, dir, 0, nullptr, reason);
+  LineAt at{log.segmentOf[line - 1], 0};
+  for (size_t i = 0; i < line; ++i)
+    at.within = i > 0 && log.segmentOf[i] != log.segmentOf[i - 1] ? 1 : at.within + 1;
+  return printInvalid(out, dir, line, &at, reason);
 }
 
 int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
@@ -177,14 +189,51 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
     }
     trusted = loaded.value();
   }
-  auto log = readAndVerify(dir, *trust, err);
-  if (!log) return 2;
-  const ChainVerdict& v = log->verdict;
-  if (!v.ok) return printInvalid(out, *log, dir, v.line, v.reason);
+  // Streamed, one segment in memory at a time: a log of any length verifies. Kept on the
+  // way: where the lines the reasons can name are, and what the state check needs.
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    std::fprintf(err, "tollgate: %s is not a directory\n", dir.c_str());
+    return 2;
+  }
+  if (trust->pinned && trust->pinned->empty())
+    return printInvalid(out, dir, 0, nullptr, "an empty keyring trusts no key");
+  ChainVerifier verifier(trust->first(), trust->pinned ? &*trust->pinned : nullptr);
+  uint64_t count = 0;
+  std::string firstLine, atTrusted;
+  LineAt bad, first, trustedAt;
+  for (const auto& seg : auditSegments(dir)) {
+    auto lines = readAuditSegment(seg);
+    if (!lines) {
+      std::fprintf(err, "tollgate: %s\n", lines.error().message.c_str());
+      return 2;
+    }
+    LineAt at{std::filesystem::path(seg).filename().string(), 0};
+    for (const auto& line : lines.value()) {
+      ++count;
+      ++at.within;
+      if (count == 1) {
+        firstLine = line;
+        first = at;
+      }
+      if (trusted && count == trusted->seq) {
+        atTrusted = line;
+        trustedAt = at;
+      }
+      if (!verifier.add(line)) {
+        bad = at;
+        break;
+      }
+    }
+    if (!verifier.verdict().ok) break;
+  }
+  const ChainVerdict& v = verifier.verdict();
+  if (!v.ok) return printInvalid(out, dir, v.line, &bad, v.reason);
   if (trusted) {
-    auto sv = checkTrustedCheckpoint(log->lines, *trusted);
+    auto sv = checkTrustedCheckpoint(firstLine, count, atTrusted, *trusted);
+    const LineAt* where = sv.line == 1 ? &first : sv.line == trusted->seq ? &trustedAt : nullptr;
     if (!sv.ok)
-      return printInvalid(out, *log, dir, sv.line, sv.reason + " (state " + statePath + ")");
+      return printInvalid(out, dir, sv.line, where, sv.reason + " (state " + statePath + ")");
   }
   std::fprintf(
       out, "ok: %llu records, %llu checkpoints, %llu after the last checkpoint (unsealed)\n",

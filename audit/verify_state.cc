@@ -125,21 +125,27 @@ Status saveVerifyState(const std::string& path, const TrustedCheckpoint& trusted
 
 StateVerdict checkTrustedCheckpoint(const std::vector<std::string>& lines,
                                     const TrustedCheckpoint& t) {
+  return checkTrustedCheckpoint(lines.empty() ? std::string_view() : lines.front(), lines.size(),
+                                t.seq >= 1 && t.seq <= lines.size() ? lines[t.seq - 1] : "", t);
+}
+
+StateVerdict checkTrustedCheckpoint(std::string_view firstLine, uint64_t lines,
+                                    std::string_view lineAtSeq, const TrustedCheckpoint& t) {
   auto bad = [](uint64_t line, std::string reason) {
     return StateVerdict{false, line, std::move(reason)};
   };
   const std::string at = "the trusted checkpoint (seq " + std::to_string(t.seq) + ", tree size " +
                          std::to_string(t.treeSize) + ")";
-  if (lines.empty()) return bad(0, "truncated: the log is empty, but " + at + " was seen");
-  Json first = Json::parse(lines.front(), nullptr, false);
+  if (lines == 0) return bad(0, "truncated: the log is empty, but " + at + " was seen");
+  Json first = Json::parse(firstLine, nullptr, false);
   std::string logId = stringField(first, "log_id");
   if (logId != t.logId)
     return bad(1, "another log: log id " + logId + " is not the trusted log " + t.logId +
                       " (the log was replaced)");
-  if (lines.size() < t.seq)
-    return bad(0, "truncated: the log has " + std::to_string(lines.size()) +
-                      " records, fewer than " + at + " covers");
-  const std::string& line = lines[t.seq - 1];
+  if (lines < t.seq)
+    return bad(0, "truncated: the log has " + std::to_string(lines) + " records, fewer than " + at +
+                      " covers");
+  std::string_view line = lineAtSeq;
   Json r = Json::parse(line, nullptr, false);
   if (!r.is_object() || stringField(r, "kind") != "checkpoint")
     return bad(t.seq, at + " is gone: record " + std::to_string(t.seq) +

@@ -49,5 +49,9 @@ struct StateVerdict {
 // place (and so every record it committed): else truncation, rollback, fork or another log.
 StateVerdict checkTrustedCheckpoint(const std::vector<std::string>& lines,
                                     const TrustedCheckpoint& trusted);
+// The same from what a reader streaming the log kept: its first line, its number of lines,
+// and its line at the trusted checkpoint's seq (empty when the log is shorter).
+StateVerdict checkTrustedCheckpoint(std::string_view firstLine, uint64_t lines,
+                                    std::string_view lineAtSeq, const TrustedCheckpoint& trusted);
 
 }  // namespace tollgate
