@@ -202,30 +202,23 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
   uint64_t count = 0;
   std::string firstLine, atTrusted;
   LineAt bad, first, trustedAt;
-  for (const auto& seg : auditSegments(dir)) {
-    auto lines = readAuditSegment(seg);
-    if (!lines) {
-      std::fprintf(err, "tollgate: %s\n", lines.error().message.c_str());
-      return 2;
+  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
+    ++count;
+    if (count == 1) {
+      firstLine = line;
+      first = {segment, n};
     }
-    LineAt at{std::filesystem::path(seg).filename().string(), 0};
-    for (const auto& line : lines.value()) {
-      ++count;
-      ++at.within;
-      if (count == 1) {
-        firstLine = line;
-        first = at;
-      }
-      if (trusted && count == trusted->seq) {
-        atTrusted = line;
-        trustedAt = at;
-      }
-      if (!verifier.add(line)) {
-        bad = at;
-        break;
-      }
+    if (trusted && count == trusted->seq) {
+      atTrusted = line;
+      trustedAt = {segment, n};
     }
-    if (!verifier.verdict().ok) break;
+    if (verifier.add(line)) return true;
+    bad = {segment, n};
+    return false;
+  });
+  if (!read) {
+    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+    return 2;
   }
   const ChainVerdict& v = verifier.verdict();
   if (!v.ok) return printInvalid(out, dir, v.line, &bad, v.reason);

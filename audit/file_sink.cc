@@ -107,17 +107,30 @@ Result<std::vector<std::string>> readAuditSegment(const std::string& path) {
   return lines;
 }
 
+Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn) {
+  for (const auto& seg : segments(dir)) {
+    auto lines = readAuditSegment(seg.string());
+    if (!lines) return lines.error();
+    std::string name = seg.filename().string();
+    size_t n = 0;
+    for (auto& line : lines.value()) {
+      if (!fn(line, name, ++n)) return Status::success();
+    }
+  }
+  return Status::success();
+}
+
 Result<std::vector<std::string>> readAuditLog(const std::string& dir,
                                               std::vector<std::string>* segmentOfLine) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return Error{-1, dir + " is not a directory"};
   std::vector<std::string> lines;
-  for (const auto& seg : segments(dir)) {
-    auto data = readFile(seg.string());
-    if (!data) return data.error();
-    splitLines(data.value(), lines);
-    if (segmentOfLine) segmentOfLine->resize(lines.size(), seg.filename().string());
-  }
+  auto st = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t) {
+    lines.push_back(std::move(line));
+    if (segmentOfLine) segmentOfLine->push_back(segment);
+    return true;
+  });
+  if (!st) return st.error();
   return lines;
 }
 
@@ -202,22 +215,24 @@ Status FileAuditSink::start() {
   for (const auto& seg : segments(dir)) emptyLog = emptyLog && fs::file_size(seg, ec) == 0;
   auto scan = [&](const Ed25519Key& anchor, ChainVerdict& verdict) -> Status {
     ChainVerifier verifier(anchor);
-    for (const auto& seg : segments(dir)) {
-      auto lines = readAuditSegment(seg.string());
-      if (!lines) return lines.error();
-      for (auto& line : lines.value()) {
-        if (!verifier.add(line)) {
-          const ChainVerdict& bad = verifier.verdict();
-          return Error{-1, "audit log " + options_.dir + " does not verify at " +
-                               seg.filename().string() + " record " + std::to_string(bad.line) +
-                               ": " + bad.reason + " (move it aside to start a new log)"};
-        }
-        chain_->resume(line);
-        recent_.push_back(std::move(line));
-        if (recent_.size() > kRecent) recent_.pop_front();
+    std::string badSegment;
+    auto st = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t) {
+      if (!verifier.add(line)) {
+        badSegment = segment;
+        return false;
       }
-    }
+      chain_->resume(line);
+      recent_.push_back(std::move(line));
+      if (recent_.size() > kRecent) recent_.pop_front();
+      return true;
+    });
+    if (!st) return st;
     verdict = verifier.verdict();
+    if (!verdict.ok) {
+      return Error{-1, "audit log " + options_.dir + " does not verify at " + badSegment +
+                           " record " + std::to_string(verdict.line) + ": " + verdict.reason +
+                           " (move it aside to start a new log)"};
+    }
     return Status::success();
   };
   if (auto st = loadKeys(emptyLog, scan); !st) return st;
