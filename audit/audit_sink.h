@@ -32,7 +32,8 @@ struct AuditRecord {
   std::string paramsSha256;
   uint64_t seq = 0;  // set by the sink
   int64_t tsNs = 0;  // set by the sink
-  // kNow when the caller waits for the record to be durable before it forwards the call.
+  // kNow: synced at once. kBatched: with the next sync, when requestDurable() asks for it
+  // (a worker asks once per loop turn for the calls it forwards), or lazySync after it came.
   AuditSync sync = AuditSync::kBatched;
   // One JSON line, keys sorted as the canonical records of the audit stream will be.
   std::string toJson() const;

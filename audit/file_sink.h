@@ -114,7 +114,7 @@ class FileAuditSink : public AuditSink {
   };
   void enqueue(Pending pending);  // under mutex_
   // Wakes the writer for a record just queued (under mutex_): at once for kNow, else only
-  // to set the deadline of the first record of a batch.
+  // when it sleeps past the deadline of the first record of a batch.
   void wakeWriter(AuditSync sync);
   std::vector<Pending> queue_;
   std::chrono::steady_clock::time_point queuedAt_;  // when queue_ stopped being empty
@@ -125,7 +125,8 @@ class FileAuditSink : public AuditSink {
   std::deque<std::string> recent_;         // for tail()
   uint64_t seq_ = 0;                       // last seq handed out
   bool stopping_ = false;
-  bool idle_ = false;  // the writer waits for records
+  bool idle_ = false;                                // the writer waits for records
+  std::chrono::steady_clock::time_point idleUntil_;  // until when (while idle_)
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> durable_{0};
   AuditObserver* observer_ = nullptr;  // under mutex_

@@ -686,8 +686,8 @@ void ClientSession::onDecision(const Decision& decided) {
   record.reason = d.reason;
   record.policyDigest = d.policyDigest;
   if (bodyNeed_ > 0) record.paramsSha256 = "sha256:" + sha256Hex(body_);
-  if (d.verdict == Verdict::kAllow || worker_.config().observe)
-    record.sync = AuditSync::kNow;  // forwarded once it is durable
+  // A call forwarded once its record is durable waits for it (awaitDurable below): the
+  // worker asks for the sync at the end of its loop turn, so the record goes as kBatched.
   auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {
@@ -695,7 +695,7 @@ void ClientSession::onDecision(const Decision& decided) {
     return;
   }
   // The decision is durable before the call goes out (group commit: one fsync for every
-  // call of the same millisecond).
+  // call of the worker's loop turn, and for what the other workers queued meanwhile).
   if (auditSeq_ > worker_.audit().durableSeq()) {
     ++pendingCallbacks_;
     worker_.awaitDurable(auditSeq_, this);

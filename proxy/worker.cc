@@ -28,6 +28,10 @@ Worker::Worker(SharedState& shared, unsigned index)
   check_.data = this;
   uv_check_start(&check_, onCheck);
   uv_unref(reinterpret_cast<uv_handle_t*>(&check_));
+  uv_prepare_init(&loop_.loop, &prepare_);
+  prepare_.data = this;
+  uv_prepare_start(&prepare_, onPrepare);
+  uv_unref(reinterpret_cast<uv_handle_t*>(&prepare_));
   logFlush_ = Timer::create(&loop_.loop, [this] {
     Log::flushThread();
     logFlush_->start(kLogFlushMs);
@@ -125,7 +129,7 @@ void Worker::release(ClientSession* session) {
 
 void Worker::awaitDurable(uint64_t seq, ClientSession* session) {
   durableWaiters_.emplace_back(seq, session);
-  shared_.audit->requestDurable(seq);  // a no-op for a record appended with AuditSync::kNow
+  durableWanted_ = std::max(durableWanted_, seq);  // asked for in onPrepare
   // Seen by the writer before it reads durableSeq() again: either it wakes us, or the
   // record is durable already and the check below finds it.
   durableWaiting_.store(true);
@@ -152,6 +156,17 @@ void Worker::onCheck(uv_check_t* check) {
   auto* w = static_cast<Worker*>(check->data);
   w->freeReleased();
   if (w->draining_) w->finishIfIdle();
+}
+
+void Worker::onPrepare(uv_prepare_t* prepare) {
+  // Right before the loop polls: the turn is done, and every call it decided waits for one
+  // sync. Asked for per call instead, the writer would sync the first call of a turn alone
+  // and the rest after it: twice the fsyncs, and twice the wakeups.
+  auto* w = static_cast<Worker*>(prepare->data);
+  if (w->durableWanted_ > w->durableRequested_) {
+    w->durableRequested_ = w->durableWanted_;
+    w->shared_.audit->requestDurable(w->durableWanted_);
+  }
 }
 
 void Worker::freeReleased() {
@@ -202,6 +217,7 @@ void Worker::finishIfIdle() {
   uv_close(reinterpret_cast<uv_handle_t*>(&drainAsync_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&durableAsync_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&check_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&prepare_), nullptr);
 }
 
 }  // namespace tollgate

@@ -82,7 +82,8 @@ class Worker {
 
   // Calls session->onAuditDurable(ok) once audit record `seq` is durable (ok) or the audit
   // stream has failed (!ok). Seqs awaited by one worker only grow (its records are made in
-  // order). The session stays busy, and so alive, until then.
+  // order). The session stays busy, and so alive, until then. The sync is asked for once at
+  // the end of the loop turn, for every call the turn decided: one fsync takes them all.
   void awaitDurable(uint64_t seq, ClientSession* session);
   // Thread-safe, from the audit writer: records became durable, or the stream failed.
   void notifyDurable();
@@ -97,6 +98,7 @@ class Worker {
   void openListeners();
   static void onConnection(uv_stream_t* server, int status);
   static void onCheck(uv_check_t* check);
+  static void onPrepare(uv_prepare_t* prepare);
   void wakeDurable();
   void beginDrain();
   void finishIfIdle();
@@ -118,7 +120,10 @@ class Worker {
   uv_async_t durableAsync_;
   std::deque<std::pair<uint64_t, ClientSession*>> durableWaiters_;
   std::atomic<bool> durableWaiting_{false};
+  uint64_t durableWanted_ = 0;     // the highest seq a call of this worker waits for
+  uint64_t durableRequested_ = 0;  // asked of the audit sink (before the loop polls)
   uv_check_t check_;
+  uv_prepare_t prepare_;
   Resolver resolver_;
   UpstreamPool pool_;
   TimerPtr logFlush_;

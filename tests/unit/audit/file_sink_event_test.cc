@@ -92,6 +92,35 @@ TEST(FileSinkSyncTest, BatchedRecordsWaitForARecordACallWaitsFor) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(FileSinkSyncTest, ABatchedRecordGoesWithinLazySyncAfterABatchAndWhenIdle) {
+  auto dir =
+      std::filesystem::temp_directory_path() / ("tollgate-sink-lazy-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  {
+    FileAuditSink::Options options(dir.string());
+    options.lazySync = std::chrono::milliseconds(400);
+    auto opened = FileAuditSink::open(options);
+    ASSERT_TRUE(opened) << opened.error().message;
+    auto& sink = *opened.value();
+    AuditRecord allowed;
+    allowed.sync = AuditSync::kNow;
+    ASSERT_TRUE(durableWithin(sink, sink.append(allowed), std::chrono::seconds(10)));
+    // Right after a batch the writer naps lazySync and is not woken for a batched record:
+    // the nap ends in time for it, and not before it is due.
+    AuditRecord outcome;
+    uint64_t napped = sink.append(outcome);
+    EXPECT_FALSE(durableWithin(sink, napped, std::chrono::milliseconds(100)));
+    EXPECT_TRUE(durableWithin(sink, napped, std::chrono::seconds(10)));
+    // Long after any batch the writer sleeps until a checkpoint is due: the first batched
+    // record wakes it to keep the record's deadline.
+    std::this_thread::sleep_for(std::chrono::milliseconds(900));
+    uint64_t idle = sink.append(outcome);
+    EXPECT_FALSE(durableWithin(sink, idle, std::chrono::milliseconds(100)));
+    EXPECT_TRUE(durableWithin(sink, idle, std::chrono::seconds(2)));
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(MemorySinkEventTest, EventsShareTheSequence) {
   MemoryAuditSink sink;
   EXPECT_EQ(sink.append(AuditRecord{}), 1u);
