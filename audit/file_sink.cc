@@ -108,14 +108,38 @@ Result<std::vector<std::string>> readAuditSegment(const std::string& path) {
 }
 
 Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn) {
+  // Read in chunks, a line at a time: a segment of any size streams through (memory is one
+  // chunk and the longest line).
+  std::vector<char> chunk(1 << 20);
   for (const auto& seg : segments(dir)) {
-    auto lines = readAuditSegment(seg.string());
-    if (!lines) return lines.error();
-    std::string name = seg.filename().string();
+    std::string path = seg.string(), name = seg.filename().string(), line;
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Error{-1, "cannot read " + path};
     size_t n = 0;
-    for (auto& line : lines.value()) {
-      if (!fn(line, name, ++n)) return Status::success();
+    bool stop = false;
+    for (;;) {
+      ssize_t got = ::read(fd, chunk.data(), chunk.size());
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) {
+        ::close(fd);
+        return Error{-1, "cannot read " + path + ": " + std::strerror(errno)};
+      }
+      if (got == 0) break;
+      std::string_view data(chunk.data(), static_cast<size_t>(got));
+      while (!data.empty()) {
+        size_t nl = data.find('\n');
+        line.append(data.substr(0, nl));
+        if (nl == std::string_view::npos) break;
+        data.remove_prefix(nl + 1);
+        stop = !fn(line, name, ++n);
+        line.clear();
+        if (stop) break;
+      }
+      if (stop) break;
     }
+    ::close(fd);
+    // A last line without its newline (a torn write) is a line too.
+    if (stop || (!line.empty() && !fn(line, name, ++n))) return Status::success();
   }
   return Status::success();
 }
@@ -238,6 +262,7 @@ Status FileAuditSink::start() {
   if (auto st = loadKeys(emptyLog, scan); !st) return st;
   seq_ = chain_->size();
   queuedSinceCheckpoint_ = chain_->sinceCheckpoint();
+  writtenSealed_ = queuedSinceCheckpoint_ == 0;
   builtSeq_ = seq_;
 
   segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
@@ -609,6 +634,7 @@ void FileAuditSink::run() {
       }
       if (ok) {
         segmentSize_ += out.size();
+        writtenSealed_ = pending.back().type == Pending::Type::kCheckpoint;
         uint64_t first = durable_ + 1;
         durable_ += batch.size();
         for (auto& r : options_.replicas) r->onDurable(first, batch);
@@ -619,10 +645,11 @@ void FileAuditSink::run() {
                            ok);
     }
     {
-      // A full or old segment is sealed (its last record a checkpoint), the next one begun.
+      // A full or old segment is sealed (its last record a checkpoint), the next one begun;
+      // records queued meanwhile go to the next one (waiting for an empty queue, a segment
+      // under steady load would never be sealed).
       std::lock_guard<std::mutex> lock(mutex_);
-      if (healthy_ && !stopping_ && rotationDue() && queuedSinceCheckpoint_ == 0 &&
-          queue_.empty()) {
+      if (healthy_ && !stopping_ && rotationDue() && writtenSealed_) {
         std::string sealedPath = (fs::path(options_.dir) / segmentName(segmentNumber_)).string();
         if (openSegment(segmentNumber_ + 1)) {
           for (auto& r : options_.replicas) r->onSealed(sealedPath);

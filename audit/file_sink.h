@@ -125,7 +125,8 @@ class FileAuditSink : public AuditSink {
   std::deque<std::string> recent_;         // for tail()
   uint64_t seq_ = 0;                       // last seq handed out
   bool stopping_ = false;
-  bool idle_ = false;                                // the writer waits for records
+  bool writtenSealed_ = false;  // the segment's last line is a checkpoint (writer's own)
+  bool idle_ = false;           // the writer waits for records
   std::chrono::steady_clock::time_point idleUntil_;  // until when (while idle_)
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> durable_{0};

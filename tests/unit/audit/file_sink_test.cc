@@ -136,5 +136,59 @@ TEST(FileSinkTest, ALogOfManySegmentsResumesAndNamesTheSegmentOfABadRecord) {
   fs::remove_all(dir);
 }
 
+// Under steady load the queue is never empty when a batch is done: a full segment is still
+// sealed with a checkpoint, and what was queued meanwhile begins the next one. Every segment
+// but the last ends with a checkpoint, none grows far past the size, and the log verifies
+// and reads back line by line (forEachAuditLine streams a segment in chunks).
+TEST(FileSinkTest, SegmentsRotateUnderSteadyLoad) {
+  fs::path dir = fs::temp_directory_path() / ("tollgate-rotate-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  options.segmentBytes = 16 * 1024;
+  constexpr int kThreads = 4, kPerThread = 400;
+  {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kPerThread; ++i) {  // as calls do: each waits for its record
+          AuditRecord r;
+          r.agent = "agent-" + std::to_string(t) + "-" + std::to_string(i);
+          r.decision = "allow";
+          r.sync = AuditSync::kNow;
+          uint64_t seq = sink.value()->append(r);
+          while (sink.value()->durableSeq() < seq) std::this_thread::yield();
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  auto segs = auditSegments(dir.string());
+  uint64_t total = 0;
+  for (const auto& seg : segs) total += fs::file_size(seg);
+  ASSERT_GT(segs.size(), total / options.segmentBytes / 2);
+  for (size_t i = 0; i + 1 < segs.size(); ++i) {
+    auto lines = readAuditSegment(segs[i]).value();
+    ASSERT_FALSE(lines.empty());
+    EXPECT_EQ(nlohmann::json::parse(lines.back())["kind"], "checkpoint") << segs[i];
+  }
+  size_t records = 0, lastN = 0;
+  std::string lastSegment;
+  auto st =
+      forEachAuditLine(dir.string(), [&](std::string& line, const std::string& segment, size_t n) {
+        EXPECT_EQ(n, segment == lastSegment ? lastN + 1 : 1u);
+        lastSegment = segment;
+        lastN = n;
+        records += line.find("\"kind\":\"call\"") != std::string::npos;
+        return true;
+      });
+  ASSERT_TRUE(st);
+  EXPECT_EQ(records, static_cast<size_t>(kThreads) * kPerThread);
+  auto v = verifyDir(dir);
+  EXPECT_TRUE(v.ok) << v.reason;
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace tollgate
