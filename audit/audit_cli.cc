@@ -104,25 +104,6 @@ std::optional<Trust> loadTrust(const std::string& dir, const std::string& pubkey
   return t;
 }
 
-struct VerifiedLog {
-  std::vector<std::string> lines, segmentOf;
-  ChainVerdict verdict;
-};
-
-// Reads and verifies the log in `dir`; the exit code when it cannot be read (2).
-std::optional<VerifiedLog> readAndVerify(const std::string& dir, const Trust& trust,
-                                         std::FILE* err) {
-  VerifiedLog log;
-  auto lines = readAuditLog(dir, &log.segmentOf);
-  if (!lines) {
-    std::fprintf(err, "tollgate: %s\n", lines.error().message.c_str());
-    return std::nullopt;
-  }
-  log.lines = std::move(lines.value());
-  log.verdict = trust.verify(log.lines);
-  return log;
-}
-
 // A reason may quote a forged record's bytes: control characters are not sent to a terminal.
 std::string printable(std::string text) {
   for (char& c : text) {
@@ -148,15 +129,6 @@ int printInvalid(std::FILE* out, const std::string& dir, uint64_t line, const Li
   std::fprintf(out, "INVALID %s:%zu (record %llu): %s\n", at->segment.c_str(), at->within,
                static_cast<unsigned long long>(line), printable(reason).c_str());
   return 1;
-}
-
-int printInvalid(std::FILE* out, const VerifiedLog& log, const std::string& dir, uint64_t line,
-                 const std::string& reason) {
-  if (line == 0 || line > log.lines.size()) return printInvalid(out, dir, 0, nullptr, reason);
-  LineAt at{log.segmentOf[line - 1], 0};
-  for (size_t i = 0; i < line; ++i)
-    at.within = i > 0 && log.segmentOf[i] != log.segmentOf[i - 1] ? 1 : at.within + 1;
-  return printInvalid(out, dir, line, &at, reason);
 }
 
 int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
@@ -324,16 +296,48 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
     return usageError(err, "audit prove takes --pubkey or --keyring, not both");
   auto trust = loadTrust(dir, pubkey, keyring, err);
   if (!trust) return 2;
-  auto log = readAndVerify(dir, *trust, err);
-  if (!log) return 2;
-  // Only a log that verifies is evidence.
-  if (!log->verdict.ok) return printInvalid(out, *log, dir, log->verdict.line, log->verdict.reason);
-  if (seq > log->lines.size()) {
-    std::fprintf(err, "tollgate: the log has no record %llu (it has %zu)\n",
-                 static_cast<unsigned long long>(seq), log->lines.size());
+  std::error_code dirError;
+  if (!std::filesystem::is_directory(dir, dirError)) {
+    std::fprintf(err, "tollgate: %s is not a directory\n", dir.c_str());
     return 2;
   }
-  auto proof = proveInclusion(log->lines, seq);
+  if (trust->pinned && trust->pinned->empty())
+    return printInvalid(out, dir, 0, nullptr, "an empty keyring trusts no key");
+  // The log read twice, a segment at a time: verified while the prover scans it (only a log
+  // that verifies is evidence), then hashed up to the last checkpoint's tree size.
+  ChainVerifier verifier(trust->first(), trust->pinned ? &*trust->pinned : nullptr);
+  InclusionProver prover(seq);
+  LineAt bad;
+  uint64_t count = 0;
+  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
+    ++count;
+    if (!verifier.add(line)) {
+      bad = {segment, n};
+      return false;
+    }
+    prover.scan(line);
+    return true;
+  });
+  if (!read) {
+    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+    return 2;
+  }
+  const ChainVerdict& v = verifier.verdict();
+  if (!v.ok) return printInvalid(out, dir, v.line, &bad, v.reason);
+  if (seq > count) {
+    std::fprintf(err, "tollgate: the log has no record %llu (it has %llu)\n",
+                 static_cast<unsigned long long>(seq), static_cast<unsigned long long>(count));
+    return 2;
+  }
+  auto sealed = prover.sealed();
+  if (sealed)
+    read = forEachAuditLine(
+        dir, [&](std::string& line, const std::string&, size_t) { return prover.hash(line); });
+  if (!read) {
+    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+    return 2;
+  }
+  auto proof = sealed ? prover.proof() : Result<InclusionProof>(sealed.error());
   if (!proof) {
     std::fprintf(err, "tollgate: %s\n", proof.error().message.c_str());
     return 1;
@@ -449,13 +453,6 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   }
   auto trust = loadTrust(dir, pubkey, {}, err);
   if (!trust) return 2;
-  std::vector<std::string> segmentOf;
-  auto lines = readAuditLog(dir, &segmentOf);
-  if (!lines) {
-    std::fprintf(err, "tollgate: %s\n", lines.error().message.c_str());
-    return 2;
-  }
-
   ReportContext ctx;
   ctx.version = TOLLGATE_VERSION;
   char host[256] = {0};
@@ -467,7 +464,27 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   ctx.dir = dir;
   std::ifstream idIn(std::filesystem::path(dir) / "LOG_ID");
   std::getline(idIn, ctx.logId);
-  auto v = trust->verify(lines.value());
+  ctx.fromNs = fromNs;
+  // A period reaching into the future ends now, so the silence after the log is not inflated.
+  ctx.toNs = toNs != kWholeLogTo ? std::min(toNs, now) : toNs;
+  ctx.gapNs = gapNs;
+  // Streamed, one segment in memory at a time: verified up to its first bad record, and
+  // every record summarized (a report on a log that does not verify says so, and still
+  // counts what it holds).
+  ChainVerifier verifier(trust->first());
+  AuditSummarizer summarizer(ctx.fromNs, ctx.toNs, gapNs);
+  LineAt bad;
+  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
+    if (verifier.verdict().ok && !verifier.add(line)) bad = {segment, n};
+    auto r = nlohmann::json::parse(line, nullptr, false);
+    if (!r.is_discarded() && r.is_object()) summarizer.add(r);
+    return true;
+  });
+  if (!read) {
+    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+    return 2;
+  }
+  const ChainVerdict& v = verifier.verdict();
   // Every key the log used (as far as it verifies), the anchor first.
   for (const auto& w : v.keyring)
     ctx.keys.push_back({w.key.id(), "sha256:" + sha256Hex(w.key.rawPublic())});
@@ -476,20 +493,11 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
     ctx.verifier = std::to_string(v.records) + " records, " + std::to_string(v.checkpoints) +
                    " checkpoints, " + std::to_string(v.unsealed) + " unsealed";
   } else {
-    ctx.verifier = "INVALID at " + segmentOf[v.line - 1] + " record " + std::to_string(v.line) +
-                   ": " + v.reason;
+    ctx.verifier =
+        "INVALID at " + bad.segment + " record " + std::to_string(v.line) + ": " + v.reason;
   }
   ctx.unsealed = v.unsealed;
-  ctx.fromNs = fromNs;
-  // A period reaching into the future ends now, so the silence after the log is not inflated.
-  ctx.toNs = toNs != kWholeLogTo ? std::min(toNs, now) : toNs;
-  ctx.gapNs = gapNs;
-  std::vector<nlohmann::json> records;
-  for (const auto& line : lines.value()) {
-    auto r = nlohmann::json::parse(line, nullptr, false);
-    if (!r.is_discarded() && r.is_object()) records.push_back(std::move(r));
-  }
-  auto summary = summarizeAudit(records, ctx.fromNs, ctx.toNs, gapNs);
+  auto summary = summarizer.finish();
   for (const auto& d : summary.digests) {
     std::string p = policyArchivePath(dir, d);
     ctx.archived[d] = !p.empty() && std::filesystem::exists(p, ec);

@@ -28,32 +28,93 @@ Error invalid(std::string message) {
   return Error{-1, std::move(message)};
 }
 
+// The subtrees whose roots make the audit path of leaf m in the tree over leaves
+// [begin, begin + n), from the leaf up (PATH of RFC 6962 §2.1.1).
+void pathRanges(uint64_t m, uint64_t begin, uint64_t n,
+                std::vector<std::pair<uint64_t, uint64_t>>& out) {
+  if (n <= 1) return;
+  uint64_t k = 1;
+  while (k * 2 < n) k *= 2;
+  if (m < k) {
+    pathRanges(m, begin, k, out);
+    out.emplace_back(begin + k, begin + n);
+  } else {
+    pathRanges(m - k, begin + k, n - k, out);
+    out.emplace_back(begin, begin + k);
+  }
+}
+
 }  // namespace
 
+void InclusionProver::scan(const std::string& line) {
+  ++scanned_;
+  if (scanned_ == seq_) record_ = line;
+  // A canonical line names its kind once, and a value cannot hold these bytes (its quotes
+  // are escaped): only candidates are parsed.
+  if (line.find("\"kind\":\"checkpoint\"") != std::string::npos) {
+    Json r = Json::parse(line, nullptr, false);
+    uint64_t size = 0;
+    if (stringField(r, "kind") == "checkpoint" && unsignedField(r, "tree_size", &size)) {
+      checkpoint_ = line;
+      treeSize_ = size;
+      rotationsBefore_ = rotations_.size();
+    }
+  } else if (line.find("\"kind\":\"key_rotation\"") != std::string::npos) {
+    Json r = Json::parse(line, nullptr, false);
+    if (stringField(r, "kind") == "key_rotation") rotations_.push_back(line);
+  }
+}
+
+Result<uint64_t> InclusionProver::sealed() {
+  if (seq_ == 0 || seq_ > scanned_)
+    return invalid("the log has no record " + std::to_string(seq_) + " (it has " +
+                   std::to_string(scanned_) + ")");
+  if (checkpoint_.empty() || seq_ > treeSize_ || treeSize_ > scanned_)
+    return invalid("record " + std::to_string(seq_) + " is not yet sealed by a checkpoint");
+  ranges_.clear();
+  pathRanges(seq_ - 1, 0, treeSize_, ranges_);
+  roots_.assign(ranges_.size(), Hash{});
+  open_.assign(ranges_.size(), MerkleAccumulator());
+  hashed_ = 0;
+  sealed_ = true;
+  return treeSize_;
+}
+
+bool InclusionProver::hash(std::string_view line) {
+  if (!sealed_ || hashed_ >= treeSize_) return false;
+  uint64_t i = hashed_++;
+  if (i + 1 == seq_) {
+    if (line != record_) record_.clear();  // the log changed between the passes
+  } else {
+    // The ranges are disjoint: at most one holds leaf i.
+    for (size_t r = 0; r < ranges_.size(); ++r) {
+      if (i < ranges_[r].first || i >= ranges_[r].second) continue;
+      open_[r].append(leafHash(line));
+      if (i + 1 == ranges_[r].second) roots_[r] = open_[r].root();
+      break;
+    }
+  }
+  return hashed_ < treeSize_;
+}
+
+Result<InclusionProof> InclusionProver::proof() {
+  if (!sealed_) return invalid("the proof was not built");
+  if (hashed_ != treeSize_ || record_.empty())
+    return invalid("the log changed while the proof was built");
+  InclusionProof p{record_, seq_ - 1, treeSize_, roots_, checkpoint_, {}};
+  for (size_t i = 0; i < rotationsBefore_; ++i) p.rotations.push_back(rotations_[i]);
+  return p;
+}
+
 Result<InclusionProof> proveInclusion(const std::vector<std::string>& lines, uint64_t seq) {
-  if (seq == 0 || seq > lines.size())
-    return invalid("the log has no record " + std::to_string(seq) + " (it has " +
-                   std::to_string(lines.size()) + ")");
-  // The last checkpoint: it covers every record before it.
-  size_t at = lines.size();
-  uint64_t treeSize = 0;
-  while (at-- > 0) {
-    Json r = Json::parse(lines[at], nullptr, false);
-    if (stringField(r, "kind") == "checkpoint" && unsignedField(r, "tree_size", &treeSize)) break;
+  InclusionProver prover(seq);
+  for (const auto& l : lines) prover.scan(l);
+  auto size = prover.sealed();
+  if (!size) return size.error();
+  for (const auto& l : lines) {
+    if (!prover.hash(l)) break;
   }
-  if (at == static_cast<size_t>(-1) || seq > treeSize || treeSize > lines.size())
-    return invalid("record " + std::to_string(seq) + " is not yet sealed by a checkpoint");
-  std::vector<Hash> leaves;
-  leaves.reserve(treeSize);
-  for (uint64_t i = 0; i < treeSize; ++i) leaves.push_back(leafHash(lines[i]));
-  InclusionProof proof{lines[seq - 1], seq - 1, treeSize, inclusionProof(leaves, seq - 1),
-                       lines[at],      {}};
-  for (size_t i = 0; i < at; ++i) {
-    if (lines[i].find("\"kind\":\"key_rotation\"") == std::string::npos) continue;
-    Json r = Json::parse(lines[i], nullptr, false);
-    if (stringField(r, "kind") == "key_rotation") proof.rotations.push_back(lines[i]);
-  }
-  return proof;
+  return prover.proof();
 }
 
 std::string encodeProof(const InclusionProof& p) {

@@ -28,9 +28,37 @@ struct InclusionProof {
   std::vector<std::string> rotations;
 };
 
-// The proof of record `seq` against the last checkpoint of `lines` (a log verifyChain()
-// accepted). Error when there is no record `seq`, or the last checkpoint does not cover it
-// ("record SEQ is not yet sealed by a checkpoint").
+// Builds the proof of record `seq` against the last checkpoint of a log verifyChain()
+// accepted, from the log read twice, one line at a time: scan() sees every line and keeps
+// the record, the last checkpoint and the rotations before it; hash() sees the lines again
+// from the first and keeps only the roots of the subtrees on the audit path. Memory stays
+// O(log n) whatever the log's length.
+class InclusionProver {
+ public:
+  explicit InclusionProver(uint64_t seq) : seq_(seq) {}
+  void scan(const std::string& line);
+  // After the scan: the tree size to hash up to; error when there is no record `seq`, or
+  // the last checkpoint does not cover it ("record SEQ is not yet sealed by a checkpoint").
+  Result<uint64_t> sealed();
+  // Returns false once the tree is covered: the rest of the log need not be read.
+  bool hash(std::string_view line);
+  // After hash() saw the tree: the proof (error when it saw less, or another record).
+  Result<InclusionProof> proof();
+
+ private:
+  uint64_t seq_;
+  uint64_t scanned_ = 0, hashed_ = 0;
+  std::string record_, checkpoint_;
+  uint64_t treeSize_ = 0;
+  std::vector<std::string> rotations_;
+  size_t rotationsBefore_ = 0;  // of rotations_, those before the last checkpoint
+  bool sealed_ = false;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges_;  // the path's subtrees, leaf up
+  std::vector<Hash> roots_;                            // one per range, as hashed
+  std::vector<MerkleAccumulator> open_;                // the ranges being hashed
+};
+
+// The same over a log in memory.
 Result<InclusionProof> proveInclusion(const std::vector<std::string>& lines, uint64_t seq);
 
 // JSON text ({"v":1,"leaf_index":…,"tree_size":…,"record":…,"path":[hex…],

@@ -208,63 +208,73 @@ std::string formatReportTime(int64_t ns) {
   return buf;
 }
 
+AuditSummarizer::AuditSummarizer(int64_t fromNs, int64_t toNs, int64_t gapNs)
+    : fromNs_(fromNs),
+      toNs_(toNs),
+      gapNs_(gapNs),
+      bounded_(fromNs != kWholeLogFrom),
+      prevTs_(fromNs),
+      havePrev_(bounded_) {}
+
+void AuditSummarizer::add(const Json& r) {
+  ReportSummary& s = s_;
+  int64_t ts = tsOf(r);
+  if (ts < fromNs_ || ts > toNs_) return;
+  uint64_t seq = seqOf(r);
+  if (s.records == 0) {
+    s.firstSeq = seq;
+    s.firstTs = ts;
+  }
+  ++s.records;
+  s.lastSeq = seq;
+  s.lastTs = ts;
+  if (gapNs_ > 0 && havePrev_ && ts - prevTs_ > gapNs_) s.gaps.push_back({prevTs_, ts, prevSeq_});
+  havePrev_ = true;
+  prevTs_ = ts;
+  prevSeq_ = seq;
+
+  std::string kind = str(r, "kind");
+  if (kind == "call") {
+    ++s.calls;
+    std::string decision = str(r, "decision"), rule = str(r, "rule");
+    ++s.byDecision[decision];
+    ++s.byRule[{decision, rule}];
+    if (decision == "halt" || decision == "observe-halt")
+      s.halts.push_back(listed(
+          r, {"agent", "tool", "method", "authority", "path", "decision", "rule", "reason"}));
+    if (!str(r, "policy_digest").empty()) digests_.insert(str(r, "policy_digest"));
+  } else if (kind == "checkpoint") {
+    ++s.checkpoints;
+  } else if (kind == "reload") {
+    s.reloads.push_back(
+        listed(r, {"trigger", "result", "digest", "previous_digest", "error", "archive"}));
+  } else if (kind == "approval") {
+    Json a = r;
+    for (const char* k : {"v", "log_id", "prev", "kind"}) a.erase(k);
+    a["time"] = formatReportTime(ts);
+    s.approvals.push_back(std::move(a));
+  } else if (kind == "recovery") {
+    s.recoveries.push_back(listed(r, {"torn_file", "torn_bytes"}));
+  } else if (kind == "key_rotation") {
+    s.keyRotations.push_back(listed(r, {"key_id", "previous_key_id"}));
+  } else if (kind == "report") {
+    s.reports.push_back(listed(r, {"sha256", "format", "from", "to"}));
+  }
+}
+
+ReportSummary AuditSummarizer::finish() {
+  // The silence from the last record to the end of a bounded period.
+  if (gapNs_ > 0 && bounded_ && toNs_ != kWholeLogTo && toNs_ - prevTs_ > gapNs_)
+    s_.gaps.push_back({prevTs_, toNs_, prevSeq_});
+  s_.digests.assign(digests_.begin(), digests_.end());
+  return std::move(s_);
+}
+
 ReportSummary summarizeAudit(const std::vector<Json>& records, int64_t fromNs, int64_t toNs,
                              int64_t gapNs) {
-  ReportSummary s;
-  std::set<std::string> digests;
-  bool bounded = fromNs != kWholeLogFrom;
-  int64_t prevTs = fromNs;
-  uint64_t prevSeq = 0;
-  bool havePrev = bounded;
-  for (const auto& r : records) {
-    int64_t ts = tsOf(r);
-    if (ts < fromNs || ts > toNs) continue;
-    uint64_t seq = seqOf(r);
-    if (s.records == 0) {
-      s.firstSeq = seq;
-      s.firstTs = ts;
-    }
-    ++s.records;
-    s.lastSeq = seq;
-    s.lastTs = ts;
-    if (gapNs > 0 && havePrev && ts - prevTs > gapNs) s.gaps.push_back({prevTs, ts, prevSeq});
-    havePrev = true;
-    prevTs = ts;
-    prevSeq = seq;
-
-    std::string kind = str(r, "kind");
-    if (kind == "call") {
-      ++s.calls;
-      std::string decision = str(r, "decision"), rule = str(r, "rule");
-      ++s.byDecision[decision];
-      ++s.byRule[{decision, rule}];
-      if (decision == "halt" || decision == "observe-halt")
-        s.halts.push_back(listed(
-            r, {"agent", "tool", "method", "authority", "path", "decision", "rule", "reason"}));
-      if (!str(r, "policy_digest").empty()) digests.insert(str(r, "policy_digest"));
-    } else if (kind == "checkpoint") {
-      ++s.checkpoints;
-    } else if (kind == "reload") {
-      s.reloads.push_back(
-          listed(r, {"trigger", "result", "digest", "previous_digest", "error", "archive"}));
-    } else if (kind == "approval") {
-      Json a = r;
-      for (const char* k : {"v", "log_id", "prev", "kind"}) a.erase(k);
-      a["time"] = formatReportTime(ts);
-      s.approvals.push_back(std::move(a));
-    } else if (kind == "recovery") {
-      s.recoveries.push_back(listed(r, {"torn_file", "torn_bytes"}));
-    } else if (kind == "key_rotation") {
-      s.keyRotations.push_back(listed(r, {"key_id", "previous_key_id"}));
-    } else if (kind == "report") {
-      s.reports.push_back(listed(r, {"sha256", "format", "from", "to"}));
-    }
-  }
-  // The silence from the last record to the end of a bounded period.
-  if (gapNs > 0 && bounded && toNs != kWholeLogTo && toNs - prevTs > gapNs)
-    s.gaps.push_back({prevTs, toNs, prevSeq});
-  s.digests.assign(digests.begin(), digests.end());
-  return s;
+  AuditSummarizer summarizer(fromNs, toNs, gapNs);
+  for (const auto& r : records) summarizer.add(r);
+  return summarizer.finish();
 }
 
 Json reportDocument(const ReportContext& ctx, const ReportSummary& s) {

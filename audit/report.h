@@ -10,6 +10,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -44,7 +45,25 @@ constexpr int64_t kWholeLogFrom = std::numeric_limits<int64_t>::min();
 constexpr int64_t kWholeLogTo = std::numeric_limits<int64_t>::max();
 
 // Gaps are silences longer than gapNs between the period's records, and, for a bounded
-// period, between its bounds and its first and last records.
+// period, between its bounds and its first and last records. Fed the records one at a time,
+// in order (a log of any length: only the counts and the listed events are kept).
+class AuditSummarizer {
+ public:
+  AuditSummarizer(int64_t fromNs, int64_t toNs, int64_t gapNs);
+  void add(const nlohmann::json& record);
+  ReportSummary finish();
+
+ private:
+  ReportSummary s_;
+  std::set<std::string> digests_;
+  int64_t fromNs_, toNs_, gapNs_;
+  bool bounded_;
+  int64_t prevTs_;
+  uint64_t prevSeq_ = 0;
+  bool havePrev_;
+};
+
+// The same over parsed records in memory.
 ReportSummary summarizeAudit(const std::vector<nlohmann::json>& records, int64_t fromNs,
                              int64_t toNs, int64_t gapNs);
 

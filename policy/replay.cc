@@ -157,12 +157,6 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
     std::fprintf(err, "tollgate: %s is not an audit log (no LOG_ID)\n", dir.c_str());
     return 2;
   }
-  auto lines = readAuditLog(dir);
-  if (!lines) {
-    std::fprintf(err, "tollgate: %s\n", lines.error().message.c_str());
-    return 2;
-  }
-
   struct Archived {
     std::shared_ptr<const PolicySet> set;
     std::string missing;
@@ -202,14 +196,17 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
 
   uint64_t replayed = 0, differ = 0, skipped = 0;
   std::map<std::string, uint64_t> why;
-  for (size_t i = 0; i < lines.value().size(); ++i) {
-    Json r = Json::parse(lines.value()[i], nullptr, false);
+  // Streamed, one segment in memory at a time: a log of any length replays.
+  uint64_t at = 0;
+  bool notJson = false;
+  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string&, size_t) {
+    ++at;
+    Json r = Json::parse(line, nullptr, false);
     if (r.is_discarded() || !r.is_object()) {
-      std::fprintf(err, "tollgate: %s: record %zu is not JSON (run audit verify)\n", dir.c_str(),
-                   i + 1);
-      return 2;
+      notJson = true;
+      return false;
     }
-    if (str(r, "kind") != "call") continue;
+    if (str(r, "kind") != "call") return true;
     RecordedCall c;
     // verifyChain() checks these types; replay reads an unverified log without throwing.
     if (r.contains("seq") && r["seq"].is_number_unsigned()) c.seq = r["seq"].get<uint64_t>();
@@ -231,7 +228,7 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
     if (!res.replayable) {
       ++skipped;
       ++why[res.whyNot];
-      continue;
+      return true;
     }
     ++replayed;
     if (res.differs) {
@@ -241,6 +238,16 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
                    res.decision.c_str(), res.rule.c_str(), c.agent.c_str(), c.method.c_str(),
                    c.authority.c_str(), c.path.c_str());
     }
+    return true;
+  });
+  if (!read) {
+    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+    return 2;
+  }
+  if (notJson) {
+    std::fprintf(err, "tollgate: %s: record %llu is not JSON (run audit verify)\n", dir.c_str(),
+                 static_cast<unsigned long long>(at));
+    return 2;
   }
   std::string reasons;
   for (const auto& [w, n] : why) {

@@ -506,6 +506,30 @@ class AuditTamperTest(unittest.TestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("INVALID", r.stdout)
 
+    def test_every_record_of_a_log_in_segments_proves(self):
+        # prove reads the log a segment at a time, twice (scan, then hash up to the tree
+        # size): every record on either side of a segment boundary proves, and the proof is
+        # the one the single-segment log gives.
+        d = self.copy()
+        self.split_into_segments(d)
+        self.assertGreater(len(segments(d)), 2)
+        n = len(self.lines)
+        for seq in range(1, n):
+            r = self.prove(d, seq)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(self.check_proof(r.stdout).returncode, 0, seq)
+            self.assertEqual(r.stdout, self.prove(self.base, seq).stdout, seq)
+        broken = self.copy()
+        self.split_into_segments(broken)
+        second = segments(broken)[1]
+        with open(second) as f:
+            kept = f.readlines()
+        with open(second, "w") as f:
+            f.writelines(kept[:1] + kept[2:])
+        r = self.prove(broken, 1)
+        self.assertEqual(r.returncode, 1)
+        self.assertRegex(r.stdout, r"^INVALID segment-000002\.jsonl:2 ")
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -66,6 +66,59 @@ TEST_F(ProofTest, UnsealedAndMissingRecordsHaveNoProof) {
   EXPECT_FALSE(proveInclusion(noCheckpoint, 1).ok());
 }
 
+TEST(ProverTest, TheStreamedPathIsRfc6962sForEveryLeafOfEverySize) {
+  auto key = Ed25519Key::generate().value();
+  for (uint64_t n = 1; n <= 70; ++n) {
+    AuditChain chain("log-1");
+    std::vector<std::string> lines;
+    std::vector<Hash> leaves;
+    for (uint64_t i = 0; i < n; ++i) {
+      lines.push_back(chain.append("call", {{"agent", "a" + std::to_string(i)}}, 1000));
+      leaves.push_back(leafHash(lines.back()));
+    }
+    lines.push_back(chain.checkpoint(key, 2000));  // tree size n
+    lines.push_back(chain.append("call", {{"agent", "late"}}, 3000));
+    for (uint64_t m = 0; m < n; ++m) {
+      InclusionProver prover(m + 1);
+      for (const auto& l : lines) prover.scan(l);
+      auto size = prover.sealed();
+      ASSERT_TRUE(size.ok()) << size.error().message;
+      EXPECT_EQ(size.value(), n);
+      size_t read = 0;
+      for (const auto& l : lines) {
+        ++read;
+        if (!prover.hash(l)) break;
+      }
+      EXPECT_EQ(read, n) << "the lines after the tree are not read";
+      auto p = prover.proof();
+      ASSERT_TRUE(p.ok()) << p.error().message;
+      EXPECT_EQ(p.value().path, inclusionProof(leaves, m)) << "n " << n << " m " << m;
+    }
+  }
+}
+
+TEST(ProverTest, ALogChangedBetweenThePassesGivesNoProof) {
+  auto key = Ed25519Key::generate().value();
+  AuditChain chain("log-1");
+  std::vector<std::string> lines;
+  for (int i = 0; i < 5; ++i) lines.push_back(chain.append("call", {{"agent", "a"}}, 1000 + i));
+  lines.push_back(chain.checkpoint(key, 2000));
+  InclusionProver prover(3);
+  for (const auto& l : lines) prover.scan(l);
+  ASSERT_TRUE(prover.sealed().ok());
+  for (size_t i = 0; i < lines.size(); ++i) {
+    if (!prover.hash(i == 2 ? lines[3] : lines[i])) break;
+  }
+  auto p = prover.proof();
+  ASSERT_FALSE(p.ok());
+  EXPECT_EQ(p.error().message, "the log changed while the proof was built");
+  InclusionProver short_(3);
+  for (const auto& l : lines) short_.scan(l);
+  ASSERT_TRUE(short_.sealed().ok());
+  short_.hash(lines[0]);
+  EXPECT_FALSE(short_.proof().ok());
+}
+
 TEST_F(ProofTest, EveryMutationIsRejected) {
   const InclusionProof good = prove(9);
   ASSERT_TRUE(verifyInclusionProof(good, *key).ok());
