@@ -131,6 +131,37 @@ int printInvalid(std::FILE* out, const std::string& dir, uint64_t line, const Li
   return 1;
 }
 
+// Streams the log in DIR a line at a time through a verifier of `trust`, calling
+// fn(line, segment, n) for each line that verifies. Returns nullopt when the whole log
+// verified (verdict in *verdict), else the exit code after saying why: 2 DIR is not a
+// directory or cannot be read, 1 INVALID (with the place of the first bad line).
+std::optional<int> streamVerified(const std::string& dir, const Trust& trust, std::FILE* out,
+                                  std::FILE* err, ChainVerdict* verdict, const AuditLineFn& fn) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    std::fprintf(err, "tollgate: %s is not a directory\n", dir.c_str());
+    return 2;
+  }
+  if (trust.pinned && trust.pinned->empty())
+    return printInvalid(out, dir, 0, nullptr, "an empty keyring trusts no key");
+  ChainVerifier verifier(trust.first(), trust.pinned ? &*trust.pinned : nullptr);
+  LineAt bad;
+  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
+    if (!verifier.add(line)) {
+      bad = {segment, n};
+      return false;
+    }
+    return fn(line, segment, n);
+  });
+  if (!read) {
+    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+    return 2;
+  }
+  *verdict = verifier.verdict();
+  if (!verdict->ok) return printInvalid(out, dir, verdict->line, &bad, verdict->reason);
+  return std::nullopt;
+}
+
 int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
   std::string dir, pubkey, statePath, keyring;
   for (size_t i = 0; i < args.size(); ++i) {
@@ -161,39 +192,26 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
     }
     trusted = loaded.value();
   }
-  // Streamed, one segment in memory at a time: a log of any length verifies. Kept on the
-  // way: where the lines the reasons can name are, and what the state check needs.
-  std::error_code ec;
-  if (!std::filesystem::is_directory(dir, ec)) {
-    std::fprintf(err, "tollgate: %s is not a directory\n", dir.c_str());
-    return 2;
-  }
-  if (trust->pinned && trust->pinned->empty())
-    return printInvalid(out, dir, 0, nullptr, "an empty keyring trusts no key");
-  ChainVerifier verifier(trust->first(), trust->pinned ? &*trust->pinned : nullptr);
+  // Streamed a line at a time: a log of any length verifies. Kept on the way: what the
+  // state check needs, and where the lines it can name are.
   uint64_t count = 0;
   std::string firstLine, atTrusted;
-  LineAt bad, first, trustedAt;
-  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
-    ++count;
-    if (count == 1) {
-      firstLine = line;
-      first = {segment, n};
-    }
-    if (trusted && count == trusted->seq) {
-      atTrusted = line;
-      trustedAt = {segment, n};
-    }
-    if (verifier.add(line)) return true;
-    bad = {segment, n};
-    return false;
-  });
-  if (!read) {
-    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
-    return 2;
-  }
-  const ChainVerdict& v = verifier.verdict();
-  if (!v.ok) return printInvalid(out, dir, v.line, &bad, v.reason);
+  LineAt first, trustedAt;
+  ChainVerdict v;
+  auto failed = streamVerified(dir, *trust, out, err, &v,
+                               [&](std::string& line, const std::string& segment, size_t n) {
+                                 ++count;
+                                 if (count == 1) {
+                                   firstLine = line;
+                                   first = {segment, n};
+                                 }
+                                 if (trusted && count == trusted->seq) {
+                                   atTrusted = line;
+                                   trustedAt = {segment, n};
+                                 }
+                                 return true;
+                               });
+  if (failed) return *failed;
   if (trusted) {
     auto sv = checkTrustedCheckpoint(firstLine, count, atTrusted, *trusted);
     const LineAt* where = sv.line == 1 ? &first : sv.line == trusted->seq ? &trustedAt : nullptr;
@@ -296,46 +314,31 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
     return usageError(err, "audit prove takes --pubkey or --keyring, not both");
   auto trust = loadTrust(dir, pubkey, keyring, err);
   if (!trust) return 2;
-  std::error_code dirError;
-  if (!std::filesystem::is_directory(dir, dirError)) {
-    std::fprintf(err, "tollgate: %s is not a directory\n", dir.c_str());
-    return 2;
-  }
-  if (trust->pinned && trust->pinned->empty())
-    return printInvalid(out, dir, 0, nullptr, "an empty keyring trusts no key");
-  // The log read twice, a segment at a time: verified while the prover scans it (only a log
+  // The log read twice, a line at a time: verified while the prover scans it (only a log
   // that verifies is evidence), then hashed up to the last checkpoint's tree size.
-  ChainVerifier verifier(trust->first(), trust->pinned ? &*trust->pinned : nullptr);
   InclusionProver prover(seq);
-  LineAt bad;
   uint64_t count = 0;
-  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
-    ++count;
-    if (!verifier.add(line)) {
-      bad = {segment, n};
-      return false;
-    }
-    prover.scan(line);
-    return true;
-  });
-  if (!read) {
-    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
-    return 2;
-  }
-  const ChainVerdict& v = verifier.verdict();
-  if (!v.ok) return printInvalid(out, dir, v.line, &bad, v.reason);
+  ChainVerdict v;
+  auto failed =
+      streamVerified(dir, *trust, out, err, &v, [&](std::string& line, const std::string&, size_t) {
+        ++count;
+        prover.scan(line);
+        return true;
+      });
+  if (failed) return *failed;
   if (seq > count) {
     std::fprintf(err, "tollgate: the log has no record %llu (it has %llu)\n",
                  static_cast<unsigned long long>(seq), static_cast<unsigned long long>(count));
     return 2;
   }
   auto sealed = prover.sealed();
-  if (sealed)
-    read = forEachAuditLine(
+  if (sealed) {
+    auto read = forEachAuditLine(
         dir, [&](std::string& line, const std::string&, size_t) { return prover.hash(line); });
-  if (!read) {
-    std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
-    return 2;
+    if (!read) {
+      std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
+      return 2;
+    }
   }
   auto proof = sealed ? prover.proof() : Result<InclusionProof>(sealed.error());
   if (!proof) {
@@ -468,7 +471,7 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   // A period reaching into the future ends now, so the silence after the log is not inflated.
   ctx.toNs = toNs != kWholeLogTo ? std::min(toNs, now) : toNs;
   ctx.gapNs = gapNs;
-  // Streamed, one segment in memory at a time: verified up to its first bad record, and
+  // Streamed a line at a time: verified up to its first bad record, and
   // every record summarized (a report on a log that does not verify says so, and still
   // counts what it holds).
   ChainVerifier verifier(trust->first());

@@ -93,8 +93,8 @@ struct ChainVerdict {
   Keyring keyring;             // the keys the log used, with their windows (so far)
 };
 
-// verifyChain() a line at a time, so that a log is checked as it is read, one segment in
-// memory at a time. add() is false from the first bad line on; verdict() says why.
+// verifyChain() a line at a time, so that a log is checked as it is read, never whole in
+// memory. add() is false from the first bad line on; verdict() says why.
 class ChainVerifier {
  public:
   // `pinned` (or none): as verifyChain(lines, pinned) below; it must outlive the verifier.

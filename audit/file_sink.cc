@@ -233,7 +233,7 @@ Status FileAuditSink::start() {
       torn = aside.filename().string() + ":" + std::to_string(d.size() - keep);
     }
   }
-  // The log is read one segment at a time, verified and the chain resumed as it goes: a
+  // The log is read a line at a time, verified and the chain resumed as it goes: a
   // long log is never in memory whole.
   bool emptyLog = true;
   for (const auto& seg : segments(dir)) emptyLog = emptyLog && fs::file_size(seg, ec) == 0;

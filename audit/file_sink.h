@@ -146,8 +146,8 @@ Result<std::vector<std::string>> readAuditLog(const std::string& dir,
 Result<std::vector<std::string>> readAuditSegment(const std::string& path);
 
 // Calls fn(line, segment file name, line number within the segment) for every line of a log
-// directory in order, one segment in memory at a time, until fn returns false (the line may
-// be moved from). Error: an unreadable segment.
+// directory in order, read in chunks (memory: one chunk and the longest line), until fn
+// returns false (the line may be moved from). Error: an unreadable segment.
 using AuditLineFn = std::function<bool(std::string& line, const std::string& segment, size_t n)>;
 Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn);
 

@@ -196,7 +196,7 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
 
   uint64_t replayed = 0, differ = 0, skipped = 0;
   std::map<std::string, uint64_t> why;
-  // Streamed, one segment in memory at a time: a log of any length replays.
+  // Streamed a line at a time: a log of any length replays.
   uint64_t at = 0;
   bool notJson = false;
   auto read = forEachAuditLine(dir, [&](std::string& line, const std::string&, size_t) {
