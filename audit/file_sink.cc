@@ -467,12 +467,25 @@ uint64_t FileAuditSink::append(AuditRecord r) {
   p.fields.emplace_back("rule", std::move(r.rule));
   p.fields.emplace_back("tool", std::move(r.tool));
   if (!r.paramsSha256.empty()) p.fields.emplace_back("params_sha256", std::move(r.paramsSha256));
+  return push(std::move(p), r.sync);
+}
+
+uint64_t FileAuditSink::push(Pending p, AuditSync sync) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (queue_.size() >= options_.maxQueued && !stopping_) {
+    // Backpressure: the writer is behind (records come faster than it can write them), so
+    // this thread waits for it rather than the queue growing without bound; what is queued
+    // is asked for at once. Nothing is dropped: the caller, a worker's loop too, slows down.
+    wanted_ = seq_;
+    wakeWriter(AuditSync::kNow);
+    ++backpressureWaits_;
+    drained_.wait(lock, [this] { return queue_.size() < options_.maxQueued || stopping_; });
+  }
   p.tsNs = nowNs();
-  std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = ++seq_;
-  if (r.sync == AuditSync::kNow) wanted_ = seq;
+  if (sync == AuditSync::kNow) wanted_ = seq;
   enqueue(std::move(p));
-  wakeWriter(r.sync);
+  wakeWriter(sync);
   return seq;
 }
 
@@ -509,13 +522,7 @@ uint64_t FileAuditSink::addEvent(std::string_view kind, const AuditFields& field
         std::any_of(p.fields.begin(), p.fields.end(), [&](const auto& e) { return e.first == k; });
     if (!own && !repeated) p.fields.emplace_back(std::string(k), std::string(v));
   }
-  p.tsNs = nowNs();
-  std::lock_guard<std::mutex> lock(mutex_);
-  uint64_t seq = ++seq_;
-  if (sync == AuditSync::kNow) wanted_ = seq;
-  enqueue(std::move(p));
-  wakeWriter(sync);
-  return seq;
+  return push(std::move(p), sync);
 }
 
 std::vector<std::string> FileAuditSink::tail(size_t n) const {
@@ -579,6 +586,7 @@ void FileAuditSink::run() {
         if (observer_) observer_->onCheckpoint(seq_);
       }
       pending.swap(queue_);
+      drained_.notify_all();
       stop = stopping_;
     }
     // Built here, in seq order, without the lock: appends go on meanwhile.
@@ -670,6 +678,7 @@ FileAuditSink::~FileAuditSink() {
       stopping_ = true;
     }
     wake_.notify_all();
+    drained_.notify_all();
     writer_.join();
   }
   closeSegment();

@@ -54,6 +54,9 @@ class FileAuditSink : public AuditSink {
     // Blocks reserved ahead of the segment's end, so that an fsync need not commit new
     // blocks to the journal (0: none).
     uint64_t reserveChunk = 4ull << 20;
+    // Records queued and not yet taken by the writer, at most: past it an append waits for
+    // the writer (backpressure) instead of the queue growing without bound.
+    size_t maxQueued = 65536;
   };
   static Result<std::unique_ptr<FileAuditSink>> open(Options options);
   ~FileAuditSink() override;
@@ -64,6 +67,11 @@ class FileAuditSink : public AuditSink {
   bool healthy() const override { return healthy_; }
   uint64_t durableSeq() const override { return durable_; }
   void requestDurable(uint64_t seq) override;
+  // How many appends waited for the writer because maxQueued records were queued.
+  uint64_t backpressureWaits() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return backpressureWaits_;
+  }
   void setObserver(AuditObserver* observer) override;
   // Seals the records so far with a checkpoint by the current key, appends a key_rotation
   // record to a new key, signs checkpoints with the new key from then on, and deletes the
@@ -101,6 +109,8 @@ class FileAuditSink : public AuditSink {
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;
+  std::condition_variable drained_;  // the writer took the queue
+  uint64_t backpressureWaits_ = 0;   // appends that waited for room (under mutex_)
   // A record waiting to be built, on the writer's thread and in seq order, then written:
   // the calls' workers only hand their fields over (building and hashing a line is the
   // audit's main CPU cost, and it is off the request path this way).
@@ -113,6 +123,8 @@ class FileAuditSink : public AuditSink {
     std::shared_ptr<const Ed25519Key> key, next;  // kCheckpoint: key; kRotation: key -> next
   };
   void enqueue(Pending pending);  // under mutex_
+  // Sequences and queues one record (waiting while maxQueued are queued); its seq.
+  uint64_t push(Pending pending, AuditSync sync);
   // Wakes the writer for a record just queued (under mutex_): at once for kNow, else only
   // when it sleeps past the deadline of the first record of a batch.
   void wakeWriter(AuditSync sync);

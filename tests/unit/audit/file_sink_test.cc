@@ -190,5 +190,45 @@ TEST(FileSinkTest, SegmentsRotateUnderSteadyLoad) {
   fs::remove_all(dir);
 }
 
+// Appends faster than the writer (no one waits for them, as halts): past maxQueued an
+// append waits for the writer instead of the queue growing without bound, and nothing is
+// lost.
+TEST(FileSinkTest, AFloodOfAppendsWaitsForTheWriterAndLosesNothing) {
+  fs::path dir = fs::temp_directory_path() / ("tollgate-flood-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  options.maxQueued = 32;
+  options.lazySync = std::chrono::hours(1);  // a batched record alone would wait
+  constexpr int kThreads = 2, kPerThread = 3000;
+  uint64_t waits = 0;
+  {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kPerThread; ++i) {
+          AuditRecord r;
+          r.agent = "agent-" + std::to_string(t) + "-" + std::to_string(i);
+          r.decision = "halt";
+          sink.value()->append(r);
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    waits = sink.value()->backpressureWaits();
+  }
+  EXPECT_GT(waits, 0u);
+  size_t calls = 0;
+  ASSERT_TRUE(forEachAuditLine(dir.string(), [&](std::string& line, const std::string&, size_t) {
+    calls += line.find("\"kind\":\"call\"") != std::string::npos;
+    return true;
+  }));
+  EXPECT_EQ(calls, static_cast<size_t>(kThreads) * kPerThread);
+  auto v = verifyDir(dir);
+  EXPECT_TRUE(v.ok) << v.reason;
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace tollgate
