@@ -48,6 +48,8 @@ class AuditObserver {
   virtual void onBatch(size_t records, double fsyncSeconds, bool ok) = 0;
   // A checkpoint with this seq was written into the stream.
   virtual void onCheckpoint(uint64_t /*seq*/) {}
+  // An append waited for the writer (the queue was full); on the appending thread.
+  virtual void onBackpressure() {}
 };
 
 // What a checkpoint key rotation did: the key_rotation record's seq and the two key ids.

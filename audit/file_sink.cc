@@ -479,6 +479,7 @@ uint64_t FileAuditSink::push(Pending p, AuditSync sync) {
     wanted_ = seq_;
     wakeWriter(AuditSync::kNow);
     ++backpressureWaits_;
+    if (observer_) observer_->onBackpressure();
     drained_.wait(lock, [this] { return queue_.size() < options_.maxQueued || stopping_; });
   }
   p.tsNs = nowNs();

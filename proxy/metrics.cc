@@ -121,6 +121,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Help("Audit batches that could not be written or fsynced")
                         .Register(r)
                         .Add({});
+  auditBackpressure_ = &prometheus::BuildCounter()
+                            .Name("tollgate_audit_backpressure_waits_total")
+                            .Help(
+                                "Audit appends that waited for the writer: records came "
+                                "faster than the disk took them")
+                            .Register(r)
+                            .Add({});
   auditFsync_ = &prometheus::BuildHistogram()
                      .Name("tollgate_audit_fsync_seconds")
                      .Help("Time of one audit batch's fsync")

@@ -209,6 +209,10 @@ void Server::AuditWatch::onCheckpoint(uint64_t seq) {
   server_.metrics_.auditCheckpoint(seq);
 }
 
+void Server::AuditWatch::onBackpressure() {
+  server_.metrics_.auditBackpressure();
+}
+
 std::string Server::activatePolicies(const PolicySet& next, const std::string& previousDigest,
                                      const char* trigger) {
   // Archived next to the log it decides for (a log kept in memory has no archive).

@@ -55,6 +55,7 @@ class Server {
     explicit AuditWatch(Server& server) : server_(server) {}
     void onBatch(size_t records, double fsyncSeconds, bool ok) override;
     void onCheckpoint(uint64_t seq) override;
+    void onBackpressure() override;
 
    private:
     Server& server_;

@@ -161,6 +161,8 @@ class ForwardProxyTest(unittest.TestCase):
         for name in ("tollgate_request_duration_seconds_bucket", "tollgate_upstream_duration_seconds_bucket",
                      "tollgate_active_connections", "tollgate_bytes_total", "tollgate_decisions_total"):
             self.assertIn(name, after)
+        # No append waited for the audit writer: four calls are far from a full queue.
+        self.assertIn("\ntollgate_audit_backpressure_waits_total 0\n", after)
         self.assertEqual(self.tg.admin("/nope")[0], 404)
         self.assertEqual(self.tg.admin("/v1/reload", "POST")[0], 200)
 
