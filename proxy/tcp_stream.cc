@@ -162,16 +162,6 @@ int TcpStream::tlsHandshake(std::string_view early) {
   return 0;
 }
 
-namespace {
-
-// Stale errors on this thread's queue would make SSL_get_error() misread the next call;
-// peeking is cheaper than clearing the whole queue every time.
-void clearOpenSslErrors() {
-  if (ERR_peek_error() != 0) ERR_clear_error();
-}
-
-}  // namespace
-
 void TcpStream::readTls(std::string_view data) {
   if (!handler_) return;
   if (!data.empty() && BIO_write(tlsIn_, data.data(), static_cast<int>(data.size())) !=
@@ -228,17 +218,11 @@ void TcpStream::readTls(std::string_view data) {
       plain = 0;
       if (closing_ || !handler_) return;
     }
-    clearOpenSslErrors();
+    ERR_clear_error();
     int n = SSL_read(ssl_, tPlainBuffer + plain, static_cast<int>(kReadBufferSize - plain));
     if (n > 0) {
       plain += static_cast<size_t>(n);
-      // Nothing decrypted left and no ciphertext to read: done without the SSL_read that
-      // would only say "want read" (a call per record read, on every request).
-      if (SSL_has_pending(ssl_) || BIO_ctrl_pending(tlsIn_) > 0) continue;
-      handler_->onRead(*this, std::string_view(tPlainBuffer, plain));
-      if (closing_ || !handler_) return;
-      plain = 0;
-      break;
+      continue;
     }
     int e = SSL_get_error(ssl_, n);
     if (plain > 0) {
@@ -288,7 +272,7 @@ int TcpStream::flush() {
   if (ssl_) {
     if (handshaking_) return 0;  // sent once the handshake is done
     if (tlsFailed_) return UV_EPROTO;
-    clearOpenSslErrors();
+    ERR_clear_error();
     // A memory BIO takes every byte: one SSL_write writes all of them.
     int n = SSL_write(ssl_, out_.data(), static_cast<int>(out_.size()));
     if (n != static_cast<int>(out_.size())) {

@@ -33,6 +33,34 @@ ChainVerdict verifyDir(const fs::path& dir) {
   return verifyChain(lines.value(), key.value());
 }
 
+// Appends perThread call records from each of `threads` threads at once; with `await`,
+// each thread waits for its record to be durable before the next, as a forwarded call does.
+void appendFromThreads(FileAuditSink& sink, int threads, int perThread, bool await) {
+  std::vector<std::thread> running;
+  for (int t = 0; t < threads; ++t) {
+    running.emplace_back([&, t] {
+      for (int i = 0; i < perThread; ++i) {
+        AuditRecord r;
+        r.agent = "agent-" + std::to_string(t) + "-" + std::to_string(i);
+        r.decision = await ? "allow" : "halt";
+        r.sync = await ? AuditSync::kNow : AuditSync::kBatched;
+        uint64_t seq = sink.append(r);
+        while (await && sink.durableSeq() < seq) std::this_thread::yield();
+      }
+    });
+  }
+  for (auto& th : running) th.join();
+}
+
+size_t callRecords(const fs::path& dir) {
+  size_t calls = 0;
+  auto st = forEachAuditLine(dir.string(), [&](std::string& line, const std::string&, size_t) {
+    calls += line.find("\"kind\":\"call\"") != std::string::npos;
+    return true;
+  });
+  return st ? calls : 0;
+}
+
 TEST(FileSinkTest, ATornFinalRecordAtEveryOffsetIsMovedAsideAndRecorded) {
   fs::path base = fs::temp_directory_path() / ("tollgate-torn-" + std::to_string(::getpid()));
   fs::remove_all(base);
@@ -81,7 +109,7 @@ TEST(FileSinkTest, ATornFinalRecordAtEveryOffsetIsMovedAsideAndRecorded) {
   fs::remove_all(base);
 }
 
-// A log of many segments is read back one segment at a time at start: it resumes where it
+// A log of many segments is read back a line at a time at start: it resumes where it
 // was (seq, chain, tail), and a record changed in a middle segment stops the start with that
 // segment's name and the record's number.
 TEST(FileSinkTest, ALogOfManySegmentsResumesAndNamesTheSegmentOfABadRecord) {
@@ -149,20 +177,7 @@ TEST(FileSinkTest, SegmentsRotateUnderSteadyLoad) {
   {
     auto sink = FileAuditSink::open(options);
     ASSERT_TRUE(sink) << sink.error().message;
-    std::vector<std::thread> threads;
-    for (int t = 0; t < kThreads; ++t) {
-      threads.emplace_back([&, t] {
-        for (int i = 0; i < kPerThread; ++i) {  // as calls do: each waits for its record
-          AuditRecord r;
-          r.agent = "agent-" + std::to_string(t) + "-" + std::to_string(i);
-          r.decision = "allow";
-          r.sync = AuditSync::kNow;
-          uint64_t seq = sink.value()->append(r);
-          while (sink.value()->durableSeq() < seq) std::this_thread::yield();
-        }
-      });
-    }
-    for (auto& th : threads) th.join();
+    appendFromThreads(*sink.value(), kThreads, kPerThread, true);
   }
   auto segs = auditSegments(dir.string());
   uint64_t total = 0;
@@ -173,18 +188,16 @@ TEST(FileSinkTest, SegmentsRotateUnderSteadyLoad) {
     ASSERT_FALSE(lines.empty());
     EXPECT_EQ(nlohmann::json::parse(lines.back())["kind"], "checkpoint") << segs[i];
   }
-  size_t records = 0, lastN = 0;
+  size_t lastN = 0;
   std::string lastSegment;
-  auto st =
-      forEachAuditLine(dir.string(), [&](std::string& line, const std::string& segment, size_t n) {
-        EXPECT_EQ(n, segment == lastSegment ? lastN + 1 : 1u);
-        lastSegment = segment;
-        lastN = n;
-        records += line.find("\"kind\":\"call\"") != std::string::npos;
-        return true;
-      });
+  auto st = forEachAuditLine(dir.string(), [&](std::string&, const std::string& segment, size_t n) {
+    EXPECT_EQ(n, segment == lastSegment ? lastN + 1 : 1u);
+    lastSegment = segment;
+    lastN = n;
+    return true;
+  });
   ASSERT_TRUE(st);
-  EXPECT_EQ(records, static_cast<size_t>(kThreads) * kPerThread);
+  EXPECT_EQ(callRecords(dir), static_cast<size_t>(kThreads) * kPerThread);
   auto v = verifyDir(dir);
   EXPECT_TRUE(v.ok) << v.reason;
   fs::remove_all(dir);
@@ -204,27 +217,11 @@ TEST(FileSinkTest, AFloodOfAppendsWaitsForTheWriterAndLosesNothing) {
   {
     auto sink = FileAuditSink::open(options);
     ASSERT_TRUE(sink) << sink.error().message;
-    std::vector<std::thread> threads;
-    for (int t = 0; t < kThreads; ++t) {
-      threads.emplace_back([&, t] {
-        for (int i = 0; i < kPerThread; ++i) {
-          AuditRecord r;
-          r.agent = "agent-" + std::to_string(t) + "-" + std::to_string(i);
-          r.decision = "halt";
-          sink.value()->append(r);
-        }
-      });
-    }
-    for (auto& th : threads) th.join();
+    appendFromThreads(*sink.value(), kThreads, kPerThread, false);
     waits = sink.value()->backpressureWaits();
   }
   EXPECT_GT(waits, 0u);
-  size_t calls = 0;
-  ASSERT_TRUE(forEachAuditLine(dir.string(), [&](std::string& line, const std::string&, size_t) {
-    calls += line.find("\"kind\":\"call\"") != std::string::npos;
-    return true;
-  }));
-  EXPECT_EQ(calls, static_cast<size_t>(kThreads) * kPerThread);
+  EXPECT_EQ(callRecords(dir), static_cast<size_t>(kThreads) * kPerThread);
   auto v = verifyDir(dir);
   EXPECT_TRUE(v.ok) << v.reason;
   fs::remove_all(dir);
