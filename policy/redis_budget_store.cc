@@ -22,7 +22,7 @@ constexpr size_t kMaxRetries = 10'000;   // per worker loop
 constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
 constexpr size_t kMaxBatch = 256;        // operations in one script call
 
-// KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
+// KEYS: 3 per pool (b, h, d). ARGV for init and view: op, mode, 0, pool count, then per
 // pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
 // period ms. Reserve, settle and release always go in batches (layout at `op == 'batch'`).
 // Amounts are the estimate for reserve and the real cost for settle (-1: what was held).
@@ -33,54 +33,33 @@ const RedisScript& budgetScript() {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, call = ARGV[1], ARGV[2]
-local ttl, n = tonumber(ARGV[3]), #KEYS / 4
-local base = 4  -- ARGV index before the current operation's per-pool values
+local n = #KEYS / 3
+local base = 4  -- init and view: ARGV index before the per-pool values
 local DIMS = {'effort', 'risk'}
-local KEEP = 100000
+local KEEP = 100000   -- settled call ids remembered per pool
+local SWEEP_MS = 1000 -- how often a batch looks for expired holds of other calls
 
 local function I(x) return string.format('%d', x) end
 local function num(v) return tonumber(v) or 0 end
 local function A(i, k) return ARGV[base + 7 * (i - 1) + 1 + k] end
-local function K(i, k) return KEYS[4 * (i - 1) + k] end
+local function K(i, k) return KEYS[3 * (i - 1) + k] end
 
-local function remember(d, id)
-  redis.call('ZADD', d, now, id)
-  redis.call('ZREMRANGEBYRANK', d, 0, -(KEEP + 1))
+-- A hold is 'effort:risk:expiry' (units; ms of Redis time). One without an expiry (as an
+-- older release wrote them) counts as expired: committed, never refunded.
+local function parseHold(v)
+  local a = string.find(v, ':', 1, true)
+  if not a then return {num(v), 0, 0} end
+  local b = string.find(v, ':', a + 1, true)
+  if not b then return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1)), 0} end
+  return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1, b - 1)),
+          num(string.sub(v, b + 1))}
 end
 
-local function split(v)
-  local e, r = string.match(v, '^(%d+):(%d+)$')
-  return {tonumber(e) or 0, tonumber(r) or 0}
-end
-
--- Holds past their expiry are committed, not refunded: the call may have run.
-local function expire(i)
-  local b, h, x, d = K(i, 1), K(i, 2), K(i, 3), K(i, 4)
-  local alive = redis.call('EXISTS', b) == 1
-  local due = redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 1000)
-  for _, id in ipairs(due) do
-    local v = redis.call('HGET', h, id)
-    if v and alive then
-      local held = split(v)
-      for j, dim in ipairs(DIMS) do
-        if held[j] > 0 then
-          redis.call('HINCRBY', b, dim .. ':held', -held[j])
-          redis.call('HINCRBY', b, dim .. ':committed', held[j])
-        end
-      end
-    end
-    redis.call('HDEL', h, id)
-    redis.call('ZREM', x, id)
-    remember(d, id)
-  end
-end
-
-local function roll(b, dim, period)
-  if num(redis.call('HGET', b, dim .. ':period')) ~= period then
-    redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(now - now % period))
-  elseif now >= num(redis.call('HGET', b, dim .. ':start')) + period then
-    redis.call('HSET', b, dim .. ':start', I(now - now % period), dim .. ':committed', '0',
-               dim .. ':tripped', '0')
+-- Settled (or expired, or released) call ids: a later reserve of one is refused.
+local function remember(d, marks)
+  if #marks > 0 then
+    redis.call('ZADD', d, unpack(marks))
+    redis.call('ZREMRANGEBYRANK', d, 0, -(KEEP + 1))
   end
 end
 
@@ -91,13 +70,12 @@ if op == 'init' then
     if call ~= 'reset' and redis.call('EXISTS', b) == 1 then
       out[i] = 'exists'
     else
-      redis.call('DEL', b, K(i, 2), K(i, 3))
+      redis.call('DEL', b, K(i, 2))
       redis.call('HSET', b, 'created', I(now))
       -- Sentinels keep every key of the pool in existence, so that a slot migration moves
       -- them together and a script never sees some keys moved and others not (TRYAGAIN).
-      redis.call('HSET', K(i, 2), '_', '0:0')
+      redis.call('HSET', K(i, 2), '_', '0:0:inf')
       redis.call('ZADD', K(i, 3), 'inf', '_')
-      redis.call('ZADD', K(i, 4), 'inf', '_')
       for j, dim in ipairs(DIMS) do
         local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
         if limit >= 0 then
@@ -111,21 +89,48 @@ if op == 'init' then
   return out
 end
 
-for i = 1, n do expire(i) end
-
 if op == 'view' then
+  local nowS = I(now)
   local out = {}
   for i = 1, n do
-    local b = K(i, 1)
+    local b, h = K(i, 1), K(i, 2)
     local alive = redis.call('EXISTS', b) == 1
+    -- Every expired hold is committed first.
+    local all, del, marks = redis.call('HGETALL', h), {}, {}
+    for x = 1, #all, 2 do
+      local hold = parseHold(all[x + 1])
+      if all[x] ~= '_' and hold[3] <= now then
+        if alive then
+          for j, dim in ipairs(DIMS) do
+            if hold[j] > 0 then
+              redis.call('HINCRBY', b, dim .. ':held', -hold[j])
+              redis.call('HINCRBY', b, dim .. ':committed', hold[j])
+            end
+          end
+        end
+        del[#del + 1] = all[x]
+        marks[#marks + 1] = nowS
+        marks[#marks + 1] = all[x]
+      end
+    end
+    if #del > 0 then redis.call('HDEL', h, unpack(del)) end
+    remember(K(i, 3), marks)
     for j, dim in ipairs(DIMS) do
       local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
       if limit >= 0 then
         if alive then
-          roll(b, dim, period)
-          local f = redis.call('HMGET', b, dim .. ':committed', dim .. ':held', dim .. ':start',
-                               dim .. ':tripped')
-          out[#out + 1] = {A(i, 0), dim, 1, num(f[1]), num(f[2]), num(f[3]) + period, num(f[4])}
+          local f = redis.call('HMGET', b, dim .. ':committed', dim .. ':held', dim .. ':period',
+                               dim .. ':start', dim .. ':tripped')
+          local committed, start, tripped = num(f[1]), num(f[4]), num(f[5])
+          if num(f[3]) ~= period then
+            start = now - now % period
+            redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(start))
+          elseif now >= start + period then
+            start, committed, tripped = now - now % period, 0, 0
+            redis.call('HSET', b, dim .. ':start', I(start), dim .. ':committed', '0',
+                       dim .. ':tripped', '0')
+          end
+          out[#out + 1] = {A(i, 0), dim, 1, committed, num(f[2]), start + period, tripped}
         else
           out[#out + 1] = {A(i, 0), dim, 0, 0, 0, 0, 0}
         end
@@ -137,112 +142,169 @@ end
 
 -- A batch: ARGV[2] operations on the pools of KEYS. ARGV[3…]: per pool its name, effort
 -- limit, effort period ms, risk limit, risk period ms; then per operation: op, call id, hold
--- ttl ms, and per pool the effort and risk amounts. An answer is 0 for a plain ok, else
--- {status, pool, reason, overrun}. Every
--- key is read once (the pools' budgets, the holds and settled marks of the batch's calls),
--- the operations run in order on those values in Lua, exactly as each would alone, and
--- what changed is written back once per key.
+-- ttl ms, and per pool the effort and risk amounts (integers). An answer is 0 for a plain
+-- ok, else {status, pool, reason, overrun}. Every key is read once (the pools' budgets, the
+-- holds of the batch's calls, the settled marks of those it reserves), the operations run
+-- in order on those values in Lua, exactly as each would alone, and what changed is
+-- written back once per key. Expired holds are committed first: those of the batch's calls
+-- always, the others at most once a second. This runs for every call of every sidecar on
+-- Redis's one thread: numbers are formatted only where they change, and a hold keeps the
+-- amounts' own strings.
 if op == 'batch' then
   local m = tonumber(ARGV[2])
-  local FIELDS = {'created'}
-  for _, dim in ipairs(DIMS) do
-    for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
-      FIELDS[#FIELDS + 1] = dim .. ':' .. f
+  local stride = 3 + 2 * n
+  local first = 3 + 5 * n  -- the first operation's index
+  local ids, seen, rids, rseen = {}, {}, {}, {}
+  for at = first, first + stride * (m - 1), stride do
+    local id = ARGV[at + 1]
+    if not seen[id] then
+      seen[id] = true
+      ids[#ids + 1] = id
+    end
+    if ARGV[at] == 'reserve' and not rseen[id] then
+      rseen[id] = true
+      rids[#rids + 1] = id
     end
   end
-  local function P(i, k) return ARGV[3 + 5 * (i - 1) + k] end
-  local function AM(i, j) return ARGV[base + 2 * (i - 1) + j] end
-  local ops, ids, seen = {}, {}, {}
-  local at = 3 + 5 * n
-  for k = 1, m do
-    ops[k] = {op = ARGV[at], call = ARGV[at + 1], ttl = tonumber(ARGV[at + 2]), base = at + 2}
-    if not seen[ARGV[at + 1]] then
-      seen[ARGV[at + 1]] = true
-      ids[#ids + 1] = ARGV[at + 1]
-    end
-    at = at + 3 + 2 * n
-  end
-  -- Per pool: its budgets (false when missing), the holds and settled marks of these calls.
-  local st, dirty, holds, before, expiry, done, marks = {}, {}, {}, {}, {}, {}, {}
-  for i = 1, n do
-    local v = redis.call('HMGET', K(i, 1), unpack(FIELDS))
-    if v[1] then
-      st[i] = {}
-      for j, dim in ipairs(DIMS) do
-        local o = 1 + 5 * (j - 1)
-        st[i][dim] = {committed = num(v[o + 1]), held = num(v[o + 2]), period = num(v[o + 3]),
-                      start = num(v[o + 4]), tripped = num(v[o + 5])}
+  local nowS = I(now)
+  -- Per pool: name; limit and period by dimension (1 effort, 2 risk); st[i][j] the stored
+  -- budget (st[i] false when the pool is missing); the holds of the batch's calls as read
+  -- (before), as they are now (holds: {effort, risk, expiry}) and as written (fresh); the
+  -- calls to mark settled; expired holds of other calls (swept).
+  local name, limit, period, st, holds, before, fresh, marks, swept = {}, {}, {}, {}, {}, {},
+      {}, {}, {}
+  local done = {}
+  local function expired(i, hold)  -- committed, not refunded: the call may have run
+    local s = st[i]
+    if s then
+      for j = 1, 2 do
+        if hold[j] > 0 then
+          s[j].held, s[j].committed, s[j].moved = s[j].held - hold[j], s[j].committed + hold[j], true
+        end
       end
+    end
+  end
+  for i = 1, n do
+    local o = 3 + 5 * (i - 1)
+    name[i] = ARGV[o]
+    limit[i] = {tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])}
+    period[i] = {tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])}
+    local v = redis.call('HMGET', K(i, 1), 'created', 'effort:committed', 'effort:held',
+                         'effort:period', 'effort:start', 'effort:tripped', 'risk:committed',
+                         'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept')
+    if v[1] then
+      local s = {}
+      for j = 1, 2 do
+        local f = 1 + 5 * (j - 1)
+        s[j] = {committed = num(v[f + 1]), held = num(v[f + 2]), period = num(v[f + 3]),
+                start = num(v[f + 4]), tripped = num(v[f + 5]), moved = false, rolled = false}
+      end
+      s.sweep = now >= num(v[12]) + SWEEP_MS
+      st[i] = s
     else
       st[i] = false
     end
-    holds[i], before[i], expiry[i], marks[i] = {}, {}, {}, {}
+    local hs, bs, mk = {}, {}, {}
     local h = redis.call('HMGET', K(i, 2), unpack(ids))
     for x, id in ipairs(ids) do
-      holds[i][id] = h[x] or nil
-      before[i][id] = h[x] or nil
+      local hv = h[x]
+      if hv then
+        bs[id] = hv
+        local hold = parseHold(hv)
+        if hold[3] > now then
+          hs[id] = hold
+        else
+          expired(i, hold)
+          mk[id], done[id] = true, true
+        end
+      end
+    end
+    local sw = {}
+    if st[i] and st[i].sweep then
+      local all = redis.call('HGETALL', K(i, 2))
+      for x = 1, #all, 2 do
+        local id = all[x]
+        if id ~= '_' and not seen[id] then
+          local hold = parseHold(all[x + 1])
+          if hold[3] <= now then
+            expired(i, hold)
+            sw[#sw + 1] = id
+          end
+        end
+      end
+    end
+    holds[i], before[i], fresh[i], marks[i], swept[i] = hs, bs, {}, mk, sw
+  end
+  if #rids > 0 then
+    local d = redis.call('ZMSCORE', K(1, 3), unpack(rids))
+    for x, id in ipairs(rids) do
+      if d[x] then done[id] = true end
     end
   end
-  local d = redis.call('ZMSCORE', K(1, 4), unpack(ids))
-  for x, id in ipairs(ids) do done[id] = d[x] and true or false end
 
-  local function roll(s, period)
-    if s.period ~= period then
-      s.period, s.start = period, now - now % period
-      return true
-    elseif now >= s.start + period then
-      s.start, s.committed, s.tripped = now - now % period, 0, 0
-      return true
+  local function rolled(s, p)
+    if s.period ~= p then
+      s.period, s.start, s.rolled = p, now - now % p, true
+    elseif now >= s.start + p then
+      s.start, s.committed, s.tripped, s.rolled = now - now % p, 0, 0, true
     end
-    return false
   end
 
-  local function reserve(call, hold)
-    if holds[1][call] then return {'ok', '', '', 0} end
+  local expiry = {}  -- expiry strings by ttl string, formatted once
+  local function reserve(call, ttl, at)
+    if holds[1][call] then return 0 end
     if done[call] then return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0} end
     for i = 1, n do
-      local pool = P(i, 0)
-      for j, dim in ipairs(DIMS) do
-        local amount = tonumber(AM(i, j))
+      for j = 1, 2 do
+        local amount = tonumber(ARGV[at + 2 * (i - 1) + j])
         if amount > 0 then
-          local limit, period = tonumber(P(i, 2 * j - 1)), tonumber(P(i, 2 * j))
-          if limit < 0 then
+          local pool, lim = name[i], limit[i][j]
+          if lim < 0 then
             return {'budget_uninitialised', pool,
-                    'pool ' .. pool .. ' has no ' .. dim .. ' budget in the store', 0}
+                    'pool ' .. pool .. ' has no ' .. DIMS[j] .. ' budget in the store', 0}
           end
           if not st[i] then
             return {'budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from ' ..
                     'the store (never initialised, or flushed): run tollgate pools init', 0}
           end
-          local s = st[i][dim]
-          if roll(s, period) then dirty[i] = true end
+          local s = st[i][j]
+          rolled(s, period[i][j])
           if s.tripped ~= 0 then
             return {'budget_tripped', pool,
                     'pool ' .. pool .. ' was tripped by an overrun this period', 0}
           end
           local used = s.committed + s.held
-          if used + amount > limit then
+          if used + amount > lim then
             return {'budget_exhausted', pool,
-                    'pool ' .. pool .. ' ' .. dim .. ': ' .. I(used) .. ' of ' .. I(limit) ..
+                    'pool ' .. pool .. ' ' .. DIMS[j] .. ': ' .. I(used) .. ' of ' .. I(lim) ..
                     ' spent or held, ' .. I(amount) .. ' more asked', 0}
           end
         end
       end
     end
-    for i = 1, n do
-      local e, r = math.max(tonumber(AM(i, 1)), 0), math.max(tonumber(AM(i, 2)), 0)
-      if st[i] and (e > 0 or r > 0) then
-        st[i].effort.held = st[i].effort.held + e
-        st[i].risk.held = st[i].risk.held + r
-        dirty[i] = true
-      end
-      holds[i][call] = I(e) .. ':' .. I(r)
-      expiry[i][call] = now + hold
+    local until_ = now + tonumber(ttl)
+    local xs = expiry[ttl]
+    if not xs then
+      xs = I(until_)
+      expiry[ttl] = xs
     end
-    return {'ok', '', '', 0}
+    for i = 1, n do
+      local es, rs = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
+      local e, r = tonumber(es), tonumber(rs)
+      if e <= 0 then e, es = 0, '0' end
+      if r <= 0 then r, rs = 0, '0' end
+      local s = st[i]
+      if s then
+        if e > 0 then s[1].held, s[1].moved = s[1].held + e, true end
+        if r > 0 then s[2].held, s[2].moved = s[2].held + r, true end
+      end
+      holds[i][call] = {e, r, until_}
+      fresh[i][call] = es .. ':' .. rs .. ':' .. xs
+    end
+    return 0
   end
 
-  local function finish(o, call)
+  local function finish(o, call, at)
     if not holds[1][call] then
       -- A release of a call never held leaves a mark, so that a late reserve is refused.
       if o == 'release' then
@@ -253,26 +315,27 @@ if op == 'batch' then
     end
     local overrun, opool = 0, ''
     for i = 1, n do
-      local v = holds[i][call]
-      if v then
-        local held = split(v)
-        for j, dim in ipairs(DIMS) do
-          if held[j] > 0 then
+      local hold = holds[i][call]
+      if hold then
+        for j = 1, 2 do
+          local held = hold[j]
+          if held > 0 then
             local cost = 0
             if o == 'settle' then
-              cost = tonumber(AM(i, j))
-              if cost < 0 then cost = held[j] end
+              cost = tonumber(ARGV[at + 2 * (i - 1) + j])
+              if cost < 0 then cost = held end
             end
-            if st[i] then
-              local s = st[i][dim]
-              s.held = s.held - held[j]
-              s.committed = s.committed + math.min(cost, held[j])
-              if cost > held[j] then s.tripped = 1 end
-              dirty[i] = true
+            local s = st[i]
+            if s then
+              s = s[j]
+              s.held = s.held - held
+              s.committed = s.committed + math.min(cost, held)
+              if cost > held then s.tripped, s.rolled = 1, true end
+              s.moved = true
             end
-            if cost > held[j] then
-              overrun = overrun + cost - held[j]
-              opool = P(i, 0)
+            if cost > held then
+              overrun = overrun + cost - held
+              opool = name[i]
             end
           end
         end
@@ -284,68 +347,72 @@ if op == 'batch' then
     if overrun > 0 then
       return {'ok', opool, 'call ' .. call .. ' cost ' .. I(overrun) .. ' more than was held', overrun}
     end
-    return {'ok', '', '', 0}
+    return 0
   end
 
   local out = {}
+  local at = first
   for k = 1, m do
-    local o = ops[k]
-    base = o.base
-    local r
-    if o.op == 'reserve' then
-      r = reserve(o.call, o.ttl)
-    elseif o.op == 'settle' or o.op == 'release' then
-      r = finish(o.op, o.call)
+    local o, id = ARGV[at], ARGV[at + 1]
+    if o == 'reserve' then
+      out[k] = reserve(id, ARGV[at + 2], at + 2)
+    elseif o == 'settle' or o == 'release' then
+      out[k] = finish(o, id, at + 2)
     else
-      r = {'unavailable', '', 'unknown op ' .. tostring(o.op), 0}
+      out[k] = {'unavailable', '', 'unknown op ' .. tostring(o), 0}
     end
-    if r[1] == 'ok' and r[4] == 0 then r = 0 end
-    out[k] = r
+    at = at + stride
   end
 
   -- Write back what changed, one command per key.
   for i = 1, n do
-    if dirty[i] and st[i] then
+    local s = st[i]
+    if s then
       local args = {}
-      for _, dim in ipairs(DIMS) do
-        for _, f in ipairs({'committed', 'held', 'period', 'start', 'tripped'}) do
-          args[#args + 1] = dim .. ':' .. f
-          args[#args + 1] = I(st[i][dim][f])
+      for j = 1, 2 do
+        local sj, dim = s[j], DIMS[j]
+        if sj.rolled then
+          args[#args + 1] = dim .. ':period'
+          args[#args + 1] = I(sj.period)
+          args[#args + 1] = dim .. ':start'
+          args[#args + 1] = I(sj.start)
+          args[#args + 1] = dim .. ':tripped'
+          args[#args + 1] = I(sj.tripped)
+        end
+        if sj.moved or sj.rolled then
+          args[#args + 1] = dim .. ':committed'
+          args[#args + 1] = I(sj.committed)
+          args[#args + 1] = dim .. ':held'
+          args[#args + 1] = I(sj.held)
         end
       end
-      redis.call('HSET', K(i, 1), unpack(args))
+      if s.sweep then
+        args[#args + 1] = 'swept'
+        args[#args + 1] = nowS
+      end
+      if #args > 0 then redis.call('HSET', K(i, 1), unpack(args)) end
     end
-    local add, addx, del = {}, {}, {}
+    local add, del, dm = {}, swept[i], {}
+    local hs, bs, fs, mk = holds[i], before[i], fresh[i], marks[i]
     for _, id in ipairs(ids) do
-      local was, is = before[i][id], holds[i][id]
-      if is and not was then
+      if hs[id] and not bs[id] then
         add[#add + 1] = id
-        add[#add + 1] = is
-        addx[#addx + 1] = expiry[i][id]
-        addx[#addx + 1] = id
-      elseif was and not is then
+        add[#add + 1] = fs[id]
+      elseif bs[id] and not hs[id] then
         del[#del + 1] = id
       end
-    end
-    if #add > 0 then
-      redis.call('HSET', K(i, 2), unpack(add))
-      redis.call('ZADD', K(i, 3), unpack(addx))
-    end
-    if #del > 0 then
-      redis.call('HDEL', K(i, 2), unpack(del))
-      redis.call('ZREM', K(i, 3), unpack(del))
-    end
-    local dm = {}
-    for _, id in ipairs(ids) do
-      if marks[i][id] then
-        dm[#dm + 1] = now
+      if mk[id] then
+        dm[#dm + 1] = nowS
         dm[#dm + 1] = id
       end
     end
-    if #dm > 0 then
-      redis.call('ZADD', K(i, 4), unpack(dm))
-      redis.call('ZREMRANGEBYRANK', K(i, 4), 0, -(KEEP + 1))
+    for _, id in ipairs(swept[i]) do
+      dm[#dm + 1] = nowS
+      dm[#dm + 1] = id
     end
+    if #add > 0 then redis.call('HSET', K(i, 2), unpack(add)) end
+    if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
+    remember(K(i, 3), dm)
   end
   return out
 end
@@ -746,7 +813,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     batch.keys.clear();
     batch.args.clear();
     for (const PoolSpec* p : pools) {
-      for (char k : {'b', 'h', 'x', 'd'}) batch.keys.push_back(keyOf(p->name, k));
+      for (char k : {'b', 'h', 'd'}) batch.keys.push_back(keyOf(p->name, k));
       for (std::string v :
            {p->name, std::to_string(p->effortLimit), std::to_string(p->effortPeriodMs),
             std::to_string(p->riskLimit), std::to_string(p->riskPeriodMs)})
@@ -869,7 +936,7 @@ void RedisBudgetStore::release(const std::string& callId, const std::vector<Char
 std::pair<std::vector<std::string>, std::vector<std::string>> RedisBudgetStore::poolCall(
     const char* op, const char* mode, const PoolSpec& s) {
   std::vector<std::string> keys;
-  for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
+  for (char k : {'b', 'h', 'd'}) keys.push_back(keyOf(s.name, k));
   std::vector<std::string> args{op,
                                 mode,
                                 "0",

@@ -188,6 +188,33 @@ TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedByRedisClock) {
   EXPECT_EQ(budget("other", "effort").committed, 7);
 }
 
+// Without the view: a batch of other calls commits an expired hold once its sweep is due
+// (at most a second after the last), and the expired call counts as settled.
+TEST_F(RedisBudgetStoreTest, ABatchOfOtherCallsCommitsAnExpiredHold) {
+  ASSERT_EQ(reserve("c1", {{"other", 7, 0}}, 50).status, BudgetStatus::kOk);
+  redisContext* c = redisConnect("127.0.0.1", redis.port());
+  auto field = [&](const char* key, const char* f) {
+    auto* r = static_cast<redisReply*>(redisCommand(c, "HGET %s %s", key, f));
+    std::string v = r && r->type == REDIS_REPLY_STRING ? r->str : "";
+    if (r) freeReplyObject(r);
+    return v;
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  EXPECT_EQ(field("tollgate:{other}:b", "effort:held"), "7");  // nothing touched it yet
+  ASSERT_EQ(reserve("c2", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(field("tollgate:{other}:b", "effort:committed"), "7");
+  EXPECT_EQ(field("tollgate:{other}:b", "effort:held"), "1");
+  EXPECT_EQ(field("tollgate:{other}:h", "c1"), "");
+  EXPECT_EQ(reserve("c1", {{"other", 7, 0}}).status, BudgetStatus::kUnknownCall);
+  // A hold without an expiry (as releases before 2026-11-29 wrote them) counts as expired.
+  freeReplyObject(redisCommand(c, "HSET tollgate:{other}:h old 5:0"));
+  freeReplyObject(redisCommand(c, "HINCRBY tollgate:{other}:b effort:held 5"));
+  redisFree(c);
+  auto effort = budget("other", "effort");
+  EXPECT_EQ(effort.committed, 12);
+  EXPECT_EQ(effort.held, 1);
+}
+
 TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall) {
   redisContext* c = redisConnect("127.0.0.1", redis.port());
   freeReplyObject(redisCommand(c, "FLUSHALL"));
