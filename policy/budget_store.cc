@@ -1,8 +1,13 @@
 #include "policy/budget_store.h"
 
+#include <pthread.h>
+#include <sys/random.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <random>
 
 namespace tollgate {
 namespace {
@@ -19,7 +24,35 @@ BudgetOutcome refuse(BudgetStatus status, const std::string& pool, std::string r
   return BudgetOutcome{status, pool, std::move(reason), 0};
 }
 
+std::string randomPrefix() {
+  unsigned char bytes[8];
+  if (::getrandom(bytes, sizeof bytes, 0) != static_cast<ssize_t>(sizeof bytes)) {
+    std::random_device rd;
+    for (auto& b : bytes) b = static_cast<unsigned char>(rd());
+  }
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char b : bytes) {
+    out += kHex[b >> 4];
+    out += kHex[b & 15];
+  }
+  return out + '-';
+}
+
+std::string& callIdPrefix() {
+  static std::string prefix = [] {
+    ::pthread_atfork(nullptr, nullptr, [] { callIdPrefix() = randomPrefix(); });
+    return randomPrefix();
+  }();
+  return prefix;
+}
+
 }  // namespace
+
+std::string newCallId() {
+  static std::atomic<uint64_t> counter{0};
+  return callIdPrefix() + std::to_string(counter.fetch_add(1, std::memory_order_relaxed));
+}
 
 const char* budgetStatusName(BudgetStatus s) {
   switch (s) {

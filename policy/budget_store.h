@@ -45,6 +45,12 @@ enum class BudgetStatus {
 };
 const char* budgetStatusName(BudgetStatus s);
 
+// A call id unique among every sidecar that shares a pool: a random prefix of the process
+// (drawn again in a forked child) and a counter. Ids are the stores' idempotency keys, so
+// two sidecars must never make the same one: the second call would pass as a retry of the
+// first, uncharged.
+std::string newCallId();
+
 struct BudgetOutcome {
   BudgetStatus status = BudgetStatus::kOk;
   std::string pool;     // the pool that refused

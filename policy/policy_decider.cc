@@ -1,7 +1,5 @@
 #include "policy/policy_decider.h"
 
-#include <atomic>
-
 #include "policy/redis_budget_store.h"
 
 namespace tollgate {
@@ -73,9 +71,7 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
     done(std::move(d));
     return;
   }
-  static std::atomic<uint64_t> counter{0};
-  std::string callId = std::to_string(std::chrono::system_clock::now().time_since_epoch().count()) +
-                       "-" + std::to_string(counter.fetch_add(1));
+  std::string callId = newCallId();
   auto ctx = std::make_shared<Outcomes>(Outcomes{set, std::move(tc.value()), callId});
   budgets_->reserve(
       callId, charges, holdTtl,

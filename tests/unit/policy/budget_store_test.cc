@@ -1,8 +1,11 @@
 #include "policy/budget_store.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <random>
+#include <set>
 
 namespace tollgate {
 namespace {
@@ -105,6 +108,33 @@ TEST_F(MemoryBudgetStoreTest, UnknownPoolsAreUninitialisedNotZero) {
   auto r = store->reserveNow("c1", {{"ghost", 1, 0}}, ttl);
   EXPECT_EQ(r.status, BudgetStatus::kUninitialised);
   EXPECT_EQ(r.pool, "ghost");
+}
+
+// Call ids are the stores' idempotency keys: two sidecars sharing a pool must never make
+// the same one. Each process (a forked one too) draws its own random prefix.
+TEST(CallIds, AreUniqueInAProcessAndAcrossProcesses) {
+  std::set<std::string> ids;
+  for (int i = 0; i < 1000; ++i) ids.insert(newCallId());
+  EXPECT_EQ(ids.size(), 1000u);
+  std::string mine = newCallId();
+  ASSERT_EQ(mine.find('-'), 16u) << mine;
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  pid_t child = ::fork();
+  if (child == 0) {
+    std::string id = newCallId();
+    ssize_t n = ::write(fds[1], id.data(), id.size());
+    ::_exit(n == static_cast<ssize_t>(id.size()) ? 0 : 1);
+  }
+  ::close(fds[1]);
+  char buf[64] = {};
+  ssize_t n = ::read(fds[0], buf, sizeof buf - 1);
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  ASSERT_GT(n, 17) << "no id from the child";
+  std::string theirs(buf, static_cast<size_t>(n));
+  EXPECT_NE(theirs.substr(0, 17), mine.substr(0, 17)) << theirs << " vs " << mine;
 }
 
 TEST(MemoryBudgetStore, RefusesSharedPools) {
