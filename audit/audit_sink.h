@@ -4,11 +4,13 @@
 #pragma once
 
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -81,6 +83,17 @@ class AuditSink {
   virtual uint64_t durableSeq() const = 0;
   // Someone waits for the records up to `seq` to be durable: sync them at once.
   virtual void requestDurable(uint64_t /*seq*/) {}
+  // Blocks until every record up to `seq` is durable: false when the sink turns unhealthy or
+  // the timeout passes first. For the admin API's rare records, never the request path.
+  bool waitDurable(uint64_t seq, std::chrono::milliseconds timeout) {
+    requestDurable(seq);
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (durableSeq() < seq) {
+      if (!healthy() || std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    return true;
+  }
   // The observer (or none) told of every batch from now on; set and cleared while the
   // sink lives, it must outlive the setting.
   virtual void setObserver(AuditObserver* /*observer*/) {}

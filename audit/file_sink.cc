@@ -530,7 +530,7 @@ std::vector<std::string> FileAuditSink::tail(size_t n) const {
   std::unique_lock<std::mutex> lock(mutex_);
   // What was appended before this call is in the answer (it is built within a group commit).
   uint64_t want = seq_;
-  built_.wait_for(lock, std::chrono::milliseconds(200), [&] { return builtSeq_ >= want; });
+  built_.wait_for(lock, std::chrono::seconds(1), [&] { return builtSeq_ >= want; });
   n = std::min(n, recent_.size());
   return {recent_.end() - static_cast<std::ptrdiff_t>(n), recent_.end()};
 }

@@ -15,6 +15,9 @@
 namespace tollgate {
 namespace {
 
+// How long an answer waits for its record to be durable (one group commit, normally).
+constexpr std::chrono::milliseconds kRecordWait{5000};
+
 AdminResponse json(int status, std::string body) {
   body += '\n';
   return {status, "application/json", std::move(body)};
@@ -183,6 +186,9 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
     uint64_t seq = audit_.appendEvent(
         "report",
         {{"sha256", hash}, {"format", format}, {"from", from}, {"to", to}, {"file", file}});
+    if (!audit_.waitDurable(seq, kRecordWait))
+      return error(503, "audit_unavailable",
+                   "the report record (seq " + std::to_string(seq) + ") is not durable");
     std::string body;
     JsonObject(body).add("seq", seq).close();
     return json(200, std::move(body));
@@ -276,13 +282,15 @@ AdminResponse AdminApi::approvals(std::string_view method, std::string_view path
     return error(404, "not_found", "use /approve or /deny");
   if (!ok) return error(409, "not_pending", "no pending approval " + id);
   // The human decision is a record of its own: who (the token's fingerprint, never the
-  // token), what, and the call it lets through or stops.
+  // token), what, and the call it lets through or stops. The answer waits until it is
+  // durable. (The call it lets through waits for its own record, which comes after it.)
+  uint64_t seq = 0;
   for (const auto& a : engine_->approvals()) {
     if (a.id != id) continue;
     std::string approver =
         "sha256:" + sha256Hex(authorization.substr(std::min<size_t>(7, authorization.size())), 8);
     std::string lease = std::to_string(a.leaseUntilMs);
-    audit_.appendEvent("approval", {{"approval_id", a.id},
+    seq = audit_.appendEvent("approval", {{"approval_id", a.id},
                                     {"state", a.state},
                                     {"approver", approver},
                                     {"agent", a.agent},
@@ -296,6 +304,10 @@ AdminResponse AdminApi::approvals(std::string_view method, std::string_view path
                                     {"lease_until_ms", lease}});
     break;
   }
+  if (seq && !audit_.waitDurable(seq, kRecordWait))
+    return error(503, "audit_unavailable",
+                 "the approval is in effect, but its record (seq " + std::to_string(seq) +
+                     ") is not durable; calls stay halted until the audit stream is");
   std::string body;
   JsonObject(body).add("id", id).add("state", action == "approve" ? "approved" : "denied").close();
   return json(200, std::move(body));

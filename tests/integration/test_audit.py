@@ -166,6 +166,12 @@ class AuditStreamTest(unittest.TestCase):
                     self.assertEqual(parse_response(out)[0], 403)
                     self.assertIsNone(tg.proc.poll())
                     self.assertTrue(any(l.get("msg") == "audit stream unwritable" for l in tg.logs()))
+                    # An admin action whose record cannot be made durable is not answered 200.
+                    rc, out, _ = curl("-i", "-X", "POST", f"http://127.0.0.1:{tg.admin_port}"
+                                      "/v1/audit/report?sha256=" + "ab" * 32)
+                    status, _, body = parse_response(out)
+                    self.assertEqual(status, 503, body)
+                    self.assertEqual(json.loads(body)["error"], "audit_unavailable")
         finally:
             subprocess.run(["umount", "-l", mnt], capture_output=True)
             os.rmdir(mnt)
