@@ -77,16 +77,16 @@ wait_port "$redis_port"
 sed -e 's/, cost: {effort: 1}//' -e 's/scope: shared/scope: local/' "$here/budget-policy.yaml" > "$work/unbudgeted.yaml"
 sed 's/scope: shared/scope: local/' "$here/budget-policy.yaml" > "$work/memory.yaml"
 cp "$here/budget-policy.yaml" "$work/redis.yaml"
-declare -A port pid
+declare -A port pid admin
 for t in $TARGETS; do
-  port[$t]=$(free_port)
+  port[$t]=$(free_port) admin[$t]=$(free_port)
   store="{backend: memory}"
   [[ $t == redis ]] && store="{backend: redis, urls: [\"redis://127.0.0.1:$redis_port\"]}"
   cat > "$work/$t-tollgate.yaml" <<CONF
 workers: $WORKERS
 log: {level: warn}
 listeners: [{name: egress, kind: forward, address: "127.0.0.1:${port[$t]}", identity: {header: X-Agent-Id}}]
-admin: {address: "127.0.0.1:$(free_port)"}
+admin: {address: "127.0.0.1:${admin[$t]}"}
 policies: ["$work/$t.yaml"]
 store: $store
 audit: {dir: "$work/audit-$t"}
@@ -103,15 +103,22 @@ for t in $TARGETS; do
   [[ "$body" == "hello from the origin" ]] || { echo "$t does not proxy: got '$body'" >&2; exit 1; }
 done
 
+# The store's reserve latency as the sidecar sees it: "sum count" of its histogram.
+reserve_latency() {
+  curl -s "http://127.0.0.1:${admin[redis]}/metrics" |
+    awk '/^tollgate_budget_store_seconds_sum\{op="reserve"\}/ {s = $2} /^tollgate_budget_store_seconds_count\{op="reserve"\}/ {c = $2} END {print s + 0, c + 0}'
+}
 evals() { redis-cli -p "$redis_port" info commandstats | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {n += $3} END {print n + 0}'; }
 declare -A rps p50 p99 cpu rcpu trips errors
+reserve_us=""
 echo "running $ROUNDS rounds: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round" >&2
   for t in $TARGETS; do
-    before=$(cpu_ticks "${pid[$t]}"); rbefore=$(cpu_ticks "$redis_pid"); ebefore=$(evals)
+    before=$(cpu_ticks "${pid[$t]}"); rbefore=$(cpu_ticks "$redis_pid"); ebefore=$(evals); lbefore=$(reserve_latency)
     out=$("${on_rest[@]}" wrk -t2 -c"$CONNS" -d"$DURATION" -s "$here/forward.lua" "http://127.0.0.1:${port[$t]}")
-    after=$(cpu_ticks "${pid[$t]}"); rafter=$(cpu_ticks "$redis_pid"); eafter=$(evals)
+    after=$(cpu_ticks "${pid[$t]}"); rafter=$(cpu_ticks "$redis_pid"); eafter=$(evals); lafter=$(reserve_latency)
+    [[ $t == redis ]] && reserve_us+=" $(awk -v a="$lbefore" -v b="$lafter" 'BEGIN {split(a, x, " "); split(b, y, " "); if (y[2] > x[2]) printf "%.0f", (y[1] - x[1]) / (y[2] - x[2]) * 1e6}')"
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps[$t]+=" $(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
     errors[$t]+=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
@@ -148,6 +155,7 @@ verdict=$(
   awk -v a="${p50[redis]}" -v b="${p50[unbudgeted]}" -v c="${p99[redis]}" -v d="${p99[unbudgeted]}" \
     'BEGIN {printf "latency a Redis budget adds: p50 +%d µs, p99 +%d µs\n", a - b, c - d}'
   echo "Redis scripts per budgeted call: ${trips[redis]} (reserve before the call: the one round trip on the request path; settle after the response, pipelined)"
+  echo "a reserve under load takes $(median <<<"$reserve_us") µs on average from the sidecar's side (per round:$reserve_us)"
 )
 if [[ $PIN == 1 ]]; then
   footer="(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; redis-server alone on core $((cores - 1)), wrk, nginx and Tollgate on cores 0-$((cores - 2)))"
