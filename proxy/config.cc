@@ -310,7 +310,7 @@ Config read(const YAML::Node& root, const Reader& r) {
         } else if (key == "limits") {
           r.forEach(v, key,
                     {"max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
-                     "write_watermark"},
+                     "write_watermark", "upstream_idle_per_host"},
                     [&](const std::string& k, const YAML::Node& lv) {
                       auto& L = c.limits;
                       if (k == "limits.max_header_bytes")
@@ -323,6 +323,8 @@ Config read(const YAML::Node& root, const Reader& r) {
                         L.maxBodyBytes = r.size(lv, k);
                       else if (k == "limits.write_watermark")
                         L.writeWatermark = r.size(lv, k);
+                      else if (k == "limits.upstream_idle_per_host")
+                        L.upstreamIdlePerHost = static_cast<uint32_t>(r.integer(lv, k, 1'000'000));
                     });
           if (c.limits.maxHeaderBytes < 256) r.fail(v, key + ".max_header_bytes", "at least 256");
           if (c.limits.writeWatermark < 4096) r.fail(v, key + ".write_watermark", "at least 4k");

@@ -57,6 +57,10 @@ struct LimitsConfig {
   uint64_t maxUriBytes = 8 * 1024;
   uint64_t maxBodyBytes = 0;  // 0: unlimited
   uint64_t writeWatermark = 256 * 1024;
+  // Idle upstream connections kept per worker and upstream (host:port, TLS apart); more are
+  // closed. Below the calls in flight to one upstream, connections churn: each new one
+  // costs a TCP (and TLS) handshake and leaves a TIME_WAIT.
+  uint32_t upstreamIdlePerHost = 1024;
 };
 
 struct TimeoutsConfig {

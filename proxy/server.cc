@@ -1,6 +1,7 @@
 #include "proxy/server.h"
 
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -22,6 +23,32 @@
 
 namespace tollgate {
 namespace {
+
+// Every connection is a file descriptor, two while a call is forwarded. The soft open-file
+// limit (1024 under systemd and many shells) is raised to the hard one, as nginx's
+// worker_rlimit_nofile and HAProxy do; a hard limit below the listeners' max_connections is
+// said once, since connections beyond it would be refused before the 503 could be sent.
+void raiseOpenFileLimit(const Config& config) {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  uint64_t before = rl.rlim_cur;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rlimit want = rl;
+    want.rlim_cur = rl.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &want) == 0) rl = want;
+  }
+  uint64_t needed = 64;  // listeners, the audit log, Redis, the admin API
+  for (const auto& l : config.listeners) needed += l.maxConnections;
+  Log::Line line(rl.rlim_cur < needed && rl.rlim_cur != RLIM_INFINITY ? LogLevel::kWarn
+                                                                      : LogLevel::kDebug,
+                 "open-file limit");
+  line.add("soft_was", before).add("soft", static_cast<uint64_t>(rl.rlim_cur)).add("needed", needed);
+  if (rl.rlim_cur < needed && rl.rlim_cur != RLIM_INFINITY)
+    line.add("hint",
+             "below the listeners' max_connections: raise the hard limit (ulimit -Hn, systemd "
+             "LimitNOFILE=, docker --ulimit nofile=) or lower max_connections");
+  line.emit();
+}
 
 // A listening socket with SO_REUSEPORT, so every worker can own one on the same port.
 Result<int> listenSocket(const HostPort& address, bool reusePort) {
@@ -260,6 +287,7 @@ std::string Server::reload(const char* trigger) {
 int Server::run() {
   Log::setLevel(config_.logLevel);
   std::signal(SIGPIPE, SIG_IGN);
+  raiseOpenFileLimit(config_);
   uv_loop_t loop;
   uv_loop_init(&loop);
   struct Signals {

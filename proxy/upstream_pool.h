@@ -17,7 +17,7 @@ namespace tollgate {
 
 class UpstreamPool final : public TcpStream::Handler {
  public:
-  UpstreamPool(uv_loop_t* loop, std::chrono::milliseconds idleTimeout, size_t maxIdlePerKey = 64);
+  UpstreamPool(uv_loop_t* loop, std::chrono::milliseconds idleTimeout, size_t maxIdlePerKey);
   UpstreamPool(const UpstreamPool&) = delete;
   UpstreamPool& operator=(const UpstreamPool&) = delete;
   ~UpstreamPool();

@@ -16,7 +16,8 @@ Worker::Worker(SharedState& shared, unsigned index)
     : shared_(shared),
       index_(index),
       resolver_(&loop_.loop, shared.config->timeouts.dnsCache),
-      pool_(&loop_.loop, shared.config->timeouts.upstreamIdle) {
+      pool_(&loop_.loop, shared.config->timeouts.upstreamIdle,
+            shared.config->limits.upstreamIdlePerHost) {
   uv_async_init(&loop_.loop, &drainAsync_,
                 [](uv_async_t* a) { static_cast<Worker*>(a->data)->beginDrain(); });
   drainAsync_.data = this;

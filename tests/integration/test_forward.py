@@ -1,10 +1,13 @@
 """The forward proxy as an agent uses it: curl with HTTP_PROXY, decisions, keep-alive,
 pipelining, 100-continue, hop-by-hop headers, admin endpoints, logs and traces."""
+import http.client
 import json
 import os
 import re
+import resource
 import socket
 import tempfile
+import threading
 import time
 import unittest
 
@@ -68,6 +71,46 @@ class ForwardProxyTest(unittest.TestCase):
             self.assertEqual(len(origin.requests), 20)
             # Two workers may each open one; never one per request.
             self.assertLessEqual(origin.connections, 2)
+
+    def test_many_concurrent_agents_reuse_pooled_upstream_connections(self):
+        """200 agents on keep-alive connections, 10 calls of 100 ms each, in step: the
+        sidecar opens at most one upstream connection per call in flight, never one per call
+        (a pool that keeps fewer idle connections than the calls in flight closes and reopens
+        them: with 64 per worker this saw ~850 connections)."""
+        agents, calls = 200, 10
+        with HttpOrigin() as origin:
+            start = threading.Barrier(agents)
+            failures = []
+
+            def agent():
+                conn = http.client.HTTPConnection("127.0.0.1", self.tg.proxy_port, timeout=30)
+                try:
+                    for _ in range(calls):
+                        start.wait(timeout=30)
+                        conn.request("GET", origin.url("/delay?ms=100"))
+                        r = conn.getresponse()
+                        if (r.status, r.read()) != (200, b"late"):
+                            failures.append(r.status)
+                except Exception as e:  # noqa: BLE001 - reported below
+                    failures.append(repr(e))
+                finally:
+                    conn.close()
+
+            threads = [threading.Thread(target=agent) for _ in range(agents)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            self.assertEqual(failures, [])
+            self.assertEqual(len(origin.requests), agents * calls)
+            self.assertLessEqual(origin.connections, agents, "upstream connections")
+
+    def test_upstream_idle_per_host_bounds_the_pool(self):
+        with HttpOrigin() as origin, Tollgate({"hosts": {"allow": ["127.0.0.1"]},
+                                               "limits": {"upstream_idle_per_host": 0}}) as tg:
+            rc, out, err = curl(*[origin.url("/hello")] * 5, proxy=tg.proxy)
+            self.assertEqual((rc, out), (0, b"hello" * 5), err)
+            self.assertEqual(origin.connections, 5)  # none kept: one per call
 
     def test_pipelined_requests_are_answered_in_order(self):
         reqs = b"".join(
@@ -165,6 +208,50 @@ class ForwardProxyTest(unittest.TestCase):
         self.assertIn("\ntollgate_audit_backpressure_waits_total 0\n", after)
         self.assertEqual(self.tg.admin("/nope")[0], 404)
         self.assertEqual(self.tg.admin("/v1/reload", "POST")[0], 200)
+
+
+class OpenFileLimitTest(unittest.TestCase):
+    def test_a_low_soft_limit_is_raised_so_connections_beyond_it_are_served(self):
+        """Started with a soft open-file limit of 256 (systemd's and many shells' is 1024),
+        the sidecar raises it to the hard limit and serves 300 agents at once: 600
+        descriptors, client and upstream."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1024:
+            self.skipTest(f"the hard open-file limit here is {hard}: nothing to raise to")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            tg = Tollgate({"hosts": {"allow": ["127.0.0.1"]}})
+            tg.__enter__()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            with open(f"/proc/{tg.proc.pid}/limits") as f:
+                line = [l for l in f if l.startswith("Max open files")][0].split()
+            self.assertEqual(line[3], line[4], line)  # soft == hard
+            with HttpOrigin() as origin:
+                request = (f"GET {origin.url('/delay?ms=300')} HTTP/1.1\r\n"
+                           f"Host: 127.0.0.1:{origin.port}\r\n\r\n").encode()
+                socks = []
+                try:
+                    for _ in range(300):
+                        s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=30)
+                        s.sendall(request)
+                        socks.append(s)
+                    statuses = []
+                    for s in socks:
+                        head = b""
+                        while b"\r\n" not in head:
+                            chunk = s.recv(4096)
+                            if not chunk:
+                                break
+                            head += chunk
+                        statuses.append(head.split(b" ", 2)[1] if head else b"reset")
+                finally:
+                    for s in socks:
+                        s.close()
+                self.assertEqual(statuses, [b"200"] * 300)
+        finally:
+            tg.__exit__(None, None, None)
 
 
 class IdentityTest(unittest.TestCase):
