@@ -22,7 +22,7 @@ constexpr size_t kMaxRetries = 10'000;   // per worker loop
 constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
 constexpr size_t kMaxBatch = 256;        // operations in one script call
 
-// KEYS: 3 per pool (b, h, d). ARGV for init and view: op, mode, 0, pool count, then per
+// KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
 // pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
 // period ms. Reserve, settle and release always go in batches (layout at `op == 'batch'`).
 // Amounts are the estimate for reserve and the real cost for settle (-1: what was held).
@@ -33,7 +33,7 @@ const RedisScript& budgetScript() {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, call = ARGV[1], ARGV[2]
-local n = #KEYS / 3
+local n = #KEYS / 4
 local base = 4  -- init and view: ARGV index before the per-pool values
 local DIMS = {'effort', 'risk'}
 local KEEP = 100000   -- settled call ids remembered per pool
@@ -42,17 +42,39 @@ local SWEEP_MS = 1000 -- how often a batch looks for expired holds of other call
 local function I(x) return string.format('%d', x) end
 local function num(v) return tonumber(v) or 0 end
 local function A(i, k) return ARGV[base + 7 * (i - 1) + 1 + k] end
-local function K(i, k) return KEYS[3 * (i - 1) + k] end
+local function K(i, k) return KEYS[4 * (i - 1) + k] end
 
--- A hold is 'effort:risk:expiry' (units; ms of Redis time). One without an expiry (as an
--- older release wrote them) counts as expired: committed, never refunded.
+-- A hold is 'effort:risk:expiry' (units; ms of Redis time). Releases before 2026-11-29
+-- wrote 'effort:risk' and kept the expiry in the sorted set x: such a hold (expiry false
+-- here) expires when x says so, so that older and newer sidecars share a pool exactly
+-- during a rolling upgrade. New holds never enter x.
 local function parseHold(v)
   local a = string.find(v, ':', 1, true)
-  if not a then return {num(v), 0, 0} end
+  if not a then return {num(v), 0, false} end
   local b = string.find(v, ':', a + 1, true)
-  if not b then return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1)), 0} end
+  if not b then return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1)), false} end
   return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1, b - 1)),
           num(string.sub(v, b + 1))}
+end
+
+-- Whether a hold has expired; due(): the set of calls whose legacy hold x says is due.
+local function isExpired(id, hold, due)
+  if hold[3] then return hold[3] <= now end
+  return due()[id] == true
+end
+
+-- A lazy due() for the legacy holds of the pool whose x key this is.
+local function legacyDue(x)
+  local set
+  return function()
+    if not set then
+      set = {}
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 10000)) do
+        set[id] = true
+      end
+    end
+    return set
+  end
 end
 
 -- Settled (or expired, or released) call ids: a later reserve of one is refused.
@@ -70,12 +92,13 @@ if op == 'init' then
     if call ~= 'reset' and redis.call('EXISTS', b) == 1 then
       out[i] = 'exists'
     else
-      redis.call('DEL', b, K(i, 2))
+      redis.call('DEL', b, K(i, 2), K(i, 3))
       redis.call('HSET', b, 'created', I(now))
       -- Sentinels keep every key of the pool in existence, so that a slot migration moves
       -- them together and a script never sees some keys moved and others not (TRYAGAIN).
-      redis.call('HSET', K(i, 2), '_', '0:0:inf')
+      redis.call('HSET', K(i, 2), '_', '0:0')
       redis.call('ZADD', K(i, 3), 'inf', '_')
+      redis.call('ZADD', K(i, 4), 'inf', '_')
       for j, dim in ipairs(DIMS) do
         local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
         if limit >= 0 then
@@ -96,10 +119,11 @@ if op == 'view' then
     local b, h = K(i, 1), K(i, 2)
     local alive = redis.call('EXISTS', b) == 1
     -- Every expired hold is committed first.
-    local all, del, marks = redis.call('HGETALL', h), {}, {}
+    local all, del, xdel, marks, due = redis.call('HGETALL', h), {}, {}, {}, legacyDue(K(i, 3))
     for x = 1, #all, 2 do
       local hold = parseHold(all[x + 1])
-      if all[x] ~= '_' and hold[3] <= now then
+      if all[x] ~= '_' and isExpired(all[x], hold, due) then
+        if not hold[3] then xdel[#xdel + 1] = all[x] end
         if alive then
           for j, dim in ipairs(DIMS) do
             if hold[j] > 0 then
@@ -114,7 +138,8 @@ if op == 'view' then
       end
     end
     if #del > 0 then redis.call('HDEL', h, unpack(del)) end
-    remember(K(i, 3), marks)
+    if #xdel > 0 then redis.call('ZREM', K(i, 3), unpack(xdel)) end
+    remember(K(i, 4), marks)
     for j, dim in ipairs(DIMS) do
       local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
       if limit >= 0 then
@@ -170,9 +195,10 @@ if op == 'batch' then
   -- Per pool: name; limit and period by dimension (1 effort, 2 risk); st[i][j] the stored
   -- budget (st[i] false when the pool is missing); the holds of the batch's calls as read
   -- (before), as they are now (holds: {effort, risk, expiry}) and as written (fresh); the
-  -- calls to mark settled; expired holds of other calls (swept).
-  local name, limit, period, st, holds, before, fresh, marks, swept = {}, {}, {}, {}, {}, {},
-      {}, {}, {}
+  -- calls to mark settled; expired holds of other calls (swept); legacy holds to leave x
+  -- (xdel), and the batch's live ones (legacy).
+  local name, limit, period, st, holds, before, fresh, marks, swept, xdel, legacy = {}, {}, {},
+      {}, {}, {}, {}, {}, {}, {}, {}
   local done = {}
   local function expired(i, hold)  -- committed, not refunded: the call may have run
     local s = st[i]
@@ -204,18 +230,20 @@ if op == 'batch' then
     else
       st[i] = false
     end
-    local hs, bs, mk = {}, {}, {}
+    local hs, bs, mk, xd, lg, due = {}, {}, {}, {}, {}, legacyDue(K(i, 3))
     local h = redis.call('HMGET', K(i, 2), unpack(ids))
     for x, id in ipairs(ids) do
       local hv = h[x]
       if hv then
         bs[id] = hv
         local hold = parseHold(hv)
-        if hold[3] > now then
+        if not isExpired(id, hold, due) then
           hs[id] = hold
+          if not hold[3] then lg[id] = true end
         else
           expired(i, hold)
           mk[id], done[id] = true, true
+          if not hold[3] then xd[#xd + 1] = id end
         end
       end
     end
@@ -226,17 +254,19 @@ if op == 'batch' then
         local id = all[x]
         if id ~= '_' and not seen[id] then
           local hold = parseHold(all[x + 1])
-          if hold[3] <= now then
+          if isExpired(id, hold, due) then
             expired(i, hold)
             sw[#sw + 1] = id
+            if not hold[3] then xd[#xd + 1] = id end
           end
         end
       end
     end
-    holds[i], before[i], fresh[i], marks[i], swept[i] = hs, bs, {}, mk, sw
+    holds[i], before[i], fresh[i], marks[i], swept[i], xdel[i], legacy[i] =
+        hs, bs, {}, mk, sw, xd, lg
   end
   if #rids > 0 then
-    local d = redis.call('ZMSCORE', K(1, 3), unpack(rids))
+    local d = redis.call('ZMSCORE', K(1, 4), unpack(rids))
     for x, id in ipairs(rids) do
       if d[x] then done[id] = true end
     end
@@ -400,6 +430,7 @@ if op == 'batch' then
         add[#add + 1] = fs[id]
       elseif bs[id] and not hs[id] then
         del[#del + 1] = id
+        if legacy[i][id] then xdel[i][#xdel[i] + 1] = id end
       end
       if mk[id] then
         dm[#dm + 1] = nowS
@@ -412,7 +443,8 @@ if op == 'batch' then
     end
     if #add > 0 then redis.call('HSET', K(i, 2), unpack(add)) end
     if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
-    remember(K(i, 3), dm)
+    if #xdel[i] > 0 then redis.call('ZREM', K(i, 3), unpack(xdel[i])) end
+    remember(K(i, 4), dm)
   end
   return out
 end
@@ -813,7 +845,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     batch.keys.clear();
     batch.args.clear();
     for (const PoolSpec* p : pools) {
-      for (char k : {'b', 'h', 'd'}) batch.keys.push_back(keyOf(p->name, k));
+      for (char k : {'b', 'h', 'x', 'd'}) batch.keys.push_back(keyOf(p->name, k));
       for (std::string v :
            {p->name, std::to_string(p->effortLimit), std::to_string(p->effortPeriodMs),
             std::to_string(p->riskLimit), std::to_string(p->riskPeriodMs)})
@@ -936,7 +968,7 @@ void RedisBudgetStore::release(const std::string& callId, const std::vector<Char
 std::pair<std::vector<std::string>, std::vector<std::string>> RedisBudgetStore::poolCall(
     const char* op, const char* mode, const PoolSpec& s) {
   std::vector<std::string> keys;
-  for (char k : {'b', 'h', 'd'}) keys.push_back(keyOf(s.name, k));
+  for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
   std::vector<std::string> args{op,
                                 mode,
                                 "0",

@@ -3,11 +3,13 @@
 // `{pool}` so that the script also runs on Redis Cluster:
 //   tollgate:{P}:b  hash: <dim>:committed, :held, :period, :start, :tripped; `created`
 //   tollgate:{P}:h  hash: call id -> "effort:risk:expiry" held (expiry: ms, Redis time)
+//   tollgate:{P}:x  sorted set: the expiry of holds written as "effort:risk" by releases
+//                   before 2026-11-29 (their sidecars may still run during an upgrade)
 //   tollgate:{P}:d  sorted set: settled, released or expired call ids (the last 100 000)
-// (`h` and `d` hold a sentinel member `_`, so that the three keys always exist.) A batch
-// commits the expired holds of its own calls first, and looks for other expired holds at
-// most once a second (the `swept` field of `b`), so that no index of expiries has to be
-// kept per call; the view commits them all.
+// (`h`, `x` and `d` hold a sentinel member `_`, so that the four keys always exist.) A
+// batch commits the expired holds of its own calls first, and looks for other expired
+// holds at most once a second (the `swept` field of `b`), so that no index of expiries has
+// to be kept per call; the view commits them all.
 // The script runs the same state machine as MemoryBudgetStore, on Redis's clock. A pool
 // whose `b` hash is missing (never initialised, flushed, restarted without persistence) is
 // never recreated by a call: calls are refused as budget_uninitialised until `tollgate pools

@@ -190,7 +190,7 @@ TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedByRedisClock) {
 
 // Without the view: a batch of other calls commits an expired hold once its sweep is due
 // (at most a second after the last), and the expired call counts as settled.
-TEST_F(RedisBudgetStoreTest, ABatchOfOtherCallsCommitsAnExpiredHold) {
+TEST_F(RedisBudgetStoreTest, ABatchOfOtherCallsCommitsAnExpiredHoldAndLegacyHoldsExpireByX) {
   ASSERT_EQ(reserve("c1", {{"other", 7, 0}}, 50).status, BudgetStatus::kOk);
   redisContext* c = redisConnect("127.0.0.1", redis.port());
   auto field = [&](const char* key, const char* f) {
@@ -206,13 +206,30 @@ TEST_F(RedisBudgetStoreTest, ABatchOfOtherCallsCommitsAnExpiredHold) {
   EXPECT_EQ(field("tollgate:{other}:b", "effort:held"), "1");
   EXPECT_EQ(field("tollgate:{other}:h", "c1"), "");
   EXPECT_EQ(reserve("c1", {{"other", 7, 0}}).status, BudgetStatus::kUnknownCall);
-  // A hold without an expiry (as releases before 2026-11-29 wrote them) counts as expired.
-  freeReplyObject(redisCommand(c, "HSET tollgate:{other}:h old 5:0"));
-  freeReplyObject(redisCommand(c, "HINCRBY tollgate:{other}:b effort:held 5"));
-  redisFree(c);
+  // Holds as releases before 2026-11-29 wrote them ("effort:risk", the expiry in :x), as
+  // when older sidecars still run: one due, one not.
+  freeReplyObject(redisCommand(c, "HSET tollgate:{other}:h due 5:0 live 3:0"));
+  freeReplyObject(redisCommand(c, "ZADD tollgate:{other}:x 1 due 99999999999999 live"));
+  freeReplyObject(redisCommand(c, "HINCRBY tollgate:{other}:b effort:held 8"));
   auto effort = budget("other", "effort");
   EXPECT_EQ(effort.committed, 12);
+  EXPECT_EQ(effort.held, 4);
+  EXPECT_EQ(field("tollgate:{other}:h", "due"), "");
+  EXPECT_EQ(field("tollgate:{other}:h", "live"), "3:0");
+  auto* r = static_cast<redisReply*>(redisCommand(c, "ZSCORE tollgate:{other}:x due"));
+  EXPECT_EQ(r->type, REDIS_REPLY_NIL);
+  freeReplyObject(r);
+  redisFree(c);
+  // A settle still finds the live one, and its expiry leaves :x with it.
+  EXPECT_EQ(settle("live", {{"other", 2, 0}}).status, BudgetStatus::kOk);
+  effort = budget("other", "effort");
+  EXPECT_EQ(effort.committed, 14);
   EXPECT_EQ(effort.held, 1);
+  c = redisConnect("127.0.0.1", redis.port());
+  r = static_cast<redisReply*>(redisCommand(c, "ZCARD tollgate:{other}:x"));
+  EXPECT_EQ(r->integer, 1);  // the sentinel
+  freeReplyObject(r);
+  redisFree(c);
 }
 
 TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall) {
