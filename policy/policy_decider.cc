@@ -145,6 +145,19 @@ std::string PolicyDecider::reload() {
   std::lock_guard<std::mutex> lock(reloadMutex_);
   auto set = PolicySet::load(files_);
   if (!set) return set.error().message;
+  // A file that held policy and now holds nothing is a write caught between its truncation
+  // and its text, far more often than a wish to drop it: as a policy it would say little
+  // (or halt every call). The last good set stays; a file meant to be empty can say so in a
+  // comment.
+  auto active = set_.load();
+  for (const auto& now : set.value()->sources()) {
+    if (!now.text.empty()) continue;
+    for (const auto& before : active->sources()) {
+      if (before.file == now.file && !before.text.empty())
+        return now.file + ": the file is empty now (a write in progress?); an empty policy "
+                          "file needs at least a comment";
+    }
+  }
   if (auto st = budgets_->declare(*set.value()); !st) return st.error().message;
   if (beforeActivate) {
     std::string error = beforeActivate(*set.value(), *set_.load());

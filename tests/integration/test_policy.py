@@ -197,6 +197,33 @@ class PolicyTest(unittest.TestCase):
         self.assertTrue(all(rc == 0 and out in (b"200", b"403") for rc, out in results), results[:20])
 
 
+class InPlaceWriteTest(unittest.TestCase):
+    def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
+        """A writer that truncates the file and writes its text 600 ms later (a slow pipe,
+        `cat > policy.yaml`): the watcher sees an empty file first. The last good set stays
+        until the text arrives; then the new set loads."""
+        with HttpOrigin() as origin, Tollgate(policy=POLICY) as tg:
+            policy = os.path.join(tg.dir, "policy.yaml")
+
+            def status(agent):
+                rc, out, err = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                                    f"X-Agent-Id: {agent}", origin.url("/hello"), proxy=tg.proxy)
+                return int(out)
+
+            self.assertEqual(status("agent-1"), 200)
+            with open(policy, "w") as f:
+                f.flush()
+                os.fsync(f.fileno())
+                wait_for(lambda: tg.logs("reload rejected"), timeout=5, what="the refused empty file")
+                self.assertIn("policy.yaml: the file is empty now", tg.logs("reload rejected")[-1]["error"])
+                self.assertEqual(status("agent-1"), 200)  # the last good set still decides
+                time.sleep(0.6)
+                f.write(POLICY + '  - {id: ban-1, effect: halt, match: {agent: agent-1}}\n')
+            wait_for(lambda: status("agent-1") == 403, timeout=5, what="the new set")
+            digests = {r["digest"] for r in tg.logs("reload") if r.get("digest")}
+            self.assertEqual(len(digests), 1, digests)  # one reload: the full text
+
+
 class BadPolicyTest(unittest.TestCase):
     def test_startup_with_a_bad_policy_exits_2_naming_the_line(self):
         import tempfile
