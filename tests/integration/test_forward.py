@@ -11,7 +11,8 @@ import threading
 import time
 import unittest
 
-from tollgate_harness import HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for, pattern
+from tollgate_harness import (HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, recv_until,
+                              wait_for)
 
 
 class ForwardProxyTest(unittest.TestCase):
@@ -239,12 +240,7 @@ class OpenFileLimitTest(unittest.TestCase):
                         socks.append(s)
                     statuses = []
                     for s in socks:
-                        head = b""
-                        while b"\r\n" not in head:
-                            chunk = s.recv(4096)
-                            if not chunk:
-                                break
-                            head += chunk
+                        head = recv_until(s, b"\r\n")
                         statuses.append(head.split(b" ", 2)[1] if head else b"reset")
                 finally:
                     for s in socks:

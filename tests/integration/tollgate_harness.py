@@ -172,6 +172,17 @@ def raw_exchange(port, data, timeout=5.0, read_until_close=True):
     return out, False
 
 
+def recv_until(sock, marker):
+    """What sock sends until marker has arrived, or until it closes (then without it)."""
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def parse_response(data):
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -420,12 +431,8 @@ class TlsOrigin(Serving):
             def handle(self):
                 try:
                     tls = ctx.wrap_socket(self.request, server_side=True)
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        chunk = tls.recv(4096)
-                        if not chunk:
-                            return
-                        data += chunk
+                    if b"\r\n\r\n" not in recv_until(tls, b"\r\n\r\n"):
+                        return
                     tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntls-hello")
                     tls.close()
                 except (OSError, ssl.SSLError):
