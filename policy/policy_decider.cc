@@ -154,8 +154,9 @@ std::string PolicyDecider::reload() {
     if (!now.text.empty()) continue;
     for (const auto& before : active->sources()) {
       if (before.file == now.file && !before.text.empty())
-        return now.file + ": the file is empty now (a write in progress?); an empty policy "
-                          "file needs at least a comment";
+        return now.file +
+               ": the file is empty now (a write in progress?); an empty policy "
+               "file needs at least a comment";
     }
   }
   if (auto st = budgets_->declare(*set.value()); !st) return st.error().message;

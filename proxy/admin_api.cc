@@ -291,17 +291,17 @@ AdminResponse AdminApi::approvals(std::string_view method, std::string_view path
         "sha256:" + sha256Hex(authorization.substr(std::min<size_t>(7, authorization.size())), 8);
     std::string lease = std::to_string(a.leaseUntilMs);
     seq = audit_.appendEvent("approval", {{"approval_id", a.id},
-                                    {"state", a.state},
-                                    {"approver", approver},
-                                    {"agent", a.agent},
-                                    {"tool", a.tool},
-                                    {"method", a.method},
-                                    {"authority", a.authority},
-                                    {"path", a.path},
-                                    {"rule", a.rule},
-                                    {"fingerprint", a.fingerprint},
-                                    {"policy_digest", a.policyDigest},
-                                    {"lease_until_ms", lease}});
+                                          {"state", a.state},
+                                          {"approver", approver},
+                                          {"agent", a.agent},
+                                          {"tool", a.tool},
+                                          {"method", a.method},
+                                          {"authority", a.authority},
+                                          {"path", a.path},
+                                          {"rule", a.rule},
+                                          {"fingerprint", a.fingerprint},
+                                          {"policy_digest", a.policyDigest},
+                                          {"lease_until_ms", lease}});
     break;
   }
   if (seq && !audit_.waitDurable(seq, kRecordWait))

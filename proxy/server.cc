@@ -39,11 +39,12 @@ void raiseOpenFileLimit(const Config& config) {
   }
   uint64_t needed = 64;  // listeners, the audit log, Redis, the admin API
   for (const auto& l : config.listeners) needed += l.maxConnections;
-  Log::Line line(rl.rlim_cur < needed && rl.rlim_cur != RLIM_INFINITY ? LogLevel::kWarn
-                                                                      : LogLevel::kDebug,
-                 "open-file limit");
-  line.add("soft_was", before).add("soft", static_cast<uint64_t>(rl.rlim_cur)).add("needed", needed);
-  if (rl.rlim_cur < needed && rl.rlim_cur != RLIM_INFINITY)
+  bool low = rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < needed;
+  Log::Line line(low ? LogLevel::kWarn : LogLevel::kDebug, "open-file limit");
+  line.add("soft_was", before)
+      .add("soft", static_cast<uint64_t>(rl.rlim_cur))
+      .add("needed", needed);
+  if (low)
     line.add("hint",
              "below the listeners' max_connections: raise the hard limit (ulimit -Hn, systemd "
              "LimitNOFILE=, docker --ulimit nofile=) or lower max_connections");
