@@ -390,10 +390,7 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
     wakeWriter(AuditSync::kNow);
   }
   // A rotation is rare: polling keeps it out of the writer's loop.
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (durable_ < done.seq && healthy_ && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  if (durable_ < done.seq)
+  if (!waitDurable(done.seq, std::chrono::seconds(10)))
     return Error{-1, "the key_rotation record (seq " + std::to_string(done.seq) +
                          ") did not become durable; the next start keeps the key the log names"};
   // The old private key is deleted, not archived: whoever takes the disk later cannot sign
