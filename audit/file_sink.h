@@ -1,5 +1,6 @@
 // FileAuditSink: the durable audit stream (DESIGN §6) in a directory:
-//   segment-NNNNNN.jsonl  the records, one canonical JSON line each (audit/chain.h)
+//   segment-NNNNNN.jsonl  the records, one canonical JSON line each (audit/chain.h); the
+//                         one being written ends in blanks written ahead (Options::prefill)
 //   LOG_ID                the log's id
 //   LOCK                  flock()ed by the one process writing the log
 //   keys/anchor.pub       the log's first checkpoint key (hex of the raw public key): what
@@ -51,9 +52,10 @@ class FileAuditSink : public AuditSink {
     std::chrono::microseconds lazySync{2000};
     // At most one fsync per interval (0: none; a cap for disks where a sync is costly).
     std::chrono::microseconds syncInterval{0};
-    // Blocks reserved ahead of the segment's end, so that an fsync need not commit new
-    // blocks to the journal (0: none).
-    uint64_t reserveChunk = 4ull << 20;
+    // Blanks (kAuditPad) written ahead of the records, this much at a time, so that a sync
+    // flushes data only (0: plain appends). The segment being written ends in them; readers
+    // take a segment's trailing blanks for no content, and a sealed segment has none.
+    uint64_t prefill = 1ull << 20;
     // Records queued and not yet taken by the writer, at most: past it an append waits for
     // the writer (backpressure) instead of the queue growing without bound.
     size_t maxQueued = 65536;
@@ -92,7 +94,7 @@ class FileAuditSink : public AuditSink {
   Status loadKeys(bool emptyLog, const LogScan& scan);
   Status openSegment(uint64_t number);
   void closeSegment();
-  void reserve(uint64_t bytes);  // blocks for the next write, ahead of the file's end
+  void prefill(uint64_t end);  // blanks after `end`, the batch's end, before its sync
 
   bool rotationDue() const;  // under mutex_
   void run();
@@ -104,7 +106,7 @@ class FileAuditSink : public AuditSink {
   int segmentFd_ = -1;
   uint64_t segmentNumber_ = 0;
   uint64_t segmentSize_ = 0;
-  uint64_t allocatedTo_ = 0;  // blocks reserved up to here (fallocate, size kept)
+  uint64_t prefilledTo_ = 0;  // the file's size: blanks after the records up to here
   std::chrono::steady_clock::time_point segmentOpened_;
 
   mutable std::mutex mutex_;
@@ -147,6 +149,16 @@ class FileAuditSink : public AuditSink {
   std::mutex rotateMutex_;  // one rotation at a time
 };
 
+// What the segment being written is padded with after its last record (FileAuditSink::
+// Options::prefill): a byte no record ends with. Readers stop at a segment's trailing run of
+// it.
+inline constexpr char kAuditPad = ' ';
+
+// How many bytes of `data`, a segment's text, are records: without the trailing blanks.
+size_t auditContentSize(std::string_view data);
+// The same for the segment file at `path` of `size` bytes, reading back from its end.
+uint64_t auditContentSize(const std::string& path, uint64_t size);
+
 // The segment files of a log directory (full paths), in order.
 std::vector<std::string> auditSegments(const std::string& dir);
 
@@ -154,7 +166,7 @@ std::vector<std::string> auditSegments(const std::string& dir);
 Result<std::vector<std::string>> readAuditLog(const std::string& dir,
                                               std::vector<std::string>* segmentOfLine = nullptr);
 
-// The lines of one segment file. Error: unreadable.
+// The lines of one segment file (its trailing blanks are not a line). Error: unreadable.
 Result<std::vector<std::string>> readAuditSegment(const std::string& path);
 
 // Calls fn(line, segment file name, line number within the segment) for every line of a log

@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -13,6 +14,8 @@ namespace tollgate {
 Result<std::string> readFile(const std::string& path);
 // Writes all of `data` to `fd` (retrying short writes and EINTR); false on an error (errno).
 bool writeAll(int fd, std::string_view data);
+// The same at `offset` (pwrite: the file offset is not used or moved).
+bool pwriteAll(int fd, std::string_view data, uint64_t offset);
 // Replaces `path` durably: a temporary file next to it, written and fsynced, renamed over
 // it, and the directory fsynced. Readers see the old or the new file, never a part.
 Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mode);

@@ -95,7 +95,8 @@ struct Config {
   uint64_t auditCheckpointEvery = 1000;
   Millis auditCheckpointInterval{5000};
   uint64_t auditSegmentSize = 64ull << 20;
-  Millis auditSyncInterval{0};  // at most one fsync per interval (0: no cap)
+  Millis auditSyncInterval{0};         // at most one fsync per interval (0: no cap)
+  uint64_t auditPrefill = 1ull << 20;  // blanks written ahead of the records (0: appends)
   Millis auditSegmentAge{3'600'000};
   std::string auditReplicaUrl;  // redis://HOST:PORT, empty: no replica
   std::string auditReplicaStream = "tollgate:audit:{log_id}";

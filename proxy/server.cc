@@ -121,6 +121,7 @@ Status Server::init() {
     options.checkpointInterval = config_.auditCheckpointInterval;
     options.segmentBytes = config_.auditSegmentSize;
     options.syncInterval = config_.auditSyncInterval;
+    options.prefill = config_.auditPrefill;
     options.segmentAge = config_.auditSegmentAge;
     if (!config_.auditReplicaUrl.empty()) {
       RedisStreamReplica::Options ro;

@@ -4,7 +4,7 @@
 // batches (fsyncs) and their mean size, the fsync time, and the process CPU per record;
 // then the cost of building records alone (AuditChain, no I/O) for comparison.
 //
-//   audit_bench [--dir DIR] [--records N] [--threads T] [--sync-us U] [--reserve BYTES]
+//   audit_bench [--dir DIR] [--records N] [--threads T] [--sync-us U] [--prefill BYTES]
 // DIR defaults to a new directory under /var/tmp (a real disk, not tmpfs); it is removed.
 #include <sys/resource.h>
 
@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
   uint64_t records = 200'000;
   unsigned threads = 2;
   long syncUs = 0;  // the sidecar's default: no cap
-  uint64_t reserve = 4ull << 20;
+  uint64_t prefill = 1ull << 20;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--dir")
@@ -77,12 +77,12 @@ int main(int argc, char** argv) {
       threads = static_cast<unsigned>(std::atoi(argv[i + 1]));
     else if (a == "--sync-us")
       syncUs = std::atol(argv[i + 1]);
-    else if (a == "--reserve")
-      reserve = std::strtoull(argv[i + 1], nullptr, 10);
+    else if (a == "--prefill")
+      prefill = std::strtoull(argv[i + 1], nullptr, 10);
     else {
       std::fprintf(stderr,
                    "usage: audit_bench [--dir DIR] [--records N] [--threads T] [--sync-us U] "
-                   "[--reserve BYTES]\n");
+                   "[--prefill BYTES]\n");
       return 2;
     }
   }
@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
     tollgate::FileAuditSink::Options options;
     options.dir = dir + "/log";
     options.syncInterval = std::chrono::microseconds(syncUs);
-    options.reserveChunk = reserve;
+    options.prefill = prefill;
     auto sink = tollgate::FileAuditSink::open(options);
     if (!sink) {
       std::fprintf(stderr, "audit_bench: %s\n", sink.error().message.c_str());

@@ -23,11 +23,17 @@ def segments(d):
     return sorted(glob.glob(os.path.join(d, "segment-*.jsonl")))
 
 
+def segment_text(path):
+    """A segment's records as text. The segment being written ends in blanks written ahead
+    of its records (audit.prefill): they are not content."""
+    with open(path) as f:
+        return f.read().rstrip(" ")
+
+
 def read_lines(d):
     out = []
     for seg in segments(d):
-        with open(seg) as f:
-            out += f.read().splitlines()
+        out += segment_text(seg).splitlines()
     return out
 
 

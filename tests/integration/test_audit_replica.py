@@ -10,15 +10,15 @@ import subprocess
 import tempfile
 import unittest
 
+from audit_log import segment_text, segments
 from redis_harness import RedisServer
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
 
 
 def log_lines(audit_dir):
     out = []
-    for seg in sorted(glob.glob(os.path.join(audit_dir, "segment-*.jsonl"))):
-        with open(seg) as f:
-            out += [l.rstrip("\n") for l in f]
+    for seg in segments(audit_dir):
+        out += segment_text(seg).splitlines()
     return out
 
 

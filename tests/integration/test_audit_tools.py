@@ -16,6 +16,7 @@ import tempfile
 import time
 import unittest
 
+from audit_log import segment_text, segments
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
 
 POLICY_A = """
@@ -43,9 +44,8 @@ def read(path):
 
 def records(audit_dir):
     out = []
-    for seg in sorted(glob.glob(os.path.join(audit_dir, "segment-*.jsonl"))):
-        with open(seg) as f:
-            out += [json.loads(l) for l in f if l.strip()]
+    for seg in segments(audit_dir):
+        out += [json.loads(l) for l in segment_text(seg).splitlines()]
     return out
 
 

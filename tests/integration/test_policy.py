@@ -11,6 +11,7 @@ import threading
 import time
 import unittest
 
+from audit_log import segment_text
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
 
 TOKEN = "s3cret-admin-token"
@@ -112,10 +113,9 @@ class PolicyTest(unittest.TestCase):
         recs = {}
         for seg in sorted(os.listdir(os.path.join(self.tg.dir, "var", "audit"))):
             if seg.startswith("segment-"):
-                with open(os.path.join(self.tg.dir, "var", "audit", seg)) as f:
-                    for line in f:
-                        r = json.loads(line)
-                        recs[r["seq"]] = r
+                for line in segment_text(os.path.join(self.tg.dir, "var", "audit", seg)).splitlines():
+                    r = json.loads(line)
+                    recs[r["seq"]] = r
         return recs
 
     def test_approval_flow(self):

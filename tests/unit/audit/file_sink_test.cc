@@ -186,6 +186,8 @@ TEST(FileSinkTest, SegmentsRotateUnderSteadyLoad) {
   for (size_t i = 0; i + 1 < segs.size(); ++i) {
     auto lines = readAuditSegment(segs[i]).value();
     ASSERT_FALSE(lines.empty());
+    auto data = readFile(segs[i]).value();
+    EXPECT_EQ(data.size(), auditContentSize(data)) << segs[i];  // sealed: no blanks
     EXPECT_EQ(nlohmann::json::parse(lines.back())["kind"], "checkpoint") << segs[i];
   }
   size_t lastN = 0;
@@ -201,6 +203,72 @@ TEST(FileSinkTest, SegmentsRotateUnderSteadyLoad) {
   auto v = verifyDir(dir);
   EXPECT_TRUE(v.ok) << v.reason;
   fs::remove_all(dir);
+}
+
+// The segment being written ends in blanks written ahead of its records (Options::prefill):
+// no reader takes them for a record (the lines, the first seq, the verifier), a sealed
+// segment has none, and a log copied in mid-run, as a crash leaves it, starts again with
+// the blanks cut off and a record torn in them moved aside without them.
+TEST(FileSinkTest, TheSegmentBeingWrittenEndsInBlanksThatNoReaderTakesForARecord) {
+  fs::path base = fs::temp_directory_path() / ("tollgate-prefill-" + std::to_string(::getpid()));
+  fs::remove_all(base);
+  FileAuditSink::Options options((base / "log").string());
+  options.prefill = 64 * 1024;
+  std::string before;                            // the segment as the sidecar left it
+  const std::string torn = "{\"agent\":\"torn";  // a record's first bytes
+  {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    appendFromThreads(*sink.value(), 2, 10, true);
+    auto segs = auditSegments(options.dir);
+    ASSERT_EQ(segs.size(), 1u);
+    before = readFile(segs[0]).value();
+    ASSERT_GE(before.size(), 64u * 1024);
+    size_t content = auditContentSize(before);
+    ASSERT_LT(content, before.size());
+    EXPECT_EQ(before[content - 1], '\n');
+    EXPECT_EQ(before.find_first_not_of(kAuditPad, content), std::string::npos);
+    EXPECT_EQ(auditContentSize(segs[0], before.size()), content);
+    auto lines = readAuditSegment(segs[0]).value();
+    EXPECT_EQ(lines.size(), 20u);
+    EXPECT_EQ(readAuditLog(options.dir).value(), lines);
+    EXPECT_EQ(callRecords(base / "log"), 20u);
+    EXPECT_EQ(auditSegmentFirstSeq(segs[0]), 1u);
+    auto v = verifyDir(base / "log");
+    EXPECT_TRUE(v.ok) << v.reason;
+    // A crash now: the copy is what the disk holds; a record torn in mid write lies in the
+    // blanks.
+    fs::copy(base / "log", base / "crashed", fs::copy_options::recursive);
+    std::string crashed = before;
+    crashed.replace(content, torn.size(), torn);
+    ASSERT_TRUE(
+        writeFileAtomic((base / "crashed" / fs::path(segs[0]).filename()).string(), crashed, 0600));
+    fs::remove(base / "crashed" / "LOCK");
+  }
+  // Sealed at close: the blanks are gone.
+  auto sealed = readFile(auditSegments(options.dir)[0]).value();
+  EXPECT_EQ(sealed.size(), auditContentSize(sealed));
+  EXPECT_EQ(sealed.back(), '\n');
+  EXPECT_EQ(sealed.substr(0, auditContentSize(before)), before.substr(0, auditContentSize(before)));
+  {
+    auto sink = FileAuditSink::open({(base / "crashed").string()});
+    ASSERT_TRUE(sink) << sink.error().message;
+  }
+  std::vector<fs::path> asides;
+  for (const auto& e : fs::directory_iterator(base / "crashed"))
+    if (e.path().filename().string().starts_with("torn-")) asides.push_back(e.path());
+  ASSERT_EQ(asides.size(), 1u);
+  EXPECT_EQ(readFile(asides[0].string()).value(), torn);
+  auto after = readAuditLog((base / "crashed").string()).value();
+  ASSERT_EQ(after.size(), 22u);  // twenty calls, the recovery record, the closing checkpoint
+  EXPECT_EQ(nlohmann::json::parse(after[20])["torn_bytes"], torn.size());
+  for (const auto& seg : auditSegments((base / "crashed").string())) {
+    auto data = readFile(seg).value();
+    EXPECT_EQ(data.size(), auditContentSize(data)) << seg;
+  }
+  auto v = verifyDir(base / "crashed");
+  EXPECT_TRUE(v.ok) << v.reason;
+  fs::remove_all(base);
 }
 
 // Appends faster than the writer (no one waits for them, as halts): past maxQueued an

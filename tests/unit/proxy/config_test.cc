@@ -61,7 +61,7 @@ log: {level: warn}
 TEST(Config, ReadsTheAuditStreamKeys) {
   auto c = parseConfig(R"(
 listeners: [{name: a, address: "127.0.0.1:0"}]
-audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment_size: 16m, sync_interval: 0ms}
+audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment_size: 16m, sync_interval: 0ms, prefill: 0}
 )",
                        "/etc/tollgate/t.yaml");
   ASSERT_TRUE(c) << c.error().message;
@@ -71,6 +71,10 @@ audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment
   EXPECT_EQ(c->auditCheckpointInterval.count(), 2000);
   EXPECT_EQ(c->auditSegmentSize, 16u << 20);
   EXPECT_EQ(c->auditSyncInterval.count(), 0);
+  EXPECT_EQ(c->auditPrefill, 0u);
+  auto defaults = parseConfig("listeners: [{name: a, address: \"127.0.0.1:0\"}]\n", "t.yaml");
+  ASSERT_TRUE(defaults) << defaults.error().message;
+  EXPECT_EQ(defaults->auditPrefill, 1u << 20);
 }
 
 TEST(Config, AcceptsTransparentListeners) {
@@ -141,6 +145,10 @@ INSTANTIATE_TEST_SUITE_P(
                 "audit.checkpoint_every: must be greater than 0"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {sync_interval: 2s}\n",
                 "audit.sync_interval: at most 1s"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {prefill: lots}\n",
+                "audit.prefill: expected a size"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {prefill: 2g}\n",
+                "audit.prefill: at most 1g"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'\n", "(yaml)"},
         BadCase{"", "the file is empty"}));
 
