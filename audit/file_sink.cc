@@ -131,44 +131,76 @@ Result<std::vector<std::string>> readAuditSegment(const std::string& path) {
   return lines;
 }
 
-Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn) {
-  // Read in chunks, a line at a time: a segment of any size streams through (memory is one
-  // chunk and the longest line).
-  std::vector<char> chunk(1 << 20);
-  for (const auto& seg : segments(dir)) {
-    std::string path = seg.string(), name = seg.filename().string(), line;
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return Error{-1, "cannot read " + path};
-    struct stat st;
-    uint64_t left = ::fstat(fd, &st) == 0
-                        ? auditContentSize(path, static_cast<uint64_t>(st.st_size))
-                        : UINT64_MAX;
-    size_t n = 0;
-    bool stop = false;
-    for (;;) {
-      ssize_t got = ::read(fd, chunk.data(), std::min<uint64_t>(chunk.size(), left));
-      if (got < 0 && errno == EINTR) continue;
-      if (got < 0) {
-        ::close(fd);
-        return Error{-1, "cannot read " + path + ": " + std::strerror(errno)};
-      }
-      if (got == 0) break;
-      left -= static_cast<uint64_t>(got);
-      std::string_view data(chunk.data(), static_cast<size_t>(got));
-      while (!data.empty()) {
-        size_t nl = data.find('\n');
-        line.append(data.substr(0, nl));
-        if (nl == std::string_view::npos) break;
-        data.remove_prefix(nl + 1);
-        stop = !fn(line, name, ++n);
-        line.clear();
-        if (stop) break;
-      }
-      if (stop) break;
+AuditSegmentReader::AuditSegmentReader(std::string path) : path_(std::move(path)), buf_(256 << 10) {
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) {
+    error_ = "cannot read " + path_ + ": " + std::strerror(errno);
+    return;
+  }
+  follow();
+}
+
+AuditSegmentReader::~AuditSegmentReader() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void AuditSegmentReader::follow() {
+  struct stat st;
+  if (fd_ < 0 || ::fstat(fd_, &st) != 0) return;
+  end_ = std::max(end_, auditContentSize(path_, static_cast<uint64_t>(st.st_size)));
+}
+
+bool AuditSegmentReader::fill() {
+  for (;;) {
+    if (offset_ >= end_) return false;
+    size_t want = static_cast<size_t>(std::min<uint64_t>(buf_.size(), end_ - offset_));
+    ssize_t got = ::pread(fd_, buf_.data(), want, static_cast<off_t>(offset_));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      if (got < 0) error_ = "cannot read " + path_ + ": " + std::strerror(errno);
+      end_ = offset_;  // shorter than it was: what is there has been read
+      return false;
     }
-    ::close(fd);
+    offset_ += static_cast<uint64_t>(got);
+    pos_ = 0;
+    len_ = static_cast<size_t>(got);
+    return true;
+  }
+}
+
+bool AuditSegmentReader::next(std::string& line, bool partial) {
+  if (fd_ < 0) return false;
+  for (;;) {
+    std::string_view data(buf_.data() + pos_, len_ - pos_);
+    size_t nl = data.find('\n');
+    if (nl != std::string_view::npos) {
+      line = std::move(pending_);
+      pending_.clear();
+      line.append(data.substr(0, nl));
+      pos_ += nl + 1;
+      return true;
+    }
+    pending_.append(data);
+    pos_ = len_;
+    if (!fill()) {
+      if (!partial || pending_.empty()) return false;
+      line = std::move(pending_);
+      pending_.clear();
+      return true;
+    }
+  }
+}
+
+Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn) {
+  // A line at a time: a segment of any size streams through.
+  for (const auto& seg : segments(dir)) {
+    std::string name = seg.filename().string(), line;
+    AuditSegmentReader reader(seg.string());
     // A last line without its newline (a torn write) is a line too.
-    if (stop || (!line.empty() && !fn(line, name, ++n))) return Status::success();
+    for (size_t n = 1; reader.next(line); ++n) {
+      if (!fn(line, name, n)) return Status::success();
+    }
+    if (!reader.ok()) return Error{-1, reader.error()};
   }
   return Status::success();
 }

@@ -159,6 +159,35 @@ size_t auditContentSize(std::string_view data);
 // The same for the segment file at `path` of `size` bytes, reading back from its end.
 uint64_t auditContentSize(const std::string& path, uint64_t size);
 
+// Reads one segment's lines in order, a chunk at a time (memory: one chunk and the longest
+// line), up to the end of its content (its trailing blanks are not read).
+class AuditSegmentReader {
+ public:
+  explicit AuditSegmentReader(std::string path);
+  ~AuditSegmentReader();
+  AuditSegmentReader(const AuditSegmentReader&) = delete;
+  AuditSegmentReader& operator=(const AuditSegmentReader&) = delete;
+  // False: the file could not be opened or read (error() says why).
+  bool ok() const { return error_.empty(); }
+  const std::string& error() const { return error_; }
+  // The next line, without its newline. At the end of the content, a last line without
+  // its newline (a torn write, or one being written) is returned when `partial`, else kept
+  // for follow(). False at the end or on an error.
+  bool next(std::string& line, bool partial = true);
+  // For a segment still being written: what was appended since it was opened (or since
+  // the last follow()) is read next.
+  void follow();
+
+ private:
+  bool fill();
+  std::string path_, error_;
+  int fd_ = -1;
+  uint64_t offset_ = 0, end_ = 0;  // the next byte to read; the content's end
+  std::vector<char> buf_;
+  size_t pos_ = 0, len_ = 0;  // unread bytes of buf_
+  std::string pending_;       // a line begun in an earlier chunk
+};
+
 // The segment files of a log directory (full paths), in order.
 std::vector<std::string> auditSegments(const std::string& dir);
 

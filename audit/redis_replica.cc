@@ -138,29 +138,49 @@ bool RedisStreamReplica::send(uint64_t first, const std::vector<std::string>& li
   return ok;
 }
 
+bool RedisStreamReplica::openLogAt(uint64_t seq) {
+  // The segment holding `seq`: the last one that begins at or before it.
+  std::string holding;
+  uint64_t first = 0;
+  for (const auto& seg : auditSegments(options_.logDir)) {
+    uint64_t f = auditSegmentFirstSeq(seg);
+    if (f == 0) continue;  // empty (just begun)
+    if (f > seq) break;
+    holding = seg;
+    first = f;
+  }
+  logReader_.reset();
+  if (holding.empty()) return false;
+  logReader_ = std::make_unique<AuditSegmentReader>(holding);
+  readerNext_ = first;
+  // A segment's lines are consecutive seqs (verified at the sink's start).
+  std::string line;
+  while (readerNext_ < seq && logReader_->next(line, false)) ++readerNext_;
+  return readerNext_ == seq;
+}
+
 std::vector<std::string> RedisStreamReplica::readLog(uint64_t from, uint64_t to) {
   std::vector<std::string> out;
+  if ((!logReader_ || readerNext_ != from) && !openLogAt(from)) return out;
+  std::string line;
+  bool followed = false;
   while (from <= to) {
-    if (from < cacheFirst_ || from - cacheFirst_ >= logCache_.size()) {
-      // The segment holding `from`: the last one that begins at or before it.
-      std::string holding;
-      for (const auto& seg : auditSegments(options_.logDir)) {
-        uint64_t first = auditSegmentFirstSeq(seg);
-        if (first == 0) continue;  // empty (just begun)
-        if (first > from) break;
-        holding = seg;
-        cacheFirst_ = first;
-      }
-      logCache_.clear();
-      if (holding.empty()) break;
-      auto lines = readAuditSegment(holding);
-      if (!lines) break;
-      logCache_ = std::move(lines.value());
-      if (from - cacheFirst_ >= logCache_.size()) break;  // not in the log
+    if (logReader_->next(line, false)) {
+      out.push_back(std::move(line));
+      ++from;
+      ++readerNext_;
+      followed = false;
+      continue;
     }
-    // A segment's lines are consecutive seqs (verified at the sink's start).
-    for (; from <= to && from - cacheFirst_ < logCache_.size(); ++from)
-      out.push_back(logCache_[from - cacheFirst_]);
+    // The end of what was there at open: the segment may have grown since, or `from`
+    // begins the next one.
+    if (!followed) {
+      logReader_->follow();
+      followed = true;
+      continue;
+    }
+    if (!openLogAt(from)) break;
+    followed = false;
   }
   return out;
 }
@@ -197,7 +217,7 @@ void RedisStreamReplica::run() {
       if (queue_.front().first == first) {
         for (size_t i = 0; i < queue_.size() && batch.size() < kPipeline; ++i)
           batch.push_back(queue_[i].second);
-        logCache_.clear();  // caught up
+        logReader_.reset();  // caught up
       }
     }
     if (batch.empty()) {

@@ -13,12 +13,14 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "audit/file_sink.h"
 #include "audit/replica.h"
 #include "common/result.h"
 
@@ -55,9 +57,11 @@ class RedisStreamReplica : public AuditReplica {
   // Sends lines[i] as seq first+i; false on a transport or server error.
   bool send(uint64_t first, const std::vector<std::string>& lines);
   // The lines with seq in [from, to] read from the log: from the segment holding `from` and
-  // the ones after it, one segment in memory at a time (a catch-up from seq 1 of a long log
-  // must not read the whole log into memory).
+  // the ones after it, a line at a time (a catch-up must not read a segment, let alone the
+  // log, into memory). Consecutive calls go on where the last one stopped.
   std::vector<std::string> readLog(uint64_t from, uint64_t to);
+  // Opens the segment holding `seq` and reads up to it; false when the log does not have it.
+  bool openLogAt(uint64_t seq);
 
   Options options_;
   redisContext* ctx_ = nullptr;
@@ -67,8 +71,8 @@ class RedisStreamReplica : public AuditReplica {
   bool stopping_ = false;
   std::atomic<uint64_t> replicated_{0}, dropped_{0};
   bool warnedDown_ = false;
-  std::vector<std::string> logCache_;  // while catching up: a segment's lines…
-  uint64_t cacheFirst_ = 0;            // …the first of which has this seq
+  std::unique_ptr<AuditSegmentReader> logReader_;  // while catching up: where it reads…
+  uint64_t readerNext_ = 0;                        // …and the seq of its next line
   std::thread thread_;
 };
 

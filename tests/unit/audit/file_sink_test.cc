@@ -271,6 +271,52 @@ TEST(FileSinkTest, TheSegmentBeingWrittenEndsInBlanksThatNoReaderTakesForARecord
   fs::remove_all(base);
 }
 
+// AuditSegmentReader: lines in order across its chunks (256 KiB), a last line without its
+// newline given or kept (partial), the trailing blanks not read, and follow() reading what
+// was written after it got to the end: what the Redis replica's catch-up reads the segment
+// being written with, a line at a time.
+TEST(AuditSegmentReaderTest, ReadsLinesAcrossChunksAndFollowsAGrowingSegment) {
+  fs::path path = fs::temp_directory_path() / ("tollgate-reader-" + std::to_string(::getpid()));
+  std::string text;
+  std::vector<std::string> written;
+  for (int i = 0; i < 3000; ++i) {  // ~600 KB: lines cross chunk boundaries
+    written.push_back("{\"n\":" + std::to_string(i) + ",\"pad\":\"" + std::string(i % 400, 'x') +
+                      "\"}");
+    text += written.back() + "\n";
+  }
+  ASSERT_TRUE(
+      writeFileAtomic(path.string(), text + "{\"torn\"" + std::string(1000, kAuditPad), 0600));
+  {
+    AuditSegmentReader reader(path.string());
+    ASSERT_TRUE(reader.ok()) << reader.error();
+    std::vector<std::string> got;
+    std::string line;
+    while (reader.next(line)) got.push_back(line);
+    ASSERT_EQ(got.size(), written.size() + 1);
+    EXPECT_EQ(std::vector<std::string>(got.begin(), got.end() - 1), written);
+    EXPECT_EQ(got.back(), "{\"torn\"");  // without the blanks
+  }
+  AuditSegmentReader reader(path.string());
+  std::string line;
+  size_t n = 0;
+  while (reader.next(line, false)) EXPECT_EQ(line, written[n++]);
+  EXPECT_EQ(n, written.size());  // the torn line is kept
+  // The rest of the record is written over the blanks, and another after it.
+  std::string more = text + "{\"torn\":1}\n{\"n\":\"last\"}\n";
+  ASSERT_TRUE(writeFileAtomic(path.string() + ".next", more, 0600));
+  fs::copy_file(path.string() + ".next", path, fs::copy_options::overwrite_existing);
+  EXPECT_FALSE(reader.next(line, false));  // not followed yet
+  reader.follow();
+  ASSERT_TRUE(reader.next(line, false));
+  EXPECT_EQ(line, "{\"torn\":1}");
+  ASSERT_TRUE(reader.next(line, false));
+  EXPECT_EQ(line, "{\"n\":\"last\"}");
+  EXPECT_FALSE(reader.next(line, false));
+  EXPECT_FALSE(AuditSegmentReader((path.string() + ".none")).ok());
+  fs::remove(path);
+  fs::remove(path.string() + ".next");
+}
+
 // Appends faster than the writer (no one waits for them, as halts): past maxQueued an
 // append waits for the writer instead of the queue growing without bound, and nothing is
 // lost.
