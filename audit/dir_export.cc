@@ -1,13 +1,13 @@
 #include "audit/dir_export.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <sstream>
 
 #include "audit/file_sink.h"
 #include "common/files.h"
@@ -101,15 +101,17 @@ void DirectoryExport::catchUp() {
           .emit();
     }
   }
+  // The checkpoints after the last one exported, read from the segments that can hold
+  // them: a restart reads what is new, not the whole log.
+  uint64_t last = lastCheckpoint();
   std::vector<std::string> checkpoints;
-  for (const auto& seg : segs) {
-    auto data = readFile(seg);
-    if (!data) continue;
-    std::istringstream in(data.value());
+  for (size_t i = 0; i < segs.size(); ++i) {
+    uint64_t next = i + 1 < segs.size() ? auditSegmentFirstSeq(segs[i + 1]) : 0;
+    if (next != 0 && next <= last + 1) continue;  // every record of it is before `last`
+    AuditSegmentReader reader(segs[i]);
     std::string line;
-    while (std::getline(in, line)) {
-      if (!in.eof() && isCheckpointLine(line)) checkpoints.push_back(line);  // whole lines only
-    }
+    while (reader.next(line, false))  // whole lines only
+      if (isCheckpointLine(line) && auditRecordSeq(line) > last) checkpoints.push_back(line);
   }
   if (auto st = appendCheckpoints(checkpoints); !st) {
     Log::Line(LogLevel::kError, "audit export failed")
@@ -133,30 +135,45 @@ Status DirectoryExport::copySegment(const std::string& path) {
       fs::copy_file(e.path(), fs::path(to_) / "keys" / e.path().filename(),
                     fs::copy_options::overwrite_existing, ec);
   }
-  auto data = readFile(from.string());
-  if (!data) return data.error();
+  uint64_t size = fs::file_size(from, ec);
+  if (ec) return Error{-1, "cannot read " + from.string() + ": " + ec.message()};
   if (fs::exists(to, ec)) {
     // A sealed segment never changes: a copy of another size is somebody else's.
-    if (fs::file_size(to, ec) == data.value().size()) return Status::success();
+    if (fs::file_size(to, ec) == size) return Status::success();
     return Error{
         -1, to.string() + " exists and differs from the sealed " + from.string() + ": left alone"};
   }
-  return writeFileAtomic(to.string(), data.value(), 0600);
+  return copyFileAtomic(from.string(), to.string(), 0600);
+}
+
+uint64_t DirectoryExport::lastCheckpoint() {
+  if (lastKnown_) return last_;
+  // The seq of the last whole line of checkpoints.jsonl, read from its end.
+  fs::path file = fs::path(to_) / "checkpoints.jsonl";
+  int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    struct stat st;
+    std::string tail(64 << 10, '\0');
+    if (::fstat(fd, &st) == 0) {
+      off_t from = std::max<off_t>(0, st.st_size - static_cast<off_t>(tail.size()));
+      ssize_t got = ::pread(fd, tail.data(), tail.size(), from);
+      tail.resize(got > 0 ? static_cast<size_t>(got) : 0);
+      size_t end = tail.rfind('\n');  // a line without its newline is not whole
+      if (end != std::string::npos) {
+        size_t start = end == 0 ? std::string::npos : tail.rfind('\n', end - 1);
+        start = start == std::string::npos ? 0 : start + 1;
+        last_ = auditRecordSeq(std::string_view(tail).substr(start, end - start));
+      }
+    }
+    ::close(fd);
+  }
+  lastKnown_ = true;
+  return last_;
 }
 
 Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines) {
-  if (lines.empty()) return Status::success();
-  fs::path file = fs::path(to_) / "checkpoints.jsonl";
   // Only checkpoints after the last one already there: catch-up and the writer overlap.
-  uint64_t last = 0;
-  if (auto data = readFile(file.string()); data) {
-    const std::string& d = data.value();
-    size_t end = d.size();
-    while (end > 0 && d[end - 1] == '\n') --end;
-    size_t start = d.rfind('\n', end == 0 ? 0 : end - 1);
-    start = start == std::string::npos ? 0 : start + 1;
-    if (end > start) last = auditRecordSeq(d.substr(start, end - start));
-  }
+  uint64_t last = lastCheckpoint();
   std::string out;
   for (const auto& l : lines) {
     if (auditRecordSeq(l) > last) {
@@ -166,12 +183,14 @@ Status DirectoryExport::appendCheckpoints(const std::vector<std::string>& lines)
     }
   }
   if (out.empty()) return Status::success();
+  fs::path file = fs::path(to_) / "checkpoints.jsonl";
   int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (fd < 0) return Error{-errno, "open " + file.string() + ": " + std::strerror(errno)};
   bool ok = writeAll(fd, out) && ::fdatasync(fd) == 0;
   int saved = errno;
   ::close(fd);
   if (!ok) return Error{-saved, "append " + file.string() + ": " + std::strerror(saved)};
+  last_ = last;
   return Status::success();
 }
 

@@ -39,7 +39,8 @@ class DirectoryExport : public AuditReplica {
   void run();
   Status copySegment(const std::string& path);
   Status appendCheckpoints(const std::vector<std::string>& lines);
-  void catchUp();  // every sealed segment not yet exported
+  void catchUp();             // every sealed segment not yet exported
+  uint64_t lastCheckpoint();  // the seq of the last checkpoint exported (0: none)
 
   struct Seal {
     std::string path;
@@ -51,6 +52,8 @@ class DirectoryExport : public AuditReplica {
   std::condition_variable wake_, idle_;
   std::deque<Task> tasks_;
   bool busy_ = false;
+  uint64_t last_ = 0;  // lastCheckpoint(), read from the file once (export thread)
+  bool lastKnown_ = false;
   bool stopping_ = false;
   std::thread thread_;
 };

@@ -243,6 +243,50 @@ uint64_t auditSegmentFirstSeq(const std::string& path) {
   return auditRecordSeq(line);
 }
 
+namespace {
+
+// The end of a segment as a crash may leave it: the blanks written ahead of the records are
+// cut off (at `keep`), and what follows the last newline before them is a torn record. Read
+// back from the end: the segment is never in memory whole.
+struct SegmentTail {
+  uint64_t size = 0;  // the file's
+  uint64_t keep = 0;  // up to the last newline of the content
+  std::string torn;   // between it and the content's end
+};
+
+Result<SegmentTail> readTail(const std::string& path) {
+  SegmentTail t;
+  std::error_code ec;
+  t.size = fs::file_size(path, ec);
+  if (ec) return Error{-1, "cannot read " + path + ": " + ec.message()};
+  uint64_t end = auditContentSize(path, t.size);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Error{-errno, sysError("open " + path)};
+  std::string chunk;
+  uint64_t at = end;
+  while (at > 0) {
+    uint64_t from = at > (64 << 10) ? at - (64 << 10) : 0;
+    chunk.resize(static_cast<size_t>(at - from));
+    if (::pread(fd, chunk.data(), chunk.size(), static_cast<off_t>(from)) !=
+        static_cast<ssize_t>(chunk.size())) {
+      ::close(fd);
+      return Error{-1, "cannot read " + path};
+    }
+    t.torn.insert(0, chunk);
+    size_t nl = t.torn.rfind('\n');
+    if (nl != std::string::npos) {
+      t.keep = end - (t.torn.size() - nl - 1);
+      t.torn.erase(0, nl + 1);
+      break;
+    }
+    at = from;
+  }
+  ::close(fd);
+  return t;
+}
+
+}  // namespace
+
 FileAuditSink::FileAuditSink(Options options) : options_(std::move(options)) {}
 
 Result<std::unique_ptr<FileAuditSink>> FileAuditSink::open(Options options) {
@@ -283,20 +327,15 @@ Status FileAuditSink::start() {
   auto segs = segments(dir);
   std::string torn;
   if (!segs.empty()) {
-    auto data = readFile(segs.back().string());
-    if (!data) return data.error();
-    // Blanks written ahead of the records are cut off; what is left after the last
-    // newline is a torn record.
-    std::string_view d(data.value());
-    d = d.substr(0, auditContentSize(d));
-    size_t keep = d.rfind('\n') == std::string_view::npos ? 0 : d.rfind('\n') + 1;
-    if (keep < d.size()) {
+    auto tail = readTail(segs.back().string());
+    if (!tail) return tail.error();
+    const SegmentTail& t = tail.value();
+    if (!t.torn.empty()) {
       fs::path aside = dir / ("torn-" + std::to_string(nowNs()) + ".bin");
-      if (auto st = replaceFile(aside, std::string(d.substr(keep)), 0600); !st) return st;
-      torn = aside.filename().string() + ":" + std::to_string(d.size() - keep);
+      if (auto st = replaceFile(aside, t.torn, 0600); !st) return st;
+      torn = aside.filename().string() + ":" + std::to_string(t.torn.size());
     }
-    if (keep < data.value().size() &&
-        ::truncate(segs.back().c_str(), static_cast<off_t>(keep)) != 0)
+    if (t.keep < t.size && ::truncate(segs.back().c_str(), static_cast<off_t>(t.keep)) != 0)
       return Error{-errno, sysError("truncate " + segs.back().string())};
   }
   // The log is read a line at a time, verified and the chain resumed as it goes: a

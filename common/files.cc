@@ -8,7 +8,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
+#include <vector>
 
 namespace tollgate {
 
@@ -59,7 +61,12 @@ Status syncDir(const std::string& dir) {
   return Status::success();
 }
 
-Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
+namespace {
+
+// A temporary file next to `path`, filled by `fill` (false: failed, errno set), fsynced,
+// renamed over `path`, and the directory fsynced.
+Status replaceAtomically(const std::string& path, mode_t mode,
+                         const std::function<bool(int fd)>& fill) {
   // Unique per process and call: two writers of one path (reloads from a signal and from
   // the admin API) never share a temporary file.
   static std::atomic<uint64_t> counter{0};
@@ -67,7 +74,7 @@ Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mo
       path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter.fetch_add(1));
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
   if (fd < 0) return Error{-errno, "open " + tmp + ": " + std::strerror(errno)};
-  bool ok = writeAll(fd, data) && ::fsync(fd) == 0;
+  bool ok = fill(fd) && ::fsync(fd) == 0;
   int saved = errno;
   ::close(fd);
   if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
@@ -77,6 +84,28 @@ Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mo
   }
   auto dir = std::filesystem::path(path).parent_path();
   return syncDir(dir.empty() ? std::string(".") : dir.string());
+}
+
+}  // namespace
+
+Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
+  return replaceAtomically(path, mode, [&](int fd) { return writeAll(fd, data); });
+}
+
+Status copyFileAtomic(const std::string& from, const std::string& path, mode_t mode) {
+  int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) return Error{-errno, "open " + from + ": " + std::strerror(errno)};
+  auto st = replaceAtomically(path, mode, [&](int fd) {
+    std::vector<char> buf(1 << 20);
+    for (;;) {
+      ssize_t n = ::read(in, buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n == 0;
+      if (!writeAll(fd, std::string_view(buf.data(), static_cast<size_t>(n)))) return false;
+    }
+  });
+  ::close(in);
+  return st;
 }
 
 }  // namespace tollgate

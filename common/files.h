@@ -19,6 +19,8 @@ bool pwriteAll(int fd, std::string_view data, uint64_t offset);
 // Replaces `path` durably: a temporary file next to it, written and fsynced, renamed over
 // it, and the directory fsynced. Readers see the old or the new file, never a part.
 Status writeFileAtomic(const std::string& path, std::string_view data, mode_t mode);
+// The same with a copy of the file `from` (read a chunk at a time).
+Status copyFileAtomic(const std::string& from, const std::string& path, mode_t mode);
 // fsyncs a directory (after a rename or a new file in it).
 Status syncDir(const std::string& dir);
 
