@@ -164,6 +164,10 @@ uint64_t DirectoryExport::lastCheckpoint() {
         start = start == std::string::npos ? 0 : start + 1;
         last_ = auditRecordSeq(std::string_view(tail).substr(start, end - start));
       }
+      // An append cut short (a crash) is cut off, so that the next line starts a line.
+      off_t whole = end == std::string::npos ? from : from + static_cast<off_t>(end) + 1;
+      if (whole < st.st_size && (end != std::string::npos || from == 0))
+        (void)::truncate(file.c_str(), whole);
     }
     ::close(fd);
   }
