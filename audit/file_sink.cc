@@ -528,10 +528,12 @@ void FileAuditSink::prefill(uint64_t end) {
   // this VM's disk ~200 against ~110 us per sync, and a context switch less. While fewer
   // than half of `prefill` are ahead, a batch writes an eighth more with it (in its one
   // sync): one batch in many pays for an append and a little more, and none for much more
-  // (a half at once, 512 KiB, made a sync of ~2 ms that the calls behind it waited for).
+  // (a half at once, 512 KiB, made a sync of ~2 ms that the calls behind it waited for),
+  // but the first of a segment and one larger than the blanks ahead.
   if (options_.prefill == 0 || end + options_.prefill / 2 <= prefilledTo_) return;
   uint64_t step = std::min(options_.prefill, std::max<uint64_t>(options_.prefill / 8, 64 << 10));
-  uint64_t to = std::max(prefilledTo_, end) + step;
+  // A batch that did not fit pays for an append anyway: it writes the half with it.
+  uint64_t to = end >= prefilledTo_ ? end + options_.prefill / 2 + step : prefilledTo_ + step;
   // A small segment is not padded far past the size that seals it.
   to = std::min(to, std::max(options_.segmentBytes, end));
   static const std::string blanks(256 << 10, kAuditPad);
