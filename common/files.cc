@@ -22,10 +22,15 @@ Result<std::string> readFile(const std::string& path) {
   return ss.str();
 }
 
-bool writeAll(int fd, std::string_view data) {
+namespace {
+
+// Calls `write(from, size, done)` until all of `data` is written, retrying short writes and
+// EINTR; false on an error (errno).
+template <typename Write>
+bool writeLoop(std::string_view data, Write write) {
   size_t done = 0;
   while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    ssize_t n = write(data.data() + done, data.size() - done, done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       if (n == 0) errno = EIO;
@@ -36,19 +41,16 @@ bool writeAll(int fd, std::string_view data) {
   return true;
 }
 
+}  // namespace
+
+bool writeAll(int fd, std::string_view data) {
+  return writeLoop(data, [fd](const char* p, size_t n, size_t) { return ::write(fd, p, n); });
+}
+
 bool pwriteAll(int fd, std::string_view data, uint64_t offset) {
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n =
-        ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      if (n == 0) errno = EIO;
-      return false;
-    }
-    done += static_cast<size_t>(n);
-  }
-  return true;
+  return writeLoop(data, [fd, offset](const char* p, size_t n, size_t done) {
+    return ::pwrite(fd, p, n, static_cast<off_t>(offset + done));
+  });
 }
 
 Status syncDir(const std::string& dir) {

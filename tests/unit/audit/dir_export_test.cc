@@ -7,30 +7,17 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <thread>
 
 #include <gtest/gtest.h>
 
 #include "audit/file_sink.h"
 #include "common/files.h"
+#include "tests/unit/audit/log_writer.h"
 
 namespace tollgate {
 namespace {
 
 namespace fs = std::filesystem;
-
-void writeLog(const FileAuditSink::Options& options, int from, int n) {
-  auto sink = FileAuditSink::open(options);
-  ASSERT_TRUE(sink) << sink.error().message;
-  for (int i = from; i < from + n; ++i) {
-    AuditRecord r;
-    r.agent = "agent-" + std::to_string(i);
-    r.decision = "allow";
-    r.sync = AuditSync::kNow;
-    uint64_t seq = sink.value()->append(r);
-    while (sink.value()->durableSeq() < seq) std::this_thread::yield();
-  }
-}
 
 std::vector<std::string> checkpointsOf(const std::vector<std::string>& lines) {
   std::vector<std::string> out;
@@ -64,7 +51,7 @@ TEST(DirectoryExportTest, ARestartExportsWhatIsNewAndCutsATornAppend) {
   FileAuditSink::Options options((base / "log").string());
   options.segmentBytes = 2048;
   options.checkpointEvery = 8;
-  writeLog(options, 0, 40);
+  writeAwaited(options, 0, 40);
   exportOnce(base / "log", base / "out");
   auto segs = auditSegments(options.dir);
   ASSERT_GT(segs.size(), 3u);
@@ -77,7 +64,7 @@ TEST(DirectoryExportTest, ARestartExportsWhatIsNewAndCutsATornAppend) {
   EXPECT_EQ(exportedCheckpoints(base / "out"), all);
 
   // More records, and a crash in mid append to checkpoints.jsonl.
-  writeLog(options, 40, 40);
+  writeAwaited(options, 40, 40);
   {
     int fd = ::open((base / "out" / "checkpoints.jsonl").c_str(), O_WRONLY | O_APPEND);
     ASSERT_GE(fd, 0);

@@ -12,6 +12,7 @@
 
 #include "audit/file_sink.h"
 #include "common/files.h"
+#include "tests/unit/audit/log_writer.h"
 
 namespace tollgate {
 namespace {
@@ -118,22 +119,10 @@ TEST(FileSinkTest, ALogOfManySegmentsResumesAndNamesTheSegmentOfABadRecord) {
   FileAuditSink::Options options(dir.string());
   options.segmentBytes = 2048;
   options.checkpointEvery = 8;
-  auto write = [&](int from, int n) {
-    auto sink = FileAuditSink::open(options);
-    ASSERT_TRUE(sink) << sink.error().message;
-    for (int i = from; i < from + n; ++i) {
-      AuditRecord r;
-      r.agent = "agent-" + std::to_string(i);
-      r.decision = "allow";
-      r.sync = AuditSync::kNow;
-      uint64_t seq = sink.value()->append(r);
-      while (sink.value()->durableSeq() < seq) std::this_thread::yield();
-    }
-  };
-  write(0, 60);
+  writeAwaited(options, 0, 60);
   auto segs = auditSegments(dir.string());
   ASSERT_GT(segs.size(), 4u);
-  write(60, 5);  // resumed after every segment: the chain goes on and verifies
+  writeAwaited(options, 60, 5);  // resumed after every segment: the chain goes on and verifies
   auto lines = readAuditLog(dir.string()).value();
   EXPECT_EQ(nlohmann::json::parse(lines.back())["kind"], "checkpoint");
   auto v = verifyDir(dir);
