@@ -163,23 +163,24 @@ std::vector<std::string> RedisStreamReplica::readLog(uint64_t from, uint64_t to)
   std::vector<std::string> out;
   if ((!logReader_ || readerNext_ != from) && !openLogAt(from)) return out;
   std::string line;
-  bool followed = false;
+  bool followed = false, reopened = false;  // since the last line read
   while (from <= to) {
     if (logReader_->next(line, false)) {
       out.push_back(std::move(line));
       ++from;
       ++readerNext_;
-      followed = false;
+      followed = reopened = false;
       continue;
     }
     // The end of what was there at open: the segment may have grown since, or `from`
-    // begins the next one.
+    // begins the next one; else the log does not have it (the caller skips the gap).
     if (!followed) {
       logReader_->follow();
       followed = true;
       continue;
     }
-    if (!openLogAt(from)) break;
+    if (reopened || !openLogAt(from)) break;
+    reopened = true;
     followed = false;
   }
   return out;
