@@ -1,0 +1,70 @@
+// RedisStreamReplica against a real redis-server: what the stream misses before the queue's
+// head is read from the log a line at a time; seqs the log does not have are skipped (a gap
+// in the replica), and the queue goes on after them.
+#include "audit/redis_replica.h"
+
+#include <gtest/gtest.h>
+#include <hiredis/hiredis.h>
+
+#include <filesystem>
+
+#include "audit/file_sink.h"
+#include "tests/unit/audit/log_writer.h"
+#include "tests/unit/redis_process.h"
+
+namespace tollgate {
+namespace {
+
+namespace fs = std::filesystem;
+
+// The stream's entries: (seq of the id, value).
+std::vector<std::pair<uint64_t, std::string>> streamOf(uint16_t port, const std::string& key) {
+  std::vector<std::pair<uint64_t, std::string>> out;
+  redisContext* c = redisConnect("127.0.0.1", port);
+  if (!c || c->err) return out;
+  auto* r = static_cast<redisReply*>(redisCommand(c, "XRANGE %s - +", key.c_str()));
+  for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; ++i) {
+    const redisReply* e = r->element[i];
+    out.emplace_back(std::stoull(e->element[0]->str), e->element[1]->element[1]->str);
+  }
+  if (r) freeReplyObject(r);
+  redisFree(c);
+  return out;
+}
+
+TEST(RedisReplicaTest, CatchesUpFromTheLogAndSkipsWhatTheLogDoesNotHave) {
+  RedisProcess redis;
+  ASSERT_TRUE(redis.ping()) << "redis-server did not start (is it installed?)";
+  fs::path dir = fs::temp_directory_path() / ("tollgate-replica-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  options.segmentBytes = 2048;  // the catch-up crosses segments
+  writeAwaited(options, 0, 30);
+  auto log = readAuditLog(dir.string()).value();
+  ASSERT_GT(auditSegments(dir.string()).size(), 3u);
+
+  RedisStreamReplica::Options ro;
+  ro.port = redis.port();
+  ro.key = "tollgate:audit:test";
+  ro.logDir = dir.string();
+  {
+    RedisStreamReplica replica(ro);
+    // The queue begins past the log's end: seqs in between are in no place.
+    uint64_t head = log.size() + 10;
+    replica.onDurable(head, {"{\"seq\":\"head\"}", "{\"seq\":\"next\"}"});
+    ASSERT_TRUE(replica.waitReplicated(head + 1, std::chrono::seconds(10)))
+        << "replicated up to " << replica.replicated();
+  }
+  auto stream = streamOf(redis.port(), ro.key);
+  ASSERT_EQ(stream.size(), log.size() + 2);
+  for (size_t i = 0; i < log.size(); ++i) {
+    EXPECT_EQ(stream[i].first, i + 1);
+    EXPECT_EQ(stream[i].second, log[i]);
+  }
+  EXPECT_EQ(stream[log.size()].first, log.size() + 10);
+  EXPECT_EQ(stream.back().second, "{\"seq\":\"next\"}");
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace tollgate
