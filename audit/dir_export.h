@@ -39,8 +39,10 @@ class DirectoryExport : public AuditReplica {
   void run();
   Status copySegment(const std::string& path);
   Status appendCheckpoints(const std::vector<std::string>& lines);
-  void catchUp();             // every sealed segment not yet exported
-  uint64_t lastCheckpoint();  // the seq of the last checkpoint exported (0: none)
+  void catchUp();  // every sealed segment not yet exported
+  // The seq of the last checkpoint exported (0: none), read from checkpoints.jsonl the first
+  // time, which also cuts off an append a crash left torn there.
+  uint64_t lastCheckpoint();
 
   struct Seal {
     std::string path;

@@ -85,29 +85,16 @@ std::vector<std::string> auditSegments(const std::string& dir) {
   return out;
 }
 
-namespace {
-
-void splitLines(std::string_view d, std::vector<std::string>& lines) {
-  size_t start = 0;
-  while (start < d.size()) {
-    size_t nl = d.find('\n', start);
-    size_t end = nl == std::string_view::npos ? d.size() : nl;
-    lines.emplace_back(d.substr(start, end - start));
-    start = end + 1;
-  }
-}
-
-}  // namespace
-
 size_t auditContentSize(std::string_view data) {
   size_t n = data.size();
   while (n > 0 && data[n - 1] == kAuditPad) --n;
   return n;
 }
 
-uint64_t auditContentSize(const std::string& path, uint64_t size) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return size;
+namespace {
+
+// auditContentSize() of the open file `fd` of `size` bytes, read back from its end.
+uint64_t contentEnd(int fd, uint64_t size) {
   char buf[64 << 10];
   uint64_t end = size;
   while (end > 0) {
@@ -119,15 +106,25 @@ uint64_t auditContentSize(const std::string& path, uint64_t size) {
     end = from + kept;
     if (kept > 0) break;
   }
+  return end;
+}
+
+}  // namespace
+
+uint64_t auditContentSize(const std::string& path, uint64_t size) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return size;
+  uint64_t end = contentEnd(fd, size);
   ::close(fd);
   return end;
 }
 
 Result<std::vector<std::string>> readAuditSegment(const std::string& path) {
-  auto data = readFile(path);
-  if (!data) return data.error();
+  AuditSegmentReader reader(path);
   std::vector<std::string> lines;
-  splitLines(std::string_view(data.value()).substr(0, auditContentSize(data.value())), lines);
+  std::string line;
+  while (reader.next(line)) lines.push_back(std::move(line));
+  if (!reader.ok()) return Error{-1, reader.error()};
   return lines;
 }
 
@@ -147,7 +144,7 @@ AuditSegmentReader::~AuditSegmentReader() {
 void AuditSegmentReader::follow() {
   struct stat st;
   if (fd_ < 0 || ::fstat(fd_, &st) != 0) return;
-  end_ = std::max(end_, auditContentSize(path_, static_cast<uint64_t>(st.st_size)));
+  end_ = std::max(end_, contentEnd(fd_, static_cast<uint64_t>(st.st_size)));
 }
 
 bool AuditSegmentReader::fill() {
@@ -256,12 +253,15 @@ struct SegmentTail {
 
 Result<SegmentTail> readTail(const std::string& path) {
   SegmentTail t;
-  std::error_code ec;
-  t.size = fs::file_size(path, ec);
-  if (ec) return Error{-1, "cannot read " + path + ": " + ec.message()};
-  uint64_t end = auditContentSize(path, t.size);
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Error{-errno, sysError("open " + path)};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    return Error{-errno, sysError("stat " + path)};
+  }
+  t.size = static_cast<uint64_t>(st.st_size);
+  uint64_t end = contentEnd(fd, t.size);
   std::string chunk;
   uint64_t at = end;
   while (at > 0) {

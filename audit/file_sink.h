@@ -52,7 +52,7 @@ class FileAuditSink : public AuditSink {
     std::chrono::microseconds lazySync{2000};
     // At most one fsync per interval (0: none; a cap for disks where a sync is costly).
     std::chrono::microseconds syncInterval{0};
-    // Blanks (kAuditPad) written ahead of the records, this much at a time, so that a sync
+    // Blanks (kAuditPad) kept written ahead of the records, up to this much, so that a sync
     // flushes data only (0: plain appends). The segment being written ends in them; readers
     // take a segment's trailing blanks for no content, and a sealed segment has none.
     uint64_t prefill = 1ull << 20;
