@@ -39,10 +39,14 @@ bool checkpointSignatureValid(const Json& checkpoint, const Ed25519Key& key) {
 }
 
 std::string AuditChain::seal(std::string line) {
+  sealView(line);
+  return line;
+}
+
+void AuditChain::sealView(std::string_view line) {
   prev_ = lineHash(line);
   tree_.append(leafHash(line));
   ++sinceCheckpoint_;
-  return line;
 }
 
 void AuditChain::resume(const std::vector<std::string>& lines) {
@@ -78,44 +82,82 @@ std::string AuditChain::append(std::string_view kind, Json fields, int64_t tsNs)
   return seal(canonical(record));
 }
 
-std::string AuditChain::appendStrings(
-    std::string_view kind, std::vector<std::pair<std::string_view, std::string_view>> fields,
-    int64_t tsNs) {
-  lastTs_ = std::max(lastTs_, tsNs);
-  ++seq_;
-  // The chain's own keys, rendered, then every key in byte order.
-  char seqBuf[24], tsBuf[24];
-  auto seqEnd = std::to_chars(seqBuf, seqBuf + sizeof seqBuf, seq_).ptr;
-  auto tsEnd = std::to_chars(tsBuf, tsBuf + sizeof tsBuf, lastTs_).ptr;
+AuditTemplate renderAuditTemplate(
+    std::string_view logId, std::string_view kind,
+    std::vector<std::pair<std::string_view, std::string_view>> fields) {
+  // The chain's own keys (prev, seq and ts_ns left as gaps), then every key in byte order.
+  enum class Value { kString, kRaw, kPrev, kSeq, kTs };
   struct Entry {
     std::string_view key, value;
-    bool raw;  // a number, written as is
+    Value how;
   };
   std::vector<Entry> entries;
   entries.reserve(fields.size() + 6);
-  for (const auto& [k, v] : fields) entries.push_back({k, v, false});
-  entries.push_back({"kind", kind, false});
-  entries.push_back({"log_id", logId_, false});
-  entries.push_back({"prev", prev_, false});
-  entries.push_back({"seq", {seqBuf, static_cast<size_t>(seqEnd - seqBuf)}, true});
-  entries.push_back({"ts_ns", {tsBuf, static_cast<size_t>(tsEnd - tsBuf)}, true});
-  entries.push_back({"v", "1", true});
+  for (const auto& [k, v] : fields) entries.push_back({k, v, Value::kString});
+  entries.push_back({"kind", kind, Value::kString});
+  entries.push_back({"log_id", logId, Value::kString});
+  entries.push_back({"prev", {}, Value::kPrev});
+  entries.push_back({"seq", {}, Value::kSeq});
+  entries.push_back({"ts_ns", {}, Value::kTs});
+  entries.push_back({"v", "1", Value::kRaw});
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return a.key < b.key; });
-  std::string line;
+  AuditTemplate t;
+  std::string& line = t.text;
   line.reserve(512);
   line += '{';
   for (size_t i = 0; i < entries.size(); ++i) {
     if (i) line += ',';
     appendJsonString(line, entries[i].key);
     line += ':';
-    if (entries[i].raw)
-      line += entries[i].value;
-    else
-      appendJsonString(line, entries[i].value);
+    switch (entries[i].how) {
+      case Value::kString:
+        appendJsonString(line, entries[i].value);
+        break;
+      case Value::kRaw:
+        line += entries[i].value;
+        break;
+      case Value::kPrev:  // a hex string
+        line += "\"\"";
+        t.prevAt = static_cast<uint32_t>(line.size() - 1);
+        break;
+      case Value::kSeq:
+        t.seqAt = static_cast<uint32_t>(line.size());
+        break;
+      case Value::kTs:
+        t.tsAt = static_cast<uint32_t>(line.size());
+        break;
+    }
   }
   line += '}';
-  return seal(std::move(line));
+  return t;
+}
+
+size_t AuditChain::appendTemplate(const AuditTemplate& t, int64_t tsNs, std::string& out) {
+  lastTs_ = std::max(lastTs_, tsNs);
+  ++seq_;
+  char seqBuf[24], tsBuf[24];
+  auto seqEnd = std::to_chars(seqBuf, seqBuf + sizeof seqBuf, seq_).ptr;
+  auto tsEnd = std::to_chars(tsBuf, tsBuf + sizeof tsBuf, lastTs_).ptr;
+  std::string_view text = t.text;
+  size_t start = out.size();
+  out.append(text.substr(0, t.prevAt));
+  out += prev_;
+  out.append(text.substr(t.prevAt, t.seqAt - t.prevAt));
+  out.append(seqBuf, seqEnd);
+  out.append(text.substr(t.seqAt, t.tsAt - t.seqAt));
+  out.append(tsBuf, tsEnd);
+  out.append(text.substr(t.tsAt));
+  sealView(std::string_view(out).substr(start));
+  return out.size() - start;
+}
+
+std::string AuditChain::appendStrings(
+    std::string_view kind, std::vector<std::pair<std::string_view, std::string_view>> fields,
+    int64_t tsNs) {
+  std::string line;
+  appendTemplate(renderAuditTemplate(logId_, kind, std::move(fields)), tsNs, line);
+  return line;
 }
 
 std::string AuditChain::checkpoint(const Ed25519Key& key, int64_t tsNs) {

@@ -27,6 +27,19 @@
 
 namespace tollgate {
 
+// A record's line without the chain's values: its fields, `kind`, `log_id` and `v` in
+// canonical form, with gaps where `prev`, `seq` and `ts_ns` go. Rendering it needs no chain
+// state, so the thread that has the record does it (the calls' workers); the chain fills the
+// gaps in order (AuditChain::appendTemplate).
+struct AuditTemplate {
+  std::string text;
+  uint32_t prevAt = 0, seqAt = 0, tsAt = 0;  // where each value goes, in this order
+};
+// Keys must not be the chain's own. Strings are escaped and invalid UTF-8 replaced.
+AuditTemplate renderAuditTemplate(
+    std::string_view logId, std::string_view kind,
+    std::vector<std::pair<std::string_view, std::string_view>> fields);
+
 class AuditChain {
  public:
   explicit AuditChain(std::string logId) : logId_(std::move(logId)) {}
@@ -39,6 +52,8 @@ class AuditChain {
   std::string appendStrings(std::string_view kind,
                             std::vector<std::pair<std::string_view, std::string_view>> fields,
                             int64_t tsNs);
+  // The next record from its template, appended to `out` (no newline); its length.
+  size_t appendTemplate(const AuditTemplate& t, int64_t tsNs, std::string& out);
   // A signed checkpoint over every line so far.
   std::string checkpoint(const Ed25519Key& key, int64_t tsNs);
   // A key_rotation record from `oldKey` to `newKey`, signed by both.
@@ -56,6 +71,7 @@ class AuditChain {
   // Sets the chain's own keys (the next seq, the timestamp raised monotonic, prev, kind).
   void stamp(nlohmann::json& record, std::string_view kind, int64_t tsNs);
   std::string seal(std::string line);  // links and hashes a finished line
+  void sealView(std::string_view line);
   std::string logId_;
   uint64_t seq_ = 0;
   int64_t lastTs_ = 0;

@@ -287,7 +287,25 @@ Result<SegmentTail> readTail(const std::string& path) {
 
 }  // namespace
 
-FileAuditSink::FileAuditSink(Options options) : options_(std::move(options)) {}
+FileAuditSink::FileAuditSink(Options options) : options_(std::move(options)), recent_(kRecent) {}
+
+void FileAuditSink::RecentLines::push(std::string_view line) {
+  lines_[next_].assign(line);
+  next_ = (next_ + 1) % lines_.size();
+  size_ = std::min(size_ + 1, lines_.size());
+}
+
+const std::string& FileAuditSink::RecentLines::back() const {
+  return lines_[(next_ + lines_.size() - 1) % lines_.size()];
+}
+
+std::vector<std::string> FileAuditSink::RecentLines::last(size_t n) const {
+  n = std::min(n, size_);
+  std::vector<std::string> out;
+  out.reserve(n);
+  for (size_t i = n; i > 0; --i) out.push_back(lines_[(next_ + lines_.size() - i) % lines_.size()]);
+  return out;
+}
 
 Result<std::unique_ptr<FileAuditSink>> FileAuditSink::open(Options options) {
   std::unique_ptr<FileAuditSink> sink(new FileAuditSink(std::move(options)));
@@ -321,6 +339,7 @@ Status FileAuditSink::start() {
     logId = toHexBytes({reinterpret_cast<char*>(rnd), sizeof rnd});
     if (auto st = replaceFile(dir / "LOG_ID", logId + "\n", 0644); !st) return st;
   }
+  logId_ = logId;
   chain_ = std::make_unique<AuditChain>(logId);
 
   // What is there already: a torn last line is moved aside; the rest must verify.
@@ -351,8 +370,7 @@ Status FileAuditSink::start() {
         return false;
       }
       chain_->resume(line);
-      recent_.push_back(std::move(line));
-      if (recent_.size() > kRecent) recent_.pop_front();
+      recent_.push(line);
       return true;
     });
     if (!st) return st;
@@ -572,19 +590,20 @@ void FileAuditSink::enqueue(Pending pending) {
 }
 
 uint64_t FileAuditSink::append(AuditRecord r) {
+  std::vector<std::pair<std::string_view, std::string_view>> fields = {
+      {"agent", r.agent},
+      {"authority", r.authority},
+      {"decision", r.decision},
+      {"method", r.method},
+      {"params_sha256", r.paramsSha256},
+      {"path", r.path},
+      {"policy_digest", r.policyDigest},
+      {"reason", r.reason},
+      {"rule", r.rule},
+      {"tool", r.tool}};
+  if (r.paramsSha256.empty()) fields.erase(fields.begin() + 4);
   Pending p;
-  p.kind = r.kind.empty() ? std::string("call") : std::move(r.kind);
-  p.fields.reserve(10);
-  p.fields.emplace_back("agent", std::move(r.agent));
-  p.fields.emplace_back("authority", std::move(r.authority));
-  p.fields.emplace_back("decision", std::move(r.decision));
-  p.fields.emplace_back("method", std::move(r.method));
-  p.fields.emplace_back("path", std::move(r.path));
-  p.fields.emplace_back("policy_digest", std::move(r.policyDigest));
-  p.fields.emplace_back("reason", std::move(r.reason));
-  p.fields.emplace_back("rule", std::move(r.rule));
-  p.fields.emplace_back("tool", std::move(r.tool));
-  if (!r.paramsSha256.empty()) p.fields.emplace_back("params_sha256", std::move(r.paramsSha256));
+  p.record = renderAuditTemplate(logId_, r.kind.empty() ? "call" : r.kind, std::move(fields));
   return push(std::move(p), r.sync);
 }
 
@@ -632,15 +651,16 @@ void FileAuditSink::setObserver(AuditObserver* observer) {
 }
 
 uint64_t FileAuditSink::addEvent(std::string_view kind, const AuditFields& fields, AuditSync sync) {
-  Pending p;
-  p.kind = std::string(kind);
+  std::vector<std::pair<std::string_view, std::string_view>> kept;
   for (const auto& [k, v] : fields) {
     bool own =
         k == "v" || k == "log_id" || k == "seq" || k == "ts_ns" || k == "prev" || k == "kind";
     bool repeated =
-        std::any_of(p.fields.begin(), p.fields.end(), [&](const auto& e) { return e.first == k; });
-    if (!own && !repeated) p.fields.emplace_back(std::string(k), std::string(v));
+        std::any_of(kept.begin(), kept.end(), [&](const auto& e) { return e.first == k; });
+    if (!own && !repeated) kept.emplace_back(k, v);
   }
+  Pending p;
+  p.record = renderAuditTemplate(logId_, kind, std::move(kept));
   return push(std::move(p), sync);
 }
 
@@ -649,8 +669,7 @@ std::vector<std::string> FileAuditSink::tail(size_t n) const {
   // What was appended before this call is in the answer (it is built within a group commit).
   uint64_t want = seq_;
   built_.wait_for(lock, std::chrono::seconds(1), [&] { return builtSeq_ >= want; });
-  n = std::min(n, recent_.size());
-  return {recent_.end() - static_cast<std::ptrdiff_t>(n), recent_.end()};
+  return recent_.last(n);
 }
 
 bool FileAuditSink::rotationDue() const {
@@ -663,9 +682,11 @@ void FileAuditSink::run() {
   auto lastCheckpoint = std::chrono::steady_clock::now();
   auto lastSync = std::chrono::steady_clock::time_point{};    // the last sync began
   auto lastSynced = std::chrono::steady_clock::time_point{};  // and ended
+  // Kept from batch to batch with their capacity (swapped with queue_, refilled).
+  std::vector<Pending> pending;
+  std::string out;             // the batch's lines, each ending in a newline
+  std::vector<size_t> starts;  // where each line begins in out
   for (;;) {
-    std::vector<Pending> pending;
-    std::vector<std::string> batch;
     bool stop;
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -708,39 +729,41 @@ void FileAuditSink::run() {
       drained_.notify_all();
       stop = stopping_;
     }
-    // Built here, in seq order, without the lock: appends go on meanwhile.
-    batch.reserve(pending.size());
+    // Sealed here, in seq order, without the lock: appends go on meanwhile.
+    out.clear();
+    starts.clear();
     for (auto& p : pending) {
+      starts.push_back(out.size());
       switch (p.type) {
-        case Pending::Type::kFields: {
-          std::vector<std::pair<std::string_view, std::string_view>> fields(p.fields.begin(),
-                                                                            p.fields.end());
-          batch.push_back(chain_->appendStrings(p.kind, std::move(fields), p.tsNs));
+        case Pending::Type::kTemplate:
+          chain_->appendTemplate(p.record, p.tsNs, out);
           break;
-        }
         case Pending::Type::kLine:
-          batch.push_back(std::move(p.line));
+          out += p.line;
           break;
         case Pending::Type::kCheckpoint:
-          batch.push_back(chain_->checkpoint(*p.key, nowNs()));
+          out += chain_->checkpoint(*p.key, nowNs());
           break;
         case Pending::Type::kRotation:
-          batch.push_back(chain_->keyRotation(*p.key, *p.next, p.tsNs));
+          out += chain_->keyRotation(*p.key, *p.next, p.tsNs);
           break;
       }
+      out += '\n';
     }
-    if (!batch.empty()) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (const auto& l : batch) recent_.push_back(l);
-      while (recent_.size() > kRecent) recent_.pop_front();
-      builtSeq_ += batch.size();
-      built_.notify_all();
-    }
-    if (!batch.empty()) {
-      std::string out;
-      for (auto& l : batch) {
-        out += l;
-        out += '\n';
+    size_t count = pending.size();
+    bool endsSealed = count > 0 && pending.back().type == Pending::Type::kCheckpoint;
+    pending.clear();
+    auto line = [&](size_t i) {
+      size_t end = i + 1 < count ? starts[i + 1] : out.size();
+      return std::string_view(out).substr(starts[i], end - starts[i] - 1);
+    };
+    if (count > 0) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (size_t i = count > kRecent ? count - kRecent : 0; i < count; ++i)
+          recent_.push(line(i));
+        builtSeq_ += count;
+        built_.notify_all();
       }
       bool ok = healthy_;
       // The interval runs from one sync's start to the next: a sync slower than it is
@@ -761,17 +784,22 @@ void FileAuditSink::run() {
       }
       if (ok) {
         segmentSize_ += out.size();
-        writtenSealed_ = pending.back().type == Pending::Type::kCheckpoint;
+        writtenSealed_ = endsSealed;
         uint64_t first = durable_ + 1;
-        durable_ += batch.size();
-        for (auto& r : options_.replicas) r->onDurable(first, batch);
+        durable_ += count;
+        if (!options_.replicas.empty()) {
+          std::vector<std::string> lines;
+          lines.reserve(count);
+          for (size_t i = 0; i < count; ++i) lines.emplace_back(line(i));
+          for (auto& r : options_.replicas) r->onDurable(first, lines);
+        }
       }
       {
         std::lock_guard<std::mutex> lock(mutex_);
         if (observer_)
-          observer_->onBatch(batch.size(), std::chrono::duration<double>(synced - written).count(),
-                             ok);
+          observer_->onBatch(count, std::chrono::duration<double>(synced - written).count(), ok);
       }
+      if (out.capacity() > (16u << 20)) std::string().swap(out);  // after a burst
     }
     {
       // A full or old segment is sealed (its last record a checkpoint), the next one begun;

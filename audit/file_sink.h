@@ -17,7 +17,6 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -100,6 +99,7 @@ class FileAuditSink : public AuditSink {
   void run();
 
   Options options_;
+  std::string logId_;
   std::unique_ptr<AuditChain> chain_;
   std::shared_ptr<const Ed25519Key> key_;  // signs the next checkpoint queued (under mutex_)
   int lockFd_ = -1;
@@ -113,13 +113,14 @@ class FileAuditSink : public AuditSink {
   std::condition_variable wake_;
   std::condition_variable drained_;  // the writer took the queue
   uint64_t backpressureWaits_ = 0;   // appends that waited for room (under mutex_)
-  // A record waiting to be built, on the writer's thread and in seq order, then written:
-  // the calls' workers only hand their fields over (building and hashing a line is the
-  // audit's main CPU cost, and it is off the request path this way).
+  // A record waiting to be sealed, on the writer's thread and in seq order, then written.
+  // The appending thread has rendered its fields into a template (escaping, key order: most
+  // of a record's cost, and it needs no chain state); the writer fills in prev, seq and ts_ns
+  // and hashes the line (the chain is sequential), so a batch's sync waits for little more
+  // than its hashing.
   struct Pending {
-    enum class Type { kFields, kLine, kCheckpoint, kRotation } type = Type::kFields;
-    std::string kind;
-    std::vector<std::pair<std::string, std::string>> fields;
+    enum class Type { kTemplate, kLine, kCheckpoint, kRotation } type = Type::kTemplate;
+    AuditTemplate record;  // kTemplate
     int64_t tsNs = 0;
     std::string line;                             // kLine: built already
     std::shared_ptr<const Ed25519Key> key, next;  // kCheckpoint: key; kRotation: key -> next
@@ -136,8 +137,22 @@ class FileAuditSink : public AuditSink {
   uint64_t queuedSinceCheckpoint_ = 0;
   uint64_t builtSeq_ = 0;                  // records built (and in recent_)
   mutable std::condition_variable built_;  // records queued or built since the last checkpoint
-  std::deque<std::string> recent_;         // for tail()
-  uint64_t seq_ = 0;                       // last seq handed out
+  // The last lines built, for tail(): a ring whose strings keep their capacity (no
+  // allocation per line).
+  class RecentLines {
+   public:
+    explicit RecentLines(size_t capacity) : lines_(capacity) {}
+    void push(std::string_view line);
+    bool empty() const { return size_ == 0; }
+    const std::string& back() const;
+    std::vector<std::string> last(size_t n) const;  // oldest first
+
+   private:
+    std::vector<std::string> lines_;
+    size_t next_ = 0, size_ = 0;
+  };
+  RecentLines recent_;
+  uint64_t seq_ = 0;  // last seq handed out
   bool stopping_ = false;
   bool writtenSealed_ = false;  // the segment's last line is a checkpoint (writer's own)
   bool idle_ = false;           // the writer waits for records

@@ -46,6 +46,28 @@ TEST_F(ChainTest, ACleanLogVerifies) {
   EXPECT_TRUE(isCanonicalJson(lines[0]));
 }
 
+// The direct writer renders a record's fields apart from the chain (on the appending
+// thread) and fills in prev, seq and ts_ns later: keys sorting right before and after those
+// gaps, and the first and last keys, give the general writer's line, which links and hashes
+// the same way.
+TEST_F(ChainTest, TheTemplateFillsTheChainsValuesInKeyOrder) {
+  std::vector<std::pair<std::string_view, std::string_view>> fields = {
+      {"a", "1"},     {"pre", "2"}, {"prev0", "3"}, {"s", "4"},      {"seq_", "5"}, {"ts", "6"},
+      {"ts_nt", "7"}, {"u", "8"},   {"w", "9"},     {"kinda", "10"}, {"log", "11"}, {"", "12"}};
+  AuditChain a("log-1"), b("log-1");
+  Json general = Json::object();
+  for (const auto& [k, v] : fields) general[std::string(k)] = std::string(v);
+  auto t = renderAuditTemplate("log-1", "call", fields);
+  for (int64_t ts : {7, 5, 9}) {  // the clock stepping back is raised, as in append()
+    std::string out = "x";
+    size_t n = a.appendTemplate(t, ts, out);
+    ASSERT_EQ(n + 1, out.size());
+    std::string line = out.substr(1);
+    EXPECT_TRUE(isCanonicalJson(line)) << line;
+    EXPECT_EQ(line, b.append("call", general, ts));
+  }
+}
+
 TEST_F(ChainTest, TheDirectWriterIsCanonicalAndEqualsTheGeneralOne) {
   const std::string tricky[] = {"plain",
                                 "quote\" back\\ slash/",

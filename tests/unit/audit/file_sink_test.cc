@@ -153,6 +153,55 @@ TEST(FileSinkTest, ALogOfManySegmentsResumesAndNamesTheSegmentOfABadRecord) {
   fs::remove_all(dir);
 }
 
+// tail(n) is the last n lines of the log, oldest first: after more lines than it keeps
+// (1000), written in batches of one and in one batch of 1500 (more than it keeps at once),
+// and after a restart (the start fills it from the log).
+TEST(FileSinkTest, TailIsTheLogsLastLinesAfterMoreThanItKeeps) {
+  fs::path dir = fs::temp_directory_path() / ("tollgate-tail-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  options.checkpointEvery = 100000;
+  options.lazySync = std::chrono::seconds(10);  // a record no one waits for waits for a call
+  auto lastLines = [&](size_t n) {
+    auto lines = readAuditLog(dir.string()).value();
+    n = std::min(n, lines.size());
+    return std::vector<std::string>(lines.end() - static_cast<std::ptrdiff_t>(n), lines.end());
+  };
+  {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    auto& s = *sink.value();
+    for (int i = 0; i < 700; ++i) {  // one batch each
+      AuditRecord r;
+      r.agent = "agent-" + std::to_string(i);
+      r.sync = AuditSync::kNow;
+      uint64_t seq = s.append(r);
+      while (s.durableSeq() < seq) std::this_thread::yield();
+    }
+    EXPECT_EQ(s.tail(5), lastLines(5));
+    uint64_t seq = 0;
+    for (int i = 700; i < 2200; ++i) {  // one batch: the writer is asked after the last
+      AuditRecord r;
+      r.agent = "agent-" + std::to_string(i);
+      seq = s.append(r);
+    }
+    s.requestDurable(seq);
+    while (s.durableSeq() < seq) std::this_thread::yield();
+    auto all = lastLines(1000);
+    EXPECT_EQ(nlohmann::json::parse(all.back())["agent"], "agent-2199");
+    EXPECT_EQ(s.tail(1000), all);
+    EXPECT_EQ(s.tail(5000), all);  // no more than it keeps
+    EXPECT_EQ(s.tail(1), lastLines(1));
+  }
+  auto sink = FileAuditSink::open(options);  // sealed at close: the tail ends with the checkpoint
+  ASSERT_TRUE(sink) << sink.error().message;
+  auto all = lastLines(1000);
+  EXPECT_EQ(nlohmann::json::parse(all.back())["kind"], "checkpoint");
+  EXPECT_EQ(sink.value()->tail(1000), all);
+  EXPECT_EQ(sink.value()->tail(3), lastLines(3));
+  fs::remove_all(dir);
+}
+
 // Under steady load the queue is never empty when a batch is done: a full segment is still
 // sealed with a checkpoint, and what was queued meanwhile begins the next one. Every segment
 // but the last ends with a checkpoint, none grows far past the size, and the log verifies
