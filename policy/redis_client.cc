@@ -1,6 +1,6 @@
 #include "policy/redis_client.h"
 
-// hiredis's C headers; its libuv adapter is a header of static functions.
+// hiredis's C headers (its event hooks on the loop are RedisClient::LoopEvents).
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <openssl/sha.h>
@@ -9,10 +9,6 @@
 #include <charconv>
 
 #include "common/log.h"
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#include <hiredis/adapters/libuv.h>
-#pragma GCC diagnostic pop
 
 namespace tollgate {
 namespace {
@@ -125,6 +121,85 @@ struct RedisClient::Node {
   std::string lastError;
 };
 
+// hiredis's event hooks on the loop, in place of its libuv adapter. The socket is polled for
+// reading all along, and for writing only while a connect is in progress or when a write
+// could not be taken whole. Commands a loop turn queues are written by flushWrites(), at the
+// latest right before the loop polls again (armFlush). hiredis's adapter restarted its poll
+// handle for every command batch, twice (to write, and after writing), and libuv
+// re-registers a restarted handle with epoll at the next poll (an ADD that fails, then a
+// MOD): ~0.5 epoll_ctl per budgeted call.
+struct RedisClient::LoopEvents {
+  RedisClient* client;
+  redisAsyncContext* ac;  // null once hiredis let go of it (cleanup)
+  uv_poll_t poll;
+  int watched = 0;         // what the poll handle watches
+  bool read = false;       // hiredis wants to read
+  bool pollWrite = false;  // and to be told when it can write
+
+  static LoopEvents* of(void* privdata) { return static_cast<LoopEvents*>(privdata); }
+  void update() {
+    int e = (read ? UV_READABLE : 0) | (pollWrite ? UV_WRITABLE : 0);
+    if (e == watched) return;
+    watched = e;
+    if (e)
+      uv_poll_start(&poll, e, onPoll);
+    else
+      uv_poll_stop(&poll);
+  }
+  static void onPoll(uv_poll_t* handle, int status, int events) {
+    auto* le = static_cast<LoopEvents*>(handle->data);
+    int ev = status < 0 ? le->watched : events;  // an error: hiredis's read or write finds it
+    if (le->ac && (ev & UV_READABLE)) redisAsyncHandleRead(le->ac);
+    if (le->ac && (ev & UV_WRITABLE)) {
+      le->client->writing_ = true;
+      redisAsyncHandleWrite(le->ac);
+      le->client->writing_ = false;
+    }
+  }
+  static void addRead(void* p) {
+    of(p)->read = true;
+    of(p)->update();
+  }
+  static void delRead(void* p) {
+    of(p)->read = false;
+    of(p)->update();
+  }
+  static void addWrite(void* p) {
+    auto* le = of(p);
+    if (!(le->ac->c.flags & REDIS_CONNECTED) || le->client->writing_) {
+      le->pollWrite = true;  // the connect's end, or the rest of a write
+      le->update();
+    } else {
+      le->client->armFlush();  // a command queued: written at the turn's end
+    }
+  }
+  static void delWrite(void* p) {
+    of(p)->pollWrite = false;
+    of(p)->update();
+  }
+  static void cleanup(void* p) {
+    auto* le = of(p);
+    le->ac = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(&le->poll),
+             [](uv_handle_t* h) { delete static_cast<LoopEvents*>(h->data); });
+  }
+  static bool attach(RedisClient* client, redisAsyncContext* ac, uv_loop_t* loop) {
+    auto* le = new LoopEvents{client, ac, {}};
+    if (uv_poll_init_socket(loop, &le->poll, ac->c.fd) != 0) {
+      delete le;
+      return false;
+    }
+    le->poll.data = le;
+    ac->ev.data = le;
+    ac->ev.addRead = addRead;
+    ac->ev.delRead = delRead;
+    ac->ev.addWrite = addWrite;
+    ac->ev.delWrite = delWrite;
+    ac->ev.cleanup = cleanup;
+    return true;
+  }
+};
+
 struct RedisClient::Request {
   std::vector<std::string> argv;
   std::string routingKey;
@@ -152,6 +227,21 @@ RedisClient::RedisClient(uv_loop_t* loop, Options options)
   timer_ = new uv_timer_t;
   uv_timer_init(loop_, timer_);
   timer_->data = this;
+  flushPrepare_ = new uv_prepare_t;
+  uv_prepare_init(loop_, flushPrepare_);
+  flushPrepare_->data = this;
+  flushCheck_ = new uv_check_t;
+  uv_check_init(loop_, flushCheck_);
+  flushCheck_->data = this;
+}
+
+void RedisClient::armFlush() {
+  if (flushArmed_ || closing_) return;
+  flushArmed_ = true;
+  uv_prepare_start(flushPrepare_,
+                   [](uv_prepare_t* h) { static_cast<RedisClient*>(h->data)->flushWrites(); });
+  uv_check_start(flushCheck_,
+                 [](uv_check_t* h) { static_cast<RedisClient*>(h->data)->flushWrites(); });
 }
 
 RedisClient::~RedisClient() {
@@ -221,7 +311,7 @@ bool RedisClient::connect(Node* n) {
     redisAsyncFree(ac);
     return false;
   }
-  if (redisLibuvAttach(ac, loop_) != REDIS_OK) {
+  if (!LoopEvents::attach(this, ac, loop_)) {
     n->lastError = "cannot attach to the loop";
     redisAsyncFree(ac);
     return false;
@@ -318,10 +408,17 @@ void RedisClient::send(const RequestPtr& r) {
 }
 
 void RedisClient::flushWrites() {
+  if (flushArmed_) {
+    flushArmed_ = false;
+    uv_prepare_stop(flushPrepare_);
+    uv_check_stop(flushCheck_);
+  }
+  writing_ = true;
   for (auto& [name, n] : nodes_) {
     // Only once connected: hiredis would take a connect in progress for a done one.
     if (n->ac && (n->ac->c.flags & REDIS_CONNECTED)) redisAsyncHandleWrite(n->ac);
   }
+  writing_ = false;
 }
 
 void RedisClient::onReplyThunk(redisAsyncContext*, void* reply, void* privdata) {
@@ -509,6 +606,12 @@ void RedisClient::close(std::function<void()> closed, bool graceful) {
       redisAsyncFree(ac);
     }
   }
+  uv_close(reinterpret_cast<uv_handle_t*>(flushPrepare_),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_prepare_t*>(h); });
+  uv_close(reinterpret_cast<uv_handle_t*>(flushCheck_),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
+  flushPrepare_ = nullptr;
+  flushCheck_ = nullptr;
   struct Closing {
     std::function<void()> closed;
   };

@@ -86,6 +86,7 @@ class RedisClient {
 
  private:
   struct Node;
+  struct LoopEvents;
   struct Request;
   using RequestPtr = std::shared_ptr<Request>;
   struct InFlight;
@@ -107,6 +108,7 @@ class RedisClient {
   static void onDisconnect(const redisAsyncContext* ac, int status);
   static void onReplyThunk(redisAsyncContext* ac, void* reply, void* privdata);
   static int64_t nowMs();
+  void armFlush();  // flushWrites() before the loop polls again, or right after this poll
 
   uv_loop_t* loop_;
   Options options_;
@@ -115,6 +117,10 @@ class RedisClient {
   std::list<RequestPtr> pending_;                       // in deadline order
   uv_timer_t* timer_ = nullptr;                         // deadlines; freed by its close callback
   std::set<uv_timer_t*> waiting_;                       // requests resent after TRYAGAIN
+  uv_prepare_t* flushPrepare_ = nullptr;  // both armed while queued commands wait (armFlush)
+  uv_check_t* flushCheck_ = nullptr;
+  bool flushArmed_ = false;
+  bool writing_ = false;  // in redisAsyncHandleWrite: what it could not write polls for writability
   bool refreshing_ = false;
   bool slotsAsked_ = false;
   bool closing_ = false;
