@@ -13,8 +13,16 @@ namespace {
 
 class TimerTest : public ::testing::Test {
  protected:
-  void SetUp() override { uv_loop_init(&loop_); }
+  void SetUp() override {
+    uv_loop_init(&loop_);
+    begin_ = uv_now(&loop_);
+    timer_ = Timer::create(&loop_, [this] {
+      ++fired_;
+      firedAt_ = uv_now(&loop_);
+    });
+  }
   void TearDown() override {
+    timer_.reset();
     uv_run(&loop_, UV_RUN_DEFAULT);  // close callbacks
     EXPECT_EQ(uv_loop_close(&loop_), 0);
   }
@@ -37,67 +45,51 @@ class TimerTest : public ::testing::Test {
     }
   }
   uv_loop_t loop_;
+  uint64_t begin_ = 0;  // loop time at the start
+  TimerPtr timer_;      // the timer under test: counts its callbacks
+  int fired_ = 0;
+  uint64_t firedAt_ = 0;  // loop time of the last callback
 };
 
 // Pushed back before it is due, again and again: it calls back once, at the last deadline.
 TEST_F(TimerTest, PushedBackItCallsBackOnceAtTheLastDeadline) {
-  uint64_t begin = uv_now(&loop_), firedAt = 0, lastPush = 0;
-  int fired = 0;
-  TimerPtr timer = Timer::create(&loop_, [&] {
-    ++fired;
-    firedAt = uv_now(&loop_);
-  });
-  timer->start(40);
+  uint64_t lastPush = 0;
+  timer_->start(40);
   at({10, 20, 30, 50}, [&] {
     lastPush = uv_now(&loop_);
-    timer->start(40);
+    timer_->start(40);
   });
   uv_run(&loop_, UV_RUN_DEFAULT);
-  EXPECT_EQ(fired, 1);
-  EXPECT_GE(lastPush, begin + 50);
-  EXPECT_GE(firedAt, lastPush + 40);
-  timer.reset();
+  EXPECT_EQ(fired_, 1);
+  EXPECT_GE(lastPush, begin_ + 50);
+  EXPECT_GE(firedAt_, lastPush + 40);
 }
 
 // Brought forward: it calls back at the earlier deadline, not the one it was set for.
 TEST_F(TimerTest, BroughtForwardItCallsBackAtTheEarlierDeadline) {
-  uint64_t begin = uv_now(&loop_), firedAt = 0;
-  int fired = 0;
-  TimerPtr timer = Timer::create(&loop_, [&] {
-    ++fired;
-    firedAt = uv_now(&loop_);
-  });
-  timer->start(5000);
-  timer->start(10);
+  timer_->start(5000);
+  timer_->start(10);
   uv_run(&loop_, UV_RUN_DEFAULT);  // ends when it has called back (5 s if it kept 5000)
-  EXPECT_EQ(fired, 1);
-  EXPECT_GE(firedAt, begin + 10);
-  EXPECT_LT(firedAt, begin + 2000);
-  timer.reset();
+  EXPECT_EQ(fired_, 1);
+  EXPECT_GE(firedAt_, begin_ + 10);
+  EXPECT_LT(firedAt_, begin_ + 2000);
 }
 
 // Stopped, it never calls back (libuv's timer goes off for nothing); started again after
 // the stop, it does, once, at the new deadline.
 TEST_F(TimerTest, StoppedItNeverCallsBackAndStartedAgainItDoes) {
-  uint64_t begin = uv_now(&loop_), firedAt = 0;
-  int fired = 0;
-  TimerPtr timer = Timer::create(&loop_, [&] {
-    ++fired;
-    firedAt = uv_now(&loop_);
-  });
-  timer->start(20);
-  timer->stop();
+  timer_->start(20);
+  timer_->stop();
   uv_run(&loop_, UV_RUN_DEFAULT);  // past the first deadline
-  EXPECT_EQ(fired, 0);
-  EXPECT_GE(uv_now(&loop_), begin + 20);
-  timer->start(30);
-  at({10}, [&] { timer->stop(); });
-  at({15}, [&] { timer->start(30); });  // before the stale deadline: it is pushed back
+  EXPECT_EQ(fired_, 0);
+  EXPECT_GE(uv_now(&loop_), begin_ + 20);
+  timer_->start(30);
+  at({10}, [&] { timer_->stop(); });
+  at({15}, [&] { timer_->start(30); });  // before the stale deadline: it is pushed back
   uint64_t restart = uv_now(&loop_);
   uv_run(&loop_, UV_RUN_DEFAULT);
-  EXPECT_EQ(fired, 1);
-  EXPECT_GE(firedAt, restart + 15 + 30);
-  timer.reset();
+  EXPECT_EQ(fired_, 1);
+  EXPECT_GE(firedAt_, restart + 15 + 30);
 }
 
 }  // namespace
