@@ -8,8 +8,9 @@
 //   keys/ed25519.key|.pub the current checkpoint key (hex of the raw key; .key is 0600)
 //   keys/ed25519.key.next a new key while it is being rotated in (0600; resolved at start)
 //   torn-<ns>.bin         a torn last record found at start, moved aside
-// append() builds the record in order (under a mutex) and hands the line to a writer
-// thread that writes and fsyncs in groups; checkpoints go every `checkpointEvery` records
+// append() renders the record's fields (on the caller's thread) and queues it in seq order
+// (under a mutex); a writer thread chains and hashes the queued records and writes and
+// fsyncs them in groups; checkpoints go every `checkpointEvery` records
 // or `checkpointInterval`, at segment rotation and at close. At open the log is verified;
 // a torn last line is moved aside and a `recovery` record appended.
 #pragma once
