@@ -27,6 +27,22 @@ std::string AuditRecord::toJson() const {
   return line;
 }
 
+AuditFields AuditRecord::fields() const {
+  AuditFields out;
+  out.reserve(10);
+  out.assign({{"agent", agent},
+              {"authority", authority},
+              {"decision", decision},
+              {"method", method},
+              {"path", path},
+              {"policy_digest", policyDigest},
+              {"reason", reason},
+              {"rule", rule},
+              {"tool", tool}});
+  if (!paramsSha256.empty()) out.emplace_back("params_sha256", paramsSha256);
+  return out;
+}
+
 uint64_t MemoryAuditSink::append(AuditRecord r) {
   r.tsNs = std::chrono::duration_cast<std::chrono::nanoseconds>(
                std::chrono::system_clock::now().time_since_epoch())

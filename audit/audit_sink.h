@@ -25,6 +25,10 @@ namespace tollgate {
 // lazySync).
 enum class AuditSync { kNow, kBatched };
 
+// A record's fields: string keys and values (the keys not the chain's own: v, log_id, seq,
+// ts_ns, prev, kind).
+using AuditFields = std::vector<std::pair<std::string_view, std::string_view>>;
+
 struct AuditRecord {
   std::string kind;  // "call"
   std::string agent, tool, method, authority, path, decision, rule, reason;
@@ -39,6 +43,9 @@ struct AuditRecord {
   AuditSync sync = AuditSync::kBatched;
   // One JSON line, keys sorted as the canonical records of the audit stream will be.
   std::string toJson() const;
+  // The record's fields as the stream writes them (params_sha256 only when there is one);
+  // views into this record.
+  AuditFields fields() const;
 };
 
 // Told by a sink's writer as records become durable; methods run on the writer's thread and
@@ -59,10 +66,6 @@ struct KeyRotation {
   std::string oldKeyId, newKeyId;
   uint64_t seq = 0;
 };
-
-// The fields of a record other than a call: string keys and values (the keys not the
-// chain's own: v, log_id, seq, ts_ns, prev, kind).
-using AuditFields = std::vector<std::pair<std::string_view, std::string_view>>;
 
 class AuditSink {
  public:

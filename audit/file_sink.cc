@@ -590,20 +590,8 @@ void FileAuditSink::enqueue(Pending pending) {
 }
 
 uint64_t FileAuditSink::append(AuditRecord r) {
-  std::vector<std::pair<std::string_view, std::string_view>> fields;
-  fields.reserve(10);
-  fields.assign({{"agent", r.agent},
-                 {"authority", r.authority},
-                 {"decision", r.decision},
-                 {"method", r.method},
-                 {"path", r.path},
-                 {"policy_digest", r.policyDigest},
-                 {"reason", r.reason},
-                 {"rule", r.rule},
-                 {"tool", r.tool}});
-  if (!r.paramsSha256.empty()) fields.emplace_back("params_sha256", r.paramsSha256);
   Pending p;
-  p.record = renderAuditTemplate(logId_, r.kind.empty() ? "call" : r.kind, std::move(fields));
+  p.record = renderAuditTemplate(logId_, r.kind.empty() ? "call" : r.kind, r.fields());
   return push(std::move(p), r.sync);
 }
 
