@@ -12,6 +12,7 @@
 #include "audit/file_sink.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "common/thread_name.h"
 
 namespace tollgate {
 namespace fs = std::filesystem;
@@ -26,7 +27,10 @@ Result<std::shared_ptr<DirectoryExport>> DirectoryExport::open(std::string logDi
   if (fs::equivalent(logDir, to, ec))
     return Error{-1, "audit.export.dir " + to + " is the log's own directory"};
   std::shared_ptr<DirectoryExport> e(new DirectoryExport(std::move(logDir), std::move(to)));
-  e->thread_ = std::thread([raw = e.get()] { raw->run(); });
+  e->thread_ = std::thread([raw = e.get()] {
+    nameThisThread("tg-export");
+    raw->run();
+  });
   return e;
 }
 

@@ -17,6 +17,7 @@
 
 #include "common/files.h"
 #include "common/log.h"
+#include "common/thread_name.h"
 
 namespace tollgate {
 namespace {
@@ -409,7 +410,10 @@ Status FileAuditSink::start() {
     enqueue(std::move(p));
   }
   durable_ = seq_;
-  writer_ = std::thread([this] { run(); });
+  writer_ = std::thread([this] {
+    nameThisThread("tg-audit");
+    run();
+  });
   return Status::success();
 }
 

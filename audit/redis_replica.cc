@@ -8,6 +8,7 @@
 
 #include "audit/file_sink.h"
 #include "common/log.h"
+#include "common/thread_name.h"
 
 namespace tollgate {
 namespace {
@@ -23,7 +24,10 @@ uint64_t leadingNumber(std::string_view s) {
 }  // namespace
 
 RedisStreamReplica::RedisStreamReplica(Options options) : options_(std::move(options)) {
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    nameThisThread("tg-replica");
+    run();
+  });
 }
 
 RedisStreamReplica::~RedisStreamReplica() {

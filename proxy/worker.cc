@@ -1,6 +1,7 @@
 #include "proxy/worker.h"
 
 #include "common/log.h"
+#include "common/thread_name.h"
 #include "proxy/client_session.h"
 #include "proxy/http_message.h"
 
@@ -57,7 +58,10 @@ Worker::~Worker() {
 }
 
 void Worker::start() {
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    nameThisThread("tg-worker-" + std::to_string(index_));
+    run();
+  });
 }
 
 void Worker::requestDrain() {

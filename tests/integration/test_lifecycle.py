@@ -65,6 +65,17 @@ class CliTest(unittest.TestCase):
             proc.stderr.close()
 
 
+class ThreadNameTest(unittest.TestCase):
+    def test_threads_are_named_for_top_and_perf(self):
+        with HttpOrigin() as origin, Tollgate() as tg:
+            rc, out, _ = curl(origin.url("/hello"), proxy=tg.proxy)
+            self.assertEqual(out, b"hello")
+            task = f"/proc/{tg.proc.pid}/task"
+            names = sorted(open(os.path.join(task, t, "comm")).read().strip() for t in os.listdir(task))
+            self.assertEqual([n for n in names if n.startswith("tg-")],
+                             ["tg-audit", "tg-worker-0", "tg-worker-1"], names)
+
+
 class SignalTest(unittest.TestCase):
     def test_sigterm_drains_in_flight_requests(self):
         with HttpOrigin() as origin, Tollgate({"timeouts": {"shutdown": "10s"}}) as tg:
