@@ -3,6 +3,7 @@
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "certs/openssl_error.h"
@@ -32,6 +33,65 @@ struct ShutdownRequest {
 };
 
 }  // namespace
+
+// OpenSSL's end of a stream: one BIO, read and written, on the stream's own buffers. Reads
+// come from the socket read being decrypted (tlsInView_, in libuv's buffer, not copied)
+// after what an earlier read left (tlsInBuf_); writes go to tlsWire_, which flushTls() hands
+// to the socket. A memory BIO would copy every read in, and zero its whole buffer (grown to
+// the size of the handshake's flight) at every reset.
+BIO_METHOD* TcpStream::bioMethod() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "tollgate stream");
+    BIO_meth_set_create(m, [](BIO* b) {
+      BIO_set_init(b, 1);
+      return 1;
+    });
+    BIO_meth_set_write(m, [](BIO* b, const char* data, int len) {
+      auto* s = static_cast<TcpStream*>(BIO_get_data(b));
+      BIO_clear_retry_flags(b);
+      if (len <= 0) return 0;
+      s->tlsWire_.append(data, static_cast<size_t>(len));
+      return len;
+    });
+    BIO_meth_set_read(m, [](BIO* b, char* out, int len) {
+      auto* s = static_cast<TcpStream*>(BIO_get_data(b));
+      BIO_clear_retry_flags(b);
+      if (len <= 0) return 0;
+      size_t want = static_cast<size_t>(len), got = 0;
+      if (!s->tlsInBuf_.empty()) {
+        got = std::min(want, s->tlsInBuf_.size() - s->tlsInAt_);
+        std::memcpy(out, s->tlsInBuf_.data() + s->tlsInAt_, got);
+        s->tlsInAt_ += got;
+        if (s->tlsInAt_ == s->tlsInBuf_.size()) {
+          s->tlsInBuf_.clear();
+          s->tlsInAt_ = 0;
+        }
+      }
+      size_t more = std::min(want - got, s->tlsInView_.size());
+      std::memcpy(out + got, s->tlsInView_.data(), more);
+      s->tlsInView_.remove_prefix(more);
+      got += more;
+      if (got == 0) {
+        BIO_set_retry_read(b);  // more to come, not the end
+        return -1;
+      }
+      return static_cast<int>(got);
+    });
+    BIO_meth_set_ctrl(m, [](BIO* b, int cmd, long, void*) -> long {
+      auto* s = static_cast<TcpStream*>(BIO_get_data(b));
+      switch (cmd) {
+        case BIO_CTRL_FLUSH:
+          return 1;
+        case BIO_CTRL_PENDING:
+          return static_cast<long>(s->tlsInPending());
+        default:
+          return 0;
+      }
+    });
+    return m;
+  }();
+  return method;
+}
 
 void StreamCloser::operator()(TcpStream* stream) const {
   if (stream) stream->close();
@@ -133,19 +193,14 @@ SSL* TcpStream::tlsBegin(SSL_CTX* ctx, bool server) {
   if (ssl_ || closing_) return nullptr;
   ssl_ = SSL_new(ctx);
   if (!ssl_) return nullptr;
-  tlsIn_ = BIO_new(BIO_s_mem());
-  tlsOut_ = BIO_new(BIO_s_mem());
-  if (!tlsIn_ || !tlsOut_) {
-    BIO_free(tlsIn_);
-    BIO_free(tlsOut_);
+  BIO* bio = BIO_new(bioMethod());
+  if (!bio) {
     SSL_free(ssl_);
     ssl_ = nullptr;
-    tlsIn_ = tlsOut_ = nullptr;
     return nullptr;
   }
-  // An empty input BIO means "more to come", not end of file.
-  BIO_set_mem_eof_return(tlsIn_, -1);
-  SSL_set_bio(ssl_, tlsIn_, tlsOut_);
+  BIO_set_data(bio, this);
+  SSL_set_bio(ssl_, bio, bio);  // one reference, for both directions
   if (server)
     SSL_set_accept_state(ssl_);
   else
@@ -164,12 +219,21 @@ int TcpStream::tlsHandshake(std::string_view early) {
 
 void TcpStream::readTls(std::string_view data) {
   if (!handler_) return;
-  if (!data.empty() && BIO_write(tlsIn_, data.data(), static_cast<int>(data.size())) !=
-                           static_cast<int>(data.size())) {
-    tlsError_ = "out of memory";
-    failTls(UV_ENOMEM);
-    return;
-  }
+  // OpenSSL reads `data` where it is; what it leaves (it stopped, or the stream did) is
+  // kept for the next read, since the buffer is the loop's.
+  tlsInView_ = data;
+  struct KeepRest {
+    TcpStream* s;
+    ~KeepRest() {
+      if (s->tlsInView_.empty()) return;
+      if (s->tlsInAt_ > 0) {
+        s->tlsInBuf_.erase(0, s->tlsInAt_);
+        s->tlsInAt_ = 0;
+      }
+      s->tlsInBuf_.append(s->tlsInView_);
+      s->tlsInView_ = {};
+    }
+  } keepRest{this};
   if (handshaking_) {
     ERR_clear_error();
     int r = SSL_do_handshake(ssl_);
@@ -222,6 +286,13 @@ void TcpStream::readTls(std::string_view data) {
     int n = SSL_read(ssl_, tPlainBuffer + plain, static_cast<int>(kReadBufferSize - plain));
     if (n > 0) {
       plain += static_cast<size_t>(n);
+      // Nothing decrypted is left and no byte is unread: another SSL_read would only say
+      // SSL_ERROR_WANT_READ (OpenSSL reads no further ahead than the record it decrypts).
+      if (SSL_pending(ssl_) == 0 && tlsInPending() == 0) {
+        handler_->onRead(*this, std::string_view(tPlainBuffer, plain));
+        if (closing_ || !handler_) return;
+        break;
+      }
       continue;
     }
     int e = SSL_get_error(ssl_, n);
@@ -259,12 +330,8 @@ void TcpStream::failTls(int status) {
 }
 
 int TcpStream::flushTls() {
-  char* data = nullptr;
-  long n = BIO_get_mem_data(tlsOut_, &data);
-  if (n <= 0) return 0;
-  int rc = writeRaw(std::string_view(data, static_cast<size_t>(n)));
-  (void)BIO_reset(tlsOut_);
-  return rc;
+  if (tlsWire_.empty()) return 0;
+  return writeRaw(tlsWire_, &tlsWire_);
 }
 
 int TcpStream::flush() {

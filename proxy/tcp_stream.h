@@ -4,10 +4,10 @@
 // append() and sent by flush() as one write; each write request owns its bytes and frees
 // them in its callback whatever the status.
 //
-// TLS is a layer inside the stream (startTls): OpenSSL works on memory BIOs, the socket
-// stays libuv's. The handler then reads and appends plaintext; the stream reads during the
-// handshake whatever the handler asked, and every socket read is delivered as one onRead of
-// the plaintext it carried, as without TLS.
+// TLS is a layer inside the stream (startTls): OpenSSL reads and writes the stream's own
+// buffers through a BIO of ours, the socket stays libuv's. The handler then reads and appends
+// plaintext; the stream reads during the handshake whatever the handler asked, and every socket
+// read is delivered as one onRead of the plaintext it carried, as without TLS.
 #pragma once
 
 #include <openssl/ssl.h>
@@ -118,9 +118,15 @@ class TcpStream {
   bool reading_ = false;   // what libuv does
   bool shutdown_ = false;
   bool closing_ = false;
+  static BIO_METHOD* bioMethod();
+  size_t tlsInPending() const { return tlsInBuf_.size() - tlsInAt_ + tlsInView_.size(); }
+
   SSL* ssl_ = nullptr;
-  BIO* tlsIn_ = nullptr;   // socket -> OpenSSL (owned by ssl_)
-  BIO* tlsOut_ = nullptr;  // OpenSSL -> socket (owned by ssl_)
+  // socket -> OpenSSL: the read being decrypted, after the bytes an earlier one left
+  std::string_view tlsInView_;
+  std::string tlsInBuf_;
+  size_t tlsInAt_ = 0;   // where tlsInBuf_'s unread bytes begin
+  std::string tlsWire_;  // OpenSSL -> socket: records not yet handed to the socket
   bool handshaking_ = false;
   bool tlsFailed_ = false;  // the handshake failed: nothing more is sent or read
   std::string tlsError_;

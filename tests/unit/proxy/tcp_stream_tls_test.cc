@@ -4,8 +4,18 @@
 #include <openssl/ssl.h>
 #include <uv.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
 #include <functional>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "certs/leaf_cache.h"
 #include "certs/local_ca.h"
@@ -195,6 +205,48 @@ TEST_F(TlsStreamTest, PlainBytesToATlsServerFailItsHandshake) {
   EXPECT_EQ(serverSide_.handshake, UV_EPROTO);
   EXPECT_FALSE(server_->tlsError().empty());
   EXPECT_TRUE(serverSide_.data.empty());
+}
+
+TEST_F(TlsStreamTest, RecordsSplitAndJoinedAnyWayAcrossReadsDecryptInOrder) {
+  // A blocking client on its own thread: after the handshake it writes three records
+  // itself, in pieces that split a header, split a body and join records in one read.
+  std::thread client([&] {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port_));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    SSL* ssl = SSL_new(clientCtx_);
+    ASSERT_TRUE(prepareUpstream(ssl, "localhost").ok());
+    SSL_set_fd(ssl, fd);
+    ASSERT_EQ(SSL_connect(ssl), 1);
+    BIO* records = BIO_new(BIO_s_mem());
+    SSL_set0_wbio(ssl, records);
+    for (const char* part : {"first record|", "second|", "third and last"})
+      ASSERT_GT(SSL_write(ssl, part, static_cast<int>(std::strlen(part))), 0);
+    char* bytes = nullptr;
+    long size = BIO_get_mem_data(records, &bytes);
+    std::string wire(bytes, static_cast<size_t>(size));
+    // 1 byte of the first header; the rest of it and 4 bytes of its body; the rest of the
+    // first record with the whole second and 2 bytes of the third; then the rest.
+    size_t first = 5 + ((static_cast<uint8_t>(wire[3]) << 8) | static_cast<uint8_t>(wire[4]));
+    size_t cuts[] = {1, 9, first + (wire.size() - first) / 2 + 2, wire.size()};
+    size_t at = 0;
+    for (size_t cut : cuts) {
+      ASSERT_EQ(::send(fd, wire.data() + at, cut - at, 0), static_cast<ssize_t>(cut - at));
+      at = cut;
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));  // one read each
+    }
+    SSL_free(ssl);
+    ::close(fd);
+  });
+  runUntil([&] { return serverSide_.data.size() >= 35 || serverSide_.readEnd != 1; });
+  client.join();
+  EXPECT_EQ(serverSide_.handshake, 0);
+  EXPECT_EQ(serverSide_.data, "first record|second|third and last");
 }
 
 }  // namespace
