@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <iterator>
 #include <set>
 
 #include "audit/canonical_json.h"
@@ -91,17 +92,21 @@ AuditTemplate renderAuditTemplate(
     std::string_view key, value;
     Value how;
   };
+  // The caller's fields, sorted (they mostly come sorted), merged with the chain's keys.
+  auto byKey = [](const auto& a, const auto& b) { return a.first < b.first; };
+  if (!std::is_sorted(fields.begin(), fields.end(), byKey))
+    std::sort(fields.begin(), fields.end(), byKey);
+  const Entry own[] = {{"kind", kind, Value::kString}, {"log_id", logId, Value::kString},
+                       {"prev", {}, Value::kPrev},     {"seq", {}, Value::kSeq},
+                       {"ts_ns", {}, Value::kTs},      {"v", "1", Value::kRaw}};
   std::vector<Entry> entries;
-  entries.reserve(fields.size() + 6);
-  for (const auto& [k, v] : fields) entries.push_back({k, v, Value::kString});
-  entries.push_back({"kind", kind, Value::kString});
-  entries.push_back({"log_id", logId, Value::kString});
-  entries.push_back({"prev", {}, Value::kPrev});
-  entries.push_back({"seq", {}, Value::kSeq});
-  entries.push_back({"ts_ns", {}, Value::kTs});
-  entries.push_back({"v", "1", Value::kRaw});
-  std::sort(entries.begin(), entries.end(),
-            [](const Entry& a, const Entry& b) { return a.key < b.key; });
+  entries.reserve(fields.size() + std::size(own));
+  size_t o = 0;
+  for (const auto& [k, v] : fields) {
+    while (o < std::size(own) && own[o].key < k) entries.push_back(own[o++]);
+    entries.push_back({k, v, Value::kString});
+  }
+  while (o < std::size(own)) entries.push_back(own[o++]);
   AuditTemplate t;
   std::string& line = t.text;
   line.reserve(512);

@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 #include <openssl/x509v3.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 #include <random>
@@ -38,11 +39,10 @@ const std::string& viaToken() {
 std::string randomHex(size_t bytes) {
   thread_local std::mt19937_64 rng{std::random_device{}()};
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(bytes * 2);
-  while (out.size() < bytes * 2) {
+  std::string out(bytes * 2, '\0');
+  for (size_t i = 0; i < out.size(); i += 16) {
     uint64_t v = rng();
-    for (int i = 0; i < 16 && out.size() < bytes * 2; ++i, v >>= 4) out += kHex[v & 0xF];
+    for (size_t j = i; j < std::min(i + 16, out.size()); ++j, v >>= 4) out[j] = kHex[v & 0xF];
   }
   return out;
 }

@@ -235,7 +235,7 @@ void TcpStream::readTls(std::string_view data) {
     }
   } keepRest{this};
   if (handshaking_) {
-    ERR_clear_error();
+    clearOpenSslErrors();
     int r = SSL_do_handshake(ssl_);
     if (r != 1) {
       int e = SSL_get_error(ssl_, r);
@@ -282,7 +282,7 @@ void TcpStream::readTls(std::string_view data) {
       plain = 0;
       if (closing_ || !handler_) return;
     }
-    ERR_clear_error();
+    clearOpenSslErrors();
     int n = SSL_read(ssl_, tPlainBuffer + plain, static_cast<int>(kReadBufferSize - plain));
     if (n > 0) {
       plain += static_cast<size_t>(n);
@@ -339,7 +339,7 @@ int TcpStream::flush() {
   if (ssl_) {
     if (handshaking_) return 0;  // sent once the handshake is done
     if (tlsFailed_) return UV_EPROTO;
-    ERR_clear_error();
+    clearOpenSslErrors();
     // A memory BIO takes every byte: one SSL_write writes all of them.
     int n = SSL_write(ssl_, out_.data(), static_cast<int>(out_.size()));
     if (n != static_cast<int>(out_.size())) {
@@ -413,7 +413,7 @@ void TcpStream::shutdown() {
   shutdown_ = true;
   (void)flush();
   if (ssl_ && !handshaking_) {
-    ERR_clear_error();
+    clearOpenSslErrors();
     (void)SSL_shutdown(ssl_);  // close_notify: the peer can tell an end from a cut
     (void)flushTls();
   }
