@@ -45,7 +45,7 @@ std::string AuditChain::seal(std::string line) {
 }
 
 void AuditChain::sealView(std::string_view line) {
-  prev_ = lineHash(line);
+  sha256HexInto(line, prev_);  // lineHash(line), in prev_'s own buffer
   tree_.append(leafHash(line));
   ++sinceCheckpoint_;
 }
@@ -99,19 +99,25 @@ AuditTemplate renderAuditTemplate(
   const Entry own[] = {{"kind", kind, Value::kString}, {"log_id", logId, Value::kString},
                        {"prev", {}, Value::kPrev},     {"seq", {}, Value::kSeq},
                        {"ts_ns", {}, Value::kTs},      {"v", "1", Value::kRaw}};
-  std::vector<Entry> entries;
-  entries.reserve(fields.size() + std::size(own));
-  size_t o = 0;
-  for (const auto& [k, v] : fields) {
-    while (o < std::size(own) && own[o].key < k) entries.push_back(own[o++]);
-    entries.push_back({k, v, Value::kString});
+  // On the stack for any record a call makes (this runs for every call).
+  Entry small[32];
+  std::vector<Entry> large;
+  Entry* entries = small;
+  if (fields.size() + std::size(own) > std::size(small)) {
+    large.resize(fields.size() + std::size(own));
+    entries = large.data();
   }
-  while (o < std::size(own)) entries.push_back(own[o++]);
+  size_t count = 0, o = 0;
+  for (const auto& [k, v] : fields) {
+    while (o < std::size(own) && own[o].key < k) entries[count++] = own[o++];
+    entries[count++] = {k, v, Value::kString};
+  }
+  while (o < std::size(own)) entries[count++] = own[o++];
   AuditTemplate t;
   std::string& line = t.text;
   line.reserve(512);
   line += '{';
-  for (size_t i = 0; i < entries.size(); ++i) {
+  for (size_t i = 0; i < count; ++i) {
     if (i) line += ',';
     appendJsonString(line, entries[i].key);
     line += ':';

@@ -644,6 +644,7 @@ void FileAuditSink::setObserver(AuditObserver* observer) {
 
 uint64_t FileAuditSink::addEvent(std::string_view kind, const AuditFields& fields, AuditSync sync) {
   std::vector<std::pair<std::string_view, std::string_view>> kept;
+  kept.reserve(fields.size());
   for (const auto& [k, v] : fields) {
     bool own =
         k == "v" || k == "log_id" || k == "seq" || k == "ts_ns" || k == "prev" || k == "kind";

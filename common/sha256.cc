@@ -27,16 +27,28 @@ Sha256Digest sha256(std::initializer_list<std::string_view> parts) {
   return out;
 }
 
-std::string sha256Hex(std::string_view data, size_t bytes) {
-  auto md = sha256({data});
+namespace {
+
+void hexInto(const Sha256Digest& md, size_t n, char* out) {
   static constexpr char kHex[] = "0123456789abcdef";
-  size_t n = std::min<size_t>(md.size(), bytes);
-  std::string out(2 * n, '\0');
   for (size_t i = 0; i < n; ++i) {
     out[2 * i] = kHex[md[i] >> 4];
     out[2 * i + 1] = kHex[md[i] & 0xF];
   }
+}
+
+}  // namespace
+
+std::string sha256Hex(std::string_view data, size_t bytes) {
+  size_t n = std::min<size_t>(32, bytes);
+  std::string out(2 * n, '\0');
+  hexInto(sha256({data}), n, out.data());
   return out;
+}
+
+void sha256HexInto(std::string_view data, std::string& out) {
+  out.resize(64);
+  hexInto(sha256({data}), 32, out.data());
 }
 
 }  // namespace tollgate

@@ -18,5 +18,7 @@ Sha256Digest sha256(std::initializer_list<std::string_view> parts);
 
 // The first `bytes` bytes (at most 32) of SHA-256(data), as 2 * bytes hex digits.
 std::string sha256Hex(std::string_view data, size_t bytes = 32);
+// The same, all 64 digits, into `out` (its capacity kept: no allocation once it has some).
+void sha256HexInto(std::string_view data, std::string& out);
 
 }  // namespace tollgate

@@ -206,7 +206,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   // Every rule whose match fits.
   const Rule* halting = nullptr;
   const Rule* approving = nullptr;
-  std::vector<const Rule*> allows;
+  auto& allows = allows_;
+  allows.clear();
   std::string haltReason;
   auto fits = [&](const Rule& r, const std::string& tool, ActionClass cls, bool declared) {
     const auto& m = r.match;
@@ -227,13 +228,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   // The subjects of the call: the tool it was attributed to or, for MCP, every tool it
   // calls (a batch is allowed only when each of its tools is). An MCP tool that no tool
   // declares is an undeclared write.
-  struct Subject {
-    std::string tool;
-    ActionClass cls;
-    bool declared;  // a tool of the set, not an undeclared host or MCP tool
-    bool allowed = false;
-  };
-  std::vector<Subject> subjects;
+  auto& subjects = subjects_;
+  subjects.clear();
   if (call.mcpTools().empty()) {
     subjects.push_back({call.tool(), call.actionClass(), call.toolDef() != nullptr});
   } else {
@@ -250,10 +246,10 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
       subjects.push_back(subject);
     }
   }
-  std::vector<const Rule*> conditionsHold;  // rules whose conditions were evaluated and held
   // Candidate rules: those indexed under a subject's tool name, and those that name no
   // exact tool; walked in file order so the reported rule does not depend on the index.
-  std::vector<uint32_t> candidates;
+  auto& candidates = candidates_;
+  candidates.clear();
   for (const auto& subject : subjects) set.candidateRules(subject.tool, subject.cls, candidates);
   std::sort(candidates.begin(), candidates.end());
   candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());

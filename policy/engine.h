@@ -62,6 +62,13 @@ class Engine {
     int64_t openUntilMs = 0;   // open while now < openUntilMs
     int64_t probeSinceMs = 0;  // half-open: when the probe call went out
   };
+  // A subject of a call: the tool it was attributed to or, for MCP, each tool it calls.
+  struct Subject {
+    std::string tool;
+    ActionClass cls;
+    bool declared;  // a tool of the set, not an undeclared host or MCP tool
+    bool allowed = false;
+  };
   bool conditionHolds(const Condition& c, const ToolCall& call, int64_t nowMs,
                       std::string& error) const;
   int failuresWithin(const std::string& agent, std::chrono::milliseconds window,
@@ -77,6 +84,10 @@ class Engine {
   std::vector<std::pair<std::string, int64_t>> quarantine_;        // agent glob, until
   std::map<std::string, Approval> approvals_;                      // id -> approval
   uint64_t approvalCounter_ = 0;
+  // evaluate()'s working lists, kept with their capacity from call to call (under mutex_).
+  std::vector<Subject> subjects_;
+  std::vector<uint32_t> candidates_;
+  std::vector<const Rule*> allows_;
 };
 
 }  // namespace tollgate

@@ -36,15 +36,17 @@ const std::string& viaToken() {
   return token;
 }
 
-std::string randomHex(size_t bytes) {
+// `bytes` random bytes as hex digits (trace and span ids), appended to `out`.
+void appendRandomHex(std::string& out, size_t bytes) {
   thread_local std::mt19937_64 rng{std::random_device{}()};
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string out(bytes * 2, '\0');
-  for (size_t i = 0; i < out.size(); i += 16) {
+  char buf[64];
+  size_t n = std::min(bytes * 2, sizeof buf);
+  for (size_t i = 0; i < n; i += 16) {
     uint64_t v = rng();
-    for (size_t j = i; j < std::min(i + 16, out.size()); ++j, v >>= 4) out[j] = kHex[v & 0xF];
+    for (size_t j = i; j < std::min(i + 16, n); ++j, v >>= 4) buf[j] = kHex[v & 0xF];
   }
-  return out;
+  out.append(buf, n);
 }
 
 bool isHex(std::string_view s) {
@@ -483,7 +485,8 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
     s.traceId_.assign(traceIdOf(*tp));
   } else {
-    s.traceId_ = randomHex(16);
+    s.traceId_.clear();  // keeps its buffer from the connection's last request
+    appendRandomHex(s.traceId_, 16);
   }
   if (head.method == HTTP_CONNECT) return 0;
   // Rules that look at params or MCP need the body before the decision (bounded).
@@ -526,7 +529,7 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     out += "00-";
     out += s.traceId_;
     out += '-';
-    out += randomHex(8);
+    appendRandomHex(out, 8);
     out += "-01";
   }
   out += "\r\n";
