@@ -2,6 +2,8 @@
 
 #include <array>
 #include <charconv>
+#include <cstdint>
+#include <cstring>
 
 namespace tollgate {
 namespace {
@@ -43,13 +45,31 @@ constexpr std::array<bool, 256> kPlain = [] {
   return t;
 }();
 
+namespace {
+
+// Whether all eight bytes of x are plain (kPlain), tested at once: no high bit (UTF-8), no
+// byte below 0x20, no quote and no backslash. Each test is exact as a yes or no.
+inline bool plain8(uint64_t x) {
+  constexpr uint64_t k01 = 0x0101010101010101ull, k80 = 0x8080808080808080ull;
+  auto hasZero = [](uint64_t y) { return (y - k01) & ~y & k80; };
+  auto hasBelow = [](uint64_t y, uint64_t n) { return (y - k01 * n) & ~y & k80; };
+  return ((x & k80) | hasBelow(x, 0x20) | hasZero(x ^ (k01 * '"')) | hasZero(x ^ (k01 * '\\'))) ==
+         0;
+}
+
+}  // namespace
+
 void appendJsonString(std::string& out, std::string_view text) {
   static constexpr char kHex[] = "0123456789abcdef";
   out += '"';
   const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
   for (size_t i = 0; i < text.size();) {
-    // The common case: a run of plain bytes, copied at once.
+    // The common case: a run of plain bytes, found eight at a time and copied at once.
     size_t run = i;
+    for (uint64_t x; run + 8 <= text.size(); run += 8) {
+      std::memcpy(&x, bytes + run, 8);
+      if (!plain8(x)) break;
+    }
     while (run < text.size() && kPlain[bytes[run]]) ++run;
     if (run > i) {
       out.append(text.data() + i, run - i);

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+
 namespace tollgate {
 namespace {
 
@@ -22,6 +24,48 @@ TEST(Json, KeepsValidUtf8AndReplacesInvalidBytes) {
   appendJsonString(out, "\b\f\x7f");  // as canonical JSON writes them
   EXPECT_EQ(out, R"("\b\f)"
                  "\x7f\"");
+}
+
+TEST(Json, EveryByteAtEveryPlaceOfALongRunIsEscapedAsAlone) {
+  // Plain runs are scanned eight bytes at a time: one byte of every value, at every offset
+  // in and after the first two words, with the words around it plain.
+  auto alone = [](unsigned char c) -> std::string {
+    static constexpr char kHex[] = "0123456789abcdef";
+    switch (c) {
+      case '"':
+        return "\\\"";
+      case '\\':
+        return "\\\\";
+      case '\b':
+        return "\\b";
+      case '\f':
+        return "\\f";
+      case '\n':
+        return "\\n";
+      case '\r':
+        return "\\r";
+      case '\t':
+        return "\\t";
+    }
+    if (c < 0x20) return std::string("\\u00") + kHex[c >> 4] + kHex[c & 0xF];
+    if (c >= 0x80) return "\xef\xbf\xbd";  // a lone byte of UTF-8 is invalid
+    return std::string(1, static_cast<char>(c));
+  };
+  for (int c = 0; c < 256; ++c) {
+    for (size_t at = 0; at < 19; ++at) {
+      std::string text(21, 'a');
+      text[at] = static_cast<char>(c);
+      std::string out;
+      appendJsonString(out, text);
+      std::string want = "\"" + text.substr(0, at) + alone(static_cast<unsigned char>(c)) +
+                         text.substr(at + 1) + "\"";
+      ASSERT_EQ(out, want) << "byte " << c << " at " << at;
+    }
+  }
+  // Two in one word, and valid UTF-8 across a word's end.
+  std::string out;
+  appendJsonString(out, "abcdef\"\\ghijklm\xc3\xa9nop");
+  EXPECT_EQ(out, "\"abcdef\\\"\\\\ghijklm\xc3\xa9nop\"");
 }
 
 TEST(Json, BuildsObjects) {
