@@ -201,6 +201,9 @@ SSL* TcpStream::tlsBegin(SSL_CTX* ctx, bool server) {
   }
   BIO_set_data(bio, this);
   SSL_set_bio(ssl_, bio, bio);  // one reference, for both directions
+  // OpenSSL takes all a read brought in one BIO read, not each record's header and body
+  // apart (what it holds undecrypted is SSL_has_pending()).
+  SSL_set_read_ahead(ssl_, 1);
   if (server)
     SSL_set_accept_state(ssl_);
   else
@@ -286,9 +289,9 @@ void TcpStream::readTls(std::string_view data) {
     int n = SSL_read(ssl_, tPlainBuffer + plain, static_cast<int>(kReadBufferSize - plain));
     if (n > 0) {
       plain += static_cast<size_t>(n);
-      // Nothing decrypted is left and no byte is unread: another SSL_read would only say
-      // SSL_ERROR_WANT_READ (OpenSSL reads no further ahead than the record it decrypts).
-      if (SSL_pending(ssl_) == 0 && tlsInPending() == 0) {
+      // Nothing is left, decrypted or not, in OpenSSL or here: another SSL_read would only
+      // say SSL_ERROR_WANT_READ.
+      if (!SSL_has_pending(ssl_) && tlsInPending() == 0) {
         handler_->onRead(*this, std::string_view(tPlainBuffer, plain));
         if (closing_ || !handler_) return;
         break;
