@@ -9,7 +9,7 @@ packages=(build-essential cmake ninja-build pkg-config git curl ca-certificates 
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libre2-dev
   node-llhttp redis-server)
 if [[ "${1:-}" == "--bench" ]]; then
-  packages+=(nginx-light haproxy squid wrk mitmproxy)
+  packages+=(nginx-light haproxy squid wrk mitmproxy valgrind)
 fi
 
 missing=()
