@@ -59,11 +59,39 @@ inline bool plain8(uint64_t x) {
 
 }  // namespace
 
+namespace {
+
+// How many bytes at the start of `text` are plain.
+size_t plainPrefix(std::string_view text) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
+  size_t run = 0;
+  for (uint64_t x; run + 8 <= text.size(); run += 8) {
+    std::memcpy(&x, bytes + run, 8);
+    if (!plain8(x)) break;
+  }
+  while (run < text.size() && kPlain[bytes[run]]) ++run;
+  return run;
+}
+
+}  // namespace
+
 void appendJsonString(std::string& out, std::string_view text) {
   static constexpr char kHex[] = "0123456789abcdef";
+  size_t plain = plainPrefix(text);
+  if (plain == text.size()) {
+    // Nearly every string (keys, names, paths): one growth of `out` and one copy.
+    size_t at = out.size();
+    out.resize(at + text.size() + 2);
+    char* p = out.data() + at;
+    p[0] = '"';
+    if (!text.empty()) std::memcpy(p + 1, text.data(), text.size());
+    p[text.size() + 1] = '"';
+    return;
+  }
   out += '"';
+  out.append(text.data(), plain);
   const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
-  for (size_t i = 0; i < text.size();) {
+  for (size_t i = plain; i < text.size();) {
     // The common case: a run of plain bytes, found eight at a time and copied at once.
     size_t run = i;
     for (uint64_t x; run + 8 <= text.size(); run += 8) {

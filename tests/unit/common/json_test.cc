@@ -62,8 +62,11 @@ TEST(Json, EveryByteAtEveryPlaceOfALongRunIsEscapedAsAlone) {
       ASSERT_EQ(out, want) << "byte " << c << " at " << at;
     }
   }
-  // Two in one word, and valid UTF-8 across a word's end.
+  // Two in one word, and valid UTF-8 across a word's end; nothing at all.
   std::string out;
+  appendJsonString(out, std::string_view());
+  EXPECT_EQ(out, "\"\"");
+  out.clear();
   appendJsonString(out, "abcdef\"\\ghijklm\xc3\xa9nop");
   EXPECT_EQ(out, "\"abcdef\\\"\\\\ghijklm\xc3\xa9nop\"");
 }
