@@ -93,7 +93,13 @@ AuditTemplate renderAuditTemplate(
     Value how;
   };
   // The caller's fields, sorted (they mostly come sorted), merged with the chain's keys.
-  auto byKey = [](const auto& a, const auto& b) { return a.first < b.first; };
+  // Keys mostly differ in their first byte: compared there without a call to memcmp.
+  auto less = [](std::string_view a, std::string_view b) {
+    if (!a.empty() && !b.empty() && a[0] != b[0])
+      return static_cast<unsigned char>(a[0]) < static_cast<unsigned char>(b[0]);
+    return a < b;
+  };
+  auto byKey = [&](const auto& a, const auto& b) { return less(a.first, b.first); };
   if (!std::is_sorted(fields.begin(), fields.end(), byKey))
     std::sort(fields.begin(), fields.end(), byKey);
   const Entry own[] = {{"kind", kind, Value::kString}, {"log_id", logId, Value::kString},
@@ -109,7 +115,7 @@ AuditTemplate renderAuditTemplate(
   }
   size_t count = 0, o = 0;
   for (const auto& [k, v] : fields) {
-    while (o < std::size(own) && own[o].key < k) entries[count++] = own[o++];
+    while (o < std::size(own) && less(own[o].key, k)) entries[count++] = own[o++];
     entries[count++] = {k, v, Value::kString};
   }
   while (o < std::size(own)) entries[count++] = own[o++];

@@ -18,14 +18,6 @@ HttpParser& self(llhttp_t* p) {
 
 }  // namespace
 
-bool equalsIgnoreCase(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (asciiLower(a[i]) != asciiLower(b[i])) return false;
-  }
-  return true;
-}
-
 void HttpHead::clear() {
   arena_.clear();
   fields_.clear();

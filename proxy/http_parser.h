@@ -48,8 +48,15 @@ class HttpHead {
 inline char asciiLower(char c) {
   return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c;
 }
-// ASCII case-insensitive comparison (header names are ASCII; no locale involved).
-bool equalsIgnoreCase(std::string_view a, std::string_view b);
+// ASCII case-insensitive comparison (header names are ASCII; no locale involved). Inline:
+// every header lookup calls it for each field, and most differ in length.
+inline bool equalsIgnoreCase(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (asciiLower(a[i]) != asciiLower(b[i])) return false;
+  }
+  return true;
+}
 
 class HttpParser {
  public:

@@ -68,9 +68,11 @@ BIO_METHOD* TcpStream::bioMethod() {
         }
       }
       size_t more = std::min(want - got, s->tlsInView_.size());
-      std::memcpy(out + got, s->tlsInView_.data(), more);
-      s->tlsInView_.remove_prefix(more);
-      got += more;
+      if (more > 0) {  // an empty view may have no data at all (memcpy wants a pointer)
+        std::memcpy(out + got, s->tlsInView_.data(), more);
+        s->tlsInView_.remove_prefix(more);
+        got += more;
+      }
       if (got == 0) {
         BIO_set_retry_read(b);  // more to come, not the end
         return -1;
