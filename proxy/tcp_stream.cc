@@ -345,7 +345,7 @@ int TcpStream::flush() {
     if (handshaking_) return 0;  // sent once the handshake is done
     if (tlsFailed_) return UV_EPROTO;
     clearOpenSslErrors();
-    // A memory BIO takes every byte: one SSL_write writes all of them.
+    // Our BIO takes every byte: one SSL_write writes all of them.
     int n = SSL_write(ssl_, out_.data(), static_cast<int>(out_.size()));
     if (n != static_cast<int>(out_.size())) {
       tlsError_ = takeOpenSslErrors();

@@ -108,6 +108,10 @@ class TcpStream {
   int flushTls();
   void readTls(std::string_view data);
   void failTls(int status);
+  // The BIO that OpenSSL reads and writes through (one method for every stream).
+  static BIO_METHOD* bioMethod();
+  // Bytes of the peer's not yet given to OpenSSL.
+  size_t tlsInPending() const { return tlsInBuf_.size() - tlsInAt_ + tlsInView_.size(); }
 
   uv_tcp_t tcp_;
   Handler* handler_ = nullptr;
@@ -118,9 +122,6 @@ class TcpStream {
   bool reading_ = false;   // what libuv does
   bool shutdown_ = false;
   bool closing_ = false;
-  static BIO_METHOD* bioMethod();
-  size_t tlsInPending() const { return tlsInBuf_.size() - tlsInAt_ + tlsInView_.size(); }
-
   SSL* ssl_ = nullptr;
   // socket -> OpenSSL: the read being decrypted, after the bytes an earlier one left
   std::string_view tlsInView_;
