@@ -22,9 +22,10 @@ constexpr size_t kMaxRetries = 10'000;   // per worker loop
 constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
 constexpr size_t kMaxBatch = 256;        // operations in one script call
 
-// KEYS: 4 per pool (b, h, x, d). ARGV for init and view: op, mode, 0, pool count, then per
-// pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit, risk
-// period ms. Reserve, settle and release always go in batches (layout at `op == 'batch'`).
+// KEYS: 6 per pool (b, h, x, d, m, n). ARGV for init and view: op, mode, 0, pool count, then
+// per pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit,
+// risk period ms. Reserve, settle and release always go in batches (layout at
+// `op == 'batch'`).
 // Amounts are the estimate for reserve and the real cost for settle (-1: what was held).
 // A limit of -1: the policy gives the pool no budget of that dimension. Operations run in
 // order, each exactly as it would alone; expired holds are committed first.
@@ -33,28 +34,46 @@ const RedisScript& budgetScript() {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, call = ARGV[1], ARGV[2]
-local n = #KEYS / 4
+local n = #KEYS / 6
 local base = 4  -- init and view: ARGV index before the per-pool values
 local DIMS = {'effort', 'risk'}
-local KEEP = 100000   -- settled call ids remembered per pool
+local GEN = 50000     -- settled call ids per generation: 50 000 to 100 000 remembered per pool
 local SWEEP_MS = 1000 -- how often a batch looks for expired holds of other calls
+-- The holds' sentinel: a value longer than a listpack takes makes h a hash table for good.
+-- As a listpack (up to 128 small fields) every field of an HMGET, HSET or HDEL is found by
+-- a scan: a batch's cost grew with the batch times the holds of the pool.
+local SENTINEL = '0:0:' .. string.rep('0', 64)
 
 local function I(x) return string.format('%d', x) end
 local function num(v) return tonumber(v) or 0 end
 local function A(i, k) return ARGV[base + 7 * (i - 1) + 1 + k] end
-local function K(i, k) return KEYS[4 * (i - 1) + k] end
+-- Per pool: b budgets, h holds, x legacy expiries, d the settled ids of older releases (a
+-- sorted set: created for them at init, never read here), m and n settled ids (this
+-- generation and the last).
+local function K(i, k) return KEYS[6 * (i - 1) + k] end
 
 -- A hold is 'effort:risk:expiry' (units; ms of Redis time). Releases before 2026-11-29
 -- wrote 'effort:risk' and kept the expiry in the sorted set x: such a hold (expiry false
 -- here) expires when x says so, so that older and newer sidecars share a pool exactly
 -- during a rolling upgrade. New holds never enter x.
 local function parseHold(v)
-  local a = string.find(v, ':', 1, true)
-  if not a then return {num(v), 0, false} end
-  local b = string.find(v, ':', a + 1, true)
-  if not b then return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1)), false} end
-  return {num(string.sub(v, 1, a - 1)), num(string.sub(v, a + 1, b - 1)),
-          num(string.sub(v, b + 1))}
+  local e, r, x = string.match(v, '^([^:]*):([^:]*):(.*)$')
+  if e then return {num(e), num(r), num(x)} end
+  e, r = string.match(v, '^([^:]*):(.*)$')
+  if e then return {num(e), num(r), false} end
+  return {num(v), 0, false}
+end
+
+-- Holds by their string, parsed once per script (a batch's holds were mostly written by a
+-- few batches, with the same amounts and expiry). Shared: never changed.
+local holdOf = {}
+local function HOLD(v)
+  local h = holdOf[v]
+  if not h then
+    h = parseHold(v)
+    holdOf[v] = h
+  end
+  return h
 end
 
 -- Whether a hold has expired; due(): the set of calls whose legacy hold x says is due.
@@ -77,12 +96,25 @@ local function legacyDue(x)
   end
 end
 
--- Settled (or expired, or released) call ids: a later reserve of one is refused.
-local function remember(d, marks)
-  if #marks > 0 then
-    redis.call('ZADD', d, unpack(marks))
-    redis.call('ZREMRANGEBYRANK', d, 0, -(KEEP + 1))
+-- Settled (or expired, or released) call ids: a later reserve of one is refused. They go
+-- into the hash m; when it holds GEN of them it becomes n, and the n before is dropped. A
+-- hash takes an id in O(1), where a sorted set trimmed by rank paid a skip list's insert,
+-- its score's parse and the trim. count: ids in m (the budget's 'marks'); the new count.
+local function remember(i, ids, count)
+  if #ids == 0 then return count end
+  local args = {}
+  for x, id in ipairs(ids) do
+    args[2 * x - 1] = id
+    args[2 * x] = '1'
   end
+  count = count + redis.call('HSET', K(i, 5), unpack(args))
+  if count >= GEN then
+    redis.call('UNLINK', K(i, 6))
+    redis.call('RENAME', K(i, 5), K(i, 6))
+    redis.call('HSET', K(i, 5), '_', '1')
+    count = 0
+  end
+  return count
 end
 
 if op == 'init' then
@@ -92,13 +124,15 @@ if op == 'init' then
     if call ~= 'reset' and redis.call('EXISTS', b) == 1 then
       out[i] = 'exists'
     else
-      redis.call('DEL', b, K(i, 2), K(i, 3))
-      redis.call('HSET', b, 'created', I(now))
+      redis.call('DEL', b, K(i, 2), K(i, 3), K(i, 5), K(i, 6))
+      redis.call('HSET', b, 'created', I(now), 'marks', '0')
       -- Sentinels keep every key of the pool in existence, so that a slot migration moves
       -- them together and a script never sees some keys moved and others not (TRYAGAIN).
-      redis.call('HSET', K(i, 2), '_', '0:0')
+      redis.call('HSET', K(i, 2), '_', SENTINEL)
       redis.call('ZADD', K(i, 3), 'inf', '_')
       redis.call('ZADD', K(i, 4), 'inf', '_')
+      redis.call('HSET', K(i, 5), '_', '1')
+      redis.call('HSET', K(i, 6), '_', '1')
       for j, dim in ipairs(DIMS) do
         local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
         if limit >= 0 then
@@ -113,7 +147,6 @@ if op == 'init' then
 end
 
 if op == 'view' then
-  local nowS = I(now)
   local out = {}
   for i = 1, n do
     local b, h = K(i, 1), K(i, 2)
@@ -121,7 +154,7 @@ if op == 'view' then
     -- Every expired hold is committed first.
     local all, del, xdel, marks, due = redis.call('HGETALL', h), {}, {}, {}, legacyDue(K(i, 3))
     for x = 1, #all, 2 do
-      local hold = parseHold(all[x + 1])
+      local hold = HOLD(all[x + 1])
       if all[x] ~= '_' and isExpired(all[x], hold, due) then
         if not hold[3] then xdel[#xdel + 1] = all[x] end
         if alive then
@@ -133,13 +166,15 @@ if op == 'view' then
           end
         end
         del[#del + 1] = all[x]
-        marks[#marks + 1] = nowS
         marks[#marks + 1] = all[x]
       end
     end
     if #del > 0 then redis.call('HDEL', h, unpack(del)) end
     if #xdel > 0 then redis.call('ZREM', K(i, 3), unpack(xdel)) end
-    remember(K(i, 4), marks)
+    if #marks > 0 then
+      local count = remember(i, marks, num(redis.call('HGET', b, 'marks')))
+      if alive then redis.call('HSET', b, 'marks', I(count)) end
+    end
     for j, dim in ipairs(DIMS) do
       local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
       if limit >= 0 then
@@ -166,40 +201,65 @@ if op == 'view' then
 end
 
 -- A batch: ARGV[2] operations on the pools of KEYS. ARGV[3…]: per pool its name, effort
--- limit, effort period ms, risk limit, risk period ms; then per operation: op, call id, hold
--- ttl ms, and per pool the effort and risk amounts (integers). An answer is 0 for a plain
--- ok, else {status, pool, reason, overrun}. Every key is read once (the pools' budgets, the
--- holds of the batch's calls, the settled marks of those it reserves), the operations run
--- in order on those values in Lua, exactly as each would alone, and what changed is
--- written back once per key. Expired holds are committed first: those of the batch's calls
--- always, the others at most once a second. This runs for every call of every sidecar on
--- Redis's one thread: numbers are formatted only where they change, and a hold keeps the
--- amounts' own strings.
+-- limit, effort period ms, risk limit, risk period ms; then per operation its call id and
+-- its spec, 'OP TTL' (reserve, settle or release; the hold's ttl in ms) and per pool the
+-- effort and the risk amount (integers). An answer is 0 for a plain ok, else {status,
+-- pool, reason, overrun}. Every key is read once (the pools' budgets, the holds of the
+-- batch's calls, the settled marks of those it reserves), the operations run in order on
+-- those values in Lua, exactly as each would alone, and what changed is written back once
+-- per key. Expired holds are committed first: those of the batch's calls always, the others
+-- at most once a second. This runs for every call of every sidecar on Redis's one thread,
+-- and its cost is mostly Lua's own: a call's arguments are two strings, specs and holds
+-- are parsed once per script and shared, numbers are formatted only where they change.
 if op == 'batch' then
   local m = tonumber(ARGV[2])
-  local stride = 3 + 2 * n
   local first = 3 + 5 * n  -- the first operation's index
-  local ids, seen, rids, rseen = {}, {}, {}, {}
-  for at = first, first + stride * (m - 1), stride do
-    local id = ARGV[at + 1]
-    if not seen[id] then
-      seen[id] = true
-      ids[#ids + 1] = id
+  -- Specs by their string: {op, a[i] = {effort, risk} as given, hold[i] = the hold a reserve
+  -- leaves ({effort, risk, expiry, its string})}. A batch's specs are one or two strings.
+  local specOf = {}
+  local function SPEC(s)
+    local sp = specOf[s]
+    if sp then return sp end
+    local w = {}
+    for x in string.gmatch(s, '%S+') do w[#w + 1] = x end
+    local until_ = now + num(w[2])
+    local xs = I(until_)
+    sp = {op = w[1], a = {}, hold = {}}
+    for i = 1, n do
+      local es, rs = w[1 + 2 * i] or '0', w[2 + 2 * i] or '0'
+      local e, r = num(es), num(rs)
+      sp.a[i] = {e, r}
+      if e <= 0 then e, es = 0, '0' end
+      if r <= 0 then r, rs = 0, '0' end
+      sp.hold[i] = {e, r, until_, es .. ':' .. rs .. ':' .. xs}
     end
-    if ARGV[at] == 'reserve' and not rseen[id] then
-      rseen[id] = true
+    specOf[s] = sp
+    return sp
+  end
+  -- The batch's call ids, once each (ids; seen[id] is 2 once it is reserved), and those it
+  -- reserves (rids).
+  local ids, seen, rids = {}, {}, {}
+  for at = first, first + 2 * (m - 1), 2 do
+    local id = ARGV[at]
+    local s = seen[id]
+    if not s then
+      ids[#ids + 1] = id
+      s = 1
+      seen[id] = 1
+    end
+    if s == 1 and SPEC(ARGV[at + 1]).op == 'reserve' then
       rids[#rids + 1] = id
+      seen[id] = 2
     end
   end
-  local nowS = I(now)
   -- Per pool: name; limit and period by dimension (1 effort, 2 risk); st[i][j] the stored
-  -- budget (st[i] false when the pool is missing); the holds of the batch's calls as read
-  -- (before), as they are now (holds: {effort, risk, expiry}) and as written (fresh); the
-  -- calls to mark settled; expired holds of other calls (swept); legacy holds to leave x
-  -- (xdel), and the batch's live ones (legacy).
-  local name, limit, period, st, holds, before, fresh, marks, swept, xdel, legacy = {}, {}, {},
-      {}, {}, {}, {}, {}, {}, {}, {}
-  local done = {}
+  -- budget (st[i] false when the pool is missing); holds[i][id] the calls' live holds and
+  -- read[i][id] those read live; the ids to mark settled (marks[i]) and the holds to delete
+  -- (dels[i]: expired ones, the batch's and the others' the sweep found); legacy holds to
+  -- leave x (xdel), and the batch's live ones (legacy); done[id]: settled, released or
+  -- expired (a reserve is refused).
+  local name, limit, period, st, holds, read, marks, dels, xdel, legacy, done = {}, {}, {}, {},
+      {}, {}, {}, {}, {}, {}, {}
   local function expired(i, hold)  -- committed, not refunded: the call may have run
     local s = st[i]
     if s then
@@ -217,58 +277,71 @@ if op == 'batch' then
     period[i] = {tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])}
     local v = redis.call('HMGET', K(i, 1), 'created', 'effort:committed', 'effort:held',
                          'effort:period', 'effort:start', 'effort:tripped', 'risk:committed',
-                         'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept')
+                         'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept',
+                         'marks')
+    local s = false
     if v[1] then
-      local s = {}
+      s = {sweep = now >= num(v[12]) + SWEEP_MS, marks = num(v[13]), unmarked = not v[13]}
       for j = 1, 2 do
         local f = 1 + 5 * (j - 1)
         s[j] = {committed = num(v[f + 1]), held = num(v[f + 2]), period = num(v[f + 3]),
                 start = num(v[f + 4]), tripped = num(v[f + 5]), moved = false, rolled = false}
       end
-      s.sweep = now >= num(v[12]) + SWEEP_MS
-      st[i] = s
-    else
-      st[i] = false
+      if not v[13] then
+        -- A pool initialised by an older release (no 'marks'): its holds become a hash
+        -- table and its marks' keys start now.
+        redis.call('HSET', K(i, 2), '_', SENTINEL)
+        redis.call('HSET', K(i, 5), '_', '1')
+        redis.call('HSET', K(i, 6), '_', '1')
+      end
     end
-    local hs, bs, mk, xd, lg, due = {}, {}, {}, {}, {}, legacyDue(K(i, 3))
+    st[i] = s
+    local hs, rd, mk, del, xd, lg, due = {}, {}, {}, {}, {}, {}, nil
     local h = redis.call('HMGET', K(i, 2), unpack(ids))
     for x, id in ipairs(ids) do
       local hv = h[x]
       if hv then
-        bs[id] = hv
-        local hold = parseHold(hv)
+        local hold = HOLD(hv)
+        if not hold[3] then due = due or legacyDue(K(i, 3)) end
         if not isExpired(id, hold, due) then
-          hs[id] = hold
+          hs[id], rd[id] = hold, true
           if not hold[3] then lg[id] = true end
         else
           expired(i, hold)
-          mk[id], done[id] = true, true
+          mk[#mk + 1], del[#del + 1], done[id] = id, id, true
           if not hold[3] then xd[#xd + 1] = id end
         end
       end
     end
-    local sw = {}
-    if st[i] and st[i].sweep then
+    if s and s.sweep then
       local all = redis.call('HGETALL', K(i, 2))
       for x = 1, #all, 2 do
         local id = all[x]
         if id ~= '_' and not seen[id] then
-          local hold = parseHold(all[x + 1])
+          local hold = HOLD(all[x + 1])
+          if not hold[3] then due = due or legacyDue(K(i, 3)) end
           if isExpired(id, hold, due) then
             expired(i, hold)
-            sw[#sw + 1] = id
+            mk[#mk + 1], del[#del + 1] = id, id
             if not hold[3] then xd[#xd + 1] = id end
           end
         end
       end
     end
-    holds[i], before[i], fresh[i], marks[i], swept[i], xdel[i], legacy[i] =
-        hs, bs, {}, mk, sw, xd, lg
+    holds[i], read[i], marks[i], dels[i], xdel[i], legacy[i] = hs, rd, mk, del, xd, lg
   end
-  if #rids > 0 then
-    local d = redis.call('ZMSCORE', K(1, 4), unpack(rids))
-    for x, id in ipairs(rids) do
-      if d[x] then done[id] = true end
+  -- The settled marks of the ids reserved and not held (pool 1's, this generation and the
+  -- last).
+  local ask = {}
+  for _, id in ipairs(rids) do
+    if not holds[1][id] and not done[id] then ask[#ask + 1] = id end
+  end
+  if #ask > 0 then
+    for k = 5, 6 do
+      local d = redis.call('HMGET', K(1, k), unpack(ask))
+      for x, id in ipairs(ask) do
+        if d[x] then done[id] = true end
+      end
     end
   end
 
@@ -280,13 +353,13 @@ if op == 'batch' then
     end
   end
 
-  local expiry = {}  -- expiry strings by ttl string, formatted once
-  local function reserve(call, ttl, at)
+  local function reserve(call, sp)
     if holds[1][call] then return 0 end
     if done[call] then return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0} end
     for i = 1, n do
+      local a = sp.a[i]
       for j = 1, 2 do
-        local amount = tonumber(ARGV[at + 2 * (i - 1) + j])
+        local amount = a[j]
         if amount > 0 then
           local pool, lim = name[i], limit[i][j]
           if lim < 0 then
@@ -312,33 +385,23 @@ if op == 'batch' then
         end
       end
     end
-    local until_ = now + tonumber(ttl)
-    local xs = expiry[ttl]
-    if not xs then
-      xs = I(until_)
-      expiry[ttl] = xs
-    end
     for i = 1, n do
-      local es, rs = ARGV[at + 2 * i - 1], ARGV[at + 2 * i]
-      local e, r = tonumber(es), tonumber(rs)
-      if e <= 0 then e, es = 0, '0' end
-      if r <= 0 then r, rs = 0, '0' end
-      local s = st[i]
+      local hold, s = sp.hold[i], st[i]
       if s then
-        if e > 0 then s[1].held, s[1].moved = s[1].held + e, true end
-        if r > 0 then s[2].held, s[2].moved = s[2].held + r, true end
+        if hold[1] > 0 then s[1].held, s[1].moved = s[1].held + hold[1], true end
+        if hold[2] > 0 then s[2].held, s[2].moved = s[2].held + hold[2], true end
       end
-      holds[i][call] = {e, r, until_}
-      fresh[i][call] = es .. ':' .. rs .. ':' .. xs
+      holds[i][call] = hold
     end
     return 0
   end
 
-  local function finish(o, call, at)
+  local function finish(o, call, sp)
     if not holds[1][call] then
       -- A release of a call never held leaves a mark, so that a late reserve is refused.
       if o == 'release' then
-        marks[1][call] = true
+        local mk = marks[1]
+        mk[#mk + 1] = call
         done[call] = true
       end
       return {'unknown_call', '', 'no hold for call ' .. call, 0}
@@ -352,7 +415,7 @@ if op == 'batch' then
           if held > 0 then
             local cost = 0
             if o == 'settle' then
-              cost = tonumber(ARGV[at + 2 * (i - 1) + j])
+              cost = sp.a[i][j]
               if cost < 0 then cost = held end
             end
             local s = st[i]
@@ -371,7 +434,8 @@ if op == 'batch' then
         end
         holds[i][call] = nil
       end
-      marks[i][call] = true
+      local mk = marks[i]
+      mk[#mk + 1] = call
     end
     done[call] = true
     if overrun > 0 then
@@ -383,22 +447,44 @@ if op == 'batch' then
   local out = {}
   local at = first
   for k = 1, m do
-    local o, id = ARGV[at], ARGV[at + 1]
+    local id, sp = ARGV[at], SPEC(ARGV[at + 1])
+    local o = sp.op
     if o == 'reserve' then
-      out[k] = reserve(id, ARGV[at + 2], at + 2)
+      out[k] = reserve(id, sp)
     elseif o == 'settle' or o == 'release' then
-      out[k] = finish(o, id, at + 2)
+      out[k] = finish(o, id, sp)
     else
       out[k] = {'unavailable', '', 'unknown op ' .. tostring(o), 0}
     end
-    at = at + stride
+    at = at + 2
   end
 
   -- Write back what changed, one command per key.
   for i = 1, n do
     local s = st[i]
+    local add, del, xd = {}, dels[i], xdel[i]
+    local hs, rd, lg = holds[i], read[i], legacy[i]
+    for _, id in ipairs(ids) do
+      local hold = hs[id]
+      if hold then
+        if not rd[id] then
+          add[#add + 1] = id
+          add[#add + 1] = hold[4]
+        end
+      elseif rd[id] then
+        del[#del + 1] = id
+        if lg[id] then xd[#xd + 1] = id end
+      end
+    end
+    if #add > 0 then redis.call('HSET', K(i, 2), unpack(add)) end
+    if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
+    if #xd > 0 then redis.call('ZREM', K(i, 3), unpack(xd)) end
     if s then
       local args = {}
+      if #marks[i] > 0 or s.unmarked then
+        args[1] = 'marks'
+        args[2] = I(remember(i, marks[i], s.marks))
+      end
       for j = 1, 2 do
         local sj, dim = s[j], DIMS[j]
         if sj.rolled then
@@ -418,33 +504,12 @@ if op == 'batch' then
       end
       if s.sweep then
         args[#args + 1] = 'swept'
-        args[#args + 1] = nowS
+        args[#args + 1] = I(now)
       end
       if #args > 0 then redis.call('HSET', K(i, 1), unpack(args)) end
+    else
+      remember(i, marks[i], 0)
     end
-    local add, del, dm = {}, swept[i], {}
-    local hs, bs, fs, mk = holds[i], before[i], fresh[i], marks[i]
-    for _, id in ipairs(ids) do
-      if hs[id] and not bs[id] then
-        add[#add + 1] = id
-        add[#add + 1] = fs[id]
-      elseif bs[id] and not hs[id] then
-        del[#del + 1] = id
-        if legacy[i][id] then xdel[i][#xdel[i] + 1] = id end
-      end
-      if mk[id] then
-        dm[#dm + 1] = nowS
-        dm[#dm + 1] = id
-      end
-    end
-    for _, id in ipairs(swept[i]) do
-      dm[#dm + 1] = nowS
-      dm[#dm + 1] = id
-    end
-    if #add > 0 then redis.call('HSET', K(i, 2), unpack(add)) end
-    if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
-    if #xdel[i] > 0 then redis.call('ZREM', K(i, 3), unpack(xdel[i])) end
-    remember(K(i, 4), dm)
   end
   return out
 end
@@ -488,6 +553,10 @@ BudgetStatus statusOf(std::string_view s) {
   if (s == "unknown_call") return BudgetStatus::kUnknownCall;
   return BudgetStatus::kUnavailable;
 }
+
+// A pool's keys, in the script's order: budgets, holds, legacy expiries, legacy settled ids,
+// settled ids (this generation, the last).
+constexpr char kPoolKeys[] = {'b', 'h', 'x', 'd', 'm', 'n'};
 
 std::string keyOf(const std::string& pool, char kind) {
   return "tollgate:{" + pool + "}:" + kind;
@@ -813,15 +882,19 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   // batches cost Redis a script call each and measured no faster reserve.
   std::string batchKey;
   std::vector<const PoolSpec*> pools;
-  std::vector<std::string> args{op, callId, std::to_string(ttlMs)};
+  // An operation is its call id and its spec, 'OP TTL' and per pool the two amounts: the
+  // script parses each distinct spec once per batch.
+  std::string spec = op;
+  spec += ' ';
+  spec += std::to_string(ttlMs);
   uint16_t slot = 0;
   for (size_t i = 0; i < charges.size(); ++i) {
     const auto& c = charges[i];
-    const PoolSpec* spec = nullptr;
+    const PoolSpec* pool = nullptr;
     for (const auto& sp : *specs) {
-      if (sp.name == c.pool) spec = &sp;
+      if (sp.name == c.pool) pool = &sp;
     }
-    if (!spec) {
+    if (!pool) {
       done(BudgetOutcome{BudgetStatus::kUninitialised, c.pool,
                          "pool " + c.pool + " is not in the policy set", 0});
       return;
@@ -835,9 +908,11 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     }
     batchKey += c.pool;
     batchKey += '\n';
-    pools.push_back(spec);
-    args.push_back(std::to_string(c.effort));
-    args.push_back(std::to_string(c.risk));
+    pools.push_back(pool);
+    spec += ' ';
+    spec += std::to_string(c.effort);
+    spec += ' ';
+    spec += std::to_string(c.risk);
   }
   // Operations on the same pools wait for the end of this loop turn and go as one script.
   auto& batch = l->batches[batchKey];
@@ -845,14 +920,15 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     batch.keys.clear();
     batch.args.clear();
     for (const PoolSpec* p : pools) {
-      for (char k : {'b', 'h', 'x', 'd'}) batch.keys.push_back(keyOf(p->name, k));
+      for (char k : kPoolKeys) batch.keys.push_back(keyOf(p->name, k));
       for (std::string v :
            {p->name, std::to_string(p->effortLimit), std::to_string(p->effortPeriodMs),
             std::to_string(p->riskLimit), std::to_string(p->riskPeriodMs)})
         batch.args.push_back(std::move(v));
     }
   }
-  for (auto& a : args) batch.args.push_back(std::move(a));
+  batch.args.push_back(callId);
+  batch.args.push_back(std::move(spec));
   batch.ops.push_back({op, uv_hrtime(), std::move(done)});
   if (batch.ops.size() >= kMaxBatch) {
     // Large enough: it goes now (a script's arguments are bounded).
@@ -968,7 +1044,7 @@ void RedisBudgetStore::release(const std::string& callId, const std::vector<Char
 std::pair<std::vector<std::string>, std::vector<std::string>> RedisBudgetStore::poolCall(
     const char* op, const char* mode, const PoolSpec& s) {
   std::vector<std::string> keys;
-  for (char k : {'b', 'h', 'x', 'd'}) keys.push_back(keyOf(s.name, k));
+  for (char k : kPoolKeys) keys.push_back(keyOf(s.name, k));
   std::vector<std::string> args{op,
                                 mode,
                                 "0",

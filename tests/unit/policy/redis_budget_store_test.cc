@@ -24,6 +24,37 @@ pools:
   - {name: third, scope: shared, effort: {limit: 1000, period: 30d}, risk: {limit: 1000, period: 30d}}
 )";
 
+// A blocking connection for looking at and arranging keys directly.
+class Redis {
+ public:
+  explicit Redis(uint16_t port) : c_(redisConnect("127.0.0.1", port)) {}
+  ~Redis() { redisFree(c_); }
+  Redis(const Redis&) = delete;
+  Redis& operator=(const Redis&) = delete;
+  std::string str(const char* command) { return take(redisCommand(c_, command)).first; }
+  long long integer(const char* command) { return take(redisCommand(c_, command)).second; }
+  void argv(const std::vector<std::string>& args) {
+    std::vector<const char*> p;
+    std::vector<size_t> len;
+    for (const auto& a : args) {
+      p.push_back(a.data());
+      len.push_back(a.size());
+    }
+    take(redisCommandArgv(c_, static_cast<int>(args.size()), p.data(), len.data()));
+  }
+
+ private:
+  std::pair<std::string, long long> take(void* raw) {
+    auto* r = static_cast<redisReply*>(raw);
+    std::pair<std::string, long long> out{"", -1};
+    if (r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS)) out.first = r->str;
+    if (r && r->type == REDIS_REPLY_INTEGER) out.second = r->integer;
+    if (r) freeReplyObject(r);
+    return out;
+  }
+  redisContext* c_;
+};
+
 class RedisBudgetStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -194,6 +225,66 @@ TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall
   ASSERT_TRUE(created);
   EXPECT_EQ(created.value().size(), 3u);
   EXPECT_EQ(reserve("c1", {{"team", 1, 0}}).status, BudgetStatus::kOk);
+}
+
+// Settled call ids go into the hash :m; at 50 000 it becomes :n (the :n before is dropped)
+// and :m starts again. A reserve of an id settled in either generation is refused.
+TEST_F(RedisBudgetStoreTest, SettledIdsAreRememberedAcrossAGenerationOfMarks) {
+  constexpr int kGeneration = 50'000;  // the script's GEN
+  Redis r(redis.port());
+  ASSERT_EQ(reserve("before", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(settle("before", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(r.str("HGET tollgate:{other}:m before"), "1");
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b marks"), "1");
+  // Fill the generation to one short of full, as 49 998 more settlements would.
+  for (int at = 1; at < kGeneration - 1; at += 1000) {
+    std::vector<std::string> args{"HSET", "tollgate:{other}:m"};
+    for (int k = at; k < std::min(at + 1000, kGeneration - 1); ++k) {
+      args.push_back("filler-" + std::to_string(k));
+      args.push_back("1");
+    }
+    r.argv(args);
+  }
+  r.argv({"HSET", "tollgate:{other}:b", "marks", std::to_string(kGeneration - 1)});
+  ASSERT_EQ(reserve("last", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(settle("last", {{"other", 1, 0}}).status, BudgetStatus::kOk);  // the 50 000th
+  EXPECT_EQ(r.integer("HLEN tollgate:{other}:n"), kGeneration + 1);        // and its sentinel
+  EXPECT_EQ(r.integer("HLEN tollgate:{other}:m"), 1);
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b marks"), "0");
+  EXPECT_EQ(reserve("before", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(reserve("last", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);
+  ASSERT_EQ(reserve("after", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(settle("after", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(r.str("HGET tollgate:{other}:m after"), "1");
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b marks"), "1");
+  EXPECT_EQ(reserve("after", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(budget("other", "effort").committed, 3);
+}
+
+// A pool written by an older release (no marks' keys; holds a listpack; settled ids in the
+// sorted set :d) is taken over by its first batch: holds become a hash table (a listpack
+// finds each field by a scan), the marks' keys appear, and :d is left to the older
+// sidecars that still run.
+TEST_F(RedisBudgetStoreTest, APoolOfAnOlderLayoutIsTakenOverByItsFirstBatch) {
+  Redis r(redis.port());
+  EXPECT_EQ(r.str("OBJECT ENCODING tollgate:{team}:h"), "hashtable");  // initialised here
+  r.argv({"DEL", "tollgate:{other}:b", "tollgate:{other}:h", "tollgate:{other}:m",
+          "tollgate:{other}:n"});
+  r.argv({"HSET", "tollgate:{other}:b", "created", "1", "effort:committed", "5", "effort:held", "0",
+          "effort:tripped", "0", "effort:period", "2592000000", "effort:start", "0"});
+  r.argv({"HSET", "tollgate:{other}:h", "_", "0:0"});
+  r.argv({"ZADD", "tollgate:{other}:d", "1", "settled-by-an-older-sidecar"});
+  EXPECT_EQ(r.str("OBJECT ENCODING tollgate:{other}:h"), "listpack");
+  ASSERT_EQ(reserve("c1", {{"other", 7, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(r.str("OBJECT ENCODING tollgate:{other}:h"), "hashtable");
+  EXPECT_EQ(r.integer("EXISTS tollgate:{other}:m tollgate:{other}:n"), 2);
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b marks"), "0");
+  ASSERT_EQ(settle("c1", {{"other", 7, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(r.str("HGET tollgate:{other}:m c1"), "1");
+  EXPECT_EQ(r.integer("ZCARD tollgate:{other}:d"), 2);  // its sentinel and the older mark
+  auto effort = budget("other", "effort");
+  EXPECT_EQ(effort.held, 0);
+  EXPECT_EQ(effort.committed, 7);  // start 0: the 5 were an old period's
 }
 
 // One seeded sequence of reserves (new and repeated ids), settles (below, at and above the
