@@ -676,9 +676,11 @@ struct RedisBudgetStore::Subscriber {
 // Operations on the same pools in one loop turn, sent as one script call.
 struct RedisBudgetStore::Batch {
   struct Op {
-    std::string op;
+    const char* op;  // reserve, settle or release
     uint64_t started;
     Done done;
+    std::string callId;  // for a retry, when the store does not answer
+    std::vector<Charge> charges;
   };
   std::vector<std::string> keys;
   std::vector<std::string> args;
@@ -727,6 +729,7 @@ Result<std::vector<RedisBudgetStore::PoolSpec>> RedisBudgetStore::specsOf(const 
     if (p.effort) s.effortLimit = p.effort->limit, s.effortPeriodMs = p.effort->period.count();
     if (p.risk) s.riskLimit = p.risk->limit, s.riskPeriodMs = p.risk->period.count();
     s.failOpen = p.failOpen;
+    s.slot = redisKeySlot(keyOf(p.name, 'b'));
     out.push_back(std::move(s));
   }
   return out;
@@ -884,9 +887,13 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   std::vector<const PoolSpec*> pools;
   // An operation is its call id and its spec, 'OP TTL' and per pool the two amounts: the
   // script parses each distinct spec once per batch.
+  char buf[64];
+  auto number = [&buf](int64_t v) {
+    buf[0] = ' ';
+    return std::string_view(buf, static_cast<size_t>(std::to_chars(buf + 1, buf + 21, v).ptr - buf));
+  };
   std::string spec = op;
-  spec += ' ';
-  spec += std::to_string(ttlMs);
+  spec += number(ttlMs);
   uint16_t slot = 0;
   for (size_t i = 0; i < charges.size(); ++i) {
     const auto& c = charges[i];
@@ -899,9 +906,8 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
                          "pool " + c.pool + " is not in the policy set", 0});
       return;
     }
-    uint16_t s = redisKeySlot(keyOf(c.pool, 'b'));
-    if (i == 0) slot = s;
-    if (s != slot) {
+    if (i == 0) slot = pool->slot;
+    if (pool->slot != slot) {
       done(unavailable("pools " + charges[0].pool + " and " + c.pool +
                        " are in different Redis slots; a call charges pools of one hash tag"));
       return;
@@ -909,10 +915,8 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     batchKey += c.pool;
     batchKey += '\n';
     pools.push_back(pool);
-    spec += ' ';
-    spec += std::to_string(c.effort);
-    spec += ' ';
-    spec += std::to_string(c.risk);
+    spec += number(c.effort);
+    spec += number(c.risk);
   }
   // Operations on the same pools wait for the end of this loop turn and go as one script.
   auto& batch = l->batches[batchKey];
@@ -929,7 +933,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   }
   batch.args.push_back(callId);
   batch.args.push_back(std::move(spec));
-  batch.ops.push_back({op, uv_hrtime(), std::move(done)});
+  batch.ops.push_back({op, uv_hrtime(), std::move(done), callId, charges});
   if (batch.ops.size() >= kMaxBatch) {
     // Large enough: it goes now (a script's arguments are bounded).
     auto full = std::move(batch);
@@ -993,6 +997,16 @@ void RedisBudgetStore::send(PerLoop* l, Batch batch) {
                         }
                       }
                       answered |= out.status != BudgetStatus::kUnavailable;
+                      if (out.status == BudgetStatus::kUnavailable) {
+                        // A settle or release is sent again when the store answers; a
+                        // reserve's call is halted, and its hold (if the reserve did reach
+                        // Redis) is released then.
+                        if (PerLoop* pl = local()) {
+                          bool settle = std::string_view(ops[i].op) == "settle";
+                          retryLater(pl, Retry{settle, std::move(ops[i].callId),
+                                               std::move(ops[i].charges)});
+                        }
+                      }
                       if (observer)
                         observer(ops[i].op, out.status,
                                  static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
@@ -1004,14 +1018,7 @@ void RedisBudgetStore::send(PerLoop* l, Batch batch) {
 
 void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,
                                std::chrono::milliseconds holdTtl, Done done) {
-  run("reserve", callId, charges, holdTtl.count(),
-      [this, callId, charges, done = std::move(done)](BudgetOutcome out) {
-        // The call is halted; if the reserve did reach Redis, its hold is released later.
-        if (out.status == BudgetStatus::kUnavailable) {
-          if (PerLoop* l = local()) retryLater(l, Retry{false, callId, charges});
-        }
-        done(std::move(out));
-      });
+  run("reserve", callId, charges, holdTtl.count(), std::move(done));
 }
 
 void RedisBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
@@ -1021,24 +1028,12 @@ void RedisBudgetStore::settle(const std::string& callId, const std::vector<Charg
     c.effort = std::max<int64_t>(c.effort, -1);  // -1: what was held
     c.risk = std::max<int64_t>(c.risk, -1);
   }
-  run("settle", callId, charges, 0,
-      [this, callId, charges, done = std::move(done)](BudgetOutcome out) {
-        if (out.status == BudgetStatus::kUnavailable) {
-          if (PerLoop* l = local()) retryLater(l, Retry{true, callId, charges});
-        }
-        done(std::move(out));
-      });
+  run("settle", callId, charges, 0, std::move(done));
 }
 
 void RedisBudgetStore::release(const std::string& callId, const std::vector<Charge>& charges,
                                Done done) {
-  run("release", callId, charges, 0,
-      [this, callId, charges, done = std::move(done)](BudgetOutcome out) {
-        if (out.status == BudgetStatus::kUnavailable) {
-          if (PerLoop* l = local()) retryLater(l, Retry{false, callId, charges});
-        }
-        done(std::move(out));
-      });
+  run("release", callId, charges, 0, std::move(done));
 }
 
 std::pair<std::vector<std::string>, std::vector<std::string>> RedisBudgetStore::poolCall(

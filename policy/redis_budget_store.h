@@ -5,8 +5,12 @@
 //   tollgate:{P}:h  hash: call id -> "effort:risk:expiry" held (expiry: ms, Redis time)
 //   tollgate:{P}:x  sorted set: the expiry of holds written as "effort:risk" by releases
 //                   before 2026-11-29 (their sidecars may still run during an upgrade)
-//   tollgate:{P}:d  sorted set: settled, released or expired call ids (the last 100 000)
-// (`h`, `x` and `d` hold a sentinel member `_`, so that the four keys always exist.) A
+//   tollgate:{P}:m  hash: settled, released or expired call ids; at 50 000 it becomes
+//   tollgate:{P}:n  (the generation before, dropped then): 50 000 to 100 000 remembered
+//   tollgate:{P}:d  sorted set: the settled call ids of releases before 2026-11-30 (never
+//                   read here: a call id is operated on by the sidecar that minted it)
+// (`h`, `x`, `d`, `m` and `n` hold a sentinel member `_`, so that the keys always exist;
+// h's is longer than a listpack takes, so that h is a hash table, not a list scanned.) A
 // batch commits the expired holds of its own calls first, and looks for other expired
 // holds at most once a second (the `swept` field of `b`), so that no index of expiries has
 // to be kept per call; the view commits them all.
@@ -71,6 +75,7 @@ class RedisBudgetStore : public BudgetStore {
     int64_t effortLimit = -1, effortPeriodMs = 0;  // limit -1: the pool has no such budget
     int64_t riskLimit = -1, riskPeriodMs = 0;
     bool failOpen = false;
+    uint16_t slot = 0;  // its keys' Redis Cluster slot
   };
   struct Retry {
     bool settle;  // else release

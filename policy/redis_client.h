@@ -127,6 +127,7 @@ class RedisClient {
   std::function<void()> closeWhenIdle_;
   bool healthy_ = false;
   size_t nextSeed_ = 0;
+  std::string wire_;  // the command being queued, formatted (hiredis copies it)
 };
 
 }  // namespace tollgate
