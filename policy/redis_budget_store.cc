@@ -21,6 +21,7 @@ namespace {
 constexpr size_t kMaxRetries = 10'000;   // per worker loop
 constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
 constexpr size_t kMaxBatch = 256;        // operations in one script call
+constexpr size_t kMaxInFlight = 2;  // batch scripts of the same pools on the wire, per worker loop
 
 // KEYS: 6 per pool (b, h, x, d, m, n). ARGV for init and view: op, mode, 0, pool count, then
 // per pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit,
@@ -674,17 +675,18 @@ struct RedisBudgetStore::Subscriber {
 };
 
 // Operations on the same pools in one loop turn, sent as one script call.
+struct RedisBudgetStore::BatchOp {
+  const char* op;  // reserve, settle or release
+  uint64_t started;
+  Done done;
+  std::string callId;  // for a retry, when the store does not answer
+  std::vector<Charge> charges;
+};
+
 struct RedisBudgetStore::Batch {
-  struct Op {
-    const char* op;  // reserve, settle or release
-    uint64_t started;
-    Done done;
-    std::string callId;  // for a retry, when the store does not answer
-    std::vector<Charge> charges;
-  };
   std::vector<std::string> keys;
   std::vector<std::string> args;
-  std::vector<Op> ops;
+  std::vector<BatchOp> ops;
 };
 
 struct RedisBudgetStore::PerLoop {
@@ -699,6 +701,7 @@ struct RedisBudgetStore::PerLoop {
   uv_idle_t* idle = nullptr;
   uv_timer_t* retryTimer = nullptr;  // undelivered settlements are retried on it, traffic or not
   bool armed = false;
+  std::map<std::string, size_t> inFlight;  // batch scripts sent and not answered, by pools
 };
 
 namespace {
@@ -820,7 +823,7 @@ void RedisBudgetStore::detach(std::function<void()> done) {
   }
   // What waits for this turn's batch goes now; then settlements still on the wire are
   // waited for (each within its deadline).
-  flush(l);
+  flush(l, true);
   uv_close(reinterpret_cast<uv_handle_t*>(l->check),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
   uv_close(reinterpret_cast<uv_handle_t*>(l->idle),
@@ -890,7 +893,8 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   char buf[64];
   auto number = [&buf](int64_t v) {
     buf[0] = ' ';
-    return std::string_view(buf, static_cast<size_t>(std::to_chars(buf + 1, buf + 21, v).ptr - buf));
+    return std::string_view(buf,
+                            static_cast<size_t>(std::to_chars(buf + 1, buf + 21, v).ptr - buf));
   };
   std::string spec = op;
   spec += number(ttlMs);
@@ -938,7 +942,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     // Large enough: it goes now (a script's arguments are bounded).
     auto full = std::move(batch);
     l->batches.erase(batchKey);
-    send(l, std::move(full));
+    send(l, batchKey, std::move(full));
     return;
   }
   if (!l->armed) {
@@ -952,68 +956,88 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   }
 }
 
-void RedisBudgetStore::flush(PerLoop* l) {
+void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
   uv_check_stop(l->check);
   uv_idle_stop(l->idle);
   l->armed = false;
-  auto batches = std::move(l->batches);
-  l->batches.clear();
-  for (auto& [key, batch] : batches) send(l, std::move(batch));
-  l->client->flushWrites();
+  // While kMaxInFlight scripts of the same pools are on the wire, their next batch grows
+  // until one is answered: a script's fixed cost in Redis (its call, the budget's read and
+  // write, Lua's tables) is then shared by more operations when Redis is busy, and nothing
+  // waits when it is not.
+  bool sent = false;
+  for (auto it = l->batches.begin(); it != l->batches.end();) {
+    if (!force && l->inFlight[it->first] >= kMaxInFlight) {
+      ++it;
+      continue;
+    }
+    Batch batch = std::move(it->second);
+    std::string key = it->first;
+    it = l->batches.erase(it);
+    send(l, key, std::move(batch));
+    sent = true;
+  }
+  if (sent && write) l->client->flushWrites();
 }
 
-void RedisBudgetStore::send(PerLoop* l, Batch batch) {
+void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
   std::vector<std::string> args;
   args.reserve(batch.args.size() + 2);
   args.push_back("batch");
   args.push_back(std::to_string(batch.ops.size()));
   for (auto& a : batch.args) args.push_back(std::move(a));
+  ++l->inFlight[key];
   l->client->eval(budgetScript(), std::move(batch.keys), std::move(args),
-                  [this, l, ops = std::move(batch.ops)](Result<RedisReply> r) mutable {
-                    std::string failure;
-                    if (!r)
-                      failure = r.error().message;
-                    else if (r.value().isError())
-                      failure = "redis: " + r.value().str;
-                    else if (r.value().type != RedisReply::Type::kArray ||
-                             r.value().elements.size() != ops.size())
-                      failure = "redis: unexpected reply to the budget script";
-                    bool answered = false;
-                    for (size_t i = 0; i < ops.size(); ++i) {
-                      BudgetOutcome out;
-                      if (!failure.empty()) {
-                        out = unavailable(failure);
-                      } else if (r.value().elements[i].type == RedisReply::Type::kInteger) {
-                        out.status = BudgetStatus::kOk;  // the common answer, sent as 0
-                      } else {
-                        const auto& e = r.value().elements[i].elements;
-                        if (e.size() != 4) {
-                          out = unavailable("redis: unexpected reply to the budget script");
-                        } else {
-                          out.status = statusOf(e[0].str);
-                          out.pool = e[1].str;
-                          out.reason = e[2].str;
-                          out.overrun = e[3].integer;
-                        }
-                      }
-                      answered |= out.status != BudgetStatus::kUnavailable;
-                      if (out.status == BudgetStatus::kUnavailable) {
-                        // A settle or release is sent again when the store answers; a
-                        // reserve's call is halted, and its hold (if the reserve did reach
-                        // Redis) is released then.
-                        if (PerLoop* pl = local()) {
-                          bool settle = std::string_view(ops[i].op) == "settle";
-                          retryLater(pl, Retry{settle, std::move(ops[i].callId),
-                                               std::move(ops[i].charges)});
-                        }
-                      }
-                      if (observer)
-                        observer(ops[i].op, out.status,
-                                 static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
-                      ops[i].done(std::move(out));
-                    }
-                    if (answered) flushRetries(l);
+                  [this, l, key, ops = std::move(batch.ops)](Result<RedisReply> r) mutable {
+                    answer(l, key, ops, r);
                   });
+}
+
+void RedisBudgetStore::answer(PerLoop* l, const std::string& key, std::vector<BatchOp>& ops,
+                              const Result<RedisReply>& r) {
+  if (auto it = l->inFlight.find(key); it != l->inFlight.end() && --it->second == 0)
+    l->inFlight.erase(it);
+  std::string failure;
+  if (!r)
+    failure = r.error().message;
+  else if (r.value().isError())
+    failure = "redis: " + r.value().str;
+  else if (r.value().type != RedisReply::Type::kArray || r.value().elements.size() != ops.size())
+    failure = "redis: unexpected reply to the budget script";
+  bool answered = false;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    BudgetOutcome out;
+    if (!failure.empty()) {
+      out = unavailable(failure);
+    } else if (r.value().elements[i].type == RedisReply::Type::kInteger) {
+      out.status = BudgetStatus::kOk;  // the common answer, sent as 0
+    } else {
+      const auto& e = r.value().elements[i].elements;
+      if (e.size() != 4) {
+        out = unavailable("redis: unexpected reply to the budget script");
+      } else {
+        out.status = statusOf(e[0].str);
+        out.pool = e[1].str;
+        out.reason = e[2].str;
+        out.overrun = e[3].integer;
+      }
+    }
+    answered |= out.status != BudgetStatus::kUnavailable;
+    if (out.status == BudgetStatus::kUnavailable) {
+      // A settle or release is sent again when the store answers; a reserve's call is
+      // halted, and its hold (if the reserve did reach Redis) is released then.
+      if (PerLoop* pl = local()) {
+        bool settle = std::string_view(ops[i].op) == "settle";
+        retryLater(pl, Retry{settle, std::move(ops[i].callId), std::move(ops[i].charges)});
+      }
+    }
+    if (observer)
+      observer(ops[i].op, out.status, static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
+    ops[i].done(std::move(out));
+  }
+  if (answered) flushRetries(l);
+  // Operations that waited for this answer go now (written by the client at the end of this
+  // turn: this runs inside hiredis's reply processing).
+  if (local() == l && l->batches.count(key)) flush(l, false, false);
 }
 
 void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,

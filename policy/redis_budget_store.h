@@ -84,14 +84,17 @@ class RedisBudgetStore : public BudgetStore {
   };
   struct PerLoop;
   struct Batch;
+  struct BatchOp;
   struct Subscriber;
 
   explicit RedisBudgetStore(Options options) : options_(std::move(options)) {}
   PerLoop* local() const;
   void run(const char* op, const std::string& callId, const std::vector<Charge>& charges,
            int64_t ttlMs, Done done);
-  void flush(PerLoop* l);
-  void send(PerLoop* l, Batch batch);
+  void flush(PerLoop* l, bool force = false, bool write = true);
+  void send(PerLoop* l, const std::string& key, Batch batch);
+  void answer(PerLoop* l, const std::string& key, std::vector<BatchOp>& ops,
+              const Result<RedisReply>& r);
   void retryLater(PerLoop* l, Retry retry);
   void flushRetries(PerLoop* l);
   std::shared_ptr<const std::vector<PoolSpec>> specs() const;

@@ -31,6 +31,7 @@ class Redis {
   ~Redis() { redisFree(c_); }
   Redis(const Redis&) = delete;
   Redis& operator=(const Redis&) = delete;
+  redisContext* context() { return c_; }
   std::string str(const char* command) { return take(redisCommand(c_, command)).first; }
   long long integer(const char* command) { return take(redisCommand(c_, command)).second; }
   void argv(const std::vector<std::string>& args) {
@@ -225,6 +226,51 @@ TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall
   ASSERT_TRUE(created);
   EXPECT_EQ(created.value().size(), 3u);
   EXPECT_EQ(reserve("c1", {{"team", 1, 0}}).status, BudgetStatus::kOk);
+}
+
+// While two scripts of a pool are on the wire, its next operations wait and go as one: when
+// Redis is slow to answer, its work per operation falls instead of its queue growing.
+TEST_F(RedisBudgetStoreTest, OperationsWaitingForABusyRedisGoAsOneScript) {
+  Redis r(redis.port());
+  ASSERT_EQ(reserve("warm", {{"team", 1, 0}}).status, BudgetStatus::kOk);  // connected
+  // The signals' subscriber reads the quarantines once subscribed (a script call too): let
+  // it be done before counting.
+  for (int i = 0; i < 200; ++i) {
+    auto* reply =
+        static_cast<redisReply*>(redisCommand(r.context(), "PUBSUB NUMSUB tollgate:signals"));
+    bool subscribed = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+                      reply->element[1]->integer == 1;
+    if (reply) freeReplyObject(reply);
+    if (subscribed) break;
+    uv_run(&loop, UV_RUN_NOWAIT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  for (int i = 0; i < 10; ++i) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  auto scripts = [&] {
+    std::string info;
+    auto* reply = static_cast<redisReply*>(redisCommand(r.context(), "INFO commandstats"));
+    if (reply && reply->type == REDIS_REPLY_STRING) info.assign(reply->str, reply->len);
+    if (reply) freeReplyObject(reply);
+    auto at = info.find("cmdstat_evalsha:calls=");
+    return at == std::string::npos ? 0L : std::stol(info.substr(at + 22));
+  };
+  long before = scripts();
+  r.argv({"CLIENT", "PAUSE", "300", "ALL"});
+  int answered = 0, ok = 0;
+  for (int i = 0; i < 10; ++i) {
+    store->reserve("c" + std::to_string(i), {{"team", 1, 0}}, std::chrono::minutes(1),
+                   [&](BudgetOutcome o) {
+                     ++answered;
+                     ok += o.status == BudgetStatus::kOk;
+                   });
+    uv_run(&loop, UV_RUN_NOWAIT);  // each in its own loop turn
+  }
+  while (answered < 10) uv_run(&loop, UV_RUN_ONCE);
+  EXPECT_EQ(ok, 10);
+  EXPECT_EQ(scripts() - before, 3);  // two on the wire while paused, then the other eight
 }
 
 // Settled call ids go into the hash :m; at 50 000 it becomes :n (the :n before is dropped)
