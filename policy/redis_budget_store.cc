@@ -21,6 +21,7 @@ namespace {
 constexpr size_t kMaxRetries = 10'000;   // per worker loop
 constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
 constexpr size_t kMaxBatch = 256;        // operations in one script call
+constexpr uint64_t kSettleDelayMs = 2;   // a settlement waits this long for a reserve to go with
 constexpr size_t kMaxInFlight = 2;  // batch scripts of the same pools on the wire, per worker loop
 
 // KEYS: 6 per pool (b, h, x, d, m, n). ARGV for init and view: op, mode, 0, pool count, then
@@ -699,7 +700,8 @@ struct RedisBudgetStore::PerLoop {
   std::map<std::string, Batch> batches;  // by the pools charged
   uv_check_t* check = nullptr;
   uv_idle_t* idle = nullptr;
-  uv_timer_t* retryTimer = nullptr;  // undelivered settlements are retried on it, traffic or not
+  uv_timer_t* retryTimer = nullptr;   // undelivered settlements are retried on it, traffic or not
+  uv_timer_t* settleTimer = nullptr;  // sends settlements that no reserve took along
   bool armed = false;
   std::map<std::string, size_t> inFlight;  // batch scripts sent and not answered, by pools
 };
@@ -785,6 +787,9 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
   uv_timer_init(loop, l->retryTimer);
   l->retryTimer->data = l;
   uv_unref(reinterpret_cast<uv_handle_t*>(l->retryTimer));
+  l->settleTimer = new uv_timer_t;
+  uv_timer_init(loop, l->settleTimer);
+  l->settleTimer->data = l;
   tlsPerLoop = l;
   tlsOwner = this;
   if (!subscribed_.exchange(true)) {
@@ -828,6 +833,8 @@ void RedisBudgetStore::detach(std::function<void()> done) {
            [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
   uv_close(reinterpret_cast<uv_handle_t*>(l->idle),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
+  uv_close(reinterpret_cast<uv_handle_t*>(l->settleTimer),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
   uv_close(reinterpret_cast<uv_handle_t*>(l->retryTimer),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
   auto closeClient = [l, done = std::move(done)] {
@@ -945,6 +952,21 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
     send(l, batchKey, std::move(full));
     return;
   }
+  // Nothing waits for a settle or release: it goes with the next reserve on its pools, or after
+  // kSettleDelayMs when none comes, so that a call costs Redis one script call, not two,
+  // when each loop turn sees few calls. Its hold stays counted until then.
+  if (std::string_view(op) != "reserve") {
+    if (!l->armed && !uv_is_active(reinterpret_cast<uv_handle_t*>(l->settleTimer))) {
+      uv_timer_start(
+          l->settleTimer,
+          [](uv_timer_t* t) {
+            auto* pl = static_cast<PerLoop*>(t->data);
+            pl->store->flush(pl);
+          },
+          kSettleDelayMs, 0);
+    }
+    return;
+  }
   if (!l->armed) {
     l->armed = true;
     uv_check_start(l->check, [](uv_check_t* h) {
@@ -957,6 +979,7 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
 }
 
 void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
+  uv_timer_stop(l->settleTimer);
   uv_check_stop(l->check);
   uv_idle_stop(l->idle);
   l->armed = false;

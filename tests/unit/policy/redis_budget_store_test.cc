@@ -111,6 +111,35 @@ class RedisBudgetStoreTest : public ::testing::Test {
     return {};
   }
 
+  // Script calls Redis has run so far.
+  long scripts(Redis& r) {
+    std::string info;
+    auto* reply = static_cast<redisReply*>(redisCommand(r.context(), "INFO commandstats"));
+    if (reply && reply->type == REDIS_REPLY_STRING) info.assign(reply->str, reply->len);
+    if (reply) freeReplyObject(reply);
+    auto at = info.find("cmdstat_evalsha:calls=");
+    return at == std::string::npos ? 0L : std::stol(info.substr(at + 22));
+  }
+  // The signals' subscriber reads the quarantines once subscribed (a script call too): lets
+  // it be done, so that counting script calls counts the store's own.
+  void settleSubscriber() {
+    Redis r(redis.port());
+    for (int i = 0; i < 200; ++i) {
+      auto* reply =
+          static_cast<redisReply*>(redisCommand(r.context(), "PUBSUB NUMSUB tollgate:signals"));
+      bool subscribed = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+                        reply->element[1]->integer == 1;
+      if (reply) freeReplyObject(reply);
+      if (subscribed) break;
+      uv_run(&loop, UV_RUN_NOWAIT);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    for (int i = 0; i < 10; ++i) {
+      uv_run(&loop, UV_RUN_NOWAIT);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
   RedisProcess redis;
   std::shared_ptr<const PolicySet> set;
   RedisBudgetStore::Options options;
@@ -233,31 +262,8 @@ TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall
 TEST_F(RedisBudgetStoreTest, OperationsWaitingForABusyRedisGoAsOneScript) {
   Redis r(redis.port());
   ASSERT_EQ(reserve("warm", {{"team", 1, 0}}).status, BudgetStatus::kOk);  // connected
-  // The signals' subscriber reads the quarantines once subscribed (a script call too): let
-  // it be done before counting.
-  for (int i = 0; i < 200; ++i) {
-    auto* reply =
-        static_cast<redisReply*>(redisCommand(r.context(), "PUBSUB NUMSUB tollgate:signals"));
-    bool subscribed = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
-                      reply->element[1]->integer == 1;
-    if (reply) freeReplyObject(reply);
-    if (subscribed) break;
-    uv_run(&loop, UV_RUN_NOWAIT);
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  for (int i = 0; i < 10; ++i) {
-    uv_run(&loop, UV_RUN_NOWAIT);
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  auto scripts = [&] {
-    std::string info;
-    auto* reply = static_cast<redisReply*>(redisCommand(r.context(), "INFO commandstats"));
-    if (reply && reply->type == REDIS_REPLY_STRING) info.assign(reply->str, reply->len);
-    if (reply) freeReplyObject(reply);
-    auto at = info.find("cmdstat_evalsha:calls=");
-    return at == std::string::npos ? 0L : std::stol(info.substr(at + 22));
-  };
-  long before = scripts();
+  settleSubscriber();
+  long before = scripts(r);
   r.argv({"CLIENT", "PAUSE", "300", "ALL"});
   int answered = 0, ok = 0;
   for (int i = 0; i < 10; ++i) {
@@ -270,7 +276,32 @@ TEST_F(RedisBudgetStoreTest, OperationsWaitingForABusyRedisGoAsOneScript) {
   }
   while (answered < 10) uv_run(&loop, UV_RUN_ONCE);
   EXPECT_EQ(ok, 10);
-  EXPECT_EQ(scripts() - before, 3);  // two on the wire while paused, then the other eight
+  EXPECT_EQ(scripts(r) - before, 3);  // two on the wire while paused, then the other eight
+}
+
+// Nothing waits for a settle: it goes with the next reserve on its pools (a call then costs
+// one script call, not two), or on its own after a moment when no reserve comes.
+TEST_F(RedisBudgetStoreTest, ASettleGoesWithTheNextReserve) {
+  Redis r(redis.port());
+  ASSERT_EQ(reserve("c1", {{"team", 3, 0}}).status, BudgetStatus::kOk);
+  settleSubscriber();
+  long before = scripts(r);
+  int answered = 0;
+  auto count = [&](BudgetOutcome o) {
+    EXPECT_EQ(o.status, BudgetStatus::kOk) << o.reason;
+    ++answered;
+  };
+  uv_update_time(&loop);  // as a running loop's clock is (settleSubscriber slept)
+  store->settle("c1", {{"team", 2, 0}}, count);
+  uv_run(&loop, UV_RUN_NOWAIT);  // the turn ends; the settle stays
+  store->reserve("c2", {{"team", 5, 0}}, std::chrono::minutes(1), count);
+  while (answered < 2) uv_run(&loop, UV_RUN_ONCE);
+  EXPECT_EQ(scripts(r) - before, 1);
+  EXPECT_EQ(settle("c2", {{"team", 4, 0}}).status, BudgetStatus::kOk);  // alone: it still goes
+  EXPECT_EQ(scripts(r) - before, 2);
+  auto effort = budget("team", "effort");
+  EXPECT_EQ(effort.committed, 6);
+  EXPECT_EQ(effort.held, 0);
 }
 
 // Settled call ids go into the hash :m; at 50 000 it becomes :n (the :n before is dropped)
