@@ -7,9 +7,9 @@
 #
 #   tests/bench/budget.sh [--out FILE]    (./dev bench budget installs the peers and builds)
 # Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s),
-# ROUNDS (3): each figure is the median of ROUNDS rounds. PIN=1 gives redis-server the last
-# core to itself and runs everything else on the others (as when Redis is on its own host);
-# by default all processes share every core.
+# ROUNDS (3): each figure is the median of ROUNDS rounds (even rounds in reverse order).
+# PIN=1 gives redis-server the last core to itself and runs everything else on the others
+# (as when Redis is on its own host); by default all processes share every core.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=tests/bench/lib.sh
@@ -114,7 +114,11 @@ reserve_us=""
 echo "running $ROUNDS rounds: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round" >&2
-  for t in $TARGETS; do
+  # Even rounds run the targets in reverse order: this VM's speed drifts by several percent
+  # over a round, and a fixed order would charge the drift to the last target every time.
+  order=$TARGETS
+  (( round % 2 == 0 )) && order=$(tr ' ' '\n' <<<"$TARGETS" | tac | tr '\n' ' ')
+  for t in $order; do
     before=$(cpu_ticks "${pid[$t]}"); rbefore=$(cpu_ticks "$redis_pid"); ebefore=$(evals); lbefore=$(reserve_latency)
     out=$("${on_rest[@]}" wrk -t2 -c"$CONNS" -d"$DURATION" -s "$here/forward.lua" "http://127.0.0.1:${port[$t]}")
     after=$(cpu_ticks "${pid[$t]}"); rafter=$(cpu_ticks "$redis_pid"); eafter=$(evals); lafter=$(reserve_latency)
