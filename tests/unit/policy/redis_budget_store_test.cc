@@ -22,6 +22,9 @@ pools:
   - {name: team, scope: shared, effort: {limit: 3000, period: 30d}, risk: {limit: 400, period: 30d}}
   - {name: other, scope: shared, effort: {limit: 40, period: 30d}}
   - {name: third, scope: shared, effort: {limit: 1000, period: 30d}, risk: {limit: 1000, period: 30d}}
+  # Two names whose hash tags share a slot (CRC16 mod 16384 = 11565): a call may charge both.
+  - {name: pool410, scope: shared, effort: {limit: 100, period: 30d}}
+  - {name: pool1000, scope: shared, effort: {limit: 50, period: 30d}, risk: {limit: 9, period: 30d}}
 )";
 
 // A blocking connection for looking at and arranging keys directly.
@@ -253,7 +256,7 @@ TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall
   EXPECT_FALSE(budget("team", "effort").initialised);
   auto created = RedisBudgetStore::initPools(*set, options, false);
   ASSERT_TRUE(created);
-  EXPECT_EQ(created.value().size(), 3u);
+  EXPECT_EQ(created.value().size(), 5u);
   EXPECT_EQ(reserve("c1", {{"team", 1, 0}}).status, BudgetStatus::kOk);
 }
 
@@ -302,6 +305,27 @@ TEST_F(RedisBudgetStoreTest, ASettleGoesWithTheNextReserve) {
   auto effort = budget("team", "effort");
   EXPECT_EQ(effort.committed, 6);
   EXPECT_EQ(effort.held, 0);
+}
+
+// A call charged to two pools of one slot: all or nothing, and each pool settles its own.
+TEST_F(RedisBudgetStoreTest, ACallChargedToTwoPoolsOfOneSlot) {
+  EXPECT_EQ(reserve("c1", {{"pool410", 60, 0}, {"pool1000", 40, 5}}).status, BudgetStatus::kOk);
+  auto refused = reserve("c2", {{"pool410", 30, 0}, {"pool1000", 20, 0}});
+  EXPECT_EQ(refused.status, BudgetStatus::kExhausted);
+  EXPECT_EQ(refused.pool, "pool1000");
+  EXPECT_EQ(budget("pool410", "effort").held, 60);  // nothing taken from the first either
+  auto s = settle("c1", {{"pool410", 50, -1}, {"pool1000", 45, 2}});
+  EXPECT_EQ(s.status, BudgetStatus::kOk);
+  EXPECT_EQ(s.overrun, 5);
+  EXPECT_EQ(s.pool, "pool1000");
+  EXPECT_EQ(budget("pool410", "effort").committed, 50);
+  EXPECT_EQ(budget("pool410", "effort").held, 0);
+  EXPECT_EQ(budget("pool1000", "effort").committed, 40);
+  EXPECT_TRUE(budget("pool1000", "effort").tripped);
+  EXPECT_EQ(budget("pool1000", "risk").committed, 2);
+  EXPECT_EQ(budget("pool1000", "risk").held, 0);
+  EXPECT_EQ(reserve("c1", {{"pool410", 1, 0}, {"pool1000", 1, 0}}).status,
+            BudgetStatus::kUnknownCall);  // settled
 }
 
 // Settled call ids go into the hash :m; at 50 000 it becomes :n (the :n before is dropped)
