@@ -986,7 +986,9 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
   // While kMaxInFlight scripts of the same pools are on the wire, their next batch grows
   // until one is answered: a script's fixed cost in Redis (its call, the budget's read and
   // write, Lua's tables) is then shared by more operations when Redis is busy, and nothing
-  // waits when it is not.
+  // waits when it is not. Redis runs one connection's commands in order, so a third script
+  // sent at once would wait behind the two anyway; with two out, one runs while the next
+  // is queued, and the batch goes when the first is answered.
   bool sent = false;
   for (auto it = l->batches.begin(); it != l->batches.end();) {
     if (!force && l->inFlight[it->first] >= kMaxInFlight) {
