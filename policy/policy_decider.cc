@@ -67,41 +67,42 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
   if (charges.empty()) {
     // Kept for onOutcome() when the set counts failures, so the call is not read twice.
     if (set->tracksOutcomes())
-      d.context = std::make_shared<const Outcomes>(Outcomes{set, std::move(tc.value()), {}});
+      d.context = std::make_shared<const Outcomes>(Outcomes{set, std::move(tc.value()), {}, {}});
     done(std::move(d));
     return;
   }
-  std::string callId = newCallId();
-  auto ctx = std::make_shared<Outcomes>(Outcomes{set, std::move(tc.value()), callId});
-  budgets_->reserve(
-      callId, charges, holdTtl,
-      [d = std::move(d), ctx, set, charges, done = std::move(done)](BudgetOutcome b) mutable {
-        if (b.status == BudgetStatus::kOk) {
-          d.context = ctx;
-          done(std::move(d));
-          return;
-        }
-        // Fail open only when every pool the call is charged to says so explicitly.
-        bool failOpen = b.status == BudgetStatus::kUnavailable && !charges.empty();
-        for (const auto& c : charges) {
-          const PoolDef* pool = set->findPool(c.pool);
-          failOpen = failOpen && pool && pool->failOpen;
-        }
-        if (failOpen) {
-          ctx->callId.clear();  // explicitly fail-open: forwarded, not charged
-          d.context = ctx;
-          d.reason = "budget store unavailable; pool " + charges.front().pool + " is fail_open";
-          done(std::move(d));
-          return;
-        }
-        Decision halt;
-        halt.verdict = Verdict::kHalt;
-        halt.rule = "budget";
-        halt.reason = std::string(budgetStatusName(b.status)) + ": " + b.reason;
-        halt.tool = d.tool;
-        halt.policyDigest = d.policyDigest;
-        done(std::move(halt));
-      });
+  auto ctx = std::make_shared<Outcomes>(
+      Outcomes{set, std::move(tc.value()), newCallId(), std::move(charges)});
+  budgets_->reserve(ctx->callId, ctx->charges, holdTtl,
+                    [d = std::move(d), ctx, done = std::move(done)](BudgetOutcome b) mutable {
+                      if (b.status == BudgetStatus::kOk) {
+                        d.context = ctx;
+                        done(std::move(d));
+                        return;
+                      }
+                      // Fail open only when every pool the call is charged to says so explicitly.
+                      const auto& charged = ctx->charges;
+                      bool failOpen = b.status == BudgetStatus::kUnavailable && !charged.empty();
+                      for (const auto& c : charged) {
+                        const PoolDef* pool = ctx->set->findPool(c.pool);
+                        failOpen = failOpen && pool && pool->failOpen;
+                      }
+                      if (failOpen) {
+                        ctx->callId.clear();  // explicitly fail-open: forwarded, not charged
+                        d.context = ctx;
+                        d.reason = "budget store unavailable; pool " + charged.front().pool +
+                                   " is fail_open";
+                        done(std::move(d));
+                        return;
+                      }
+                      Decision halt;
+                      halt.verdict = Verdict::kHalt;
+                      halt.rule = "budget";
+                      halt.reason = std::string(budgetStatusName(b.status)) + ": " + b.reason;
+                      halt.tool = d.tool;
+                      halt.policyDigest = d.policyDigest;
+                      done(std::move(halt));
+                    });
 }
 
 size_t PolicyDecider::bodyNeeded(std::string_view host) const {
@@ -117,13 +118,13 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
   if (ctx.callId.empty()) return;
   // A call that never left is refunded; any other is charged its real cost when the
   // response names it (never more than was held), else what was held.
-  std::vector<Charge> charges = chargesOf(*ctx.set, ctx.call);
   if (!outcome.sent) {
-    budgets_->release(ctx.callId, charges, [](BudgetOutcome) {});
+    budgets_->release(ctx.callId, ctx.charges, [](BudgetOutcome) {});
     return;
   }
   std::vector<Charge> actual;
-  for (const auto& c : charges) actual.push_back({c.pool, -1, -1});  // -1: what was held
+  actual.reserve(ctx.charges.size());
+  for (const auto& c : ctx.charges) actual.push_back({c.pool, -1, -1});  // -1: what was held
   const ToolDef* tool = ctx.call.toolDef();
   if (tool && outcome.responseHeader &&
       (!tool->cost.effortHeader.empty() || !tool->cost.riskHeader.empty())) {

@@ -58,7 +58,8 @@ class PolicyDecider : public Decider {
   struct Outcomes {
     std::shared_ptr<const PolicySet> set;
     ToolCall call;
-    std::string callId;  // empty: not charged
+    std::string callId;           // empty: not charged
+    std::vector<Charge> charges;  // what the reserve held, for the settle or release
   };
   std::vector<Charge> chargesOf(const PolicySet& set, const ToolCall& call) const;
   std::vector<std::string> files_;
