@@ -991,7 +991,8 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
   // is queued, and the batch goes when the first is answered.
   bool sent = false;
   for (auto it = l->batches.begin(); it != l->batches.end();) {
-    if (!force && l->inFlight[it->first] >= kMaxInFlight) {
+    if (auto f = l->inFlight.find(it->first);
+        !force && f != l->inFlight.end() && f->second >= kMaxInFlight) {
       ++it;
       continue;
     }
