@@ -1006,6 +1006,12 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
 }
 
 void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
+  // A reserve's latency counts from its call (the wait for a batch is the call's wait too);
+  // a settle's or release's from here: nothing waited for it until now.
+  uint64_t now = uv_hrtime();
+  for (auto& op : batch.ops) {
+    if (std::string_view(op.op) != "reserve") op.started = now;
+  }
   std::vector<std::string> args;
   args.reserve(batch.args.size() + 2);
   args.push_back("batch");

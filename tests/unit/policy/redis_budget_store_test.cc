@@ -300,7 +300,19 @@ TEST_F(RedisBudgetStoreTest, ASettleGoesWithTheNextReserve) {
   store->reserve("c2", {{"team", 5, 0}}, std::chrono::minutes(1), count);
   while (answered < 2) uv_run(&loop, UV_RUN_ONCE);
   EXPECT_EQ(scripts(r) - before, 1);
-  EXPECT_EQ(settle("c2", {{"team", 4, 0}}).status, BudgetStatus::kOk);  // alone: it still goes
+  // Alone, it still goes; its latency (the store_seconds histogram) counts from its sending,
+  // not from the wait for a reserve to go with.
+  double observed = -1;
+  store->observer = [&](const std::string& op, BudgetStatus, double seconds) {
+    if (op == "settle") observed = seconds;
+  };
+  uv_update_time(&loop);
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(settle("c2", {{"team", 4, 0}}).status, BudgetStatus::kOk);
+  double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_GE(elapsed, 0.002);  // it waited for a reserve that did not come
+  EXPECT_GE(observed, 0);
+  EXPECT_LT(observed, elapsed - 0.0015);
   EXPECT_EQ(scripts(r) - before, 2);
   auto effort = budget("team", "effort");
   EXPECT_EQ(effort.committed, 6);
