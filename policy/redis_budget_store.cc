@@ -1,8 +1,11 @@
 #include "policy/redis_budget_store.h"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <map>
+#include <unordered_map>
+#include <unordered_set>
 
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
@@ -18,29 +21,28 @@
 namespace tollgate {
 namespace {
 
-constexpr size_t kMaxRetries = 10'000;   // per worker loop
-constexpr uint64_t kRetryDelayMs = 250;  // an undelivered settlement's next try
-constexpr size_t kMaxBatch = 256;        // operations in one script call
-constexpr uint64_t kSettleDelayMs = 2;   // a settlement waits this long for a reserve to go with
+constexpr uint64_t kSyncDelayMs = 250;  // a dirty holder's next sync, while none is answered
+constexpr size_t kMaxBatch = 256;       // operations in one script call
+constexpr uint64_t kSettleDelayMs = 2;  // a settlement waits this long for a reserve to go with
 constexpr size_t kMaxInFlight = 2;  // batch scripts of the same pools on the wire, per worker loop
 
-// KEYS: 6 per pool (b, h, x, d, m, n). ARGV for init and view: op, mode, 0, pool count, then
-// per pool: name, effort amount, risk amount, effort limit, effort period ms, risk limit,
-// risk period ms. Reserve, settle and release always go in batches (layout at
-// `op == 'batch'`).
-// Amounts are the estimate for reserve and the real cost for settle (-1: what was held).
-// A limit of -1: the policy gives the pool no budget of that dimension. Operations run in
-// order, each exactly as it would alone; expired holds are committed first.
+// KEYS per pool: 6 for init and view (b, h, x, d, m, n), 3 for a batch (b, h, x). ARGV for
+// init and view: op, mode, 0, pool count, then per pool: name, effort amount, risk amount,
+// effort limit, effort period ms, risk limit, risk period ms. Reserves and finishes always
+// go in batches (layout at `op == 'batch'`). A limit of -1: the policy gives the pool no
+// budget of that dimension.
 const RedisScript& budgetScript() {
   static const RedisScript script(R"LUA(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, call = ARGV[1], ARGV[2]
-local n = #KEYS / 6
+local per = op == 'batch' and 3 or 6  -- keys per pool
+local n = #KEYS / per
 local base = 4  -- init and view: ARGV index before the per-pool values
 local DIMS = {'effort', 'risk'}
 local GEN = 50000     -- settled call ids per generation: 50 000 to 100 000 remembered per pool
-local SWEEP_MS = 1000 -- how often a batch looks for expired holds of other calls
+local SWEEP_MS = 1000 -- how often a batch looks for the expired holds of other holders
+local IDLE_MS = 600000 -- a holder's record with nothing held goes after this long unused
 -- The holds' sentinel: a value longer than a listpack takes makes h a hash table for good.
 -- As a listpack (up to 128 small fields) every field of an HMGET, HSET or HDEL is found by
 -- a scan: a batch's cost grew with the batch times the holds of the pool.
@@ -49,15 +51,15 @@ local SENTINEL = '0:0:' .. string.rep('0', 64)
 local function I(x) return string.format('%d', x) end
 local function num(v) return tonumber(v) or 0 end
 local function A(i, k) return ARGV[base + 7 * (i - 1) + 1 + k] end
--- Per pool: b budgets, h holds, x legacy expiries, d the settled ids of older releases (a
--- sorted set: created for them at init, never read here), m and n settled ids (this
--- generation and the last).
-local function K(i, k) return KEYS[6 * (i - 1) + k] end
+-- Per pool: b budgets (and the holders' records), h the holds of older releases (one per
+-- call), x their expiries before 2026-11-29; for init and view also d, m and n, the settled
+-- ids of older releases (created for them at init, never read by a batch).
+local function K(i, k) return KEYS[per * (i - 1) + k] end
 
--- A hold is 'effort:risk:expiry' (units; ms of Redis time). Releases before 2026-11-29
--- wrote 'effort:risk' and kept the expiry in the sorted set x: such a hold (expiry false
--- here) expires when x says so, so that older and newer sidecars share a pool exactly
--- during a rolling upgrade. New holds never enter x.
+-- A hold of an older release is 'effort:risk:expiry' (units; ms of Redis time); releases
+-- before 2026-11-29 wrote 'effort:risk' and kept the expiry in the sorted set x: such a hold
+-- (expiry false here) expires when x says so. They are swept here, so that older and newer
+-- sidecars share a pool exactly during a rolling upgrade; this release writes none.
 local function parseHold(v)
   local e, r, x = string.match(v, '^([^:]*):([^:]*):(.*)$')
   if e then return {num(e), num(r), num(x)} end
@@ -153,7 +155,31 @@ if op == 'view' then
   for i = 1, n do
     local b, h = K(i, 1), K(i, 2)
     local alive = redis.call('EXISTS', b) == 1
-    -- Every expired hold is committed first.
+    -- Every expired hold is committed first: the holders' (their sidecars stopped) and the
+    -- calls' of older releases.
+    if alive then
+      local fields = redis.call('HGETALL', b)
+      for x = 1, #fields, 2 do
+        local f = fields[x]
+        if string.sub(f, 1, 2) == 'L:' then
+          local he, hr, ex, fence, last, ring = string.match(fields[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+          if he then
+            he, hr = num(he), num(hr)
+            if (he > 0 or hr > 0) and num(ex) <= now then
+              for j, a in ipairs({he, hr}) do
+                if a > 0 then
+                  redis.call('HINCRBY', b, DIMS[j] .. ':held', -a)
+                  redis.call('HINCRBY', b, DIMS[j] .. ':committed', a)
+                end
+              end
+              redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. ring)
+            elseif he == 0 and hr == 0 and num(last) + IDLE_MS <= now then
+              redis.call('HDEL', b, f)
+            end
+          end
+        end
+      end
+    end
     local all, del, xdel, marks, due = redis.call('HGETALL', h), {}, {}, {}, legacyDue(K(i, 3))
     for x = 1, #all, 2 do
       local hold = HOLD(all[x + 1])
@@ -202,149 +228,62 @@ if op == 'view' then
   return out
 end
 
--- A batch: ARGV[2] operations on the pools of KEYS. ARGV[3…]: per pool its name, effort
--- limit, effort period ms, risk limit, risk period ms; then per operation its call id and
--- its spec, 'OP TTL' (reserve, settle or release; the hold's ttl in ms) and per pool the
--- effort and the risk amount (integers). An answer is 0 for a plain ok, else {status,
--- pool, reason, overrun}. Every key is read once (the pools' budgets, the holds of the
--- batch's calls, the settled marks of those it reserves), the operations run in order on
--- those values in Lua, exactly as each would alone, and what changed is written back once
--- per key. Expired holds are committed first: those of the batch's calls always, the others
--- at most once a second. This runs for every call of every sidecar on Redis's one thread,
--- and its cost is mostly Lua's own: a call's arguments are two strings, specs and holds
--- are parsed once per script and shared, numbers are formatted only where they change.
+-- A batch of one sidecar worker, the holder ARGV[3]: ARGV[2] operations on the pools of
+-- KEYS (3 per pool: b, h, x). A holder's holds are one record in each pool's budget hash,
+-- `L:<holder>` = 'effort:risk:expiry:fence:last:ring' (the effort and risk it holds; when
+-- the record expires, Redis time, ms; the lowest batch it takes; its last batch; the recent
+-- batches that committed, ',seq,seq,'), so that an operation costs Redis some arithmetic,
+-- never a call id read or written: the sidecar keeps its calls. ARGV[4]: the batch's
+-- number (rising per holder); ARGV[5]: ms until the holder's last hold expires. Per pool
+-- (7): name, effort limit, effort period ms, risk limit, risk period ms, the budget's epoch
+-- (`created`) the sidecar holds in, and a sync ('' or 'HE HR SEQ:CE:CR:TE:TR …'). Then per
+-- operation its spec:
+--   'R E R [E R …]'           reserve: per pool the effort and the risk asked;
+--   'F HE HR CE CR TE TR […]'  finish (settle, release, expiry): per pool the hold that
+--                             ends, what of it is committed, and 1 where it trips the pool.
+-- The answer: per pool its epoch ('0': missing), then per operation 0 (ok) or {status,
+-- pool, reason, 0}. Operations run in order, each exactly as it would alone.
+--
+-- A sync follows a batch whose answer was lost (it may or may not have run): it sets the
+-- holder's holds to what the sidecar knows them to be, commits what the lost batches
+-- would have committed unless the ring says they ran, and fences older batches off (a lost
+-- batch can still arrive late from a dropped connection: it is refused, STALE). A batch of
+-- another epoch (the budget was flushed and initialised again, or reset) has its finishes
+-- and sync ignored: those holds went with the budget.
 if op == 'batch' then
   local m = tonumber(ARGV[2])
-  local first = 3 + 5 * n  -- the first operation's index
-  -- Specs by their string: {op, a[i] = {effort, risk} as given, hold[i] = the hold a reserve
-  -- leaves ({effort, risk, expiry, its string})}. A batch's specs are one or two strings.
-  local specOf = {}
-  local function SPEC(s)
-    local sp = specOf[s]
-    if sp then return sp end
-    local w = {}
-    for x in string.gmatch(s, '%S+') do w[#w + 1] = x end
-    local until_ = now + num(w[2])
-    local xs = I(until_)
-    sp = {op = w[1], a = {}, hold = {}}
-    for i = 1, n do
-      local es, rs = w[1 + 2 * i] or '0', w[2 + 2 * i] or '0'
-      local e, r = num(es), num(rs)
-      sp.a[i] = {e, r}
-      if e <= 0 then e, es = 0, '0' end
-      if r <= 0 then r, rs = 0, '0' end
-      sp.hold[i] = {e, r, until_, es .. ':' .. rs .. ':' .. xs}
-    end
-    specOf[s] = sp
-    return sp
-  end
-  -- The batch's call ids, once each (ids; seen[id] is 2 once it is reserved), and those it
-  -- reserves (rids).
-  local ids, seen, rids = {}, {}, {}
-  for at = first, first + 2 * (m - 1), 2 do
-    local id = ARGV[at]
-    local s = seen[id]
-    if not s then
-      ids[#ids + 1] = id
-      s = 1
-      seen[id] = 1
-    end
-    if s == 1 and SPEC(ARGV[at + 1]).op == 'reserve' then
-      rids[#rids + 1] = id
-      seen[id] = 2
-    end
-  end
-  -- Per pool: name; limit and period by dimension (1 effort, 2 risk); st[i][j] the stored
-  -- budget (st[i] false when the pool is missing); holds[i][id] the calls' live holds and
-  -- read[i][id] those read live; the ids to mark settled (marks[i]) and the holds to delete
-  -- (dels[i]: expired ones, the batch's and the others' the sweep found); legacy holds to
-  -- leave x (xdel), and the batch's live ones (legacy); done[id]: settled, released or
-  -- expired (a reserve is refused).
-  local name, limit, period, st, holds, read, marks, dels, xdel, legacy, done = {}, {}, {}, {},
-      {}, {}, {}, {}, {}, {}, {}
-  local function expired(i, hold)  -- committed, not refunded: the call may have run
-    local s = st[i]
-    if s then
-      for j = 1, 2 do
-        if hold[j] > 0 then
-          s[j].held, s[j].committed, s[j].moved = s[j].held - hold[j], s[j].committed + hold[j], true
-        end
-      end
-    end
-  end
+  local hf, seq, ttl = 'L:' .. ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local first = 6 + 7 * n  -- the first operation's index
+  local name, limit, period, st, rec, valid, out = {}, {}, {}, {}, {}, {}, {}
   for i = 1, n do
-    local o = 3 + 5 * (i - 1)
+    local o = 6 + 7 * (i - 1)
     name[i] = ARGV[o]
     limit[i] = {tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])}
     period[i] = {tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])}
     local v = redis.call('HMGET', K(i, 1), 'created', 'effort:committed', 'effort:held',
                          'effort:period', 'effort:start', 'effort:tripped', 'risk:committed',
-                         'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept',
-                         'marks')
+                         'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept', hf)
     local s = false
+    out[i] = '0'
     if v[1] then
-      s = {sweep = now >= num(v[12]) + SWEEP_MS, marks = num(v[13]), unmarked = not v[13]}
+      s = {sweep = now >= num(v[12]) + SWEEP_MS}
       for j = 1, 2 do
         local f = 1 + 5 * (j - 1)
         s[j] = {committed = num(v[f + 1]), held = num(v[f + 2]), period = num(v[f + 3]),
                 start = num(v[f + 4]), tripped = num(v[f + 5]), moved = false, rolled = false}
       end
-      if not v[13] then
-        -- A pool initialised by an older release (no 'marks'): its holds become a hash
-        -- table and its marks' keys start now.
-        redis.call('HSET', K(i, 2), '_', SENTINEL)
-        redis.call('HSET', K(i, 5), '_', '1')
-        redis.call('HSET', K(i, 6), '_', '1')
+      local r = {0, 0, fence = 0, ring = ','}
+      if v[13] then
+        local he, hr, _, fence, _, ring = string.match(v[13], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+        if he then r = {num(he), num(hr), fence = num(fence), ring = ring} end
       end
+      if r.fence > seq then
+        return redis.error_reply('STALE tollgate budget batch ' .. ARGV[4] .. ' of ' .. ARGV[3] ..
+                                 ' came after its sync')
+      end
+      rec[i], valid[i], out[i] = r, ARGV[o + 5] == v[1], v[1]
     end
     st[i] = s
-    local hs, rd, mk, del, xd, lg, due = {}, {}, {}, {}, {}, {}, nil
-    local h = redis.call('HMGET', K(i, 2), unpack(ids))
-    for x, id in ipairs(ids) do
-      local hv = h[x]
-      if hv then
-        local hold = HOLD(hv)
-        if not hold[3] then due = due or legacyDue(K(i, 3)) end
-        if not isExpired(id, hold, due) then
-          hs[id], rd[id] = hold, true
-          if not hold[3] then lg[id] = true end
-        else
-          expired(i, hold)
-          mk[#mk + 1], del[#del + 1], done[id] = id, id, true
-          if not hold[3] then xd[#xd + 1] = id end
-        end
-      end
-    end
-    if s and s.sweep then
-      local all = redis.call('HGETALL', K(i, 2))
-      for x = 1, #all, 2 do
-        local id = all[x]
-        if id ~= '_' and not seen[id] then
-          local hold = HOLD(all[x + 1])
-          if not hold[3] then due = due or legacyDue(K(i, 3)) end
-          if isExpired(id, hold, due) then
-            expired(i, hold)
-            mk[#mk + 1], del[#del + 1] = id, id
-            if not hold[3] then xd[#xd + 1] = id end
-          end
-        end
-      end
-    end
-    holds[i], read[i], marks[i], dels[i], xdel[i], legacy[i] = hs, rd, mk, del, xd, lg
-  end
-  -- The settled marks of the ids reserved and not held (pool 1's, this generation and the
-  -- last).
-  local ask = {}
-  for _, id in ipairs(rids) do
-    if not holds[1][id] and not done[id] then ask[#ask + 1] = id end
-  end
-  if #ask > 0 then
-    for k = 5, 6 do
-      local d = redis.call('HMGET', K(1, k), unpack(ask))
-      for x, id in ipairs(ask) do
-        if d[x] then done[id] = true end
-      end
-    end
   end
 
   local function rolled(s, p)
@@ -354,10 +293,123 @@ if op == 'batch' then
       s.start, s.committed, s.tripped, s.rolled = now - now % p, 0, 0, true
     end
   end
+  local function inRing(ring, q) return string.find(ring, ',' .. q .. ',', 1, true) ~= nil end
+  local function addRing(ring, q)
+    ring = ring .. q .. ','
+    while #ring > 360 do ring = string.sub(ring, string.find(ring, ',', 2, true)) end
+    return ring
+  end
+  local logged = {}  -- pools whose ring takes this batch
+  -- Commits what a finish (or a lost batch) commits: per dimension c[j], and trips t[j].
+  local function commit(i, c, t)
+    local s = st[i]
+    for j = 1, 2 do
+      if limit[i][j] >= 0 then
+        local sj = s[j]
+        if c[j] > 0 then sj.committed, sj.moved = sj.committed + c[j], true end
+        if t[j] then sj.tripped, sj.rolled, sj.moved = 1, true, true end
+      end
+    end
+  end
 
-  local function reserve(call, sp)
-    if holds[1][call] then return 0 end
-    if done[call] then return {'unknown_call', '', 'call ' .. call .. ' was already settled', 0} end
+  -- Sweep: holders whose records expired (their sidecar stopped) have their holds committed,
+  -- not refunded: the calls may have run. Records idle for 10 minutes with nothing held go.
+  -- Holds written per call by releases before 2026-11-30 (h; their expiry in the hold, or
+  -- in x before 2026-11-29) are swept too, for older sidecars gone during an upgrade.
+  for i = 1, n do
+    local s = st[i]
+    if s and s.sweep then
+      local all = redis.call('HGETALL', K(i, 1))
+      for x = 1, #all, 2 do
+        local f = all[x]
+        if string.sub(f, 1, 2) == 'L:' and f ~= hf then
+          local he, hr, ex, fence, last, ring = string.match(all[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+          if he then
+            he, hr = num(he), num(hr)
+            if (he > 0 or hr > 0) and num(ex) <= now then
+              for j, a in ipairs({he, hr}) do
+                if a > 0 then
+                  s[j].held, s[j].committed, s[j].moved = math.max(0, s[j].held - a), s[j].committed + a, true
+                end
+              end
+              redis.call('HSET', K(i, 1), f, '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. ring)
+            elseif he == 0 and hr == 0 and num(last) + IDLE_MS <= now then
+              redis.call('HDEL', K(i, 1), f)
+            end
+          end
+        end
+      end
+      local legacy, del, xdel, due = redis.call('HGETALL', K(i, 2)), {}, {}, nil
+      for x = 1, #legacy, 2 do
+        local id = legacy[x]
+        if id ~= '_' then
+          local hold = HOLD(legacy[x + 1])
+          if not hold[3] then due = due or legacyDue(K(i, 3)) end
+          if isExpired(id, hold, due) then
+            for j = 1, 2 do
+              if hold[j] > 0 then
+                s[j].held, s[j].committed, s[j].moved = s[j].held - hold[j], s[j].committed + hold[j], true
+              end
+            end
+            del[#del + 1] = id
+            if not hold[3] then xdel[#xdel + 1] = id end
+          end
+        end
+      end
+      if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
+      if #xdel > 0 then redis.call('ZREM', K(i, 3), unpack(xdel)) end
+    end
+  end
+
+  -- Syncs.
+  for i = 1, n do
+    local sync = ARGV[6 + 7 * (i - 1) + 6]
+    if st[i] and valid[i] and sync ~= '' then
+      local w, r, s = {}, rec[i], st[i]
+      for x in string.gmatch(sync, '%S+') do w[#w + 1] = x end
+      for x = 3, #w do
+        local q, ce, cr, te, tr = string.match(w[x], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+        if q and not inRing(r.ring, q) then
+          commit(i, {num(ce), num(cr)}, {te == '1', tr == '1'})
+          r.ring = addRing(r.ring, q)
+        end
+      end
+      for j = 1, 2 do
+        local want = num(w[j])
+        if want ~= r[j] then
+          s[j].held, s[j].moved = math.max(0, s[j].held + want - r[j]), true
+          r[j] = want
+        end
+      end
+      r.fence = seq
+    end
+  end
+
+  -- Specs by their string, parsed once per batch: {op, a[i] = {effort, risk}} for a reserve,
+  -- {op, h[i], c[i], t[i]} for a finish.
+  local specOf = {}
+  local function SPEC(str)
+    local sp = specOf[str]
+    if sp then return sp end
+    local w = {}
+    for x in string.gmatch(str, '%S+') do w[#w + 1] = x end
+    if w[1] == 'R' then
+      sp = {op = 'R', a = {}}
+      for i = 1, n do sp.a[i] = {num(w[2 * i]), num(w[2 * i + 1])} end
+    else
+      sp = {op = w[1], h = {}, c = {}, t = {}}
+      for i = 1, n do
+        local b = 6 * (i - 1) + 1
+        sp.h[i] = {num(w[b + 1]), num(w[b + 2])}
+        sp.c[i] = {num(w[b + 3]), num(w[b + 4])}
+        sp.t[i] = {w[b + 5] == '1', w[b + 6] == '1'}
+      end
+    end
+    specOf[str] = sp
+    return sp
+  end
+
+  local function reserve(sp)
     for i = 1, n do
       local a = sp.a[i]
       for j = 1, 2 do
@@ -388,105 +440,60 @@ if op == 'batch' then
       end
     end
     for i = 1, n do
-      local hold, s = sp.hold[i], st[i]
-      if s then
-        if hold[1] > 0 then s[1].held, s[1].moved = s[1].held + hold[1], true end
-        if hold[2] > 0 then s[2].held, s[2].moved = s[2].held + hold[2], true end
-      end
-      holds[i][call] = hold
-    end
-    return 0
-  end
-
-  local function finish(o, call, sp)
-    if not holds[1][call] then
-      -- A release of a call never held leaves a mark, so that a late reserve is refused.
-      if o == 'release' then
-        local mk = marks[1]
-        mk[#mk + 1] = call
-        done[call] = true
-      end
-      return {'unknown_call', '', 'no hold for call ' .. call, 0}
-    end
-    local overrun, opool = 0, ''
-    for i = 1, n do
-      local hold = holds[i][call]
-      if hold then
-        for j = 1, 2 do
-          local held = hold[j]
-          if held > 0 then
-            local cost = 0
-            if o == 'settle' then
-              cost = sp.a[i][j]
-              if cost < 0 then cost = held end
-            end
-            local s = st[i]
-            if s then
-              s = s[j]
-              s.held = s.held - held
-              s.committed = s.committed + math.min(cost, held)
-              if cost > held then s.tripped, s.rolled = 1, true end
-              s.moved = true
-            end
-            if cost > held then
-              overrun = overrun + cost - held
-              opool = name[i]
-            end
-          end
+      local a, s, r = sp.a[i], st[i], rec[i]
+      for j = 1, 2 do
+        if a[j] > 0 then
+          s[j].held, s[j].moved = s[j].held + a[j], true
+          r[j] = r[j] + a[j]
         end
-        holds[i][call] = nil
       end
-      local mk = marks[i]
-      mk[#mk + 1] = call
-    end
-    done[call] = true
-    if overrun > 0 then
-      return {'ok', opool, 'call ' .. call .. ' cost ' .. I(overrun) .. ' more than was held', overrun}
     end
     return 0
   end
 
-  local out = {}
+  -- A finish ends holds of this holder: never more than its record holds (a sweep may have
+  -- committed an expired record; what it committed is not committed again).
+  local function finish(sp)
+    for i = 1, n do
+      if st[i] and valid[i] then
+        local r, h, c, t, cc = rec[i], sp.h[i], sp.c[i], sp.t[i], {0, 0}
+        for j = 1, 2 do
+          local hold, take = h[j], math.min(h[j], r[j])
+          if take > 0 then
+            local sj = st[i][j]
+            sj.held, sj.moved, r[j] = sj.held - take, true, r[j] - take
+          end
+          cc[j] = math.max(0, c[j] - (hold - take))
+        end
+        if cc[1] > 0 or cc[2] > 0 or t[1] or t[2] then
+          commit(i, cc, t)
+          logged[i] = true
+        end
+      end
+    end
+    return 0
+  end
+
   local at = first
   for k = 1, m do
-    local id, sp = ARGV[at], SPEC(ARGV[at + 1])
-    local o = sp.op
-    if o == 'reserve' then
-      out[k] = reserve(id, sp)
-    elseif o == 'settle' or o == 'release' then
-      out[k] = finish(o, id, sp)
+    local sp = SPEC(ARGV[at])
+    if sp.op == 'R' then
+      out[n + k] = reserve(sp)
+    elseif sp.op == 'F' then
+      out[n + k] = finish(sp)
     else
-      out[k] = {'unavailable', '', 'unknown op ' .. tostring(o), 0}
+      out[n + k] = {'unavailable', '', 'unknown op ' .. tostring(sp.op), 0}
     end
-    at = at + 2
+    at = at + 1
   end
 
-  -- Write back what changed, one command per key.
+  -- Write back what changed, one command per budget.
   for i = 1, n do
-    local s = st[i]
-    local add, del, xd = {}, dels[i], xdel[i]
-    local hs, rd, lg = holds[i], read[i], legacy[i]
-    for _, id in ipairs(ids) do
-      local hold = hs[id]
-      if hold then
-        if not rd[id] then
-          add[#add + 1] = id
-          add[#add + 1] = hold[4]
-        end
-      elseif rd[id] then
-        del[#del + 1] = id
-        if lg[id] then xd[#xd + 1] = id end
-      end
-    end
-    if #add > 0 then redis.call('HSET', K(i, 2), unpack(add)) end
-    if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
-    if #xd > 0 then redis.call('ZREM', K(i, 3), unpack(xd)) end
+    local s, r = st[i], rec[i]
     if s then
-      local args = {}
-      if #marks[i] > 0 or s.unmarked then
-        args[1] = 'marks'
-        args[2] = I(remember(i, marks[i], s.marks))
-      end
+      if logged[i] then r.ring = addRing(r.ring, ARGV[4]) end
+      local args = {hf, I(r[1]) .. ':' .. I(r[2]) .. ':' .. I(now + ttl) .. ':' ..
+                        I(r.fence) .. ':' .. I(now) .. ':' .. r.ring}
       for j = 1, 2 do
         local sj, dim = s[j], DIMS[j]
         if sj.rolled then
@@ -508,9 +515,7 @@ if op == 'batch' then
         args[#args + 1] = 'swept'
         args[#args + 1] = I(now)
       end
-      if #args > 0 then redis.call('HSET', K(i, 1), unpack(args)) end
-    else
-      remember(i, marks[i], 0)
+      redis.call('HSET', K(i, 1), unpack(args))
     end
   end
   return out
@@ -677,39 +682,87 @@ struct RedisBudgetStore::Subscriber {
 
 // Operations on the same pools in one loop turn, sent as one script call.
 struct RedisBudgetStore::BatchOp {
-  const char* op;  // reserve, settle or release
+  char kind;  // 'R' reserve, 'S' settle, 'L' release, 'X' an expiry (nobody waits for it)
   uint64_t started;
   Done done;
-  std::string callId;  // for a retry, when the store does not answer
-  std::vector<Charge> charges;
+  std::string callId;     // a reserve's, to find its call on the answer
+  BudgetOutcome outcome;  // a finish's answer, known when it was queued
 };
 
 struct RedisBudgetStore::Batch {
-  std::vector<std::string> keys;
-  std::vector<std::string> args;
+  std::vector<PoolSpec> pools;
+  std::vector<std::string> specs;  // one per operation
   std::vector<BatchOp> ops;
+  // Per pool: the holds the batch's finishes end, what they commit, what they trip.
+  std::vector<std::array<int64_t, 2>> ended, committed;
+  std::vector<std::array<bool, 2>> trips;
+  std::vector<bool> synced;  // per pool: the batch carries its holder's sync
+  uint64_t seq = 0;
+};
+
+// This worker's holds in one pool, as the sidecar knows them. `held` counts the calls whose
+// reserve was answered ok and whose finish has not been sent; a batch whose answer was lost
+// makes the holder dirty: the next batch on the pool carries a sync.
+struct RedisBudgetStore::Holder {
+  struct Lost {
+    uint64_t seq;
+    std::array<int64_t, 2> committed;
+    std::array<bool, 2> trips;
+  };
+  std::string epoch;  // the budget's `created` as last answered ("": none yet)
+  std::array<int64_t, 2> held{0, 0};
+  bool dirty = false;
+  uint64_t dirtySeq = 0;   // the last lost batch
+  std::vector<Lost> lost;  // lost batches that committed: the sync commits them unless they ran
+  size_t inFlight = 0;     // batches with this pool on the wire
+};
+
+// A call this worker holds budget for, from its reserve to its finish.
+struct RedisBudgetStore::Call {
+  std::vector<Charge> holds;        // per pool charged: the effort and risk held (>= 0)
+  std::vector<std::string> epochs;  // per pool: the epoch it is held in
+  uint64_t expiresMs = 0;
+  bool pending = true;        // the reserve is on the wire
+  std::vector<Done> waiters;  // the same call id reserved again meanwhile
+  std::multimap<uint64_t, std::string>::iterator expiry;
 };
 
 struct RedisBudgetStore::PerLoop {
   RedisBudgetStore* store;
   uv_loop_t* loop;
   std::unique_ptr<RedisClient> client;
-  std::vector<Retry> retries;
-  bool flushing = false;
   Subscriber* subscriber = nullptr;
   std::map<std::string, Batch> batches;  // by the pools charged
   uv_check_t* check = nullptr;
   uv_idle_t* idle = nullptr;
-  uv_timer_t* retryTimer = nullptr;   // undelivered settlements are retried on it, traffic or not
-  uv_timer_t* settleTimer = nullptr;  // sends settlements that no reserve took along
+  uv_timer_t* syncTimer = nullptr;    // syncs dirty holders, traffic or not
+  uv_timer_t* settleTimer = nullptr;  // sends finishes that no reserve took along
+  uv_timer_t* expiryTimer = nullptr;  // finishes calls whose holds expired
   bool armed = false;
-  std::map<std::string, size_t> inFlight;  // batch scripts sent and not answered, by pools
+  std::map<std::string, size_t> inFlight;           // batch scripts sent and not answered, by pools
+  std::string holder;                               // this worker's name in the pools' budgets
+  uint64_t seq = 0;                                 // its last batch's number
+  uint64_t lastExpiryMs = 0;                        // the latest expiry of any hold it took
+  std::unordered_map<std::string, Holder> holders;  // by pool
+  std::unordered_map<std::string, Call> calls;
+  std::multimap<uint64_t, std::string> expiries;
+  // Call ids finished here (settled, released, expired), two generations: a reserve of one
+  // is refused. A call id is minted by one sidecar and operated on by it alone.
+  std::unordered_set<uint64_t> done, doneBefore;
 };
 
 namespace {
 // The calling worker's client. One Redis store per process, so one slot per thread.
 thread_local void* tlsPerLoop = nullptr;
 thread_local const void* tlsOwner = nullptr;
+
+constexpr size_t kDoneGeneration = 50'000;
+uint64_t nowMs() {
+  return uv_hrtime() / 1'000'000;
+}
+uint64_t idOf(const std::string& callId) {
+  return std::hash<std::string>{}(callId);
+}
 }  // namespace
 
 RedisBudgetStore::PerLoop* RedisBudgetStore::local() const {
@@ -776,6 +829,7 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
   auto* l = new PerLoop{};
   l->store = this;
   l->loop = loop;
+  l->holder = newCallId();  // unique in the process and across processes
   l->client =
       std::make_unique<RedisClient>(loop, RedisClient::Options{options_.seeds, options_.timeout});
   l->check = new uv_check_t;
@@ -783,13 +837,14 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
   l->check->data = l;
   l->idle = new uv_idle_t;
   uv_idle_init(loop, l->idle);
-  l->retryTimer = new uv_timer_t;
-  uv_timer_init(loop, l->retryTimer);
-  l->retryTimer->data = l;
-  uv_unref(reinterpret_cast<uv_handle_t*>(l->retryTimer));
-  l->settleTimer = new uv_timer_t;
-  uv_timer_init(loop, l->settleTimer);
-  l->settleTimer->data = l;
+  for (auto** t : {&l->syncTimer, &l->settleTimer, &l->expiryTimer}) {
+    *t = new uv_timer_t;
+    uv_timer_init(loop, *t);
+    (*t)->data = l;
+  }
+  // Neither keeps the loop alive on its own: at shutdown the holder's record expires.
+  uv_unref(reinterpret_cast<uv_handle_t*>(l->syncTimer));
+  uv_unref(reinterpret_cast<uv_handle_t*>(l->expiryTimer));
   tlsPerLoop = l;
   tlsOwner = this;
   if (!subscribed_.exchange(true)) {
@@ -821,22 +876,25 @@ void RedisBudgetStore::detach(std::function<void()> done) {
     done();
     return;
   }
-  if (!l->retries.empty()) {
-    Log::Line(LogLevel::kWarn, "budget settlements not delivered at shutdown; their holds expire")
-        .add("calls", static_cast<uint64_t>(l->retries.size()))
+  size_t dirty = 0;
+  for (const auto& [pool, h] : l->holders) dirty += h.dirty;
+  if (dirty > 0 || !l->calls.empty()) {
+    Log::Line(LogLevel::kWarn, "budget holds not finished at shutdown; they expire and commit")
+        .add("calls", static_cast<uint64_t>(l->calls.size()))
+        .add("pools_unsynced", static_cast<uint64_t>(dirty))
         .emit();
   }
-  // What waits for this turn's batch goes now; then settlements still on the wire are
-  // waited for (each within its deadline).
+  // What waits for this turn's batch goes now; then batches still on the wire are waited
+  // for (each within its deadline).
   flush(l, true);
   uv_close(reinterpret_cast<uv_handle_t*>(l->check),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
   uv_close(reinterpret_cast<uv_handle_t*>(l->idle),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
-  uv_close(reinterpret_cast<uv_handle_t*>(l->settleTimer),
-           [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-  uv_close(reinterpret_cast<uv_handle_t*>(l->retryTimer),
-           [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+  for (auto* t : {l->syncTimer, l->settleTimer, l->expiryTimer}) {
+    uv_close(reinterpret_cast<uv_handle_t*>(t),
+             [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+  }
   auto closeClient = [l, done = std::move(done)] {
     l->client->close(
         [l, done] {
@@ -853,109 +911,57 @@ void RedisBudgetStore::detach(std::function<void()> done) {
   }
 }
 
-void RedisBudgetStore::retryLater(PerLoop* l, Retry retry) {
-  if (l->retries.size() >= kMaxRetries) return;  // the hold expires and is committed
-  l->retries.push_back(std::move(retry));
-  // Retried with the next answered batch, or after a moment when no traffic follows (a
-  // settlement must not wait for the next call, or its hold would commit the estimate).
-  if (!uv_is_active(reinterpret_cast<uv_handle_t*>(l->retryTimer))) {
-    uv_timer_start(
-        l->retryTimer,
-        [](uv_timer_t* t) {
-          auto* pl = static_cast<PerLoop*>(t->data);
-          pl->store->flushRetries(pl);
-        },
-        kRetryDelayMs, 0);
-  }
-}
-
-void RedisBudgetStore::flushRetries(PerLoop* l) {
-  if (l->retries.empty() || l->flushing) return;
-  l->flushing = true;
-  auto retries = std::move(l->retries);
-  l->retries.clear();
-  for (auto& r : retries) {
-    if (r.settle)
-      settle(r.callId, r.charges, [](BudgetOutcome) {});
-    else
-      release(r.callId, r.charges, [](BudgetOutcome) {});
-  }
-  l->flushing = false;
-}
-
-void RedisBudgetStore::run(const char* op, const std::string& callId,
-                           const std::vector<Charge>& charges, int64_t ttlMs, Done done) {
-  PerLoop* l = local();
-  if (!l) {
-    done(unavailable("no Redis connection on this thread"));
-    return;
-  }
+// The batch for these pools in this loop turn (created with their specs if new).
+RedisBudgetStore::Batch* RedisBudgetStore::batchFor(PerLoop* l, const std::vector<Charge>& pools,
+                                                    std::string* key, BudgetOutcome* refusal) {
   auto specs = this->specs();
-  // One batch per pool list and loop turn, reserves and settlements together: separate
-  // batches cost Redis a script call each and measured no faster reserve.
-  std::string batchKey;
-  std::vector<const PoolSpec*> pools;
-  // An operation is its call id and its spec, 'OP TTL' and per pool the two amounts: the
-  // script parses each distinct spec once per batch.
-  char buf[64];
-  auto number = [&buf](int64_t v) {
-    buf[0] = ' ';
-    return std::string_view(buf,
-                            static_cast<size_t>(std::to_chars(buf + 1, buf + 21, v).ptr - buf));
-  };
-  std::string spec = op;
-  spec += number(ttlMs);
-  uint16_t slot = 0;
-  for (size_t i = 0; i < charges.size(); ++i) {
-    const auto& c = charges[i];
+  key->clear();
+  std::vector<const PoolSpec*> found;
+  for (size_t i = 0; i < pools.size(); ++i) {
+    const auto& c = pools[i];
     const PoolSpec* pool = nullptr;
     for (const auto& sp : *specs) {
       if (sp.name == c.pool) pool = &sp;
     }
     if (!pool) {
-      done(BudgetOutcome{BudgetStatus::kUninitialised, c.pool,
-                         "pool " + c.pool + " is not in the policy set", 0});
-      return;
+      *refusal = BudgetOutcome{BudgetStatus::kUninitialised, c.pool,
+                               "pool " + c.pool + " is not in the policy set", 0};
+      return nullptr;
     }
-    if (i == 0) slot = pool->slot;
-    if (pool->slot != slot) {
-      done(unavailable("pools " + charges[0].pool + " and " + c.pool +
-                       " are in different Redis slots; a call charges pools of one hash tag"));
-      return;
+    if (!found.empty() && pool->slot != found.front()->slot) {
+      *refusal = unavailable("pools " + pools[0].pool + " and " + c.pool +
+                             " are in different Redis slots; a call charges pools of one hash tag");
+      return nullptr;
     }
-    batchKey += c.pool;
-    batchKey += '\n';
-    pools.push_back(pool);
-    spec += number(c.effort);
-    spec += number(c.risk);
+    *key += c.pool;
+    *key += '\n';
+    found.push_back(pool);
   }
-  // Operations on the same pools wait for the end of this loop turn and go as one script.
-  auto& batch = l->batches[batchKey];
-  if (batch.ops.empty()) {
-    batch.keys.clear();
-    batch.args.clear();
-    for (const PoolSpec* p : pools) {
-      for (char k : kPoolKeys) batch.keys.push_back(keyOf(p->name, k));
-      for (std::string v :
-           {p->name, std::to_string(p->effortLimit), std::to_string(p->effortPeriodMs),
-            std::to_string(p->riskLimit), std::to_string(p->riskPeriodMs)})
-        batch.args.push_back(std::move(v));
-    }
+  auto& batch = l->batches[*key];
+  if (batch.pools.empty()) {
+    for (const PoolSpec* p : found) batch.pools.push_back(*p);
+    batch.ended.assign(found.size(), {0, 0});
+    batch.committed.assign(found.size(), {0, 0});
+    batch.trips.assign(found.size(), {false, false});
   }
-  batch.args.push_back(callId);
-  batch.args.push_back(std::move(spec));
-  batch.ops.push_back({op, uv_hrtime(), std::move(done), callId, charges});
+  return &batch;
+}
+
+// Queues an operation; a reserve goes at the end of this loop turn, a finish with the next
+// reserve on its pools or after kSettleDelayMs.
+void RedisBudgetStore::enqueue(PerLoop* l, Batch& batch, std::string spec, BatchOp op) {
+  bool reserve = op.kind == 'R';
+  batch.specs.push_back(std::move(spec));
+  batch.ops.push_back(std::move(op));
   if (batch.ops.size() >= kMaxBatch) {
-    // Large enough: it goes now (a script's arguments are bounded).
-    auto full = std::move(batch);
-    l->batches.erase(batchKey);
-    send(l, batchKey, std::move(full));
+    // Large enough: it goes now (a script's arguments are bounded), unless it must wait.
+    flush(l);
     return;
   }
-  // Nothing waits for a settle or release: it goes with the next reserve on its pools, or after
+  // Nothing waits for a finish: it goes with the next reserve on its pools, or after
   // kSettleDelayMs when none comes, so that a call costs Redis one script call, not two,
   // when each loop turn sees few calls. Its hold stays counted until then.
-  if (std::string_view(op) != "reserve") {
+  if (!reserve) {
     if (!l->armed && !uv_is_active(reinterpret_cast<uv_handle_t*>(l->settleTimer))) {
       uv_timer_start(
           l->settleTimer,
@@ -978,7 +984,202 @@ void RedisBudgetStore::run(const char* op, const std::string& callId,
   }
 }
 
-void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
+void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,
+                               std::chrono::milliseconds holdTtl, Done done) {
+  PerLoop* l = local();
+  if (!l) {
+    done(unavailable("no Redis connection on this thread"));
+    return;
+  }
+  if (auto it = l->calls.find(callId); it != l->calls.end()) {
+    // The same call again: charged once.
+    if (it->second.pending) {
+      it->second.waiters.push_back(std::move(done));
+    } else {
+      if (observer) observer("reserve", BudgetStatus::kOk, 0);
+      done(BudgetOutcome{});
+    }
+    return;
+  }
+  uint64_t id = idOf(callId);
+  if (l->done.count(id) || l->doneBefore.count(id)) {
+    BudgetOutcome out{BudgetStatus::kUnknownCall, "", "call " + callId + " was already settled", 0};
+    if (observer) observer("reserve", out.status, 0);
+    done(std::move(out));
+    return;
+  }
+  std::string key;
+  BudgetOutcome refusal;
+  Batch* batch = batchFor(l, charges, &key, &refusal);
+  if (!batch) {
+    if (observer) observer("reserve", refusal.status, 0);
+    done(std::move(refusal));
+    return;
+  }
+  char buf[24];
+  std::string spec = "R";
+  Call call;
+  for (const auto& c : charges) {
+    for (int64_t v : {c.effort, c.risk}) {
+      spec += ' ';
+      spec.append(buf, static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v).ptr - buf));
+    }
+    call.holds.push_back(
+        Charge{c.pool, std::max<int64_t>(c.effort, 0), std::max<int64_t>(c.risk, 0)});
+  }
+  call.expiresMs = nowMs() + static_cast<uint64_t>(std::max<int64_t>(holdTtl.count(), 0));
+  l->lastExpiryMs = std::max(l->lastExpiryMs, call.expiresMs);
+  l->calls.emplace(callId, std::move(call));
+  enqueue(l, *batch, std::move(spec), BatchOp{'R', uv_hrtime(), std::move(done), callId, {}});
+}
+
+void RedisBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
+                              Done done) {
+  finish(local(), 'S', callId, &actual, std::move(done));
+}
+
+void RedisBudgetStore::release(const std::string& callId, const std::vector<Charge>&, Done done) {
+  finish(local(), 'L', callId, nullptr, std::move(done));
+}
+
+// Ends a call's holds: a settle commits at most what was held (the rest is an overrun that
+// trips the pool), a release commits nothing, an expiry commits the hold. A call whose hold
+// has expired is committed so before a late settle is refused.
+void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
+                              const std::vector<Charge>* actual, Done done) {
+  const char* name = kind == 'S' ? "settle" : "release";
+  auto refuse = [&](BudgetOutcome out) {
+    if (observer && kind != 'X') observer(name, out.status, 0);
+    if (done) done(std::move(out));
+  };
+  if (!l) {
+    refuse(unavailable("no Redis connection on this thread"));
+    return;
+  }
+  auto it = l->calls.find(callId);
+  if (it == l->calls.end() || it->second.pending) {
+    if (kind == 'L' && it == l->calls.end()) remember(l, callId);  // a late reserve is refused
+    refuse(BudgetOutcome{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0});
+    return;
+  }
+  if (kind != 'X' && nowMs() >= it->second.expiresMs) {
+    finish(l, 'X', callId, nullptr, nullptr);  // committed, not refunded: the call may have run
+    refuse(BudgetOutcome{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0});
+    return;
+  }
+  Call call = std::move(it->second);
+  l->calls.erase(it);
+  l->expiries.erase(call.expiry);
+  remember(l, callId);
+  std::vector<Charge> pools;
+  for (const auto& h : call.holds) pools.push_back(Charge{h.pool, 0, 0});
+  std::string key;
+  BudgetOutcome refusal;
+  Batch* batch = batchFor(l, pools, &key, &refusal);
+  if (!batch) {
+    refuse(std::move(refusal));  // its pools left the policy: their holds expire
+    return;
+  }
+  BudgetOutcome out;
+  std::string spec = "F";
+  char buf[24];
+  auto number = [&](int64_t v) {
+    spec += ' ';
+    spec.append(buf, static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v).ptr - buf));
+  };
+  for (size_t i = 0; i < call.holds.size(); ++i) {
+    const auto& h = call.holds[i];
+    std::array<int64_t, 2> held{h.effort, h.risk}, cost = held, commit{0, 0};
+    std::array<bool, 2> trip{false, false};
+    if (kind == 'S') {
+      for (const auto& c : *actual) {
+        if (c.pool == h.pool) cost = {c.effort, c.risk};
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      if (held[j] <= 0) continue;
+      if (kind == 'L') continue;
+      if (cost[j] < 0) cost[j] = held[j];  // no real cost: the estimate is the cost
+      commit[j] = std::min(cost[j], held[j]);
+      if (cost[j] > held[j]) {
+        // Never commit more than was held; record the overrun and trip the pool.
+        trip[j] = true;
+        out.overrun += cost[j] - held[j];
+        out.pool = h.pool;
+      }
+    }
+    // Holds of another epoch went with their budget (flushed, or initialised again).
+    if (call.epochs[i] != l->holders[h.pool].epoch) held = commit = {0, 0}, trip = {false, false};
+    for (int j = 0; j < 2; ++j) {
+      batch->ended[i][j] += held[j];
+      batch->committed[i][j] += commit[j];
+      batch->trips[i][j] = batch->trips[i][j] || trip[j];
+    }
+    number(held[0]);
+    number(held[1]);
+    number(commit[0]);
+    number(commit[1]);
+    number(trip[0]);
+    number(trip[1]);
+  }
+  if (out.overrun > 0)
+    out.reason = "call " + callId + " cost " + std::to_string(out.overrun) + " more than was held";
+  enqueue(l, *batch, std::move(spec),
+          BatchOp{kind, uv_hrtime(), std::move(done), {}, std::move(out)});
+}
+
+void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {
+  if (l->done.size() >= kDoneGeneration) {
+    l->doneBefore = std::move(l->done);
+    l->done.clear();
+  }
+  l->done.insert(idOf(callId));
+}
+
+// Finishes the calls whose holds expired; runs again at the next expiry.
+void RedisBudgetStore::expireCalls(PerLoop* l) {
+  uint64_t now = nowMs();
+  while (!l->expiries.empty() && l->expiries.begin()->first <= now) {
+    std::string callId = l->expiries.begin()->second;
+    finish(l, 'X', callId, nullptr, nullptr);
+  }
+  armExpiry(l);
+}
+
+void RedisBudgetStore::armExpiry(PerLoop* l) {
+  if (l->expiries.empty()) return;
+  uint64_t due = l->expiries.begin()->first, now = nowMs();
+  uint64_t wait = due > now ? due - now : 0;
+  auto* t = l->expiryTimer;
+  if (uv_is_active(reinterpret_cast<uv_handle_t*>(t)) && uv_timer_get_due_in(t) <= wait) return;
+  uv_timer_start(
+      t,
+      [](uv_timer_t* h) {
+        auto* pl = static_cast<PerLoop*>(h->data);
+        pl->store->expireCalls(pl);
+      },
+      wait, 0);
+}
+
+// Dirty holders with nothing on the wire get a batch of their own, carrying the sync (and
+// the finishes it waited for), every kSyncDelayMs until one is answered.
+void RedisBudgetStore::syncDirty(PerLoop* l) {
+  bool any = false;
+  for (auto& [pool, h] : l->holders) {
+    if (!h.dirty) continue;
+    any = true;
+    if (h.inFlight > 0) continue;
+    std::string key;
+    BudgetOutcome refusal;
+    if (!batchFor(l, {Charge{pool, 0, 0}}, &key, &refusal)) h.dirty = false;  // left the policy
+  }
+  if (any)
+    flush(l, false, true, true);
+  else
+    uv_timer_stop(l->syncTimer);
+}
+
+void RedisBudgetStore::flush(PerLoop* l, bool force, bool write, bool empty) {
   uv_timer_stop(l->settleTimer);
   uv_check_stop(l->check);
   uv_idle_stop(l->idle);
@@ -988,11 +1189,18 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
   // write, Lua's tables) is then shared by more operations when Redis is busy, and nothing
   // waits when it is not. Redis runs one connection's commands in order, so a third script
   // sent at once would wait behind the two anyway; with two out, one runs while the next
-  // is queued, and the batch goes when the first is answered.
+  // is queued, and the batch goes when the first is answered. A batch that syncs a holder
+  // waits until nothing of that pool is on the wire (the sync says what the holder holds).
   bool sent = false;
   for (auto it = l->batches.begin(); it != l->batches.end();) {
-    if (auto f = l->inFlight.find(it->first);
-        !force && f != l->inFlight.end() && f->second >= kMaxInFlight) {
+    bool hold = false;
+    if (auto f = l->inFlight.find(it->first); f != l->inFlight.end() && f->second >= kMaxInFlight)
+      hold = true;
+    for (const auto& p : it->second.pools) {
+      auto h = l->holders.find(p.name);
+      if (h != l->holders.end() && h->second.dirty && h->second.inFlight > 0) hold = true;
+    }
+    if ((hold && !force) || (it->second.ops.empty() && !empty)) {
       ++it;
       continue;
     }
@@ -1007,89 +1215,154 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write) {
 
 void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
   // A reserve's latency counts from its call (the wait for a batch is the call's wait too);
-  // a settle's or release's from here: nothing waited for it until now.
+  // a finish's from here: nothing waited for it until now.
   uint64_t now = uv_hrtime();
   for (auto& op : batch.ops) {
-    if (std::string_view(op.op) != "reserve") op.started = now;
+    if (op.kind != 'R') op.started = now;
   }
-  std::vector<std::string> args;
-  args.reserve(batch.args.size() + 2);
+  batch.seq = ++l->seq;
+  uint64_t ms = nowMs();
+  std::vector<std::string> keys, args;
+  keys.reserve(batch.pools.size() * 3);
+  args.reserve(5 + batch.pools.size() * 7 + batch.specs.size());
   args.push_back("batch");
   args.push_back(std::to_string(batch.ops.size()));
-  for (auto& a : batch.args) args.push_back(std::move(a));
+  args.push_back(l->holder);
+  args.push_back(std::to_string(batch.seq));
+  args.push_back(std::to_string(l->lastExpiryMs > ms ? l->lastExpiryMs - ms : 0));
+  batch.synced.assign(batch.pools.size(), false);
+  for (size_t i = 0; i < batch.pools.size(); ++i) {
+    const auto& p = batch.pools[i];
+    for (char k : {'b', 'h', 'x'}) keys.push_back(keyOf(p.name, k));
+    Holder& h = l->holders[p.name];
+    std::string sync;
+    if (h.dirty) {
+      // What the holder holds, the finishes of this batch not yet subtracted.
+      sync = std::to_string(h.held[0]) + " " + std::to_string(h.held[1]);
+      for (const auto& lost : h.lost) {
+        sync += " " + std::to_string(lost.seq) + ":" + std::to_string(lost.committed[0]) + ":" +
+                std::to_string(lost.committed[1]) + ":" + (lost.trips[0] ? "1" : "0") + ":" +
+                (lost.trips[1] ? "1" : "0");
+      }
+      batch.synced[i] = true;
+    }
+    h.held[0] -= batch.ended[i][0];
+    h.held[1] -= batch.ended[i][1];
+    ++h.inFlight;
+    for (std::string v :
+         {p.name, std::to_string(p.effortLimit), std::to_string(p.effortPeriodMs),
+          std::to_string(p.riskLimit), std::to_string(p.riskPeriodMs), h.epoch, std::move(sync)})
+      args.push_back(std::move(v));
+  }
+  for (auto& s : batch.specs) args.push_back(std::move(s));
+  batch.specs.clear();
   ++l->inFlight[key];
-  l->client->eval(budgetScript(), std::move(batch.keys), std::move(args),
-                  [this, l, key, ops = std::move(batch.ops)](Result<RedisReply> r) mutable {
-                    answer(l, key, ops, r);
+  l->client->eval(budgetScript(), std::move(keys), std::move(args),
+                  [this, l, key, batch = std::move(batch)](Result<RedisReply> r) mutable {
+                    answer(l, key, batch, r);
                   });
 }
 
-void RedisBudgetStore::answer(PerLoop* l, const std::string& key, std::vector<BatchOp>& ops,
+void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
                               const Result<RedisReply>& r) {
   if (auto it = l->inFlight.find(key); it != l->inFlight.end() && --it->second == 0)
     l->inFlight.erase(it);
+  size_t n = batch.pools.size();
   std::string failure;
   if (!r)
     failure = r.error().message;
   else if (r.value().isError())
     failure = "redis: " + r.value().str;
-  else if (r.value().type != RedisReply::Type::kArray || r.value().elements.size() != ops.size())
+  else if (r.value().type != RedisReply::Type::kArray ||
+           r.value().elements.size() != n + batch.ops.size())
     failure = "redis: unexpected reply to the budget script";
-  bool answered = false;
-  for (size_t i = 0; i < ops.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
+    Holder& h = l->holders[batch.pools[i].name];
+    --h.inFlight;
+    if (!failure.empty()) {
+      // The batch may or may not have run: the next batch on the pool syncs the holder.
+      h.dirty = true;
+      h.dirtySeq = batch.seq;
+      const auto& c = batch.committed[i];
+      const auto& t = batch.trips[i];
+      if (c[0] > 0 || c[1] > 0 || t[0] || t[1]) h.lost.push_back({batch.seq, c, t});
+      continue;
+    }
+    const std::string& epoch = r.value().elements[i].str;
+    if (epoch != h.epoch) {
+      // A budget of another epoch (or none): what this worker held went with the old one.
+      h = Holder{epoch, {0, 0}, false, 0, {}, h.inFlight};
+    } else if (batch.synced[i]) {
+      std::erase_if(h.lost, [&](const Holder::Lost& x) { return x.seq < batch.seq; });
+      if (h.dirtySeq < batch.seq) h.dirty = false;
+    }
+  }
+  if (!failure.empty() && !uv_is_active(reinterpret_cast<uv_handle_t*>(l->syncTimer))) {
+    uv_timer_start(
+        l->syncTimer,
+        [](uv_timer_t* t) {
+          auto* pl = static_cast<PerLoop*>(t->data);
+          pl->store->syncDirty(pl);
+        },
+        kSyncDelayMs, kSyncDelayMs);
+  }
+  bool dirty = false;
+  for (const auto& [pool, h] : l->holders) dirty |= h.dirty;
+  if (!dirty) uv_timer_stop(l->syncTimer);
+
+  for (size_t k = 0; k < batch.ops.size(); ++k) {
+    auto& op = batch.ops[k];
     BudgetOutcome out;
     if (!failure.empty()) {
       out = unavailable(failure);
-    } else if (r.value().elements[i].type == RedisReply::Type::kInteger) {
+    } else if (op.kind != 'R') {
+      out = std::move(op.outcome);
+    } else if (const auto& e = r.value().elements[n + k]; e.type == RedisReply::Type::kInteger) {
       out.status = BudgetStatus::kOk;  // the common answer, sent as 0
+    } else if (e.elements.size() != 4) {
+      out = unavailable("redis: unexpected reply to the budget script");
     } else {
-      const auto& e = r.value().elements[i].elements;
-      if (e.size() != 4) {
-        out = unavailable("redis: unexpected reply to the budget script");
-      } else {
-        out.status = statusOf(e[0].str);
-        out.pool = e[1].str;
-        out.reason = e[2].str;
-        out.overrun = e[3].integer;
+      out.status = statusOf(e.elements[0].str);
+      out.pool = e.elements[1].str;
+      out.reason = e.elements[2].str;
+      out.overrun = e.elements[3].integer;
+    }
+    std::vector<Done> waiters;
+    if (op.kind == 'R') {
+      auto it = l->calls.find(op.callId);
+      if (it != l->calls.end()) {
+        Call& call = it->second;
+        waiters = std::move(call.waiters);
+        if (out.status == BudgetStatus::kOk) {
+          // Held: counted in the holder until its finish is sent.
+          call.pending = false;
+          for (size_t i = 0; i < call.holds.size(); ++i) {
+            Holder& h = l->holders[call.holds[i].pool];
+            call.epochs.push_back(h.epoch);
+            h.held[0] += call.holds[i].effort;
+            h.held[1] += call.holds[i].risk;
+          }
+          call.expiry = l->expiries.emplace(call.expiresMs, op.callId);
+          armExpiry(l);
+        } else {
+          // Refused, or lost: a lost reserve's call is halted, and the sync that follows
+          // says the holder does not hold it.
+          l->calls.erase(it);
+        }
       }
     }
-    answered |= out.status != BudgetStatus::kUnavailable;
-    if (out.status == BudgetStatus::kUnavailable) {
-      // A settle or release is sent again when the store answers; a reserve's call is
-      // halted, and its hold (if the reserve did reach Redis) is released then.
-      if (PerLoop* pl = local()) {
-        bool settle = std::string_view(ops[i].op) == "settle";
-        retryLater(pl, Retry{settle, std::move(ops[i].callId), std::move(ops[i].charges)});
-      }
+    if (observer && op.kind != 'X') {
+      observer(op.kind == 'R'   ? "reserve"
+               : op.kind == 'S' ? "settle"
+                                : "release",
+               out.status, static_cast<double>(uv_hrtime() - op.started) / 1e9);
     }
-    if (observer)
-      observer(ops[i].op, out.status, static_cast<double>(uv_hrtime() - ops[i].started) / 1e9);
-    ops[i].done(std::move(out));
+    if (op.done) op.done(out);
+    for (auto& w : waiters) w(out);
   }
-  if (answered) flushRetries(l);
   // Operations that waited for this answer go now (written by the client at the end of this
   // turn: this runs inside hiredis's reply processing).
-  if (local() == l && l->batches.count(key)) flush(l, false, false);
-}
-
-void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Charge>& charges,
-                               std::chrono::milliseconds holdTtl, Done done) {
-  run("reserve", callId, charges, holdTtl.count(), std::move(done));
-}
-
-void RedisBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
-                              Done done) {
-  std::vector<Charge> charges = actual;
-  for (auto& c : charges) {
-    c.effort = std::max<int64_t>(c.effort, -1);  // -1: what was held
-    c.risk = std::max<int64_t>(c.risk, -1);
-  }
-  run("settle", callId, charges, 0, std::move(done));
-}
-
-void RedisBudgetStore::release(const std::string& callId, const std::vector<Charge>& charges,
-                               Done done) {
-  run("release", callId, charges, 0, std::move(done));
+  if (local() == l && !l->batches.empty()) flush(l, false, false);
 }
 
 std::pair<std::vector<std::string>, std::vector<std::string>> RedisBudgetStore::poolCall(
@@ -1122,6 +1395,10 @@ void RedisBudgetStore::refresh(std::function<void()> done) {
     done();
     return;
   }
+  // This worker's expired holds and waiting finishes go first: Redis runs them before the
+  // views, on the same connection.
+  expireCalls(l);
+  flush(l);
   // One script call per pool: pools are in different slots.
   struct Gather {
     std::vector<BudgetView> views;

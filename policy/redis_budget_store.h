@@ -1,28 +1,33 @@
-// RedisBudgetStore: the shared backend of BudgetStore (DESIGN §5). Every operation is one
+// RedisBudgetStore: the shared backend of BudgetStore (DESIGN §5). Every operation goes in a
 // Lua script run atomically by Redis on the keys of one pool, which share the hash tag
 // `{pool}` so that the script also runs on Redis Cluster:
-//   tollgate:{P}:b  hash: <dim>:committed, :held, :period, :start, :tripped; `created`
-//   tollgate:{P}:h  hash: call id -> "effort:risk:expiry" held (expiry: ms, Redis time)
-//   tollgate:{P}:x  sorted set: the expiry of holds written as "effort:risk" by releases
-//                   before 2026-11-29 (their sidecars may still run during an upgrade)
-//   tollgate:{P}:m  hash: settled, released or expired call ids; at 50 000 it becomes
-//   tollgate:{P}:n  (the generation before, dropped then): 50 000 to 100 000 remembered
-//   tollgate:{P}:d  sorted set: the settled call ids of releases before 2026-11-30 (never
-//                   read here: a call id is operated on by the sidecar that minted it)
-// (`h`, `x`, `d`, `m` and `n` hold a sentinel member `_`, so that the keys always exist;
-// h's is longer than a listpack takes, so that h is a hash table, not a list scanned.) A
-// batch commits the expired holds of its own calls first, and looks for other expired
-// holds at most once a second (the `swept` field of `b`), so that no index of expiries has
-// to be kept per call; the view commits them all.
-// The script runs the same state machine as MemoryBudgetStore, on Redis's clock. A pool
-// whose `b` hash is missing (never initialised, flushed, restarted without persistence) is
-// never recreated by a call: calls are refused as budget_uninitialised until `tollgate pools
-// init` (initPools) creates it, or the config says `init_missing: true`.
+//   tollgate:{P}:b  hash: <dim>:committed, :held, :period, :start, :tripped; `created` (the
+//                   budget's epoch); and per holder (a worker of a sidecar) `L:<holder>` =
+//                   "effort:risk:expiry:fence:last:ring", what it holds and until when
+//   tollgate:{P}:h  hash: call id -> "effort:risk:expiry", the holds of releases before
+//                   2026-11-30 (one per call; their sidecars may still run during an upgrade)
+//   tollgate:{P}:x  sorted set: the expiry of holds written as "effort:risk" before 2026-11-29
+//   tollgate:{P}:d, :m, :n  the settled call ids of older releases (created at init for
+//                   them; never read here)
+// (`h`, `x`, `d`, `m` and `n` hold a sentinel member `_`, so that the keys always exist.)
 //
-// Each worker loop has its own RedisClient (attach/detach); the limits and periods come from
-// the policy set (declare), the spend from Redis. A settle or release that finds the store
-// unavailable is retried when the store answers again (bounded); a reserve that timed out is
-// released then, since its call was halted and never sent.
+// A sidecar's worker keeps its calls itself: Redis sees a reserve as amounts to check and add
+// to the holder's record, and a finish (settle, release, expiry) as amounts to move from the
+// record to `committed`, never a call id. A call id is minted by one sidecar and operated on
+// by it alone, so idempotency (a call reserved twice is charged once; a finished call is
+// never reserved again) is kept where the id is. The worker commits its calls' expired holds
+// itself; a holder's record expires when its last hold does, and a stopped sidecar's
+// records are committed by the next batch of any sidecar (at most once a second) or a view.
+// A batch whose answer is lost (a timeout, a dropped connection, an error) may or may not
+// have run: the next batch on its pools carries a sync, which sets the record to what the
+// worker knows it holds, commits what the lost batches committed unless the record's ring
+// says they ran, and fences older batches off. A pool whose `b` hash is missing (never
+// initialised, flushed, restarted without persistence) is never recreated by a call: calls
+// are refused as budget_uninitialised until `tollgate pools init` (initPools) creates it, or
+// the config says `init_missing: true`; the holds of a budget flushed or reset go with it.
+//
+// Each worker loop has its own RedisClient and holder (attach/detach); the limits and
+// periods come from the policy set (declare), the spend from Redis.
 #pragma once
 
 #include <uv.h>
@@ -77,26 +82,29 @@ class RedisBudgetStore : public BudgetStore {
     bool failOpen = false;
     uint16_t slot = 0;  // its keys' Redis Cluster slot
   };
-  struct Retry {
-    bool settle;  // else release
-    std::string callId;
-    std::vector<Charge> charges;
-  };
   struct PerLoop;
   struct Batch;
   struct BatchOp;
+  struct Holder;
+  struct Call;
   struct Subscriber;
 
   explicit RedisBudgetStore(Options options) : options_(std::move(options)) {}
   PerLoop* local() const;
-  void run(const char* op, const std::string& callId, const std::vector<Charge>& charges,
-           int64_t ttlMs, Done done);
-  void flush(PerLoop* l, bool force = false, bool write = true);
+  Batch* batchFor(PerLoop* l, const std::vector<Charge>& pools, std::string* key,
+                  BudgetOutcome* refusal);
+  void enqueue(PerLoop* l, Batch& batch, std::string spec, BatchOp op);
+  void finish(PerLoop* l, char kind, const std::string& callId, const std::vector<Charge>* actual,
+              Done done);
+  static void remember(PerLoop* l, const std::string& callId);
+  void expireCalls(PerLoop* l);
+  void armExpiry(PerLoop* l);
+  void syncDirty(PerLoop* l);
+  // Sends the waiting batches (force: even those that wait for an answer; empty: those with
+  // no operations, a sync alone).
+  void flush(PerLoop* l, bool force = false, bool write = true, bool empty = false);
   void send(PerLoop* l, const std::string& key, Batch batch);
-  void answer(PerLoop* l, const std::string& key, std::vector<BatchOp>& ops,
-              const Result<RedisReply>& r);
-  void retryLater(PerLoop* l, Retry retry);
-  void flushRetries(PerLoop* l);
+  void answer(PerLoop* l, const std::string& key, Batch& batch, const Result<RedisReply>& r);
   std::shared_ptr<const std::vector<PoolSpec>> specs() const;
   static Result<std::vector<PoolSpec>> specsOf(const PolicySet& set);
   // The keys and arguments of a one-pool init or view call of the script.
