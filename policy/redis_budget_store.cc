@@ -228,86 +228,87 @@ if op == 'view' then
   return out
 end
 
--- A batch of one sidecar worker, the holder ARGV[3]: ARGV[2] operations on the pools of
--- KEYS (3 per pool: b, h, x). A holder's holds are one record in each pool's budget hash,
--- `L:<holder>` = 'effort:risk:expiry:fence:last:ring' (the effort and risk it holds; when
--- the record expires, Redis time, ms; the lowest batch it takes; its last batch; the recent
--- batches that committed, ',seq,seq,'), so that an operation costs Redis some arithmetic,
--- never a call id read or written: the sidecar keeps its calls. ARGV[4]: the batch's
--- number (rising per holder); ARGV[5]: ms until the holder's last hold expires. Per pool
--- (7): name, effort limit, effort period ms, risk limit, risk period ms, the budget's epoch
--- (`created`) the sidecar holds in, and a sync ('' or 'HE HR SEQ:CE:CR:TE:TR …'). Then per
--- operation its spec:
---   'R E R [E R …]'           reserve: per pool the effort and the risk asked;
---   'F HE HR CE CR TE TR […]'  finish (settle, release, expiry): per pool the hold that
---                             ends, what of it is committed, and 1 where it trips the pool.
--- The answer: per pool its epoch ('0': missing), then per operation 0 (ok) or {status,
--- pool, reason, 0}. Operations run in order, each exactly as it would alone.
+-- A batch of one sidecar worker, the holder ARGV[3]: the finishes and reserves of one loop
+-- turn on the pools of KEYS (3 per pool: b, h, x). A holder's holds are one record in each
+-- pool's budget hash, `L:<holder>` = 'effort:risk:expiry:fence:last:applied' (what it holds;
+-- when the record expires, Redis time, ms; the lowest batch it takes; its last batch; the
+-- last batch that ran), so that Redis never reads or writes a call id: the sidecar keeps its
+-- calls. ARGV[2]: the reserve runs; ARGV[4]: the batch's number (rising per holder);
+-- ARGV[5]: ms until the holder's last hold expires. Per pool (8): name, effort limit,
+-- effort period ms, risk limit, risk period ms, the budget's epoch (`created`) the sidecar
+-- holds in, a sync ('' or 'HE HR SEQ:CE:CR:TE:TR …'), and the batch's finishes (settles,
+-- releases, expiries) summed: '' or 'HE HR CE CR TE TR' (the holds that end, what of them is
+-- committed, 1 where one trips the pool). Then per run of identical reserves 'COUNT E R [E
+-- R …]' (per pool the effort and the risk each asks).
+-- The finishes go first, then the reserves in order, each exactly as it would alone: a
+-- loop turn's operations are concurrent, and this is one order of them. The answer: per pool
+-- its epoch ('0': missing), then per run the reserves allowed, or {allowed, status, pool,
+-- reason} when the rest were refused.
 --
 -- A sync follows a batch whose answer was lost (it may or may not have run): it sets the
--- holder's holds to what the sidecar knows them to be, commits what the lost batches
--- would have committed unless the ring says they ran, and fences older batches off (a lost
--- batch can still arrive late from a dropped connection: it is refused, STALE). A batch of
--- another epoch (the budget was flushed and initialised again, or reset) has its finishes
--- and sync ignored: those holds went with the budget.
+-- holder's holds to what the sidecar knows them to be, commits what the lost batches would
+-- have committed unless they ran (a holder's batches run in order: a lost one ran if the
+-- record's `applied` reached it), and fences older batches off (a lost batch can arrive late
+-- from a dropped connection: it is refused, STALE). A batch of another epoch (the budget was
+-- flushed and initialised again, or reset) has its finishes and sync ignored: those holds
+-- went with the budget.
 if op == 'batch' then
   local m = tonumber(ARGV[2])
   local hf, seq, ttl = 'L:' .. ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-  local first = 6 + 7 * n  -- the first operation's index
-  local name, limit, period, st, rec, valid, out = {}, {}, {}, {}, {}, {}, {}
+  local first = 6 + 8 * n  -- the first run's index
+  -- Per pool i and dimension j, at k = 2 * i + j - 2: limit, period, held, committed,
+  -- tripped, the record's hold; per pool: st (false when missing), valid (same epoch).
+  local name, lim, per_, held, comm, trip, rec, st, valid, out = {}, {}, {}, {}, {}, {}, {}, {},
+      {}, {}
+  local start, period, moved, rolledk, fence, applied = {}, {}, {}, {}, {}, {}
   for i = 1, n do
-    local o = 6 + 7 * (i - 1)
+    local o = 6 + 8 * (i - 1)
     name[i] = ARGV[o]
-    limit[i] = {tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])}
-    period[i] = {tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])}
+    lim[2 * i - 1], lim[2 * i] = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])
+    per_[2 * i - 1], per_[2 * i] = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])
     local v = redis.call('HMGET', K(i, 1), 'created', 'effort:committed', 'effort:held',
                          'effort:period', 'effort:start', 'effort:tripped', 'risk:committed',
                          'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept', hf)
-    local s = false
     out[i] = '0'
+    st[i] = false
     if v[1] then
-      s = {sweep = now >= num(v[12]) + SWEEP_MS}
+      st[i] = {sweep = now >= num(v[12]) + SWEEP_MS}
       for j = 1, 2 do
-        local f = 1 + 5 * (j - 1)
-        s[j] = {committed = num(v[f + 1]), held = num(v[f + 2]), period = num(v[f + 3]),
-                start = num(v[f + 4]), tripped = num(v[f + 5]), moved = false, rolled = false}
+        local f, k = 1 + 5 * (j - 1), 2 * i + j - 2
+        comm[k], held[k], period[k], start[k], trip[k] = num(v[f + 1]), num(v[f + 2]),
+            num(v[f + 3]), num(v[f + 4]), num(v[f + 5])
+        moved[k], rolledk[k] = false, false
       end
-      local r = {0, 0, fence = 0, ring = ','}
+      rec[2 * i - 1], rec[2 * i], fence[i], applied[i] = 0, 0, 0, 0
       if v[13] then
-        local he, hr, _, fence, _, ring = string.match(v[13], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
-        if he then r = {num(he), num(hr), fence = num(fence), ring = ring} end
+        local he, hr, _, fc, _, ap = string.match(v[13], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):([^:]*)$')
+        if he then
+          rec[2 * i - 1], rec[2 * i], fence[i], applied[i] = num(he), num(hr), num(fc), num(ap)
+        end
       end
-      if r.fence > seq then
+      if fence[i] > seq then
         return redis.error_reply('STALE tollgate budget batch ' .. ARGV[4] .. ' of ' .. ARGV[3] ..
                                  ' came after its sync')
       end
-      rec[i], valid[i], out[i] = r, ARGV[o + 5] == v[1], v[1]
+      valid[i], out[i] = ARGV[o + 5] == v[1], v[1]
     end
-    st[i] = s
   end
 
-  local function rolled(s, p)
-    if s.period ~= p then
-      s.period, s.start, s.rolled = p, now - now % p, true
-    elseif now >= s.start + p then
-      s.start, s.committed, s.tripped, s.rolled = now - now % p, 0, 0, true
+  local function roll(k)
+    local p = per_[k]
+    if period[k] ~= p then
+      period[k], start[k], rolledk[k] = p, now - now % p, true
+    elseif now >= start[k] + p then
+      start[k], comm[k], trip[k], rolledk[k] = now - now % p, 0, 0, true
     end
   end
-  local function inRing(ring, q) return string.find(ring, ',' .. q .. ',', 1, true) ~= nil end
-  local function addRing(ring, q)
-    ring = ring .. q .. ','
-    while #ring > 360 do ring = string.sub(ring, string.find(ring, ',', 2, true)) end
-    return ring
-  end
-  local logged = {}  -- pools whose ring takes this batch
-  -- Commits what a finish (or a lost batch) commits: per dimension c[j], and trips t[j].
-  local function commit(i, c, t)
-    local s = st[i]
-    for j = 1, 2 do
-      if limit[i][j] >= 0 then
-        local sj = s[j]
-        if c[j] > 0 then sj.committed, sj.moved = sj.committed + c[j], true end
-        if t[j] then sj.tripped, sj.rolled, sj.moved = 1, true, true end
+  -- Commits c (per dimension) to pool i, and trips where t says.
+  local function commit(i, ce, cr, te, tr)
+    for j, c in ipairs({ce, cr}) do
+      local k = 2 * i + j - 2
+      if lim[k] >= 0 then
+        if c > 0 then comm[k], moved[k] = comm[k] + c, true end
+        if (j == 1 and te) or (j == 2 and tr) then trip[k], rolledk[k], moved[k] = 1, true, true end
       end
     end
   end
@@ -317,24 +318,23 @@ if op == 'batch' then
   -- Holds written per call by releases before 2026-11-30 (h; their expiry in the hold, or
   -- in x before 2026-11-29) are swept too, for older sidecars gone during an upgrade.
   for i = 1, n do
-    local s = st[i]
-    if s and s.sweep then
+    if st[i] and st[i].sweep then
       local all = redis.call('HGETALL', K(i, 1))
       for x = 1, #all, 2 do
         local f = all[x]
         if string.sub(f, 1, 2) == 'L:' and f ~= hf then
-          local he, hr, ex, fence, last, ring = string.match(all[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+          local he, hr, ex, rest = string.match(all[x + 1], '^([^:]*):([^:]*):([^:]*):(.*)$')
           if he then
             he, hr = num(he), num(hr)
             if (he > 0 or hr > 0) and num(ex) <= now then
               for j, a in ipairs({he, hr}) do
-                if a > 0 then
-                  s[j].held, s[j].committed, s[j].moved = math.max(0, s[j].held - a), s[j].committed + a, true
-                end
+                local k = 2 * i + j - 2
+                if a > 0 then held[k], comm[k], moved[k] = math.max(0, held[k] - a), comm[k] + a, true end
               end
-              redis.call('HSET', K(i, 1), f, '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. ring)
-            elseif he == 0 and hr == 0 and num(last) + IDLE_MS <= now then
-              redis.call('HDEL', K(i, 1), f)
+              redis.call('HSET', K(i, 1), f, '0:0:' .. ex .. ':' .. rest)
+            elseif he == 0 and hr == 0 then
+              local last = string.match(rest, '^[^:]*:([^:]*)')
+              if num(last) + IDLE_MS <= now then redis.call('HDEL', K(i, 1), f) end
             end
           end
         end
@@ -347,9 +347,8 @@ if op == 'batch' then
           if not hold[3] then due = due or legacyDue(K(i, 3)) end
           if isExpired(id, hold, due) then
             for j = 1, 2 do
-              if hold[j] > 0 then
-                s[j].held, s[j].committed, s[j].moved = s[j].held - hold[j], s[j].committed + hold[j], true
-              end
+              local k = 2 * i + j - 2
+              if hold[j] > 0 then held[k], comm[k], moved[k] = held[k] - hold[j], comm[k] + hold[j], true end
             end
             del[#del + 1] = id
             if not hold[3] then xdel[#xdel + 1] = id end
@@ -361,157 +360,125 @@ if op == 'batch' then
     end
   end
 
-  -- Syncs.
+  -- Syncs, then the finishes.
   for i = 1, n do
-    local sync = ARGV[6 + 7 * (i - 1) + 6]
-    if st[i] and valid[i] and sync ~= '' then
-      local w, r, s = {}, rec[i], st[i]
-      for x in string.gmatch(sync, '%S+') do w[#w + 1] = x end
-      for x = 3, #w do
-        local q, ce, cr, te, tr = string.match(w[x], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
-        if q and not inRing(r.ring, q) then
-          commit(i, {num(ce), num(cr)}, {te == '1', tr == '1'})
-          r.ring = addRing(r.ring, q)
+    local o = 6 + 8 * (i - 1)
+    local sync, fin = ARGV[o + 6], ARGV[o + 7]
+    if st[i] and valid[i] then
+      if sync ~= '' then
+        local w = {}
+        for x in string.gmatch(sync, '%S+') do w[#w + 1] = x end
+        for x = 3, #w do
+          local q, ce, cr, te, tr = string.match(w[x], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+          if q and num(q) > applied[i] then commit(i, num(ce), num(cr), te == '1', tr == '1') end
         end
-      end
-      for j = 1, 2 do
-        local want = num(w[j])
-        if want ~= r[j] then
-          s[j].held, s[j].moved = math.max(0, s[j].held + want - r[j]), true
-          r[j] = want
+        for j = 1, 2 do
+          local k, want = 2 * i + j - 2, num(w[j])
+          if want ~= rec[k] then
+            held[k], moved[k], rec[k] = math.max(0, held[k] + want - rec[k]), true, want
+          end
         end
+        fence[i] = seq
       end
-      r.fence = seq
+      if fin ~= '' then
+        -- Never more than the record holds: a sweep may have committed an expired record, and
+        -- what it committed is not committed again.
+        local he, hr, ce, cr, te, tr = string.match(fin, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+        local c = {num(ce), num(cr)}
+        for j, h in ipairs({num(he), num(hr)}) do
+          local k = 2 * i + j - 2
+          local take = math.min(h, rec[k])
+          if take > 0 then held[k], moved[k], rec[k] = held[k] - take, true, rec[k] - take end
+          c[j] = math.max(0, c[j] - (h - take))
+        end
+        commit(i, c[1], c[2], te == '1', tr == '1')
+      end
     end
   end
 
-  -- Specs by their string, parsed once per batch: {op, a[i] = {effort, risk}} for a reserve,
-  -- {op, h[i], c[i], t[i]} for a finish.
-  local specOf = {}
-  local function SPEC(str)
-    local sp = specOf[str]
-    if sp then return sp end
-    local w = {}
-    for x in string.gmatch(str, '%S+') do w[#w + 1] = x end
-    if w[1] == 'R' then
-      sp = {op = 'R', a = {}}
-      for i = 1, n do sp.a[i] = {num(w[2 * i]), num(w[2 * i + 1])} end
-    else
-      sp = {op = w[1], h = {}, c = {}, t = {}}
-      for i = 1, n do
-        local b = 6 * (i - 1) + 1
-        sp.h[i] = {num(w[b + 1]), num(w[b + 2])}
-        sp.c[i] = {num(w[b + 3]), num(w[b + 4])}
-        sp.t[i] = {w[b + 5] == '1', w[b + 6] == '1'}
-      end
-    end
-    specOf[str] = sp
-    return sp
-  end
-
-  local function reserve(sp)
+  -- The reserves: a run of COUNT identical ones takes as many as fit, in one step.
+  local function refusal(a)
     for i = 1, n do
-      local a = sp.a[i]
       for j = 1, 2 do
-        local amount = a[j]
+        local k = 2 * i + j - 2
+        local amount = a[k]
         if amount > 0 then
-          local pool, lim = name[i], limit[i][j]
-          if lim < 0 then
+          local pool = name[i]
+          if lim[k] < 0 then
             return {'budget_uninitialised', pool,
-                    'pool ' .. pool .. ' has no ' .. DIMS[j] .. ' budget in the store', 0}
+                    'pool ' .. pool .. ' has no ' .. DIMS[j] .. ' budget in the store'}
           end
           if not st[i] then
             return {'budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from ' ..
-                    'the store (never initialised, or flushed): run tollgate pools init', 0}
+                    'the store (never initialised, or flushed): run tollgate pools init'}
           end
-          local s = st[i][j]
-          rolled(s, period[i][j])
-          if s.tripped ~= 0 then
-            return {'budget_tripped', pool,
-                    'pool ' .. pool .. ' was tripped by an overrun this period', 0}
+          roll(k)
+          if trip[k] ~= 0 then
+            return {'budget_tripped', pool, 'pool ' .. pool .. ' was tripped by an overrun this period'}
           end
-          local used = s.committed + s.held
-          if used + amount > lim then
+          local used = comm[k] + held[k]
+          if used + amount > lim[k] then
             return {'budget_exhausted', pool,
-                    'pool ' .. pool .. ' ' .. DIMS[j] .. ': ' .. I(used) .. ' of ' .. I(lim) ..
-                    ' spent or held, ' .. I(amount) .. ' more asked', 0}
+                    'pool ' .. pool .. ' ' .. DIMS[j] .. ': ' .. I(used) .. ' of ' .. I(lim[k]) ..
+                    ' spent or held, ' .. I(amount) .. ' more asked'}
           end
         end
       end
     end
-    for i = 1, n do
-      local a, s, r = sp.a[i], st[i], rec[i]
-      for j = 1, 2 do
-        if a[j] > 0 then
-          s[j].held, s[j].moved = s[j].held + a[j], true
-          r[j] = r[j] + a[j]
-        end
-      end
-    end
-    return 0
+    return false
   end
-
-  -- A finish ends holds of this holder: never more than its record holds (a sweep may have
-  -- committed an expired record; what it committed is not committed again).
-  local function finish(sp)
-    for i = 1, n do
-      if st[i] and valid[i] then
-        local r, h, c, t, cc = rec[i], sp.h[i], sp.c[i], sp.t[i], {0, 0}
-        for j = 1, 2 do
-          local hold, take = h[j], math.min(h[j], r[j])
-          if take > 0 then
-            local sj = st[i][j]
-            sj.held, sj.moved, r[j] = sj.held - take, true, r[j] - take
-          end
-          cc[j] = math.max(0, c[j] - (hold - take))
-        end
-        if cc[1] > 0 or cc[2] > 0 or t[1] or t[2] then
-          commit(i, cc, t)
-          logged[i] = true
-        end
-      end
-    end
-    return 0
-  end
-
   local at = first
-  for k = 1, m do
-    local sp = SPEC(ARGV[at])
-    if sp.op == 'R' then
-      out[n + k] = reserve(sp)
-    elseif sp.op == 'F' then
-      out[n + k] = finish(sp)
+  for r = 1, m do
+    local w = {}
+    for x in string.gmatch(ARGV[at], '%S+') do w[#w + 1] = tonumber(x) end
+    local count, a = w[1], {}
+    for k = 1, 2 * n do a[k] = w[k + 1] or 0 end
+    local no = refusal(a)
+    local fit = count
+    if not no then
+      for k = 1, 2 * n do
+        if a[k] > 0 then fit = math.min(fit, math.floor((lim[k] - comm[k] - held[k]) / a[k])) end
+      end
+      for k = 1, 2 * n do
+        if a[k] > 0 then
+          held[k], moved[k], rec[k] = held[k] + fit * a[k], true, rec[k] + fit * a[k]
+        end
+      end
+      if fit < count then no = refusal(a) end
     else
-      out[n + k] = {'unavailable', '', 'unknown op ' .. tostring(sp.op), 0}
+      fit = 0
+    end
+    if no then
+      out[n + r] = {fit, no[1], no[2], no[3]}
+    else
+      out[n + r] = fit
     end
     at = at + 1
   end
 
   -- Write back what changed, one command per budget.
   for i = 1, n do
-    local s, r = st[i], rec[i]
-    if s then
-      if logged[i] then r.ring = addRing(r.ring, ARGV[4]) end
-      local args = {hf, I(r[1]) .. ':' .. I(r[2]) .. ':' .. I(now + ttl) .. ':' ..
-                        I(r.fence) .. ':' .. I(now) .. ':' .. r.ring}
+    if st[i] then
+      local args = {hf, I(rec[2 * i - 1]) .. ':' .. I(rec[2 * i]) .. ':' .. I(now + ttl) .. ':' ..
+                        I(fence[i]) .. ':' .. I(now) .. ':' .. I(math.max(applied[i], seq))}
       for j = 1, 2 do
-        local sj, dim = s[j], DIMS[j]
-        if sj.rolled then
+        local k, dim = 2 * i + j - 2, DIMS[j]
+        if rolledk[k] then
           args[#args + 1] = dim .. ':period'
-          args[#args + 1] = I(sj.period)
+          args[#args + 1] = I(period[k])
           args[#args + 1] = dim .. ':start'
-          args[#args + 1] = I(sj.start)
+          args[#args + 1] = I(start[k])
           args[#args + 1] = dim .. ':tripped'
-          args[#args + 1] = I(sj.tripped)
+          args[#args + 1] = I(trip[k])
         end
-        if sj.moved or sj.rolled then
+        if moved[k] or rolledk[k] then
           args[#args + 1] = dim .. ':committed'
-          args[#args + 1] = I(sj.committed)
+          args[#args + 1] = I(comm[k])
           args[#args + 1] = dim .. ':held'
-          args[#args + 1] = I(sj.held)
+          args[#args + 1] = I(held[k])
         end
       end
-      if s.sweep then
+      if st[i].sweep then
         args[#args + 1] = 'swept'
         args[#args + 1] = I(now)
       end
@@ -691,7 +658,8 @@ struct RedisBudgetStore::BatchOp {
 
 struct RedisBudgetStore::Batch {
   std::vector<PoolSpec> pools;
-  std::vector<std::string> specs;  // one per operation
+  std::vector<std::string> specs;  // one per reserve: per pool the two amounts
+  std::vector<size_t> runs;        // reserves in each run of identical specs, as sent
   std::vector<BatchOp> ops;
   // Per pool: the holds the batch's finishes end, what they commit, what they trip.
   std::vector<std::array<int64_t, 2>> ended, committed;
@@ -710,6 +678,7 @@ struct RedisBudgetStore::Holder {
     std::array<bool, 2> trips;
   };
   std::string epoch;  // the budget's `created` as last answered ("": none yet)
+  uint64_t gen = 0;   // counts the epochs seen: a call held in an older one holds nothing
   std::array<int64_t, 2> held{0, 0};
   bool dirty = false;
   uint64_t dirtySeq = 0;   // the last lost batch
@@ -719,12 +688,12 @@ struct RedisBudgetStore::Holder {
 
 // A call this worker holds budget for, from its reserve to its finish.
 struct RedisBudgetStore::Call {
-  std::vector<Charge> holds;        // per pool charged: the effort and risk held (>= 0)
-  std::vector<std::string> epochs;  // per pool: the epoch it is held in
+  std::vector<Charge> holds;   // per pool charged: the effort and risk held (>= 0)
+  std::vector<uint64_t> gens;  // per pool: the holder's generation it is held in
   uint64_t expiresMs = 0;
   bool pending = true;        // the reserve is on the wire
   std::vector<Done> waiters;  // the same call id reserved again meanwhile
-  std::multimap<uint64_t, std::string>::iterator expiry;
+  std::multimap<uint64_t, const std::string*>::iterator expiry;
 };
 
 struct RedisBudgetStore::PerLoop {
@@ -745,7 +714,7 @@ struct RedisBudgetStore::PerLoop {
   uint64_t lastExpiryMs = 0;                        // the latest expiry of any hold it took
   std::unordered_map<std::string, Holder> holders;  // by pool
   std::unordered_map<std::string, Call> calls;
-  std::multimap<uint64_t, std::string> expiries;
+  std::multimap<uint64_t, const std::string*> expiries;  // the calls' ids, by their expiry
   // Call ids finished here (settled, released, expired), two generations: a reserve of one
   // is refused. A call id is minted by one sidecar and operated on by it alone.
   std::unordered_set<uint64_t> done, doneBefore;
@@ -951,7 +920,7 @@ RedisBudgetStore::Batch* RedisBudgetStore::batchFor(PerLoop* l, const std::vecto
 // reserve on its pools or after kSettleDelayMs.
 void RedisBudgetStore::enqueue(PerLoop* l, Batch& batch, std::string spec, BatchOp op) {
   bool reserve = op.kind == 'R';
-  batch.specs.push_back(std::move(spec));
+  if (reserve) batch.specs.push_back(std::move(spec));
   batch.ops.push_back(std::move(op));
   if (batch.ops.size() >= kMaxBatch) {
     // Large enough: it goes now (a script's arguments are bounded), unless it must wait.
@@ -1017,7 +986,7 @@ void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Char
     return;
   }
   char buf[24];
-  std::string spec = "R";
+  std::string spec;  // per pool the two amounts; identical ones go as one run
   Call call;
   for (const auto& c : charges) {
     for (int64_t v : {c.effort, c.risk}) {
@@ -1071,22 +1040,14 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
   l->calls.erase(it);
   l->expiries.erase(call.expiry);
   remember(l, callId);
-  std::vector<Charge> pools;
-  for (const auto& h : call.holds) pools.push_back(Charge{h.pool, 0, 0});
   std::string key;
   BudgetOutcome refusal;
-  Batch* batch = batchFor(l, pools, &key, &refusal);
+  Batch* batch = batchFor(l, call.holds, &key, &refusal);
   if (!batch) {
     refuse(std::move(refusal));  // its pools left the policy: their holds expire
     return;
   }
   BudgetOutcome out;
-  std::string spec = "F";
-  char buf[24];
-  auto number = [&](int64_t v) {
-    spec += ' ';
-    spec.append(buf, static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v).ptr - buf));
-  };
   for (size_t i = 0; i < call.holds.size(); ++i) {
     const auto& h = call.holds[i];
     std::array<int64_t, 2> held{h.effort, h.risk}, cost = held, commit{0, 0};
@@ -1097,8 +1058,7 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
       }
     }
     for (int j = 0; j < 2; ++j) {
-      if (held[j] <= 0) continue;
-      if (kind == 'L') continue;
+      if (held[j] <= 0 || kind == 'L') continue;
       if (cost[j] < 0) cost[j] = held[j];  // no real cost: the estimate is the cost
       commit[j] = std::min(cost[j], held[j]);
       if (cost[j] > held[j]) {
@@ -1109,23 +1069,16 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
       }
     }
     // Holds of another epoch went with their budget (flushed, or initialised again).
-    if (call.epochs[i] != l->holders[h.pool].epoch) held = commit = {0, 0}, trip = {false, false};
+    if (call.gens[i] != l->holders[h.pool].gen) continue;
     for (int j = 0; j < 2; ++j) {
       batch->ended[i][j] += held[j];
       batch->committed[i][j] += commit[j];
       batch->trips[i][j] = batch->trips[i][j] || trip[j];
     }
-    number(held[0]);
-    number(held[1]);
-    number(commit[0]);
-    number(commit[1]);
-    number(trip[0]);
-    number(trip[1]);
   }
   if (out.overrun > 0)
     out.reason = "call " + callId + " cost " + std::to_string(out.overrun) + " more than was held";
-  enqueue(l, *batch, std::move(spec),
-          BatchOp{kind, uv_hrtime(), std::move(done), {}, std::move(out)});
+  enqueue(l, *batch, {}, BatchOp{kind, uv_hrtime(), std::move(done), {}, std::move(out)});
 }
 
 void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {
@@ -1140,7 +1093,7 @@ void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {
 void RedisBudgetStore::expireCalls(PerLoop* l) {
   uint64_t now = nowMs();
   while (!l->expiries.empty() && l->expiries.begin()->first <= now) {
-    std::string callId = l->expiries.begin()->second;
+    std::string callId = *l->expiries.begin()->second;
     finish(l, 'X', callId, nullptr, nullptr);
   }
   armExpiry(l);
@@ -1224,9 +1177,22 @@ void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
   uint64_t ms = nowMs();
   std::vector<std::string> keys, args;
   keys.reserve(batch.pools.size() * 3);
-  args.reserve(5 + batch.pools.size() * 7 + batch.specs.size());
+  // Identical reserves in a row go as one run: Redis takes as many of them as fit at once.
+  std::vector<std::string> runs;
+  batch.runs.clear();
+  for (size_t k = 0; k < batch.specs.size(); ++k) {
+    if (k > 0 && batch.specs[k] == batch.specs[k - 1]) {
+      ++batch.runs.back();
+      continue;
+    }
+    runs.push_back(batch.specs[k]);
+    batch.runs.push_back(1);
+  }
+  for (size_t r = 0; r < runs.size(); ++r) runs[r].insert(0, std::to_string(batch.runs[r]));
+  batch.specs.clear();
+  args.reserve(5 + batch.pools.size() * 8 + runs.size());
   args.push_back("batch");
-  args.push_back(std::to_string(batch.ops.size()));
+  args.push_back(std::to_string(runs.size()));
   args.push_back(l->holder);
   args.push_back(std::to_string(batch.seq));
   args.push_back(std::to_string(l->lastExpiryMs > ms ? l->lastExpiryMs - ms : 0));
@@ -1246,16 +1212,23 @@ void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
       }
       batch.synced[i] = true;
     }
-    h.held[0] -= batch.ended[i][0];
-    h.held[1] -= batch.ended[i][1];
+    // The batch's finishes, summed: what ends, what is committed, what trips.
+    const auto &e = batch.ended[i], &c = batch.committed[i];
+    const auto& t = batch.trips[i];
+    std::string fin;
+    if (e[0] || e[1] || c[0] || c[1] || t[0] || t[1]) {
+      fin = std::to_string(e[0]) + " " + std::to_string(e[1]) + " " + std::to_string(c[0]) + " " +
+            std::to_string(c[1]) + (t[0] ? " 1" : " 0") + (t[1] ? " 1" : " 0");
+    }
+    h.held[0] -= e[0];
+    h.held[1] -= e[1];
     ++h.inFlight;
-    for (std::string v :
-         {p.name, std::to_string(p.effortLimit), std::to_string(p.effortPeriodMs),
-          std::to_string(p.riskLimit), std::to_string(p.riskPeriodMs), h.epoch, std::move(sync)})
+    for (std::string v : {p.name, std::to_string(p.effortLimit), std::to_string(p.effortPeriodMs),
+                          std::to_string(p.riskLimit), std::to_string(p.riskPeriodMs), h.epoch,
+                          std::move(sync), std::move(fin)})
       args.push_back(std::move(v));
   }
-  for (auto& s : batch.specs) args.push_back(std::move(s));
-  batch.specs.clear();
+  for (auto& r : runs) args.push_back(std::move(r));
   ++l->inFlight[key];
   l->client->eval(budgetScript(), std::move(keys), std::move(args),
                   [this, l, key, batch = std::move(batch)](Result<RedisReply> r) mutable {
@@ -1274,7 +1247,7 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
   else if (r.value().isError())
     failure = "redis: " + r.value().str;
   else if (r.value().type != RedisReply::Type::kArray ||
-           r.value().elements.size() != n + batch.ops.size())
+           r.value().elements.size() != n + batch.runs.size())
     failure = "redis: unexpected reply to the budget script";
   for (size_t i = 0; i < n; ++i) {
     Holder& h = l->holders[batch.pools[i].name];
@@ -1291,7 +1264,7 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
     const std::string& epoch = r.value().elements[i].str;
     if (epoch != h.epoch) {
       // A budget of another epoch (or none): what this worker held went with the old one.
-      h = Holder{epoch, {0, 0}, false, 0, {}, h.inFlight};
+      h = Holder{epoch, h.gen + 1, {0, 0}, false, 0, {}, h.inFlight};
     } else if (batch.synced[i]) {
       std::erase_if(h.lost, [&](const Holder::Lost& x) { return x.seq < batch.seq; });
       if (h.dirtySeq < batch.seq) h.dirty = false;
@@ -1310,6 +1283,23 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
   for (const auto& [pool, h] : l->holders) dirty |= h.dirty;
   if (!dirty) uv_timer_stop(l->syncTimer);
 
+  // Reserves by run: the first `allowed` of a run are held, the rest refused with its reason.
+  size_t run = 0, inRun = 0;
+  int64_t allowed = 0;
+  BudgetOutcome refused;
+  auto readRun = [&] {
+    const auto& e = r.value().elements[n + run];
+    refused = BudgetOutcome{};
+    if (e.type == RedisReply::Type::kInteger) {
+      allowed = e.integer;
+    } else if (e.elements.size() == 4) {
+      allowed = e.elements[0].integer;
+      refused = BudgetOutcome{statusOf(e.elements[1].str), e.elements[2].str, e.elements[3].str, 0};
+    } else {
+      allowed = 0;
+      refused = unavailable("redis: unexpected reply to the budget script");
+    }
+  };
   for (size_t k = 0; k < batch.ops.size(); ++k) {
     auto& op = batch.ops[k];
     BudgetOutcome out;
@@ -1317,15 +1307,10 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
       out = unavailable(failure);
     } else if (op.kind != 'R') {
       out = std::move(op.outcome);
-    } else if (const auto& e = r.value().elements[n + k]; e.type == RedisReply::Type::kInteger) {
-      out.status = BudgetStatus::kOk;  // the common answer, sent as 0
-    } else if (e.elements.size() != 4) {
-      out = unavailable("redis: unexpected reply to the budget script");
     } else {
-      out.status = statusOf(e.elements[0].str);
-      out.pool = e.elements[1].str;
-      out.reason = e.elements[2].str;
-      out.overrun = e.elements[3].integer;
+      if (inRun == 0) readRun();
+      out = static_cast<int64_t>(inRun) < allowed ? BudgetOutcome{} : refused;
+      if (++inRun == batch.runs[run]) ++run, inRun = 0;
     }
     std::vector<Done> waiters;
     if (op.kind == 'R') {
@@ -1338,11 +1323,11 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
           call.pending = false;
           for (size_t i = 0; i < call.holds.size(); ++i) {
             Holder& h = l->holders[call.holds[i].pool];
-            call.epochs.push_back(h.epoch);
+            call.gens.push_back(h.gen);
             h.held[0] += call.holds[i].effort;
             h.held[1] += call.holds[i].risk;
           }
-          call.expiry = l->expiries.emplace(call.expiresMs, op.callId);
+          call.expiry = l->expiries.emplace(call.expiresMs, &it->first);
           armExpiry(l);
         } else {
           // Refused, or lost: a lost reserve's call is halted, and the sync that follows
