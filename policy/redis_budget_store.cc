@@ -26,22 +26,20 @@ constexpr size_t kMaxBatch = 256;       // operations in one script call
 constexpr uint64_t kSettleDelayMs = 2;  // a settlement waits this long for a reserve to go with
 constexpr size_t kMaxInFlight = 2;  // batch scripts of the same pools on the wire, per worker loop
 
-// KEYS per pool: 6 for init and view (b, h, x, d, m, n), 3 for a batch (b, h, x). ARGV for
-// init and view: op, mode, 0, pool count, then per pool: name, effort amount, risk amount,
-// effort limit, effort period ms, risk limit, risk period ms. Reserves and finishes always
-// go in batches (layout at `op == 'batch'`). A limit of -1: the policy gives the pool no
-// budget of that dimension.
+// Init and view of pools (batches have their own script, batchScript). KEYS: 6 per pool (b,
+// h, x, d, m, n). ARGV: op, mode, 0, pool count, then per pool: name, effort amount, risk
+// amount, effort limit, effort period ms, risk limit, risk period ms. A limit of -1: the
+// policy gives the pool no budget of that dimension.
 const RedisScript& budgetScript() {
   static const RedisScript script(R"LUA(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, call = ARGV[1], ARGV[2]
-local per = op == 'batch' and 3 or 6  -- keys per pool
+local per = 6  -- keys per pool
 local n = #KEYS / per
 local base = 4  -- init and view: ARGV index before the per-pool values
 local DIMS = {'effort', 'risk'}
 local GEN = 50000     -- settled call ids per generation: 50 000 to 100 000 remembered per pool
-local SWEEP_MS = 1000 -- how often a batch looks for the expired holds of other holders
 local IDLE_MS = 600000 -- a holder's record with nothing held goes after this long unused
 -- The holds' sentinel: a value longer than a listpack takes makes h a hash table for good.
 -- As a listpack (up to 128 small fields) every field of an HMGET, HSET or HDEL is found by
@@ -228,267 +226,284 @@ if op == 'view' then
   return out
 end
 
--- A batch of one sidecar worker, the holder ARGV[3]: the finishes and reserves of one loop
--- turn on the pools of KEYS (3 per pool: b, h, x). A holder's holds are one record in each
--- pool's budget hash, `L:<holder>` = 'effort:risk:expiry:fence:last:applied' (what it holds;
--- when the record expires, Redis time, ms; the lowest batch it takes; its last batch; the
--- last batch that ran), so that Redis never reads or writes a call id: the sidecar keeps its
--- calls. ARGV[2]: the reserve runs; ARGV[4]: the batch's number (rising per holder);
--- ARGV[5]: ms until the holder's last hold expires. Per pool (8): name, effort limit,
--- effort period ms, risk limit, risk period ms, the budget's epoch (`created`) the sidecar
--- holds in, a sync ('' or 'HE HR SEQ:CE:CR:TE:TR …'), and the batch's finishes (settles,
--- releases, expiries) summed: '' or 'HE HR CE CR TE TR' (the holds that end, what of them is
--- committed, 1 where one trips the pool). Then per run of identical reserves 'COUNT E R [E
--- R …]' (per pool the effort and the risk each asks).
--- The finishes go first, then the reserves in order, each exactly as it would alone: a
--- loop turn's operations are concurrent, and this is one order of them. The answer: per pool
--- its epoch ('0': missing), then per run the reserves allowed, or {allowed, status, pool,
--- reason} when the rest were refused.
---
--- A sync follows a batch whose answer was lost (it may or may not have run): it sets the
--- holder's holds to what the sidecar knows them to be, commits what the lost batches would
--- have committed unless they ran (a holder's batches run in order: a lost one ran if the
--- record's `applied` reached it), and fences older batches off (a lost batch can arrive late
--- from a dropped connection: it is refused, STALE). A batch of another epoch (the budget was
--- flushed and initialised again, or reset) has its finishes and sync ignored: those holds
--- went with the budget.
-if op == 'batch' then
-  local m = tonumber(ARGV[2])
-  local hf, seq, ttl = 'L:' .. ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-  local first = 6 + 8 * n  -- the first run's index
-  -- Per pool i and dimension j, at k = 2 * i + j - 2: limit, period, held, committed,
-  -- tripped, the record's hold; per pool: st (false when missing), valid (same epoch).
-  local name, lim, per_, held, comm, trip, rec, st, valid, out = {}, {}, {}, {}, {}, {}, {}, {},
-      {}, {}
-  local start, period, moved, rolledk, fence, applied = {}, {}, {}, {}, {}, {}
-  for i = 1, n do
-    local o = 6 + 8 * (i - 1)
-    name[i] = ARGV[o]
-    lim[2 * i - 1], lim[2 * i] = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 3])
-    per_[2 * i - 1], per_[2 * i] = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 4])
-    local v = redis.call('HMGET', K(i, 1), 'created', 'effort:committed', 'effort:held',
-                         'effort:period', 'effort:start', 'effort:tripped', 'risk:committed',
-                         'risk:held', 'risk:period', 'risk:start', 'risk:tripped', 'swept', hf)
-    out[i] = '0'
-    st[i] = false
-    if v[1] then
-      st[i] = {sweep = now >= num(v[12]) + SWEEP_MS}
-      for j = 1, 2 do
-        local f, k = 1 + 5 * (j - 1), 2 * i + j - 2
-        comm[k], held[k], period[k], start[k], trip[k] = num(v[f + 1]), num(v[f + 2]),
-            num(v[f + 3]), num(v[f + 4]), num(v[f + 5])
-        moved[k], rolledk[k] = false, false
-      end
-      rec[2 * i - 1], rec[2 * i], fence[i], applied[i] = 0, 0, 0, 0
-      if v[13] then
-        local he, hr, _, fc, _, ap = string.match(v[13], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):([^:]*)$')
-        if he then
-          rec[2 * i - 1], rec[2 * i], fence[i], applied[i] = num(he), num(hr), num(fc), num(ap)
-        end
-      end
-      if fence[i] > seq then
-        return redis.error_reply('STALE tollgate budget batch ' .. ARGV[4] .. ' of ' .. ARGV[3] ..
-                                 ' came after its sync')
-      end
-      valid[i], out[i] = ARGV[o + 5] == v[1], v[1]
-    end
-  end
+return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
+)LUA");
+  return script;
+}
 
-  local function roll(k)
-    local p = per_[k]
-    if period[k] ~= p then
-      period[k], start[k], rolledk[k] = p, now - now % p, true
-    elseif now >= start[k] + p then
-      start[k], comm[k], trip[k], rolledk[k] = now - now % p, 0, 0, true
-    end
-  end
-  -- Commits c (per dimension) to pool i, and trips where t says.
-  local function commit(i, ce, cr, te, tr)
-    for j, c in ipairs({ce, cr}) do
-      local k = 2 * i + j - 2
-      if lim[k] >= 0 then
-        if c > 0 then comm[k], moved[k] = comm[k] + c, true end
-        if (j == 1 and te) or (j == 2 and tr) then trip[k], rolledk[k], moved[k] = 1, true, true end
-      end
-    end
-  end
+// The batch of one sidecar worker (its holder): the finishes and reserves of one loop turn
+// on the pools of KEYS (3 per pool: b, h, x). ARGV: the reserve runs, the holder, the
+// batch's number (rising per holder), ms until the holder's last hold expires; per pool (8):
+// name, effort limit, effort period ms, risk limit, risk period ms, the budget's epoch
+// (`created`) the sidecar holds in, a sync ('' or 'HE HR SEQ:CE:CR:TE:TR …'), the batch's
+// finishes (settles, releases, expiries) summed ('' or 'HE HR CE CR TE TR': the holds that
+// end, what of them is committed, 1 where one trips the pool); then per run of identical
+// reserves 'COUNT E R [E R …]' (per pool the effort and the risk each asks).
+//
+// A holder's holds are one record in each pool's budget hash, `L:<holder>` =
+// 'effort:risk:expiry:fence:last:applied' (what it holds; when the record expires, Redis
+// time; the lowest batch it takes; its last batch; the last batch that ran): Redis never
+// reads or writes a call id, the sidecar keeps its calls. The finishes go first, then the
+// reserves in order, each exactly as it would alone: a loop turn's operations are
+// concurrent, and this is one order of them. The answer: per pool its epoch ('0': missing),
+// then per run the reserves allowed, or {allowed, status, pool, reason} when the rest were
+// refused.
+//
+// A sync follows a batch whose answer was lost (it may or may not have run): it sets the
+// holder's record to the holds the sidecar knows, commits what the lost batches would have
+// committed unless they ran (a holder's batches run in order: a lost one ran if the record's
+// `applied` reached it), and fences older batches off (a lost batch can arrive late from a
+// dropped connection: it is refused, STALE). A batch of another epoch (the budget was
+// flushed and initialised again, or reset) has its finishes and sync ignored: those holds
+// went with the budget. The script is lean on purpose: it runs for every batch of every
+// sidecar on Redis's one thread, and its cost is Lua's (numbers are parsed only where they
+// are not zero, the risk fields read only for pools with a risk budget).
+const RedisScript& batchScript() {
+  static const RedisScript script(R"LUA(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS / 3
+local runs, holder, seqs, ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
+local seq, hf = tonumber(seqs), 'L:' .. holder
+local function N(v)  -- a stored integer; '0' and missing are common and need no parse
+  if v == '0' or not v then return 0 end
+  return tonumber(v) or 0
+end
+local function I(x) return string.format('%d', x) end
 
-  -- Sweep: holders whose records expired (their sidecar stopped) have their holds committed,
-  -- not refunded: the calls may have run. Records idle for 10 minutes with nothing held go.
-  -- Holds written per call by releases before 2026-11-30 (h; their expiry in the hold, or
-  -- in x before 2026-11-29) are swept too, for older sidecars gone during an upgrade.
-  for i = 1, n do
-    if st[i] and st[i].sweep then
-      local all = redis.call('HGETALL', K(i, 1))
-      for x = 1, #all, 2 do
-        local f = all[x]
-        if string.sub(f, 1, 2) == 'L:' and f ~= hf then
-          local he, hr, ex, rest = string.match(all[x + 1], '^([^:]*):([^:]*):([^:]*):(.*)$')
-          if he then
-            he, hr = num(he), num(hr)
-            if (he > 0 or hr > 0) and num(ex) <= now then
-              for j, a in ipairs({he, hr}) do
-                local k = 2 * i + j - 2
-                if a > 0 then held[k], comm[k], moved[k] = math.max(0, held[k] - a), comm[k] + a, true end
-              end
-              redis.call('HSET', K(i, 1), f, '0:0:' .. ex .. ':' .. rest)
-            elseif he == 0 and hr == 0 then
-              local last = string.match(rest, '^[^:]*:([^:]*)')
-              if num(last) + IDLE_MS <= now then redis.call('HDEL', K(i, 1), f) end
-            end
-          end
-        end
-      end
-      local legacy, del, xdel, due = redis.call('HGETALL', K(i, 2)), {}, {}, nil
-      for x = 1, #legacy, 2 do
-        local id = legacy[x]
-        if id ~= '_' then
-          local hold = HOLD(legacy[x + 1])
-          if not hold[3] then due = due or legacyDue(K(i, 3)) end
-          if isExpired(id, hold, due) then
-            for j = 1, 2 do
-              local k = 2 * i + j - 2
-              if hold[j] > 0 then held[k], comm[k], moved[k] = held[k] - hold[j], comm[k] + hold[j], true end
-            end
-            del[#del + 1] = id
-            if not hold[3] then xdel[#xdel + 1] = id end
-          end
-        end
-      end
-      if #del > 0 then redis.call('HDEL', K(i, 2), unpack(del)) end
-      if #xdel > 0 then redis.call('ZREM', K(i, 3), unpack(xdel)) end
+-- Per pool, read once: its budget (e: effort, r: risk: committed c, held h, start s,
+-- tripped t, stored period f) and this holder's record (its holds re, rr; fence; applied).
+local P, out = {}, {}
+for i = 1, n do
+  local o = 5 + 8 * (i - 1)
+  local b, risk = KEYS[3 * i - 2], ARGV[o + 3] ~= '-1'
+  local v
+  if risk then
+    v = redis.call('HMGET', b, 'created', 'swept', hf, 'effort:committed', 'effort:held',
+                   'effort:period', 'effort:start', 'effort:tripped', 'risk:committed', 'risk:held',
+                   'risk:period', 'risk:start', 'risk:tripped')
+  else
+    v = redis.call('HMGET', b, 'created', 'swept', hf, 'effort:committed', 'effort:held',
+                   'effort:period', 'effort:start', 'effort:tripped')
+  end
+  local p = {name = ARGV[o], live = v[1] ~= false, valid = v[1] == ARGV[o + 5], sweep = false,
+             moved = false, le = tonumber(ARGV[o + 1]), lr = tonumber(ARGV[o + 3]),
+             pe = ARGV[o + 2], pr = ARGV[o + 4], ce = 0, he = 0, se = 0, te = 0, fe = v[6],
+             cr = 0, hr = 0, sr = 0, tr = 0, fr = v[11], re = 0, rr = 0, fence = 0, applied = 0,
+             rolle = false, rollr = false}
+  out[i] = v[1] or '0'
+  if p.live then
+    p.sweep = now >= N(v[2]) + 1000  -- other holders' expired records: once a second
+    p.ce, p.he, p.se, p.te = N(v[4]), N(v[5]), N(v[7]), N(v[8])
+    if risk then p.cr, p.hr, p.sr, p.tr = N(v[9]), N(v[10]), N(v[12]), N(v[13]) end
+    if v[3] then
+      local he, hr, fence, applied = string.match(v[3], '^([^:]*):([^:]*):[^:]*:([^:]*):[^:]*:([^:]*)$')
+      if he then p.re, p.rr, p.fence, p.applied = N(he), N(hr), N(fence), N(applied) end
+    end
+    if p.fence > seq then
+      return redis.error_reply('STALE tollgate budget batch ' .. seqs .. ' of ' .. holder ..
+                               ' came after its sync')
     end
   end
-
-  -- Syncs, then the finishes.
-  for i = 1, n do
-    local o = 6 + 8 * (i - 1)
-    local sync, fin = ARGV[o + 6], ARGV[o + 7]
-    if st[i] and valid[i] then
-      if sync ~= '' then
-        local w = {}
-        for x in string.gmatch(sync, '%S+') do w[#w + 1] = x end
-        for x = 3, #w do
-          local q, ce, cr, te, tr = string.match(w[x], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
-          if q and num(q) > applied[i] then commit(i, num(ce), num(cr), te == '1', tr == '1') end
-        end
-        for j = 1, 2 do
-          local k, want = 2 * i + j - 2, num(w[j])
-          if want ~= rec[k] then
-            held[k], moved[k], rec[k] = math.max(0, held[k] + want - rec[k]), true, want
-          end
-        end
-        fence[i] = seq
-      end
-      if fin ~= '' then
-        -- Never more than the record holds: a sweep may have committed an expired record, and
-        -- what it committed is not committed again.
-        local he, hr, ce, cr, te, tr = string.match(fin, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
-        local c = {num(ce), num(cr)}
-        for j, h in ipairs({num(he), num(hr)}) do
-          local k = 2 * i + j - 2
-          local take = math.min(h, rec[k])
-          if take > 0 then held[k], moved[k], rec[k] = held[k] - take, true, rec[k] - take end
-          c[j] = math.max(0, c[j] - (h - take))
-        end
-        commit(i, c[1], c[2], te == '1', tr == '1')
-      end
-    end
-  end
-
-  -- The reserves: a run of COUNT identical ones takes as many as fit, in one step.
-  local function refusal(a)
-    for i = 1, n do
-      for j = 1, 2 do
-        local k = 2 * i + j - 2
-        local amount = a[k]
-        if amount > 0 then
-          local pool = name[i]
-          if lim[k] < 0 then
-            return {'budget_uninitialised', pool,
-                    'pool ' .. pool .. ' has no ' .. DIMS[j] .. ' budget in the store'}
-          end
-          if not st[i] then
-            return {'budget_uninitialised', pool, 'pool ' .. pool .. ' is missing from ' ..
-                    'the store (never initialised, or flushed): run tollgate pools init'}
-          end
-          roll(k)
-          if trip[k] ~= 0 then
-            return {'budget_tripped', pool, 'pool ' .. pool .. ' was tripped by an overrun this period'}
-          end
-          local used = comm[k] + held[k]
-          if used + amount > lim[k] then
-            return {'budget_exhausted', pool,
-                    'pool ' .. pool .. ' ' .. DIMS[j] .. ': ' .. I(used) .. ' of ' .. I(lim[k]) ..
-                    ' spent or held, ' .. I(amount) .. ' more asked'}
-          end
-        end
-      end
-    end
-    return false
-  end
-  local at = first
-  for r = 1, m do
-    local w = {}
-    for x in string.gmatch(ARGV[at], '%S+') do w[#w + 1] = tonumber(x) end
-    local count, a = w[1], {}
-    for k = 1, 2 * n do a[k] = w[k + 1] or 0 end
-    local no = refusal(a)
-    local fit = count
-    if not no then
-      for k = 1, 2 * n do
-        if a[k] > 0 then fit = math.min(fit, math.floor((lim[k] - comm[k] - held[k]) / a[k])) end
-      end
-      for k = 1, 2 * n do
-        if a[k] > 0 then
-          held[k], moved[k], rec[k] = held[k] + fit * a[k], true, rec[k] + fit * a[k]
-        end
-      end
-      if fit < count then no = refusal(a) end
-    else
-      fit = 0
-    end
-    if no then
-      out[n + r] = {fit, no[1], no[2], no[3]}
-    else
-      out[n + r] = fit
-    end
-    at = at + 1
-  end
-
-  -- Write back what changed, one command per budget.
-  for i = 1, n do
-    if st[i] then
-      local args = {hf, I(rec[2 * i - 1]) .. ':' .. I(rec[2 * i]) .. ':' .. I(now + ttl) .. ':' ..
-                        I(fence[i]) .. ':' .. I(now) .. ':' .. I(math.max(applied[i], seq))}
-      for j = 1, 2 do
-        local k, dim = 2 * i + j - 2, DIMS[j]
-        if rolledk[k] then
-          args[#args + 1] = dim .. ':period'
-          args[#args + 1] = I(period[k])
-          args[#args + 1] = dim .. ':start'
-          args[#args + 1] = I(start[k])
-          args[#args + 1] = dim .. ':tripped'
-          args[#args + 1] = I(trip[k])
-        end
-        if moved[k] or rolledk[k] then
-          args[#args + 1] = dim .. ':committed'
-          args[#args + 1] = I(comm[k])
-          args[#args + 1] = dim .. ':held'
-          args[#args + 1] = I(held[k])
-        end
-      end
-      if st[i].sweep then
-        args[#args + 1] = 'swept'
-        args[#args + 1] = I(now)
-      end
-      redis.call('HSET', K(i, 1), unpack(args))
-    end
-  end
-  return out
+  P[i] = p
 end
 
-return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
+local function commit(p, ce, cr, te, tr)
+  if p.le >= 0 then
+    if ce > 0 then p.ce, p.moved = p.ce + ce, true end
+    if te then p.te, p.rolle, p.moved = 1, true, true end
+  end
+  if p.lr >= 0 then
+    if cr > 0 then p.cr, p.moved = p.cr + cr, true end
+    if tr then p.tr, p.rollr, p.moved = 1, true, true end
+  end
+end
+
+for i = 1, n do
+  local p = P[i]
+  local o = 5 + 8 * (i - 1)
+  -- Sweep: holders whose records expired (their sidecar stopped) have their holds committed,
+  -- not refunded: the calls may have run. Records idle for 10 minutes with nothing held go.
+  -- Holds written per call by releases before 2026-11-30 (h: 'effort:risk:expiry', or
+  -- 'effort:risk' with the expiry in x before 2026-11-29) are swept too, for older sidecars
+  -- gone during an upgrade.
+  if p.live and p.sweep then
+    local b = KEYS[3 * i - 2]
+    local all = redis.call('HGETALL', b)
+    for x = 1, #all, 2 do
+      local f = all[x]
+      if string.sub(f, 1, 2) == 'L:' and f ~= hf then
+        local he, hr, ex, rest = string.match(all[x + 1], '^([^:]*):([^:]*):([^:]*):(.*)$')
+        if he then
+          he, hr = N(he), N(hr)
+          if (he > 0 or hr > 0) and N(ex) <= now then
+            p.he, p.hr = math.max(0, p.he - he), math.max(0, p.hr - hr)
+            p.ce, p.cr, p.moved = p.ce + he, p.cr + hr, true
+            redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. rest)
+          elseif he == 0 and hr == 0 and N(string.match(rest, '^[^:]*:([^:]*)')) + 600000 <= now then
+            redis.call('HDEL', b, f)
+          end
+        end
+      end
+    end
+    local h, x = KEYS[3 * i - 1], KEYS[3 * i]
+    local legacy, del, xdel, due = redis.call('HGETALL', h), {}, {}, nil
+    for y = 1, #legacy, 2 do
+      local id = legacy[y]
+      if id ~= '_' then
+        local e, r, ex = string.match(legacy[y + 1], '^([^:]*):([^:]*):(.*)$')
+        if not e then
+          e, r = string.match(legacy[y + 1], '^([^:]*):(.*)$')
+          if not e then e, r = legacy[y + 1], '0' end
+          if not due then
+            due = {}
+            for _, d in ipairs(redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 10000)) do
+              due[d] = true
+            end
+          end
+        end
+        if (ex and N(ex) <= now) or (not ex and due[id]) then
+          e, r = N(e), N(r)
+          p.he, p.hr, p.ce, p.cr, p.moved = p.he - e, p.hr - r, p.ce + e, p.cr + r, true
+          del[#del + 1] = id
+          if not ex then xdel[#xdel + 1] = id end
+        end
+      end
+    end
+    if #del > 0 then redis.call('HDEL', h, unpack(del)) end
+    if #xdel > 0 then redis.call('ZREM', x, unpack(xdel)) end
+  end
+  if p.live and p.valid then
+    -- A sync: the holds the sidecar knows, the commits of lost batches that did not run (a
+    -- holder's batches run in order), and a fence against those still to arrive.
+    local sync = ARGV[o + 6]
+    if sync ~= '' then
+      local w = {}
+      for y in string.gmatch(sync, '%S+') do w[#w + 1] = y end
+      for y = 3, #w do
+        local q, ce, cr, te, tr = string.match(w[y], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+        if q and N(q) > p.applied then commit(p, N(ce), N(cr), te == '1', tr == '1') end
+      end
+      local we, wr = N(w[1]), N(w[2])
+      if we ~= p.re or wr ~= p.rr then
+        p.he, p.hr = math.max(0, p.he + we - p.re), math.max(0, p.hr + wr - p.rr)
+        p.re, p.rr, p.moved = we, wr, true
+      end
+      p.fence = seq
+    end
+    -- The batch's finishes, summed: never more than the record holds (a sweep may have
+    -- committed an expired record; what it committed is not committed again).
+    local fin = ARGV[o + 7]
+    if fin ~= '' then
+      local he, hr, ce, cr, te, tr = string.match(fin, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+      he, hr, ce, cr = N(he), N(hr), N(ce), N(cr)
+      local ue, ur = math.min(he, p.re), math.min(hr, p.rr)
+      p.he, p.hr, p.re, p.rr, p.moved = p.he - ue, p.hr - ur, p.re - ue, p.rr - ur, true
+      commit(p, math.max(0, ce - (he - ue)), math.max(0, cr - (hr - ur)), te == '1', tr == '1')
+    end
+  end
+end
+
+-- Rolls pool p's dimension into its current period ('e' effort, 'r' risk).
+local function roll(p, d)
+  if d == 'e' then
+    if p.fe ~= p.pe then
+      local ms = tonumber(p.pe)
+      p.fe, p.se, p.rolle = p.pe, now - now % ms, true
+    elseif now >= p.se + tonumber(p.pe) then
+      p.se, p.ce, p.te, p.rolle = now - now % tonumber(p.pe), 0, 0, true
+    end
+  elseif p.fr ~= p.pr then
+    local ms = tonumber(p.pr)
+    p.fr, p.sr, p.rollr = p.pr, now - now % ms, true
+  elseif now >= p.sr + tonumber(p.pr) then
+    p.sr, p.cr, p.tr, p.rollr = now - now % tonumber(p.pr), 0, 0, true
+  end
+end
+-- Why a reserve asking a (amounts per pool, effort then risk) is refused, or false.
+local DIMS = {e = 'effort', r = 'risk'}
+local function refusal(a)
+  for i = 1, n do
+    local p = P[i]
+    for _, d in ipairs({'e', 'r'}) do
+      local amount = a[d == 'e' and 2 * i - 1 or 2 * i]
+      if amount > 0 then
+        local lim = d == 'e' and p.le or p.lr
+        if lim < 0 then
+          return {'budget_uninitialised', p.name,
+                  'pool ' .. p.name .. ' has no ' .. DIMS[d] .. ' budget in the store'}
+        end
+        if not p.live then
+          return {'budget_uninitialised', p.name, 'pool ' .. p.name .. ' is missing from ' ..
+                  'the store (never initialised, or flushed): run tollgate pools init'}
+        end
+        roll(p, d)
+        if (d == 'e' and p.te or p.tr) ~= 0 then
+          return {'budget_tripped', p.name, 'pool ' .. p.name .. ' was tripped by an overrun this period'}
+        end
+        local used = d == 'e' and p.ce + p.he or p.cr + p.hr
+        if used + amount > lim then
+          return {'budget_exhausted', p.name,
+                  'pool ' .. p.name .. ' ' .. DIMS[d] .. ': ' .. I(used) .. ' of ' .. I(lim) ..
+                  ' spent or held, ' .. I(amount) .. ' more asked'}
+        end
+      end
+    end
+  end
+  return false
+end
+
+-- The reserves: a run of COUNT identical ones takes as many as fit, in one step.
+local at = 5 + 8 * n
+for r = 1, runs do
+  local w, a = {}, {}
+  for y in string.gmatch(ARGV[at], '%S+') do w[#w + 1] = tonumber(y) end
+  local count = w[1]
+  for k = 1, 2 * n do a[k] = w[k + 1] or 0 end
+  local no, fit = refusal(a), 0
+  if not no then
+    fit = count
+    for i = 1, n do
+      local p = P[i]
+      local e, q = a[2 * i - 1], a[2 * i]
+      if e > 0 then fit = math.min(fit, math.floor((p.le - p.ce - p.he) / e)) end
+      if q > 0 then fit = math.min(fit, math.floor((p.lr - p.cr - p.hr) / q)) end
+    end
+    for i = 1, n do
+      local p = P[i]
+      local e, q = a[2 * i - 1], a[2 * i]
+      if e > 0 then p.he, p.re, p.moved = p.he + fit * e, p.re + fit * e, true end
+      if q > 0 then p.hr, p.rr, p.moved = p.hr + fit * q, p.rr + fit * q, true end
+    end
+    if fit < count then no = refusal(a) end
+  end
+  out[n + r] = no and {fit, no[1], no[2], no[3]} or fit
+  at = at + 1
+end
+
+-- Write back, one command per budget.
+for i = 1, n do
+  local p = P[i]
+  if p.live then
+    local args = {hf, I(p.re) .. ':' .. I(p.rr) .. ':' .. I(now + ttl) .. ':' .. I(p.fence) ..
+                      ':' .. I(now) .. ':' .. I(math.max(p.applied, seq))}
+    local function put(k, v)
+      args[#args + 1] = k
+      args[#args + 1] = v
+    end
+    if p.le >= 0 then
+      if p.rolle then put('effort:period', p.fe) put('effort:start', I(p.se)) put('effort:tripped', I(p.te)) end
+      if p.moved or p.rolle then put('effort:committed', I(p.ce)) put('effort:held', I(p.he)) end
+    end
+    if p.lr >= 0 then
+      if p.rollr then put('risk:period', p.fr) put('risk:start', I(p.sr)) put('risk:tripped', I(p.tr)) end
+      if p.moved or p.rollr then put('risk:committed', I(p.cr)) put('risk:held', I(p.hr)) end
+    end
+    if p.sweep then put('swept', I(now)) end
+    redis.call('HSET', KEYS[3 * i - 2], unpack(args))
+  end
+end
+return out
 )LUA");
   return script;
 }
@@ -1144,16 +1159,24 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write, bool empty) {
   // sent at once would wait behind the two anyway; with two out, one runs while the next
   // is queued, and the batch goes when the first is answered. A batch that syncs a holder
   // waits until nothing of that pool is on the wire (the sync says what the holder holds).
+  // A batch of finishes alone waits kSettleDelayMs for a reserve to go with, even when an
+  // answer frees its way: a script call for finishes alone costs Redis as much as one that
+  // also reserves.
   bool sent = false;
+  uint64_t now = uv_hrtime(), wait = UINT64_MAX;
   for (auto it = l->batches.begin(); it != l->batches.end();) {
+    const Batch& b = it->second;
     bool hold = false;
     if (auto f = l->inFlight.find(it->first); f != l->inFlight.end() && f->second >= kMaxInFlight)
       hold = true;
-    for (const auto& p : it->second.pools) {
+    for (const auto& p : b.pools) {
       auto h = l->holders.find(p.name);
       if (h != l->holders.end() && h->second.dirty && h->second.inFlight > 0) hold = true;
     }
-    if ((hold && !force) || (it->second.ops.empty() && !empty)) {
+    uint64_t waited = b.ops.empty() ? 0 : now - b.ops.front().started;
+    bool early = !force && !b.ops.empty() && b.specs.empty() && waited < kSettleDelayMs * 1'000'000;
+    if (early && !hold) wait = std::min(wait, kSettleDelayMs * 1'000'000 - waited);
+    if ((hold && !force) || (b.ops.empty() && !empty) || early) {
       ++it;
       continue;
     }
@@ -1162,6 +1185,15 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write, bool empty) {
     it = l->batches.erase(it);
     send(l, key, std::move(batch));
     sent = true;
+  }
+  if (wait != UINT64_MAX) {
+    uv_timer_start(
+        l->settleTimer,
+        [](uv_timer_t* t) {
+          auto* pl = static_cast<PerLoop*>(t->data);
+          pl->store->flush(pl);
+        },
+        (wait + 999'999) / 1'000'000, 0);
   }
   if (sent && write) l->client->flushWrites();
 }
@@ -1190,8 +1222,7 @@ void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
   }
   for (size_t r = 0; r < runs.size(); ++r) runs[r].insert(0, std::to_string(batch.runs[r]));
   batch.specs.clear();
-  args.reserve(5 + batch.pools.size() * 8 + runs.size());
-  args.push_back("batch");
+  args.reserve(4 + batch.pools.size() * 8 + runs.size());
   args.push_back(std::to_string(runs.size()));
   args.push_back(l->holder);
   args.push_back(std::to_string(batch.seq));
@@ -1230,7 +1261,7 @@ void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
   }
   for (auto& r : runs) args.push_back(std::move(r));
   ++l->inFlight[key];
-  l->client->eval(budgetScript(), std::move(keys), std::move(args),
+  l->client->eval(batchScript(), std::move(keys), std::move(args),
                   [this, l, key, batch = std::move(batch)](Result<RedisReply> r) mutable {
                     answer(l, key, batch, r);
                   });
