@@ -662,13 +662,52 @@ struct RedisBudgetStore::Subscriber {
   }
 };
 
+namespace {
+// A set of call ids (their hashes) that allocates once: open addressing over a fixed table,
+// at most kDoneGeneration ids in 2^17 slots.
+constexpr size_t kDoneGeneration = 50'000;
+class IdSet {
+ public:
+  bool contains(uint64_t id) const {
+    if (slots_.empty()) return false;
+    id = id ? id : 1;
+    for (size_t at = id & kMask;; at = (at + 1) & kMask) {
+      if (slots_[at] == id) return true;
+      if (slots_[at] == 0) return false;
+    }
+  }
+  void insert(uint64_t id) {
+    if (slots_.empty()) slots_.assign(kMask + 1, 0);
+    id = id ? id : 1;
+    for (size_t at = id & kMask;; at = (at + 1) & kMask) {
+      if (slots_[at] == id) return;
+      if (slots_[at] == 0) {
+        slots_[at] = id;
+        ++count_;
+        return;
+      }
+    }
+  }
+  size_t size() const { return count_; }
+  void clear() {
+    std::fill(slots_.begin(), slots_.end(), 0);
+    count_ = 0;
+  }
+
+ private:
+  static constexpr size_t kMask = (1 << 17) - 1;
+  std::vector<uint64_t> slots_;  // 0: empty (an id hashing to 0 is kept as 1)
+  size_t count_ = 0;
+};
+}  // namespace
+
 // Operations on the same pools in one loop turn, sent as one script call.
 struct RedisBudgetStore::BatchOp {
   char kind;  // 'R' reserve, 'S' settle, 'L' release, 'X' an expiry (nobody waits for it)
   uint64_t started;
   Done done;
-  std::string callId;     // a reserve's, to find its call on the answer
-  BudgetOutcome outcome;  // a finish's answer, known when it was queued
+  const std::string* callId;  // a reserve's, its key in `calls` (kept while it is pending)
+  BudgetOutcome outcome;      // a finish's answer, known when it was queued
 };
 
 struct RedisBudgetStore::Batch {
@@ -704,7 +743,8 @@ struct RedisBudgetStore::Holder {
 // A call this worker holds budget for, from its reserve to its finish.
 struct RedisBudgetStore::Call {
   std::vector<Charge> holds;   // per pool charged: the effort and risk held (>= 0)
-  std::vector<uint64_t> gens;  // per pool: the holder's generation it is held in
+  uint64_t gen = 0;            // the first pool's holder generation it is held in
+  std::vector<uint64_t> gens;  // the other pools' (a call charges one pool, mostly)
   uint64_t expiresMs = 0;
   bool pending = true;        // the reserve is on the wire
   std::vector<Done> waiters;  // the same call id reserved again meanwhile
@@ -723,8 +763,10 @@ struct RedisBudgetStore::PerLoop {
   uv_timer_t* settleTimer = nullptr;  // sends finishes that no reserve took along
   uv_timer_t* expiryTimer = nullptr;  // finishes calls whose holds expired
   bool armed = false;
-  std::map<std::string, size_t> inFlight;           // batch scripts sent and not answered, by pools
-  std::string holder;                               // this worker's name in the pools' budgets
+  std::map<std::string, size_t> inFlight;  // batch scripts sent and not answered, by pools
+  std::string holder;                      // this worker's name in the pools' budgets
+  std::shared_ptr<const std::vector<PoolSpec>> specs;  // the policy's pools, as last read
+  uint64_t specsVersion = UINT64_MAX;
   uint64_t seq = 0;                                 // its last batch's number
   uint64_t lastExpiryMs = 0;                        // the latest expiry of any hold it took
   std::unordered_map<std::string, Holder> holders;  // by pool
@@ -732,7 +774,7 @@ struct RedisBudgetStore::PerLoop {
   std::multimap<uint64_t, const std::string*> expiries;  // the calls' ids, by their expiry
   // Call ids finished here (settled, released, expired), two generations: a reserve of one
   // is refused. A call id is minted by one sidecar and operated on by it alone.
-  std::unordered_set<uint64_t> done, doneBefore;
+  IdSet done, doneBefore;
 };
 
 namespace {
@@ -740,7 +782,6 @@ namespace {
 thread_local void* tlsPerLoop = nullptr;
 thread_local const void* tlsOwner = nullptr;
 
-constexpr size_t kDoneGeneration = 50'000;
 uint64_t nowMs() {
   return uv_hrtime() / 1'000'000;
 }
@@ -799,8 +840,11 @@ RedisBudgetStore::~RedisBudgetStore() {
 Status RedisBudgetStore::declare(const PolicySet& set) {
   auto specs = specsOf(set);
   if (!specs) return specs.error();
-  std::lock_guard<std::mutex> lock(mutex_);
-  specs_ = std::make_shared<const std::vector<PoolSpec>>(std::move(specs.value()));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    specs_ = std::make_shared<const std::vector<PoolSpec>>(std::move(specs.value()));
+  }
+  specsVersion_.fetch_add(1, std::memory_order_release);
   return Status::success();
 }
 
@@ -898,7 +942,12 @@ void RedisBudgetStore::detach(std::function<void()> done) {
 // The batch for these pools in this loop turn (created with their specs if new).
 RedisBudgetStore::Batch* RedisBudgetStore::batchFor(PerLoop* l, const std::vector<Charge>& pools,
                                                     std::string* key, BudgetOutcome* refusal) {
-  auto specs = this->specs();
+  // The policy's pools, as this worker last read them (declare() bumps the version).
+  if (uint64_t v = specsVersion_.load(std::memory_order_acquire); v != l->specsVersion) {
+    l->specs = this->specs();
+    l->specsVersion = v;
+  }
+  const auto& specs = l->specs;
   key->clear();
   std::vector<const PoolSpec*> found;
   for (size_t i = 0; i < pools.size(); ++i) {
@@ -986,7 +1035,7 @@ void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Char
     return;
   }
   uint64_t id = idOf(callId);
-  if (l->done.count(id) || l->doneBefore.count(id)) {
+  if (l->done.contains(id) || l->doneBefore.contains(id)) {
     BudgetOutcome out{BudgetStatus::kUnknownCall, "", "call " + callId + " was already settled", 0};
     if (observer) observer("reserve", out.status, 0);
     done(std::move(out));
@@ -1013,8 +1062,8 @@ void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Char
   }
   call.expiresMs = nowMs() + static_cast<uint64_t>(std::max<int64_t>(holdTtl.count(), 0));
   l->lastExpiryMs = std::max(l->lastExpiryMs, call.expiresMs);
-  l->calls.emplace(callId, std::move(call));
-  enqueue(l, *batch, std::move(spec), BatchOp{'R', uv_hrtime(), std::move(done), callId, {}});
+  auto held = l->calls.emplace(callId, std::move(call)).first;
+  enqueue(l, *batch, std::move(spec), BatchOp{'R', uv_hrtime(), std::move(done), &held->first, {}});
 }
 
 void RedisBudgetStore::settle(const std::string& callId, const std::vector<Charge>& actual,
@@ -1084,7 +1133,7 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
       }
     }
     // Holds of another epoch went with their budget (flushed, or initialised again).
-    if (call.gens[i] != l->holders[h.pool].gen) continue;
+    if ((i == 0 ? call.gen : call.gens[i - 1]) != l->holders[h.pool].gen) continue;
     for (int j = 0; j < 2; ++j) {
       batch->ended[i][j] += held[j];
       batch->committed[i][j] += commit[j];
@@ -1093,12 +1142,12 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
   }
   if (out.overrun > 0)
     out.reason = "call " + callId + " cost " + std::to_string(out.overrun) + " more than was held";
-  enqueue(l, *batch, {}, BatchOp{kind, uv_hrtime(), std::move(done), {}, std::move(out)});
+  enqueue(l, *batch, {}, BatchOp{kind, uv_hrtime(), std::move(done), nullptr, std::move(out)});
 }
 
 void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {
   if (l->done.size() >= kDoneGeneration) {
-    l->doneBefore = std::move(l->done);
+    std::swap(l->done, l->doneBefore);
     l->done.clear();
   }
   l->done.insert(idOf(callId));
@@ -1345,7 +1394,7 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
     }
     std::vector<Done> waiters;
     if (op.kind == 'R') {
-      auto it = l->calls.find(op.callId);
+      auto it = l->calls.find(*op.callId);
       if (it != l->calls.end()) {
         Call& call = it->second;
         waiters = std::move(call.waiters);
@@ -1354,7 +1403,10 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
           call.pending = false;
           for (size_t i = 0; i < call.holds.size(); ++i) {
             Holder& h = l->holders[call.holds[i].pool];
-            call.gens.push_back(h.gen);
+            if (i == 0)
+              call.gen = h.gen;
+            else
+              call.gens.push_back(h.gen);
             h.held[0] += call.holds[i].effort;
             h.held[1] += call.holds[i].risk;
           }

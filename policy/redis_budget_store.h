@@ -114,7 +114,8 @@ class RedisBudgetStore : public BudgetStore {
   Options options_;
   mutable std::mutex mutex_;
   std::shared_ptr<const std::vector<PoolSpec>> specs_;
-  std::vector<BudgetView> cache_;  // the last view read from Redis
+  std::vector<BudgetView> cache_;          // the last view read from Redis
+  std::atomic<uint64_t> specsVersion_{0};  // bumped by each declare()
   std::atomic<bool> subscribed_{false};
 };
 
