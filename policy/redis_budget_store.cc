@@ -324,7 +324,7 @@ for i = 1, n do
   local o = 5 + 8 * (i - 1)
   -- Sweep: holders whose records expired (their sidecar stopped) have their holds committed,
   -- not refunded: the calls may have run. Records idle for 10 minutes with nothing held go.
-  -- Holds written per call by releases before 2026-11-30 (h: 'effort:risk:expiry', or
+  -- Holds written per call by releases up to 4d1b2b4 (h: 'effort:risk:expiry', or
   -- 'effort:risk' with the expiry in x before 2026-11-29) are swept too, for older sidecars
   -- gone during an upgrade.
   if p.live and p.sweep then

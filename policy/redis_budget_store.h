@@ -3,9 +3,9 @@
 // `{pool}` so that the script also runs on Redis Cluster:
 //   tollgate:{P}:b  hash: <dim>:committed, :held, :period, :start, :tripped; `created` (the
 //                   budget's epoch); and per holder (a worker of a sidecar) `L:<holder>` =
-//                   "effort:risk:expiry:fence:last:ring", what it holds and until when
-//   tollgate:{P}:h  hash: call id -> "effort:risk:expiry", the holds of releases before
-//                   2026-11-30 (one per call; their sidecars may still run during an upgrade)
+//                   "effort:risk:expiry:fence:last:applied", what it holds and until when
+//   tollgate:{P}:h  hash: call id -> "effort:risk:expiry", the holds of releases up to
+//                   4d1b2b4 (one per call; their sidecars may still run during an upgrade)
 //   tollgate:{P}:x  sorted set: the expiry of holds written as "effort:risk" before 2026-11-29
 //   tollgate:{P}:d, :m, :n  the settled call ids of older releases (created at init for
 //                   them; never read here)
