@@ -160,7 +160,7 @@ if op == 'view' then
       for x = 1, #fields, 2 do
         local f = fields[x]
         if string.sub(f, 1, 2) == 'L:' then
-          local he, hr, ex, fence, last, ring = string.match(fields[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+          local he, hr, ex, fence, last, applied = string.match(fields[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
           if he then
             he, hr = num(he), num(hr)
             if (he > 0 or hr > 0) and num(ex) <= now then
@@ -170,7 +170,7 @@ if op == 'view' then
                   redis.call('HINCRBY', b, DIMS[j] .. ':committed', a)
                 end
               end
-              redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. ring)
+              redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. applied)
             elseif he == 0 and hr == 0 and num(last) + IDLE_MS <= now then
               redis.call('HDEL', b, f)
             end
