@@ -21,10 +21,11 @@
 // A batch whose answer is lost (a timeout, a dropped connection, an error) may or may not
 // have run: the next batch on its pools carries a sync, which sets the record to what the
 // worker knows it holds, commits what the lost batches committed unless the record's
-// `applied` says they ran, and fences older batches off. A pool whose `b` hash is missing (never
-// initialised, flushed, restarted without persistence) is never recreated by a call: calls
-// are refused as budget_uninitialised until `tollgate pools init` (initPools) creates it, or
-// the config says `init_missing: true`; the holds of a budget flushed or reset go with it.
+// `applied` says they ran, and fences older batches off. A pool whose `b` hash is missing
+// (never initialised, flushed, restarted without persistence) is never recreated by a
+// call: calls are refused as budget_uninitialised until `tollgate pools init` (initPools)
+// creates it, or the config says `init_missing: true`; the holds of a budget flushed or
+// reset go with it.
 //
 // Each worker loop has its own RedisClient and holder (attach/detach); the limits and
 // periods come from the policy set (declare), the spend from Redis.
