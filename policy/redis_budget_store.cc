@@ -160,7 +160,8 @@ if op == 'view' then
       for x = 1, #fields, 2 do
         local f = fields[x]
         if string.sub(f, 1, 2) == 'L:' then
-          local he, hr, ex, fence, last, applied = string.match(fields[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+          local he, hr, ex, fence, last, applied =
+              string.match(fields[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
           if he then
             he, hr = num(he), num(hr)
             if (he > 0 or hr > 0) and num(ex) <= now then
@@ -170,7 +171,8 @@ if op == 'view' then
                   redis.call('HINCRBY', b, DIMS[j] .. ':committed', a)
                 end
               end
-              redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. applied)
+              redis.call('HSET', b, f,
+                         '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. applied)
             elseif he == 0 and hr == 0 and num(last) + IDLE_MS <= now then
               redis.call('HDEL', b, f)
             end
@@ -297,7 +299,8 @@ for i = 1, n do
     p.ce, p.he, p.se, p.te = N(v[4]), N(v[5]), N(v[7]), N(v[8])
     if risk then p.cr, p.hr, p.sr, p.tr = N(v[9]), N(v[10]), N(v[12]), N(v[13]) end
     if v[3] then
-      local he, hr, fence, applied = string.match(v[3], '^([^:]*):([^:]*):[^:]*:([^:]*):[^:]*:([^:]*)$')
+      local he, hr, fence, applied =
+          string.match(v[3], '^([^:]*):([^:]*):[^:]*:([^:]*):[^:]*:([^:]*)$')
       if he then p.re, p.rr, p.fence, p.applied = N(he), N(hr), N(fence), N(applied) end
     end
     if p.fence > seq then
@@ -340,7 +343,8 @@ for i = 1, n do
             p.he, p.hr = math.max(0, p.he - he), math.max(0, p.hr - hr)
             p.ce, p.cr, p.moved = p.ce + he, p.cr + hr, true
             redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. rest)
-          elseif he == 0 and hr == 0 and N(string.match(rest, '^[^:]*:([^:]*)')) + 600000 <= now then
+          elseif he == 0 and hr == 0 and
+                 N(string.match(rest, '^[^:]*:([^:]*)')) + 600000 <= now then
             redis.call('HDEL', b, f)
           end
         end
@@ -439,7 +443,8 @@ local function refusal(a)
         end
         roll(p, d)
         if (d == 'e' and p.te or p.tr) ~= 0 then
-          return {'budget_tripped', p.name, 'pool ' .. p.name .. ' was tripped by an overrun this period'}
+          return {'budget_tripped', p.name,
+                  'pool ' .. p.name .. ' was tripped by an overrun this period'}
         end
         local used = d == 'e' and p.ce + p.he or p.cr + p.hr
         if used + amount > lim then
@@ -492,11 +497,15 @@ for i = 1, n do
       args[#args + 1] = v
     end
     if p.le >= 0 then
-      if p.rolle then put('effort:period', p.fe) put('effort:start', I(p.se)) put('effort:tripped', I(p.te)) end
+      if p.rolle then
+        put('effort:period', p.fe) put('effort:start', I(p.se)) put('effort:tripped', I(p.te))
+      end
       if p.moved or p.rolle then put('effort:committed', I(p.ce)) put('effort:held', I(p.he)) end
     end
     if p.lr >= 0 then
-      if p.rollr then put('risk:period', p.fr) put('risk:start', I(p.sr)) put('risk:tripped', I(p.tr)) end
+      if p.rollr then
+        put('risk:period', p.fr) put('risk:start', I(p.sr)) put('risk:tripped', I(p.tr))
+      end
       if p.moved or p.rollr then put('risk:committed', I(p.cr)) put('risk:held', I(p.hr)) end
     end
     if p.sweep then put('swept', I(now)) end
