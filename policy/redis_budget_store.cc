@@ -772,6 +772,7 @@ struct RedisBudgetStore::PerLoop {
   uv_timer_t* settleTimer = nullptr;  // sends finishes that no reserve took along
   uv_timer_t* expiryTimer = nullptr;  // finishes calls whose holds expired
   bool armed = false;
+  bool flushing = false, flushAgain = false;
   std::map<std::string, size_t> inFlight;  // batch scripts sent and not answered, by pools
   std::string holder;                      // this worker's name in the pools' budgets
   std::shared_ptr<const std::vector<PoolSpec>> specs;  // the policy's pools, as last read
@@ -1206,6 +1207,21 @@ void RedisBudgetStore::syncDirty(PerLoop* l) {
 }
 
 void RedisBudgetStore::flush(PerLoop* l, bool force, bool write, bool empty) {
+  // A send can be answered at once (the store's breaker is open), and the answer flushes
+  // again: that flush is left to this one, which looks at the batches once more.
+  if (l->flushing) {
+    l->flushAgain = true;
+    return;
+  }
+  l->flushing = true;
+  do {
+    l->flushAgain = false;
+    flushOnce(l, force, write, empty);
+  } while (l->flushAgain);
+  l->flushing = false;
+}
+
+void RedisBudgetStore::flushOnce(PerLoop* l, bool force, bool write, bool empty) {
   uv_timer_stop(l->settleTimer);
   uv_check_stop(l->check);
   uv_idle_stop(l->idle);

@@ -104,6 +104,7 @@ class RedisBudgetStore : public BudgetStore {
   // Sends the waiting batches (force: even those that wait for an answer; empty: those with
   // no operations, a sync alone).
   void flush(PerLoop* l, bool force = false, bool write = true, bool empty = false);
+  void flushOnce(PerLoop* l, bool force, bool write, bool empty);
   void send(PerLoop* l, const std::string& key, Batch batch);
   void answer(PerLoop* l, const std::string& key, Batch& batch, const Result<RedisReply>& r);
   std::shared_ptr<const std::vector<PoolSpec>> specs() const;

@@ -149,7 +149,11 @@ class RedisBudgetTest(unittest.TestCase):
                 wait_for(lambda: call(tg, origin, 1)[0] == 200, timeout=5, what="recovery after the pause")
                 # The calls halted during the pause were never charged: their reserves were
                 # dropped with the connection or released once Redis answered again.
-                wait_for(lambda: spend(redis)[1] == 0, timeout=5, what="no hold left")
+                try:
+                    wait_for(lambda: spend(redis)[1] == 0, timeout=5, what="no hold left")
+                except AssertionError:
+                    print("pool state:", redis("HGETALL", KEY), flush=True)  # the holders' records
+                    raise
                 # (The first call's spend went with the restart; each later call cost 1.)
                 self.assertEqual(spend(redis)[0], len(origin.requests) - 1)
 
