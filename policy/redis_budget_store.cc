@@ -377,6 +377,15 @@ for i = 1, n do
     if #del > 0 then redis.call('HDEL', h, unpack(del)) end
     if #xdel > 0 then redis.call('ZREM', x, unpack(xdel)) end
   end
+  if p.live and not p.valid and ARGV[o + 6] ~= '' then
+    -- A sync from a worker that does not know this epoch (its batch that met it was lost):
+    -- what its record holds came from lost batches, whose calls were halted.
+    if p.re ~= 0 or p.rr ~= 0 then
+      p.he, p.hr = math.max(0, p.he - p.re), math.max(0, p.hr - p.rr)
+      p.re, p.rr, p.moved = 0, 0, true
+    end
+    p.fence = seq
+  end
   if p.live and p.valid then
     -- A sync: the holds the sidecar knows, the commits of lost batches that did not run (a
     -- holder's batches run in order), and a fence against those still to arrive.

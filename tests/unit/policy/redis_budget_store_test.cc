@@ -471,6 +471,35 @@ TEST_F(RedisBudgetStoreTest, ABatchLostButRunLateIsSyncedExactly) {
   EXPECT_TRUE(converges("other", "effort", "4:0"));
 }
 
+// The batch that first meets a new epoch (the pool flushed and initialised again) is lost
+// but runs late: its reserve is held in the new budget although its call was halted. The
+// sync that follows comes from a worker that never learnt the epoch, and clears it.
+TEST_F(RedisBudgetStoreTest, ALostBatchThatMetANewEpochLeavesNoHold) {
+  restart(std::chrono::milliseconds(100));
+  ASSERT_EQ(reserve("c1", {{"other", 5, 0}}).status, BudgetStatus::kOk);
+  Redis r(redis.port());
+  r.str("FLUSHALL");
+  ASSERT_TRUE(RedisBudgetStore::initPools(*set, options, false));
+  std::thread busy([port = redis.port()] {
+    Redis b(port);
+    b.argv({"EVAL",
+            "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] repeat local u = "
+            "redis.call('TIME') until u[1] * 1e6 + u[2] - s > 400000 return 1",
+            "0"});
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  uv_update_time(&loop);
+  EXPECT_EQ(reserve("c2", {{"other", 9, 0}}).status, BudgetStatus::kUnavailable);
+  busy.join();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));    // the loop does not run
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b effort:held"), "9");  // it ran late
+  EXPECT_TRUE(converges("other", "effort", "0:0"));
+  ASSERT_EQ(reserve("c3", {{"other", 2, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(settle("c1", {{"other", 5, 0}}).status, BudgetStatus::kOk);  // of the old budget
+  ASSERT_EQ(settle("c3", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  EXPECT_TRUE(converges("other", "effort", "1:0"));
+}
+
 // Here the lost batch never ran: Redis was paused past the deadline and dropped the
 // connection's command with it. The sync delivers the settle with no further traffic.
 TEST_F(RedisBudgetStoreTest, ABatchLostUnrunIsSyncedWithoutTraffic) {
