@@ -12,8 +12,6 @@
 namespace tollgate {
 namespace {
 
-constexpr size_t kRememberedCalls = 100'000;
-
 int64_t wallMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -50,8 +48,68 @@ std::string& callIdPrefix() {
 }  // namespace
 
 std::string newCallId() {
+  // Short enough for std::string's inline buffer (15 characters: no allocation per call):
+  // the process's prefix cut to 4 hex digits, and the counter in hex.
+  static std::atomic<uint64_t> counter{0};
+  uint64_t n = counter.fetch_add(1, std::memory_order_relaxed);
+  static const char kHex[] = "0123456789abcdef";
+  char buf[32];
+  char* end = buf + sizeof buf;
+  char* p = end;
+  do {
+    *--p = kHex[n & 15];
+    n >>= 4;
+  } while (n != 0);
+  *--p = '-';
+  p -= 4;
+  std::copy_n(callIdPrefix().data(), 4, p);
+  return std::string(p, static_cast<size_t>(end - p));
+}
+
+std::string newHolderId() {
   static std::atomic<uint64_t> counter{0};
   return callIdPrefix() + std::to_string(counter.fetch_add(1, std::memory_order_relaxed));
+}
+
+namespace {
+uint64_t idOf(const std::string& callId) {
+  uint64_t id = std::hash<std::string>{}(callId);
+  return id ? id : 1;
+}
+}  // namespace
+
+bool FinishedCalls::Table::contains(uint64_t id) const {
+  if (slots.empty()) return false;
+  for (size_t at = id & kMask;; at = (at + 1) & kMask) {
+    if (slots[at] == id) return true;
+    if (slots[at] == 0) return false;
+  }
+}
+
+void FinishedCalls::Table::insert(uint64_t id) {
+  if (slots.empty()) slots.assign(kMask + 1, 0);
+  for (size_t at = id & kMask;; at = (at + 1) & kMask) {
+    if (slots[at] == id) return;
+    if (slots[at] == 0) {
+      slots[at] = id;
+      ++count;
+      return;
+    }
+  }
+}
+
+bool FinishedCalls::contains(const std::string& callId) const {
+  uint64_t id = idOf(callId);
+  return now_.contains(id) || before_.contains(id);
+}
+
+void FinishedCalls::insert(const std::string& callId) {
+  if (now_.count >= kGeneration) {
+    std::swap(now_, before_);
+    std::fill(now_.slots.begin(), now_.slots.end(), 0);
+    now_.count = 0;
+  }
+  now_.insert(idOf(callId));
 }
 
 const char* budgetStatusName(BudgetStatus s) {
@@ -129,18 +187,8 @@ void MemoryBudgetStore::expireHolds(int64_t now) {
       b.held -= amount;
       b.committed += amount;
     }
-    rememberDone(it->first);
+    done_.insert(it->first);
     it = holds_.erase(it);
-  }
-}
-
-void MemoryBudgetStore::rememberDone(const std::string& callId) {
-  uint64_t id = std::hash<std::string>{}(callId);
-  if (!done_.insert(id).second) return;
-  doneOrder_.push_back(id);
-  if (doneOrder_.size() > kRememberedCalls) {
-    done_.erase(doneOrder_.front());
-    doneOrder_.pop_front();
   }
 }
 
@@ -151,7 +199,7 @@ BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
   std::lock_guard<std::mutex> lock(mutex_);
   expireHolds(now);
   if (holds_.count(callId)) return {};  // the same call again: already held
-  if (done_.count(std::hash<std::string>{}(callId)))
+  if (done_.contains(callId))
     return refuse(BudgetStatus::kUnknownCall, "", "call " + callId + " was already settled");
   // Check every budget first: all or nothing.
   Hold hold;
@@ -214,7 +262,7 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
     }
   }
   holds_.erase(it);
-  rememberDone(callId);
+  done_.insert(callId);
   if (out.overrun > 0)
     out.reason = "call " + callId + " cost " + std::to_string(out.overrun) + " more than was held";
   return out;
@@ -226,12 +274,12 @@ BudgetOutcome MemoryBudgetStore::releaseNow(const std::string& callId) {
   expireHolds(now);
   auto it = holds_.find(callId);
   if (it == holds_.end()) {
-    rememberDone(callId);  // a reserve arriving late for this call is refused
+    done_.insert(callId);  // a reserve arriving late for this call is refused
     return refuse(BudgetStatus::kUnknownCall, "", "no hold for call " + callId);
   }
   for (const auto& [key, amount] : it->second.amounts) budgets_[key].held -= amount;
   holds_.erase(it);
-  rememberDone(callId);
+  done_.insert(callId);
   return {};
 }
 

@@ -14,13 +14,11 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include "common/result.h"
@@ -28,7 +26,8 @@
 
 namespace tollgate {
 
-// An amount charged to one pool. In settle(), a negative amount means "what was held".
+// An amount charged to one pool. In settle(), a negative amount means "what was held", and so
+// does a pool left out of the list (an empty list: every pool is charged what it held).
 struct Charge {
   std::string pool;
   int64_t effort = 0;
@@ -45,11 +44,34 @@ enum class BudgetStatus {
 };
 const char* budgetStatusName(BudgetStatus s);
 
-// A call id unique among every sidecar that shares a pool: a random prefix of the process
-// (drawn again in a forked child) and a counter. Ids are the stores' idempotency keys, so
-// two sidecars must never make the same one: the second call would pass as a retry of the
-// first, uncharged.
+// A call id unique in this process: a short random prefix of the process and a counter, at
+// most 15 characters (up to 2^36 calls), so it needs no allocation. Ids are the stores'
+// idempotency keys; they never leave the process that made them (the memory store is one
+// process's, and the Redis store keeps its calls itself: Redis sees per-worker holders).
 std::string newCallId();
+// A name unique among every sidecar that shares a pool, for a worker's holder record: a
+// 64-bit random prefix of the process (drawn again in a forked child) and a counter.
+std::string newHolderId();
+
+// The ids of finished calls (settled, released, expired), so that a reserve of one is
+// refused: the last 50 000 to 100 000, by a 64-bit hash, in two generations of a fixed
+// open-addressing table each (2^17 slots, allocated once: no allocation per call).
+class FinishedCalls {
+ public:
+  bool contains(const std::string& callId) const;
+  void insert(const std::string& callId);
+
+ private:
+  static constexpr size_t kGeneration = 50'000;
+  static constexpr size_t kMask = (1 << 17) - 1;
+  struct Table {
+    std::vector<uint64_t> slots;  // 0: empty (an id hashing to 0 is kept as 1)
+    size_t count = 0;
+    bool contains(uint64_t id) const;
+    void insert(uint64_t id);
+  };
+  Table now_, before_;
+};
 
 struct BudgetOutcome {
   BudgetStatus status = BudgetStatus::kOk;
@@ -134,15 +156,12 @@ class MemoryBudgetStore : public BudgetStore {
   explicit MemoryBudgetStore(Clock clock) : clock_(std::move(clock)) {}
   void roll(Account& b, int64_t now);
   void expireHolds(int64_t now);
-  void rememberDone(const std::string& callId);
 
   Clock clock_;
   mutable std::mutex mutex_;
   std::map<std::string, Account> budgets_;  // "pool/effort", "pool/risk"
   std::unordered_map<std::string, Hold> holds_;
-  // Settled or released call ids, by a 64-bit hash (bounded): a late retry is refused.
-  std::unordered_set<uint64_t> done_;
-  std::deque<uint64_t> doneOrder_;
+  FinishedCalls done_;                // settled, released or expired: a late retry is refused
   int64_t nextExpiryMs_ = INT64_MAX;  // no hold expires before this
 };
 

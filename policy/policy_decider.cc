@@ -122,9 +122,8 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
     budgets_->release(ctx.callId, ctx.charges, [](BudgetOutcome) {});
     return;
   }
+  // No charge named: what was held is the cost (the stores read an empty list so).
   std::vector<Charge> actual;
-  actual.reserve(ctx.charges.size());
-  for (const auto& c : ctx.charges) actual.push_back({c.pool, -1, -1});  // -1: what was held
   const ToolDef* tool = ctx.call.toolDef();
   if (tool && outcome.responseHeader &&
       (!tool->cost.effortHeader.empty() || !tool->cost.riskHeader.empty())) {
@@ -137,7 +136,9 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
       }
       return static_cast<int64_t>(std::stoll(std::string(*v)));
     };
-    for (auto& a : actual) a = {a.pool, read(tool->cost.effortHeader), read(tool->cost.riskHeader)};
+    actual.reserve(ctx.charges.size());
+    for (const auto& c : ctx.charges)
+      actual.push_back({c.pool, read(tool->cost.effortHeader), read(tool->cost.riskHeader)});
   }
   budgets_->settle(ctx.callId, actual, [](BudgetOutcome) {});
 }

@@ -680,45 +680,6 @@ struct RedisBudgetStore::Subscriber {
   }
 };
 
-namespace {
-// A set of call ids (their hashes) that allocates once: open addressing over a fixed table,
-// at most kDoneGeneration ids in 2^17 slots.
-constexpr size_t kDoneGeneration = 50'000;
-class IdSet {
- public:
-  bool contains(uint64_t id) const {
-    if (slots_.empty()) return false;
-    id = id ? id : 1;
-    for (size_t at = id & kMask;; at = (at + 1) & kMask) {
-      if (slots_[at] == id) return true;
-      if (slots_[at] == 0) return false;
-    }
-  }
-  void insert(uint64_t id) {
-    if (slots_.empty()) slots_.assign(kMask + 1, 0);
-    id = id ? id : 1;
-    for (size_t at = id & kMask;; at = (at + 1) & kMask) {
-      if (slots_[at] == id) return;
-      if (slots_[at] == 0) {
-        slots_[at] = id;
-        ++count_;
-        return;
-      }
-    }
-  }
-  size_t size() const { return count_; }
-  void clear() {
-    std::fill(slots_.begin(), slots_.end(), 0);
-    count_ = 0;
-  }
-
- private:
-  static constexpr size_t kMask = (1 << 17) - 1;
-  std::vector<uint64_t> slots_;  // 0: empty (an id hashing to 0 is kept as 1)
-  size_t count_ = 0;
-};
-}  // namespace
-
 // Operations on the same pools in one loop turn, sent as one script call.
 struct RedisBudgetStore::BatchOp {
   char kind;  // 'R' reserve, 'S' settle, 'L' release, 'X' an expiry (nobody waits for it)
@@ -790,10 +751,11 @@ struct RedisBudgetStore::PerLoop {
   uint64_t lastExpiryMs = 0;                        // the latest expiry of any hold it took
   std::unordered_map<std::string, Holder> holders;  // by pool
   std::unordered_map<std::string, Call> calls;
+  std::vector<const PoolSpec*> found;  // batchFor's scratch: the specs of a call's pools
   std::multimap<uint64_t, const std::string*> expiries;  // the calls' ids, by their expiry
-  // Call ids finished here (settled, released, expired), two generations: a reserve of one
-  // is refused. A call id is minted by one sidecar and operated on by it alone.
-  IdSet done, doneBefore;
+  // Call ids finished here (settled, released, expired): a reserve of one is refused. A call
+  // id is minted by one sidecar and operated on by it alone.
+  FinishedCalls done;
 };
 
 namespace {
@@ -803,9 +765,6 @@ thread_local const void* tlsOwner = nullptr;
 
 uint64_t nowMs() {
   return uv_hrtime() / 1'000'000;
-}
-uint64_t idOf(const std::string& callId) {
-  return std::hash<std::string>{}(callId);
 }
 }  // namespace
 
@@ -876,7 +835,7 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
   auto* l = new PerLoop{};
   l->store = this;
   l->loop = loop;
-  l->holder = newCallId();  // unique in the process and across processes
+  l->holder = newHolderId();  // unique in the process and across processes
   l->client =
       std::make_unique<RedisClient>(loop, RedisClient::Options{options_.seeds, options_.timeout});
   l->check = new uv_check_t;
@@ -968,7 +927,8 @@ RedisBudgetStore::Batch* RedisBudgetStore::batchFor(PerLoop* l, const std::vecto
   }
   const auto& specs = l->specs;
   key->clear();
-  std::vector<const PoolSpec*> found;
+  auto& found = l->found;
+  found.clear();
   for (size_t i = 0; i < pools.size(); ++i) {
     const auto& c = pools[i];
     const PoolSpec* pool = nullptr;
@@ -1053,8 +1013,7 @@ void RedisBudgetStore::reserve(const std::string& callId, const std::vector<Char
     }
     return;
   }
-  uint64_t id = idOf(callId);
-  if (l->done.contains(id) || l->doneBefore.contains(id)) {
+  if (l->done.contains(callId)) {
     BudgetOutcome out{BudgetStatus::kUnknownCall, "", "call " + callId + " was already settled", 0};
     if (observer) observer("reserve", out.status, 0);
     done(std::move(out));
@@ -1165,11 +1124,7 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
 }
 
 void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {
-  if (l->done.size() >= kDoneGeneration) {
-    std::swap(l->done, l->doneBefore);
-    l->done.clear();
-  }
-  l->done.insert(idOf(callId));
+  l->done.insert(callId);
 }
 
 // Finishes the calls whose holds expired; runs again at the next expiry.

@@ -110,19 +110,41 @@ TEST_F(MemoryBudgetStoreTest, UnknownPoolsAreUninitialisedNotZero) {
   EXPECT_EQ(r.pool, "ghost");
 }
 
-// Call ids are the stores' idempotency keys: two sidecars sharing a pool must never make
-// the same one. Each process (a forked one too) draws its own random prefix.
-TEST(CallIds, AreUniqueInAProcessAndAcrossProcesses) {
+// Call ids are the stores' idempotency keys within the process that made them: unique there,
+// and short enough to need no allocation per call.
+TEST(CallIds, AreUniqueInAProcessAndShort) {
   std::set<std::string> ids;
-  for (int i = 0; i < 1000; ++i) ids.insert(newCallId());
+  for (int i = 0; i < 100000; ++i) ids.insert(newCallId());
+  EXPECT_EQ(ids.size(), 100000u);
+  std::string id = newCallId();
+  EXPECT_LE(id.size(), 15u) << id;
+  EXPECT_EQ(id.find('-'), 4u) << id;
+}
+
+// Finished call ids are remembered for 50 000 to 100 000 calls after them, then forgotten
+// (bounded memory); an id never finished is never taken for one.
+TEST(FinishedCalls, RemembersTheLastGenerationsAndNothingElse) {
+  FinishedCalls done;
+  for (int i = 0; i < 120000; ++i) done.insert("f" + std::to_string(i));
+  for (int i = 100000; i < 120000; ++i) ASSERT_TRUE(done.contains("f" + std::to_string(i))) << i;
+  EXPECT_TRUE(done.contains("f60000"));
+  EXPECT_FALSE(done.contains("f10"));  // two generations ago
+  for (int i = 0; i < 100000; ++i) ASSERT_FALSE(done.contains("n" + std::to_string(i))) << i;
+}
+
+// Holder names tell the workers of every sidecar on a pool apart: each process (a forked
+// one too) draws its own random prefix.
+TEST(HolderIds, AreUniqueInAProcessAndAcrossProcesses) {
+  std::set<std::string> ids;
+  for (int i = 0; i < 1000; ++i) ids.insert(newHolderId());
   EXPECT_EQ(ids.size(), 1000u);
-  std::string mine = newCallId();
+  std::string mine = newHolderId();
   ASSERT_EQ(mine.find('-'), 16u) << mine;
   int fds[2];
   ASSERT_EQ(::pipe(fds), 0);
   pid_t child = ::fork();
   if (child == 0) {
-    std::string id = newCallId();
+    std::string id = newHolderId();
     ssize_t n = ::write(fds[1], id.data(), id.size());
     ::_exit(n == static_cast<ssize_t>(id.size()) ? 0 : 1);
   }

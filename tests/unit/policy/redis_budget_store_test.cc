@@ -190,6 +190,12 @@ TEST_F(RedisBudgetStoreTest, TheSameCallIdIsChargedOnce) {
   EXPECT_EQ(release("late", {{"team", 5, 0}}).status, BudgetStatus::kUnknownCall);
   EXPECT_EQ(reserve("late", {{"team", 5, 0}}).status, BudgetStatus::kUnknownCall);
   EXPECT_EQ(budget("team", "effort").held, 0);
+  // A settle that names no cost commits what was held.
+  EXPECT_EQ(reserve("c2", {{"team", 7, 1}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(settle("c2", {}).status, BudgetStatus::kOk);
+  EXPECT_EQ(budget("team", "effort").committed, 27);
+  EXPECT_EQ(budget("team", "risk").committed, 3);
+  EXPECT_EQ(budget("team", "effort").held, 0);
 }
 
 TEST_F(RedisBudgetStoreTest, AReserveFitsUpToTheLimitExactlyAndNotOneMore) {
