@@ -26,77 +26,96 @@ constexpr size_t kMaxBatch = 256;       // operations in one script call
 constexpr uint64_t kSettleDelayMs = 2;  // a settlement waits this long for a reserve to go with
 constexpr size_t kMaxInFlight = 2;  // batch scripts of the same pools on the wire, per worker loop
 
+// What both budget scripts begin with: Redis's time, number helpers, and the sweep of a
+// pool's expired holds. A holder's record expires with its last hold (its sidecar stopped,
+// or lost the pool): its holds are committed, not refunded, because the calls may have run;
+// a record idle for IDLE_MS with nothing held goes. Holds written per call by releases up to
+// 4d1b2b4 (h: 'effort:risk:expiry', or 'effort:risk' with the expiry in the sorted set x
+// before 2026-11-29) are swept the same way, for older sidecars gone during an upgrade.
+constexpr const char* kScriptPrelude = R"LUA(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local IDLE_MS = 600000 -- a holder's record with nothing held goes after this long unused
+local function N(v)  -- a stored integer; '0' and missing are common and need no parse
+  if v == '0' or not v then return 0 end
+  return tonumber(v) or 0
+end
+local function I(x) return string.format('%d', x) end
+
+-- Sweeps the pool whose keys are b, h and x. p: its budget as read (he, hr: held; ce, cr:
+-- committed), changed in place, p.moved set when it changed. skip: a record left alone (the
+-- sweeping holder's own). Returns the older releases' call ids it swept.
+local function sweep(b, h, x, p, skip)
+  local all = redis.call('HGETALL', b)
+  for y = 1, #all, 2 do
+    local f = all[y]
+    if string.sub(f, 1, 2) == 'L:' and f ~= skip then
+      local he, hr, ex, rest = string.match(all[y + 1], '^([^:]*):([^:]*):([^:]*):(.*)$')
+      if he then
+        he, hr = N(he), N(hr)
+        if (he > 0 or hr > 0) and N(ex) <= now then
+          p.he, p.hr = math.max(0, p.he - he), math.max(0, p.hr - hr)
+          p.ce, p.cr, p.moved = p.ce + he, p.cr + hr, true
+          redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. rest)
+        elseif he == 0 and hr == 0 and
+               N(string.match(rest, '^[^:]*:([^:]*)')) + IDLE_MS <= now then
+          redis.call('HDEL', b, f)
+        end
+      end
+    end
+  end
+  local legacy, del, xdel, due = redis.call('HGETALL', h), {}, {}, nil
+  for y = 1, #legacy, 2 do
+    local id = legacy[y]
+    if id ~= '_' then
+      local e, r, ex = string.match(legacy[y + 1], '^([^:]*):([^:]*):(.*)$')
+      if not e then
+        e, r = string.match(legacy[y + 1], '^([^:]*):(.*)$')
+        if not e then e, r = legacy[y + 1], '0' end
+        if not due then
+          due = {}
+          for _, d in ipairs(redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 10000)) do
+            due[d] = true
+          end
+        end
+      end
+      if (ex and N(ex) <= now) or (not ex and due[id]) then
+        e, r = N(e), N(r)
+        p.he, p.hr = math.max(0, p.he - e), math.max(0, p.hr - r)
+        p.ce, p.cr, p.moved = p.ce + e, p.cr + r, true
+        del[#del + 1] = id
+        if not ex then xdel[#xdel + 1] = id end
+      end
+    end
+  end
+  if #del > 0 then redis.call('HDEL', h, unpack(del)) end
+  if #xdel > 0 then redis.call('ZREM', x, unpack(xdel)) end
+  return del
+end
+)LUA";
+
 // Init and view of pools (batches have their own script, batchScript). KEYS: 6 per pool (b,
 // h, x, d, m, n). ARGV: op, mode, 0, pool count, then per pool: name, effort amount, risk
 // amount, effort limit, effort period ms, risk limit, risk period ms. A limit of -1: the
 // policy gives the pool no budget of that dimension.
 const RedisScript& budgetScript() {
-  static const RedisScript script(R"LUA(
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  static const RedisScript script(std::string(kScriptPrelude) + R"LUA(
 local op, call = ARGV[1], ARGV[2]
 local per = 6  -- keys per pool
 local n = #KEYS / per
 local base = 4  -- init and view: ARGV index before the per-pool values
 local DIMS = {'effort', 'risk'}
 local GEN = 50000     -- settled call ids per generation: 50 000 to 100 000 remembered per pool
-local IDLE_MS = 600000 -- a holder's record with nothing held goes after this long unused
 -- The holds' sentinel: a value longer than a listpack takes makes h a hash table for good.
 -- As a listpack (up to 128 small fields) every field of an HMGET, HSET or HDEL is found by
 -- a scan: a batch's cost grew with the batch times the holds of the pool.
 local SENTINEL = '0:0:' .. string.rep('0', 64)
 
-local function I(x) return string.format('%d', x) end
-local function num(v) return tonumber(v) or 0 end
 local function A(i, k) return ARGV[base + 7 * (i - 1) + 1 + k] end
 -- Per pool: b budgets (and the holders' records), h the holds of older releases (one per
 -- call), x their expiries before 2026-11-29; for init and view also d, m and n, the settled
 -- ids of older releases (created for them at init, never read by a batch).
 local function K(i, k) return KEYS[per * (i - 1) + k] end
-
--- A hold of an older release is 'effort:risk:expiry' (units; ms of Redis time); releases
--- before 2026-11-29 wrote 'effort:risk' and kept the expiry in the sorted set x: such a hold
--- (expiry false here) expires when x says so. They are swept here, so that older and newer
--- sidecars share a pool exactly during a rolling upgrade; this release writes none.
-local function parseHold(v)
-  local e, r, x = string.match(v, '^([^:]*):([^:]*):(.*)$')
-  if e then return {num(e), num(r), num(x)} end
-  e, r = string.match(v, '^([^:]*):(.*)$')
-  if e then return {num(e), num(r), false} end
-  return {num(v), 0, false}
-end
-
--- Holds by their string, parsed once per script (a batch's holds were mostly written by a
--- few batches, with the same amounts and expiry). Shared: never changed.
-local holdOf = {}
-local function HOLD(v)
-  local h = holdOf[v]
-  if not h then
-    h = parseHold(v)
-    holdOf[v] = h
-  end
-  return h
-end
-
--- Whether a hold has expired; due(): the set of calls whose legacy hold x says is due.
-local function isExpired(id, hold, due)
-  if hold[3] then return hold[3] <= now end
-  return due()[id] == true
-end
-
--- A lazy due() for the legacy holds of the pool whose x key this is.
-local function legacyDue(x)
-  local set
-  return function()
-    if not set then
-      set = {}
-      for _, id in ipairs(redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 10000)) do
-        set[id] = true
-      end
-    end
-    return set
-  end
-end
 
 -- Settled (or expired, or released) call ids: a later reserve of one is refused. They go
 -- into the hash m; when it holds GEN of them it becomes n, and the n before is dropped. A
@@ -154,53 +173,25 @@ if op == 'view' then
     local b, h = K(i, 1), K(i, 2)
     local alive = redis.call('EXISTS', b) == 1
     -- Every expired hold is committed first: the holders' (their sidecars stopped) and the
-    -- calls' of older releases.
+    -- calls' of older releases (marked settled for those releases).
+    local p, v = {he = 0, hr = 0, ce = 0, cr = 0, moved = false}, {}
     if alive then
-      local fields = redis.call('HGETALL', b)
-      for x = 1, #fields, 2 do
-        local f = fields[x]
-        if string.sub(f, 1, 2) == 'L:' then
-          local he, hr, ex, fence, last, applied =
-              string.match(fields[x + 1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
-          if he then
-            he, hr = num(he), num(hr)
-            if (he > 0 or hr > 0) and num(ex) <= now then
-              for j, a in ipairs({he, hr}) do
-                if a > 0 then
-                  redis.call('HINCRBY', b, DIMS[j] .. ':held', -a)
-                  redis.call('HINCRBY', b, DIMS[j] .. ':committed', a)
-                end
-              end
-              redis.call('HSET', b, f,
-                         '0:0:' .. ex .. ':' .. fence .. ':' .. last .. ':' .. applied)
-            elseif he == 0 and hr == 0 and num(last) + IDLE_MS <= now then
-              redis.call('HDEL', b, f)
-            end
-          end
+      v = redis.call('HMGET', b, 'effort:held', 'risk:held', 'effort:committed', 'risk:committed')
+      p.he, p.hr, p.ce, p.cr = N(v[1]), N(v[2]), N(v[3]), N(v[4])
+    end
+    local marks = sweep(b, h, K(i, 3), p, nil)
+    if alive and p.moved then
+      local values, args = {p.he, p.hr, p.ce, p.cr}, {}
+      for j, f in ipairs({'effort:held', 'risk:held', 'effort:committed', 'risk:committed'}) do
+        if values[j] ~= N(v[j]) then
+          args[#args + 1] = f
+          args[#args + 1] = I(values[j])
         end
       end
+      if #args > 0 then redis.call('HSET', b, unpack(args)) end
     end
-    local all, del, xdel, marks, due = redis.call('HGETALL', h), {}, {}, {}, legacyDue(K(i, 3))
-    for x = 1, #all, 2 do
-      local hold = HOLD(all[x + 1])
-      if all[x] ~= '_' and isExpired(all[x], hold, due) then
-        if not hold[3] then xdel[#xdel + 1] = all[x] end
-        if alive then
-          for j, dim in ipairs(DIMS) do
-            if hold[j] > 0 then
-              redis.call('HINCRBY', b, dim .. ':held', -hold[j])
-              redis.call('HINCRBY', b, dim .. ':committed', hold[j])
-            end
-          end
-        end
-        del[#del + 1] = all[x]
-        marks[#marks + 1] = all[x]
-      end
-    end
-    if #del > 0 then redis.call('HDEL', h, unpack(del)) end
-    if #xdel > 0 then redis.call('ZREM', K(i, 3), unpack(xdel)) end
     if #marks > 0 then
-      local count = remember(i, marks, num(redis.call('HGET', b, 'marks')))
+      local count = remember(i, marks, N(redis.call('HGET', b, 'marks')))
       if alive then redis.call('HSET', b, 'marks', I(count)) end
     end
     for j, dim in ipairs(DIMS) do
@@ -209,8 +200,8 @@ if op == 'view' then
         if alive then
           local f = redis.call('HMGET', b, dim .. ':committed', dim .. ':held', dim .. ':period',
                                dim .. ':start', dim .. ':tripped')
-          local committed, start, tripped = num(f[1]), num(f[4]), num(f[5])
-          if num(f[3]) ~= period then
+          local committed, start, tripped = N(f[1]), N(f[4]), N(f[5])
+          if N(f[3]) ~= period then
             start = now - now % period
             redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(start))
           elseif now >= start + period then
@@ -218,7 +209,7 @@ if op == 'view' then
             redis.call('HSET', b, dim .. ':start', I(start), dim .. ':committed', '0',
                        dim .. ':tripped', '0')
           end
-          out[#out + 1] = {A(i, 0), dim, 1, committed, num(f[2]), start + period, tripped}
+          out[#out + 1] = {A(i, 0), dim, 1, committed, N(f[2]), start + period, tripped}
         else
           out[#out + 1] = {A(i, 0), dim, 0, 0, 0, 0, 0}
         end
@@ -261,17 +252,10 @@ return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
 // sidecar on Redis's one thread, and its cost is Lua's (numbers are parsed only where they
 // are not zero, the risk fields read only for pools with a risk budget).
 const RedisScript& batchScript() {
-  static const RedisScript script(R"LUA(
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  static const RedisScript script(std::string(kScriptPrelude) + R"LUA(
 local n = #KEYS / 3
 local runs, holder, seqs, ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
 local seq, hf = tonumber(seqs), 'L:' .. holder
-local function N(v)  -- a stored integer; '0' and missing are common and need no parse
-  if v == '0' or not v then return 0 end
-  return tonumber(v) or 0
-end
-local function I(x) return string.format('%d', x) end
 
 -- Per pool, read once: its budget (e: effort, r: risk: committed c, held h, start s,
 -- tripped t, stored period f) and this holder's record (its holds re, rr; fence; applied).
@@ -325,58 +309,8 @@ end
 for i = 1, n do
   local p = P[i]
   local o = 5 + 8 * (i - 1)
-  -- Sweep: holders whose records expired (their sidecar stopped) have their holds committed,
-  -- not refunded: the calls may have run. Records idle for 10 minutes with nothing held go.
-  -- Holds written per call by releases up to 4d1b2b4 (h: 'effort:risk:expiry', or
-  -- 'effort:risk' with the expiry in x before 2026-11-29) are swept too, for older sidecars
-  -- gone during an upgrade.
-  if p.live and p.sweep then
-    local b = KEYS[3 * i - 2]
-    local all = redis.call('HGETALL', b)
-    for x = 1, #all, 2 do
-      local f = all[x]
-      if string.sub(f, 1, 2) == 'L:' and f ~= hf then
-        local he, hr, ex, rest = string.match(all[x + 1], '^([^:]*):([^:]*):([^:]*):(.*)$')
-        if he then
-          he, hr = N(he), N(hr)
-          if (he > 0 or hr > 0) and N(ex) <= now then
-            p.he, p.hr = math.max(0, p.he - he), math.max(0, p.hr - hr)
-            p.ce, p.cr, p.moved = p.ce + he, p.cr + hr, true
-            redis.call('HSET', b, f, '0:0:' .. ex .. ':' .. rest)
-          elseif he == 0 and hr == 0 and
-                 N(string.match(rest, '^[^:]*:([^:]*)')) + 600000 <= now then
-            redis.call('HDEL', b, f)
-          end
-        end
-      end
-    end
-    local h, x = KEYS[3 * i - 1], KEYS[3 * i]
-    local legacy, del, xdel, due = redis.call('HGETALL', h), {}, {}, nil
-    for y = 1, #legacy, 2 do
-      local id = legacy[y]
-      if id ~= '_' then
-        local e, r, ex = string.match(legacy[y + 1], '^([^:]*):([^:]*):(.*)$')
-        if not e then
-          e, r = string.match(legacy[y + 1], '^([^:]*):(.*)$')
-          if not e then e, r = legacy[y + 1], '0' end
-          if not due then
-            due = {}
-            for _, d in ipairs(redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 10000)) do
-              due[d] = true
-            end
-          end
-        end
-        if (ex and N(ex) <= now) or (not ex and due[id]) then
-          e, r = N(e), N(r)
-          p.he, p.hr, p.ce, p.cr, p.moved = p.he - e, p.hr - r, p.ce + e, p.cr + r, true
-          del[#del + 1] = id
-          if not ex then xdel[#xdel + 1] = id end
-        end
-      end
-    end
-    if #del > 0 then redis.call('HDEL', h, unpack(del)) end
-    if #xdel > 0 then redis.call('ZREM', x, unpack(xdel)) end
-  end
+  -- Other holders' expired records (their sidecars stopped), once a second (`swept`).
+  if p.live and p.sweep then sweep(KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i], p, hf) end
   if p.live and not p.valid and ARGV[o + 6] ~= '' then
     -- A sync from a worker that does not know this epoch (its batch that met it was lost):
     -- what its record holds came from lost batches, whose calls were halted.

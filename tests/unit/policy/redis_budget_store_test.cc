@@ -251,18 +251,27 @@ TEST_F(RedisBudgetStoreTest, ExpiredHoldsAreCommittedOnceWhoeverHeldThem) {
   EXPECT_EQ(r.integer("HEXISTS tollgate:{other}:b L:idle"), 0);
   EXPECT_EQ(reserve("c1", {{"other", 7, 0}}).status, BudgetStatus::kUnknownCall);  // expired
   EXPECT_EQ(settle("c1", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);
-  // Holds as older releases wrote them: one due, one not.
-  r.argv({"HSET", "tollgate:{other}:h", "due", "5:0", "live", "3:0"});
+  // Holds as older releases wrote them: two due (the expiry in :x, and in the hold), one not.
+  r.argv({"HSET", "tollgate:{other}:h", "due", "5:0", "live", "3:0", "due3", "2:0:1"});
   r.argv({"ZADD", "tollgate:{other}:x", "1", "due", "99999999999999", "live"});
-  r.argv({"HINCRBY", "tollgate:{other}:b", "effort:held", "8"});
+  r.argv({"HINCRBY", "tollgate:{other}:b", "effort:held", "10"});
   auto effort = budget("other", "effort");
-  EXPECT_EQ(effort.committed, 16);
+  EXPECT_EQ(effort.committed, 18);
   EXPECT_EQ(effort.held, 4);
   EXPECT_EQ(r.str("HGET tollgate:{other}:h due"), "");
+  EXPECT_EQ(r.str("HGET tollgate:{other}:h due3"), "");
   EXPECT_EQ(r.str("HGET tollgate:{other}:h live"), "3:0");
   EXPECT_EQ(r.integer("ZCARD tollgate:{other}:x"), 2);  // the sentinel and the live one
   EXPECT_EQ(settle("c2", {{"other", 1, 0}}).status, BudgetStatus::kOk);
-  EXPECT_EQ(budget("other", "effort").committed, 17);
+  EXPECT_EQ(budget("other", "effort").committed, 19);
+  // The batch script sweeps them too (a second after the last sweep).
+  r.argv({"HSET", "tollgate:{other}:h", "due4", "6:0:1"});
+  r.argv({"HINCRBY", "tollgate:{other}:b", "effort:held", "6"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  ASSERT_EQ(reserve("c3", {{"other", 1, 0}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(r.str("HGET tollgate:{other}:h due4"), "");
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b effort:committed"), "25");
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b effort:held"), "4");
 }
 
 TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall) {
