@@ -24,6 +24,7 @@ namespace {
 constexpr uint64_t kSyncDelayMs = 250;  // a dirty holder's next sync, while none is answered
 constexpr size_t kMaxBatch = 256;       // operations in one script call
 constexpr uint64_t kSettleDelayMs = 2;  // a settlement waits this long for a reserve to go with
+constexpr size_t kSpareBatches = 4;     // answered batches kept for reuse, per worker loop
 constexpr size_t kMaxInFlight = 2;  // batch scripts of the same pools on the wire, per worker loop
 
 // What both budget scripts begin with: Redis's time, number helpers, and the sweep of a
@@ -633,6 +634,20 @@ struct RedisBudgetStore::Batch {
   std::vector<std::array<bool, 2>> trips;
   std::vector<bool> synced;  // per pool: the batch carries its holder's sync
   uint64_t seq = 0;
+  // Empties it, keeping its buffers: answered batches are reused, so that a loop turn's
+  // batch does not grow its vectors again (past 1 KB, a growth makes malloc consolidate
+  // every small chunk freed since the last one).
+  void clear() {
+    pools.clear();
+    specs.clear();
+    runs.clear();
+    ops.clear();
+    ended.clear();
+    committed.clear();
+    trips.clear();
+    synced.clear();
+    seq = 0;
+  }
 };
 
 // This worker's holds in one pool, as the sidecar knows them. `held` counts the calls whose
@@ -670,6 +685,7 @@ struct RedisBudgetStore::PerLoop {
   std::unique_ptr<RedisClient> client;
   Subscriber* subscriber = nullptr;
   std::map<std::string, Batch> batches;  // by the pools charged
+  std::vector<Batch> spare;              // answered batches, empty, kept for their buffers
   uv_check_t* check = nullptr;
   uv_idle_t* idle = nullptr;
   uv_timer_t* syncTimer = nullptr;    // syncs dirty holders, traffic or not
@@ -885,6 +901,10 @@ RedisBudgetStore::Batch* RedisBudgetStore::batchFor(PerLoop* l, const std::vecto
   }
   auto& batch = l->batches[*key];
   if (batch.pools.empty()) {
+    if (!l->spare.empty()) {
+      batch = std::move(l->spare.back());
+      l->spare.pop_back();
+    }
     for (const PoolSpec* p : found) batch.pools.push_back(*p);
     batch.ended.assign(found.size(), {0, 0});
     batch.committed.assign(found.size(), {0, 0});
@@ -1236,6 +1256,10 @@ void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
   l->client->eval(batchScript(), std::move(keys), std::move(args),
                   [this, l, key, batch = std::move(batch)](Result<RedisReply> r) mutable {
                     answer(l, key, batch, r);
+                    if (l->spare.size() < kSpareBatches) {
+                      batch.clear();
+                      l->spare.push_back(std::move(batch));
+                    }
                   });
 }
 
