@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <random>
 
@@ -98,12 +99,58 @@ void FinishedCalls::Table::insert(uint64_t id) {
   }
 }
 
+namespace {
+// The counter of an id this process minted (newCallId: the prefix's first 4 hex digits, '-',
+// up to 9 hex digits), or false.
+bool ownCounter(const std::string& id, uint64_t* n) {
+  if (id.size() < 6 || id.size() > 14 || id[4] != '-' ||
+      std::memcmp(id.data(), callIdPrefix().data(), 4) != 0) {
+    return false;
+  }
+  uint64_t v = 0;
+  for (size_t i = 5; i < id.size(); ++i) {
+    char c = id[i];
+    uint64_t d;
+    if (c >= '0' && c <= '9')
+      d = static_cast<uint64_t>(c - '0');
+    else if (c >= 'a' && c <= 'f')
+      d = static_cast<uint64_t>(c - 'a' + 10);
+    else
+      return false;
+    v = v << 4 | d;
+  }
+  *n = v;
+  return true;
+}
+}  // namespace
+
 bool FinishedCalls::contains(const std::string& callId) const {
+  if (uint64_t n; ownCounter(callId, &n)) {
+    if (n >= newest_) return false;          // newer than every finished one
+    if (newest_ - n > kWindow) return true;  // minted long before the window
+    return (recent_[n % kWindow / 64] >> (n % 64) & 1) != 0;
+  }
   uint64_t id = idOf(callId);
   return now_.contains(id) || before_.contains(id);
 }
 
 void FinishedCalls::insert(const std::string& callId) {
+  if (uint64_t n; ownCounter(callId, &n)) {
+    if (recent_.empty()) recent_.assign(kWindow / 64, 0);
+    if (n >= newest_) {
+      // The window moves up to n: the bits of the counters it takes in are cleared.
+      if (n + 1 - newest_ >= kWindow) {
+        std::fill(recent_.begin(), recent_.end(), 0);
+      } else {
+        for (uint64_t c = newest_; c < n; ++c) recent_[c % kWindow / 64] &= ~(1ull << (c % 64));
+      }
+      newest_ = n + 1;
+    } else if (newest_ - n > kWindow) {
+      return;  // counted as finished already
+    }
+    recent_[n % kWindow / 64] |= 1ull << (n % 64);
+    return;
+  }
   if (now_.count >= kGeneration) {
     std::swap(now_, before_);
     std::fill(now_.slots.begin(), now_.slots.end(), 0);

@@ -54,14 +54,19 @@ std::string newCallId();
 std::string newHolderId();
 
 // The ids of finished calls (settled, released, expired), so that a reserve of one is
-// refused: the last 50 000 to 100 000, by a 64-bit hash, in two generations of a fixed
-// open-addressing table each (2^17 slots, allocated once: no allocation per call).
+// refused. The process's own ids (newCallId) are minted in rising order: one finished is a
+// bit in a window of the 2^17 counters below the newest finished one (16 KB), an id newer
+// than every finished one is known unfinished without a lookup, and one older than the
+// window counts as finished (it was minted long before: no reserve of it is new). Other ids
+// are kept by a 64-bit hash, the last 50 000 to 100 000, in two generations of a fixed
+// open-addressing table each (2^17 slots). Nothing allocates per call.
 class FinishedCalls {
  public:
   bool contains(const std::string& callId) const;
   void insert(const std::string& callId);
 
  private:
+  static constexpr uint64_t kWindow = 1 << 17;
   static constexpr size_t kGeneration = 50'000;
   static constexpr size_t kMask = (1 << 17) - 1;
   struct Table {
@@ -70,7 +75,9 @@ class FinishedCalls {
     bool contains(uint64_t id) const;
     void insert(uint64_t id);
   };
-  Table now_, before_;
+  std::vector<uint64_t> recent_;  // own ids: kWindow bits, by counter % kWindow
+  uint64_t newest_ = 0;           // 1 + the highest own counter finished (0: none yet)
+  Table now_, before_;            // other ids
 };
 
 struct BudgetOutcome {

@@ -132,6 +132,36 @@ TEST(FinishedCalls, RemembersTheLastGenerationsAndNothingElse) {
   for (int i = 0; i < 100000; ++i) ASSERT_FALSE(done.contains("n" + std::to_string(i))) << i;
 }
 
+// The process's own ids are minted in rising order: a finished one is remembered in a window
+// of 2^17 ids below the newest finished one, one newer than every finished one is not
+// finished, and one minted before the window counts as finished.
+TEST(FinishedCalls, KnowsTheProcesssOwnIdsByTheirOrder) {
+  FinishedCalls done;
+  std::string a = newCallId(), b = newCallId(), c = newCallId();
+  EXPECT_FALSE(done.contains(a));
+  done.insert(b);
+  EXPECT_TRUE(done.contains(b));
+  EXPECT_FALSE(done.contains(a));  // older, not finished
+  EXPECT_FALSE(done.contains(c));  // newer than every finished one
+  done.insert(a);
+  EXPECT_TRUE(done.contains(a));
+  std::vector<std::string> later;
+  for (int i = 0; i < 140000; ++i) later.push_back(newCallId());
+  done.insert(later[5]);
+  done.insert(later[70000]);
+  EXPECT_FALSE(done.contains(later[69999]));
+  EXPECT_FALSE(done.contains(c));  // still in the window
+  done.insert(later.back());       // the window moves past a, b and c
+  EXPECT_TRUE(done.contains(c));   // minted too long before: no reserve of it is new
+  EXPECT_TRUE(done.contains(later[70000]));
+  EXPECT_FALSE(done.contains(later[139998]));
+  // The bits the window took in were cleared: its old ids do not show through.
+  done.insert(later[139998]);
+  EXPECT_FALSE(done.contains(later[139997]));
+  EXPECT_FALSE(done.contains(later[100000]));
+  EXPECT_FALSE(done.contains(later[131077]));  // where later[5]'s bit was
+}
+
 // Holder names tell the workers of every sidecar on a pool apart: each process (a forked
 // one too) draws its own random prefix.
 TEST(HolderIds, AreUniqueInAProcessAndAcrossProcesses) {
