@@ -676,7 +676,11 @@ struct RedisBudgetStore::Call {
   uint64_t expiresMs = 0;
   bool pending = true;        // the reserve is on the wire
   std::vector<Done> waiters;  // the same call id reserved again meanwhile
-  std::multimap<uint64_t, const std::string*>::iterator expiry;
+  // Held calls are a list in the order of their expiry, through the calls themselves (an
+  // element of `calls` stays where it is): no allocation or rebalancing per call.
+  Call* prevExpiry = nullptr;
+  Call* nextExpiry = nullptr;
+  const std::string* id = nullptr;  // its key in `calls`, while it is in that list
 };
 
 struct RedisBudgetStore::PerLoop {
@@ -702,10 +706,30 @@ struct RedisBudgetStore::PerLoop {
   std::unordered_map<std::string, Holder> holders;  // by pool
   std::unordered_map<std::string, Call> calls;
   std::vector<const PoolSpec*> found;  // batchFor's scratch: the specs of a call's pools
-  std::multimap<uint64_t, const std::string*> expiries;  // the calls' ids, by their expiry
+  Call* firstExpiry = nullptr;         // the held calls, the soonest to expire first
+  Call* lastExpiry = nullptr;
   // Call ids finished here (settled, released, expired): a reserve of one is refused. A call
   // id is minted by one sidecar and operated on by it alone.
   FinishedCalls done;
+
+  // Puts a held call in the expiry list (from its end: holds mostly expire in the order they
+  // were taken), and takes it out.
+  void queueExpiry(Call* c, const std::string* key) {
+    c->id = key;
+    Call* after = lastExpiry;
+    while (after && after->expiresMs > c->expiresMs) after = after->prevExpiry;
+    c->prevExpiry = after;
+    c->nextExpiry = after ? after->nextExpiry : firstExpiry;
+    (c->nextExpiry ? c->nextExpiry->prevExpiry : lastExpiry) = c;
+    (after ? after->nextExpiry : firstExpiry) = c;
+  }
+  void unqueueExpiry(Call* c) {
+    if (!c->id) return;
+    (c->prevExpiry ? c->prevExpiry->nextExpiry : firstExpiry) = c->nextExpiry;
+    (c->nextExpiry ? c->nextExpiry->prevExpiry : lastExpiry) = c->prevExpiry;
+    c->prevExpiry = c->nextExpiry = nullptr;
+    c->id = nullptr;
+  }
 };
 
 namespace {
@@ -1032,9 +1056,9 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
     refuse(BudgetOutcome{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0});
     return;
   }
+  l->unqueueExpiry(&it->second);
   Call call = std::move(it->second);
   l->calls.erase(it);
-  l->expiries.erase(call.expiry);
   remember(l, callId);
   std::string key;
   BudgetOutcome refusal;
@@ -1084,16 +1108,16 @@ void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {
 // Finishes the calls whose holds expired; runs again at the next expiry.
 void RedisBudgetStore::expireCalls(PerLoop* l) {
   uint64_t now = nowMs();
-  while (!l->expiries.empty() && l->expiries.begin()->first <= now) {
-    std::string callId = *l->expiries.begin()->second;
-    finish(l, 'X', callId, nullptr, nullptr);
+  while (l->firstExpiry && l->firstExpiry->expiresMs <= now) {
+    std::string callId = *l->firstExpiry->id;
+    finish(l, 'X', callId, nullptr, nullptr);  // takes it out of the list
   }
   armExpiry(l);
 }
 
 void RedisBudgetStore::armExpiry(PerLoop* l) {
-  if (l->expiries.empty()) return;
-  uint64_t due = l->expiries.begin()->first, now = nowMs();
+  if (!l->firstExpiry) return;
+  uint64_t due = l->firstExpiry->expiresMs, now = nowMs();
   uint64_t wait = due > now ? due - now : 0;
   auto* t = l->expiryTimer;
   if (uv_is_active(reinterpret_cast<uv_handle_t*>(t)) && uv_timer_get_due_in(t) <= wait) return;
@@ -1357,7 +1381,7 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
             h.held[0] += call.holds[i].effort;
             h.held[1] += call.holds[i].risk;
           }
-          call.expiry = l->expiries.emplace(call.expiresMs, &it->first);
+          l->queueExpiry(&call, &it->first);
           armExpiry(l);
         } else {
           // Refused, or lost: a lost reserve's call is halted, and the sync that follows

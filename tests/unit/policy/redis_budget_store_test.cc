@@ -231,6 +231,20 @@ TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedNotRefunded) {
   EXPECT_EQ(budget("other", "effort").committed, 7);
 }
 
+// Holds expire in the order of their expiry, not of their reserves: a short hold taken after
+// a long one is committed at its own time.
+TEST_F(RedisBudgetStoreTest, AShortHoldAfterALongOneExpiresFirst) {
+  ASSERT_EQ(reserve("long", {{"other", 5, 0}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(reserve("short", {{"other", 7, 0}}, 50).status, BudgetStatus::kOk);
+  ASSERT_EQ(reserve("middle", {{"other", 3, 0}}, 200'000).status, BudgetStatus::kOk);
+  // The worker's expiry timer commits it (the holder's record lives on: no sweep does).
+  EXPECT_TRUE(converges("other", "effort", "7:8"));
+  EXPECT_EQ(settle("short", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_EQ(settle("middle", {}).status, BudgetStatus::kOk);
+  EXPECT_EQ(settle("long", {}).status, BudgetStatus::kOk);
+  EXPECT_TRUE(converges("other", "effort", "15:0"));
+}
+
 // A call whose hold expires is committed by its own sidecar (its expiry timer), and counts
 // as finished. A stopped sidecar's record is committed by the next batch of any sidecar once
 // a sweep is due (at most a second after the last) and its expiry has passed; a record idle
