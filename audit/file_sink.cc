@@ -5,6 +5,7 @@
 #include <openssl/rand.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +25,8 @@ namespace {
 
 namespace fs = std::filesystem;
 constexpr size_t kRecent = 1000;
+constexpr uint64_t kDirectBlock = 4096;  // O_DIRECT writes: offsets, lengths and memory
+constexpr size_t kBlanks = 256 << 10;    // blanks written ahead, per write
 
 int64_t nowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -543,7 +546,7 @@ void FileAuditSink::closeSegment() {
   segmentFd_ = -1;
 }
 
-void FileAuditSink::prefill(uint64_t end) {
+uint64_t FileAuditSink::prefillTarget(uint64_t end) const {
   // Records are written over blanks written ahead of them: the sync of a batch that fits in
   // them flushes the data blocks only. An append must also commit the file's new size and
   // its new blocks (fallocate()'s blocks too, which stay "unwritten" until written): on
@@ -552,13 +555,17 @@ void FileAuditSink::prefill(uint64_t end) {
   // sync): one batch in many pays for an append and a little more, and none for much more
   // (a half at once, 512 KiB, made a sync of ~2 ms that the calls behind it waited for),
   // but the first of a segment and one larger than the blanks ahead.
-  if (options_.prefill == 0 || end + options_.prefill / 2 <= prefilledTo_) return;
+  if (options_.prefill == 0 || end + options_.prefill / 2 <= prefilledTo_) return prefilledTo_;
   uint64_t step = std::min(options_.prefill, std::max<uint64_t>(options_.prefill / 8, 64 << 10));
   // A batch that did not fit pays for an append anyway: it writes the half with it.
   uint64_t to = end >= prefilledTo_ ? end + options_.prefill / 2 + step : prefilledTo_ + step;
   // A small segment is not padded far past the size that seals it.
-  to = std::min(to, std::max(options_.segmentBytes, end));
-  static const std::string blanks(256 << 10, kAuditPad);
+  return std::max(prefilledTo_, std::min(to, std::max(options_.segmentBytes, end)));
+}
+
+void FileAuditSink::prefill(uint64_t end) {
+  uint64_t to = prefillTarget(end);
+  static const std::string blanks(kBlanks, kAuditPad);
   uint64_t at = std::max(prefilledTo_, end);
   while (at < to) {
     size_t n = static_cast<size_t>(std::min<uint64_t>(blanks.size(), to - at));
@@ -569,10 +576,90 @@ void FileAuditSink::prefill(uint64_t end) {
   prefilledTo_ = std::max(prefilledTo_, at);
 }
 
+bool FileAuditSink::writeBatch(std::string_view out) {
+  if (direct_) {
+    if (writeDirect(out)) return true;
+    // EINVAL: the file system took O_DIRECT at fcntl() but refuses the write; buffered from
+    // here on (the batch's bytes are the same either way).
+    if (errno != EINVAL && errno != EOPNOTSUPP) return false;
+    int flags = ::fcntl(segmentFd_, F_GETFL);
+    if (flags < 0 || ::fcntl(segmentFd_, F_SETFL, flags & ~O_DIRECT) != 0) return false;
+    direct_ = false;
+    head_.clear();
+  }
+  if (!pwriteAll(segmentFd_, out, segmentSize_)) return false;
+  prefill(segmentSize_ + out.size());
+  return ::fdatasync(segmentFd_) == 0;
+}
+
+bool FileAuditSink::writeDirect(std::string_view out) {
+  // The batch goes in whole blocks, from the one it begins in (its records before the batch
+  // are head_) to the end of its last one, filled with blanks: written and synced in one
+  // call. The blanks due ahead go with it when they begin where it ends, else first,
+  // unsynced (the batch's sync takes them). prefilledTo_ stays on a block boundary, so the
+  // file never has a hole.
+  auto roundUp = [](uint64_t n) { return (n + kDirectBlock - 1) & ~(kDirectBlock - 1); };
+  auto pwriteBlocks = [this](const char* p, size_t n, uint64_t at, int flags) {
+    for (size_t done = 0; done < n;) {
+      iovec v{const_cast<char*>(p + done), n - done};
+      ssize_t w = ::pwritev2(segmentFd_, &v, 1, static_cast<off_t>(at + done), flags);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        if (w == 0) errno = EIO;
+        return false;
+      }
+      done += static_cast<size_t>(w);
+    }
+    return true;
+  };
+  uint64_t end = segmentSize_ + out.size();
+  uint64_t from = segmentSize_ - head_.size();
+  uint64_t batchEnd = roundUp(end);
+  uint64_t to = roundUp(prefillTarget(end));
+  uint64_t stop = batchEnd;
+  if (to > prefilledTo_ && prefilledTo_ <= batchEnd) {
+    stop = to;  // the blanks due begin where the batch ends (or it went past them)
+  } else if (to > prefilledTo_) {
+    static const char* const blanks = [] {
+      auto* p = static_cast<char*>(std::aligned_alloc(kDirectBlock, kBlanks));
+      if (p != nullptr) std::memset(p, kAuditPad, kBlanks);
+      return p;
+    }();
+    // Out of space: the records go over the blanks there are, then past them.
+    for (uint64_t at = prefilledTo_; blanks != nullptr && at < to; at = prefilledTo_) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(kBlanks, to - at));
+      if (!pwriteBlocks(blanks, n, at, 0)) break;
+      prefilledTo_ = at + n;
+    }
+  }
+  size_t len = static_cast<size_t>(stop - from);
+  if (len > blocksCap_) {
+    size_t cap = static_cast<size_t>(roundUp(std::max<uint64_t>(len, 2 * blocksCap_)));
+    void* p = std::aligned_alloc(kDirectBlock, cap);
+    if (p == nullptr) return false;
+    blocks_.reset(static_cast<char*>(p));
+    blocksCap_ = cap;
+  }
+  char* b = blocks_.get();
+  std::memcpy(b, head_.data(), head_.size());
+  std::memcpy(b + head_.size(), out.data(), out.size());
+  std::memset(b + head_.size() + out.size(), kAuditPad, len - head_.size() - out.size());
+  if (!pwriteBlocks(b, len, from, RWF_DSYNC)) {
+    // Out of space for the blanks with it: the batch alone.
+    size_t batch = static_cast<size_t>(batchEnd - from);
+    if (errno != ENOSPC || len == batch || !pwriteBlocks(b, batch, from, RWF_DSYNC)) return false;
+    len = batch;
+  }
+  prefilledTo_ = std::max(prefilledTo_, from + len);
+  uint64_t last = end & ~(kDirectBlock - 1);
+  head_.assign(b + (last - from), end - last);
+  return true;
+}
+
 Status FileAuditSink::openSegment(uint64_t number) {
   closeSegment();
   fs::path p = fs::path(options_.dir) / segmentName(number);
-  segmentFd_ = ::open(p.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  segmentFd_ = ::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (segmentFd_ < 0) return Error{-errno, sysError("open " + p.string())};
   struct stat st;
   uint64_t size = ::fstat(segmentFd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
@@ -581,6 +668,31 @@ Status FileAuditSink::openSegment(uint64_t number) {
   prefilledTo_ = size;
   segmentNumber_ = number;
   segmentOpened_ = std::chrono::steady_clock::now();
+  direct_ = false;
+  head_.clear();
+  if (options_.directIo && options_.prefill > 0) {
+    // The records in the last, partial block are written again with the next batch; the
+    // file is first made to end on a block boundary (blanks), as every direct write ends.
+    uint64_t last = segmentSize_ & ~(kDirectBlock - 1);
+    head_.resize(segmentSize_ - last);
+    uint64_t aligned = (size + kDirectBlock - 1) & ~(kDirectBlock - 1);
+    std::string pad(aligned - size, kAuditPad);
+    bool ready =
+        ::pread(segmentFd_, head_.data(), head_.size(), static_cast<off_t>(last)) ==
+            static_cast<ssize_t>(head_.size()) &&
+        (pad.empty() || (pwriteAll(segmentFd_, pad, size) && ::fdatasync(segmentFd_) == 0));
+    int flags = ::fcntl(segmentFd_, F_GETFL);
+    if (ready && flags >= 0 && ::fcntl(segmentFd_, F_SETFL, flags | O_DIRECT) == 0) {
+      direct_ = true;
+      prefilledTo_ = aligned;
+    } else {
+      head_.clear();  // buffered writes
+      Log::Line(LogLevel::kInfo, "audit segment written without O_DIRECT")
+          .add("path", p.string())
+          .add("error", std::string(std::strerror(errno)))
+          .emit();
+    }
+  }
   return Status::success();
 }
 
@@ -763,10 +875,7 @@ void FileAuditSink::run() {
       // followed at once by the next batch (measured from its end, every cycle also waited
       // the interval out, adding a millisecond to every call).
       lastSync = std::chrono::steady_clock::now();
-      ok = ok && pwriteAll(segmentFd_, out, segmentSize_);
-      if (ok) prefill(segmentSize_ + out.size());
-      auto written = std::chrono::steady_clock::now();
-      if (ok && ::fdatasync(segmentFd_) != 0) ok = false;
+      ok = ok && writeBatch(out);
       auto synced = std::chrono::steady_clock::now();
       lastSynced = synced;
       if (!ok && healthy_.exchange(false)) {
@@ -790,7 +899,7 @@ void FileAuditSink::run() {
       {
         std::lock_guard<std::mutex> lock(mutex_);
         if (observer_)
-          observer_->onBatch(count, std::chrono::duration<double>(synced - written).count(), ok);
+          observer_->onBatch(count, std::chrono::duration<double>(synced - lastSync).count(), ok);
       }
       if (out.capacity() > (16u << 20)) std::string().swap(out);  // after a burst
     }

@@ -56,6 +56,12 @@ class FileAuditSink : public AuditSink {
     // flushes data only (0: plain appends). The segment being written ends in them; readers
     // take a segment's trailing blanks for no content, and a sealed segment has none.
     uint64_t prefill = 1ull << 20;
+    // With prefill: a batch is written with O_DIRECT and RWF_DSYNC, one system call that
+    // writes and syncs, without the page cache, in whole 4 KiB blocks: the block
+    // the batch begins in is written again with it and its last one is filled with blanks.
+    // On this VM's disk ~35 against ~50 us of kernel CPU per batch. A file system that
+    // refuses O_DIRECT gets the buffered write and fdatasync.
+    bool directIo = true;
     // Records queued and not yet taken by the writer, at most: past it an append waits for
     // the writer (backpressure) instead of the queue growing without bound.
     size_t maxQueued = 65536;
@@ -94,7 +100,13 @@ class FileAuditSink : public AuditSink {
   Status loadKeys(bool emptyLog, const LogScan& scan);
   Status openSegment(uint64_t number);
   void closeSegment();
-  void prefill(uint64_t end);  // blanks after `end`, the batch's end, before its sync
+  // Where the blanks written ahead should end after a batch that ends at `end`
+  // (prefilledTo_ when no more are due).
+  uint64_t prefillTarget(uint64_t end) const;
+  void prefill(uint64_t end);  // buffered: blanks after `end`, the batch's end, before its sync
+  // Writes the batch at segmentSize_ and makes it durable (direct or buffered).
+  bool writeBatch(std::string_view out);
+  bool writeDirect(std::string_view out);
 
   bool rotationDue() const;  // under mutex_
   void run();
@@ -108,6 +120,13 @@ class FileAuditSink : public AuditSink {
   uint64_t segmentNumber_ = 0;
   uint64_t segmentSize_ = 0;
   uint64_t prefilledTo_ = 0;  // the file's size: blanks after the records up to here
+  bool direct_ = false;       // the segment is written with O_DIRECT (Options::directIo)
+  std::string head_;          // direct: the records in the segment's last, partial block
+  struct FreeChars {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, FreeChars> blocks_;  // direct: the blocks of a batch, aligned
+  size_t blocksCap_ = 0;
   std::chrono::steady_clock::time_point segmentOpened_;
 
   mutable std::mutex mutex_;

@@ -388,7 +388,7 @@ Config read(const YAML::Node& root, const Reader& r) {
         } else if (key == "audit") {
           r.forEach(v, key,
                     {"dir", "sink", "checkpoint_every", "checkpoint_interval", "segment_size",
-                     "segment_age", "sync_interval", "prefill", "replica", "export"},
+                     "segment_age", "sync_interval", "prefill", "direct_io", "replica", "export"},
                     [&](const std::string& k, const YAML::Node& av) {
                       if (k == "audit.dir") {
                         c.auditDir = (base / r.str(av, k)).lexically_normal().string();
@@ -409,6 +409,8 @@ Config read(const YAML::Node& root, const Reader& r) {
                       } else if (k == "audit.prefill") {
                         c.auditPrefill = r.size(av, k);
                         if (c.auditPrefill > (1ull << 30)) r.fail(av, k, "at most 1g");
+                      } else if (k == "audit.direct_io") {
+                        c.auditDirectIo = r.boolean(av, k);
                       } else if (k == "audit.segment_age") {
                         c.auditSegmentAge = r.duration(av, k);
                         if (c.auditSegmentAge.count() < 1000) r.fail(av, k, "at least 1s");

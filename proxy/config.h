@@ -97,6 +97,7 @@ struct Config {
   uint64_t auditSegmentSize = 64ull << 20;
   Millis auditSyncInterval{0};         // at most one fsync per interval (0: no cap)
   uint64_t auditPrefill = 1ull << 20;  // blanks written ahead of the records (0: appends)
+  bool auditDirectIo = true;           // batches with O_DIRECT + RWF_DSYNC (with prefill)
   Millis auditSegmentAge{3'600'000};
   std::string auditReplicaUrl;  // redis://HOST:PORT, empty: no replica
   std::string auditReplicaStream = "tollgate:audit:{log_id}";

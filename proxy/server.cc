@@ -122,6 +122,7 @@ Status Server::init() {
     options.segmentBytes = config_.auditSegmentSize;
     options.syncInterval = config_.auditSyncInterval;
     options.prefill = config_.auditPrefill;
+    options.directIo = config_.auditDirectIo;
     options.segmentAge = config_.auditSegmentAge;
     if (!config_.auditReplicaUrl.empty()) {
       RedisStreamReplica::Options ro;

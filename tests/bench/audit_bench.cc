@@ -5,6 +5,7 @@
 // then the cost of building records alone (AuditChain, no I/O) for comparison.
 //
 //   audit_bench [--dir DIR] [--records N] [--threads T] [--sync-us U] [--prefill BYTES]
+//               [--direct 0|1]
 // DIR defaults to a new directory under /var/tmp (a real disk, not tmpfs); it is removed.
 #include <sys/resource.h>
 
@@ -67,6 +68,7 @@ int main(int argc, char** argv) {
   unsigned threads = 2;
   long syncUs = 0;  // the sidecar's default: no cap
   uint64_t prefill = 1ull << 20;
+  bool direct = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--dir")
@@ -79,10 +81,12 @@ int main(int argc, char** argv) {
       syncUs = std::atol(argv[i + 1]);
     else if (a == "--prefill")
       prefill = std::strtoull(argv[i + 1], nullptr, 10);
+    else if (a == "--direct")
+      direct = std::string(argv[i + 1]) != "0";
     else {
       std::fprintf(stderr,
                    "usage: audit_bench [--dir DIR] [--records N] [--threads T] [--sync-us U] "
-                   "[--prefill BYTES]\n");
+                   "[--prefill BYTES] [--direct 0|1]\n");
       return 2;
     }
   }
@@ -98,6 +102,7 @@ int main(int argc, char** argv) {
     options.dir = dir + "/log";
     options.syncInterval = std::chrono::microseconds(syncUs);
     options.prefill = prefill;
+    options.directIo = direct;
     auto sink = tollgate::FileAuditSink::open(options);
     if (!sink) {
       std::fprintf(stderr, "audit_bench: %s\n", sink.error().message.c_str());

@@ -61,7 +61,7 @@ log: {level: warn}
 TEST(Config, ReadsTheAuditStreamKeys) {
   auto c = parseConfig(R"(
 listeners: [{name: a, address: "127.0.0.1:0"}]
-audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment_size: 16m, sync_interval: 0ms, prefill: 0}
+audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment_size: 16m, sync_interval: 0ms, prefill: 0, direct_io: false}
 )",
                        "/etc/tollgate/t.yaml");
   ASSERT_TRUE(c) << c.error().message;
@@ -72,9 +72,11 @@ audit: {dir: logs/audit, checkpoint_every: 500, checkpoint_interval: 2s, segment
   EXPECT_EQ(c->auditSegmentSize, 16u << 20);
   EXPECT_EQ(c->auditSyncInterval.count(), 0);
   EXPECT_EQ(c->auditPrefill, 0u);
+  EXPECT_FALSE(c->auditDirectIo);
   auto defaults = parseConfig("listeners: [{name: a, address: \"127.0.0.1:0\"}]\n", "t.yaml");
   ASSERT_TRUE(defaults) << defaults.error().message;
   EXPECT_EQ(defaults->auditPrefill, 1u << 20);
+  EXPECT_TRUE(defaults->auditDirectIo);
 }
 
 TEST(Config, AcceptsTransparentListeners) {
