@@ -5,7 +5,7 @@
 #include <openssl/rand.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
+#include <sys/uio.h>  // RWF_DSYNC
 #include <unistd.h>
 
 #include <algorithm>
@@ -600,17 +600,7 @@ bool FileAuditSink::writeDirect(std::string_view out) {
   // file never has a hole.
   auto roundUp = [](uint64_t n) { return (n + kDirectBlock - 1) & ~(kDirectBlock - 1); };
   auto pwriteBlocks = [this](const char* p, size_t n, uint64_t at, int flags) {
-    for (size_t done = 0; done < n;) {
-      iovec v{const_cast<char*>(p + done), n - done};
-      ssize_t w = ::pwritev2(segmentFd_, &v, 1, static_cast<off_t>(at + done), flags);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        if (w == 0) errno = EIO;
-        return false;
-      }
-      done += static_cast<size_t>(w);
-    }
-    return true;
+    return pwriteAll(segmentFd_, std::string_view(p, n), at, flags);
   };
   uint64_t end = segmentSize_ + out.size();
   uint64_t from = segmentSize_ - head_.size();
@@ -653,6 +643,10 @@ bool FileAuditSink::writeDirect(std::string_view out) {
   prefilledTo_ = std::max(prefilledTo_, from + len);
   uint64_t last = end & ~(kDirectBlock - 1);
   head_.assign(b + (last - from), end - last);
+  if (blocksCap_ > (16u << 20)) {  // after a burst
+    blocks_.reset();
+    blocksCap_ = 0;
+  }
   return true;
 }
 

@@ -1,6 +1,7 @@
 #include "common/files.h"
 
 #include <fcntl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -47,9 +48,11 @@ bool writeAll(int fd, std::string_view data) {
   return writeLoop(data, [fd](const char* p, size_t n, size_t) { return ::write(fd, p, n); });
 }
 
-bool pwriteAll(int fd, std::string_view data, uint64_t offset) {
-  return writeLoop(data, [fd, offset](const char* p, size_t n, size_t done) {
-    return ::pwrite(fd, p, n, static_cast<off_t>(offset + done));
+bool pwriteAll(int fd, std::string_view data, uint64_t offset, int rwfFlags) {
+  return writeLoop(data, [fd, offset, rwfFlags](const char* p, size_t n, size_t done) {
+    if (rwfFlags == 0) return ::pwrite(fd, p, n, static_cast<off_t>(offset + done));
+    iovec v{const_cast<char*>(p), n};
+    return ::pwritev2(fd, &v, 1, static_cast<off_t>(offset + done), rwfFlags);
   });
 }
 
