@@ -330,7 +330,8 @@ long segmentFlags(const std::string& segment) {
 // written is always a whole number of 4 KiB blocks, each batch durable on its own (a copy
 // taken then holds it), and a sink that opens a segment whose records end inside a block
 // (its own, after a crash; one written with buffered appends) writes that block again with
-// its next batch, so the log verifies with every record in order.
+// its next batch, so the log verifies with every record in order. The blanks kept ahead are
+// there (written with a batch or ahead of it) and no block is a hole.
 TEST(FileSinkTest, DirectWritesGoInWholeBlocksAndGoOnFromAPartialOne) {
   fs::path base = fs::temp_directory_path() / ("tollgate-direct-" + std::to_string(::getpid()));
   fs::remove_all(base);
@@ -359,7 +360,8 @@ TEST(FileSinkTest, DirectWritesGoInWholeBlocksAndGoOnFromAPartialOne) {
     return calls;
   };
   FileAuditSink::Options direct((base / "direct").string());
-  direct.prefill = 64 * 1024;
+  // Small, so that blanks come due both where a batch ends and ahead of where it ends.
+  direct.prefill = 16 * 1024;
   FileAuditSink::Options buffered((base / "buffered").string());
   buffered.prefill = 0;
   buffered.directIo = false;
@@ -390,16 +392,21 @@ TEST(FileSinkTest, DirectWritesGoInWholeBlocksAndGoOnFromAPartialOne) {
     SCOPED_TRACE(name);
     auto before = callLines(base / name);
     FileAuditSink::Options options((base / name).string());
-    options.prefill = 64 * 1024;
+    options.prefill = 16 * 1024;
     {
       auto sink = FileAuditSink::open(options);
       ASSERT_TRUE(sink) << sink.error().message;
       EXPECT_NE(segmentFlags(segment = auditSegments(options.dir).back()) & O_DIRECT, 0);
-      appendFromThreads(*sink.value(), 2, 40, true);
-      EXPECT_EQ(fs::file_size(segment) % 4096, 0u);
+      appendFromThreads(*sink.value(), 2, 100, true);
+      // Whole blocks, the records, then blanks only: no hole (it would read as zeros).
+      auto data = readFile(segment).value();
+      EXPECT_EQ(data.size() % 4096, 0u);
+      EXPECT_GT(data.size() - auditContentSize(data), 16u * 1024 / 2);
+      EXPECT_EQ(data.find('\0'), std::string::npos);
+      EXPECT_EQ(data.find_first_not_of(kAuditPad, auditContentSize(data)), std::string::npos);
     }
     auto after = callLines(base / name);
-    ASSERT_EQ(after.size(), before.size() + 80);
+    ASSERT_EQ(after.size(), before.size() + 200);
     EXPECT_TRUE(std::equal(before.begin(), before.end(), after.begin()));
     auto v = verifyDir(base / name);
     EXPECT_TRUE(v.ok) << v.reason;
