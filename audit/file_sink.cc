@@ -28,6 +28,20 @@ constexpr size_t kRecent = 1000;
 constexpr uint64_t kDirectBlock = 4096;  // O_DIRECT writes: offsets, lengths and memory
 constexpr size_t kBlanks = 256 << 10;    // blanks written ahead, per write
 
+uint64_t roundUpToBlock(uint64_t n) {
+  return (n + kDirectBlock - 1) & ~(kDirectBlock - 1);
+}
+
+// kBlanks of kAuditPad, aligned for O_DIRECT (nullptr: out of memory).
+const char* blankBlocks() {
+  static const char* const blanks = [] {
+    auto* p = static_cast<char*>(std::aligned_alloc(kDirectBlock, kBlanks));
+    if (p != nullptr) std::memset(p, kAuditPad, kBlanks);
+    return p;
+  }();
+  return blanks;
+}
+
 int64_t nowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -564,16 +578,14 @@ uint64_t FileAuditSink::prefillTarget(uint64_t end) const {
 }
 
 void FileAuditSink::prefill(uint64_t end) {
-  uint64_t to = prefillTarget(end);
-  static const std::string blanks(kBlanks, kAuditPad);
-  uint64_t at = std::max(prefilledTo_, end);
-  while (at < to) {
-    size_t n = static_cast<size_t>(std::min<uint64_t>(blanks.size(), to - at));
-    if (!pwriteAll(segmentFd_, std::string_view(blanks.data(), n), at)) break;
-    at += n;
-  }
+  uint64_t to = direct_ ? roundUpToBlock(prefillTarget(end)) : prefillTarget(end);
+  const char* blanks = blankBlocks();
   // Out of space: the records go over the blanks there are, then past them.
-  prefilledTo_ = std::max(prefilledTo_, at);
+  for (uint64_t at = std::max(prefilledTo_, end); blanks != nullptr && at < to; at = prefilledTo_) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(kBlanks, to - at));
+    if (!pwriteAll(segmentFd_, std::string_view(blanks, n), at)) break;
+    prefilledTo_ = at + n;
+  }
 }
 
 bool FileAuditSink::writeBatch(std::string_view out) {
@@ -598,33 +610,18 @@ bool FileAuditSink::writeDirect(std::string_view out) {
   // call. The blanks due ahead go with it when they begin where it ends, else first,
   // unsynced (the batch's sync takes them). prefilledTo_ stays on a block boundary, so the
   // file never has a hole.
-  auto roundUp = [](uint64_t n) { return (n + kDirectBlock - 1) & ~(kDirectBlock - 1); };
-  auto pwriteBlocks = [this](const char* p, size_t n, uint64_t at, int flags) {
-    return pwriteAll(segmentFd_, std::string_view(p, n), at, flags);
-  };
   uint64_t end = segmentSize_ + out.size();
   uint64_t from = segmentSize_ - head_.size();
-  uint64_t batchEnd = roundUp(end);
-  uint64_t to = roundUp(prefillTarget(end));
+  uint64_t batchEnd = roundUpToBlock(end);
+  uint64_t to = roundUpToBlock(prefillTarget(end));
   uint64_t stop = batchEnd;
-  if (to > prefilledTo_ && prefilledTo_ <= batchEnd) {
+  if (to > prefilledTo_ && prefilledTo_ <= batchEnd)
     stop = to;  // the blanks due begin where the batch ends (or it went past them)
-  } else if (to > prefilledTo_) {
-    static const char* const blanks = [] {
-      auto* p = static_cast<char*>(std::aligned_alloc(kDirectBlock, kBlanks));
-      if (p != nullptr) std::memset(p, kAuditPad, kBlanks);
-      return p;
-    }();
-    // Out of space: the records go over the blanks there are, then past them.
-    for (uint64_t at = prefilledTo_; blanks != nullptr && at < to; at = prefilledTo_) {
-      size_t n = static_cast<size_t>(std::min<uint64_t>(kBlanks, to - at));
-      if (!pwriteBlocks(blanks, n, at, 0)) break;
-      prefilledTo_ = at + n;
-    }
-  }
+  else
+    prefill(end);  // ahead of it, if due
   size_t len = static_cast<size_t>(stop - from);
   if (len > blocksCap_) {
-    size_t cap = static_cast<size_t>(roundUp(std::max<uint64_t>(len, 2 * blocksCap_)));
+    size_t cap = static_cast<size_t>(roundUpToBlock(std::max<uint64_t>(len, 2 * blocksCap_)));
     void* p = std::aligned_alloc(kDirectBlock, cap);
     if (p == nullptr) return false;
     blocks_.reset(static_cast<char*>(p));
@@ -634,10 +631,12 @@ bool FileAuditSink::writeDirect(std::string_view out) {
   std::memcpy(b, head_.data(), head_.size());
   std::memcpy(b + head_.size(), out.data(), out.size());
   std::memset(b + head_.size() + out.size(), kAuditPad, len - head_.size() - out.size());
-  if (!pwriteBlocks(b, len, from, RWF_DSYNC)) {
+  if (!pwriteAll(segmentFd_, std::string_view(b, len), from, RWF_DSYNC)) {
     // Out of space for the blanks with it: the batch alone.
     size_t batch = static_cast<size_t>(batchEnd - from);
-    if (errno != ENOSPC || len == batch || !pwriteBlocks(b, batch, from, RWF_DSYNC)) return false;
+    if (errno != ENOSPC || len == batch ||
+        !pwriteAll(segmentFd_, std::string_view(b, batch), from, RWF_DSYNC))
+      return false;
     len = batch;
   }
   prefilledTo_ = std::max(prefilledTo_, from + len);
@@ -669,7 +668,7 @@ Status FileAuditSink::openSegment(uint64_t number) {
     // file is first made to end on a block boundary (blanks), as every direct write ends.
     uint64_t last = segmentSize_ & ~(kDirectBlock - 1);
     head_.resize(segmentSize_ - last);
-    uint64_t aligned = (size + kDirectBlock - 1) & ~(kDirectBlock - 1);
+    uint64_t aligned = roundUpToBlock(size);
     std::string pad(aligned - size, kAuditPad);
     bool ready =
         ::pread(segmentFd_, head_.data(), head_.size(), static_cast<off_t>(last)) ==
