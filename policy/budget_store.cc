@@ -23,13 +23,14 @@ BudgetOutcome refuse(BudgetStatus status, const std::string& pool, std::string r
   return BudgetOutcome{status, pool, std::move(reason), 0};
 }
 
+constexpr char kHex[] = "0123456789abcdef";
+
 std::string randomPrefix() {
   unsigned char bytes[8];
   if (::getrandom(bytes, sizeof bytes, 0) != static_cast<ssize_t>(sizeof bytes)) {
     std::random_device rd;
     for (auto& b : bytes) b = static_cast<unsigned char>(rd());
   }
-  static const char kHex[] = "0123456789abcdef";
   std::string out;
   for (unsigned char b : bytes) {
     out += kHex[b >> 4];
@@ -53,7 +54,6 @@ std::string newCallId() {
   // the process's prefix cut to 4 hex digits, and the counter in hex.
   static std::atomic<uint64_t> counter{0};
   uint64_t n = counter.fetch_add(1, std::memory_order_relaxed);
-  static const char kHex[] = "0123456789abcdef";
   char buf[32];
   char* end = buf + sizeof buf;
   char* p = end;

@@ -21,7 +21,9 @@ LATENCY_DURATION=${LATENCY_DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 # Which targets to run; tollgate+policy is Tollgate with examples/policies/swarm.yaml and
 # tests/bench/policy.yaml loaded (every call extracted and evaluated); tollgate-unaudited is
-# Tollgate with `audit: {sink: memory}` (no durable stream), the peer of the audited one.
+# Tollgate with `audit: {sink: memory}` (no durable stream), the peer of the audited one;
+# tollgate-buffered (not run unless named) is the audited one with `direct_io: false` (its
+# batches through the page cache and fdatasync, not O_DIRECT).
 TARGETS=${TARGETS:-direct tollgate tollgate-unaudited tollgate+policy nginx haproxy squid}
 OUT=""
 [[ "${1:-}" == "--out" ]] && OUT=$2
@@ -77,6 +79,18 @@ audit: {sink: memory}
 CONF
 "$TOLLGATE_BIN" run -c "$work/tollgate-unaudited.yaml" 2>"$work/tollgate-unaudited.log" &
 unaudited_pid=$!; pids+=("$unaudited_pid")
+
+buffered_port=$(free_port); buffered_admin=$(free_port)
+cat > "$work/tollgate-buffered.yaml" <<CONF
+workers: $WORKERS
+log: {level: ${TOLLGATE_LOG:-warn}}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:$buffered_port"}]
+admin: {address: "127.0.0.1:$buffered_admin"}
+hosts: {allow: ["127.0.0.1"]}
+audit: {dir: "$work/audit-buffered", direct_io: false}
+CONF
+"$TOLLGATE_BIN" run -c "$work/tollgate-buffered.yaml" 2>"$work/tollgate-buffered.log" &
+buffered_pid=$!; pids+=("$buffered_pid")
 
 policy_port=$(free_port); policy_admin=$(free_port)
 cat > "$work/tollgate-policy.yaml" <<CONF
@@ -135,7 +149,7 @@ CONF
 squid -N -f "$work/squid/squid.conf" >"$work/squid/out.log" 2>&1 &
 squid_pid=$!; pids+=("$squid_pid")
 
-for p in $tollgate_port $unaudited_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
+for p in $tollgate_port $unaudited_port $buffered_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
 rp_pids=$(pgrep -P "$(cat "$work/rp/nginx.pid")" | tr '\n' ' ')
 
 # Smoke checks: every target must answer with the origin's body.
@@ -147,6 +161,7 @@ check() {  # NAME CURL-ARGS...
 check direct "http://$ORIGIN/"
 check tollgate --proxy "http://127.0.0.1:$tollgate_port" "http://$ORIGIN/"
 check tollgate-unaudited --proxy "http://127.0.0.1:$unaudited_port" "http://$ORIGIN/"
+check tollgate-buffered --proxy "http://127.0.0.1:$buffered_port" "http://$ORIGIN/"
 check tollgate+policy --proxy "http://127.0.0.1:$policy_port" -H "X-Agent-Id: bench-agent" "http://$ORIGIN/"
 check nginx "http://127.0.0.1:$rp_port/"
 check haproxy "http://127.0.0.1:$haproxy_port/"
@@ -180,6 +195,7 @@ for round in $(seq 1 "$ROUNDS"); do
       direct) run_target direct "http://$ORIGIN/" 0 ;;
       tollgate) run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid" ;;
       tollgate-unaudited) run_target tollgate-unaudited "http://127.0.0.1:$unaudited_port" 1 "$unaudited_pid" ;;
+      tollgate-buffered) run_target tollgate-buffered "http://127.0.0.1:$buffered_port" 1 "$buffered_pid" ;;
       tollgate+policy) run_target tollgate+policy "http://127.0.0.1:$policy_port" 1 "$policy_pid" ;;
       # shellcheck disable=SC2086
       nginx) run_target nginx "http://127.0.0.1:$rp_port/" 0 $rp_pids ;;
@@ -216,6 +232,8 @@ verdict=$(
   ratio_line "Tollgate throughput vs squid" "${rps[tollgate]:-}" "${rps[squid]:-}" ">= 5"
   ratio_line "Tollgate throughput with the audit stream vs without" "${rps[tollgate]:-}" "${rps[tollgate-unaudited]:-}" ">= 0.85"
   ratio_line "Tollgate CPU/req with the audit stream vs without" "${cpu[tollgate]:-}" "${cpu[tollgate-unaudited]:-}" "-"
+  ratio_line "Tollgate CPU/req with O_DIRECT audit batches vs buffered" "${cpu[tollgate]:-}" "${cpu[tollgate-buffered]:-}" "-"
+  ratio_line "Tollgate throughput with O_DIRECT audit batches vs buffered" "${rps[tollgate]:-}" "${rps[tollgate-buffered]:-}" "-"
   ratio_line "Tollgate CPU/req with the swarm policy vs without" "${cpu[tollgate+policy]:-}" "${cpu[tollgate]:-}" "<= 1.10"
 )
 report "$table" "$verdict" "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections, $DURATION; wrk, the origin and the proxies share $(nproc) cores)" "$OUT"
