@@ -56,53 +56,32 @@ nginx -p "$work/origin" -c "$work/origin/nginx.conf"
 wait_port "$origin_port"
 export ORIGIN=127.0.0.1:$origin_port
 
-tollgate_port=$(free_port); tollgate_admin=$(free_port)
-cat > "$work/tollgate.yaml" <<CONF
+# Starts a Tollgate target: VAR (its port goes in VAR_port, its pid in VAR_pid), NAME (its
+# config and log files), the listener's extra keys, and the rest of its config.
+start_tollgate() {  # VAR NAME LISTENER-EXTRA CONFIG
+  local port admin; port=$(free_port); admin=$(free_port)
+  cat > "$work/$2.yaml" <<CONF
 workers: $WORKERS
 log: {level: ${TOLLGATE_LOG:-warn}}
-listeners: [{name: egress, kind: forward, address: "127.0.0.1:$tollgate_port"}]
-admin: {address: "127.0.0.1:$tollgate_admin"}
-hosts: {allow: ["127.0.0.1"]}
-audit: {dir: "$work/audit-tollgate"}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:$port"$3}]
+admin: {address: "127.0.0.1:$admin"}
+$4
 CONF
-"$TOLLGATE_BIN" run -c "$work/tollgate.yaml" 2>"$work/tollgate.log" &
-tollgate_pid=$!; pids+=("$tollgate_pid")
-
-unaudited_port=$(free_port); unaudited_admin=$(free_port)
-cat > "$work/tollgate-unaudited.yaml" <<CONF
-workers: $WORKERS
-log: {level: ${TOLLGATE_LOG:-warn}}
-listeners: [{name: egress, kind: forward, address: "127.0.0.1:$unaudited_port"}]
-admin: {address: "127.0.0.1:$unaudited_admin"}
-hosts: {allow: ["127.0.0.1"]}
-audit: {sink: memory}
-CONF
-"$TOLLGATE_BIN" run -c "$work/tollgate-unaudited.yaml" 2>"$work/tollgate-unaudited.log" &
-unaudited_pid=$!; pids+=("$unaudited_pid")
-
-buffered_port=$(free_port); buffered_admin=$(free_port)
-cat > "$work/tollgate-buffered.yaml" <<CONF
-workers: $WORKERS
-log: {level: ${TOLLGATE_LOG:-warn}}
-listeners: [{name: egress, kind: forward, address: "127.0.0.1:$buffered_port"}]
-admin: {address: "127.0.0.1:$buffered_admin"}
-hosts: {allow: ["127.0.0.1"]}
-audit: {dir: "$work/audit-buffered", direct_io: false}
-CONF
-"$TOLLGATE_BIN" run -c "$work/tollgate-buffered.yaml" 2>"$work/tollgate-buffered.log" &
-buffered_pid=$!; pids+=("$buffered_pid")
-
-policy_port=$(free_port); policy_admin=$(free_port)
-cat > "$work/tollgate-policy.yaml" <<CONF
-workers: $WORKERS
-log: {level: ${TOLLGATE_LOG:-warn}}
-listeners: [{name: egress, kind: forward, address: "127.0.0.1:$policy_port", identity: {header: X-Agent-Id}}]
-admin: {address: "127.0.0.1:$policy_admin"}
-policies: ["$root/examples/policies/swarm.yaml", "$here/policy.yaml"]
-audit: {dir: "$work/audit-policy"}
-CONF
-"$TOLLGATE_BIN" run -c "$work/tollgate-policy.yaml" 2>"$work/tollgate-policy.log" &
-policy_pid=$!; pids+=("$policy_pid")
+  "$TOLLGATE_BIN" run -c "$work/$2.yaml" 2>"$work/$2.log" &
+  pids+=("$!")
+  printf -v "$1_port" %s "$port"
+  printf -v "$1_pid" %s "$!"
+}
+allow_origin='hosts: {allow: ["127.0.0.1"]}'
+start_tollgate tollgate tollgate "" "$allow_origin
+audit: {dir: \"$work/audit-tollgate\"}"
+start_tollgate unaudited tollgate-unaudited "" "$allow_origin
+audit: {sink: memory}"
+start_tollgate buffered tollgate-buffered "" "$allow_origin
+audit: {dir: \"$work/audit-buffered\", direct_io: false}"
+start_tollgate policy tollgate-policy ", identity: {header: X-Agent-Id}" \
+  "policies: [\"$root/examples/policies/swarm.yaml\", \"$here/policy.yaml\"]
+audit: {dir: \"$work/audit-policy\"}"
 
 rp_port=$(free_port)
 nginx_conf "$work/rp" "  upstream origin { server $ORIGIN; keepalive 64; }
