@@ -16,7 +16,7 @@
 
 #include <cstdint>
 #include <map>
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>  // the .cc files that build or read records include json.hpp
 #include <string>
 #include <string_view>
 #include <vector>

@@ -4,6 +4,7 @@
 #include "audit/canonical_json.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 namespace tollgate {
 namespace {

@@ -4,6 +4,7 @@
 #include "audit/proof.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "audit/chain.h"
 
