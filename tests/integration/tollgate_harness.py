@@ -18,6 +18,11 @@ import urllib.parse
 
 BIN = os.environ.get("TOLLGATE_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "build", "tollgate"))
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Set by CTest for a sanitizer build (TOLLGATE_SANITIZE). Such a binary takes ~150 ms of CPU
+# to start and exit (the sanitizer runtime, the leak check) against ~15 ms: a sweep that runs
+# the CLI hundreds of times takes a sample of its cases there, and the release suite runs it
+# whole. A sample still covers what the sanitizers look for, the same code paths.
+SANITIZED = os.environ.get("TOLLGATE_SANITIZED") == "1"
 
 
 def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
