@@ -21,6 +21,7 @@
 #include "audit/proof.h"
 #include "audit/report.h"
 #include "audit/verify_state.h"
+#include "common/clock.h"
 #include "common/files.h"
 #include "common/sha256.h"
 #include "common/units.h"
@@ -460,9 +461,7 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   ctx.version = TOLLGATE_VERSION;
   char host[256] = {0};
   ctx.hostname = ::gethostname(host, sizeof host - 1) == 0 ? host : "unknown";
-  int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                    std::chrono::system_clock::now().time_since_epoch())
-                    .count();
+  int64_t now = wallNs();
   ctx.generatedAt = formatReportTime(now);
   ctx.dir = dir;
   std::ifstream idIn(std::filesystem::path(dir) / "LOG_ID");

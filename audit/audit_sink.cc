@@ -3,6 +3,7 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 
+#include "common/clock.h"
 #include "common/json.h"
 
 namespace tollgate {
@@ -44,9 +45,7 @@ AuditFields AuditRecord::fields() const {
 }
 
 uint64_t MemoryAuditSink::append(AuditRecord r) {
-  r.tsNs = std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::system_clock::now().time_since_epoch())
-               .count();
+  r.tsNs = wallNs();
   std::lock_guard<std::mutex> lock(mutex_);
   r.seq = ++seq_;
   recent_.push_back(std::move(r));
@@ -60,9 +59,7 @@ uint64_t MemoryAuditSink::durableSeq() const {
 }
 
 uint64_t MemoryAuditSink::addEvent(std::string_view kind, const AuditFields& fields, AuditSync) {
-  int64_t ts = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                   std::chrono::system_clock::now().time_since_epoch())
-                   .count();
+  int64_t ts = wallNs();
   nlohmann::json j = nlohmann::json::object();  // keys sorted, as the stream's records
   for (const auto& [k, v] : fields) j[std::string(k)] = std::string(v);
   j["kind"] = std::string(kind);

@@ -430,4 +430,10 @@ ChainVerdict verifyChain(const std::vector<std::string>& lines, const Keyring& p
   return verifyChainImpl(lines, first->key, &pinned);
 }
 
+std::string stringField(const nlohmann::json& record, const char* key) {
+  if (!record.is_object()) return {};
+  auto it = record.find(key);
+  return it != record.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 }  // namespace tollgate

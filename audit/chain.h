@@ -152,4 +152,8 @@ bool checkpointSignatureValid(const nlohmann::json& checkpoint, const Ed25519Key
 // error: why not (the verifier and `audit prove --verify` both use it).
 Result<Ed25519Key> checkKeyRotation(const nlohmann::json& rotation, const Ed25519Key& active);
 
+// A parsed record's string field, or "" when the record is not an object or the field is
+// absent or not a string (json::value() would throw).
+std::string stringField(const nlohmann::json& record, const char* key);
+
 }  // namespace tollgate

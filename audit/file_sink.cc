@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/clock.h"
 #include "common/files.h"
 #include "common/log.h"
 #include "common/thread_name.h"
@@ -40,12 +41,6 @@ const char* blankBlocks() {
     return p;
   }();
   return blanks;
-}
-
-int64_t nowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 std::string sysError(const std::string& what) {
@@ -368,7 +363,7 @@ Status FileAuditSink::start() {
     if (!tail) return tail.error();
     const SegmentTail& t = tail.value();
     if (!t.torn.empty()) {
-      fs::path aside = dir / ("torn-" + std::to_string(nowNs()) + ".bin");
+      fs::path aside = dir / ("torn-" + std::to_string(wallNs()) + ".bin");
       if (auto st = replaceFile(aside, t.torn, 0600); !st) return st;
       torn = aside.filename().string() + ":" + std::to_string(t.torn.size());
     }
@@ -423,7 +418,7 @@ Status FileAuditSink::start() {
     p.line = chain_->append(
         "recovery",
         {{"torn_file", torn.substr(0, colon)}, {"torn_bytes", std::stoull(torn.substr(colon + 1))}},
-        nowNs());
+        wallNs());
     enqueue(std::move(p));
   }
   durable_ = seq_;
@@ -526,7 +521,7 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
     rotation.type = Pending::Type::kRotation;
     rotation.key = key_;
     rotation.next = std::make_shared<Ed25519Key>(next.value());
-    rotation.tsNs = nowNs();
+    rotation.tsNs = wallNs();
     key_ = rotation.next;  // the next checkpoint queued is signed by the new key
     enqueue(std::move(rotation));
     done.seq = seq_;
@@ -716,7 +711,7 @@ uint64_t FileAuditSink::push(Pending p, AuditSync sync) {
     if (observer_) observer_->onBackpressure();
     drained_.wait(lock, [this] { return queue_.size() < options_.maxQueued || stopping_; });
   }
-  p.tsNs = nowNs();
+  p.tsNs = wallNs();
   uint64_t seq = ++seq_;
   if (sync == AuditSync::kNow) wanted_ = seq;
   enqueue(std::move(p));
@@ -840,7 +835,7 @@ void FileAuditSink::run() {
           out += p.line;
           break;
         case Pending::Type::kCheckpoint:
-          out += chain_->checkpoint(*p.key, nowNs());
+          out += chain_->checkpoint(*p.key, wallNs());
           break;
         case Pending::Type::kRotation:
           out += chain_->keyRotation(*p.key, *p.next, p.tsNs);

@@ -10,12 +10,6 @@ namespace {
 
 using Json = nlohmann::json;
 
-std::string stringField(const Json& j, const char* key) {
-  if (!j.is_object()) return {};
-  auto it = j.find(key);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
-
 bool unsignedField(const Json& j, const char* key, uint64_t* out) {
   if (!j.is_object()) return false;
   auto it = j.find(key);

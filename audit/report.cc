@@ -5,15 +5,12 @@
 #include <ctime>
 #include <set>
 
+#include "audit/chain.h"
+
 namespace tollgate {
 namespace {
 
 using Json = nlohmann::json;
-
-std::string str(const Json& r, const char* key) {
-  auto it = r.find(key);
-  return it != r.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
 
 uint64_t seqOf(const Json& r) {
   auto it = r.find("seq");
@@ -233,16 +230,16 @@ void AuditSummarizer::add(const Json& r) {
   prevTs_ = ts;
   prevSeq_ = seq;
 
-  std::string kind = str(r, "kind");
+  std::string kind = stringField(r, "kind");
   if (kind == "call") {
     ++s.calls;
-    std::string decision = str(r, "decision"), rule = str(r, "rule");
+    std::string decision = stringField(r, "decision"), rule = stringField(r, "rule");
     ++s.byDecision[decision];
     ++s.byRule[{decision, rule}];
     if (decision == "halt" || decision == "observe-halt")
       s.halts.push_back(listed(
           r, {"agent", "tool", "method", "authority", "path", "decision", "rule", "reason"}));
-    if (!str(r, "policy_digest").empty()) digests_.insert(str(r, "policy_digest"));
+    if (!stringField(r, "policy_digest").empty()) digests_.insert(stringField(r, "policy_digest"));
   } else if (kind == "checkpoint") {
     ++s.checkpoints;
   } else if (kind == "reload") {

@@ -23,13 +23,6 @@ bool isHash(const Json& j) {
   return j.is_string() && hashFromHex(j.get<std::string>()).has_value();
 }
 
-// A string field, or "" when absent or not a string (value() would throw).
-std::string stringField(const Json& j, const char* key) {
-  if (!j.is_object()) return {};
-  auto it = j.find(key);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
-
 std::string shortHash(const std::string& hex) {
   return hex.substr(0, 16) + "…";
 }

@@ -10,14 +10,10 @@
 #include <functional>
 #include <random>
 
+#include "common/clock.h"
+
 namespace tollgate {
 namespace {
-
-int64_t wallMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 BudgetOutcome refuse(BudgetStatus status, const std::string& pool, std::string reason) {
   return BudgetOutcome{status, pool, std::move(reason), 0};

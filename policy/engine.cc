@@ -4,14 +4,10 @@
 #include <cmath>
 #include <random>
 
+#include "common/clock.h"
+
 namespace tollgate {
 namespace {
-
-int64_t wallMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 // Looks up "a.b.c" in a JSON object.
 const nlohmann::json* lookup(const nlohmann::json& params, const std::string& path) {

@@ -5,6 +5,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "audit/chain.h"
 #include "audit/file_sink.h"
 #include "audit/policy_archive.h"
 #include "policy/engine.h"
@@ -64,11 +65,6 @@ ReplayResult notReplayable(std::string why) {
 int usageError(std::FILE* err, const std::string& message) {
   std::fprintf(err, "tollgate: %s (see 'tollgate help')\n", message.c_str());
   return 2;
-}
-
-std::string str(const Json& r, const char* key) {
-  auto it = r.find(key);
-  return it != r.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
 }  // namespace
@@ -206,18 +202,18 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
       notJson = true;
       return false;
     }
-    if (str(r, "kind") != "call") return true;
+    if (stringField(r, "kind") != "call") return true;
     RecordedCall c;
     // verifyChain() checks these types; replay reads an unverified log without throwing.
     if (r.contains("seq") && r["seq"].is_number_unsigned()) c.seq = r["seq"].get<uint64_t>();
     if (r.contains("ts_ns") && r["ts_ns"].is_number_integer()) c.tsNs = r["ts_ns"].get<int64_t>();
-    c.agent = str(r, "agent");
-    c.method = str(r, "method");
-    c.authority = str(r, "authority");
-    c.path = str(r, "path");
-    c.decision = str(r, "decision");
-    c.rule = str(r, "rule");
-    c.digest = str(r, "policy_digest");
+    c.agent = stringField(r, "agent");
+    c.method = stringField(r, "method");
+    c.authority = stringField(r, "authority");
+    c.path = stringField(r, "path");
+    c.decision = stringField(r, "decision");
+    c.rule = stringField(r, "rule");
+    c.digest = stringField(r, "policy_digest");
     ReplayResult res;
     if (given) {
       res = replayCall(c, given.get());
