@@ -6,7 +6,6 @@
 #include <cctype>
 #include <charconv>
 
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>

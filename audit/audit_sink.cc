@@ -1,6 +1,5 @@
 #include "audit/audit_sink.h"
 
-#include <chrono>
 #include <nlohmann/json.hpp>
 
 #include "common/clock.h"
