@@ -159,6 +159,21 @@ const RouteConfig* findRoute(const std::vector<RouteConfig>& routes, std::string
   return best;
 }
 
+// RFC 9110, 9.2.2: sending one of these twice has the effect of sending it once.
+bool idempotentMethod(int method) {
+  switch (method) {
+    case HTTP_GET:
+    case HTTP_HEAD:
+    case HTTP_OPTIONS:
+    case HTTP_TRACE:
+    case HTTP_PUT:
+    case HTTP_DELETE:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 ClientSession::ClientSession(Worker& worker, ListenerRuntime& listener, StreamPtr client)
@@ -217,7 +232,9 @@ void ClientSession::reportOutcome() {
   Outcome outcome;
   outcome.status = status_;
   outcome.sent = upstreamSentNs_ != 0;
-  outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0);
+  // A response the upstream cut short failed, whatever its status said.
+  outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0) ||
+                   (responseStarted_ && !responseDone_ && !upstreamError_.empty());
   if (responseStarted_ && upstreamHeadNs_ != 0) {
     outcome.responseHeader = [this](std::string_view name) { return response_.head().find(name); };
   }
@@ -899,8 +916,14 @@ void ClientSession::attachUpstream(StreamPtr stream, bool reused) {
     return;
   }
   // A pooled connection may have been closed by the upstream a moment ago; a request
-  // without a body can then be sent once more on a fresh connection.
-  if (reused && requestDone_ && bodyBytes_ == 0 && !requestChunked_) retryHead_ = upOut_;
+  // without a body can then be sent once more on a fresh connection, if sending it twice
+  // is harmless: an idempotent method (RFC 9110, 9.2.2) or one the agent marked with an
+  // Idempotency-Key. A POST may have run before the close: it is answered 502, never
+  // sent twice.
+  if (reused && requestDone_ && bodyBytes_ == 0 && !requestChunked_ &&
+      (idempotentMethod(request_.head().method) ||
+       request_.head().find("idempotency-key").has_value()))
+    retryHead_ = upOut_;
   sendRequest();
 }
 
@@ -969,7 +992,11 @@ void ClientSession::startIntercept() {
   request_.reset();
   std::string host = target_.host;
   uint16_t port = target_.port;
+  // The CONNECT's agent (its Proxy-Authorization, say) owns the requests inside the tunnel
+  // that name none: kept across the reset, which clears the exchange's agent.
+  std::string agent = std::move(agent_);
   resetExchange();
+  agent_ = std::move(agent);
   beginInterceptTls(host, port, early);
 }
 
@@ -1198,8 +1225,9 @@ void ClientSession::onReadEnd(TcpStream& stream, int status) {
     retryOrFail(status);
     return;
   }
-  // A close-delimited response ends here; any other response is cut short.
-  response_.finish();
+  // A close-delimited response ends at an orderly close (for TLS, a close_notify); a
+  // reset or a TLS stream cut without one is a truncated response, never a complete one.
+  if (status == UV_EOF) response_.finish();
   if (responseDone_) {
     upstreamReused_ = false;
     retryHead_.clear();
@@ -1207,6 +1235,10 @@ void ClientSession::onReadEnd(TcpStream& stream, int status) {
     if (!closed_) finishExchange();
     return;
   }
+  // The agent sees the cut (a chunked response without its last chunk, or fewer bytes
+  // than Content-Length), and the outcome record says what it was.
+  upstreamError_ = std::string("the upstream ended the response early (") + uv_err_name(status) +
+                   (stream.tlsError().empty() ? "" : ": " + stream.tlsError()) + ")";
   close();
 }
 
@@ -1221,9 +1253,13 @@ void ClientSession::retryOrFail(int status) {
     connectUpstream();
     return;
   }
-  upstreamFailed(502, "upstream_unavailable",
-                 std::string("upstream closed the connection before responding (") +
-                     uv_err_name(status) + ")");
+  std::string reason =
+      std::string("upstream closed the connection before responding (") + uv_err_name(status) + ")";
+  if (upstreamReused_)
+    reason +=
+        "; a reused connection: the request may have run, and is sent again only when "
+        "it has no body and is idempotent or carries an Idempotency-Key";
+  upstreamFailed(502, "upstream_unavailable", reason);
 }
 
 void ClientSession::upstreamFailed(int status, std::string_view error, std::string_view reason) {
@@ -1281,10 +1317,18 @@ void ClientSession::reply(int status, std::string_view body, std::string_view ex
   if (close || !requestDone_) closeAfterResponse_ = true;
   bool closing = closeAfterResponse_ || draining_ || !requestKeepAlive_;
   status_ = status;
-  client_->append(localReply(status, body, extraHeaders, closing));
+  appendLocalReply(localReply(status, body, extraHeaders, closing), body.size());
   responseStarted_ = responseDone_ = true;
   flushClient();
   if (!closed_) finishExchange();
+}
+
+void ClientSession::appendLocalReply(std::string out, size_t bodySize) {
+  // A response to HEAD has the headers of the GET's, Content-Length included, and no body
+  // (RFC 9110, 9.3.2): the agent's parser would take the body for the next response.
+  if (request_.headersDone() && request_.head().method == HTTP_HEAD)
+    out.resize(out.size() - bodySize);
+  client_->append(out);
 }
 
 void ClientSession::badRequest(int status, std::string_view error, std::string_view reason,
@@ -1328,7 +1372,7 @@ void ClientSession::answerAdmin() {
                                   head.url(), head.find("authorization").value_or(""));
   status_ = r.status;
   bool closing = draining_ || !requestKeepAlive_;
-  client_->append(localReply(r.status, r.body, {}, closing, r.contentType));
+  appendLocalReply(localReply(r.status, r.body, {}, closing, r.contentType), r.body.size());
   responseStarted_ = responseDone_ = true;
   flushClient();
   if (!closed_) finishExchange();

@@ -109,6 +109,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void retryOrFail(int status);
   void upstreamFailed(int status, std::string_view error, std::string_view reason);
   void reply(int status, std::string_view body, std::string_view extraHeaders, bool close);
+  void appendLocalReply(std::string out, size_t bodySize);
   void badRequest(int status, std::string_view error, std::string_view reason,
                   std::string_view ruleFamily = "http");
   void handleAdmin();

@@ -179,8 +179,15 @@ void TcpStream::onReadCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
       stream->failTls(static_cast<int>(nread));
       return;
     }
+    int status = static_cast<int>(nread);
+    // A TLS stream ends in order with a close_notify (SSL_read's SSL_ERROR_ZERO_RETURN,
+    // which stops reading before the TCP end): the TCP end without one may be a cut.
+    if (stream->ssl_ && status == UV_EOF) {
+      status = UV_EPROTO;
+      stream->tlsError_ = "the peer closed the connection without a TLS close_notify";
+    }
     (void)stream->syncReading();
-    stream->handler_->onReadEnd(*stream, static_cast<int>(nread));
+    stream->handler_->onReadEnd(*stream, status);
     return;
   }
   std::string_view data(buf->base, static_cast<size_t>(nread));

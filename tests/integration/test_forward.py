@@ -11,7 +11,7 @@ import threading
 import time
 import unittest
 
-from tollgate_harness import (HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, recv_until,
+from tollgate_harness import (ForgetfulOrigin, HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, recv_until,
                               wait_for)
 
 
@@ -33,6 +33,55 @@ class ForwardProxyTest(unittest.TestCase):
         rc, out, err = curl("--data-binary", "payload-1", self.origin.url("/echo"), proxy=self.tg.proxy)
         self.assertEqual(rc, 0, err)
         self.assertEqual(out, b"payload-1")
+
+    def test_a_pooled_connection_closed_under_a_request_is_retried_only_when_that_is_safe(self):
+        with ForgetfulOrigin() as origin:
+            url = f"http://127.0.0.1:{origin.port}"
+            conn = http.client.HTTPConnection("127.0.0.1", self.tg.proxy_port, timeout=10)
+
+            def call(method, path, headers={}):
+                conn.request(method, url + path, body=b"" if method == "POST" else None, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+
+            # One client connection, so one worker and its pool: the second call of each
+            # pair goes out on the pooled connection, which the origin drops.
+            self.assertEqual(call("GET", "/a"), (200, b"first"))
+            status, body = call("POST", "/b")
+            self.assertEqual(status, 502, body)
+            doc = json.loads(body)
+            self.assertEqual(doc["error"], "upstream_unavailable")
+            self.assertIn("may have run", doc["reason"])
+            self.assertEqual(call("GET", "/c"), (200, b"first"))
+            self.assertEqual(call("GET", "/d"), (200, b"first"))  # sent again on a new connection
+            self.assertEqual(call("POST", "/e", {"Idempotency-Key": "k-1"}), (200, b"first"))
+            conn.close()
+            # The POST without a key reached the origin once; the GET and the keyed POST
+            # were sent again on a fresh connection.
+            self.assertEqual(origin.requests, [(1, "GET", "/a"), (1, "POST", "/b"), (2, "GET", "/c"),
+                                               (2, "GET", "/d"), (3, "GET", "/d"), (3, "POST", "/e"),
+                                               (4, "POST", "/e")])
+
+    def test_local_answers_to_head_have_no_body(self):
+        # A 403 to HEAD, then a GET on the same connection: the 403's Content-Length
+        # describes the GET's body, and the next bytes are the next response.
+        out, closed = raw_exchange(self.tg.proxy_port,
+                                   b"HEAD http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+                                   + f"GET {self.origin.url('/hello')} HTTP/1.1\r\nHost: 127.0.0.1:{self.origin.port}\r\n"
+                                     "Connection: close\r\n\r\n".encode())
+        self.assertTrue(closed)
+        head, _, rest = out.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), out)
+        self.assertGreater(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)), 0)
+        self.assertTrue(rest.startswith(b"HTTP/1.1 200 "), out)
+        self.assertTrue(rest.endswith(b"\r\n\r\nhello"), out)
+        # The admin listener too.
+        out, closed = raw_exchange(self.tg.admin_port, b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n"
+                                                       b"Connection: close\r\n\r\n")
+        self.assertTrue(closed)
+        head, _, rest = out.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), out)
+        self.assertEqual(rest, b"")
 
     def test_halt_answers_403_with_the_contract_body(self):
         before = len(self.origin.requests)

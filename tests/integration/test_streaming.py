@@ -1,13 +1,16 @@
-"""Bodies stream through the proxy in both directions with bounded memory."""
+"""Bodies stream through the proxy in both directions with bounded memory, and a response
+the upstream cuts short reaches the agent cut short."""
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import threading
 import time
 import unittest
 
-from tollgate_harness import HttpOrigin, Tollgate, curl, pattern
+from audit_log import read_lines
+from tollgate_harness import CloseDelimitedOrigin, HttpOrigin, Tollgate, curl, pattern, wait_for
 
 SIZE = 100 << 20  # 100 MiB
 RSS_GROWTH_LIMIT_KB = 64 << 10
@@ -35,6 +38,27 @@ class RssSampler:
 
 
 class StreamingTest(unittest.TestCase):
+    def test_a_close_delimited_response_is_whole_only_when_the_upstream_ended_it_in_order(self):
+        with CloseDelimitedOrigin() as origin, Tollgate() as tg:
+            rc, out, err = curl(origin.url("/whole?bytes=300000"), proxy=tg.proxy)
+            self.assertEqual(rc, 0, err)
+            self.assertEqual(out, pattern(300000, seed=5))
+            # A reset after some of the body: the agent's response ends without its last
+            # chunk (curl exits 18 or 56), never as a complete one.
+            rc, out, err = curl(origin.url("/cut?bytes=300000"), proxy=tg.proxy)
+            self.assertIn(rc, (18, 56), err)
+            self.assertLessEqual(len(out), 300000)
+            audit_dir = os.path.join(tg.dir, "var", "audit")
+
+            def outcomes():
+                found = [json.loads(l) for l in read_lines(audit_dir)]
+                found = [r for r in found if r.get("kind") == "outcome"]
+                return found if len(found) == 2 else None
+            whole, cut = wait_for(outcomes, timeout=5, what="two outcome records")
+            self.assertEqual((whole["status"], whole["failed"]), ("200", "false"))
+            self.assertEqual((cut["status"], cut["failed"]), ("200", "true"))
+            self.assertIn("ended the response early", cut["error"])
+
     def test_chunked_upload_of_100_mib(self):
         block = pattern(1 << 20, seed=9)
         expected = hashlib.sha256()

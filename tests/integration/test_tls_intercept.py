@@ -14,7 +14,7 @@ import unittest
 
 from audit_log import read_lines
 from tls_fixtures import TestPki, server_context
-from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, wait_for
+from tollgate_harness import BIN, CloseDelimitedOrigin, HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, wait_for
 
 
 POLICY = """
@@ -22,7 +22,7 @@ apiVersion: tollgate/v1
 kind: Policy
 metadata: {name: tls}
 tools:
-  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers", "/stream", "/close"]}, class: read}
+  - {name: api.read, match: {host: localhost, methods: [GET], paths: ["/hello", "/headers", "/stream", "/close", "/whole", "/cut"]}, class: read}
   - {name: api.write, match: {host: localhost, methods: [POST], paths: ["/echo"]}, class: write}
   - {name: blind, match: {host: 127.0.0.1, methods: [CONNECT]}, class: read}
 agents:
@@ -97,6 +97,18 @@ class TlsInterceptTest(unittest.TestCase):
         status, _, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(status, 200)
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(pattern(3000000, seed=1)).hexdigest())
+
+    def test_an_upstream_tls_end_without_close_notify_is_a_cut_not_the_end_of_the_body(self):
+        with CloseDelimitedOrigin(tls=server_context(*self.pki.valid())) as origin:
+            rc, out, err = self.https(origin, "/whole?bytes=200000")
+            self.assertEqual(rc, 0, err)
+            self.assertEqual(out.split(b"\r\n\r\n", 2)[2], pattern(200000, seed=5))
+            # The upstream's TCP end without a close_notify may be an attacker's cut: the
+            # agent's response ends without its last chunk.
+            rc, out, err = self.https(origin, "/cut?bytes=200000")
+            self.assertIn(rc, (18, 56), err)
+            record = self.records(kind="outcome", failed="true")[-1]
+            self.assertIn("close_notify", record["error"])
 
     def test_a_new_upstream_connection_resumes_the_session_of_the_last_one(self):
         # /close ends each upstream connection: every call needs a new one.
@@ -178,6 +190,27 @@ class TlsInterceptTest(unittest.TestCase):
         self.assertIn("evil.test", doc["reason"])
         self.assertEqual(len(self.origin.requests), before)
         self.assertTrue(self.records(rule="tls.sni_mismatch", decision="halt"))
+
+    def test_the_agent_named_on_the_connect_owns_the_calls_inside_the_tunnel(self):
+        # Proxy-Authorization goes on the CONNECT only: the requests inside the tunnel carry
+        # no identity of their own and are the CONNECT's agent's.
+        with Tollgate({"tls": {"ca_dir": self.ca_dir, "upstream_ca_file": self.pki.ca_cert}},
+                      listener={"intercept_tls": True, "identity": {"proxy_basic": True}},
+                      policy=POLICY) as tg:
+            rc, out, err = curl("-i", "--cacert", self.ca, "--proxy-user", "agent-7:secret",
+                                self.origin.url("/hello", host="localhost"), proxy=tg.proxy, env_proxy=True)
+            self.assertEqual(rc, 0, err)
+            status, _, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
+            self.assertEqual((status, body), (200, b"hello"))
+            audit_dir = os.path.join(tg.dir, "var", "audit")
+
+            def call():
+                for line in read_lines(audit_dir):
+                    r = json.loads(line)
+                    if r.get("kind") == "call" and r.get("path") == "/hello":
+                        return r
+            record = wait_for(call, timeout=5, what="the call's audit record")
+            self.assertEqual((record["agent"], record["decision"]), ("agent-7", "allow"))
 
     def test_a_host_naming_another_host_is_a_halt(self):
         before = len(self.origin.requests)

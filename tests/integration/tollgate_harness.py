@@ -10,6 +10,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -370,6 +371,73 @@ class HttpOrigin(Serving):
     def reply(sock, status, body, extra=b""):
         sock.sendall(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n" % (status, len(body), extra) + body)
         return True
+
+
+class ForgetfulOrigin(Serving):
+    """Answers the first request of each connection (200 "first", keep-alive), then reads
+    the second and closes without an answer: a pooled connection that the upstream gave up
+    just as the proxy sent on it. Records (connection number, method, path)."""
+
+    def __init__(self):
+        self.requests = []
+        self.connections = 0
+        origin = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                origin.connections += 1
+                number = origin.connections
+                for answer in (True, False):
+                    head = recv_until(self.request, b"\r\n\r\n")
+                    if b"\r\n\r\n" not in head:
+                        return
+                    method, path = head.split(b" ", 2)[:2]
+                    origin.requests.append((number, method.decode(), path.decode()))
+                    if answer:
+                        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+
+        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+
+class CloseDelimitedOrigin(Serving):
+    """Answers GET /whole?bytes=N and GET /cut?bytes=N with a response that has neither
+    Content-Length nor chunking: N pattern bytes (seed 5) and then the end of the
+    connection. /whole ends it in order (for TLS, with a close_notify); /cut ends it
+    abruptly: a TCP reset, or for TLS the TCP end without a close_notify (a truncation)."""
+
+    def __init__(self, tls=None):
+        self.tls = tls
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                sock = self.request
+                try:
+                    if tls:
+                        sock = tls.wrap_socket(sock, server_side=True)
+                    head = recv_until(sock, b"\r\n\r\n")
+                    if b"\r\n\r\n" not in head:
+                        return
+                    target = head.split(b" ", 2)[1].decode()
+                    path, _, query = target.partition("?")
+                    n = int(urllib.parse.parse_qs(query).get("bytes", ["1000"])[0])
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + pattern(n, seed=5))
+                    if path == "/whole":
+                        if tls:
+                            sock = sock.unwrap()  # close_notify
+                        sock.shutdown(socket.SHUT_WR)
+                        recv_until(sock, b"never")  # until the proxy closes its end
+                    elif not tls:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()  # for TLS: no close_notify, just the TCP end
+                except (OSError, ssl.SSLError):
+                    pass
+
+        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def url(self, path, host="127.0.0.1"):
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
 
 class SilentOrigin:
