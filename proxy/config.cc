@@ -102,6 +102,8 @@ class Reader {
 ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::string& where) {
   ListenerConfig l;
   bool hasAddress = false;
+  YAML::Node requireNode;  // tls.require_client_cert, where it is
+  bool requireSet = false;
   auto base = std::filesystem::path(r.path()).parent_path();
   auto file = [&](const YAML::Node& v, const std::string& key) {
     return (base / r.str(v, key)).lexically_normal().string();
@@ -179,6 +181,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                         l.clientCa = file(tv, k);
                       } else if (k.ends_with(".require_client_cert")) {
                         l.requireClientCert = r.boolean(tv, k);
+                        requireNode = tv;
+                        requireSet = true;
                       } else {
                         if (!tv.IsSequence() || tv.size() == 0)
                           r.fail(tv, k, "expected a non-empty list");
@@ -242,6 +246,10 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
   }
   if (!l.identityMtls.empty() && l.clientCa.empty())
     r.fail(node, where + ".identity.mtls", "needs tls.client_ca (and tls.certificates)");
+  // Without a CA to check them against, no client certificate is asked for: the promise
+  // of require_client_cert would be silently broken.
+  if (requireSet && l.requireClientCert && l.clientCa.empty())
+    r.fail(requireNode, where + ".tls.require_client_cert", "needs tls.client_ca");
   if (!l.clientCa.empty() && l.certificates.empty())
     r.fail(node, where + ".tls.client_ca", "needs tls.certificates");
   if (l.name.empty()) r.fail(node, where + ".name", "required");
@@ -283,6 +291,12 @@ Config read(const YAML::Node& root, const Reader& r) {
             for (size_t j = 0; j + 1 < c.listeners.size(); ++j) {
               if (c.listeners[j].name == c.listeners.back().name) {
                 r.fail(v[i], key + "[" + std::to_string(i) + "].name", "duplicate listener name");
+              }
+              const auto& a = c.listeners[j].address;
+              const auto& b = c.listeners.back().address;
+              if (a.port != 0 && a.port == b.port && a.host == b.host) {
+                r.fail(v[i]["address"], key + "[" + std::to_string(i) + "].address",
+                       "the address of listener '" + c.listeners[j].name + "'");
               }
             }
           }

@@ -194,6 +194,15 @@ Server::~Server() {
 Status Server::bindListeners(unsigned workers) {
   auto bindOne = [&](ListenerRuntime& rt, const HostPort& address, unsigned count) -> Status {
     HostPort addr = address;
+    // The workers' sockets share the port through SO_REUSEPORT, which would also let another
+    // process of this user (a second sidecar started on the same config) join the group and
+    // take a share of the agents' connections. A plain bind first finds anyone already on
+    // the port; that other process does the same, so neither order shares.
+    if (addr.port != 0) {
+      auto probe = listenSocket(addr, false);
+      if (!probe) return probe.error();
+      ::close(*probe);
+    }
     for (unsigned i = 0; i < count; ++i) {
       auto fd = listenSocket(addr, true);
       if (!fd) return fd.error();

@@ -50,6 +50,17 @@ class CliTest(unittest.TestCase):
         self.check_bad_config(ok + "workers: [1]\n", "2:10: workers: expected a non-negative integer")
         self.check_bad_config(ok + "limits: {max_body_bytes: lots}\n", "2:26: limits.max_body_bytes: expected a size")
 
+    def test_a_second_sidecar_on_a_taken_port_stops_instead_of_sharing_it(self):
+        # The workers' sockets share their port (SO_REUSEPORT); a second process started on
+        # the same address must not join them and take a share of the agents' connections.
+        with Tollgate() as first:
+            second = Tollgate(listener={"address": f"127.0.0.1:{first.proxy_port}"})
+            with self.assertRaises(AssertionError) as caught:
+                second.__enter__()
+            second.__exit__(None, None, None)
+            self.assertIn("Address already in use", str(caught.exception))
+            self.assertEqual(second.proc.returncode, 1)
+
     def test_the_quickstart_config_is_valid(self):
         # It binds fixed ports, so only check that it loads: a bad key would exit 2 at once.
         path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "quickstart", "tollgate.yaml")

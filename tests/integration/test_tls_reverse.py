@@ -179,6 +179,10 @@ class ReverseConfigTest(unittest.TestCase):
                    {"msg": "tls.certificates: "})
         self.check({"name": "f", "address": "127.0.0.1:0", "routes": [{"upstream": "http://x:1"}]},
                    {"msg": "only for reverse listeners"})
+        # A client certificate cannot be required without a CA to check it against.
+        self.check(dict(base, routes=[{"upstream": "http://x:1"}],
+                        tls={"certificates": [{"cert": "no.pem", "key": "no.key"}], "require_client_cert": True}),
+                   {"msg": "tls.require_client_cert: needs tls.client_ca"})
 
 
 if __name__ == "__main__":

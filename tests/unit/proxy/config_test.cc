@@ -139,6 +139,13 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{
             "listeners: [{name: a, address: '127.0.0.1:0'}, {name: a, address: '127.0.0.1:0'}]\n",
             "duplicate listener name"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:8080'},\n"
+                "            {name: b, address: '127.0.0.1:8080'}]\n",
+                "bad.yaml:2:32: listeners[1].address: the address of listener 'a'"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{upstream: 'http://x:1'}], tls: {certificates: [{cert: c, key: k}], "
+                "require_client_cert: true}}]\n",
+                "listeners[0].tls.require_client_cert: needs tls.client_ca"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nstore: {backend: redis}\n",
                 "store.urls: required"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {sink: s3}\n",
