@@ -224,9 +224,11 @@ void MemoryBudgetStore::expireHolds(int64_t now) {
       ++it;
       continue;
     }
-    // The call may have run: its hold is committed, not refunded.
+    // The call may have run: its hold is committed, not refunded, in the current period
+    // (rolled first: a commit into a period that has ended would be lost at its roll).
     for (const auto& [key, amount] : it->second.amounts) {
       auto& b = budgets_[key];
+      roll(b, now);
       b.held -= amount;
       b.committed += amount;
     }
@@ -248,6 +250,17 @@ BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
   Hold hold;
   hold.expiresMs = now + holdTtl.count();
   for (const auto& c : charges) {
+    if (c.effort <= 0 && c.risk <= 0) continue;
+    // An overrun on either dimension trips the whole pool.
+    for (const char* dim : {"effort", "risk"}) {
+      auto it = budgets_.find(c.pool + "/" + dim);
+      if (it == budgets_.end()) continue;
+      roll(it->second, now);
+      if (it->second.tripped) {
+        return refuse(BudgetStatus::kTripped, c.pool,
+                      "pool " + c.pool + " was tripped by an overrun this period");
+      }
+    }
     for (const auto& [dim, amount] :
          {std::pair<const char*, int64_t>{"effort", c.effort}, {"risk", c.risk}}) {
       if (amount <= 0) continue;
@@ -257,11 +270,6 @@ BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
                       "pool " + c.pool + " has no " + dim + " budget in the store");
       }
       auto& b = it->second;
-      roll(b, now);
-      if (b.tripped) {
-        return refuse(BudgetStatus::kTripped, c.pool,
-                      "pool " + c.pool + " was tripped by an overrun this period");
-      }
       if (b.committed + b.held + amount > b.limit) {
         return refuse(BudgetStatus::kExhausted, c.pool,
                       "pool " + c.pool + " " + dim + ": " + std::to_string(b.committed + b.held) +
@@ -295,6 +303,7 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
     }
     if (cost < 0) cost = held;
     auto& b = budgets_[key];
+    roll(b, now);  // a call that ran across the period's end is paid for in the new one
     b.held -= held;
     b.committed += std::min(cost, held);
     if (cost > held) {
@@ -350,9 +359,12 @@ void MemoryBudgetStore::release(const std::string& callId, const std::vector<Cha
 }
 
 std::vector<BudgetView> MemoryBudgetStore::view() const {
+  int64_t now = clock_();
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<BudgetView> out;
-  for (const auto& [key, b] : budgets_) {
+  for (const auto& [key, account] : budgets_) {
+    Account b = account;
+    roll(b, now);  // as the next operation will see it: a period that has ended is gone
     auto slash = key.find('/');
     out.push_back({key.substr(0, slash), key.substr(slash + 1), b.limit, b.committed, b.held,
                    b.periodStartMs + b.periodMs, b.tripped});

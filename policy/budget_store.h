@@ -161,7 +161,7 @@ class MemoryBudgetStore : public BudgetStore {
     std::vector<std::pair<std::string, int64_t>> amounts;  // budget key ("pool/effort") -> amount
   };
   explicit MemoryBudgetStore(Clock clock) : clock_(std::move(clock)) {}
-  void roll(Account& b, int64_t now);
+  static void roll(Account& b, int64_t now);
   void expireHolds(int64_t now);
 
   Clock clock_;

@@ -1,5 +1,7 @@
 #include "policy/policy_decider.h"
 
+#include <charconv>
+
 #include "policy/redis_budget_store.h"
 
 namespace tollgate {
@@ -42,7 +44,15 @@ std::vector<Charge> PolicyDecider::chargesOf(const PolicySet& set, const ToolCal
   if (!tool || (tool->cost.effort == 0 && tool->cost.risk == 0)) return {};
   const AgentDef* agent = set.findAgent(call.agent());
   if (!agent || agent->pool.empty()) return {};
-  return {Charge{agent->pool, tool->cost.effort, tool->cost.risk}};
+  Charge c{agent->pool, tool->cost.effort, tool->cost.risk};
+  // A pool with no budget on a dimension does not limit it: that part of the cost is not
+  // charged (the store would otherwise halt every such call as budget_uninitialised).
+  if (const PoolDef* pool = set.findPool(agent->pool)) {
+    if (!pool->effort) c.effort = 0;
+    if (!pool->risk) c.risk = 0;
+  }
+  if (c.effort == 0 && c.risk == 0) return {};
+  return {c};
 }
 
 PolicyDecider::PolicyDecider(std::vector<std::string> files, std::shared_ptr<const PolicySet> set)
@@ -130,11 +140,12 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
     auto read = [&](const std::string& header) -> int64_t {
       if (header.empty()) return -1;
       auto v = outcome.responseHeader(header);
-      if (!v || v->empty() || v->size() > 18 ||
-          v->find_first_not_of("0123456789") != std::string_view::npos) {
+      if (!v || v->empty() || v->find_first_not_of("0123456789") != std::string_view::npos)
         return -1;
-      }
-      return static_cast<int64_t>(std::stoll(std::string(*v)));
+      // A cost too large for 64 bits is still a cost, and far more than any hold: an overrun.
+      int64_t n = 0;
+      auto parsed = std::from_chars(v->data(), v->data() + v->size(), n);
+      return parsed.ec == std::errc::result_out_of_range ? INT64_MAX : n;
     };
     actual.reserve(ctx.charges.size());
     for (const auto& c : ctx.charges)

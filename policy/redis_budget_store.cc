@@ -173,7 +173,20 @@ if op == 'view' then
   for i = 1, n do
     local b, h = K(i, 1), K(i, 2)
     local alive = redis.call('EXISTS', b) == 1
-    -- Every expired hold is committed first: the holders' (their sidecars stopped) and the
+    -- Each budget into its current period first: what the sweep commits belongs to it.
+    for j, dim in ipairs(DIMS) do
+      local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
+      if alive and limit >= 0 then
+        local f = redis.call('HMGET', b, dim .. ':period', dim .. ':start')
+        if N(f[1]) ~= period then
+          redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(now - now % period))
+        elseif now >= N(f[2]) + period then
+          redis.call('HSET', b, dim .. ':start', I(now - now % period), dim .. ':committed', '0',
+                     dim .. ':tripped', '0')
+        end
+      end
+    end
+    -- Then every expired hold is committed: the holders' (their sidecars stopped) and the
     -- calls' of older releases (marked settled for those releases).
     local p, v = {he = 0, hr = 0, ce = 0, cr = 0, moved = false}, {}
     if alive then
@@ -199,18 +212,9 @@ if op == 'view' then
       local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
       if limit >= 0 then
         if alive then
-          local f = redis.call('HMGET', b, dim .. ':committed', dim .. ':held', dim .. ':period',
-                               dim .. ':start', dim .. ':tripped')
-          local committed, start, tripped = N(f[1]), N(f[4]), N(f[5])
-          if N(f[3]) ~= period then
-            start = now - now % period
-            redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(start))
-          elseif now >= start + period then
-            start, committed, tripped = now - now % period, 0, 0
-            redis.call('HSET', b, dim .. ':start', I(start), dim .. ':committed', '0',
-                       dim .. ':tripped', '0')
-          end
-          out[#out + 1] = {A(i, 0), dim, 1, committed, N(f[2]), start + period, tripped}
+          local f = redis.call('HMGET', b, dim .. ':committed', dim .. ':held', dim .. ':start',
+                               dim .. ':tripped')
+          out[#out + 1] = {A(i, 0), dim, 1, N(f[1]), N(f[2]), N(f[3]) + period, N(f[4])}
         else
           out[#out + 1] = {A(i, 0), dim, 0, 0, 0, 0, 0}
         end
@@ -258,6 +262,23 @@ local n = #KEYS / 3
 local runs, holder, seqs, ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
 local seq, hf = tonumber(seqs), 'L:' .. holder
 
+-- Rolls pool p's dimension into its current period ('e' effort, 'r' risk).
+local function roll(p, d)
+  if d == 'e' then
+    if p.fe ~= p.pe then
+      local ms = tonumber(p.pe)
+      p.fe, p.se, p.rolle = p.pe, now - now % ms, true
+    elseif now >= p.se + tonumber(p.pe) then
+      p.se, p.ce, p.te, p.rolle = now - now % tonumber(p.pe), 0, 0, true
+    end
+  elseif p.fr ~= p.pr then
+    local ms = tonumber(p.pr)
+    p.fr, p.sr, p.rollr = p.pr, now - now % ms, true
+  elseif now >= p.sr + tonumber(p.pr) then
+    p.sr, p.cr, p.tr, p.rollr = now - now % tonumber(p.pr), 0, 0, true
+  end
+end
+
 -- Per pool, read once: its budget (e: effort, r: risk: committed c, held h, start s,
 -- tripped t, stored period f) and this holder's record (its holds re, rr; fence; applied).
 local P, out = {}, {}
@@ -283,6 +304,10 @@ for i = 1, n do
     p.sweep = now >= N(v[2]) + 1000  -- other holders' expired records: once a second
     p.ce, p.he, p.se, p.te = N(v[4]), N(v[5]), N(v[7]), N(v[8])
     if risk then p.cr, p.hr, p.sr, p.tr = N(v[9]), N(v[10]), N(v[12]), N(v[13]) end
+    -- Into the current period before anything moves: a settle, an expiry or a trip after
+    -- the period's end belongs to the new period, not to the one whose roll would drop it.
+    if p.le >= 0 then roll(p, 'e') end
+    if risk then roll(p, 'r') end
     if v[3] then
       local he, hr, fence, applied =
           string.match(v[3], '^([^:]*):([^:]*):[^:]*:([^:]*):[^:]*:([^:]*)$')
@@ -352,27 +377,15 @@ for i = 1, n do
   end
 end
 
--- Rolls pool p's dimension into its current period ('e' effort, 'r' risk).
-local function roll(p, d)
-  if d == 'e' then
-    if p.fe ~= p.pe then
-      local ms = tonumber(p.pe)
-      p.fe, p.se, p.rolle = p.pe, now - now % ms, true
-    elseif now >= p.se + tonumber(p.pe) then
-      p.se, p.ce, p.te, p.rolle = now - now % tonumber(p.pe), 0, 0, true
-    end
-  elseif p.fr ~= p.pr then
-    local ms = tonumber(p.pr)
-    p.fr, p.sr, p.rollr = p.pr, now - now % ms, true
-  elseif now >= p.sr + tonumber(p.pr) then
-    p.sr, p.cr, p.tr, p.rollr = now - now % tonumber(p.pr), 0, 0, true
-  end
-end
 -- Why a reserve asking a (amounts per pool, effort then risk) is refused, or false.
 local DIMS = {e = 'effort', r = 'risk'}
 local function refusal(a)
   for i = 1, n do
     local p = P[i]
+    -- An overrun on either dimension trips the whole pool.
+    if p.live and (p.te ~= 0 or p.tr ~= 0) and (a[2 * i - 1] > 0 or a[2 * i] > 0) then
+      return {'budget_tripped', p.name, 'pool ' .. p.name .. ' was tripped by an overrun this period'}
+    end
     for _, d in ipairs({'e', 'r'}) do
       local amount = a[d == 'e' and 2 * i - 1 or 2 * i]
       if amount > 0 then
@@ -384,11 +397,6 @@ local function refusal(a)
         if not p.live then
           return {'budget_uninitialised', p.name, 'pool ' .. p.name .. ' is missing from ' ..
                   'the store (never initialised, or flushed): run tollgate pools init'}
-        end
-        roll(p, d)
-        if (d == 'e' and p.te or p.tr) ~= 0 then
-          return {'budget_tripped', p.name,
-                  'pool ' .. p.name .. ' was tripped by an overrun this period'}
         end
         local used = d == 'e' and p.ce + p.he or p.cr + p.hr
         if used + amount > lim then

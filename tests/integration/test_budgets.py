@@ -103,6 +103,30 @@ class BudgetTest(unittest.TestCase):
             self.assertIn("budget_tripped", json.loads(body)["reason"])
             self.assertEqual(len(origin.requests), 1)
 
+    def test_a_pool_without_a_risk_budget_and_a_cost_too_large_for_64_bits(self):
+        # The tool costs effort and risk; the pool limits effort only: risk is not charged
+        # (it was: every call halted as budget_uninitialised).
+        policy = POLICY.replace("cost: {effort: 4, risk: 1}",
+                                "cost: {effort: 4, risk: 1, effort_header: X-Cost-Effort}")
+        policy = policy.replace("{name: team, effort: {limit: 10, period: 1h}, risk: {limit: 100, period: 1d}}",
+                                "{name: team, effort: {limit: 100, period: 1h}}")
+        with HttpOrigin() as origin, self.start(policy) as tg:
+            def call(query):
+                rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost" + query),
+                                  proxy=tg.proxy)
+                return parse_response(out)
+            status, _, body = call("?effort=1")
+            self.assertEqual(status, 200, body)
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["committed"] == 1, timeout=3, what="the settle")
+            self.assertNotIn(("team", "risk"), self.pools(tg))
+            # A real cost of 20 digits is more than any hold, not "no cost named".
+            self.assertEqual(call("?effort=99999999999999999999")[0], 200)
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["tripped"], timeout=3, what="the trip")
+            self.assertEqual(self.pools(tg)[("team", "effort")]["committed"], 5)
+            status, _, body = call("?effort=1")
+            self.assertEqual(status, 403)
+            self.assertIn("budget_tripped", json.loads(body)["reason"])
+
     def test_shared_pools_are_refused_by_the_memory_store(self):
         tg = Tollgate()
         with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:

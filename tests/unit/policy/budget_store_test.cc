@@ -104,6 +104,36 @@ TEST_F(MemoryBudgetStoreTest, PeriodsRollOnTheirBoundaries) {
   EXPECT_EQ(store->reserveNow("c3", {{"team", 100, 0}}, ttl).status, BudgetStatus::kOk);
 }
 
+// A call reserved in one period and settled in the next is paid for in the next: its
+// settle, its overrun's trip and an expired hold are committed after the roll, never into
+// the period that has ended (whose roll would drop them).
+TEST_F(MemoryBudgetStoreTest, WhatIsSettledAfterAPeriodsEndCountsInTheNewPeriod) {
+  now += 3'600'000 - 1'000;  // a second before the hour
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->reserveNow("c2", {{"team", 5, 1}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->reserveNow("c3", {{"team", 6, 0}}, std::chrono::milliseconds(500)).status,
+            BudgetStatus::kOk);
+  ASSERT_EQ(store->reserveNow("c4", {{"team", 60, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->settleNow("c4", {}).status, BudgetStatus::kOk);  // spent in the first hour
+  now += 2'000;
+  EXPECT_EQ(store->settleNow("c1", {{"team", 8, -1}}).status, BudgetStatus::kOk);
+  EXPECT_EQ(store->settleNow("c2", {{"team", 9, -1}}).overrun, 4);
+  EXPECT_EQ(budget("team", "effort").committed, 8 + 5 + 6);
+  EXPECT_EQ(budget("team", "effort").held, 0);
+  EXPECT_TRUE(budget("team", "effort").tripped);
+  // The trip was on effort; a call that asks only risk is refused too: the pool tripped.
+  EXPECT_EQ(store->reserveNow("c5", {{"team", 0, 1}}, ttl).status, BudgetStatus::kTripped);
+}
+
+TEST_F(MemoryBudgetStoreTest, TheViewShowsTheCurrentPeriod) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 30, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->settleNow("c1", {}).status, BudgetStatus::kOk);
+  int64_t end = budget("team", "effort").periodEndMs;
+  now = end;
+  EXPECT_EQ(budget("team", "effort").committed, 0);
+  EXPECT_EQ(budget("team", "effort").periodEndMs, end + 3'600'000);
+}
+
 TEST_F(MemoryBudgetStoreTest, UnknownPoolsAreUninitialisedNotZero) {
   auto r = store->reserveNow("c1", {{"ghost", 1, 0}}, ttl);
   EXPECT_EQ(r.status, BudgetStatus::kUninitialised);

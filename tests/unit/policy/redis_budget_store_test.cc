@@ -25,6 +25,7 @@ pools:
   # Two names whose hash tags share a slot (CRC16 mod 16384 = 11565): a call may charge both.
   - {name: pool410, scope: shared, effort: {limit: 100, period: 30d}}
   - {name: pool1000, scope: shared, effort: {limit: 50, period: 30d}, risk: {limit: 9, period: 30d}}
+  - {name: brief, scope: shared, effort: {limit: 100, period: 2s}, risk: {limit: 10, period: 2s}}
 )";
 
 // A blocking connection for looking at and arranging keys directly.
@@ -231,6 +232,40 @@ TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedNotRefunded) {
   EXPECT_EQ(budget("other", "effort").committed, 7);
 }
 
+// A call reserved in one period and settled in the next is paid for in the next: its
+// settle, its overrun's trip and an expired hold are committed after the roll, never into
+// the period that has ended (whose roll would drop them). Periods are Redis's: 2 s here.
+TEST_F(RedisBudgetStoreTest, WhatIsSettledAfterAPeriodsEndCountsInTheNewPeriod) {
+  Redis r(redis.port());
+  auto redisMs = [&] {
+    auto* reply = static_cast<redisReply*>(redisCommand(r.context(), "TIME"));
+    int64_t ms =
+        std::stoll(reply->element[0]->str) * 1000 + std::stoll(reply->element[1]->str) / 1000;
+    freeReplyObject(reply);
+    return ms;
+  };
+  auto untilNextPeriod = [&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2000 - redisMs() % 2000 + 50));
+  };
+  untilNextPeriod();
+  ASSERT_EQ(reserve("c1", {{"brief", 10, 0}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(reserve("c2", {{"brief", 5, 1}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(reserve("c3", {{"brief", 6, 0}}, 300).status, BudgetStatus::kOk);
+  ASSERT_EQ(reserve("c4", {{"brief", 60, 0}}).status, BudgetStatus::kOk);
+  ASSERT_EQ(settle("c4", {}).status, BudgetStatus::kOk);  // spent in the first period
+  ASSERT_LT(redisMs() % 2000, 1500) << "the reserves took too long to stay in one period";
+  untilNextPeriod();
+  EXPECT_EQ(settle("c1", {{"brief", 8, -1}}).status, BudgetStatus::kOk);
+  auto over = settle("c2", {{"brief", 9, -1}});
+  EXPECT_EQ(over.overrun, 4);
+  auto effort = budget("brief", "effort");  // c3's hold expired: committed, in this period
+  EXPECT_EQ(effort.committed, 8 + 5 + 6);
+  EXPECT_EQ(effort.held, 0);
+  EXPECT_TRUE(effort.tripped);
+  // The trip was on effort; a call that asks only risk is refused too: the pool tripped.
+  EXPECT_EQ(reserve("c5", {{"brief", 0, 1}}).status, BudgetStatus::kTripped);
+}
+
 // Holds expire in the order of their expiry, not of their reserves: a short hold taken after
 // a long one is committed at its own time.
 TEST_F(RedisBudgetStoreTest, AShortHoldAfterALongOneExpiresFirst) {
@@ -299,7 +334,7 @@ TEST_F(RedisBudgetStoreTest, AMissingPoolIsUninitialisedAndNeverRecreatedByACall
   EXPECT_FALSE(budget("team", "effort").initialised);
   auto created = RedisBudgetStore::initPools(*set, options, false);
   ASSERT_TRUE(created);
-  EXPECT_EQ(created.value().size(), 5u);
+  EXPECT_EQ(created.value().size(), 6u);  // every pool of kPools
   EXPECT_EQ(reserve("c1", {{"team", 1, 0}}).status, BudgetStatus::kOk);
 }
 
