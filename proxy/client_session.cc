@@ -551,7 +551,10 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   }
   out += "\r\n";
   if (s.requestChunked_) {
-    out += "Transfer-Encoding: chunked\r\n";
+    // Re-chunked on the way, with the codings under the chunking kept ("gzip, chunked").
+    out += "Transfer-Encoding: ";
+    out += transferEncodingOf(head);
+    out += "\r\n";
   } else if (p.hasContentLength()) {
     out += "Content-Length: ";
     out += std::to_string(p.contentLength());
@@ -1116,6 +1119,15 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   s.upstreamHeadNs_ = uv_hrtime();
   const auto& req = s.request_.head();
   bool noBody = req.method == HTTP_HEAD || status == 204 || status == 304 || status == 101;
+  // An HTTP/1.0 client knows no chunking (RFC 9112, 6.1): it gets the body close-delimited,
+  // which cannot carry another transfer coding.
+  bool clientChunks = req.versionMajor == 1 && req.versionMinor >= 1;
+  if (!noBody && p.chunked() && !clientChunks &&
+      !equalsIgnoreCase(transferEncodingOf(head), "chunked")) {
+    p.fail(502, "the upstream's transfer coding " + transferEncodingOf(head) +
+                    " cannot reach an HTTP/1.0 client");
+    return -1;
+  }
   auto& out = s.client_->output();
   out += "HTTP/1.1 ";
   out += std::to_string(status);
@@ -1144,12 +1156,14 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   if (noBody) {
     if (p.hasContentLength())
       out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
-  } else if (p.chunked()) {
+  } else if (p.chunked() && clientChunks) {
     s.responseChunked_ = true;
-    out += "Transfer-Encoding: chunked\r\n";
+    out += "Transfer-Encoding: ";
+    out += transferEncodingOf(head);  // "gzip, chunked" stays so
+    out += "\r\n";
   } else if (p.hasContentLength()) {
     out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
-  } else if (req.versionMajor == 1 && req.versionMinor >= 1) {
+  } else if (clientChunks) {
     s.responseChunked_ = true;  // a close-delimited body goes to the client chunked
     out += "Transfer-Encoding: chunked\r\n";
   } else {

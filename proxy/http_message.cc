@@ -330,6 +330,19 @@ bool connectionHasToken(const HttpHead& head, std::string_view token) {
   return namedByConnection(head, token);
 }
 
+std::string transferEncodingOf(const HttpHead& head) {
+  std::string out;
+  for (size_t i = 0; i < head.size(); ++i) {
+    if (!equalsIgnoreCase(head.name(i), "transfer-encoding")) continue;
+    forEachToken(head.value(i), [&](std::string_view t) {
+      if (!out.empty()) out += ", ";
+      out += t;
+      return false;
+    });
+  }
+  return out.empty() ? std::string("chunked") : out;
+}
+
 const char* reasonPhrase(int status) {
   switch (status) {
     case 100:

@@ -47,6 +47,9 @@ bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& ho
 bool isHopByHop(std::string_view name);
 // True when `name` is one of the comma-separated tokens of the Connection header(s).
 bool namedByConnection(const HttpHead& head, std::string_view name);
+// The Transfer-Encoding of a chunked message as it is sent on: its codings in order, the
+// final chunked included ("gzip, chunked"); "chunked" when it names none.
+std::string transferEncodingOf(const HttpHead& head);
 bool connectionHasToken(const HttpHead& head, std::string_view token);
 
 const char* reasonPhrase(int status);

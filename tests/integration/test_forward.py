@@ -1,5 +1,6 @@
 """The forward proxy as an agent uses it: curl with HTTP_PROXY, decisions, keep-alive,
 pipelining, 100-continue, hop-by-hop headers, admin endpoints, logs and traces."""
+import gzip
 import http.client
 import json
 import os
@@ -82,6 +83,38 @@ class ForwardProxyTest(unittest.TestCase):
         head, _, rest = out.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), out)
         self.assertEqual(rest, b"")
+
+    def test_transfer_codings_under_the_chunking_are_kept_and_http_1_0_gets_no_chunks(self):
+        host = f"127.0.0.1:{self.origin.port}"
+        # A response gzip-coded under its chunking: the agent is told both codings.
+        out, _ = raw_exchange(self.tg.proxy_port, f"GET {self.origin.url('/gzip-chunked')} HTTP/1.1\r\n"
+                              f"Host: {host}\r\nConnection: close\r\n\r\n".encode())
+        status, headers, body = parse_response(out)
+        self.assertEqual((status, headers["transfer-encoding"]), (200, ["gzip, chunked"]), out)
+        size, _, rest = body.partition(b"\r\n")
+        self.assertTrue(rest.endswith(b"\r\n0\r\n\r\n"), out)
+        self.assertEqual(gzip.decompress(rest[:int(size, 16)]), b"hello, gzip")
+        # And a request so coded reaches the upstream so.
+        before = len(self.origin.requests)
+        data = gzip.compress(b"payload")
+        out, _ = raw_exchange(self.tg.proxy_port, f"POST {self.origin.url('/echo')} HTTP/1.1\r\nHost: {host}\r\n"
+                              "Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n".encode()
+                              + b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n")
+        self.assertEqual(parse_response(out)[0], 200, out)
+        self.assertEqual(self.origin.requests[before][2]["transfer-encoding"], ["gzip, chunked"])
+        # An HTTP/1.0 agent knows no chunking: a chunked response reaches it close-delimited.
+        out, closed = raw_exchange(self.tg.proxy_port, f"GET {self.origin.url('/stream?bytes=70000')} HTTP/1.0\r\n"
+                                   f"Host: {host}\r\n\r\n".encode())
+        self.assertTrue(closed)
+        head, _, body = out.partition(b"\r\n\r\n")
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(body, pattern(70000, seed=1))
+        # ...and one it cannot take whole (gzip under the chunking) is a 502 with the reason.
+        out, _ = raw_exchange(self.tg.proxy_port, f"GET {self.origin.url('/gzip-chunked')} HTTP/1.0\r\n"
+                              f"Host: {host}\r\n\r\n".encode())
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 502, out)
+        self.assertIn("HTTP/1.0", json.loads(body)["reason"])
 
     def test_halt_answers_403_with_the_contract_body(self):
         before = len(self.origin.requests)

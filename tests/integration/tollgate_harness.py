@@ -2,6 +2,7 @@
 
 Every wait is bounded; every server is a context manager that stops its threads.
 """
+import gzip
 import hashlib
 import json
 import os
@@ -225,7 +226,8 @@ class HttpOrigin(Serving):
     GET /hello -> "hello"; POST /echo -> the body; POST /sink -> {"bytes","sha256"} of the
     body (content-length or chunked, streamed); GET /stream?bytes=N -> N pattern bytes,
     chunked; GET /delay?ms=N -> "late" after N ms; GET /status/NNN -> that status;
-    any /cost?effort=N&risk=M[&ms=D] -> "done" with X-Cost-Effort: N and X-Cost-Risk: M (after D ms).
+    any /cost?effort=N&risk=M[&ms=D] -> "done" with X-Cost-Effort: N and X-Cost-Risk: M (after D ms);
+    GET /gzip-chunked -> "hello, gzip" gzipped, with Transfer-Encoding: gzip, chunked.
     """
 
     def __init__(self, tls=None):
@@ -306,7 +308,7 @@ class HttpOrigin(Serving):
                 digest.update(chunk)
                 if target == "/echo":
                     body += chunk
-        elif headers.get("transfer-encoding", [""])[0].lower() == "chunked":
+        elif headers.get("transfer-encoding", [""])[0].lower().endswith("chunked"):
             while True:
                 size = int(f.readline().split(b";")[0], 16)
                 if size == 0:
@@ -337,6 +339,11 @@ class HttpOrigin(Serving):
             return self.reply(sock, 200, json.dumps({"bytes": nbytes, "sha256": digest.hexdigest()}).encode())
         if path == "/headers":
             return self.reply(sock, 200, json.dumps(headers).encode())
+        if path == "/gzip-chunked":  # a transfer coding under the chunking
+            data = gzip.compress(b"hello, gzip")
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                         + b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n")
+            return True
         if path == "/delay":
             time.sleep(int(params.get("ms", ["1000"])[0]) / 1000)
             return self.reply(sock, 200, b"late")
