@@ -159,6 +159,23 @@ const RouteConfig* findRoute(const std::vector<RouteConfig>& routes, std::string
   return best;
 }
 
+std::string percentEncodeNonAscii(std::string_view in) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(in.size());
+  for (char c : in) {
+    auto v = static_cast<unsigned char>(c);
+    if (v < 0x80) {
+      out += c;
+      continue;
+    }
+    out += '%';
+    out += kHex[v >> 4];
+    out += kHex[v & 0xF];
+  }
+  return out;
+}
+
 // RFC 9110, 9.2.2: sending one of these twice has the effect of sending it once.
 bool idempotentMethod(int method) {
   switch (method) {
@@ -454,8 +471,11 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     auto q = s.target_.pathQuery.find('?');
     auto normal = Extractor::normalisePath(std::string_view(s.target_.pathQuery).substr(0, q));
     if (normal) {
-      if (q != std::string::npos) normal.value() += s.target_.pathQuery.substr(q);
-      s.target_.pathQuery = std::move(normal.value());
+      // The policy matched UTF-8 decoded; on the wire a path is ASCII (RFC 3986), so those
+      // bytes go out escaped again, as most agents sent them.
+      std::string wire = percentEncodeNonAscii(normal.value());
+      if (q != std::string::npos) wire += s.target_.pathQuery.substr(q);
+      s.target_.pathQuery = std::move(wire);
     }
   }
   // A reverse listener routes by the normalised path (a dot segment cannot climb out of a

@@ -116,6 +116,14 @@ class ForwardProxyTest(unittest.TestCase):
         self.assertEqual(status, 502, out)
         self.assertIn("HTTP/1.0", json.loads(body)["reason"])
 
+    def test_the_upstream_gets_the_normalised_path_in_ascii(self):
+        # Dot segments resolved and needless escapes decoded, as the policy saw it; a byte
+        # outside ASCII stays escaped on the wire (it went out raw).
+        before = len(self.origin.requests)
+        rc, out, err = curl("--path-as-is", self.origin.url("/a/./b/../%7Ecaf%c3%a9/?x=%C3%A9"), proxy=self.tg.proxy)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.origin.requests[before][1], "/a/~caf%C3%A9/?x=%C3%A9")
+
     def test_halt_answers_403_with_the_contract_body(self):
         before = len(self.origin.requests)
         rc, out, err = curl("-i", "-H", "X-Agent-Id: agent-7", "http://evil.example/steal", proxy=self.tg.proxy)
