@@ -319,7 +319,10 @@ void ClientSession::identify() {
   } else if (!l.identityBearer.empty()) {
     auto v = head.find("authorization");
     if (v && v->size() > 7 && equalsIgnoreCase(v->substr(0, 7), "bearer ")) {
-      auto it = l.identityBearer.find("sha256:" + sha256Hex(v->substr(7)));
+      // RFC 9110, 11.4: one or more spaces after the scheme.
+      auto token = v->substr(7);
+      token.remove_prefix(std::min(token.find_first_not_of(' '), token.size()));
+      auto it = l.identityBearer.find("sha256:" + sha256Hex(token));
       if (it != l.identityBearer.end()) agent_ = it->second;
     }
   } else if (!l.identitySource.empty()) {
@@ -494,11 +497,14 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     s.target_.upstreamTls = route->upstreamTls;
     // The certificate was chosen by the SNI: a Host naming another tool is fronting.
     if (SSL* ssl = s.client_->ssl()) {
-      const char* sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
-      if (sni && !equalsIgnoreCase(sni, s.target_.host)) {
+      const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+      // Compared as hosts are: without a trailing dot (the target's was removed).
+      std::string_view sni = name ? name : "";
+      if (sni.ends_with('.')) sni.remove_suffix(1);
+      if (name && !equalsIgnoreCase(sni, s.target_.host)) {
         s.localHaltRule_ = "tls.host_mismatch";
-        s.localHaltReason_ =
-            "the Host header names " + s.target_.host + ", the TLS server name (SNI) " + sni;
+        s.localHaltReason_ = "the Host header names " + s.target_.host +
+                             ", the TLS server name (SNI) " + std::string(sni);
       }
     }
   }

@@ -155,6 +155,19 @@ class ReverseTest(unittest.TestCase):
         self.assertTrue(self.records(rule="http.no_route", decision="halt"))
 
 
+    def test_a_server_name_with_its_trailing_dot_is_the_same_host(self):
+        # "kb.test." is kb.test as a name (fully qualified): not fronting. And the
+        # scheme and the token of an Authorization may be apart by more than one space.
+        request = (f"GET /hello HTTP/1.1\r\nHost: kb.test\r\nAuthorization: Bearer   {TOKEN}\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{self.ports['bearer']}",
+                            "-servername", "kb.test.", "-quiet", "-ign_eof"],
+                           input=request, capture_output=True, timeout=20)
+        head = r.stdout.split(b"\r\n", 1)[0]
+        self.assertEqual(head, b"HTTP/1.1 200 OK", r.stdout + r.stderr)
+        self.assertTrue(r.stdout.endswith(b"hello"), r.stdout)
+
+
 class ReverseConfigTest(unittest.TestCase):
     def check(self, listener, expect):
         """`expect["msg"]` is in what `tollgate run` prints before it exits with 2."""
