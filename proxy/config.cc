@@ -40,10 +40,13 @@ class Reader {
   void forEach(const YAML::Node& map, const std::string& where, const std::set<std::string>& known,
                const std::function<void(const std::string&, const YAML::Node&)>& fn) const {
     if (!map.IsMap()) fail(map, where, "expected a mapping");
+    std::set<std::string> seen;
     for (const auto& kv : map) {
       auto key = kv.first.as<std::string>();
       auto full = where.empty() ? key : where + "." + key;
       if (!known.count(key)) fail(kv.first, full, "unknown key");
+      // YAML would keep one of the two silently: which one the writer meant is unknown.
+      if (!seen.insert(key).second) fail(kv.first, full, "duplicate key");
       fn(full, kv.second);
     }
   }
@@ -98,6 +101,24 @@ class Reader {
  private:
   std::string path_;
 };
+
+// A host as the config names it, as targets are compared: lower case, no trailing dot, an
+// IPv6 literal without brackets, "*." allowed in front of a name. Empty when it is none.
+std::string configHost(std::string host) {
+  for (auto& ch : host) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+    sockaddr_storage ss;
+    return Resolver::parseLiteral(host, ss) && ss.ss_family == AF_INET6 ? host : std::string();
+  }
+  if (sockaddr_storage ss; Resolver::parseLiteral(host, ss)) return host;
+  if (host.ends_with('.')) host.pop_back();
+  auto name = std::string_view(host).substr(host.starts_with("*.") ? 2 : 0);
+  if (name.empty() || name.starts_with('.') || name.ends_with('.') ||
+      name.find_first_of("*/:[] ") != std::string_view::npos)
+    return {};
+  return host;
+}
 
 ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::string& where) {
   ListenerConfig l;
@@ -165,13 +186,13 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
         } else if (key.ends_with(".intercept_tls")) {
           l.interceptTls = r.boolean(v, key);
         } else if (key.ends_with(".passthrough")) {
-          for (auto host : r.strings(v, key)) {
-            for (auto& ch : host)
-              ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-            auto name = std::string_view(host).substr(host.starts_with("*.") ? 2 : 0);
-            if (name.empty() || name.find_first_of("*/: ") != std::string_view::npos)
+          for (const auto& given : r.strings(v, key)) {
+            auto host = configHost(given);
+            if (host.empty())
               r.fail(v, key,
-                     "'" + host + "': expected a host name, or *.domain for every name under it");
+                     "'" + given +
+                         "': expected a host name or IP address, or *.domain for every name "
+                         "under it");
             l.passthrough.push_back(host);
           }
         } else if (key.ends_with(".tls")) {
@@ -205,31 +226,33 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
             auto rk = key + "[" + std::to_string(i) + "]";
             RouteConfig route;
             bool hasUpstream = false;
-            r.forEach(v[i], rk, {"host", "path_prefix", "upstream"},
-                      [&](const std::string& k, const YAML::Node& rv) {
-                        if (k.ends_with(".host")) {
-                          route.host = r.str(rv, k);
-                          for (auto& ch : route.host)
-                            ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-                        } else if (k.ends_with(".path_prefix")) {
-                          route.pathPrefix = r.str(rv, k);
-                          if (!route.pathPrefix.starts_with('/'))
-                            r.fail(rv, k, "must start with /");
-                        } else {
-                          auto url = r.str(rv, k);
-                          auto sep = url.find("://");
-                          auto scheme = url.substr(0, sep);
-                          if (sep == std::string::npos || (scheme != "http" && scheme != "https"))
-                            r.fail(rv, k, "expected http://host:port or https://host:port");
-                          route.upstreamTls = scheme == "https";
-                          auto authority = url.substr(sep + 3);
-                          if (authority.ends_with('/')) authority.pop_back();
-                          if (!parseAuthority(authority, route.upstreamTls ? 443 : 80,
-                                              route.upstream.host, route.upstream.port))
-                            r.fail(rv, k, "'" + url + "': expected scheme://host[:port], no path");
-                          hasUpstream = true;
-                        }
-                      });
+            r.forEach(
+                v[i], rk, {"host", "path_prefix", "upstream"},
+                [&](const std::string& k, const YAML::Node& rv) {
+                  if (k.ends_with(".host")) {
+                    auto given = r.str(rv, k);
+                    route.host = given == "*" ? given : configHost(given);
+                    if (route.host.empty())
+                      r.fail(rv, k,
+                             "'" + given + "': expected a host name without a port, *.domain or *");
+                  } else if (k.ends_with(".path_prefix")) {
+                    route.pathPrefix = r.str(rv, k);
+                    if (!route.pathPrefix.starts_with('/')) r.fail(rv, k, "must start with /");
+                  } else {
+                    auto url = r.str(rv, k);
+                    auto sep = url.find("://");
+                    auto scheme = url.substr(0, sep);
+                    if (sep == std::string::npos || (scheme != "http" && scheme != "https"))
+                      r.fail(rv, k, "expected http://host:port or https://host:port");
+                    route.upstreamTls = scheme == "https";
+                    auto authority = url.substr(sep + 3);
+                    if (authority.ends_with('/')) authority.pop_back();
+                    if (!parseAuthority(authority, route.upstreamTls ? 443 : 80,
+                                        route.upstream.host, route.upstream.port))
+                      r.fail(rv, k, "'" + url + "': expected scheme://host[:port], no path");
+                    hasUpstream = true;
+                  }
+                });
             if (!hasUpstream) r.fail(v[i], rk + ".upstream", "required");
             l.routes.push_back(std::move(route));
           }

@@ -97,6 +97,25 @@ listeners:
   EXPECT_TRUE(c->listeners[2].interceptTls);
 }
 
+// Hosts in passthrough lists and routes are compared with targets as targets are kept:
+// lower case, no trailing dot, IPv6 without brackets.
+TEST(Config, HostsAreKeptAsTargetsAreCompared) {
+  auto c = parseConfig(R"(
+listeners:
+  - {name: f, address: "127.0.0.1:0", passthrough: [Bank.Example., "*.pay.example", "[::1]", "::2", 10.0.0.1]}
+  - name: r
+    kind: reverse
+    address: "127.0.0.1:0"
+    routes: [{host: Tickets.Test., upstream: "http://127.0.0.1:1"}, {host: "*", upstream: "http://127.0.0.1:2"}]
+)",
+                       "t.yaml");
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->listeners[0].passthrough,
+            (std::vector<std::string>{"bank.example", "*.pay.example", "::1", "::2", "10.0.0.1"}));
+  EXPECT_EQ(c->listeners[1].routes[0].host, "tickets.test");
+  EXPECT_EQ(c->listeners[1].routes[1].host, "*");
+}
+
 struct BadCase {
   const char* yaml;
   const char* expected;  // substring of the error
@@ -132,6 +151,16 @@ INSTANTIATE_TEST_SUITE_P(
                 "listeners[0].identity.mtls: needs tls.client_ca"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: ['a/b']}]\n",
                 "listeners[0].passthrough: 'a/b': expected a host name"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: ['bank:443']}]\n",
+                "listeners[0].passthrough: 'bank:443': expected a host name"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{host: 'kb.test:8443', upstream: 'http://x:1'}]}]\n",
+                "listeners[0].routes[0].host: 'kb.test:8443': expected a host name without a port"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{host: 'kb.*.test', upstream: 'http://x:1'}]}]\n",
+                "listeners[0].routes[0].host: 'kb.*.test': expected"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\nworkers: 2\nworkers: 4\n",
+                "bad.yaml:3:1: workers: duplicate key"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\ntls: {leaf_cache_size: 0}\n",
                 "tls.leaf_cache_size: must be greater than 0"},
         BadCase{"listeners: [{name: a, kind: sideways, address: '127.0.0.1:0'}]\n",
