@@ -233,6 +233,7 @@ void MemoryBudgetStore::expireHolds(int64_t now) {
       b.committed += amount;
     }
     done_.insert(it->first);
+    expired_.add(it->first, std::move(it->second));
     it = holds_.erase(it);
   }
 }
@@ -291,17 +292,40 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
   std::lock_guard<std::mutex> lock(mutex_);
   expireHolds(now);
   auto it = holds_.find(callId);
-  if (it == holds_.end())
-    return refuse(BudgetStatus::kUnknownCall, "", "no hold for call " + callId);
+  // The real cost of one budget of a hold: without one, the estimate is the cost.
+  auto costOf = [&](const std::string& pool, const std::string& dim, int64_t held) {
+    int64_t cost = held;
+    for (const auto& c : actual) {
+      if (c.pool == pool) cost = dim == "effort" ? c.effort : c.risk;
+    }
+    return cost < 0 ? held : cost;
+  };
+  if (it == holds_.end()) {
+    // After its hold expired (and was committed): only an overrun is still news.
+    auto late = expired_.take(callId);
+    BudgetOutcome out;
+    for (const auto& [key, held] : late.value_or(Hold{}).amounts) {
+      auto slash = key.find('/');
+      std::string pool = key.substr(0, slash), dim = key.substr(slash + 1);
+      int64_t cost = costOf(pool, dim, held);
+      if (cost <= held) continue;
+      auto& b = budgets_[key];
+      roll(b, now);
+      b.tripped = true;
+      out.overrun += cost - held;
+      out.pool = pool;
+    }
+    if (out.overrun == 0)
+      return refuse(BudgetStatus::kUnknownCall, "", "no hold for call " + callId);
+    out.reason = "call " + callId + " cost " + std::to_string(out.overrun) +
+                 " more than was held (settled after its hold expired)";
+    return out;
+  }
   BudgetOutcome out;
   for (const auto& [key, held] : it->second.amounts) {
     auto slash = key.find('/');
     std::string pool = key.substr(0, slash), dim = key.substr(slash + 1);
-    int64_t cost = held;  // without a real cost, the estimate is the cost
-    for (const auto& c : actual) {
-      if (c.pool == pool) cost = dim == "effort" ? c.effort : c.risk;
-    }
-    if (cost < 0) cost = held;
+    int64_t cost = costOf(pool, dim, held);
     auto& b = budgets_[key];
     roll(b, now);  // a call that ran across the period's end is paid for in the new one
     b.held -= held;

@@ -14,9 +14,11 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -78,6 +80,35 @@ class FinishedCalls {
   std::vector<uint64_t> recent_;  // own ids: kWindow bits, by counter % kWindow
   uint64_t newest_ = 0;           // 1 + the highest own counter finished (0: none yet)
   Table now_, before_;            // other ids
+};
+
+// The holds of calls that expired, the last kMax of them by call id: a settle that arrives
+// after its call's hold expired (a response that outlived the hold's TTL) finds what was
+// held, so that a real cost above it still trips the pool. The hold itself was committed.
+template <typename T>
+class RecentlyExpired {
+ public:
+  void add(const std::string& callId, T holds) {
+    while (order_.size() >= kMax) {
+      map_.erase(order_.front());
+      order_.pop_front();
+    }
+    order_.push_back(callId);
+    map_.insert_or_assign(callId, std::move(holds));
+  }
+  // What the call held, once: taken out.
+  std::optional<T> take(const std::string& callId) {
+    auto it = map_.find(callId);
+    if (it == map_.end()) return std::nullopt;
+    std::optional<T> out(std::move(it->second));
+    map_.erase(it);
+    return out;
+  }
+
+ private:
+  static constexpr size_t kMax = 16384;
+  std::deque<std::string> order_;
+  std::unordered_map<std::string, T> map_;
 };
 
 struct BudgetOutcome {
@@ -169,6 +200,7 @@ class MemoryBudgetStore : public BudgetStore {
   std::map<std::string, Account> budgets_;  // "pool/effort", "pool/risk"
   std::unordered_map<std::string, Hold> holds_;
   FinishedCalls done_;                // settled, released or expired: a late retry is refused
+  RecentlyExpired<Hold> expired_;     // for settles that come after their hold expired
   int64_t nextExpiryMs_ = INT64_MAX;  // no hold expires before this
 };
 

@@ -713,6 +713,7 @@ struct RedisBudgetStore::PerLoop {
   uint64_t lastExpiryMs = 0;                        // the latest expiry of any hold it took
   std::unordered_map<std::string, Holder> holders;  // by pool
   std::unordered_map<std::string, Call> calls;
+  RecentlyExpired<Call> expired;       // for settles that come after their hold expired
   std::vector<const PoolSpec*> found;  // batchFor's scratch: the specs of a call's pools
   Call* firstExpiry = nullptr;         // the held calls, the soonest to expire first
   Call* lastExpiry = nullptr;
@@ -1054,6 +1055,13 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
     return;
   }
   auto it = l->calls.find(callId);
+  if (kind == 'S' && it == l->calls.end()) {
+    // After its hold expired (and was committed): only an overrun is still news.
+    if (auto late = l->expired.take(callId)) {
+      settleLate(l, callId, *late, *actual, std::move(done));
+      return;
+    }
+  }
   if (it == l->calls.end() || it->second.pending) {
     if (kind == 'L' && it == l->calls.end()) remember(l, callId);  // a late reserve is refused
     refuse(BudgetOutcome{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0});
@@ -1061,6 +1069,10 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
   }
   if (kind != 'X' && nowMs() >= it->second.expiresMs) {
     finish(l, 'X', callId, nullptr, nullptr);  // committed, not refunded: the call may have run
+    if (kind == 'S') {
+      finish(l, kind, callId, actual, std::move(done));  // now a late settle
+      return;
+    }
     refuse(BudgetOutcome{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0});
     return;
   }
@@ -1107,6 +1119,45 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
   if (out.overrun > 0)
     out.reason = "call " + callId + " cost " + std::to_string(out.overrun) + " more than was held";
   enqueue(l, *batch, {}, BatchOp{kind, uv_hrtime(), std::move(done), nullptr, std::move(out)});
+  if (kind == 'X') l->expired.add(callId, std::move(call));
+}
+
+// A settle after the call's hold expired and was committed: a real cost above what was held
+// trips the pool (a finish that ends and commits nothing more); anything else is refused.
+void RedisBudgetStore::settleLate(PerLoop* l, const std::string& callId, const Call& call,
+                                  const std::vector<Charge>& actual, Done done) {
+  BudgetOutcome out;
+  std::vector<std::array<bool, 2>> trips(call.holds.size(), {false, false});
+  for (size_t i = 0; i < call.holds.size(); ++i) {
+    const auto& h = call.holds[i];
+    std::array<int64_t, 2> held{h.effort, h.risk};
+    for (const auto& c : actual) {
+      if (c.pool != h.pool) continue;
+      std::array<int64_t, 2> cost{c.effort, c.risk};
+      for (int j = 0; j < 2; ++j) {
+        if (held[j] <= 0 || cost[j] <= held[j]) continue;
+        trips[i][j] = true;
+        out.overrun += cost[j] - held[j];
+        out.pool = h.pool;
+      }
+    }
+  }
+  std::string key;
+  BudgetOutcome refusal;
+  Batch* batch = out.overrun > 0 ? batchFor(l, call.holds, &key, &refusal) : nullptr;
+  if (!batch) {  // no overrun, or its pools left the policy
+    BudgetOutcome no{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0};
+    if (observer) observer("settle", no.status, 0);
+    if (done) done(std::move(no));
+    return;
+  }
+  for (size_t i = 0; i < call.holds.size(); ++i) {
+    if ((i == 0 ? call.gen : call.gens[i - 1]) != l->holders[call.holds[i].pool].gen) continue;
+    for (int j = 0; j < 2; ++j) batch->trips[i][j] = batch->trips[i][j] || trips[i][j];
+  }
+  out.reason = "call " + callId + " cost " + std::to_string(out.overrun) +
+               " more than was held (settled after its hold expired)";
+  enqueue(l, *batch, {}, BatchOp{'S', uv_hrtime(), std::move(done), nullptr, std::move(out)});
 }
 
 void RedisBudgetStore::remember(PerLoop* l, const std::string& callId) {

@@ -97,6 +97,8 @@ class RedisBudgetStore : public BudgetStore {
   void enqueue(PerLoop* l, Batch& batch, std::string spec, BatchOp op);
   void finish(PerLoop* l, char kind, const std::string& callId, const std::vector<Charge>* actual,
               Done done);
+  void settleLate(PerLoop* l, const std::string& callId, const Call& call,
+                  const std::vector<Charge>& actual, Done done);
   static void remember(PerLoop* l, const std::string& callId);
   void expireCalls(PerLoop* l);
   void armExpiry(PerLoop* l);

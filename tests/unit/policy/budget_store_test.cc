@@ -85,6 +85,23 @@ TEST_F(MemoryBudgetStoreTest, ExpiredHoldsAreCommittedNotRefunded) {
   EXPECT_EQ(budget("team", "effort").held, 0);
 }
 
+// A response that outlived its hold's TTL: the hold was committed at its expiry; a real
+// cost above it, named by the late settle, still trips the pool.
+TEST_F(MemoryBudgetStoreTest, ALateSettleAboveTheExpiredHoldTripsThePool) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_EQ(store->reserveNow("c2", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
+  now += 30'001;
+  EXPECT_EQ(store->settleNow("c1", {{"team", 4, 0}}).status, BudgetStatus::kUnknownCall);
+  EXPECT_FALSE(budget("team", "effort").tripped);
+  auto late = store->settleNow("c2", {{"team", 25, 0}});
+  EXPECT_EQ(late.status, BudgetStatus::kOk);
+  EXPECT_EQ(late.overrun, 15);
+  EXPECT_EQ(late.pool, "team");
+  EXPECT_EQ(budget("team", "effort").committed, 20);  // the holds, committed at their expiry
+  EXPECT_TRUE(budget("team", "effort").tripped);
+  EXPECT_EQ(store->settleNow("c2", {{"team", 25, 0}}).status, BudgetStatus::kUnknownCall);
+}
+
 TEST_F(MemoryBudgetStoreTest, OverrunIsRecordedAndTripsThePool) {
   ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 0}}, ttl).status, BudgetStatus::kOk);
   auto s = store->settleNow("c1", {{"team", 25, 0}});

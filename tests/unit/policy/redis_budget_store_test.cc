@@ -230,6 +230,21 @@ TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedNotRefunded) {
   EXPECT_EQ(effort.held, 0);
   EXPECT_EQ(settle("c1", {{"other", 1, 0}}).status, BudgetStatus::kUnknownCall);  // too late
   EXPECT_EQ(budget("other", "effort").committed, 7);
+  EXPECT_FALSE(budget("other", "effort").tripped);
+  // A response that outlived its hold: a real cost above what was held still trips the pool,
+  // whether the expiry ran first (c2) or the late settle finds the hold expired (c3).
+  ASSERT_EQ(reserve("c2", {{"other", 3, 0}}, 50).status, BudgetStatus::kOk);
+  ASSERT_EQ(reserve("c3", {{"other", 2, 0}}, 50).status, BudgetStatus::kOk);
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  auto late = settle("c3", {{"other", 9, 0}});
+  EXPECT_EQ(late.status, BudgetStatus::kOk) << late.reason;
+  EXPECT_EQ(late.overrun, 7);
+  effort = budget("other", "effort");
+  EXPECT_EQ(effort.committed, 12);
+  EXPECT_TRUE(effort.tripped);
+  late = settle("c2", {{"other", 4, 0}});
+  EXPECT_EQ(late.overrun, 1);
+  EXPECT_EQ(budget("other", "effort").committed, 12);
 }
 
 // A call reserved in one period and settled in the next is paid for in the next: its
