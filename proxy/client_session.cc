@@ -523,7 +523,8 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   s.identify();
   s.requestChunked_ = p.chunked();
   s.isUpgrade_ = p.upgrade() && head.method != HTTP_CONNECT;
-  if (auto expect = head.find("expect"))
+  // An HTTP/1.0 client is never sent a 100 (RFC 9110, 10.1.1: the expectation is ignored).
+  if (auto expect = head.find("expect"); expect && (head.versionMajor > 1 || head.versionMinor > 0))
     s.expectContinue_ = equalsIgnoreCase(*expect, "100-continue");
   if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
     s.traceId_.assign(traceIdOf(*tp));
@@ -1158,7 +1159,11 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   out += "HTTP/1.1 ";
   out += std::to_string(status);
   out += ' ';
-  out += reasonPhrase(status);
+  // The upstream's own words (a status this proxy has no phrase for keeps its meaning).
+  if (!head.reason().empty())
+    out += head.reason();
+  else
+    out += reasonPhrase(status);
   out += "\r\n";
   bool hasConnection = head.find("connection").has_value();
   for (size_t i = 0; i < head.size(); ++i) {

@@ -112,7 +112,9 @@ bool HttpParser::finish() {
 bool HttpParser::addHeaderBytes(size_t len) {
   headerBytes_ += len;
   if (headerBytes_ > limits_.maxHeaderBytes) {
-    fail(431, "request header fields too large");
+    fail(431, std::string(type_ == Type::kRequest ? "request" : "response") +
+                  " header fields larger than " + std::to_string(limits_.maxHeaderBytes) +
+                  " bytes");
     return false;
   }
   return true;
@@ -142,8 +144,14 @@ int HttpParser::onUrlCb(llhttp_t* p, const char* at, size_t len) {
   return 0;
 }
 
-int HttpParser::onStatusCb(llhttp_t* p, const char*, size_t len) {
-  return self(p).addHeaderBytes(len) ? 0 : -1;
+int HttpParser::onStatusCb(llhttp_t* p, const char* at, size_t len) {
+  auto& s = self(p);
+  if (!s.addHeaderBytes(len)) return -1;
+  // A response's reason phrase, kept where a request keeps its target.
+  if (s.head_.urlLen_ == 0) s.head_.urlOff_ = static_cast<uint32_t>(s.head_.arena_.size());
+  s.head_.arena_.append(at, len);
+  s.head_.urlLen_ += static_cast<uint32_t>(len);
+  return 0;
 }
 
 int HttpParser::onHeaderFieldCb(llhttp_t* p, const char* at, size_t len) {

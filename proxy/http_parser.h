@@ -22,7 +22,8 @@ class HttpHead {
   };
 
   void clear();
-  std::string_view url() const { return view(urlOff_, urlLen_); }
+  std::string_view url() const { return view(urlOff_, urlLen_); }     // requests
+  std::string_view reason() const { return view(urlOff_, urlLen_); }  // responses
   size_t size() const { return fields_.size(); }
   std::string_view name(size_t i) const { return view(fields_[i].nameOff, fields_[i].nameLen); }
   std::string_view value(size_t i) const { return view(fields_[i].valueOff, fields_[i].valueLen); }

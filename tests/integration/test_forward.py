@@ -124,6 +124,26 @@ class ForwardProxyTest(unittest.TestCase):
         self.assertEqual(rc, 0, err)
         self.assertEqual(self.origin.requests[before][1], "/a/~caf%C3%A9/?x=%C3%A9")
 
+    def test_the_upstreams_reason_phrase_is_passed_on(self):
+        out, _ = raw_exchange(self.tg.proxy_port, f"GET {self.origin.url('/status/599')} HTTP/1.1\r\n"
+                              f"Host: 127.0.0.1:{self.origin.port}\r\nConnection: close\r\n\r\n".encode())
+        self.assertTrue(out.startswith(b"HTTP/1.1 599 Status Of Its Own\r\n"), out)
+
+    def test_an_http_1_0_expectation_of_100_continue_is_ignored(self):
+        # The head alone first: an HTTP/1.1 client would now be sent its 100 (see
+        # test_expect_100_continue_upload); an HTTP/1.0 one just sends its body.
+        with socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5) as sock:
+            sock.sendall(f"POST {self.origin.url('/echo')} HTTP/1.0\r\nHost: 127.0.0.1:{self.origin.port}\r\n"
+                         "Expect: 100-continue\r\nContent-Length: 5\r\n\r\n".encode())
+            sock.settimeout(0.5)
+            with self.assertRaises(socket.timeout):
+                sock.recv(100)
+            sock.settimeout(5)
+            sock.sendall(b"hello")
+            out = recv_until(sock, b"never")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertTrue(out.endswith(b"hello"), out)
+
     def test_halt_answers_403_with_the_contract_body(self):
         before = len(self.origin.requests)
         rc, out, err = curl("-i", "-H", "X-Agent-Id: agent-7", "http://evil.example/steal", proxy=self.tg.proxy)

@@ -4,6 +4,7 @@ Every wait is bounded; every server is a context manager that stops its threads.
 """
 import gzip
 import hashlib
+import http
 import json
 import os
 import shutil
@@ -376,7 +377,12 @@ class HttpOrigin(Serving):
 
     @staticmethod
     def reply(sock, status, body, extra=b""):
-        sock.sendall(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n" % (status, len(body), extra) + body)
+        try:
+            phrase = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Status Of Its Own"  # one no registry knows: the proxy passes it on
+        sock.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n"
+                     % (status, phrase, len(body), extra) + body)
         return True
 
 
