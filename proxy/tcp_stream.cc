@@ -180,6 +180,16 @@ void TcpStream::onReadCb(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
       return;
     }
     int status = static_cast<int>(nread);
+    // libuv reports a hang-up after a short read as the end of the stream without reading
+    // on, so a reset (RST) can arrive here as UV_EOF: the socket's pending error tells.
+    if (status == UV_EOF) {
+      int err = 0;
+      socklen_t len = sizeof err;
+      uv_os_fd_t fd;
+      if (uv_fileno(reinterpret_cast<uv_handle_t*>(s), &fd) == 0 &&
+          ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0)
+        status = uv_translate_sys_error(err);
+    }
     // A TLS stream ends in order with a close_notify (SSL_read's SSL_ERROR_ZERO_RETURN,
     // which stops reading before the TCP end): the TCP end without one may be a cut.
     if (stream->ssl_ && status == UV_EOF) {
