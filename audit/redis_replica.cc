@@ -80,6 +80,26 @@ bool RedisStreamReplica::connect() {
     return false;
   }
   redisSetTimeout(ctx_, tv);
+  if (!options_.auth.password.empty()) {
+    const auto& a = options_.auth;
+    auto* r = static_cast<redisReply*>(
+        a.user.empty() ? redisCommand(ctx_, "AUTH %b", a.password.data(), a.password.size())
+                       : redisCommand(ctx_, "AUTH %b %b", a.user.data(), a.user.size(),
+                                      a.password.data(), a.password.size()));
+    bool refused = !r || r->type == REDIS_REPLY_ERROR;
+    if (refused && !warnedDown_) {
+      Log::Line(LogLevel::kWarn, "audit replica: Redis refused the AUTH, records queue meanwhile")
+          .add("redis", options_.host + ":" + std::to_string(options_.port))
+          .add("error", r ? std::string(r->str, r->len) : std::string(ctx_->errstr))
+          .emit();
+      warnedDown_ = true;
+    }
+    if (r) freeReplyObject(r);
+    if (refused) {
+      disconnect();
+      return false;
+    }
+  }
   // Where the stream stands: its last id is the last seq it holds.
   auto* r = static_cast<redisReply*>(
       redisCommand(ctx_, "XREVRANGE %s + - COUNT 1", options_.key.c_str()));

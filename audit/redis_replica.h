@@ -22,6 +22,7 @@
 
 #include "audit/file_sink.h"
 #include "audit/replica.h"
+#include "common/redis_url.h"
 #include "common/result.h"
 
 struct redisContext;
@@ -33,6 +34,7 @@ class RedisStreamReplica : public AuditReplica {
   struct Options {
     std::string host = "127.0.0.1";
     uint16_t port = 6379;
+    RedisAuth auth;       // AUTH on each connection when it has a password
     std::string key;      // the stream, e.g. tollgate:audit:<log id>
     uint64_t maxlen = 0;  // approximate cap on the stream's length (0: none)
     std::string logDir;   // where to read what the stream misses

@@ -27,4 +27,12 @@ std::optional<HostPort> parseHostPort(std::string_view text);
 // Formats HOST:PORT, bracketing IPv6 literals.
 std::string formatHostPort(std::string_view host, uint16_t port);
 
+// A hex digit's value (either case), or -1.
+inline int hexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
 }  // namespace tollgate

@@ -13,11 +13,9 @@ Result<std::unique_ptr<PolicyDecider>> PolicyDecider::create(std::vector<std::st
   std::unique_ptr<PolicyDecider> decider(new PolicyDecider(std::move(files), set.value()));
   if (config.backend == "redis") {
     RedisBudgetStore::Options options;
-    for (const auto& u : config.urls) {
-      auto hp = parseRedisUrl(u);
-      if (!hp) return hp.error();
-      options.seeds.push_back(hp.value());
-    }
+    auto urls = parseRedisUrls(config.urls);
+    if (!urls) return urls.error();
+    std::tie(options.seeds, options.auth) = std::move(urls.value());
     options.timeout = config.timeout;
     options.initMissing = config.initMissing;
     auto store = RedisBudgetStore::create(*set.value(), options);

@@ -566,6 +566,14 @@ struct RedisBudgetStore::Subscriber {
       self->ac = nullptr;
       self->retry();
     });
+    // AUTH first; refused, the connection goes and is tried again later.
+    redisSendAuth(
+        ac, store->options_.auth,
+        [](redisAsyncContext* c, void* raw, void*) {
+          auto* r = static_cast<redisReply*>(raw);
+          if (r && r->type == REDIS_REPLY_ERROR) redisAsyncDisconnect(c);
+        },
+        nullptr);
     redisAsyncCommand(ac, onMessage, this, "SUBSCRIBE %s", kSignals);
   }
   static void onMessage(redisAsyncContext*, void* raw, void* privdata) {
@@ -819,8 +827,8 @@ void RedisBudgetStore::attach(uv_loop_t* loop) {
   l->store = this;
   l->loop = loop;
   l->holder = newHolderId();  // unique in the process and across processes
-  l->client =
-      std::make_unique<RedisClient>(loop, RedisClient::Options{options_.seeds, options_.timeout});
+  l->client = std::make_unique<RedisClient>(
+      loop, RedisClient::Options{options_.seeds, options_.timeout, options_.auth});
   l->check = new uv_check_t;
   uv_check_init(loop, l->check);
   l->check->data = l;
@@ -1553,7 +1561,8 @@ Result<std::vector<RedisBudgetStore::InitResult>> RedisBudgetStore::initPools(
   {
     RedisClient client(
         &loop, RedisClient::Options{options.seeds,
-                                    std::max(options.timeout, std::chrono::milliseconds(2000))});
+                                    std::max(options.timeout, std::chrono::milliseconds(2000)),
+                                    options.auth});
     for (const auto& s : specs.value()) {
       auto [keys, args] = poolCall("init", reset ? "reset" : "missing", s);
       bool answered = false;

@@ -50,6 +50,7 @@ class RedisBudgetStore : public BudgetStore {
   struct Options {
     std::vector<HostPort> seeds;
     std::chrono::milliseconds timeout{100};
+    RedisAuth auth;
     bool initMissing = false;  // create pools missing at start (store.init_missing)
   };
   static Result<std::unique_ptr<RedisBudgetStore>> create(const PolicySet& set, Options options);

@@ -120,19 +120,15 @@ uint16_t redisKeySlot(std::string_view key) {
   return crc16(key) % kSlots;
 }
 
-Result<HostPort> parseRedisUrl(std::string_view url) {
-  std::string_view rest = url;
-  if (rest.starts_with("redis://")) rest.remove_prefix(8);
-  while (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
-  if (rest.empty() || rest.find('@') != std::string_view::npos ||
-      rest.find('/') != std::string_view::npos) {
-    return Error{-1, "redis url '" + std::string(url) +
-                         "': expected redis://HOST:PORT (credentials and databases are not "
-                         "supported)"};
+void redisSendAuth(redisAsyncContext* ac, const RedisAuth& auth,
+                   void (*fn)(redisAsyncContext*, void*, void*), void* data) {
+  if (auth.password.empty()) return;
+  if (auth.user.empty()) {
+    redisAsyncCommand(ac, fn, data, "AUTH %b", auth.password.data(), auth.password.size());
+  } else {
+    redisAsyncCommand(ac, fn, data, "AUTH %b %b", auth.user.data(), auth.user.size(),
+                      auth.password.data(), auth.password.size());
   }
-  if (auto hp = parseHostPort(rest)) return *hp;
-  if (rest.find(':') == std::string_view::npos) return HostPort{std::string(rest), 6379};
-  return Error{-1, "redis url '" + std::string(url) + "': bad host or port"};
 }
 
 struct RedisClient::Node {
@@ -345,7 +341,17 @@ bool RedisClient::connect(Node* n) {
   redisAsyncSetConnectCallback(ac, onConnect);
   redisAsyncSetDisconnectCallback(ac, onDisconnect);
   n->ac = ac;
+  // First on the connection, so that every command after it is authenticated.
+  redisSendAuth(ac, options_.auth, onAuth, n);
   return true;
+}
+
+void RedisClient::onAuth(redisAsyncContext* ac, void* raw, void* data) {
+  auto* r = static_cast<redisReply*>(raw);
+  auto* n = static_cast<Node*>(data);
+  if (!r || r->type != REDIS_REPLY_ERROR || n->ac != ac) return;
+  // The commands behind it fail on their own (NOAUTH); the node's error says why.
+  n->client->dropNode(n, "AUTH refused: " + std::string(r->str, r->len));
 }
 
 void RedisClient::onConnect(const redisAsyncContext* ac, int status) {

@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/redis_url.h"
 #include "common/result.h"
 #include "common/units.h"
 
@@ -51,14 +52,17 @@ struct RedisScript {
 // Slot of a key in Redis Cluster: CRC16 (XMODEM) of its hash tag, modulo 16384.
 uint16_t redisKeySlot(std::string_view key);
 
-// Parses "redis://host:port", "host:port" or "host" (port 6379).
-Result<HostPort> parseRedisUrl(std::string_view url);
+// Queues AUTH on a new connection, ahead of every command after it (nothing without a
+// password). fn gets its reply.
+void redisSendAuth(redisAsyncContext* ac, const RedisAuth& auth,
+                   void (*fn)(redisAsyncContext*, void*, void*), void* data);
 
 class RedisClient {
  public:
   struct Options {
     std::vector<HostPort> seeds;
     std::chrono::milliseconds timeout{100};
+    RedisAuth auth;
   };
   // Error: the server's error reply, or a transport failure (connection, timeout, breaker).
   using Callback = std::function<void(Result<RedisReply>)>;
@@ -105,6 +109,7 @@ class RedisClient {
   void refreshSlots();
   void applySlots(const RedisReply& reply, const Node* from);
   static void onConnect(const redisAsyncContext* ac, int status);
+  static void onAuth(redisAsyncContext* ac, void* reply, void* node);
   static void onDisconnect(const redisAsyncContext* ac, int status);
   static void onReplyThunk(redisAsyncContext* ac, void* reply, void* privdata);
   static int64_t nowMs();

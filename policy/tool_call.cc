@@ -1,6 +1,7 @@
 #include "policy/tool_call.h"
 
 #include "common/sha256.h"
+#include "common/units.h"
 
 #include <arpa/inet.h>
 
@@ -10,13 +11,6 @@
 
 namespace tollgate {
 namespace {
-
-int hexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
 
 bool isUnreserved(unsigned char c) {
   return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~';

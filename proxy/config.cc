@@ -403,9 +403,8 @@ Config read(const YAML::Node& root, const Reader& r) {
                         c.storeInitMissing = r.boolean(sv, k);
                       } else {
                         c.storeUrls = r.strings(sv, k);
-                        for (const auto& u : c.storeUrls) {
-                          if (auto p = parseRedisUrl(u); !p) r.fail(sv, k, p.error().message);
-                        }
+                        if (auto p = parseRedisUrls(c.storeUrls); !p)
+                          r.fail(sv, k, p.error().message);
                       }
                     });
           if (c.storeBackend == "redis" && c.storeUrls.empty())

@@ -134,7 +134,7 @@ int poolsInit(const std::vector<std::string_view>& args) {
     return 2;
   }
   tollgate::RedisBudgetStore::Options options;
-  for (const auto& u : c.storeUrls) options.seeds.push_back(tollgate::parseRedisUrl(u).value());
+  std::tie(options.seeds, options.auth) = tollgate::parseRedisUrls(c.storeUrls).value();
   options.timeout = c.storeTimeout;
   auto result = tollgate::RedisBudgetStore::initPools(*set.value(), options, reset);
   if (!result) {

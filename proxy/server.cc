@@ -126,9 +126,10 @@ Status Server::init() {
     options.segmentAge = config_.auditSegmentAge;
     if (!config_.auditReplicaUrl.empty()) {
       RedisStreamReplica::Options ro;
-      auto hp = parseRedisUrl(config_.auditReplicaUrl).value();
-      ro.host = hp.host;
-      ro.port = hp.port;
+      auto url = parseRedisUrl(config_.auditReplicaUrl).value();
+      ro.host = url.address.host;
+      ro.port = url.address.port;
+      ro.auth = url.auth;
       ro.key = config_.auditReplicaStream;
       ro.maxlen = config_.auditReplicaMaxlen;
       ro.logDir = config_.auditDir;

@@ -63,9 +63,11 @@ class RedisError(Exception):
     pass
 
 
-def redis_call(port, *args, timeout=5.0):
+def redis_call(port, *args, timeout=5.0, password=None):
     c = Resp(port, timeout=timeout)
     try:
+        if password:
+            c("AUTH", password)
         return c(*args)
     finally:
         c.close()
@@ -74,10 +76,11 @@ def redis_call(port, *args, timeout=5.0):
 class RedisServer:
     """redis-server on a free loopback port, without persistence."""
 
-    def __init__(self, extra=(), port=None):
+    def __init__(self, extra=(), port=None, password=None):
         self.dir = tempfile.mkdtemp(prefix="tollgate-redis-")
         self.port = port or closed_port()
-        self.extra = list(extra)
+        self.password = password  # requirepass: every client AUTHs with it
+        self.extra = list(extra) + (["--requirepass", password] if password else [])
         self.proc = None
 
     @property
@@ -96,16 +99,16 @@ class RedisServer:
         if self.proc.poll() is not None:
             raise AssertionError(f"redis-server exited with {self.proc.returncode}")
         try:
-            return redis_call(self.port, "PING", timeout=1) == "PONG"
+            return redis_call(self.port, "PING", timeout=1, password=self.password) == "PONG"
         except OSError:
             return False
 
     def __call__(self, *args):
-        return redis_call(self.port, *args)
+        return redis_call(self.port, *args, password=self.password)
 
     def shutdown_nosave(self):
         try:
-            redis_call(self.port, "SHUTDOWN", "NOSAVE")
+            redis_call(self.port, "SHUTDOWN", "NOSAVE", password=self.password)
         except (ConnectionError, OSError):
             pass
         self.proc.wait(timeout=10)

@@ -82,6 +82,15 @@ class AuditReplicaTest(unittest.TestCase):
             self.assertEqual(json.loads(lines[-1])["kind"], "checkpoint")  # the seal went too
             self.assertEqual(sum(json.loads(l)["kind"] == "call" for l in lines), 20)
 
+    def test_a_redis_that_asks_for_a_password_gets_it(self):
+        with RedisServer(password="s3cret") as redis, HttpOrigin() as origin:
+            tg = self.sidecar({"replica": {"url": f"redis://:s3cret@127.0.0.1:{redis.port}"}})
+            with tg:
+                calls(tg, origin, 3, "a")
+                self.wait_replicated(tg, 6)
+            entries = redis("XLEN", f"tollgate:audit:{open(os.path.join(self.audit, 'LOG_ID')).read().strip()}")
+            self.assertGreaterEqual(entries, 6)
+
     def test_redis_away_and_back_then_a_restart_leave_no_gap(self):
         with HttpOrigin() as origin:
             redis = RedisServer()

@@ -9,7 +9,7 @@ import threading
 import time
 import unittest
 
-from redis_harness import RedisServer, swarm
+from redis_harness import RedisServer, Resp, swarm
 from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
 
 POLICY = """
@@ -101,6 +101,34 @@ class RedisBudgetTest(unittest.TestCase):
                 r = pools_init(tg)
                 self.assertEqual(r.returncode, 1)
                 self.assertIn("redis 127.0.0.1:", r.stderr)
+
+    def test_a_redis_that_asks_for_a_password(self):
+        with RedisServer() as redis, HttpOrigin() as origin:
+            # An ACL user for the sidecars, and a password on the default user: a client
+            # that does not AUTH is refused everything.
+            redis("ACL", "SETUSER", "tollgate", "on", ">p@ss:word", "~*", "&*", "+@all")
+            redis("CONFIG", "SET", "requirepass", "not-for-sidecars")
+
+            def spend_as_tollgate():
+                c = Resp(redis.port)
+                try:
+                    c("AUTH", "tollgate", "p@ss:word")
+                    v = c("HMGET", KEY, "effort:committed", "effort:held")
+                    return int(v[0] or 0), int(v[1] or 0)
+                finally:
+                    c.close()
+            url = f"redis://tollgate:p%40ss%3Aword@127.0.0.1:{redis.port}"
+            with sidecar([url]) as tg:
+                r = pools_init(tg)
+                self.assertEqual((r.returncode, r.stdout), (0, "team: created with zero spend\n"), r.stderr)
+                self.assertEqual(call(tg, origin, 2)[0], 200)
+                wait_for(lambda: spend_as_tollgate() == (2, 0), timeout=3, what="the settle")
+            # A wrong password: charged calls are halted, and the reason says why.
+            with sidecar([f"redis://tollgate:wrong@127.0.0.1:{redis.port}"]) as tg:
+                reasons = [json.loads(call(tg, origin, 1)[1])["reason"] for _ in range(2)]
+                self.assertTrue(all(r.startswith("budget_unavailable") for r in reasons), reasons)
+                self.assertIn("AUTH", reasons[-1])
+            self.assertEqual(len(origin.requests), 1)
 
     def test_init_missing_in_the_config_creates_the_pool_at_start(self):
         with RedisServer() as redis, HttpOrigin() as origin:
