@@ -55,6 +55,9 @@ int certsInit(const std::vector<std::string_view>& args, std::FILE* out, std::FI
       std::string_view value = args[++i];
       if (args[i - 1] == "--name") {
         if (value.empty()) return usageError(err, "--name needs a value");
+        // X.509's upper bound for a common name (RFC 5280, ub-common-name).
+        if (value.size() > 64)
+          return usageError(err, "--name: at most 64 characters (a certificate's common name)");
         options.commonName = std::string(value);
         continue;
       }

@@ -501,6 +501,9 @@ void RedisClient::onReply(InFlight* f, void* raw) {
       finish(r, Error{-1, "redis " + n->name + ": " + reply.str});
       return;
     }
+    if ((e.starts_with("NOAUTH") || e.find("unauthenticated") != std::string_view::npos) &&
+        options_.auth.password.empty())
+      reply.str += " (this Redis asks for a password: redis://[USER]:PASSWORD@HOST:PORT)";
   }
   r->asking = false;
   finish(r, std::move(reply));

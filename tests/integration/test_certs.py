@@ -93,6 +93,7 @@ class CertsInitTest(unittest.TestCase):
     def test_usage_errors_exit_2(self):
         for args in [[], ["init"], ["init", self.ca, "--permit"], ["init", self.ca, "--permit", "bad name"],
                      ["init", self.ca, "--permit", "10.0.0.0/33"], ["init", self.ca, "--bogus"],
+                     ["init", self.ca, "--name", "x" * 65],
                      ["frobnicate"], ["mint", self.ca], ["mint", self.ca, "bad host!"]]:
             r = run(*args)
             self.assertEqual(r.returncode, 2, (args, r.stdout, r.stderr))

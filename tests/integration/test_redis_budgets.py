@@ -129,6 +129,10 @@ class RedisBudgetTest(unittest.TestCase):
                 self.assertTrue(all(r.startswith("budget_unavailable") for r in reasons), reasons)
                 self.assertIn("AUTH", reasons[-1])
             self.assertEqual(len(origin.requests), 1)
+            # None at all: the error says what is missing.
+            r = pools_init(sidecar([f"redis://127.0.0.1:{redis.port}"]))
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("asks for a password", r.stderr)
 
     def test_init_missing_in_the_config_creates_the_pool_at_start(self):
         with RedisServer() as redis, HttpOrigin() as origin:
