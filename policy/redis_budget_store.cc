@@ -262,20 +262,14 @@ local n = #KEYS / 3
 local runs, holder, seqs, ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
 local seq, hf = tonumber(seqs), 'L:' .. holder
 
--- Rolls pool p's dimension into its current period ('e' effort, 'r' risk).
+-- Rolls pool p's dimension d ('e' effort, 'r' risk) into its current period: its fields
+-- are p.f<d> (the stored period), p.p<d> (the policy's), p.s<d>, p.c<d>, p.t<d>, p.roll<d>.
 local function roll(p, d)
-  if d == 'e' then
-    if p.fe ~= p.pe then
-      local ms = tonumber(p.pe)
-      p.fe, p.se, p.rolle = p.pe, now - now % ms, true
-    elseif now >= p.se + tonumber(p.pe) then
-      p.se, p.ce, p.te, p.rolle = now - now % tonumber(p.pe), 0, 0, true
-    end
-  elseif p.fr ~= p.pr then
-    local ms = tonumber(p.pr)
-    p.fr, p.sr, p.rollr = p.pr, now - now % ms, true
-  elseif now >= p.sr + tonumber(p.pr) then
-    p.sr, p.cr, p.tr, p.rollr = now - now % tonumber(p.pr), 0, 0, true
+  local period = p['p' .. d]
+  if p['f' .. d] ~= period then
+    p['f' .. d], p['s' .. d], p['roll' .. d] = period, now - now % tonumber(period), true
+  elseif now >= p['s' .. d] + tonumber(period) then
+    p['s' .. d], p['c' .. d], p['t' .. d], p['roll' .. d] = now - now % tonumber(period), 0, 0, true
   end
 end
 

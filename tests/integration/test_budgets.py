@@ -32,6 +32,11 @@ class BudgetTest(unittest.TestCase):
             json.dump(tg.config, f)
         return tg
 
+    def cost_call(self, tg, origin, query):
+        """A POST to the origin's /cost (query: its X-Cost-* headers) by agent-1: the response."""
+        rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost" + query), proxy=tg.proxy)
+        return parse_response(out)
+
     def pools(self, tg):
         code, body = tg.admin("/v1/pools")
         self.assertEqual(code, 200)
@@ -73,9 +78,7 @@ class BudgetTest(unittest.TestCase):
                                 "cost: {effort: 4, risk: 1, effort_header: X-Cost-Effort, risk_header: X-Cost-Risk}")
         with HttpOrigin() as origin, self.start(policy) as tg:
             def call(query):
-                rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost" + query),
-                                  proxy=tg.proxy)
-                return parse_response(out)
+                return self.cost_call(tg, origin, query)
             self.assertEqual(call("?effort=1&risk=0")[0], 200)
             wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the settle")
             p = self.pools(tg)
@@ -112,9 +115,7 @@ class BudgetTest(unittest.TestCase):
                                 "{name: team, effort: {limit: 100, period: 1h}}")
         with HttpOrigin() as origin, self.start(policy) as tg:
             def call(query):
-                rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost" + query),
-                                  proxy=tg.proxy)
-                return parse_response(out)
+                return self.cost_call(tg, origin, query)
             status, _, body = call("?effort=1")
             self.assertEqual(status, 200, body)
             wait_for(lambda: self.pools(tg)[("team", "effort")]["committed"] == 1, timeout=3, what="the settle")
