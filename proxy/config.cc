@@ -29,11 +29,16 @@ class Reader {
 
   [[noreturn]] void fail(const YAML::Node& node, const std::string& key,
                          const std::string& msg) const {
+    throw ConfigError{where(node, key) + ": " + msg};
+  }
+
+  // "FILE:LINE:COL: key": where a value is, for errors found after the file is read.
+  std::string where(const YAML::Node& node, const std::string& key) const {
     std::ostringstream out;
     out << path_;
     if (node.Mark().line >= 0) out << ':' << node.Mark().line + 1 << ':' << node.Mark().column + 1;
-    out << ": " << key << ": " << msg;
-    throw ConfigError{out.str()};
+    out << ": " << key;
+    return out.str();
   }
 
   // Calls fn(key, value) for each entry of a mapping; unknown keys are errors.
@@ -200,6 +205,7 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                     [&](const std::string& k, const YAML::Node& tv) {
                       if (k.ends_with(".client_ca")) {
                         l.clientCa = file(tv, k);
+                        l.clientCaWhere = r.where(tv, k);
                       } else if (k.ends_with(".require_client_cert")) {
                         l.requireClientCert = r.boolean(tv, k);
                         requireNode = tv;
@@ -210,6 +216,7 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                         for (size_t i = 0; i < tv.size(); ++i) {
                           auto ck = k + "[" + std::to_string(i) + "]";
                           CertConfig cert;
+                          cert.where = r.where(tv[i], ck);
                           r.forEach(tv[i], ck, {"cert", "key"},
                                     [&](const std::string& kk, const YAML::Node& cv) {
                                       (kk.ends_with(".cert") ? cert.cert : cert.key) = file(cv, kk);
@@ -414,9 +421,10 @@ Config read(const YAML::Node& root, const Reader& r) {
                     [&](const std::string& k, const YAML::Node& tv) {
                       if (k == "tls.ca_dir")
                         c.tlsCaDir = (base / r.str(tv, k)).lexically_normal().string();
-                      else if (k == "tls.upstream_ca_file")
+                      else if (k == "tls.upstream_ca_file") {
                         c.tlsUpstreamCaFile = (base / r.str(tv, k)).lexically_normal().string();
-                      else
+                        c.tlsUpstreamCaFileWhere = r.where(tv, k);
+                      } else
                         c.tlsLeafCacheSize = r.integer(tv, k, 10'000'000);
                       if (k == "tls.leaf_cache_size" && c.tlsLeafCacheSize == 0)
                         r.fail(tv, k, "must be greater than 0");

@@ -28,6 +28,7 @@ struct RouteConfig {
 struct CertConfig {
   std::string cert;  // PEM: the certificate, then its chain
   std::string key;
+  std::string where;  // "FILE:LINE:COL: key", for the errors of loading them
 };
 
 struct ListenerConfig {
@@ -44,6 +45,7 @@ struct ListenerConfig {
   // kind: reverse
   std::vector<CertConfig> certificates;  // tls.certificates, chosen by SNI; none: plain HTTP
   std::string clientCa;                  // tls.client_ca: agents present certificates it signed
+  std::string clientCaWhere;             // "FILE:LINE:COL: key" of client_ca
   bool requireClientCert = true;         // tls.require_client_cert (with client_ca)
   std::vector<RouteConfig> routes;
   // CONNECT to these hosts is tunnelled blind even with intercept_tls ("*.d": names under d).
@@ -102,9 +104,10 @@ struct Config {
   std::string auditReplicaUrl;  // redis://HOST:PORT, empty: no replica
   std::string auditReplicaStream = "tollgate:audit:{log_id}";
   uint64_t auditReplicaMaxlen = 0;
-  std::string auditExportDir;     // empty: no export
-  std::string tlsCaDir;           // the local CA interception mints from (tls.ca_dir)
-  std::string tlsUpstreamCaFile;  // empty: the system's trust store
+  std::string auditExportDir;          // empty: no export
+  std::string tlsCaDir;                // the local CA interception mints from (tls.ca_dir)
+  std::string tlsUpstreamCaFile;       // empty: the system's trust store
+  std::string tlsUpstreamCaFileWhere;  // "FILE:LINE:COL: key" of it
   uint64_t tlsLeafCacheSize = 10'000;
   LimitsConfig limits;
   TimeoutsConfig timeouts;

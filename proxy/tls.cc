@@ -63,8 +63,8 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
   if (!config.tlsUpstreamCaFile.empty()) {
     if (SSL_CTX_load_verify_locations(t->upstreamClient_, config.tlsUpstreamCaFile.c_str(),
                                       nullptr) != 1) {
-      return Error{-1, config.path + ": tls.upstream_ca_file: cannot load " +
-                           config.tlsUpstreamCaFile + ": " + takeOpenSslErrors()};
+      return Error{-1, config.tlsUpstreamCaFileWhere + ": cannot load " + config.tlsUpstreamCaFile +
+                           ": " + takeOpenSslErrors()};
     }
   } else if (SSL_CTX_set_default_verify_paths(t->upstreamClient_) != 1) {
     return Error{-1, "the system's trust store: " + takeOpenSslErrors()};
@@ -82,8 +82,8 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
       if (SSL_CTX_use_certificate_chain_file(ctx, c.cert.c_str()) != 1 ||
           SSL_CTX_use_PrivateKey_file(ctx, c.key.c_str(), SSL_FILETYPE_PEM) != 1 ||
           SSL_CTX_check_private_key(ctx) != 1) {
-        return Error{-1, config.path + ": listener " + l.name + ": tls.certificates: " + c.cert +
-                             " / " + c.key + ": " + takeOpenSslErrors()};
+        return Error{
+            -1, c.where + ": cannot load " + c.cert + " / " + c.key + ": " + takeOpenSslErrors()};
       }
       std::string context = "tollgate-" + l.name;
       SSL_CTX_set_session_id_context(ctx, reinterpret_cast<const unsigned char*>(context.data()),
@@ -92,8 +92,8 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
         STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(l.clientCa.c_str());
         if (!names || SSL_CTX_load_verify_locations(ctx, l.clientCa.c_str(), nullptr) != 1) {
           if (names) sk_X509_NAME_pop_free(names, X509_NAME_free);
-          return Error{-1, config.path + ": listener " + l.name + ": tls.client_ca: cannot load " +
-                               l.clientCa + ": " + takeOpenSslErrors()};
+          return Error{
+              -1, l.clientCaWhere + ": cannot load " + l.clientCa + ": " + takeOpenSslErrors()};
         }
         SSL_CTX_set_client_CA_list(ctx, names);
         SSL_CTX_set_verify(

@@ -175,7 +175,7 @@ class ReverseConfigTest(unittest.TestCase):
         try:
             path = os.path.join(d, "t.yaml")
             with open(path, "w") as f:
-                json.dump({"listeners": [listener], "hosts": {"allow": ["*"]}}, f)
+                json.dump({"listeners": [listener], "hosts": {"allow": ["*"]}}, f, indent=1)
             r = subprocess.run([BIN, "run", "-c", path], capture_output=True, text=True, timeout=10)
             self.assertEqual(r.returncode, 2, r.stderr)  # a config error, like every other
             self.assertIn(expect["msg"], r.stderr)
@@ -189,7 +189,7 @@ class ReverseConfigTest(unittest.TestCase):
         self.check(dict(base, routes=[{"upstream": "http://x:1"}], identity={"mtls": "san_uri"}),
                    {"msg": "identity.mtls: needs tls.client_ca"})
         self.check(dict(base, routes=[{"upstream": "http://x:1"}], tls={"certificates": [{"cert": "no.pem", "key": "no.key"}]}),
-                   {"msg": "tls.certificates: "})
+                   {"msg": "t.yaml:14:6: listeners[0].tls.certificates[0]: cannot load"})  # where it is
         self.check({"name": "f", "address": "127.0.0.1:0", "routes": [{"upstream": "http://x:1"}]},
                    {"msg": "only for reverse listeners"})
         # A client certificate cannot be required without a CA to check it against.
