@@ -49,8 +49,9 @@ struct Outcome {
   int status = 0;       // the upstream's status, 0 when there was none
   bool failed = false;  // 5xx, connect error or timeout
   bool sent = true;     // false only when no byte of the call reached an upstream
-  // The upstream response's headers, while onOutcome() runs (null without a response).
-  std::function<std::optional<std::string_view>(std::string_view)> responseHeader;
+  // A header of the upstream response, while onOutcome() runs (null without a response);
+  // given more than once, its values joined with ", " (RFC 9110, 5.3).
+  std::function<std::optional<std::string>(std::string_view)> responseHeader;
 };
 
 const char* verdictName(Verdict verdict);

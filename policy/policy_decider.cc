@@ -1,5 +1,6 @@
 #include "policy/policy_decider.h"
 
+#include <algorithm>
 #include <charconv>
 
 #include "policy/redis_budget_store.h"
@@ -138,12 +139,24 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
     auto read = [&](const std::string& header) -> int64_t {
       if (header.empty()) return -1;
       auto v = outcome.responseHeader(header);
-      if (!v || v->empty() || v->find_first_not_of("0123456789") != std::string_view::npos)
-        return -1;
-      // A cost too large for 64 bits is still a cost, and far more than any hold: an overrun.
-      int64_t n = 0;
-      auto parsed = std::from_chars(v->data(), v->data() + v->size(), n);
-      return parsed.ec == std::errc::result_out_of_range ? INT64_MAX : n;
+      if (!v) return -1;
+      // Given more than once ("3, 5"): the largest counts, as the cost never less than it.
+      int64_t cost = -1;
+      std::string_view rest = *v;
+      while (true) {
+        auto comma = rest.find(',');
+        auto part = rest.substr(0, comma);
+        while (!part.empty() && part.front() == ' ') part.remove_prefix(1);
+        while (!part.empty() && part.back() == ' ') part.remove_suffix(1);
+        if (part.empty() || part.find_first_not_of("0123456789") != std::string_view::npos)
+          return -1;  // not a plain integer: the estimate is the cost
+        // A cost too large for 64 bits is still a cost, and far more than any hold.
+        int64_t n = 0;
+        auto parsed = std::from_chars(part.data(), part.data() + part.size(), n);
+        cost = std::max(cost, parsed.ec == std::errc::result_out_of_range ? INT64_MAX : n);
+        if (comma == std::string_view::npos) return cost;
+        rest.remove_prefix(comma + 1);
+      }
     };
     actual.reserve(ctx.charges.size());
     for (const auto& c : ctx.charges)

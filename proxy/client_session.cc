@@ -253,7 +253,19 @@ void ClientSession::reportOutcome() {
   outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0) ||
                    (responseStarted_ && !responseDone_ && !upstreamError_.empty());
   if (responseStarted_ && upstreamHeadNs_ != 0) {
-    outcome.responseHeader = [this](std::string_view name) { return response_.head().find(name); };
+    outcome.responseHeader = [this](std::string_view name) -> std::optional<std::string> {
+      const auto& head = response_.head();
+      std::optional<std::string> out;
+      for (size_t i = 0; i < head.size(); ++i) {
+        if (!equalsIgnoreCase(head.name(i), name)) continue;
+        if (out)
+          *out += ", ";
+        else
+          out.emplace();
+        *out += head.value(i);
+      }
+      return out;
+    };
   }
   worker_.decider().onOutcome(callInfo(), decision_, outcome);
   // What happened to the allowed call, linked to its decision by call_seq.

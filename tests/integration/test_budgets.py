@@ -128,6 +128,15 @@ class BudgetTest(unittest.TestCase):
             self.assertEqual(status, 403)
             self.assertIn("budget_tripped", json.loads(body)["reason"])
 
+    def test_a_cost_header_given_twice_counts_its_largest_value(self):
+        policy = POLICY.replace("cost: {effort: 4, risk: 1}", "cost: {effort: 4, risk: 1, effort_header: X-Cost-Effort}")
+        policy = policy.replace("limit: 10, period: 1h", "limit: 100, period: 1h")
+        with HttpOrigin() as origin, self.start(policy) as tg:
+            self.assertEqual(self.cost_call(tg, origin, "?effort=1&effort=9")[0], 200)
+            # 9 of the two, above the 4 held: an overrun (the first, 1, would have passed).
+            wait_for(lambda: self.pools(tg)[("team", "effort")]["tripped"], timeout=3, what="the trip")
+            self.assertEqual(self.pools(tg)[("team", "effort")]["committed"], 4)
+
     def test_shared_pools_are_refused_by_the_memory_store(self):
         tg = Tollgate()
         with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:

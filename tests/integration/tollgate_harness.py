@@ -227,7 +227,8 @@ class HttpOrigin(Serving):
     GET /hello -> "hello"; POST /echo -> the body; POST /sink -> {"bytes","sha256"} of the
     body (content-length or chunked, streamed); GET /stream?bytes=N -> N pattern bytes,
     chunked; GET /delay?ms=N -> "late" after N ms; GET /status/NNN -> that status;
-    any /cost?effort=N&risk=M[&ms=D] -> "done" with X-Cost-Effort: N and X-Cost-Risk: M (after D ms);
+    any /cost?effort=N&risk=M[&ms=D] -> "done" with X-Cost-Effort: N and X-Cost-Risk: M (after D ms;
+    a parameter given twice, its header twice);
     GET /gzip-chunked -> "hello, gzip" gzipped, with Transfer-Encoding: gzip, chunked.
     """
 
@@ -352,8 +353,8 @@ class HttpOrigin(Serving):
             return self.reply(sock, int(path.split("/")[2]), b"status")
         if path == "/cost":
             time.sleep(int(params.get("ms", ["0"])[0]) / 1000)
-            extra = b"".join(b"X-Cost-%s: %s\r\n" % (k.capitalize().encode(), params[k][0].encode())
-                             for k in ("effort", "risk") if k in params)
+            extra = b"".join(b"X-Cost-%s: %s\r\n" % (k.capitalize().encode(), v.encode())
+                             for k in ("effort", "risk") for v in params.get(k, []))
             return self.reply(sock, 200, b"done", extra)
         if path == "/mcp":
             # An MCP server answering over SSE: two events, sent as they are ready.
