@@ -159,7 +159,11 @@ const RouteConfig* findRoute(const std::vector<RouteConfig>& routes, std::string
   return best;
 }
 
-std::string percentEncodeNonAscii(std::string_view in) {
+// in with its bytes outside ASCII percent-encoded; in itself (no copy) when it has none.
+std::string percentEncodeNonAscii(std::string in) {
+  if (std::all_of(in.begin(), in.end(),
+                  [](char c) { return static_cast<unsigned char>(c) < 0x80; }))
+    return in;
   static constexpr char kHex[] = "0123456789ABCDEF";
   std::string out;
   out.reserve(in.size());
@@ -488,7 +492,7 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     if (normal) {
       // The policy matched UTF-8 decoded; on the wire a path is ASCII (RFC 3986), so those
       // bytes go out escaped again, as most agents sent them.
-      std::string wire = percentEncodeNonAscii(normal.value());
+      std::string wire = percentEncodeNonAscii(std::move(normal.value()));
       if (q != std::string::npos) wire += s.target_.pathQuery.substr(q);
       s.target_.pathQuery = std::move(wire);
     }
