@@ -181,7 +181,7 @@ Result<std::unique_ptr<MemoryBudgetStore>> MemoryBudgetStore::create(const Polic
   return store;
 }
 
-Status MemoryBudgetStore::declare(const PolicySet& set) {
+Status MemoryBudgetStore::validate(const PolicySet& set) const {
   for (const auto& p : set.pools()) {
     if (p.shared) {
       return Error{
@@ -190,11 +190,19 @@ Status MemoryBudgetStore::declare(const PolicySet& set) {
               "' is declared scope: shared, which the memory store cannot be (use store: redis)"};
     }
   }
+  return Status::success();
+}
+
+Status MemoryBudgetStore::declare(const PolicySet& set) {
+  if (auto st = validate(set); !st) return st;
   int64_t now = clock_();
   std::lock_guard<std::mutex> lock(mutex_);
+  // A pool the set no longer has keeps its account (and spend, should it come back), unseen.
+  declared_.clear();
   for (const auto& p : set.pools()) {
     auto add = [&](const char* dim, const std::optional<Budget>& b) {
       if (!b) return;
+      declared_.insert(p.name + "/" + dim);
       auto& account = budgets_[p.name + "/" + dim];  // an existing pool keeps its spend
       account.limit = b->limit;
       if (account.periodMs != b->period.count()) {
@@ -387,6 +395,7 @@ std::vector<BudgetView> MemoryBudgetStore::view() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<BudgetView> out;
   for (const auto& [key, account] : budgets_) {
+    if (!declared_.contains(key)) continue;
     Account b = account;
     roll(b, now);  // as the next operation will see it: a period that has ended is gone
     auto slash = key.find('/');

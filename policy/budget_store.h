@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -153,8 +154,12 @@ class BudgetStore {
   std::function<void(const std::string& glob, std::chrono::milliseconds ttl)> onSharedQuarantine;
   // Told the result and duration of every operation (from worker threads): for metrics.
   std::function<void(const std::string& op, BudgetStatus, double seconds)> observer;
-  // Makes the set's pools known after a reload. The memory store creates the new ones
-  // (and refuses shared pools); a shared store only checks (pools are initialised on purpose).
+  // Whether the set's pools can be declared, changing nothing: a reload checks it before it
+  // archives the set, and declares only once nothing else can refuse it.
+  virtual Status validate(const PolicySet& set) const = 0;
+  // Makes the set's pools known after a reload (validate() first). The memory store creates
+  // the new ones and lists only the set's; a shared store only checks (pools are initialised
+  // on purpose).
   virtual Status declare(const PolicySet& set) = 0;
 };
 
@@ -170,6 +175,7 @@ class MemoryBudgetStore : public BudgetStore {
   void settle(const std::string& callId, const std::vector<Charge>& actual, Done done) override;
   void release(const std::string& callId, const std::vector<Charge>& charges, Done done) override;
   std::vector<BudgetView> view() const override;
+  Status validate(const PolicySet& set) const override;
   Status declare(const PolicySet& set) override;
 
   // Synchronous forms (the memory store answers at once).
@@ -198,6 +204,7 @@ class MemoryBudgetStore : public BudgetStore {
   Clock clock_;
   mutable std::mutex mutex_;
   std::map<std::string, Account> budgets_;  // "pool/effort", "pool/risk"
+  std::set<std::string> declared_;          // the active set's budgets: what view() lists
   std::unordered_map<std::string, Hold> holds_;
   FinishedCalls done_;                // settled, released or expired: a late retry is refused
   RecentlyExpired<Hold> expired_;     // for settles that come after their hold expired

@@ -183,11 +183,13 @@ std::string PolicyDecider::reload() {
                "file needs at least a comment";
     }
   }
-  if (auto st = budgets_->declare(*set.value()); !st) return st.error().message;
+  // Nothing changes until nothing can refuse the set: its budgets are declared last.
+  if (auto st = budgets_->validate(*set.value()); !st) return st.error().message;
   if (beforeActivate) {
     std::string error = beforeActivate(*set.value(), *set_.load());
     if (!error.empty()) return error;
   }
+  if (auto st = budgets_->declare(*set.value()); !st) return st.error().message;
   set_.store(set.value());
   return {};
 }

@@ -800,6 +800,11 @@ RedisBudgetStore::~RedisBudgetStore() {
   if (tlsOwner == this) tlsOwner = nullptr;
 }
 
+Status RedisBudgetStore::validate(const PolicySet& set) const {
+  auto specs = specsOf(set);
+  return specs ? Status::success() : Status(specs.error());
+}
+
 Status RedisBudgetStore::declare(const PolicySet& set) {
   auto specs = specsOf(set);
   if (!specs) return specs.error();

@@ -62,6 +62,7 @@ class RedisBudgetStore : public BudgetStore {
   void release(const std::string& callId, const std::vector<Charge>& charges, Done done) override;
   std::vector<BudgetView> view() const override;
   void refresh(std::function<void()> done) override;
+  Status validate(const PolicySet& set) const override;
   Status declare(const PolicySet& set) override;
   void attach(uv_loop_t* loop) override;
   void shareQuarantine(const std::string& glob, std::chrono::milliseconds ttl) override;

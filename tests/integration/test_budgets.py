@@ -137,6 +137,25 @@ class BudgetTest(unittest.TestCase):
             wait_for(lambda: self.pools(tg)[("team", "effort")]["tripped"], timeout=3, what="the trip")
             self.assertEqual(self.pools(tg)[("team", "effort")]["committed"], 4)
 
+    def test_a_rejected_reload_changes_no_budget_and_a_removed_pool_is_not_listed(self):
+        with self.start() as tg:
+            self.assertEqual(self.pools(tg)[("team", "effort")]["limit"], 10)
+            # Valid YAML, but not UTF-8 text (a byte in a comment): the audit archive refuses
+            # the set after the policy parsed, as it must refuse it, budgets included.
+            with open(os.path.join(tg.dir, "policy.yaml"), "wb") as f:
+                f.write(POLICY.replace("limit: 10", "limit: 2").encode() + b"# caf\xe9\n")
+
+            def rejected():
+                _, metrics = tg.admin("/metrics")
+                return 'tollgate_reloads_total{result="error"} 1' in metrics.decode()
+            wait_for(rejected, timeout=5, what="the rejected reload")
+            self.assertEqual(self.pools(tg)[("team", "effort")]["limit"], 10)
+            # A good reload that renames the pool: only the new one is listed.
+            with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+                f.write(POLICY.replace("name: team", "name: crew").replace("pool: team", "pool: crew"))
+            wait_for(lambda: ("crew", "effort") in self.pools(tg), timeout=5, what="the reload")
+            self.assertNotIn(("team", "effort"), self.pools(tg))
+
     def test_shared_pools_are_refused_by_the_memory_store(self):
         tg = Tollgate()
         with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
