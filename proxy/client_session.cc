@@ -648,7 +648,22 @@ int ClientSession::RequestSide::onMessageComplete(HttpParser& p) {
 void ClientSession::processRequestHead() {
   phase_ = Phase::kDeciding;
   firstRequest_ = false;
-  if (listener_.admin) return;  // answered once the request is complete
+  if (listener_.admin) {
+    // Answered once the request is complete: a body still to come is read first (asked for
+    // with a 100 when the client waits for one), within header_read.
+    const auto& head = request_.head();
+    if (!requestDone_) {
+      auto expect = head.find("expect");
+      if (expect && equalsIgnoreCase(*expect, "100-continue") &&
+          (head.versionMajor > 1 || head.versionMinor > 0)) {
+        client_->append("HTTP/1.1 100 Continue\r\n\r\n");
+        flushClient();
+        if (closed_) return;
+      }
+      clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.headerRead.count()));
+    }
+    return;
+  }
   if (!localHaltRule_.empty()) {
     haltLocally(std::move(localHaltRule_), std::move(localHaltReason_));
     return;
@@ -1612,7 +1627,8 @@ void ClientSession::updateReading() {
       if (parserPaused_)
         wantClient = pendingIn_.size() < kMaxPendingInput;
       else
-        wantClient = phase_ == Phase::kHead || phase_ == Phase::kForwarding;
+        wantClient = phase_ == Phase::kHead || phase_ == Phase::kForwarding ||
+                     (phase_ == Phase::kDeciding && listener_.admin && !requestDone_);
       break;
     case Phase::kTunnel:
       wantClient = !tunnelClientEof_;
@@ -1641,6 +1657,12 @@ void ClientSession::onClientTimer() {
   // Armed for the head (header_read), between requests (idle) and while lingering; once
   // a request is being handled the upstream timer watches it instead.
   if (phase_ == Phase::kBuffering) {
+    badRequest(408, "request_timeout",
+               "request body not received within " +
+                   std::to_string(worker_.config().timeouts.headerRead.count()) + " ms");
+    return;
+  }
+  if (phase_ == Phase::kDeciding && listener_.admin && !requestDone_) {
     badRequest(408, "request_timeout",
                "request body not received within " +
                    std::to_string(worker_.config().timeouts.headerRead.count()) + " ms");

@@ -320,6 +320,19 @@ class ForwardProxyTest(unittest.TestCase):
         self.assertEqual(self.tg.admin("/nope")[0], 404)
         self.assertEqual(self.tg.admin("/v1/reload", "POST")[0], 200)
 
+    def test_an_admin_post_whose_body_comes_later_is_answered(self):
+        # curl --data sends Expect: 100-continue and waits for the 100 before the body.
+        with socket.create_connection(("127.0.0.1", self.tg.admin_port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            self.assertEqual(recv_until(sock, b"\r\n\r\n"), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"{}")
+            self.assertTrue(recv_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200 "))
+        # A body that never comes is a 408 after header_read, not a connection held forever.
+        with socket.create_connection(("127.0.0.1", self.tg.admin_port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
+            self.assertTrue(recv_until(sock, b"never").startswith(b"HTTP/1.1 408 "))
+
 
 class OpenFileLimitTest(unittest.TestCase):
     def test_a_low_soft_limit_is_raised_so_connections_beyond_it_are_served(self):
