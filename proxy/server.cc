@@ -309,19 +309,26 @@ int Server::run() {
     std::vector<std::unique_ptr<Worker>>* workers;
     std::vector<uv_fs_event_t*> watches;
     uv_timer_t* debounce;
+    bool stopping = false;
   } signals{};
   signals.server = this;
   signals.workers = &workers_;
   auto stop = [](uv_signal_t* h, int signum) {
     auto* s = static_cast<Signals*>(h->data);
+    if (s->stopping) return;  // a second signal: the drain goes on to its end
+    s->stopping = true;
     Log::Line(LogLevel::kInfo, "shutting down")
         .add("signal", std::string(strsignal(signum)))
         .emit();
     s->server->admin_->setReady(false);
     for (auto& w : *s->workers) w->requestDrain();
-    uv_close(reinterpret_cast<uv_handle_t*>(&s->term), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(&s->intr), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(&s->hup), nullptr);
+    // The signal handles stay installed until the workers are done (closed, their signals
+    // would get the default action back: a second SIGTERM, or a SIGHUP, would kill the
+    // process mid-drain, before the audit stream's last checkpoint); they only no longer
+    // keep this loop running.
+    uv_unref(reinterpret_cast<uv_handle_t*>(&s->term));
+    uv_unref(reinterpret_cast<uv_handle_t*>(&s->intr));
+    uv_unref(reinterpret_cast<uv_handle_t*>(&s->hup));
     for (auto* w : s->watches) uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
     uv_close(reinterpret_cast<uv_handle_t*>(s->debounce), nullptr);
   };
@@ -335,7 +342,10 @@ int Server::run() {
   uv_signal_start(&signals.intr, stop, SIGINT);
   uv_signal_start(
       &signals.hup,
-      [](uv_signal_t* h, int) { static_cast<Signals*>(h->data)->server->reload("sighup"); },
+      [](uv_signal_t* h, int) {
+        auto* s = static_cast<Signals*>(h->data);
+        if (!s->stopping) s->server->reload("sighup");
+      },
       SIGHUP);
   unsigned workers =
       config_.workers ? config_.workers : std::max(1u, std::thread::hardware_concurrency());
@@ -406,10 +416,14 @@ int Server::run() {
   signals.debounce = &debounce;
   for (auto& w : watches) signals.watches.push_back(&w->event);
   uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
   for (auto& w : workers_) w->join();
   audit_->setObserver(nullptr);
   workers_.clear();
+  audit_.reset();  // sealed by its last checkpoint while the signals are still caught
+  for (auto* h : {&signals.term, &signals.intr, &signals.hup})
+    uv_close(reinterpret_cast<uv_handle_t*>(h), nullptr);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
   Log::Line(LogLevel::kInfo, "stopped").emit();
   return 0;
 }

@@ -112,6 +112,27 @@ class SignalTest(unittest.TestCase):
             self.assertEqual((rc, out), (0, b"late"), err)
             self.assertEqual(tg.proc.wait(timeout=10), 0)
 
+    def test_signals_during_the_drain_do_not_cut_it_short(self):
+        # A second SIGTERM (an impatient operator, `timeout` signalling the process group)
+        # or a SIGHUP during the drain: the drain goes on, and the log is sealed at the end.
+        with HttpOrigin() as origin, Tollgate({"timeouts": {"shutdown": "10s"}}) as tg:
+            result = {}
+            t = threading.Thread(target=lambda: result.update(r=curl(origin.url("/delay?ms=1500"),
+                                                                     proxy=tg.proxy)))
+            t.start()
+            wait_for(lambda: len(origin.requests) == 1, timeout=5, what="the slow request at the origin")
+            tg.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: tg.logs("shutting down"), timeout=5, what="shutdown log line")
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                tg.proc.send_signal(sig)
+            t.join(timeout=10)
+            self.assertEqual(result["r"][:2], (0, b"late"), result["r"][2])
+            self.assertEqual(tg.proc.wait(timeout=10), 0)
+            r = subprocess.run([BIN, "audit", "verify", os.path.join(tg.dir, "var", "audit")],
+                               capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn(" 0 after the last checkpoint", r.stdout)  # the shutdown checkpoint
+
     def test_sigterm_deadline_closes_what_is_left(self):
         with HttpOrigin() as origin, Tollgate({"timeouts": {"shutdown": "500ms"}}) as tg:
             t = threading.Thread(target=lambda: curl(origin.url("/delay?ms=4000"), proxy=tg.proxy))
