@@ -132,6 +132,21 @@ int printInvalid(std::FILE* out, const std::string& dir, uint64_t line, const Li
 }
 
 // Streams the log in DIR a line at a time through a verifier of `trust`, calling
+// Whether dir is an audit log (a directory with a LOG_ID, or with segments); says why not.
+bool isAuditLog(const std::string& dir, std::FILE* err) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    std::fprintf(err, "tollgate: %s is not a directory\n", dir.c_str());
+    return false;
+  }
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "LOG_ID", ec) &&
+      auditRecordsLogId(dir).empty()) {
+    std::fprintf(err, "tollgate: %s is not an audit log (no LOG_ID, no records)\n", dir.c_str());
+    return false;
+  }
+  return true;
+}
+
 // fn(line, segment, n) for each line that verifies. Returns nullopt when the whole log
 // verified (verdict in *verdict), else the exit code after saying why: 2 DIR is not a
 // directory or cannot be read, 1 INVALID (with the place of the first bad line).
@@ -159,6 +174,13 @@ std::optional<int> streamVerified(const std::string& dir, const Trust& trust, st
   }
   *verdict = verifier.verdict();
   if (!verdict->ok) return printInvalid(out, dir, verdict->line, &bad, verdict->reason);
+  // LOG_ID is what the writer and `audit report` stamp new records with: it must be the
+  // records' own id, or the next record forks the log.
+  std::ifstream idFile(std::filesystem::path(dir) / "LOG_ID");
+  std::string fileId, recordsId = auditRecordsLogId(dir);
+  if (idFile >> fileId && !recordsId.empty() && fileId != recordsId)
+    return printInvalid(out, dir, 0, nullptr,
+                        "LOG_ID names log " + fileId + ", the records are of log " + recordsId);
   return std::nullopt;
 }
 
@@ -180,6 +202,7 @@ int auditVerify(const std::vector<std::string_view>& args, std::FILE* out, std::
   if (dir.empty()) return usageError(err, "audit verify needs a DIR");
   if (!pubkey.empty() && !keyring.empty())
     return usageError(err, "audit verify takes --pubkey or --keyring, not both");
+  if (!isAuditLog(dir, err)) return 2;  // before its keys, which are read from it
   auto trust = loadTrust(dir, pubkey, keyring, err);
   if (!trust) return 2;
   // The state first: a corrupt one is an error whatever the log holds.
@@ -312,6 +335,7 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
     return usageError(err, "audit prove needs DIR SEQ (a record's seq, from 1)");
   if (!pubkey.empty() && !keyring.empty())
     return usageError(err, "audit prove takes --pubkey or --keyring, not both");
+  if (!isAuditLog(dir, err)) return 2;
   auto trust = loadTrust(dir, pubkey, keyring, err);
   if (!trust) return 2;
   // The log read twice, a line at a time: verified while the prover scans it (only a log
@@ -463,8 +487,12 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   int64_t now = wallNs();
   ctx.generatedAt = formatReportTime(now);
   ctx.dir = dir;
-  std::ifstream idIn(std::filesystem::path(dir) / "LOG_ID");
-  std::getline(idIn, ctx.logId);
+  // The records' own id (LOG_ID says the same of a sound log; verify checks that).
+  ctx.logId = auditRecordsLogId(dir);
+  if (ctx.logId.empty()) {
+    std::ifstream idIn(std::filesystem::path(dir) / "LOG_ID");
+    std::getline(idIn, ctx.logId);
+  }
   ctx.fromNs = fromNs;
   // A period reaching into the future ends now, so the silence after the log is not inflated.
   ctx.toNs = toNs != kWholeLogTo ? std::min(toNs, now) : toNs;

@@ -229,6 +229,17 @@ Result<std::vector<std::string>> readAuditLog(const std::string& dir,
   return lines;
 }
 
+std::string auditRecordsLogId(const std::string& dir) {
+  std::string id;
+  (void)forEachAuditLine(dir, [&](std::string& line, const std::string&, size_t) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("log_id") && j["log_id"].is_string())
+      id = j["log_id"].get<std::string>();
+    return false;  // the first record names the log
+  });
+  return id;
+}
+
 uint64_t auditRecordSeq(std::string_view line) {
   auto j = nlohmann::json::parse(line, nullptr, false);
   if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned()) return 0;
@@ -341,15 +352,24 @@ Status FileAuditSink::start() {
                          " is in use by another process (its LOCK is held): one writer per log"};
   }
 
-  std::string logId;
+  // The log's id: LOG_ID's, which must be the records' own; a log whose LOG_ID went
+  // missing takes its records' id again (a new one would fork the log).
+  std::string logId, recordsId = auditRecordsLogId(dir.string());
   if (fs::exists(dir / "LOG_ID")) {
     auto id = readFile((dir / "LOG_ID").string());
     if (!id) return id.error();
     logId = id.value().substr(0, id.value().find('\n'));
+    if (!recordsId.empty() && recordsId != logId)
+      return Error{-1, "audit.dir " + dir.string() + ": LOG_ID names log " + logId +
+                           ", its records are of log " + recordsId +
+                           " (restore LOG_ID, or move the log aside to start a new one)"};
   } else {
-    unsigned char rnd[16];
-    RAND_bytes(rnd, sizeof rnd);
-    logId = toHexBytes({reinterpret_cast<char*>(rnd), sizeof rnd});
+    logId = recordsId;
+    if (logId.empty()) {
+      unsigned char rnd[16];
+      RAND_bytes(rnd, sizeof rnd);
+      logId = toHexBytes({reinterpret_cast<char*>(rnd), sizeof rnd});
+    }
     if (auto st = replaceFile(dir / "LOG_ID", logId + "\n", 0644); !st) return st;
   }
   logId_ = logId;

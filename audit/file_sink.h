@@ -241,6 +241,8 @@ Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn);
 
 // The seq of a record line (0: not a record).
 uint64_t auditRecordSeq(std::string_view line);
+// The log id its first record names ("" without records).
+std::string auditRecordsLogId(const std::string& dir);
 
 // The seq of a segment's first record, read without reading the rest (0: empty or
 // unreadable): with it a reader finds the segment holding a seq, not the whole log.

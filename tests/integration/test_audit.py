@@ -124,6 +124,42 @@ class AuditStreamTest(unittest.TestCase):
                 r = verify(audit_dir)
                 self.assertEqual(r.returncode, 0, r.stdout)
 
+    def test_log_id_lost_or_wrong(self):
+        with HttpOrigin() as origin:
+            tg = self.sidecar("audit")
+            audit_dir = os.path.join(tg.dir, "audit")
+            with tg:
+                curl(origin.url("/hello"), proxy=tg.proxy)
+                self.assertEqual(tg.stop(), 0)
+                log_id = records(audit_dir)[0]["log_id"]
+                # LOG_ID lost: the next sidecar takes the records' id again (a new id would
+                # fork the log).
+                os.unlink(os.path.join(audit_dir, "LOG_ID"))
+                again = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
+                with again:
+                    curl(origin.url("/hello"), proxy=again.proxy)
+                    self.assertEqual(again.stop(), 0)
+                with open(os.path.join(audit_dir, "LOG_ID")) as f:
+                    self.assertEqual(f.read().strip(), log_id)
+                self.assertEqual({r["log_id"] for r in records(audit_dir)}, {log_id})
+                self.assertEqual(verify(audit_dir).returncode, 0)
+                # LOG_ID naming another log: verify says so, and no sidecar writes on it.
+                with open(os.path.join(audit_dir, "LOG_ID"), "w") as f:
+                    f.write("deadbeef\n")
+                r = verify(audit_dir)
+                self.assertEqual(r.returncode, 1, r.stdout)
+                self.assertIn("LOG_ID names log deadbeef, the records are of log " + log_id, r.stdout)
+                third = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
+                with self.assertRaisesRegex(AssertionError, "LOG_ID names log deadbeef"):
+                    third.__enter__()
+                third.__exit__(None, None, None)
+                # Not a log at all: exit 2 and why, not "ok: 0 records".
+                empty = tempfile.mkdtemp(dir=tg.dir)
+                for d, why in ((empty, "not an audit log"), (os.path.join(tg.dir, "nowhere"), "not a directory")):
+                    r = verify(d)
+                    self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+                    self.assertIn(why, r.stderr)
+
     def test_a_full_disk_halts_calls_with_audit_unavailable(self):
         mnt = tempfile.mkdtemp(prefix="tollgate-audit-tmpfs-")
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt],
