@@ -460,7 +460,9 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
         token = v;
       } else if (flag == "--gap") {
         auto d = parseDuration(v);
-        if (!d || d->count() <= 0) return usageError(err, "--gap needs a duration such as 1h");
+        // At most ~292 years: the gap is kept in int64 nanoseconds.
+        if (!d || d->count() <= 0 || d->count() > INT64_MAX / 1'000'000)
+          return usageError(err, "--gap needs a duration such as 1h");
         gapNs = static_cast<int64_t>(d->count()) * 1'000'000;
       } else {
         pubkey = v;
@@ -625,7 +627,8 @@ int auditRotateKey(const std::vector<std::string_view>& args, std::FILE* out, st
 }  // namespace
 
 int auditCommand(const std::vector<std::string_view>& args, std::FILE* out, std::FILE* err) {
-  if (args.empty()) return usageError(err, "audit needs verify, prove, report or rotate-key");
+  if (args.empty())
+    return usageError(err, "audit needs verify, prove, replay, report or rotate-key");
   std::vector<std::string_view> rest(args.begin() + 1, args.end());
   if (args[0] == "verify") return auditVerify(rest, out, err);
   if (args[0] == "prove") return auditProve(rest, out, err);

@@ -137,9 +137,13 @@ struct Writer {
 
 std::optional<int64_t> parseReportTime(std::string_view text) {
   if (text.empty()) return std::nullopt;
+  // Times are int64 nanoseconds: up to 2262-04-11T23:47:16Z.
+  constexpr int64_t kMaxSeconds = INT64_MAX / 1'000'000'000 - 1;
   if (text.find_first_not_of("0123456789") == std::string_view::npos) {
     if (text.size() > 11) return std::nullopt;
-    return static_cast<int64_t>(std::stoll(std::string(text))) * 1'000'000'000;
+    int64_t secs = std::stoll(std::string(text));
+    if (secs > kMaxSeconds) return std::nullopt;
+    return secs * 1'000'000'000;
   }
   // YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)
   auto digits = [&](size_t pos, size_t n, int& v) {
@@ -158,7 +162,12 @@ std::optional<int64_t> parseReportTime(std::string_view text) {
       !digits(11, 2, h) || text[13] != ':' || !digits(14, 2, mi) || text[16] != ':' ||
       !digits(17, 2, s))
     return std::nullopt;
-  if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || s > 60) return std::nullopt;
+  // The days of the month (February 29 only in a leap year).
+  static constexpr int kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+  if (mo < 1 || mo > 12 || d < 1 || d > kDays[mo - 1] + (mo == 2 && leap) || h > 23 || mi > 59 ||
+      s > 60)
+    return std::nullopt;
   size_t pos = 19;
   int64_t fraction = 0;
   if (pos < text.size() && text[pos] == '.') {
@@ -180,6 +189,7 @@ std::optional<int64_t> parseReportTime(std::string_view text) {
     if (!digits(pos + 1, 2, oh) || pos + 3 >= text.size() || text[pos + 3] != ':' ||
         !digits(pos + 4, 2, om))
       return std::nullopt;
+    if (oh > 23 || om > 59) return std::nullopt;
     offset = (oh * 3600 + om * 60) * (text[pos] == '+' ? 1 : -1);
     pos += 6;
   } else {
@@ -193,6 +203,7 @@ std::optional<int64_t> parseReportTime(std::string_view text) {
   tm.tm_min = mi;
   tm.tm_sec = s;
   int64_t secs = static_cast<int64_t>(timegm(&tm)) - offset;
+  if (secs < 0 || secs > kMaxSeconds) return std::nullopt;
   return secs * 1'000'000'000 + fraction;
 }
 
@@ -253,15 +264,16 @@ void AuditSummarizer::add(const Json& r) {
   } else if (kind == "recovery") {
     s.recoveries.push_back(listed(r, {"torn_file", "torn_bytes"}));
   } else if (kind == "key_rotation") {
-    s.keyRotations.push_back(listed(r, {"key_id", "previous_key_id"}));
+    s.keyRotations.push_back(listed(r, {"old_key_id", "new_key_id"}));
   } else if (kind == "report") {
     s.reports.push_back(listed(r, {"sha256", "format", "from", "to"}));
   }
 }
 
 ReportSummary AuditSummarizer::finish() {
-  // The silence from the last record to the end of a bounded period.
-  if (gapNs_ > 0 && bounded_ && toNs_ != kWholeLogTo && toNs_ - prevTs_ > gapNs_)
+  // The silence from the last record (or the period's start) to the end of a period with
+  // an end (--to with or without --from).
+  if (gapNs_ > 0 && havePrev_ && toNs_ != kWholeLogTo && toNs_ - prevTs_ > gapNs_)
     s_.gaps.push_back({prevTs_, toNs_, prevSeq_});
   s_.digests.assign(digests_.begin(), digests_.end());
   return std::move(s_);

@@ -253,6 +253,9 @@ class AuditToolsTest(unittest.TestCase):
         self.assertTrue(json.loads(r.stdout)["gaps"]["silences"])
         self.assertEqual(run("report", d, "--format", "pdf").returncode, 2)
         self.assertEqual(run("report", d, "--from", "yesterday").returncode, 2)
+        # Beyond what int64 nanoseconds hold: refused, not wrapped into another century.
+        self.assertEqual(run("report", d, "--to", "9999-12-31T23:59:59Z").returncode, 2)
+        self.assertEqual(run("report", d, "--gap", "10000000h").returncode, 2)
         self.assertEqual(run("report", os.path.join(self.work, "nope")).returncode, 2)
         # A log that does not verify: the report is still written and says so; exit 1.
         seg = sorted(glob.glob(os.path.join(d, "segment-*.jsonl")))[0]

@@ -32,12 +32,20 @@ TEST(ReportTimeTest, ParsesRfc3339AndUnixSeconds) {
   EXPECT_EQ(parseReportTime("2026-01-01T00:00:00.000000001Z"), 1'767'225'600 * kS + 1);
   for (const char* bad :
        {"", "yesterday", "2026-01-01", "2026-01-01T00:00:00", "2026-13-01T00:00:00Z",
-        "2026-01-01T00:00:00Zjunk", "2026-01-01T00:00:00.Z", "-5"})
+        "2026-01-01T00:00:00Zjunk", "2026-01-01T00:00:00.Z", "-5",
+        // days a month does not have, offsets beyond a day, times beyond int64 nanoseconds
+        "2026-02-29T00:00:00Z", "2026-04-31T00:00:00Z", "2026-12-06T00:00:00+99:99",
+        "2026-12-06T00:00:00+24:00", "9999-12-31T23:59:59Z", "99999999999"})
     EXPECT_FALSE(parseReportTime(bad)) << bad;
+  EXPECT_TRUE(parseReportTime("2024-02-29T00:00:00Z"));  // a leap year's
+  EXPECT_TRUE(parseReportTime("2262-01-01T00:00:00Z"));
   EXPECT_EQ(formatReportTime(1'767'225'600 * kS + 5), "2026-01-01T00:00:00Z");
 }
 
 TEST(ReportSummaryTest, CountsByDecisionAndRuleAndListsEvents) {
+  Json rotation = event(9, 18 * kS, "key_rotation");
+  rotation["old_key_id"] = "k1";
+  rotation["new_key_id"] = "k2";
   std::vector<Json> log = {event(1, 10 * kS, "reload"),
                            call(2, 11 * kS, "allow", "r1"),
                            call(3, 12 * kS, "halt", "deny"),
@@ -45,9 +53,13 @@ TEST(ReportSummaryTest, CountsByDecisionAndRuleAndListsEvents) {
                            call(5, 14 * kS, "observe-halt", "deny"),
                            event(6, 15 * kS, "checkpoint"),
                            event(7, 16 * kS, "approval"),
-                           event(8, 17 * kS, "recovery")};
+                           event(8, 17 * kS, "recovery"),
+                           rotation};
   auto s = summarizeAudit(log, kWholeLogFrom, kWholeLogTo, 3600 * kS);
-  EXPECT_EQ(s.records, 8u);
+  EXPECT_EQ(s.records, 9u);
+  ASSERT_EQ(s.keyRotations.size(), 1u);  // with the keys the record names
+  EXPECT_EQ(s.keyRotations[0]["old_key_id"], "k1");
+  EXPECT_EQ(s.keyRotations[0]["new_key_id"], "k2");
   EXPECT_EQ(s.calls, 4u);
   EXPECT_EQ(s.checkpoints, 1u);
   EXPECT_EQ(s.byDecision,
@@ -63,7 +75,7 @@ TEST(ReportSummaryTest, CountsByDecisionAndRuleAndListsEvents) {
   EXPECT_EQ(s.digests, std::vector<std::string>{"sha256:d"});
   EXPECT_TRUE(s.gaps.empty());
   EXPECT_EQ(s.firstSeq, 1u);
-  EXPECT_EQ(s.lastSeq, 8u);
+  EXPECT_EQ(s.lastSeq, 9u);
 }
 
 TEST(ReportSummaryTest, ThePeriodIsInclusiveAndFiltersEverything) {
@@ -95,6 +107,11 @@ TEST(ReportSummaryTest, GapsAreSilencesLongerThanTheThreshold) {
   EXPECT_EQ(b.gaps[0].afterSeq, 0u);
   EXPECT_EQ(b.gaps[1].afterSeq, 2u);
   EXPECT_EQ(b.gaps[2].toNs, 400 * kS);
+  // An end without a start: the silence from the last record to the end counts too.
+  auto to = summarizeAudit(log, kWholeLogFrom, 400 * kS, 60 * kS);
+  ASSERT_EQ(to.gaps.size(), 2u);
+  EXPECT_EQ(to.gaps[1].fromNs, 230 * kS);
+  EXPECT_EQ(to.gaps[1].toNs, 400 * kS);
   // A bounded period without records is one gap.
   auto empty = summarizeAudit(log, 500 * kS, 900 * kS, 60 * kS);
   ASSERT_EQ(empty.gaps.size(), 1u);
