@@ -9,6 +9,7 @@
 
 #include "common/json.h"
 #include "common/sha256.h"
+#include "proxy/http_message.h"
 #include "proxy/version.h"
 #include "proxy/worker.h"
 
@@ -73,9 +74,9 @@ AdminApi::AdminApi(Metrics& metrics, AuditSink& audit, const SharedState& shared
 
 bool AdminApi::authorized(std::string_view authorization) const {
   const auto& tokens = shared_.config->adminTokens;
-  if (!authorization.starts_with("Bearer ")) return false;
-  auto token = authorization.substr(7);
-  std::string hashed = "sha256:" + sha256Hex(token);
+  auto token = bearerToken(authorization);
+  if (!token) return false;
+  std::string hashed = "sha256:" + sha256Hex(*token);
   bool match = false;
   for (const auto& t : tokens) {
     // Every stored hash is compared in full, in constant time.

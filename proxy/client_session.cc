@@ -334,11 +334,8 @@ void ClientSession::identify() {
     agent_ = peerIdentity(client_->ssl(), l.identityMtls == "san_uri");
   } else if (!l.identityBearer.empty()) {
     auto v = head.find("authorization");
-    if (v && v->size() > 7 && equalsIgnoreCase(v->substr(0, 7), "bearer ")) {
-      // RFC 9110, 11.4: one or more spaces after the scheme.
-      auto token = v->substr(7);
-      token.remove_prefix(std::min(token.find_first_not_of(' '), token.size()));
-      auto it = l.identityBearer.find("sha256:" + sha256Hex(token));
+    if (auto token = v ? bearerToken(*v) : std::nullopt) {
+      auto it = l.identityBearer.find("sha256:" + sha256Hex(*token));
       if (it != l.identityBearer.end()) agent_ = it->second;
     }
   } else if (!l.identitySource.empty()) {

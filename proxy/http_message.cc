@@ -330,6 +330,15 @@ bool connectionHasToken(const HttpHead& head, std::string_view token) {
   return namedByConnection(head, token);
 }
 
+std::optional<std::string_view> bearerToken(std::string_view authorization) {
+  if (authorization.size() <= 7 || !equalsIgnoreCase(authorization.substr(0, 7), "bearer "))
+    return std::nullopt;
+  auto token = authorization.substr(7);
+  token.remove_prefix(std::min(token.find_first_not_of(' '), token.size()));
+  if (token.empty()) return std::nullopt;
+  return token;
+}
+
 std::string transferEncodingOf(const HttpHead& head) {
   std::string out;
   for (size_t i = 0; i < head.size(); ++i) {

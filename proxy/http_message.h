@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -47,6 +48,9 @@ bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& ho
 bool isHopByHop(std::string_view name);
 // True when `name` is one of the comma-separated tokens of the Connection header(s).
 bool namedByConnection(const HttpHead& head, std::string_view name);
+// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case, one or more
+// spaces after it, RFC 9110 11.4), or nothing.
+std::optional<std::string_view> bearerToken(std::string_view authorization);
 // The Transfer-Encoding of a chunked message as it is sent on: its codings in order, the
 // final chunked included ("gzip, chunked"); "chunked" when it names none.
 std::string transferEncodingOf(const HttpHead& head);

@@ -132,7 +132,8 @@ class PolicyTest(unittest.TestCase):
         # Without the token: refused; with it: approved; then the same call goes through.
         rc, out, _ = curl("-i", "-X", "POST", f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
         self.assertEqual(parse_response(out)[0], 401)
-        rc, out, _ = curl("-i", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+        # (the scheme in any case, RFC 9110 11.1)
+        rc, out, _ = curl("-i", "-X", "POST", "-H", f"Authorization: bearer {TOKEN}",
                           f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
         self.assertEqual(parse_response(out)[0], 200)
         # The human decision is in the audit stream, with the approver's token fingerprint.
