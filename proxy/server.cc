@@ -395,7 +395,11 @@ int Server::run() {
           &w->event,
           [](uv_fs_event_t* e, const char* name, int, int status) {
             auto* watch = static_cast<Watch*>(e->data);
-            if (status < 0 || !name || !watch->names.count(name)) return;
+            // The policy files themselves, or "..data": Kubernetes mounts a ConfigMap's files
+            // as links through ..data, which an update swaps by rename.
+            if (status < 0 || !name ||
+                (!watch->names.count(name) && std::string_view(name) != "..data"))
+              return;
             // Several events arrive for one save; reload once they settle.
             uv_timer_start(
                 watch->debounce,

@@ -198,6 +198,36 @@ class PolicyTest(unittest.TestCase):
         self.assertTrue(all(rc == 0 and out in (b"200", b"403") for rc, out in results), results[:20])
 
 
+class ConfigMapTest(unittest.TestCase):
+    def test_a_kubernetes_configmap_update_is_picked_up(self):
+        """A ConfigMap volume: policy.yaml -> ..data/policy.yaml, ..data -> ..v1; kubelet
+        writes ..v2 and swaps ..data by renaming a new link over it."""
+        with HttpOrigin() as origin:
+            tg = Tollgate()
+            conf = os.path.join(tg.dir, "conf")
+            os.makedirs(os.path.join(conf, "..v1"))
+            with open(os.path.join(conf, "..v1", "policy.yaml"), "w") as f:
+                f.write(POLICY)
+            os.symlink("..v1", os.path.join(conf, "..data"))
+            os.symlink("..data/policy.yaml", os.path.join(conf, "policy.yaml"))
+            tg.config.pop("hosts")
+            tg.config["policies"] = ["conf/policy.yaml"]
+            with open(tg.config_path, "w") as f:
+                json.dump(tg.config, f)
+            with tg:
+                def status(agent):
+                    rc, out, _ = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"X-Agent-Id: {agent}",
+                                      origin.url("/hello"), proxy=tg.proxy)
+                    return int(out)
+                self.assertEqual(status("agent-9"), 200)
+                os.makedirs(os.path.join(conf, "..v2"))
+                with open(os.path.join(conf, "..v2", "policy.yaml"), "w") as f:
+                    f.write(POLICY + '  - {id: ban-9, effect: halt, match: {agent: agent-9}}\n')
+                os.symlink("..v2", os.path.join(conf, "..data_tmp"))
+                os.rename(os.path.join(conf, "..data_tmp"), os.path.join(conf, "..data"))
+                wait_for(lambda: status("agent-9") == 403, timeout=5, what="the ConfigMap's new policy")
+
+
 class InPlaceWriteTest(unittest.TestCase):
     def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
         """A writer that truncates the file and writes its text 600 ms later (a slow pipe,
