@@ -37,6 +37,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void start();
   // Graceful shutdown: close now when idle, else after the current response.
   void drain();
+  // Accepted during the drain (the admin listener stays open for /readyz): one exchange.
+  void markDraining() { draining_ = true; }
   // Closes everything now. Idempotent.
   void close();
   bool closed() const { return closed_; }

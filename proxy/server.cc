@@ -365,6 +365,7 @@ int Server::run() {
         .add("workers", static_cast<uint64_t>(rt->workers))
         .emit();
   }
+  shared_.workersServing = workers;
   for (unsigned i = 0; i < workers; ++i) workers_.push_back(std::make_unique<Worker>(shared_, i));
   for (auto& w : workers_) w->start();
   audit_->setObserver(&auditWatch_);

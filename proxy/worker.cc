@@ -107,7 +107,8 @@ void Worker::onConnection(uv_stream_t* server, int status) {
   Worker* w = l->worker;
   if (status < 0) return;
   StreamPtr stream = TcpStream::create(&w->loop_.loop);
-  if (stream->accept(server) != 0 || w->draining_) return;
+  // During the drain only the admin listener is open (/readyz answers 503 there).
+  if (stream->accept(server) != 0 || (w->draining_ && !l->runtime->admin)) return;
   auto& rt = *l->runtime;
   uint32_t open = rt.connections.fetch_add(1, std::memory_order_relaxed) + 1;
   if (!rt.admin && open > rt.config.maxConnections) {
@@ -124,6 +125,7 @@ void Worker::onConnection(uv_stream_t* server, int status) {
   }
   auto* session = new ClientSession(*w, rt, std::move(stream));
   w->sessions_.insert(session);
+  if (w->draining_) session->markDraining();
   session->start();
 }
 
@@ -186,14 +188,24 @@ void Worker::freeReleased() {
   released_.swap(keep);
 }
 
+void Worker::closeListening(Listening* l) {
+  uv_close(reinterpret_cast<uv_handle_t*>(&l->handle),
+           [](uv_handle_t* h) { delete static_cast<Listening*>(h->data); });
+}
+
 void Worker::beginDrain() {
   if (draining_) return;
   draining_ = true;
+  // The admin listener stays open until the last connection is done, so that /readyz says
+  // 503 to the load balancer and /metrics still answers meanwhile.
+  std::vector<Listening*> admin;
   for (auto* l : listening_) {
-    uv_close(reinterpret_cast<uv_handle_t*>(&l->handle),
-             [](uv_handle_t* h) { delete static_cast<Listening*>(h->data); });
+    if (l->runtime->admin)
+      admin.push_back(l);
+    else
+      closeListening(l);
   }
-  listening_.clear();
+  listening_.swap(admin);
   std::vector<ClientSession*> open(sessions_.begin(), sessions_.end());
   for (auto* s : open) s->drain();
   deadline_ = Timer::create(&loop_.loop, [this] {
@@ -213,7 +225,18 @@ void Worker::beginDrain() {
 
 void Worker::finishIfIdle() {
   if (stopped_ || !sessions_.empty()) return;
+  // The worker with the admin listener keeps it open (for /readyz's 503) until the others
+  // have stopped: it looks again every 20 ms.
+  if (!listening_.empty() && shared_.workersServing.load() > 1) {
+    if (!lastOut_) lastOut_ = Timer::create(&loop_.loop, [this] { finishIfIdle(); });
+    lastOut_->start(20);
+    return;
+  }
   stopped_ = true;
+  lastOut_.reset();
+  shared_.workersServing.fetch_sub(1);
+  for (auto* l : listening_) closeListening(l);
+  listening_.clear();
   freeReleased();
   pool_.closeAll();
   shared_.decider->detachLoop([] {});

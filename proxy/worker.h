@@ -50,6 +50,8 @@ struct SharedState {
   AdminApi* admin = nullptr;
   TlsContexts* tls = nullptr;
   std::vector<std::unique_ptr<ListenerRuntime>> listeners;
+  // Workers whose loops still serve: the one with the admin listener, draining, stops last.
+  std::atomic<unsigned> workersServing{0};
 };
 
 class Worker {
@@ -97,6 +99,7 @@ class Worker {
   void run();
   void openListeners();
   static void onConnection(uv_stream_t* server, int status);
+  static void closeListening(Listening* l);
   static void onCheck(uv_check_t* check);
   static void onPrepare(uv_prepare_t* prepare);
   void wakeDurable();
@@ -128,6 +131,7 @@ class Worker {
   UpstreamPool pool_;
   TimerPtr logFlush_;
   TimerPtr deadline_;
+  TimerPtr lastOut_;  // the admin worker's wait, draining, for the others to stop
   std::vector<Listening*> listening_;
   std::unordered_set<ClientSession*> sessions_;
   std::vector<ClientSession*> released_;

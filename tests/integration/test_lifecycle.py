@@ -107,6 +107,8 @@ class SignalTest(unittest.TestCase):
                 except OSError:
                     return True
             wait_for(refused, timeout=5, what="the listener to close")
+            # The admin listener stays: the load balancer's readiness probe sees 503.
+            self.assertEqual(tg.admin("/readyz")[0], 503)
             t.join(timeout=10)
             rc, out, err = result["r"]
             self.assertEqual((rc, out), (0, b"late"), err)
