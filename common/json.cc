@@ -38,6 +38,15 @@ size_t utf8Length(std::string_view s, size_t i) {
 
 }  // namespace
 
+size_t firstInvalidUtf8(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    size_t len = utf8Length(s, i);
+    if (len == 0) return i;
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
 // Bytes copied as they are: printable ASCII other than " and \.
 constexpr std::array<bool, 256> kPlain = [] {
   std::array<bool, 256> t{};

@@ -14,6 +14,10 @@ namespace tollgate {
 // bytes become U+FFFD.
 void appendJsonString(std::string& out, std::string_view text);
 
+// The offset of the first byte of s that is not valid UTF-8 (overlong forms, surrogates and
+// code points above U+10FFFF included), or npos.
+size_t firstInvalidUtf8(std::string_view s);
+
 // Builds one JSON object: JsonObject(out).add("k", "v").add("n", 3).close().
 class JsonObject {
  public:

@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "common/json.h"
 #include "common/sha256.h"
 #include "common/units.h"
 
@@ -703,7 +704,22 @@ Result<std::shared_ptr<const PolicySet>> PolicySet::load(const std::vector<std::
     if (!in) return Error{-1, file + ": cannot open the file"};
     std::stringstream text;
     text << in.rdbuf();
-    sources.push_back({file, text.str()});
+    // Policy text is UTF-8 (the audit archive keeps it as JSON strings): a stray byte is an
+    // error here, with its place, not a reload refused later by the archive.
+    std::string content = text.str();
+    if (size_t bad = firstInvalidUtf8(content); bad != std::string::npos) {
+      size_t line = 1, lineStart = 0;
+      for (size_t i = 0; i < bad; ++i) {
+        if (content[i] == '\n') {
+          ++line;
+          lineStart = i + 1;
+        }
+      }
+      return Error{-1, file + ":" + std::to_string(line) + ":" +
+                           std::to_string(bad - lineStart + 1) +
+                           ": not UTF-8 text (policy files are UTF-8)"};
+    }
+    sources.push_back({file, std::move(content)});
   }
   return fromSources(std::move(sources));
 }

@@ -1,5 +1,6 @@
 #include "policy/tool_call.h"
 
+#include "common/json.h"
 #include "common/sha256.h"
 #include "common/units.h"
 
@@ -14,28 +15,6 @@ namespace {
 
 bool isUnreserved(unsigned char c) {
   return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~';
-}
-
-bool validUtf8(std::string_view s) {
-  for (size_t i = 0; i < s.size();) {
-    auto c = static_cast<unsigned char>(s[i]);
-    size_t len = c < 0x80             ? 1
-                 : (c & 0xE0) == 0xC0 ? 2
-                 : (c & 0xF0) == 0xE0 ? 3
-                 : (c & 0xF8) == 0xF0 ? 4
-                                      : 0;
-    if (len == 0 || i + len > s.size()) return false;
-    uint32_t cp = len == 1 ? c : c & (0x7F >> len);
-    for (size_t k = 1; k < len; ++k) {
-      auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    static const uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += len;
-  }
-  return true;
 }
 
 // One part of an inet_aton-style IPv4 address: decimal, 0-prefixed octal or 0x hex.
@@ -276,7 +255,8 @@ Result<std::string> Extractor::normalisePath(std::string_view raw) {
       decoded += kHex[v & 0xF];
     }
   }
-  if (!validUtf8(decoded)) return Error{-1, "invalid UTF-8 in path"};
+  if (firstInvalidUtf8(decoded) != std::string_view::npos)
+    return Error{-1, "invalid UTF-8 in path"};
   // Segments: drop empty ones (duplicate slashes) and ".", resolve "..".
   std::vector<std::string_view> segments;
   std::string_view rest(decoded);

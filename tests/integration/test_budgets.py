@@ -140,16 +140,22 @@ class BudgetTest(unittest.TestCase):
     def test_a_rejected_reload_changes_no_budget_and_a_removed_pool_is_not_listed(self):
         with self.start() as tg:
             self.assertEqual(self.pools(tg)[("team", "effort")]["limit"], 10)
-            # Valid YAML, but not UTF-8 text (a byte in a comment): the audit archive refuses
-            # the set after the policy parsed, as it must refuse it, budgets included.
-            with open(os.path.join(tg.dir, "policy.yaml"), "wb") as f:
-                f.write(POLICY.replace("limit: 10", "limit: 2").encode() + b"# caf\xe9\n")
+            # A set that parses, but that the audit archive cannot keep (a file where its
+            # directory goes): the reload is refused after the policy checks, budgets included.
+            archive = os.path.join(tg.dir, "var", "audit", "policies")
+            os.rename(archive, archive + ".moved")
+            with open(archive, "w") as f:
+                f.write("in the way\n")
+            with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+                f.write(POLICY.replace("limit: 10", "limit: 2"))
 
             def rejected():
                 _, metrics = tg.admin("/metrics")
                 return 'tollgate_reloads_total{result="error"} 1' in metrics.decode()
             wait_for(rejected, timeout=5, what="the rejected reload")
             self.assertEqual(self.pools(tg)[("team", "effort")]["limit"], 10)
+            os.unlink(archive)
+            os.rename(archive + ".moved", archive)
             # A good reload that renames the pool: only the new one is listed.
             with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
                 f.write(POLICY.replace("name: team", "name: crew").replace("pool: team", "pool: crew"))

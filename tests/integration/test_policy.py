@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -196,6 +197,20 @@ class PolicyTest(unittest.TestCase):
             t.join(timeout=30)
         self.assertGreater(len(results), 5)
         self.assertTrue(all(rc == 0 and out in (b"200", b"403") for rc, out in results), results[:20])
+
+
+class PolicyTextTest(unittest.TestCase):
+    def test_a_policy_file_that_is_not_utf8_is_refused_with_its_place(self):
+        # As `policy check` says, so `tollgate run` and a reload: before, check passed it and
+        # the audit archive refused it at run time, without a line.
+        with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as f:
+            f.write(b"apiVersion: tollgate/v1\nkind: Policy\n# caf\xe9\n")
+        try:
+            r = subprocess.run([BIN, "policy", "check", f.name], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            self.assertIn(f.name + ":3:6: not UTF-8 text", r.stdout + r.stderr)
+        finally:
+            os.unlink(f.name)
 
 
 class ConfigMapTest(unittest.TestCase):
