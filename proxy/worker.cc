@@ -217,6 +217,7 @@ void Worker::beginDrain() {
           .emit();
     }
     for (auto* s : left) s->close();
+    pastDeadline_ = true;  // no more waiting for the other workers either
     finishIfIdle();
   });
   deadline_->start(static_cast<uint64_t>(shared_.config->timeouts.shutdown.count()));
@@ -227,7 +228,7 @@ void Worker::finishIfIdle() {
   if (stopped_ || !sessions_.empty()) return;
   // The worker with the admin listener keeps it open (for /readyz's 503) until the others
   // have stopped: it looks again every 20 ms.
-  if (!listening_.empty() && shared_.workersServing.load() > 1) {
+  if (!listening_.empty() && shared_.workersServing.load() > 1 && !pastDeadline_) {
     if (!lastOut_) lastOut_ = Timer::create(&loop_.loop, [this] { finishIfIdle(); });
     lastOut_->start(20);
     return;

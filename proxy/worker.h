@@ -138,6 +138,7 @@ class Worker {
   std::thread thread_;
   bool draining_ = false;
   bool stopped_ = false;
+  bool pastDeadline_ = false;  // timeouts.shutdown has passed
 };
 
 }  // namespace tollgate
