@@ -22,9 +22,13 @@ ROUNDS=${ROUNDS:-3}
 # Which targets to run; tollgate+policy is Tollgate with examples/policies/swarm.yaml and
 # tests/bench/policy.yaml loaded (every call extracted and evaluated); tollgate-unaudited is
 # Tollgate with `audit: {sink: memory}` (no durable stream), the peer of the audited one;
-# tollgate-buffered (not run unless named) is the audited one with `direct_io: false` (its
-# batches through the page cache and fdatasync, not O_DIRECT).
-TARGETS=${TARGETS:-direct tollgate tollgate-unaudited tollgate+policy nginx haproxy squid}
+# tollgate-ramdisk is the audited one with its audit directory on a RAM file system
+# (RAMDISK, /dev/shm): the same records, chain and batches, but a sync that costs nothing,
+# so it tells the software's cost from the disk's cache flush (skipped when RAMDISK is not
+# a tmpfs); tollgate-buffered (not run unless named) is the audited one with
+# `direct_io: false` (its batches through the page cache and fdatasync, not O_DIRECT).
+TARGETS=${TARGETS:-direct tollgate tollgate-unaudited tollgate-ramdisk tollgate+policy nginx haproxy squid}
+RAMDISK=${RAMDISK:-/dev/shm}
 OUT=""
 [[ "${1:-}" == "--out" ]] && OUT=$2
 
@@ -42,6 +46,7 @@ cleanup() {
   [[ -f $work/squid/squid.pid ]] && kill "$(cat "$work/squid/squid.pid")" 2>/dev/null || true
   sleep 0.3
   rm -rf "$work"
+  [[ -n ${ramdisk_audit:-} ]] && rm -rf "$ramdisk_audit"
 }
 trap cleanup EXIT
 [[ -n "${KEEP:-}" ]] && trap - EXIT
@@ -77,6 +82,17 @@ start_tollgate tollgate tollgate "" "$allow_origin
 audit: {dir: \"$work/audit-tollgate\"}"
 start_tollgate unaudited tollgate-unaudited "" "$allow_origin
 audit: {sink: memory}"
+ramdisk_audit=""
+if [[ " $TARGETS " == *" tollgate-ramdisk "* ]]; then
+  if [[ $(stat -f -c %T "$RAMDISK" 2>/dev/null) == tmpfs ]]; then
+    ramdisk_audit=$(mktemp -d "$RAMDISK/tollgate-bench-audit.XXXXXX")
+    start_tollgate ramdisk tollgate-ramdisk "" "$allow_origin
+audit: {dir: \"$ramdisk_audit\"}"
+  else
+    echo "skipping tollgate-ramdisk: $RAMDISK is not a tmpfs" >&2
+    TARGETS=${TARGETS/tollgate-ramdisk/}
+  fi
+fi
 start_tollgate buffered tollgate-buffered "" "$allow_origin
 audit: {dir: \"$work/audit-buffered\", direct_io: false}"
 start_tollgate policy tollgate-policy ", identity: {header: X-Agent-Id}" \
@@ -128,7 +144,7 @@ CONF
 squid -N -f "$work/squid/squid.conf" >"$work/squid/out.log" 2>&1 &
 squid_pid=$!; pids+=("$squid_pid")
 
-for p in $tollgate_port $unaudited_port $buffered_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
+for p in $tollgate_port $unaudited_port ${ramdisk_port:-} $buffered_port $policy_port $rp_port $haproxy_port $squid_port; do wait_port "$p"; done
 rp_pids=$(pgrep -P "$(cat "$work/rp/nginx.pid")" | tr '\n' ' ')
 
 # Smoke checks: every target must answer with the origin's body.
@@ -140,6 +156,7 @@ check() {  # NAME CURL-ARGS...
 check direct "http://$ORIGIN/"
 check tollgate --proxy "http://127.0.0.1:$tollgate_port" "http://$ORIGIN/"
 check tollgate-unaudited --proxy "http://127.0.0.1:$unaudited_port" "http://$ORIGIN/"
+[[ -n $ramdisk_audit ]] && check tollgate-ramdisk --proxy "http://127.0.0.1:$ramdisk_port" "http://$ORIGIN/"
 check tollgate-buffered --proxy "http://127.0.0.1:$buffered_port" "http://$ORIGIN/"
 check tollgate+policy --proxy "http://127.0.0.1:$policy_port" -H "X-Agent-Id: bench-agent" "http://$ORIGIN/"
 check nginx "http://127.0.0.1:$rp_port/"
@@ -174,6 +191,7 @@ for round in $(seq 1 "$ROUNDS"); do
       direct) run_target direct "http://$ORIGIN/" 0 ;;
       tollgate) run_target tollgate "http://127.0.0.1:$tollgate_port" 1 "$tollgate_pid" ;;
       tollgate-unaudited) run_target tollgate-unaudited "http://127.0.0.1:$unaudited_port" 1 "$unaudited_pid" ;;
+      tollgate-ramdisk) run_target tollgate-ramdisk "http://127.0.0.1:$ramdisk_port" 1 "$ramdisk_pid" ;;
       tollgate-buffered) run_target tollgate-buffered "http://127.0.0.1:$buffered_port" 1 "$buffered_pid" ;;
       tollgate+policy) run_target tollgate+policy "http://127.0.0.1:$policy_port" 1 "$policy_pid" ;;
       # shellcheck disable=SC2086
@@ -187,6 +205,15 @@ done
 echo "per round, requests/s:" >&2
 for t in $TARGETS; do
   echo "  $t:${rps[$t]}  cpu µs/req:${cpu[$t]:- -}" >&2
+done
+# The audited targets against the unaudited one, round by round (each pair ran minutes apart
+# at most, so these move less with the machine than the medians do).
+for t in tollgate tollgate-ramdisk tollgate-buffered; do
+  [[ -n "${rps[$t]:-}" && -n "${rps[tollgate-unaudited]:-}" ]] || continue
+  echo "  $t / tollgate-unaudited per round: $(paste -d' ' <(tr ' ' '\n' <<<"${rps[$t]# }") \
+    <(tr ' ' '\n' <<<"${rps[tollgate-unaudited]# }") | awk '{printf "%.2f ", $1 / $2}')" >&2
+done
+for t in $TARGETS; do
   rps[$t]=$(median <<<"${rps[$t]}"); p50[$t]=$(median <<<"${p50[$t]}"); p99[$t]=$(median <<<"${p99[$t]}")
   cpu[$t]=$(median <<<"${cpu[$t]:-}")
 done
@@ -211,6 +238,7 @@ verdict=$(
   ratio_line "Tollgate throughput vs squid" "${rps[tollgate]:-}" "${rps[squid]:-}" ">= 5"
   ratio_line "Tollgate throughput with the audit stream vs without" "${rps[tollgate]:-}" "${rps[tollgate-unaudited]:-}" ">= 0.85"
   ratio_line "Tollgate CPU/req with the audit stream vs without" "${cpu[tollgate]:-}" "${cpu[tollgate-unaudited]:-}" "-"
+  ratio_line "Tollgate throughput with the audit stream on a RAM disk vs without" "${rps[tollgate-ramdisk]:-}" "${rps[tollgate-unaudited]:-}" "-"
   ratio_line "Tollgate CPU/req with O_DIRECT audit batches vs buffered" "${cpu[tollgate]:-}" "${cpu[tollgate-buffered]:-}" "-"
   ratio_line "Tollgate throughput with O_DIRECT audit batches vs buffered" "${rps[tollgate]:-}" "${rps[tollgate-buffered]:-}" "-"
   ratio_line "Tollgate CPU/req with the swarm policy vs without" "${cpu[tollgate+policy]:-}" "${cpu[tollgate]:-}" "<= 1.10"
