@@ -169,9 +169,17 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   }
   if (path == "/v1/reload") {
     if (method != "POST") return error(405, "method_not_allowed", "use POST");
-    std::string failure = reload_ ? reload_() : std::string("no reload hook");
-    if (!failure.empty()) return error(500, "reload_failed", failure);
-    return json(200, R"({"reloaded":true})");
+    if (!reload_) return error(500, "reload_failed", "no reload hook");
+    ReloadOutcome outcome = reload_();
+    switch (outcome.result) {
+      case ReloadOutcome::Result::kReloaded:
+        return json(200, R"({"reloaded":true})");
+      case ReloadOutcome::Result::kNothingToReload:
+        return error(409, "nothing_to_reload", outcome.error);
+      case ReloadOutcome::Result::kRejected:
+        break;
+    }
+    return error(500, "reload_failed", outcome.error);
   }
   if (path == "/v1/audit/report") {
     // `tollgate audit report --admin` while this sidecar holds the log: the report's hash

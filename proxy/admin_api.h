@@ -42,8 +42,13 @@ class AdminApi {
 
  public:
   void setReady(bool ready) { ready_ = ready; }
-  // Called for POST /v1/reload; returns an error message or empty on success.
-  void setReloadHook(std::function<std::string()> hook) { reload_ = std::move(hook); }
+  // What POST /v1/reload did: 200 when the set was swapped, 409 when the config names no
+  // policies (nothing can be reloaded), 500 when the new set was rejected.
+  struct ReloadOutcome {
+    enum class Result { kReloaded, kNothingToReload, kRejected } result = Result::kReloaded;
+    std::string error;  // why, unless kReloaded
+  };
+  void setReloadHook(std::function<ReloadOutcome()> hook) { reload_ = std::move(hook); }
 
  private:
   Metrics& metrics_;  // setPool() is called on /metrics; the registry is thread-safe
@@ -52,7 +57,7 @@ class AdminApi {
   BudgetStore* budgets_;
   Engine* engine_;
   std::atomic<bool> ready_{false};
-  std::function<std::string()> reload_;
+  std::function<ReloadOutcome()> reload_;
   int64_t startedMs_;
 };
 

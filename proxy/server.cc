@@ -271,27 +271,38 @@ std::string Server::activatePolicies(const PolicySet& next, const std::string& p
   return {};
 }
 
-std::string Server::reload(const char* trigger) {
+AdminApi::ReloadOutcome Server::reload(const char* trigger) {
+  using Reload = AdminApi::ReloadOutcome;
+  if (!policy_) {
+    // Saying "reloaded" here would tell an operator who edited the hosts: lists that they
+    // are in force; they are not until a restart.
+    std::string why =
+        "the config names no policies: hosts: lists and the rest of the config are read at "
+        "start only; restart the sidecar to change them";
+    Log::Line(LogLevel::kWarn, "reload: nothing to reload")
+        .add("trigger", trigger)
+        .add("reason", why)
+        .emit();
+    return {Reload::Result::kNothingToReload, std::move(why)};
+  }
   std::lock_guard<std::mutex> lock(reloadMutex_);
   reloadTrigger_ = trigger;
   std::string error = decider_->reload();
   if (!error.empty()) {
     // The last good set stays active: the record names it as the digest after the reload.
-    if (policy_) {
-      const std::string& active = policy_->current()->digest();
-      audit_->appendEvent("reload", {{"digest", active},
-                                     {"previous_digest", active},
-                                     {"result", "rejected"},
-                                     {"trigger", trigger},
-                                     {"error", error}});
-    }
+    const std::string& active = policy_->current()->digest();
+    audit_->appendEvent("reload", {{"digest", active},
+                                   {"previous_digest", active},
+                                   {"result", "rejected"},
+                                   {"trigger", trigger},
+                                   {"error", error}});
     Log::Line(LogLevel::kWarn, "reload rejected").add("error", error).emit();
     metrics_.reloads(false).Increment();
-    return error;
+    return {Reload::Result::kRejected, std::move(error)};
   }
   Log::Line line(LogLevel::kInfo, "reload");
   line.add("result", "ok");
-  if (policy_) line.add("digest", policy_->current()->digest());
+  line.add("digest", policy_->current()->digest());
   line.emit();
   metrics_.reloads(true).Increment();
   return {};

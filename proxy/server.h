@@ -35,7 +35,8 @@ class Server {
  private:
   Status bindListeners(unsigned workers);
   // Re-reads the policies; `trigger` (sighup, file, admin) goes into the reload record.
-  std::string reload(const char* trigger);
+  // Without policies in the config (hosts: lists, read at start only) nothing is reloaded.
+  AdminApi::ReloadOutcome reload(const char* trigger);
   // Archives a set about to become active and records its reload record; an error rejects it.
   std::string activatePolicies(const PolicySet& next, const std::string& previousDigest,
                                const char* trigger);
