@@ -18,8 +18,9 @@
 #   tests/bench/tls.sh [--out FILE]      (./dev bench tls installs the peers and builds first)
 # Environment: TOLLGATE_BIN, HTTPS_LOAD_BIN, WORKERS (1), CONNS (64), NEW_CONNS (16),
 # DURATION (10), LATENCY_DURATION (3) in seconds, ROUNDS (3): every figure is the median of
-# ROUNDS rounds; TARGETS (direct nginx nginx-reencrypt mitmproxy tollgate); MODES
-# (keep-alive new-conn); TOLLGATE_AUDIT (file; memory: no durable stream).
+# ROUNDS rounds; TARGETS (direct nginx nginx-reencrypt mitmproxy tollgate tollgate-ramdisk:
+# the audit directory on RAMDISK, /dev/shm, a tmpfs); MODES (keep-alive new-conn);
+# TOLLGATE_AUDIT (file; memory: no durable stream).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=tests/bench/lib.sh
@@ -33,7 +34,8 @@ NEW_CONNS=${NEW_CONNS:-16}
 DURATION=${DURATION:-10}
 LATENCY_DURATION=${LATENCY_DURATION:-3}
 ROUNDS=${ROUNDS:-3}
-TARGETS=${TARGETS:-direct nginx nginx-reencrypt mitmproxy tollgate}
+TARGETS=${TARGETS:-direct nginx nginx-reencrypt mitmproxy tollgate tollgate-ramdisk}
+RAMDISK=${RAMDISK:-/dev/shm}
 MODES=${MODES:-keep-alive new-conn}
 TOLLGATE_AUDIT=${TOLLGATE_AUDIT:-file}
 OUT=""
@@ -55,6 +57,7 @@ cleanup() {
   done
   sleep 0.3
   rm -rf "$work"
+  [[ -n ${ramdisk_audit:-} ]] && rm -rf "$ramdisk_audit"
 }
 trap cleanup EXIT
 [[ -n "${KEEP:-}" ]] && trap - EXIT
@@ -100,21 +103,38 @@ mitmdump -q --listen-host 127.0.0.1 --listen-port "$mitm_port" --set confdir="$w
   --set ssl_verify_upstream_trusted_ca="$ca" --set flow_detail=0 >"$work/mitm/out.log" 2>&1 &
 mitm_pid=$!; pids+=("$mitm_pid")
 
-tollgate_port=$(free_port); tollgate_admin=$(free_port)
 "$TOLLGATE_BIN" certs init "$work/tollgate-ca" >/dev/null
-audit_cfg="{dir: \"$work/audit-tollgate\"}"
-[[ $TOLLGATE_AUDIT == memory ]] && audit_cfg="{sink: memory}"
-cat > "$work/tollgate.yaml" <<CONF
+start_tollgate() {  # NAME AUDIT-CONFIG: its port in NAME_port (- for +), its pid in NAME_pid
+  local port admin var=${1//-/_}; port=$(free_port); admin=$(free_port)
+  cat > "$work/$1.yaml" <<CONF
 workers: $WORKERS
 log: {level: ${TOLLGATE_LOG:-warn}}
-listeners: [{name: egress, kind: forward, address: "127.0.0.1:$tollgate_port", intercept_tls: true, identity: {header: X-Agent-Id}}]
-admin: {address: "127.0.0.1:$tollgate_admin"}
+listeners: [{name: egress, kind: forward, address: "127.0.0.1:$port", intercept_tls: true, identity: {header: X-Agent-Id}}]
+admin: {address: "127.0.0.1:$admin"}
 policies: ["$here/policy.yaml"]
 tls: {ca_dir: "$work/tollgate-ca", upstream_ca_file: "$ca"}
-audit: $audit_cfg
+audit: $2
 CONF
-"$TOLLGATE_BIN" run -c "$work/tollgate.yaml" 2>"$work/tollgate.log" &
-tollgate_pid=$!; pids+=("$tollgate_pid")
+  "$TOLLGATE_BIN" run -c "$work/$1.yaml" 2>"$work/$1.log" &
+  pids+=("$!")
+  printf -v "${var}_port" %s "$port"
+  printf -v "${var}_pid" %s "$!"
+}
+audit_cfg="{dir: \"$work/audit-tollgate\"}"
+[[ $TOLLGATE_AUDIT == memory ]] && audit_cfg="{sink: memory}"
+start_tollgate tollgate "$audit_cfg"
+# tollgate-ramdisk: the same with its audit directory on a RAM file system, where a sync
+# costs nothing: what the records cost without this disk's cache flushes.
+ramdisk_audit=""
+if [[ " $TARGETS " == *" tollgate-ramdisk "* ]]; then
+  if [[ $(stat -f -c %T "$RAMDISK" 2>/dev/null) == tmpfs ]]; then
+    ramdisk_audit=$(mktemp -d "$RAMDISK/tollgate-bench-audit.XXXXXX")
+    start_tollgate tollgate-ramdisk "{dir: \"$ramdisk_audit\"}"
+  else
+    echo "skipping tollgate-ramdisk: $RAMDISK is not a tmpfs" >&2
+    TARGETS=${TARGETS/tollgate-ramdisk/}
+  fi
+fi
 
 for p in $origin_port $origin_tls_port $rp_port $rp_reencrypt_port $mitm_port; do wait_port "$p"; done
 for _ in $(seq 1 100); do [[ -s $work/mitm/mitmproxy-ca-cert.pem ]] && break; sleep 0.05; done
@@ -128,10 +148,12 @@ args[nginx]="--url https://127.0.0.1:$rp_port/ --cacert $ca"
 args[nginx-reencrypt]="--url https://127.0.0.1:$rp_reencrypt_port/ --cacert $ca"
 args[mitmproxy]="--url $origin_url --proxy http://127.0.0.1:$mitm_port --cacert $work/mitm/mitmproxy-ca-cert.pem"
 args[tollgate]="--url $origin_url --proxy http://127.0.0.1:$tollgate_port --cacert $work/tollgate-ca/ca.crt"
+args[tollgate-ramdisk]="--url $origin_url --proxy http://127.0.0.1:${tollgate_ramdisk_port:-0} --cacert $work/tollgate-ca/ca.crt"
 cpu_pids[nginx]=$rp_pids
 cpu_pids[nginx-reencrypt]=$rp_pids
 cpu_pids[mitmproxy]=$mitm_pid
 cpu_pids[tollgate]=$tollgate_pid
+cpu_pids[tollgate-ramdisk]=${tollgate_ramdisk_pid:-}
 
 load() {  # TARGET HTTPS_LOAD-ARGS...: one JSON line
   local t=$1; shift
@@ -140,9 +162,13 @@ load() {  # TARGET HTTPS_LOAD-ARGS...: one JSON line
 }
 
 # Smoke checks: a few verified requests through each target; a target that fails is skipped.
-if ! wait_port "$tollgate_port" 2>/dev/null || ! kill -0 "$tollgate_pid" 2>/dev/null; then
-  unavailable[tollgate]="it did not start: $(tail -c 300 "$work/tollgate.log" | tr '\n' ' ')"
-fi
+for t in tollgate tollgate-ramdisk; do
+  [[ " $TARGETS " == *" $t "* ]] || continue
+  var=${t//-/_}; port_var=${var}_port; pid_var=${var}_pid
+  if ! wait_port "${!port_var}" 2>/dev/null || ! kill -0 "${!pid_var}" 2>/dev/null; then
+    unavailable[$t]="it did not start: $(tail -c 300 "$work/$t.log" | tr '\n' ' ')"
+  fi
+done
 for t in $TARGETS; do
   [[ -n ${args[$t]:-} ]] || { echo "unknown target $t" >&2; exit 2; }
   [[ -n ${unavailable[$t]:-} ]] && continue
@@ -158,7 +184,7 @@ out=$("$HTTPS_LOAD_BIN" --url "$origin_url" --cacert "$work/mitm/mitmproxy-ca-ce
 active=""
 for t in $TARGETS; do
   if [[ -n ${unavailable[$t]:-} ]]; then
-    if [[ $t == tollgate ]]; then
+    if [[ $t == tollgate* ]]; then
       echo "tollgate: interception not available (${unavailable[$t]})" >&2
     else
       echo "$t: not available (${unavailable[$t]})" >&2
@@ -202,6 +228,20 @@ for t in $active; do
     k="$t $m"
     echo "  $k:${rps[$k]}  cpu µs/req:${cpu[$k]:- -}" >&2
     rps[$k]=$(median <<<"${rps[$k]}"); p50[$k]=$(median <<<"${p50[$k]}"); p99[$k]=$(median <<<"${p99[$k]}")
+  done
+done
+# Tollgate's CPU against nginx's round by round (each pair ran minutes apart at most, so it
+# moves less with the machine than the ratio of the medians).
+for t in tollgate tollgate-ramdisk; do
+  for m in $MODES; do
+    [[ -n "${cpu[$t $m]:-}" && -n "${cpu[nginx $m]:-}" ]] || continue
+    echo "  $t / nginx CPU per request, $m, per round: $(paste -d' ' <(tr ' ' '\n' <<<"${cpu[$t $m]# }") \
+      <(tr ' ' '\n' <<<"${cpu[nginx $m]# }") | awk '{printf "%.2f ", $1 / $2}')" >&2
+  done
+done
+for t in $active; do
+  for m in $MODES; do
+    k="$t $m"
     cpu[$k]=$(median <<<"${cpu[$k]:-}")
   done
 done
@@ -239,5 +279,7 @@ verdict=$(
   ratio_line "Tollgate throughput vs mitmproxy (keep-alive)" "${rps[tollgate keep-alive]:-}" "${rps[mitmproxy keep-alive]:-}" ">= 20"
   ratio_line "Tollgate new connections/s vs mitmproxy" "${rps[tollgate new-conn]:-}" "${rps[mitmproxy new-conn]:-}" ">= 20"
   ratio_line "Tollgate CPU per HTTPS request vs nginx re-encrypting (keep-alive)" "${cpu[tollgate keep-alive]:-}" "${cpu[nginx-reencrypt keep-alive]:-}" "-"
+  ratio_line "Tollgate CPU per HTTPS request, audit on a RAM disk, vs nginx (keep-alive)" "${cpu[tollgate-ramdisk keep-alive]:-}" "${cpu[nginx keep-alive]:-}" "-"
+  ratio_line "Tollgate CPU per new HTTPS connection, audit on a RAM disk, vs nginx" "${cpu[tollgate-ramdisk new-conn]:-}" "${cpu[nginx new-conn]:-}" "-"
 )
 report "$table" "$verdict" "(medians of $ROUNDS rounds; workers $WORKERS, $CONNS connections (new-conn $NEW_CONNS), ${DURATION}s; https_load, the origin and the proxies share $(nproc) cores)" "$OUT"
