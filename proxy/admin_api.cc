@@ -99,9 +99,14 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   auto path = target.substr(0, q);
   auto query = q == std::string_view::npos ? std::string_view() : target.substr(q + 1);
   bool get = method == "GET" || method == "HEAD";
-  // Changes need a bearer token when tokens are configured; approvals always do.
-  if (!get) {
-    bool needsToken = !shared_.config->adminTokens.empty() || path.starts_with("/v1/approvals");
+  // Changes need a bearer token when tokens are configured; approvals always do. With tokens
+  // configured, so does reading what the calls were (the audit tail, the approvals: agents,
+  // paths, reasons), since the admin listener is reachable by the agents it governs; probes,
+  // metrics, status and pools stay open to kubelets and scrapers.
+  bool sensitiveRead = path == "/v1/audit/tail" || path.starts_with("/v1/approvals");
+  if (!get || (sensitiveRead && !shared_.config->adminTokens.empty())) {
+    bool needsToken =
+        !shared_.config->adminTokens.empty() || (!get && path.starts_with("/v1/approvals"));
     if (needsToken && !authorized(authorization)) {
       bool none = shared_.config->adminTokens.empty();
       return error(none ? 403 : 401, "unauthorized",

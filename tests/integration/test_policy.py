@@ -77,7 +77,17 @@ class PolicyTest(unittest.TestCase):
         _, metrics = self.tg.admin("/metrics")
         self.assertRegex(metrics.decode(), r'tollgate_halts_total\{reason="rule"\} [1-9]')
         self.assertIn("tollgate_policy_evaluation_seconds_bucket", metrics.decode())
-        code, tail = self.tg.admin("/v1/audit/tail?n=5")
+        # With admin.tokens set, reading what the calls were needs the token: the admin
+        # listener is reachable by the agents themselves. Probes and metrics stay open.
+        code, body = self.tg.admin("/v1/audit/tail?n=5")
+        self.assertEqual(code, 401, body)
+        self.assertEqual(json.loads(body)["error"], "unauthorized")
+        self.assertEqual(self.tg.admin("/v1/audit/tail?n=5", token="wrong")[0], 401)
+        self.assertEqual(self.tg.admin("/v1/approvals")[0], 401)
+        self.assertEqual(self.tg.admin("/healthz")[0], 200)
+        self.assertEqual(self.tg.admin("/v1/pools")[0], 200)
+        code, tail = self.tg.admin("/v1/audit/tail?n=5", token=TOKEN)
+        self.assertEqual(code, 200, tail)
         record = [json.loads(l) for l in tail.splitlines() if json.loads(l)["seq"] == doc["audit_seq"]][0]
         self.assertTrue(record["policy_digest"].startswith("sha256:"))
 
@@ -126,7 +136,7 @@ class PolicyTest(unittest.TestCase):
         self.assertEqual(doc["error"], "approval_required")
         approval = doc["approval_id"]
         self.assertIn(f"approval={approval}", headers["x-tollgate-decision"][0])
-        code, listing = self.tg.admin("/v1/approvals")
+        code, listing = self.tg.admin("/v1/approvals", token=TOKEN)
         self.assertEqual(code, 200)
         pending = [a for a in json.loads(listing) if a["id"] == approval]
         self.assertEqual(pending[0]["state"], "pending")

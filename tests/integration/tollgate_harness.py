@@ -117,10 +117,10 @@ class Tollgate:
                     return int(line.split()[1])
         return 0
 
-    def admin(self, path, method="GET"):
+    def admin(self, path, method="GET", token=None):
         import http.client
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
-        conn.request(method, path)
+        conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
         resp = conn.getresponse()
         body = resp.read()
         conn.close()
