@@ -181,6 +181,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
     auto& state = breakers_[upstream];
+    noteDef(state, b);
     if (state.openUntilMs > now) {
       return finish(halt("breaker",
                          "circuit breaker for " + upstream + " is open after " +
@@ -412,16 +413,46 @@ void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Out
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
     auto& state = breakers_[upstream];
+    noteDef(state, b);
     if (outcome.failed) {
       ++state.consecutive;
       if (state.probeSinceMs != 0 || state.consecutive >= b.failures)
         state.openUntilMs = now + b.cooldown.count();
     } else {
-      state = Breaker{};
+      state.consecutive = 0;
+      state.openUntilMs = 0;
     }
     state.probeSinceMs = 0;
     break;
   }
+}
+
+void Engine::noteDef(Breaker& state, const BreakerDef& def) {
+  if (state.host != def.host) state.host = def.host;
+  state.failures = def.failures;
+  state.cooldownMs = def.cooldown.count();
+}
+
+std::vector<BreakerView> Engine::breakers() const {
+  int64_t now = clock_();
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<BreakerView> out;
+  out.reserve(breakers_.size());
+  for (const auto& [upstream, b] : breakers_) {
+    BreakerView v;
+    v.upstream = upstream;
+    v.host = b.host;
+    v.state = b.openUntilMs > now ? "open" : b.openUntilMs != 0 ? "half-open" : "closed";
+    v.consecutiveFailures = b.consecutive;
+    v.failures = b.failures;
+    v.cooldownMs = b.cooldownMs;
+    v.openUntilMs = b.openUntilMs;
+    v.probeInFlight = b.probeSinceMs != 0;
+    out.push_back(std::move(v));
+  }
+  std::sort(out.begin(), out.end(),
+            [](const BreakerView& a, const BreakerView& b) { return a.upstream < b.upstream; });
+  return out;
 }
 
 std::vector<Approval> Engine::approvals() const {

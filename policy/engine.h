@@ -31,6 +31,18 @@ struct Approval {
   int64_t leaseUntilMs = 0;       // approved: the same call is allowed until then
 };
 
+// A circuit breaker's state for one upstream (GET /v1/breakers, tollgate_breaker_state).
+struct BreakerView {
+  std::string upstream;  // host:port
+  std::string host;      // the breakers: entry it matched
+  std::string state;     // closed | open | half-open
+  int consecutiveFailures = 0;
+  int failures = 0;  // the entry's threshold
+  int64_t cooldownMs = 0;
+  int64_t openUntilMs = 0;     // open: when it turns half-open; 0 when closed
+  bool probeInFlight = false;  // half-open: the one probe call is out
+};
+
 class Engine {
  public:
   using Clock = std::function<int64_t()>;  // wall-clock milliseconds
@@ -45,6 +57,8 @@ class Engine {
   std::function<void(const std::string& glob, std::chrono::milliseconds ttl)> onQuarantine;
 
   std::vector<Approval> approvals() const;
+  // Every upstream a breaker has seen, by upstream.
+  std::vector<BreakerView> breakers() const;
   // Returns false when there is no pending approval with this id.
   bool approve(const std::string& id, std::chrono::milliseconds lease);
   bool deny(const std::string& id);
@@ -61,7 +75,12 @@ class Engine {
     int consecutive = 0;
     int64_t openUntilMs = 0;   // open while now < openUntilMs
     int64_t probeSinceMs = 0;  // half-open: when the probe call went out
+    // The breakers: entry it last matched, copied (a reload frees the set's own).
+    std::string host;
+    int failures = 0;
+    int64_t cooldownMs = 0;
   };
+  static void noteDef(Breaker& state, const BreakerDef& def);
   // A subject of a call: the tool it was attributed to or, for MCP, each tool it calls.
   struct Subject {
     std::string tool;

@@ -131,6 +131,10 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
         if (b.available) metrics_.setPool(b.pool, b.dimension, b.limit, b.committed, b.held);
       }
     }
+    if (engine_) {
+      for (const auto& b : engine_->breakers())
+        metrics_.setBreaker(b.upstream, b.state == "open" ? 2 : b.state == "half-open" ? 1 : 0);
+    }
     return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.render()};
   }
   if (path == "/v1/status") {
@@ -225,6 +229,27 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   }
   if (path == "/v1/approvals" || path.starts_with("/v1/approvals/"))
     return approvals(method, path, authorization);
+  if (path == "/v1/breakers") {
+    if (!get) return error(405, "method_not_allowed", "use GET");
+    if (!engine_)
+      return error(404, "not_found", "breakers need a policy set (policies: in the config)");
+    std::string body = "[";
+    for (const auto& b : engine_->breakers()) {
+      if (body.size() > 1) body += ',';
+      JsonObject(body)
+          .add("upstream", b.upstream)
+          .add("host", b.host)
+          .add("state", b.state)
+          .add("consecutive_failures", static_cast<int64_t>(b.consecutiveFailures))
+          .add("failures", static_cast<int64_t>(b.failures))
+          .add("cooldown_ms", b.cooldownMs)
+          .add("open_until_ms", b.openUntilMs)
+          .add("probe_in_flight", b.probeInFlight)
+          .close();
+    }
+    body += ']';
+    return json(200, std::move(body));
+  }
   if (path == "/v1/pools") {
     if (!get) return error(405, "method_not_allowed", "use GET");
     if (!budgets_)

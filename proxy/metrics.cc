@@ -81,6 +81,10 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                    .Name("tollgate_pool_held")
                    .Help("Budget held by calls in flight")
                    .Register(r);
+  breakerState_ = &prometheus::BuildGauge()
+                       .Name("tollgate_breaker_state")
+                       .Help("Circuit breaker per upstream: 0 closed, 1 half-open, 2 open")
+                       .Register(r);
   poolRemaining_ = &prometheus::BuildGauge()
                         .Name("tollgate_pool_remaining")
                         .Help("Budget left this period: limit - committed - held")
@@ -231,6 +235,10 @@ void Metrics::setPool(const std::string& pool, const std::string& dimension, int
   poolCommitted_->Add(labels).Set(static_cast<double>(committed));
   poolHeld_->Add(labels).Set(static_cast<double>(held));
   poolRemaining_->Add(labels).Set(static_cast<double>(limit - committed - held));
+}
+
+void Metrics::setBreaker(const std::string& upstream, int state) {
+  breakerState_->Add({{"upstream", upstream}}).Set(state);
 }
 
 void Metrics::budgetOperation(const std::string& op, const std::string& result, double seconds) {

@@ -44,6 +44,8 @@ class Metrics {
   // Budget accounts, refreshed from the store when /metrics is read.
   // One budget store operation: its op, result (ok, budget_exhausted, …) and duration.
   void budgetOperation(const std::string& op, const std::string& result, double seconds);
+  // A circuit breaker's state for an upstream: 0 closed, 1 half-open, 2 open.
+  void setBreaker(const std::string& upstream, int state);
   void setPool(const std::string& pool, const std::string& dimension, int64_t limit,
                int64_t committed, int64_t held);
   // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
@@ -77,6 +79,7 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* poolCommitted_;
   prometheus::Family<prometheus::Gauge>* poolHeld_;
   prometheus::Family<prometheus::Gauge>* poolRemaining_;
+  prometheus::Family<prometheus::Gauge>* breakerState_;
   prometheus::Family<prometheus::Counter>* budgetOps_;
   prometheus::Family<prometheus::Histogram>* budgetSeconds_;
   std::atomic<prometheus::Counter*> budgetCounters_[3][6] = {};

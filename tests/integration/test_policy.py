@@ -253,6 +253,77 @@ class ConfigMapTest(unittest.TestCase):
                 wait_for(lambda: status("agent-9") == 403, timeout=5, what="the ConfigMap's new policy")
 
 
+class BreakerTest(unittest.TestCase):
+    """A circuit breaker through the real proxy, as an operator watches it: GET /v1/breakers
+    and tollgate_breaker_state while it opens on upstream failures, turns half-open after its
+    cooldown, and closes on a good probe."""
+
+    POLICY = """
+apiVersion: tollgate/v1
+kind: Policy
+metadata: {name: breakers}
+tools:
+  - {name: flaky.get, match: {host: 127.0.0.1, methods: [GET]}, class: read}
+agents:
+  - {id: "agent-*"}
+rules:
+  - {id: allow-reads, effect: allow, match: {class: read, agent: "agent-*"}}
+breakers:
+  - {host: 127.0.0.1, failures: 2, cooldown: 1s}
+"""
+
+    def breakers(self, tg):
+        code, body = tg.admin("/v1/breakers")
+        self.assertEqual(code, 200, body)
+        return json.loads(body)
+
+    def state_metric(self, tg, upstream):
+        _, metrics = tg.admin("/metrics")
+        m = re.search(r'tollgate_breaker_state\{upstream="%s"\} (\d+)' % re.escape(upstream),
+                      metrics.decode())
+        return int(m.group(1)) if m else None
+
+    def test_open_half_open_closed_in_the_admin_api_and_metrics(self):
+        with HttpOrigin() as origin, Tollgate({}, policy=self.POLICY) as tg:
+            upstream = f"127.0.0.1:{origin.port}"
+            self.assertEqual(self.breakers(tg), [])
+
+            def call(path):
+                rc, out, err = curl("-i", "-H", "X-Agent-Id: agent-1", origin.url(path), proxy=tg.proxy)
+                self.assertEqual(rc, 0, err)
+                return parse_response(out)
+
+            self.assertEqual(call("/status/503")[0], 503)
+            [b] = self.breakers(tg)
+            self.assertEqual((b["upstream"], b["state"], b["consecutive_failures"]), (upstream, "closed", 1))
+            self.assertEqual(self.state_metric(tg, upstream), 0)
+            self.assertEqual(call("/status/503")[0], 503)
+            status, headers, body = call("/hello")
+            self.assertEqual(status, 403)
+            self.assertEqual(json.loads(body)["rule"], "breaker")
+            [b] = self.breakers(tg)
+            self.assertEqual(b["state"], "open")
+            self.assertEqual((b["host"], b["consecutive_failures"], b["failures"], b["cooldown_ms"]),
+                             ("127.0.0.1", 2, 2, 1000))
+            self.assertGreater(b["open_until_ms"], time.time() * 1000)
+            self.assertEqual(self.state_metric(tg, upstream), 2)
+
+            wait_for(lambda: self.breakers(tg)[0]["state"] == "half-open", timeout=5,
+                     what="the breaker to turn half-open after its cooldown")
+            self.assertEqual(self.state_metric(tg, upstream), 1)
+            self.assertFalse(self.breakers(tg)[0]["probe_in_flight"])
+            self.assertEqual(call("/hello")[0], 200)  # the probe, answered well
+            [b] = self.breakers(tg)
+            self.assertEqual((b["state"], b["consecutive_failures"], b["open_until_ms"]), ("closed", 0, 0))
+            self.assertEqual(self.state_metric(tg, upstream), 0)
+            self.assertEqual(tg.admin("/v1/breakers", "POST")[0], 405)
+
+    def test_without_policies_there_are_no_breakers(self):
+        with Tollgate() as tg:
+            code, body = tg.admin("/v1/breakers")
+            self.assertEqual(code, 404, body)
+
+
 class InPlaceWriteTest(unittest.TestCase):
     def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
         """A writer that truncates the file and writes its text 600 ms later (a slow pipe,
