@@ -40,6 +40,9 @@ struct Decision {
   int retryAfterSeconds = 0;  // for kThrottle
   std::string approvalId;     // for kApprove
   std::string policyDigest;   // the policy set that decided
+  // The agents: entry (its id glob) the call's agent matched, "unlisted" for none; empty
+  // without policies. tollgate_agent_steps_total counts by it.
+  std::string agentClass;
   // The decider's own state for this call, handed back with onOutcome(); opaque to the proxy.
   std::shared_ptr<const void> context;
 };

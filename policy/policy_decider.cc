@@ -67,6 +67,8 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
   auto set = set_.load();
   auto tc = Extractor::extract(call, *set);
   Decision d = engine_.evaluate(*set, tc);
+  const AgentDef* agentDef = set->findAgent(call.agent);
+  d.agentClass = agentDef ? agentDef->pattern : "unlisted";
   if (!tc || d.verdict != Verdict::kAllow) {
     done(std::move(d));
     return;

@@ -87,6 +87,18 @@ prometheus::Counter& decisionCounter(Metrics& metrics, Verdict verdict, const st
   return *it->second;
 }
 
+// Steps by agent class and verdict, cached per thread like the decision counters.
+prometheus::Counter& agentStepCounter(Metrics& metrics, Verdict verdict,
+                                      const std::string& agentClass) {
+  thread_local std::unordered_map<std::string, prometheus::Counter*, StringHash, std::equal_to<>>
+      cache[4];  // by Verdict
+  auto& byClass = cache[static_cast<int>(verdict)];
+  auto it = byClass.find(std::string_view(agentClass));
+  if (it == byClass.end())
+    it = byClass.emplace(agentClass, &metrics.agentStep(agentClass, verdictName(verdict))).first;
+  return *it->second;
+}
+
 prometheus::Counter& haltCounter(Metrics& metrics, const std::string& reason) {
   thread_local std::unordered_map<std::string, prometheus::Counter*> cache;
   auto it = cache.find(reason);
@@ -742,6 +754,8 @@ void ClientSession::onDecision(const Decision& decided) {
   decision_ = d;
   const char* verdict = verdictName(d.verdict);
   decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
+  if (!d.agentClass.empty())
+    agentStepCounter(worker_.metrics(), d.verdict, d.agentClass).Increment();
   if (d.verdict == Verdict::kHalt) {
     bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
                    d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.") ||

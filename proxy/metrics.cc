@@ -65,6 +65,12 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                     .Name("tollgate_decisions_total")
                     .Help("Decisions, by decision and rule")
                     .Register(r);
+  agentSteps_ = &prometheus::BuildCounter()
+                     .Name("tollgate_agent_steps_total")
+                     .Help(
+                         "Calls decided (an agent's steps), by agent class (the agents: entry "
+                         "the agent matched, unlisted for none) and decision")
+                     .Register(r);
   reloads_ = &prometheus::BuildCounter()
                   .Name("tollgate_reloads_total")
                   .Help("Reload attempts, by result")
@@ -226,6 +232,11 @@ prometheus::Counter& Metrics::tlsHandshakeFailures(const std::string& side) {
 
 prometheus::Counter& Metrics::decision(const std::string& decision, const std::string& rule) {
   return decisions_->Add({{"decision", decision}, {"rule", rule}});
+}
+
+prometheus::Counter& Metrics::agentStep(const std::string& agentClass,
+                                        const std::string& decision) {
+  return agentSteps_->Add({{"agent_class", agentClass}, {"decision", decision}});
 }
 
 void Metrics::setPool(const std::string& pool, const std::string& dimension, int64_t limit,

@@ -36,6 +36,8 @@ class Metrics {
   prometheus::Counter& upstreamConnectErrors(const std::string& reason);
   prometheus::Counter& tlsHandshakeFailures(const std::string& side);
   prometheus::Counter& decision(const std::string& decision, const std::string& rule);
+  // An agent's step (a decided call) by its agents: entry and the decision.
+  prometheus::Counter& agentStep(const std::string& agentClass, const std::string& decision);
   prometheus::Counter& reloads(bool ok);
   // Halts by reason: the decider's built-in reasons (default-deny, extract, cascade,
   // breaker), "rule" for a policy rule, "bad_request" for traffic the proxy refused.
@@ -72,6 +74,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* connectErrors_;
   prometheus::Family<prometheus::Counter>* tlsFailures_;
   prometheus::Family<prometheus::Counter>* decisions_;
+  prometheus::Family<prometheus::Counter>* agentSteps_;
   prometheus::Family<prometheus::Counter>* reloads_;
   prometheus::Family<prometheus::Counter>* halts_;
   prometheus::Histogram* decisionSeconds_;

@@ -91,6 +91,21 @@ class PolicyTest(unittest.TestCase):
         record = [json.loads(l) for l in tail.splitlines() if json.loads(l)["seq"] == doc["audit_seq"]][0]
         self.assertTrue(record["policy_digest"].startswith("sha256:"))
 
+    def test_steps_are_counted_by_agent_class_and_decision(self):
+        def steps(agent_class, decision):
+            _, metrics = self.tg.admin("/metrics")
+            m = re.search(r'tollgate_agent_steps_total\{agent_class="%s",decision="%s"\} (\d+)'
+                          % (re.escape(agent_class), decision), metrics.decode())
+            return int(m.group(1)) if m else 0
+        allowed, halted, unlisted = steps("agent-*", "allow"), steps("agent-*", "halt"), steps("unlisted", "halt")
+        self.assertEqual(self.call("agent-steps")[0], 200)
+        self.assertEqual(self.call("agent-steps")[0], 200)
+        self.assertEqual(self.call("agent-evil")[0], 403)
+        self.assertEqual(self.call("stranger")[0], 403)  # no agents: entry, no rule for it
+        self.assertEqual(steps("agent-*", "allow"), allowed + 2)
+        self.assertEqual(steps("agent-*", "halt"), halted + 1)
+        self.assertEqual(steps("unlisted", "halt"), unlisted + 1)
+
     def test_throttle_answers_429_with_retry_after(self):
         statuses = [self.call("agent-slow")[0] for _ in range(2)]
         self.assertEqual(statuses, [200, 200])
