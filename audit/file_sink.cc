@@ -429,6 +429,9 @@ Status FileAuditSink::start() {
     ++segmentNumber_;
   }
   if (auto st = openSegment(segmentNumber_); !st) return st;
+  // What is on disk is durable; a recovery record queued below is not, until written (the
+  // writer adds each batch's records to durable_).
+  durable_ = seq_;
   if (!torn.empty()) {
     auto colon = torn.rfind(':');
     std::lock_guard<std::mutex> lock(mutex_);
@@ -441,7 +444,6 @@ Status FileAuditSink::start() {
         wallNs());
     enqueue(std::move(p));
   }
-  durable_ = seq_;
   writer_ = std::thread([this] {
     nameThisThread("tg-audit");
     run();

@@ -113,6 +113,56 @@ TEST(FileSinkTest, ATornFinalRecordAtEveryOffsetIsMovedAsideAndRecorded) {
   fs::remove_all(base);
 }
 
+// After a torn tail is moved aside, the recovery record is not durable until it is written,
+// and durableSeq() counts exactly what is on disk: a call whose record is not is never
+// taken for durable (it would be forwarded before its record could survive a crash).
+TEST(FileSinkTest, AfterATornTailDurableSeqCountsOnlyWhatIsOnDisk) {
+  fs::path base =
+      fs::temp_directory_path() / ("tollgate-torn-durable-" + std::to_string(::getpid()));
+  fs::remove_all(base);
+  {
+    auto sink = FileAuditSink::open({base.string()});
+    ASSERT_TRUE(sink) << sink.error().message;
+    for (int i = 0; i < 5; ++i) {
+      AuditRecord r;
+      r.agent = "agent-" + std::to_string(i);
+      r.decision = "allow";
+      sink.value()->append(r);
+    }
+  }  // sealed: record 6 is the closing checkpoint
+  auto segs = auditSegments(base.string());
+  ASSERT_EQ(segs.size(), 1u);
+  auto data = readFile(segs[0]).value();
+  auto lines = readAuditLog(base.string()).value();
+  ASSERT_EQ(lines.size(), 6u);
+  fs::resize_file(segs[0], data.size() - lines.back().size() / 2);  // the checkpoint torn
+  FileAuditSink::Options options(base.string());
+  options.lazySync = std::chrono::seconds(30);  // nothing is written unless waited for
+  auto sink = FileAuditSink::open(options);
+  ASSERT_TRUE(sink) << sink.error().message;
+  // Records 1-5 are on disk; 6, the recovery record, is queued.
+  EXPECT_EQ(sink.value()->durableSeq(), 5u);
+  AuditRecord r;
+  r.agent = "after";
+  r.decision = "allow";
+  uint64_t seq = sink.value()->append(r);
+  ASSERT_EQ(seq, 7u);
+  ASSERT_TRUE(sink.value()->waitDurable(seq, std::chrono::seconds(10)));
+  EXPECT_EQ(sink.value()->durableSeq(), 7u);
+  r.agent = "batched";
+  uint64_t next = sink.value()->append(r);  // kBatched: waits for a later sync
+  EXPECT_EQ(next, 8u);
+  EXPECT_LT(sink.value()->durableSeq(), next);
+  size_t onDisk = 0;
+  ASSERT_TRUE(forEachAuditLine(base.string(), [&](std::string&, const std::string&, size_t) {
+    ++onDisk;
+    return true;
+  }));
+  EXPECT_EQ(onDisk, sink.value()->durableSeq());
+  sink.value().reset();
+  fs::remove_all(base);
+}
+
 // A log of many segments is read back a line at a time at start: it resumes where it
 // was (seq, chain, tail), and a record changed in a middle segment stops the start with that
 // segment's name and the record's number.
