@@ -161,13 +161,16 @@ std::optional<int> streamVerified(const std::string& dir, const Trust& trust, st
     return printInvalid(out, dir, 0, nullptr, "an empty keyring trusts no key");
   ChainVerifier verifier(trust.first(), trust.pinned ? &*trust.pinned : nullptr);
   LineAt bad;
-  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
-    if (!verifier.add(line)) {
-      bad = {segment, n};
-      return false;
-    }
-    return fn(line, segment, n);
-  });
+  auto read = forEachAuditLine(
+      dir,
+      [&](std::string& line, const std::string& segment, size_t n) {
+        if (!verifier.add(line)) {
+          bad = {segment, n};
+          return false;
+        }
+        return fn(line, segment, n);
+      },
+      UnfinishedLine::kSkipWhenLive);
   if (!read) {
     std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
     return 2;
@@ -358,7 +361,8 @@ int auditProve(const std::vector<std::string_view>& args, std::FILE* out, std::F
   auto sealed = prover.sealed();
   if (sealed) {
     auto read = forEachAuditLine(
-        dir, [&](std::string& line, const std::string&, size_t) { return prover.hash(line); });
+        dir, [&](std::string& line, const std::string&, size_t) { return prover.hash(line); },
+        UnfinishedLine::kSkipWhenLive);
     if (!read) {
       std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
       return 2;
@@ -505,12 +509,15 @@ int auditReport(const std::vector<std::string_view>& args, std::FILE* out, std::
   ChainVerifier verifier(trust->first());
   AuditSummarizer summarizer(ctx.fromNs, ctx.toNs, gapNs);
   LineAt bad;
-  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
-    if (verifier.verdict().ok && !verifier.add(line)) bad = {segment, n};
-    auto r = nlohmann::json::parse(line, nullptr, false);
-    if (!r.is_discarded() && r.is_object()) summarizer.add(r);
-    return true;
-  });
+  auto read = forEachAuditLine(
+      dir,
+      [&](std::string& line, const std::string& segment, size_t n) {
+        if (verifier.verdict().ok && !verifier.add(line)) bad = {segment, n};
+        auto r = nlohmann::json::parse(line, nullptr, false);
+        if (!r.is_discarded() && r.is_object()) summarizer.add(r);
+        return true;
+      },
+      UnfinishedLine::kSkipWhenLive);
   if (!read) {
     std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
     return 2;

@@ -5,11 +5,13 @@
 #include <openssl/rand.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>  // RWF_DSYNC
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -201,13 +203,44 @@ bool AuditSegmentReader::next(std::string& line, bool partial) {
   }
 }
 
-Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn) {
+bool auditLogIsLive(const std::string& dir) {
+  struct stat st {};
+  if (::stat((fs::path(dir) / "LOCK").c_str(), &st) != 0) return false;
+  auto text = readFile("/proc/locks");
+  if (!text) return false;
+  // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF": major:minor (hex):inode.
+  std::string_view all = text.value();
+  while (!all.empty()) {
+    auto nl = all.find('\n');
+    std::string_view line = all.substr(0, nl);
+    all = nl == std::string_view::npos ? std::string_view() : all.substr(nl + 1);
+    if (line.find("FLOCK") == std::string_view::npos || line.find("->") != std::string_view::npos)
+      continue;  // "->": a process waiting for the lock, not holding it
+    unsigned major = 0, minor = 0;
+    unsigned long long inode = 0;
+    for (size_t at = line.find(':'); at != std::string_view::npos; at = line.find(':', at + 1)) {
+      size_t start = line.rfind(' ', at);
+      std::string field(line.substr(start + 1, line.find(' ', at) - start - 1));
+      if (std::sscanf(field.c_str(), "%x:%x:%llu", &major, &minor, &inode) == 3 &&
+          inode == st.st_ino && major == ::major(st.st_dev) && minor == ::minor(st.st_dev))
+        return true;
+    }
+  }
+  return false;
+}
+
+Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn, UnfinishedLine unfinished) {
+  auto segs = segments(dir);
+  bool skipUnfinished = unfinished == UnfinishedLine::kSkipWhenLive && auditLogIsLive(dir);
   // A line at a time: a segment of any size streams through.
-  for (const auto& seg : segments(dir)) {
+  for (const auto& seg : segs) {
     std::string name = seg.filename().string(), line;
     AuditSegmentReader reader(seg.string());
-    // A last line without its newline (a torn write) is a line too.
-    for (size_t n = 1; reader.next(line); ++n) {
+    // A last line without its newline (a torn write) is a line too, except in the segment a
+    // live sidecar writes: there it is a batch being written (an O_DIRECT write is not
+    // atomic for a reader), not yet a record.
+    bool partial = !(skipUnfinished && seg == segs.back());
+    for (size_t n = 1; reader.next(line, partial); ++n) {
       if (!fn(line, name, n)) return Status::success();
     }
     if (!reader.ok()) return Error{-1, reader.error()};

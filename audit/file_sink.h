@@ -236,8 +236,15 @@ Result<std::vector<std::string>> readAuditSegment(const std::string& path);
 // Calls fn(line, segment file name, line number within the segment) for every line of a log
 // directory in order, read in chunks (memory: one chunk and the longest line), until fn
 // returns false (the line may be moved from). Error: an unreadable segment.
+// A last line without its newline is a line too (a torn write), unless `unfinished` is
+// kSkipWhenLive and a sidecar writes the log now: then it is the record being written.
 using AuditLineFn = std::function<bool(std::string& line, const std::string& segment, size_t n)>;
-Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn);
+enum class UnfinishedLine { kRead, kSkipWhenLive };
+Status forEachAuditLine(const std::string& dir, const AuditLineFn& fn,
+                        UnfinishedLine unfinished = UnfinishedLine::kRead);
+// Whether a process holds the log's LOCK now (a sidecar writing it), seen in /proc/locks
+// without taking the lock (which could make a sidecar starting then refuse the log).
+bool auditLogIsLive(const std::string& dir);
 
 // The seq of a record line (0: not a record).
 uint64_t auditRecordSeq(std::string_view line);

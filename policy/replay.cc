@@ -195,47 +195,51 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
   // Streamed a line at a time: a log of any length replays.
   uint64_t at = 0;
   bool notJson = false;
-  auto read = forEachAuditLine(dir, [&](std::string& line, const std::string&, size_t) {
-    ++at;
-    Json r = Json::parse(line, nullptr, false);
-    if (r.is_discarded() || !r.is_object()) {
-      notJson = true;
-      return false;
-    }
-    if (stringField(r, "kind") != "call") return true;
-    RecordedCall c;
-    // verifyChain() checks these types; replay reads an unverified log without throwing.
-    if (r.contains("seq") && r["seq"].is_number_unsigned()) c.seq = r["seq"].get<uint64_t>();
-    if (r.contains("ts_ns") && r["ts_ns"].is_number_integer()) c.tsNs = r["ts_ns"].get<int64_t>();
-    c.agent = stringField(r, "agent");
-    c.method = stringField(r, "method");
-    c.authority = stringField(r, "authority");
-    c.path = stringField(r, "path");
-    c.decision = stringField(r, "decision");
-    c.rule = stringField(r, "rule");
-    c.digest = stringField(r, "policy_digest");
-    ReplayResult res;
-    if (given) {
-      res = replayCall(c, given.get());
-    } else {
-      const Archived& a = setFor(c.digest);
-      res = replayCall(c, a.set.get(), a.missing);
-    }
-    if (!res.replayable) {
-      ++skipped;
-      ++why[res.whyNot];
-      return true;
-    }
-    ++replayed;
-    if (res.differs) {
-      ++differ;
-      std::fprintf(out, "seq %llu: recorded %s by %s, replayed %s by %s (%s %s %s%s)\n",
-                   static_cast<unsigned long long>(c.seq), c.decision.c_str(), c.rule.c_str(),
-                   res.decision.c_str(), res.rule.c_str(), c.agent.c_str(), c.method.c_str(),
-                   c.authority.c_str(), c.path.c_str());
-    }
-    return true;
-  });
+  auto read = forEachAuditLine(
+      dir,
+      [&](std::string& line, const std::string&, size_t) {
+        ++at;
+        Json r = Json::parse(line, nullptr, false);
+        if (r.is_discarded() || !r.is_object()) {
+          notJson = true;
+          return false;
+        }
+        if (stringField(r, "kind") != "call") return true;
+        RecordedCall c;
+        // verifyChain() checks these types; replay reads an unverified log without throwing.
+        if (r.contains("seq") && r["seq"].is_number_unsigned()) c.seq = r["seq"].get<uint64_t>();
+        if (r.contains("ts_ns") && r["ts_ns"].is_number_integer())
+          c.tsNs = r["ts_ns"].get<int64_t>();
+        c.agent = stringField(r, "agent");
+        c.method = stringField(r, "method");
+        c.authority = stringField(r, "authority");
+        c.path = stringField(r, "path");
+        c.decision = stringField(r, "decision");
+        c.rule = stringField(r, "rule");
+        c.digest = stringField(r, "policy_digest");
+            ReplayResult res;
+        if (given) {
+          res = replayCall(c, given.get());
+        } else {
+          const Archived& a = setFor(c.digest);
+          res = replayCall(c, a.set.get(), a.missing);
+        }
+        if (!res.replayable) {
+          ++skipped;
+          ++why[res.whyNot];
+          return true;
+        }
+        ++replayed;
+        if (res.differs) {
+          ++differ;
+          std::fprintf(out, "seq %llu: recorded %s by %s, replayed %s by %s (%s %s %s%s)\n",
+                       static_cast<unsigned long long>(c.seq), c.decision.c_str(), c.rule.c_str(),
+                       res.decision.c_str(), res.rule.c_str(), c.agent.c_str(), c.method.c_str(),
+                       c.authority.c_str(), c.path.c_str());
+        }
+        return true;
+      },
+      UnfinishedLine::kSkipWhenLive);
   if (!read) {
     std::fprintf(err, "tollgate: %s\n", read.error().message.c_str());
     return 2;

@@ -354,6 +354,26 @@ class AuditTamperTest(unittest.TestCase):
             self.assertValid(d)
             shutil.rmtree(d)
 
+    def test_a_record_being_written_is_not_taken_for_a_torn_one_while_the_log_is_live(self):
+        """A sidecar writing the log holds its LOCK; a reader may then see a batch half
+        written (an O_DIRECT write is not atomic for it). verify, prove, report and replay
+        leave that unfinished last line out while the lock is held, and verify
+        judges it as a torn write when no one holds it."""
+        import fcntl
+        d = self.copy()
+        with open(segments(d)[-1], "ab") as f:
+            f.write(b'{"agent":"being-written","authority":"127.0.0.1:1')  # no newline
+        self.assertInvalid(d, "")
+        with open(os.path.join(d, "LOCK"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            out = self.assertValid(d)
+            self.assertIn(f"ok: {len(self.lines)} records", out)
+            r = run("replay", d)
+            self.assertNotIn("not JSON", r.stdout + r.stderr)
+            self.assertIn(r.returncode, (0, 1), r.stdout + r.stderr)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        self.assertInvalid(d, "")
+
     def test_a_bit_flip_in_the_final_checkpoint_fails(self):
         """Every byte of the smallest real log's final checkpoint, with the newlines on either
         side (no later record links it: only its signature protects it), each with one bit
