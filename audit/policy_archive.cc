@@ -54,8 +54,10 @@ Result<ArchivedFiles> readPolicyArchive(const std::string& auditDir, const std::
   auto text = readFile(path);
   if (!text) return Error{-1, "archive missing: " + path};
   Json doc = Json::parse(text.value(), nullptr, false);
+  // Every check by type first: an archive edited by hand must be refused, not throw.
   if (doc.is_discarded() || !doc.is_object() || !doc.contains("files") ||
-      !doc["files"].is_array() || doc.value("digest", "") != digest)
+      !doc["files"].is_array() || !doc.contains("digest") || !doc["digest"].is_string() ||
+      doc["digest"].get<std::string>() != digest)
     return Error{-1, "not an archive of " + digest + ": " + path};
   ArchivedFiles out;
   for (const auto& f : doc["files"]) {

@@ -76,6 +76,14 @@ ReplayResult replayCall(const RecordedCall& call, const PolicySet* set,
   // Decisions that did not come from the rules alone.
   if (call.rule.starts_with("http."))
     return notReplayable("malformed request (not decided by policy)");
+  // The proxy's own checks: a CONNECT intercepted (its requests are decided one by one), a
+  // TLS name or a transparent destination that disagrees with Host. No rule decided them.
+  if (call.rule.starts_with("tls.") || call.rule.starts_with("transparent."))
+    return notReplayable("decided by the proxy, not by policy rules");
+  // A body the proxy could not read safely (duplicate keys, bad JSON, too deep) halts it;
+  // the record has the body's hash only.
+  if (call.rule == "extract" && call.hadBody)
+    return notReplayable("needed a body the record does not carry");
   if (call.rule == "budget") return notReplayable("budget pool (stateful)");
   if (call.rule == "cascade") return notReplayable("cascade quarantine (stateful)");
   if (call.rule == "breaker") return notReplayable("circuit breaker (stateful)");
@@ -217,7 +225,8 @@ int auditReplay(const std::vector<std::string_view>& args, std::FILE* out, std::
         c.decision = stringField(r, "decision");
         c.rule = stringField(r, "rule");
         c.digest = stringField(r, "policy_digest");
-            ReplayResult res;
+        c.hadBody = !stringField(r, "params_sha256").empty();
+        ReplayResult res;
         if (given) {
           res = replayCall(c, given.get());
         } else {

@@ -29,6 +29,7 @@ struct RecordedCall {
   uint64_t seq = 0;
   int64_t tsNs = 0;
   std::string agent, method, authority, path, decision, rule, digest;
+  bool hadBody = false;  // the proxy read its body (the record has params_sha256)
 };
 
 struct ReplayResult {

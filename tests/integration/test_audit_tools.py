@@ -166,6 +166,13 @@ class AuditToolsTest(unittest.TestCase):
         r = run("replay", d)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn(f"5 calls replayed, 0 differ, 6 not replayable (6 archive missing for {self.first})", r.stdout)
+        # An archive edited into another shape is refused like a missing one, not a crash.
+        doc["digest"] = 1
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        r = run("replay", d)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("5 calls replayed, 0 differ, 6 not replayable", r.stdout)
 
     def test_replay_against_a_new_policy(self):
         changed = os.path.join(self.work, "c.yaml")

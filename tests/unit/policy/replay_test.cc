@@ -91,6 +91,26 @@ TEST_F(ReplayTest, StateBodiesAndMissingSetsAreNotReplayable) {
   EXPECT_FALSE(r.replayable);
 }
 
+// What the proxy decided by itself, and a body it could not read, are not replayed: with
+// the same policy they would be listed as differences.
+TEST_F(ReplayTest, TheProxysOwnDecisionsAndUnreadableBodiesAreNotReplayable) {
+  auto r = replayCall(recorded("a-1", "CONNECT", "kb.internal:443", "allow", "tls.intercept"),
+                      set.get());
+  EXPECT_FALSE(r.replayable);
+  EXPECT_EQ(r.whyNot, "decided by the proxy, not by policy rules");
+  r = replayCall(recorded("a-1", "GET", "kb.internal:80", "halt", "transparent.host_mismatch"),
+                 set.get());
+  EXPECT_EQ(r.whyNot, "decided by the proxy, not by policy rules");
+  // A GET to kb.internal reads no body: an extract halt there is the path's, replayable.
+  auto withBody = recorded("a-1", "GET", "kb.internal:80", "halt", "extract");
+  withBody.hadBody = true;
+  r = replayCall(withBody, set.get());
+  EXPECT_EQ(r.whyNot, "needed a body the record does not carry");
+  r = replayCall(recorded("a-1", "GET", "kb.internal:80", "halt", "extract"), set.get());
+  EXPECT_TRUE(r.replayable);
+  EXPECT_TRUE(r.differs);  // the path /x extracts cleanly now: allowed by reads
+}
+
 TEST(PolicyArchiveTest, ARoundTripReloadsTheSameDigest) {
   auto dir =
       std::filesystem::temp_directory_path() / ("tollgate-archive-" + std::to_string(::getpid()));
