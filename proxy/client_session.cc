@@ -157,15 +157,45 @@ std::string peerIdentity(SSL* ssl, bool sanUri) {
   return out;
 }
 
-// The route of a reverse listener for host and path: the longest matching path prefix.
+// Whether the request's Upgrade asks for WebSocket (RFC 6455 4.1), among what it lists.
+bool isWebSocketUpgrade(const HttpHead& head) {
+  for (size_t i = 0; i < head.size(); ++i) {
+    if (!equalsIgnoreCase(head.name(i), "upgrade")) continue;
+    std::string_view v = head.value(i);
+    while (!v.empty()) {
+      auto comma = v.find(',');
+      std::string_view token = v.substr(0, comma);
+      while (!token.empty() && (token.front() == ' ' || token.front() == '\t'))
+        token.remove_prefix(1);
+      while (!token.empty() && (token.back() == ' ' || token.back() == '\t'))
+        token.remove_suffix(1);
+      if (equalsIgnoreCase(token, "websocket")) return true;
+      if (comma == std::string_view::npos) break;
+      v.remove_prefix(comma + 1);
+    }
+  }
+  return false;
+}
+
+// The route of a reverse listener for host and path. The host first, as a virtual server is
+// chosen: its exact name, else the longest `*.suffix` that matches, else `*`; then, among
+// that host's routes, the longest path prefix (a plain string prefix, as nginx's). So a `*`
+// route never takes a request meant for a host that has routes of its own.
 const RouteConfig* findRoute(const std::vector<RouteConfig>& routes, std::string_view host,
                              std::string_view path) {
+  auto hostRank = [&](const std::string& h) -> size_t {  // 0: no match
+    if (h == host) return std::string::npos;
+    if (h.starts_with("*.") && host.size() > h.size() - 1 &&
+        host.ends_with(std::string_view(h).substr(1)))
+      return h.size();  // a longer suffix is more specific
+    return h == "*" ? 1 : 0;
+  };
+  size_t bestHost = 0;
+  for (const auto& r : routes) bestHost = std::max(bestHost, hostRank(r.host));
+  if (bestHost == 0) return nullptr;
   const RouteConfig* best = nullptr;
   for (const auto& r : routes) {
-    bool hostOk = r.host == "*" || r.host == host ||
-                  (r.host.starts_with("*.") && host.size() > r.host.size() - 1 &&
-                   host.ends_with(std::string_view(r.host).substr(1)));
-    if (!hostOk || !path.starts_with(r.pathPrefix)) continue;
+    if (hostRank(r.host) != bestHost || !path.starts_with(r.pathPrefix)) continue;
     if (!best || r.pathPrefix.size() > best->pathPrefix.size()) best = &r;
   }
   return best;
@@ -384,6 +414,9 @@ void ClientSession::readClient(std::string_view data) {
   }
   if (blindTls_ && phase_ != Phase::kTunnel) {
     pendingIn_.append(data);  // TLS for a passthrough host, relayed once it is allowed
+    // The rest waits in the socket until the tunnel opens (updateReading() reads no client
+    // while deciding or connecting), so a client cannot fill memory meanwhile.
+    updateReading();
     return;
   }
   switch (phase_) {
@@ -458,6 +491,9 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     s.headReady_ = true;
     return 0;
   }
+  // The agent first: a request refused below (no route, a bad target, too large) is
+  // recorded against the agent that sent it, not as anonymous.
+  s.identify();
   if (s.intercept_) {
     bool mismatch = false;
     if (!parseTunnelTarget(head, s.intercept_->host, s.interceptPort_, s.target_, reason,
@@ -483,7 +519,8 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
                            ", the CONNECT was to " + s.target_.key;
     }
   } else if (s.listener_.config.kind == "reverse") {
-    if (!parseReverseTarget(head, s.listener_.tls != nullptr, s.target_, reason)) {
+    if (!parseReverseTarget(head, s.listener_.tls != nullptr, s.listener_.boundPort, s.target_,
+                            reason)) {
       p.fail(400, reason);
       return -1;
     }
@@ -498,6 +535,13 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   if (s.target_.scheme != "tunnel") {
     auto q = s.target_.pathQuery.find('?');
     auto normal = Extractor::normalisePath(std::string_view(s.target_.pathQuery).substr(0, q));
+    if (!normal && s.listener_.config.kind == "reverse") {
+      // A reverse listener scopes calls by path prefix: a path it cannot normalise could
+      // climb out of its route at the upstream (`/public/../admin/%FF`), and without
+      // policies nothing else would look at it.
+      p.fail(400, "the path cannot be normalised: " + normal.error().message);
+      return -1;
+    }
     if (normal) {
       // The policy matched UTF-8 decoded; on the wire a path is ASCII (RFC 3986), so those
       // bytes go out escaped again, as most agents sent them.
@@ -545,9 +589,12 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     }
   }
   s.headReady_ = true;
-  s.identify();
   s.requestChunked_ = p.chunked();
-  s.isUpgrade_ = p.upgrade() && head.method != HTTP_CONNECT;
+  // Only WebSocket is tunnelled: what it carries is one conversation with the tool the
+  // upgrade request was decided for. Another protocol (h2c: every HTTP/2 request after the
+  // 101 would pass undecided) is not offered to the upstream: Upgrade is hop-by-hop, so the
+  // request goes on as plain HTTP/1.1, and a 101 to it is refused.
+  s.isUpgrade_ = p.upgrade() && head.method != HTTP_CONNECT && isWebSocketUpgrade(head);
   // An HTTP/1.0 client is never sent a 100 (RFC 9110, 10.1.1: the expectation is ignored).
   if (auto expect = head.find("expect"); expect && (head.versionMajor > 1 || head.versionMinor > 0))
     s.expectContinue_ = equalsIgnoreCase(*expect, "100-continue");
@@ -860,7 +907,7 @@ void ClientSession::refuse(const Decision& d) {
 
 void ClientSession::connectUpstream() {
   phase_ = Phase::kConnecting;
-  if (!retried_) {
+  if (!retried_ && !hostUnverified_) {
     if (auto idle = worker_.pool().take(poolKey())) {
       attachUpstream(std::move(idle), true);
       return;
@@ -1389,7 +1436,7 @@ void ClientSession::onUpstreamTimer() {
 void ClientSession::releaseUpstream(bool reusable) {
   upstreamTimer_->stop();
   if (!upstream_) return;
-  if (reusable) worker_.pool().put(poolKey(), std::move(upstream_));
+  if (reusable && !hostUnverified_) worker_.pool().put(poolKey(), std::move(upstream_));
   upstream_.reset();
 }
 
@@ -1506,7 +1553,7 @@ void ClientSession::resetExchange() {
   status_ = 0;
   headReady_ = requestDone_ = expectContinue_ = isUpgrade_ = discardBody_ = requestChunked_ = false;
   upstreamReused_ = retried_ = responseStarted_ = responseChunked_ = responseCloseDelimited_ =
-      false;
+      hostUnverified_ = false;
   responseDone_ = interim_ = noResponseBody_ = sawBytes_ = false;
   requestKeepAlive_ = true;
   phase_ = Phase::kHead;

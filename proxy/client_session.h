@@ -190,6 +190,10 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool requestChunked_ = false;
   bool upstreamReused_ = false;
   bool retried_ = false;
+  // Transparent, observe mode: Host does not name the dialled address, yet the call goes on
+  // (to the dialled address). Its connection is neither taken from nor given to the pool,
+  // whose keys are host names: another agent's call to that name must not reach it.
+  bool hostUnverified_ = false;
   bool parsing_ = false;
   bool adminWaiting_ = false;     // an admin answer waits for AdminApi::prepare()
   bool parserPaused_ = false;     // the request parser stopped after a complete request

@@ -174,6 +174,7 @@ void ClientSession::onTransparentHost(int status, const std::vector<sockaddr_sto
     reason += "it resolves to";
     for (const auto& a : addrs) reason += " " + formatAddress(a, false);
   }
+  hostUnverified_ = true;  // observe mode forwards it anyway: not through the pool
   Decision d;
   d.verdict = Verdict::kHalt;
   d.rule = "transparent.host_mismatch";

@@ -205,7 +205,8 @@ bool parseTarget(const HttpHead& head, Target& out, std::string& reason) {
   return true;
 }
 
-bool parseReverseTarget(const HttpHead& head, bool tls, Target& out, std::string& reason) {
+bool parseReverseTarget(const HttpHead& head, bool tls, uint16_t port, Target& out,
+                        std::string& reason) {
   std::string_view url = head.url();
   if (head.method == HTTP_CONNECT || !url.starts_with('/')) {
     reason = "a reverse listener takes origin-form requests only";
@@ -220,6 +221,7 @@ bool parseReverseTarget(const HttpHead& head, bool tls, Target& out, std::string
     reason = "invalid Host header";
     return false;
   }
+  out.port = port != 0 ? port : tls ? 443 : 80;
   out.pathQuery.assign(url);
   out.key = formatHostPort(out.host, out.port);
   return true;

@@ -39,7 +39,10 @@ bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16
 
 // A request to a reverse listener: origin-form with a Host (the public name of the tool),
 // default port 443 with TLS, else 80. The upstream is the route's, set by the caller.
-bool parseReverseTarget(const HttpHead& head, bool tls, Target& out, std::string& reason);
+// The port is the listener's (`port`, 0: the scheme's default), whatever Host says: routes,
+// breakers and the audit's authority must not depend on a port the agent makes up.
+bool parseReverseTarget(const HttpHead& head, bool tls, uint16_t port, Target& out,
+                        std::string& reason);
 
 // Parses "host[:port]" (port optional when defaultPort != 0). Lower-cases the host.
 bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& host, uint16_t& port);

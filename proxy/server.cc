@@ -216,6 +216,7 @@ Status Server::bindListeners(unsigned workers) {
       rt.fds.push_back(*fd);
     }
     rt.boundAddress = formatHostPort(addr.host, addr.port);
+    rt.boundPort = addr.port;
     rt.workers = count;
     return Status::success();
   };

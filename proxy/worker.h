@@ -36,6 +36,7 @@ struct ListenerRuntime {
   Metrics::Listener* metrics = nullptr;
   SSL_CTX* tls = nullptr;  // a reverse listener's TLS (TlsContexts owns it); null: plain
   std::string boundAddress;
+  uint16_t boundPort = 0;
   // One listening socket per worker (admin: worker 0 only); -1 once the worker's loop owns it.
   std::vector<int> fds;
   unsigned workers = 0;

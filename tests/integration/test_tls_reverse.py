@@ -12,7 +12,7 @@ import unittest
 
 from audit_log import read_lines
 from tls_fixtures import TestPki, server_context
-from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for
 
 POLICY = """
 apiVersion: tollgate/v1
@@ -152,7 +152,8 @@ class ReverseTest(unittest.TestCase):
         rc, out, err = self.get("bearer", "other.test", "/hello", "-k", "-H", f"Authorization: Bearer {TOKEN}")
         status, _, body = parse_response(out)
         self.assertEqual((status, json.loads(body)["error"]), (404, "no_route"))
-        self.assertTrue(self.records(rule="http.no_route", decision="halt"))
+        # Recorded against the agent that sent it, not as anonymous.
+        self.assertTrue(self.records(rule="http.no_route", decision="halt", agent="agent-bearer"))
 
 
     def test_a_server_name_with_its_trailing_dot_is_the_same_host(self):
@@ -196,6 +197,61 @@ class ReverseConfigTest(unittest.TestCase):
         self.check(dict(base, routes=[{"upstream": "http://x:1"}],
                         tls={"certificates": [{"cert": "no.pem", "key": "no.key"}], "require_client_cert": True}),
                    {"msg": "tls.require_client_cert: needs tls.client_ca"})
+
+
+class ReverseRoutingTest(unittest.TestCase):
+    """A plain-HTTP reverse listener on hosts: lists (no policies): only its routes scope
+    what reaches the upstreams, so route choice, paths and Host ports are checked here."""
+
+    def setUp(self):
+        self.mine = HttpOrigin().__enter__()
+        self.catch_all = HttpOrigin().__enter__()
+        routes = [
+            # Listed first, with the longer prefix: it must still not take tickets.example.
+            {"host": "*", "path_prefix": "/public/very/long/", "upstream": f"http://127.0.0.1:{self.catch_all.port}"},
+            {"host": "tickets.example", "path_prefix": "/public/", "upstream": f"http://127.0.0.1:{self.mine.port}"},
+        ]
+        self.tg = Tollgate({"hosts": {"allow": ["tickets.example", "other.example"]},
+                            "listeners": [{"name": "egress", "kind": "reverse", "address": "127.0.0.1:0",
+                                           "routes": routes}]}).__enter__()
+        self.port = self.tg.proxy_port
+
+    def tearDown(self):
+        self.tg.__exit__(None, None, None)
+        self.mine.__exit__(None, None, None)
+        self.catch_all.__exit__(None, None, None)
+
+    def send(self, host, path):
+        out, _ = raw_exchange(self.port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return parse_response(out)
+
+    def test_the_host_is_chosen_before_the_longest_prefix(self):
+        self.send("tickets.example", "/public/very/long/x")
+        self.send("other.example", "/public/very/long/x")
+        self.assertEqual([r[1] for r in self.mine.requests], ["/public/very/long/x"])
+        self.assertEqual([r[1] for r in self.catch_all.requests], ["/public/very/long/x"])
+        # A path of tickets.example outside its routes is not handed to the * route.
+        status, _, body = self.send("tickets.example", "/private/very/long/x")
+        self.assertEqual(status, 404, body)
+
+    def test_a_path_that_cannot_be_normalised_does_not_leave_its_route(self):
+        for path in ("/public/../admin/%FF", "/public/..%2Fadmin", "/public/../admin%00"):
+            status, _, body = self.send("tickets.example", path)
+            self.assertEqual(status, 400, (path, body))
+            self.assertIn("cannot be normalised", json.loads(body)["reason"])
+        self.assertEqual(self.mine.requests, [])
+        self.assertEqual(self.catch_all.requests, [])
+        # The normalised ones still go, with the path the route was chosen for.
+        self.send("tickets.example", "/public/a/../b")
+        self.assertEqual([r[1] for r in self.mine.requests], ["/public/b"])
+
+    def test_a_port_in_host_is_not_trusted(self):
+        for host in ("tickets.example", "tickets.example:1", f"tickets.example:{self.port}"):
+            self.send(host, "/public/x")
+        lines = wait_for(lambda: (lambda ls: ls if len(ls) == 3 else None)(
+            [json.loads(l) for l in read_lines(os.path.join(self.tg.dir, "var", "audit"))
+             if '"kind":"call"' in l and "/public/x" in l]), timeout=5, what="three call records")
+        self.assertEqual({r["authority"] for r in lines}, {f"tickets.example:{self.port}"})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """CONNECT tunnels to a TLS origin and WebSocket-style upgrades."""
 import json
 import socket
+import socketserver
+import threading
 import time
 import unittest
 
@@ -49,6 +51,63 @@ class TunnelTest(unittest.TestCase):
                     got += chunk
                 self.assertEqual(got, message)
             s.close()
+
+    def test_an_upgrade_to_another_protocol_than_websocket_is_not_sent_on(self):
+        """h2c after a 101 would carry HTTP/2 requests no one decides: the Upgrade is not
+        offered to the upstream, the call goes on as HTTP/1.1 on a connection that stays
+        usable, and a 101 the upstream sends anyway is refused."""
+        heads = []
+
+        class AnyUpgrade(socketserver.BaseRequestHandler):
+            def handle(self):
+                data = b""
+                while True:
+                    while b"\r\n\r\n" not in data:
+                        chunk = self.request.recv(4096)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, _, data = data.partition(b"\r\n\r\n")
+                    heads.append(head.lower())
+                    if b"\r\nupgrade:" in head.lower() or b"/force-101" in head:
+                        self.request.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                                             b"Connection: Upgrade\r\n\r\n")
+                        return
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), AnyUpgrade)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        try:
+            with Tollgate() as tg:
+                s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
+                req = (b"GET http://127.0.0.1:%d/a HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                       b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+                s.sendall(req % (port, port))
+                data = b""
+                while not data.endswith(b"plain"):
+                    chunk = s.recv(4096)
+                    self.assertTrue(chunk, data)
+                    data += chunk
+                self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+                self.assertNotIn(b"upgrade", heads[0])
+                # The connection goes on as HTTP/1.1.
+                s.sendall(b"GET http://127.0.0.1:%d/b HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port))
+                data = b""
+                while not data.endswith(b"plain"):
+                    chunk = s.recv(4096)
+                    self.assertTrue(chunk, data)
+                    data += chunk
+                self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+                s.close()
+                out, _ = raw_exchange(tg.proxy_port, b"GET http://127.0.0.1:%d/force-101 HTTP/1.1\r\n"
+                                      b"Host: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n" % (port, port),
+                                      read_until_close=False)
+                self.assertEqual(parse_response(out)[0], 502, out)
+        finally:
+            server.shutdown()
+            server.server_close()
 
     def test_upgrade_to_a_denied_host_is_halted(self):
         with Tollgate({"hosts": {"allow": [], "deny": ["*"]}}) as tg:

@@ -132,14 +132,29 @@ TEST(ParseReverseTarget, HostNamesTheToolAndTheDefaultPortFollowsTls) {
             HttpParser::State::kError);
   Target t;
   std::string reason;
-  ASSERT_TRUE(parseReverseTarget(p.head(), true, t, reason)) << reason;
+  ASSERT_TRUE(parseReverseTarget(p.head(), true, 0, t, reason)) << reason;
   EXPECT_EQ(t.key, "tickets.example:443");
-  ASSERT_TRUE(parseReverseTarget(p.head(), false, t, reason)) << reason;
+  ASSERT_TRUE(parseReverseTarget(p.head(), false, 0, t, reason)) << reason;
   EXPECT_EQ(t.key, "tickets.example:80");
   HttpParser q(HttpParser::Type::kRequest, l, n);
   ASSERT_NE(q.execute("GET http://x.example/ HTTP/1.1\r\nHost: x.example\r\n\r\n").state,
             HttpParser::State::kError);
-  EXPECT_FALSE(parseReverseTarget(q.head(), true, t, reason));
+  EXPECT_FALSE(parseReverseTarget(q.head(), true, 0, t, reason));
+}
+
+TEST(ParseReverseTarget, ThePortIsTheListenersWhateverHostSays) {
+  Noop n;
+  HttpParser::Limits l;
+  for (const char* host : {"tickets.example", "tickets.example:8443", "tickets.example:1"}) {
+    HttpParser p(HttpParser::Type::kRequest, l, n);
+    std::string req = std::string("GET /a HTTP/1.1\r\nHost: ") + host + "\r\n\r\n";
+    ASSERT_NE(p.execute(req).state, HttpParser::State::kError);
+    Target t;
+    std::string reason;
+    ASSERT_TRUE(parseReverseTarget(p.head(), true, 8443, t, reason)) << reason;
+    EXPECT_EQ(t.port, 8443) << host;
+    EXPECT_EQ(t.key, "tickets.example:8443") << host;
+  }
 }
 
 TEST(HopByHop, ConnectionNamedHeadersAreFound) {
