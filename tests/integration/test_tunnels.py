@@ -6,7 +6,8 @@ import threading
 import time
 import unittest
 
-from tollgate_harness import Tollgate, TlsOrigin, UpgradeEchoOrigin, curl, parse_response, raw_exchange
+from tollgate_harness import (Tollgate, TlsOrigin, UpgradeEchoOrigin, curl, parse_response, raw_exchange,
+                              recv_until)
 
 
 class TunnelTest(unittest.TestCase):
@@ -60,14 +61,10 @@ class TunnelTest(unittest.TestCase):
 
         class AnyUpgrade(socketserver.BaseRequestHandler):
             def handle(self):
-                data = b""
-                while True:
-                    while b"\r\n\r\n" not in data:
-                        chunk = self.request.recv(4096)
-                        if not chunk:
-                            return
-                        data += chunk
-                    head, _, data = data.partition(b"\r\n\r\n")
+                while True:  # one request at a time: the client waits for each answer
+                    head = recv_until(self.request, b"\r\n\r\n")
+                    if not head.endswith(b"\r\n\r\n"):
+                        return
                     heads.append(head.lower())
                     if b"\r\nupgrade:" in head.lower() or b"/force-101" in head:
                         self.request.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
@@ -85,21 +82,13 @@ class TunnelTest(unittest.TestCase):
                 req = (b"GET http://127.0.0.1:%d/a HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
                        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
                 s.sendall(req % (port, port))
-                data = b""
-                while not data.endswith(b"plain"):
-                    chunk = s.recv(4096)
-                    self.assertTrue(chunk, data)
-                    data += chunk
-                self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+                data = recv_until(s, b"plain")
+                self.assertTrue(data.startswith(b"HTTP/1.1 200") and data.endswith(b"plain"), data)
                 self.assertNotIn(b"upgrade", heads[0])
                 # The connection goes on as HTTP/1.1.
                 s.sendall(b"GET http://127.0.0.1:%d/b HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port))
-                data = b""
-                while not data.endswith(b"plain"):
-                    chunk = s.recv(4096)
-                    self.assertTrue(chunk, data)
-                    data += chunk
-                self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+                data = recv_until(s, b"plain")
+                self.assertTrue(data.startswith(b"HTTP/1.1 200") and data.endswith(b"plain"), data)
                 s.close()
                 out, _ = raw_exchange(tg.proxy_port, b"GET http://127.0.0.1:%d/force-101 HTTP/1.1\r\n"
                                       b"Host: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n" % (port, port),
