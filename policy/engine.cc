@@ -1,6 +1,7 @@
 #include "policy/engine.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <random>
 
@@ -45,10 +46,12 @@ Decision halt(std::string rule, std::string reason, const std::string& tool) {
 
 }  // namespace
 
+bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
+
 Engine::Engine(Clock clock) : clock_(clock ? std::move(clock) : Clock(wallMs)) {}
 
-bool Engine::conditionHolds(const Condition& c, const ToolCall& call, int64_t nowMs,
-                            std::string& error) const {
+bool Engine::conditionHolds(const Condition& c, const ToolCall& call, const nlohmann::json& params,
+                            int64_t nowMs, std::string& error) const {
   switch (c.kind) {
     case Condition::Kind::kFailures:
       return failuresWithin(call.agent(), c.window, nowMs) >= c.failures;
@@ -70,7 +73,7 @@ bool Engine::conditionHolds(const Condition& c, const ToolCall& call, int64_t no
   }
   // Parameter conditions: a missing parameter does not satisfy the condition (so it never
   // allows); a parameter of the wrong type is an error, and an error halts.
-  const nlohmann::json* v = call.params().is_null() ? nullptr : lookup(call.params(), c.param);
+  const nlohmann::json* v = params.is_null() ? nullptr : lookup(params, c.param);
   if (!v) return false;
   switch (c.kind) {
     case Condition::Kind::kCompare: {
@@ -100,6 +103,15 @@ bool Engine::conditionHolds(const Condition& c, const ToolCall& call, int64_t no
       return false;
     }
     case Condition::Kind::kIn: {
+      if (v->is_number()) {
+        // By value: 42, 42.0 and 4.2e1 are one number (as to the tools that read them).
+        double x = v->get<double>();
+        return std::any_of(c.values.begin(), c.values.end(), [&](const std::string& s) {
+          double y = 0;
+          auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), y);
+          return ec == std::errc() && end == s.data() + s.size() && y == x;
+        });
+      }
       std::string s = v->is_string() ? v->get<std::string>() : v->dump();
       return std::find(c.values.begin(), c.values.end(), s) != c.values.end();
     }
@@ -227,21 +239,20 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   // declares is an undeclared write.
   auto& subjects = subjects_;
   subjects.clear();
-  if (call.mcpTools().empty()) {
+  // A JSON-RPC body names the tools it calls. When the call was attributed to the MCP tool
+  // those names belong to, they are its subjects. Otherwise the tool its host, method and
+  // path chose stays a subject too: a JSON-RPC-shaped body must not take a DELETE to
+  // /admin/ out of its tool (and out of the halts on it). Each tools/call is a subject of
+  // its own, with its own arguments (below).
+  size_t firstMcp = 0;  // the index of the first tools/call's subject
+  if (call.attributedIsSubject()) {
     subjects.push_back({call.tool(), call.actionClass(), call.toolDef() != nullptr});
-  } else {
-    for (const auto& name : call.mcpTools()) {
-      Subject subject{"mcp:" + name, ActionClass::kWrite, false};
-      for (const auto& t : set.tools()) {
-        if (hostMatch(t.hosts.empty() ? "*" : t.hosts.front(), call.host()) &&
-            std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
-                        [&](const std::string& g) { return globMatch(g, name); })) {
-          subject = {t.name, t.actionClass, true};
-          break;
-        }
-      }
-      subjects.push_back(subject);
-    }
+    firstMcp = 1;
+  }
+  for (const auto& name : call.mcpTools()) {
+    const ToolDef* t = mcpToolOf(set, call, name);
+    subjects.push_back(t ? Subject{t->name, t->actionClass, true}
+                         : Subject{"mcp:" + name, ActionClass::kWrite, false});
   }
   // Candidate rules: those indexed under a subject's tool name, and those that name no
   // exact tool; walked in file order so the reported rule does not depend on the index.
@@ -256,13 +267,29 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     for (const auto& subject : subjects)
       matched |= fits(r, subject.tool, subject.cls, subject.declared);
     if (!matched) continue;
+    // The conditions, on the params of each subject the rule fits: the attributed tool's
+    // (the body's fields) and each tools/call's own arguments. An allow or approve holds
+    // when they hold for every one of them, a halt when they hold for any: a batch cannot
+    // hide a large payment behind a small one.
     bool holds = true;
     std::string error;
-    for (const auto& c : r.when) {
-      if (!conditionHolds(c, call, now, error)) {
-        holds = false;
-        break;
+    if (!r.when.empty()) {
+      bool any = false, all = true;
+      for (size_t i = 0; i < subjects.size() && error.empty(); ++i) {
+        if (!fits(r, subjects[i].tool, subjects[i].cls, subjects[i].declared)) continue;
+        const nlohmann::json& params =
+            i < firstMcp ? call.params() : call.mcpArguments()[i - firstMcp];
+        bool each = true;
+        for (const auto& c : r.when) {
+          if (!conditionHolds(c, call, params, now, error)) {
+            each = false;
+            break;
+          }
+        }
+        any |= each;
+        all &= each;
       }
+      holds = r.effect == Effect::kHalt ? any : all;
     }
     if (!error.empty()) {
       // A rule that cannot be evaluated halts, whatever its effect.

@@ -88,8 +88,9 @@ class Engine {
     bool declared;  // a tool of the set, not an undeclared host or MCP tool
     bool allowed = false;
   };
-  bool conditionHolds(const Condition& c, const ToolCall& call, int64_t nowMs,
-                      std::string& error) const;
+  // `params`: the fields the condition reads (the call's, or one tools/call's arguments).
+  bool conditionHolds(const Condition& c, const ToolCall& call, const nlohmann::json& params,
+                      int64_t nowMs, std::string& error) const;
   int failuresWithin(const std::string& agent, std::chrono::milliseconds window,
                      int64_t nowMs) const;
   void quarantineNeighbours(const PolicySet& set, const std::string& agent,

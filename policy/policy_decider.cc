@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <limits>
 
 #include "policy/redis_budget_store.h"
 
@@ -39,11 +40,25 @@ Result<std::unique_ptr<PolicyDecider>> PolicyDecider::create(std::vector<std::st
 }
 
 std::vector<Charge> PolicyDecider::chargesOf(const PolicySet& set, const ToolCall& call) const {
-  const ToolDef* tool = call.toolDef();
-  if (!tool || (tool->cost.effort == 0 && tool->cost.risk == 0)) return {};
+  // The cost of every subject of the call: its tool, and each tools/call of an MCP body (a
+  // batch of N charged calls costs N times, a mixed batch the sum of its tools).
+  int64_t effort = 0, risk = 0;
+  auto add = [](int64_t& sum, int64_t c) {
+    sum = c > 0 && sum > std::numeric_limits<int64_t>::max() - c
+              ? std::numeric_limits<int64_t>::max()
+              : sum + c;
+  };
+  auto charge = [&](const ToolDef* t) {
+    if (!t) return;
+    add(effort, t->cost.effort);
+    add(risk, t->cost.risk);
+  };
+  if (call.attributedIsSubject()) charge(call.toolDef());
+  for (const auto& name : call.mcpTools()) charge(mcpToolOf(set, call, name));
+  if (effort == 0 && risk == 0) return {};
   const AgentDef* agent = set.findAgent(call.agent());
   if (!agent || agent->pool.empty()) return {};
-  Charge c{agent->pool, tool->cost.effort, tool->cost.risk};
+  Charge c{agent->pool, effort, risk};
   // A pool with no budget on a dimension does not limit it: that part of the cost is not
   // charged (the store would otherwise halt every such call as budget_uninitialised).
   if (const PoolDef* pool = set.findPool(agent->pool)) {
@@ -118,7 +133,12 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
 
 size_t PolicyDecider::bodyNeeded(std::string_view host) const {
   auto set = set_.load();
-  return set->needsBody(host) ? set->maxBodyBytes() : 0;
+  // The host as the engine will match it: 167772167 or ::ffff:10.0.0.7 is 10.0.0.7, so a
+  // rule on 10.0.0.7's params must have the body read for them too. A host that has no
+  // canonical form is halted by the extractor; its body is read to no avail.
+  auto canonical = Extractor::canonicalHost(host);
+  std::string_view h = canonical ? std::string_view(canonical.value()) : host;
+  return set->needsBody(h) ? set->maxBodyBytes() : 0;
 }
 
 void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const Outcome& outcome) {

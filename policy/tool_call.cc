@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <set>
 
@@ -180,10 +181,33 @@ bool countKeys(std::string_view text, size_t& keys) {
 bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
 
 std::string ToolCall::fingerprint() const {
+  // The whole call as the human saw it: every MCP tool a batch calls, and the body read (not
+  // only the params of one tools/call: a batch or a form body must not ride on an approval
+  // given for another).
   std::string canon = agent_ + '\n' + scheme_ + '\n' + host_ + ':' + std::to_string(port_) + '\n' +
                       method_ + '\n' + path_ + '?' + query_ + '\n' + tool_ + '\n' +
-                      (params_.is_null() ? "" : params_.dump());
+                      (params_.is_null() ? "" : params_.dump()) + '\n';
+  for (const auto& name : mcpTools_) canon += name + ',';
+  canon += '\n' + bodyDigest_;
   return sha256Hex(canon, 16);
+}
+
+const ToolDef* mcpToolOf(const PolicySet& set, const ToolCall& call, std::string_view name) {
+  for (const auto& t : set.tools()) {
+    if (t.mcpTools.empty() ||
+        !std::any_of(t.hosts.begin(), t.hosts.end(),
+                     [&](const std::string& h) { return hostMatch(h, call.host()); }) ||
+        (!t.methods.empty() &&
+         std::find(t.methods.begin(), t.methods.end(), call.method()) == t.methods.end()) ||
+        (!t.paths.empty() &&
+         !std::any_of(t.paths.begin(), t.paths.end(),
+                      [&](const std::string& p) { return pathGlobMatch(p, call.path()); })))
+      continue;
+    if (std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
+                    [&](const std::string& g) { return globMatch(g, name); }))
+      return &t;
+  }
+  return nullptr;
 }
 
 Result<std::string> Extractor::canonicalHost(std::string_view host) {
@@ -304,11 +328,17 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
   tc.actionClass_ = classOfMethod(tc.method_);
 
   // The body: JSON params and MCP JSON-RPC, within the set's bounds.
+  nlohmann::json body(nlohmann::json::value_t::discarded);
+  // A body larger than the limit is refused even when none of it was kept (its first read
+  // was already over the limit): deciding it as bodiless would skip every params rule.
+  if (call.bodyAvailable && call.bodyTruncated)
+    return Error{-1, "request body larger than the policy's max_body_bytes"};
   if (call.bodyAvailable && !call.body.empty()) {
-    if (call.bodyTruncated)
-      return Error{-1, "request body larger than the policy's max_body_bytes"};
-    auto ct = call.contentType;
-    bool json = ct.find("json") != std::string_view::npos;
+    tc.bodyDigest_ = sha256Hex(call.body);
+    // Media types are case-insensitive (RFC 9110, 8.3.1): Application/JSON is JSON.
+    std::string ct(call.contentType);
+    for (auto& c : ct) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    bool json = ct.find("json") != std::string::npos;
     if (json) {
       if (jsonDepth(call.body) > set.maxJsonDepth())
         return Error{-1, "JSON body nested deeper than max_json_depth"};
@@ -325,9 +355,10 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
         tc.mcpMethod_ = msg["method"].get<std::string>();
         if (tc.mcpMethod_ == "tools/call" && msg.contains("params") && msg["params"].is_object()) {
           const auto& p = msg["params"];
-          if (p.contains("name") && p["name"].is_string())
+          if (p.contains("name") && p["name"].is_string()) {
             tc.mcpTools_.push_back(p["name"].get<std::string>());
-          if (p.contains("arguments")) tc.params_ = p["arguments"];
+            tc.mcpArguments_.push_back(p.contains("arguments") ? p["arguments"] : nlohmann::json());
+          }
         }
       };
       if (parsed.is_array()) {
@@ -335,7 +366,13 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
       } else {
         visit(parsed);
       }
-      if (tc.mcpMethod_.empty()) tc.params_ = std::move(parsed);
+      // params: the body's own fields, or the arguments of its one tools/call (a batch's
+      // are in mcpArguments(), each checked on its own by the engine).
+      if (tc.mcpArguments_.size() == 1 && !tc.mcpArguments_[0].is_null())
+        tc.params_ = tc.mcpArguments_[0];
+      else if (tc.mcpMethod_.empty())
+        tc.params_ = std::move(parsed);
+      body = std::move(parsed);
     }
   }
 
@@ -368,6 +405,10 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
     break;
   }
   if (!tc.toolDef_) tc.tool_ = "host:" + tc.host_;
+  // A JSON-RPC-shaped body sent to a tool that is not the MCP tool of its calls is that
+  // tool's body: its params are the body's fields.
+  if (!tc.mcpTools_.empty() && tc.attributedIsSubject() && tc.toolDef_ && !body.is_discarded())
+    tc.params_ = std::move(body);
   return tc;
 }
 

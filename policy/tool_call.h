@@ -35,8 +35,16 @@ class ToolCall {
   const ToolDef* toolDef() const { return toolDef_; }
   const nlohmann::json& params() const { return params_; }  // null when there is no JSON body
   const std::string& mcpMethod() const { return mcpMethod_; }
-  // Every tools/call in the body (a JSON-RPC batch may carry several).
+  // Every tools/call in the body (a JSON-RPC batch may carry several), and the arguments of
+  // each (null where it gives none), in the same order.
   const std::vector<std::string>& mcpTools() const { return mcpTools_; }
+  const std::vector<nlohmann::json>& mcpArguments() const { return mcpArguments_; }
+  // Whether the tool the host, method and path chose is a subject of the decision beside
+  // the MCP tools its body calls: always, unless it is the MCP tool those calls belong to
+  // (or no tool was chosen and the body calls MCP tools).
+  bool attributedIsSubject() const {
+    return mcpTools_.empty() || (toolDef_ && toolDef_->mcpTools.empty());
+  }
   // Stable over equal calls: the approval lease is keyed by it.
   std::string fingerprint() const;
 
@@ -49,7 +57,14 @@ class ToolCall {
   const ToolDef* toolDef_ = nullptr;
   nlohmann::json params_;
   std::vector<std::string> mcpTools_;
+  std::vector<nlohmann::json> mcpArguments_;
+  std::string bodyDigest_;  // of the body read, as sent (for the approval fingerprint)
 };
+
+// The MCP tool of the set that a tools/call of `name` in `call` belongs to: the first tool
+// whose mcp_tools name it and whose host, methods and paths fit the call (an MCP tool of
+// this very endpoint); null when none does.
+const ToolDef* mcpToolOf(const PolicySet& set, const ToolCall& call, std::string_view name);
 
 class Extractor {
  public:
