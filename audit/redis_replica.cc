@@ -230,7 +230,6 @@ void RedisStreamReplica::run() {
       backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
       continue;
     }
-    backoff = std::chrono::milliseconds(100);
     // The next batch: what the stream misses before the queue's head comes from the log.
     uint64_t first;
     std::vector<std::string> batch;
@@ -258,9 +257,16 @@ void RedisStreamReplica::run() {
       }
     }
     if (!send(first, batch)) {
+      // Refused (OOM, NOPERM, READONLY…) or cut off: the next try waits, as a failed connect
+      // does, so that a Redis refusing every XADD is not reconnected to in a tight loop.
       disconnect();
+      if (stopping_) return;
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait_for(lock, backoff, [this] { return stopping_; });
+      backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
       continue;
     }
+    backoff = std::chrono::milliseconds(100);  // only a batch that went in resets it
     {
       std::lock_guard<std::mutex> lock(mutex_);
       replicated_ = first + batch.size() - 1;

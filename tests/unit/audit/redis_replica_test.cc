@@ -7,6 +7,7 @@
 #include <hiredis/hiredis.h>
 
 #include <filesystem>
+#include <thread>
 
 #include "audit/file_sink.h"
 #include "tests/unit/audit/log_writer.h"
@@ -63,6 +64,53 @@ TEST(RedisReplicaTest, CatchesUpFromTheLogAndSkipsWhatTheLogDoesNotHave) {
   }
   EXPECT_EQ(stream[log.size()].first, log.size() + 10);
   EXPECT_EQ(stream.back().second, "{\"seq\":\"next\"}");
+  fs::remove_all(dir);
+}
+
+// Redis replies to a command on the replica's connection, at `port`: the reply as a string.
+std::string command(uint16_t port, const char* cmd) {
+  redisContext* c = redisConnect("127.0.0.1", port);
+  if (!c || c->err) return "";
+  auto* r = static_cast<redisReply*>(redisCommand(c, cmd));
+  std::string out = r && r->str ? std::string(r->str, r->len) : "";
+  if (r) freeReplyObject(r);
+  redisFree(c);
+  return out;
+}
+
+uint64_t connectionsReceived(uint16_t port) {
+  std::string info = command(port, "INFO stats");
+  auto at = info.find("total_connections_received:");
+  return at == std::string::npos ? 0 : std::stoull(info.substr(at + 27));
+}
+
+// A Redis that refuses every XADD (out of memory here; NOPERM or READONLY alike) is retried
+// with a backoff, not reconnected to in a tight loop.
+TEST(RedisReplicaTest, AnXaddRefusedIsRetriedWithABackoff) {
+  RedisProcess redis;
+  ASSERT_TRUE(redis.ping()) << "redis-server did not start (is it installed?)";
+  fs::path dir = fs::temp_directory_path() / ("tollgate-replica-oom-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  writeAwaited(options, 0, 3);
+  ASSERT_EQ(command(redis.port(), "CONFIG SET maxmemory-policy noeviction"), "OK");
+  ASSERT_EQ(command(redis.port(), "CONFIG SET maxmemory 1"), "OK");
+  RedisStreamReplica::Options ro;
+  ro.port = redis.port();
+  ro.key = "tollgate:audit:oom";
+  ro.logDir = dir.string();
+  {
+    RedisStreamReplica replica(ro);
+    replica.onDurable(1, {"{\"seq\":1}"});
+    uint64_t before = connectionsReceived(redis.port());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    uint64_t made = connectionsReceived(redis.port()) - before;
+    // 100 ms doubling: a handful in 1.5 s (and the two INFO calls), not hundreds.
+    EXPECT_LE(made, 10u);
+    EXPECT_EQ(replica.replicated(), 0u);
+    command(redis.port(), "CONFIG SET maxmemory 0");  // room again: it gets through
+    EXPECT_TRUE(replica.waitReplicated(1, std::chrono::seconds(10)));
+  }
   fs::remove_all(dir);
 }
 
