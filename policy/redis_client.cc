@@ -364,8 +364,19 @@ void RedisClient::onConnect(const redisAsyncContext* ac, int status) {
     n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
     n->openUntilMs = nowMs() + n->backoffMs;
     n->client->healthy_ = false;
-    if (n->client->options_.seeds.size() > 1) ++n->client->nextSeed_;
+    n->client->nodeFailed(n);
   }
+}
+
+void RedisClient::nodeFailed(Node* n) {
+  // The seed that failed is not asked again first; another one is.
+  if (options_.seeds.size() > 1) {
+    const auto& seed = options_.seeds[nextSeed_ % options_.seeds.size()];
+    if (seed.host == n->host && seed.port == n->port) ++nextSeed_;
+  }
+  // In a cluster, a master that fails may have been replaced by its replica: no live node
+  // would ever send the MOVED that tells, so the map is asked for again.
+  if (!slots_.empty()) refreshWanted_ = true;
 }
 
 void RedisClient::onDisconnect(const redisAsyncContext* ac, int status) {
@@ -377,6 +388,7 @@ void RedisClient::onDisconnect(const redisAsyncContext* ac, int status) {
     n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
     n->openUntilMs = nowMs() + n->backoffMs;
     n->client->healthy_ = false;
+    n->client->nodeFailed(n);
   }
 }
 
@@ -396,8 +408,9 @@ void RedisClient::send(const RequestPtr& r) {
     finish(r, Error{-1, "redis client is closing"});
     return;
   }
-  if (!slotsAsked_) {
+  if (!slotsAsked_ || (refreshWanted_ && !refreshing_)) {
     slotsAsked_ = true;  // a standalone server answers with an error, which is ignored
+    refreshWanted_ = false;
     refreshSlots();
   }
   Node* n = route(*r);
@@ -555,7 +568,11 @@ void RedisClient::armTimer() {
     uv_timer_stop(timer_);
     return;
   }
-  int64_t wait = std::max<int64_t>(0, pending_.front()->deadlineMs - nowMs());
+  // The earliest deadline: requests are queued in the order they are sent, not of their
+  // deadlines (CLUSTER SLOTS waits 5 timeouts, a redirected request keeps its own).
+  int64_t earliest = pending_.front()->deadlineMs;
+  for (const auto& r : pending_) earliest = std::min(earliest, r->deadlineMs);
+  int64_t wait = std::max<int64_t>(0, earliest - nowMs());
   uv_timer_start(
       timer_, [](uv_timer_t* t) { static_cast<RedisClient*>(t->data)->onTimer(); },
       static_cast<uint64_t>(wait) + 1, 0);
@@ -570,8 +587,13 @@ void RedisClient::onTimer() {
   }
   int64_t now = nowMs();
   std::vector<Node*> stuck;
-  while (!pending_.empty() && pending_.front()->deadlineMs <= now) {
-    RequestPtr r = pending_.front();
+  // Every request past its deadline, wherever it stands in the queue: one behind a slow
+  // CLUSTER SLOTS must not wait for that one's longer deadline.
+  std::vector<RequestPtr> expired;
+  for (const auto& r : pending_)
+    if (r->deadlineMs <= now) expired.push_back(r);
+  for (const auto& r : expired) {
+    if (r->done) continue;  // finished by an earlier one's callback
     if (r->sentTo && std::find(stuck.begin(), stuck.end(), r->sentTo) == stuck.end())
       stuck.push_back(r->sentTo);
     finish(r,
@@ -580,7 +602,10 @@ void RedisClient::onTimer() {
   }
   // A node that does not answer in time is paused, overloaded or gone: drop its
   // connection so nothing else waits on it, and let the breaker space the retries.
-  for (Node* n : stuck) dropNode(n, "timed out");
+  for (Node* n : stuck) {
+    dropNode(n, "timed out");
+    nodeFailed(n);  // a seed whose packets vanish is rotated away from like a refused one
+  }
   armTimer();
 }
 

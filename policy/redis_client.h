@@ -128,6 +128,10 @@ class RedisClient {
   bool writing_ = false;  // in redisAsyncHandleWrite: what it could not write polls for writability
   bool refreshing_ = false;
   bool slotsAsked_ = false;
+  // A node failed (refused, reset, timed out): the slot map may be stale (a failover), so
+  // the next send asks CLUSTER SLOTS again (of the next seed when the failed one was it).
+  bool refreshWanted_ = false;
+  void nodeFailed(Node* n);
   bool closing_ = false;
   std::function<void()> closeWhenIdle_;
   bool healthy_ = false;

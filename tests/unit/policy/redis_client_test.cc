@@ -5,6 +5,12 @@
 #include <gtest/gtest.h>
 #include <uv.h>
 
+#include <arpa/inet.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <string>
 
 #include "policy/redis_client.h"
@@ -120,6 +126,65 @@ TEST_F(RedisClientTest, AWriteTheSocketCannotTakeAtOnceIsFinished) {
   EXPECT_TRUE(set);
   ASSERT_TRUE(back) << back.error().message;
   EXPECT_EQ(back.value().str, "xxxxxyxxxx");
+}
+
+// A request queued behind the CLUSTER SLOTS of a new client (which waits 5 timeouts) fails
+// at its own deadline, not at that one's.
+TEST_F(RedisClientTest, ARequestBehindASlowClusterSlotsFailsAtItsOwnDeadline) {
+  redisContext* admin = redisConnect("127.0.0.1", redis.port());
+  ASSERT_TRUE(admin && !admin->err);
+  auto* paused = static_cast<redisReply*>(redisCommand(admin, "CLIENT PAUSE 800 ALL"));
+  ASSERT_TRUE(paused && paused->type == REDIS_REPLY_STATUS);
+  freeReplyObject(paused);
+  RedisClient::Options options;
+  options.seeds = {HostPort{"127.0.0.1", redis.port()}};
+  options.timeout = std::chrono::milliseconds(100);
+  RedisClient fresh(&loop, options);  // its first send asks CLUSTER SLOTS first
+  bool failed = false;
+  uint64_t started = uv_now(&loop), answered = 0;
+  fresh.command("k", {"PING"}, [&](Result<RedisReply> r) {
+    failed = !r.ok();
+    answered = uv_now(&loop);
+  });
+  ASSERT_TRUE(runUntil([&] { return answered != 0; }));
+  EXPECT_TRUE(failed);
+  EXPECT_LT(answered - started, 350u);  // 100 ms and the timer's slack; 500 before
+  bool closed = false;
+  fresh.close([&] { closed = true; });
+  while (!closed) uv_run(&loop, UV_RUN_ONCE);
+  redisFree(admin);
+}
+
+// A seed that accepts connections and never answers (its host hung, packets dropped) is
+// rotated away from after a timeout, as a seed that refuses is: the next seed serves.
+TEST_F(RedisClientTest, ASeedThatNeverAnswersIsLeftForTheNextOne) {
+  int hole = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(hole, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(hole, 16), 0);  // the kernel completes handshakes; no one reads
+  socklen_t len = sizeof a;
+  ::getsockname(hole, reinterpret_cast<sockaddr*>(&a), &len);
+  RedisClient::Options options;
+  options.seeds = {HostPort{"127.0.0.1", ntohs(a.sin_port)}, HostPort{"127.0.0.1", redis.port()}};
+  options.timeout = std::chrono::milliseconds(100);
+  RedisClient fresh(&loop, options);
+  int ok = 0, failed = 0;
+  for (int i = 0; i < 10 && ok == 0; ++i) {
+    bool done = false;
+    fresh.command("k", {"PING"}, [&](Result<RedisReply> r) {
+      (r.ok() ? ok : failed)++;
+      done = true;
+    });
+    ASSERT_TRUE(runUntil([&] { return done; }));
+  }
+  EXPECT_EQ(ok, 1) << failed << " failed first";
+  EXPECT_LE(failed, 2);
+  bool closed = false;
+  fresh.close([&] { closed = true; });
+  while (!closed) uv_run(&loop, UV_RUN_ONCE);
+  ::close(hole);
 }
 
 }  // namespace
