@@ -523,6 +523,9 @@ struct RedisBudgetStore::Subscriber {
   uv_timer_t* timer = nullptr;
   size_t seed = 0;
   bool closing = false;
+  // Expires with the subscriber: a snapshot still in flight when it is freed (at shutdown)
+  // finds it gone instead of reading freed memory.
+  std::shared_ptr<char> alive = std::make_shared<char>();
 
   void start() {
     timer = new uv_timer_t;
@@ -547,6 +550,9 @@ struct RedisBudgetStore::Subscriber {
       return;
     }
     ac->data = this;
+    // A subscription only listens: without keepalive, a peer gone without a reset (a host
+    // down, a partition) would never be noticed, and nothing would be resubscribed.
+    redisEnableKeepAlive(&ac->c);
     redisAsyncSetConnectCallback(ac, [](const redisAsyncContext* c, int status) {
       auto* self = static_cast<Subscriber*>(c->data);
       if (status != REDIS_OK && self->ac == c) {
@@ -594,8 +600,15 @@ struct RedisBudgetStore::Subscriber {
                                       std::chrono::milliseconds(ttl));
   }
   void snapshot() {
-    client->eval(signalScript(), {kQuarantineKey}, {"list"}, [this](Result<RedisReply> r) {
-      if (closing || !r || r.value().type != RedisReply::Type::kArray) return;
+    std::weak_ptr<char> token = alive;
+    client->eval(signalScript(), {kQuarantineKey}, {"list"}, [this, token](Result<RedisReply> r) {
+      if (token.expired() || closing) return;
+      if (!r || r.value().type != RedisReply::Type::kArray) {
+        // The worker's client could not ask (its breaker still open after the blip that
+        // dropped the subscription): subscribe again later, which asks again.
+        if (auto* c = ac) redisAsyncDisconnect(c);
+        return;
+      }
       for (const auto& e : r.value().elements) {
         if (e.elements.size() == 2 && e.elements[1].integer > 0 && store->onSharedQuarantine)
           store->onSharedQuarantine(e.elements[0].str,
