@@ -292,7 +292,7 @@ for i = 1, n do
              moved = false, le = tonumber(ARGV[o + 1]), lr = tonumber(ARGV[o + 3]),
              pe = ARGV[o + 2], pr = ARGV[o + 4], ce = 0, he = 0, se = 0, te = 0, fe = v[6],
              cr = 0, hr = 0, sr = 0, tr = 0, fr = v[11], re = 0, rr = 0, fence = 0, applied = 0,
-             rolle = false, rollr = false}
+             rolle = false, rollr = false, swept = false}
   out[i] = v[1] or '0'
   if p.live then
     p.sweep = now >= N(v[2]) + 1000  -- other holders' expired records: once a second
@@ -303,9 +303,14 @@ for i = 1, n do
     if p.le >= 0 then roll(p, 'e') end
     if risk then roll(p, 'r') end
     if v[3] then
-      local he, hr, fence, applied =
-          string.match(v[3], '^([^:]*):([^:]*):[^:]*:([^:]*):[^:]*:([^:]*)$')
-      if he then p.re, p.rr, p.fence, p.applied = N(he), N(hr), N(fence), N(applied) end
+      local he, hr, ex, fence, applied =
+          string.match(v[3], '^([^:]*):([^:]*):([^:]*):([^:]*):[^:]*:([^:]*)$')
+      if he then
+        p.re, p.rr, p.fence, p.applied = N(he), N(hr), N(fence), N(applied)
+        -- Expired and holding nothing: another holder's sweep committed what it held (or
+        -- it had settled everything, and no lost batch is past `applied`).
+        p.swept = N(ex) <= now and p.re == 0 and p.rr == 0
+      end
     end
     if p.fence > seq then
       return redis.error_reply('STALE tollgate budget batch ' .. seqs .. ' of ' .. holder ..
@@ -349,9 +354,19 @@ for i = 1, n do
       for y in string.gmatch(sync, '%S+') do w[#w + 1] = y end
       for y = 3, #w do
         local q, ce, cr, te, tr = string.match(w[y], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
-        if q and N(q) > p.applied then commit(p, N(ce), N(cr), te == '1', tr == '1') end
+        if q and N(q) > p.applied then
+          -- Swept meanwhile: the sweep committed the holds these settles would have; only
+          -- their trips are still to record.
+          if p.swept then
+            commit(p, 0, 0, te == '1', tr == '1')
+          else
+            commit(p, N(ce), N(cr), te == '1', tr == '1')
+          end
+        end
       end
       local we, wr = N(w[1]), N(w[2])
+      -- The holds the sidecar knows were committed by that sweep: not held again.
+      if p.swept then we, wr = 0, 0 end
       if we ~= p.re or wr ~= p.rr then
         p.he, p.hr = math.max(0, p.he + we - p.re), math.max(0, p.hr + wr - p.rr)
         p.re, p.rr, p.moved = we, wr, true

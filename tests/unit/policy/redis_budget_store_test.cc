@@ -601,6 +601,44 @@ TEST_F(RedisBudgetStoreTest, ABatchLostUnrunIsSyncedWithoutTraffic) {
   EXPECT_EQ(reserve("c2", {{"other", 4, 0}}).status, BudgetStatus::kUnknownCall);
 }
 
+// A settle lost while Redis was away, of a hold whose record expired meanwhile and was swept
+// by another sidecar (its hold committed, as expired holds are): the sync that follows must
+// not commit it a second time, nor hold it again.
+TEST_F(RedisBudgetStoreTest, ALostSettleOfAHoldSweptMeanwhileIsNotCommittedTwice) {
+  restart(std::chrono::milliseconds(100));
+  Redis r(redis.port());
+  ASSERT_EQ(reserve("c1", {{"other", 5, 0}}, 300).status, BudgetStatus::kOk);
+  r.argv({"CLIENT", "PAUSE", "400", "ALL"});
+  uv_update_time(&loop);
+  EXPECT_EQ(settle("c1", {{"other", 5, 0}}).status, BudgetStatus::kUnavailable);  // lost
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // unpaused; the record expired
+  // Another sidecar's batch sweeps the expired record, as the script's sweep does.
+  std::string field, record;
+  auto* all = static_cast<redisReply*>(redisCommand(r.context(), "HGETALL tollgate:{other}:b"));
+  for (size_t i = 0; all && i + 1 < all->elements; i += 2) {
+    std::string f = all->element[i]->str;
+    if (f.starts_with("L:")) field = f, record = all->element[i + 1]->str;
+  }
+  if (all) freeReplyObject(all);
+  ASSERT_FALSE(field.empty());
+  ASSERT_TRUE(record.starts_with("5:0:")) << record;
+  r.argv({"HSET", "tollgate:{other}:b", field, "0:0:" + record.substr(4)});
+  r.argv({"HINCRBY", "tollgate:{other}:b", "effort:held", "-5"});
+  r.argv({"HINCRBY", "tollgate:{other}:b", "effort:committed", "5"});
+  // The store syncs (every 250 ms while dirty) with no other traffic.
+  for (int i = 0; i < 100; ++i) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b effort:committed") + ":" +
+                r.str("HGET tollgate:{other}:b effort:held"),
+            "5:0");
+  EXPECT_EQ(settle("c1", {{"other", 5, 0}}).status, BudgetStatus::kUnknownCall);  // synced
+  EXPECT_EQ(r.str("HGET tollgate:{other}:b effort:committed") + ":" +
+                r.str("HGET tollgate:{other}:b effort:held"),
+            "5:0");
+}
+
 // A batch that arrives after its holder's sync (from a connection the store dropped) is
 // refused, so that nothing it carries is counted twice.
 TEST_F(RedisBudgetStoreTest, ABatchOlderThanItsHoldersSyncIsRefused) {
