@@ -381,8 +381,9 @@ Status FileAuditSink::start() {
   lockFd_ = ::open((dir / "LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (lockFd_ < 0) return Error{-errno, sysError("audit lock " + (dir / "LOCK").string())};
   if (::flock(lockFd_, LOCK_EX | LOCK_NB) != 0) {
-    return Error{-1, "audit.dir " + dir.string() +
-                         " is in use by another process (its LOCK is held): one writer per log"};
+    return Error{-EWOULDBLOCK,
+                 "audit.dir " + dir.string() +
+                     " is in use by another process (its LOCK is held): one writer per log"};
   }
 
   // The log's id: LOG_ID's, which must be the records' own; a log whose LOG_ID went

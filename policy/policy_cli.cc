@@ -2,10 +2,12 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <charconv>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <set>
+#include <stdexcept>
 
 #include "common/units.h"
 #include "policy/engine.h"
@@ -116,17 +118,26 @@ bool parseUrl(const std::string& url, Url& out) {
   auto authority = rest.substr(0, slash);
   if (slash != std::string::npos) out.target = rest.substr(slash);
   if (out.target.starts_with('?')) out.target = "/" + out.target;
+  // A port: 1-65535 in digits only (":x", ":" or ":70000" is no URL).
+  auto port = [&](const std::string& digits) {
+    unsigned value = 0;
+    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
+    if (ec != std::errc() || end != digits.data() + digits.size() || value == 0 || value > 65535)
+      return false;
+    out.port = static_cast<uint16_t>(value);
+    return true;
+  };
   if (authority.starts_with('[')) {
     auto close = authority.find(']');
     if (close == std::string::npos) return false;
     out.host = authority.substr(1, close - 1);
-    if (close + 1 < authority.size() && authority[close + 1] == ':')
-      out.port = static_cast<uint16_t>(std::stoi(authority.substr(close + 2)));
+    if (close + 1 < authority.size() &&
+        (authority[close + 1] != ':' || !port(authority.substr(close + 2))))
+      return false;
   } else {
     auto colon = authority.rfind(':');
     out.host = authority.substr(0, colon);
-    if (colon != std::string::npos)
-      out.port = static_cast<uint16_t>(std::stoi(authority.substr(colon + 1)));
+    if (colon != std::string::npos && !port(authority.substr(colon + 1))) return false;
   }
   return !out.host.empty();
 }
@@ -165,69 +176,82 @@ int runTestFile(const std::string& file, std::FILE* out, int& passed, int& faile
   Engine engine([&] { return now; });
   for (const auto& t : doc["tests"]) {
     auto name = str(t, "name", "(unnamed)");
-    const auto& c = t["call"];
-    Url url;
-    if (!c || !parseUrl(str(c, "url"), url)) {
-      std::fprintf(out, "FAIL %s: %s: call.url must be an http(s) URL\n", file.c_str(),
-                   name.c_str());
-      ++failed;
-      continue;
-    }
-    if (t["at"]) {
-      // An ISO date-time in UTC: "2026-03-02T10:00:00Z".
-      std::tm tm{};
-      if (!strptime(t["at"].Scalar().c_str(), "%Y-%m-%dT%H:%M:%SZ", &tm)) {
-        std::fprintf(out, "FAIL %s: %s: at: expected YYYY-MM-DDTHH:MM:SSZ\n", file.c_str(),
+    // A case that cannot be read (times: three, a missing expect:) fails with the reason,
+    // instead of the exception ending the run.
+    try {
+      const auto& c = t["call"];
+      Url url;
+      if (!c || !parseUrl(str(c, "url"), url)) {
+        std::fprintf(out, "FAIL %s: %s: call.url must be an http(s) URL\n", file.c_str(),
                      name.c_str());
         ++failed;
         continue;
       }
-      now = static_cast<int64_t>(timegm(&tm)) * 1000;
-    }
-    std::string method = str(c, "method", "GET"), agent = str(c, "agent", "anonymous"),
-                body = str(c, "body");
-    std::string contentType = c["headers"] && c["headers"]["Content-Type"]
-                                  ? c["headers"]["Content-Type"].Scalar()
-                              : body.empty() ? ""
-                                             : "application/json";
-    CallInfo call;
-    call.listener = "test";
-    call.agent = agent;
-    call.method = method;
-    call.scheme = url.scheme == "https" ? "tunnel" : "http";
-    call.host = url.host;
-    call.port = url.port;
-    call.target = url.target;
-    call.contentType = contentType;
-    if (url.scheme == "https") call.scheme = "http";  // inside an intercepted tunnel
-    call.bodyAvailable = !body.empty();
-    call.body = body;
-    call.bodyTruncated = body.size() > set.value()->maxBodyBytes();
-    int times = t["times"] ? t["times"].as<int>() : 1;
-    Decision d;
-    for (int i = 0; i < times; ++i) {
-      auto tc = Extractor::extract(call, *set.value());
-      d = engine.evaluate(*set.value(), tc);
-      if (tc && d.verdict == Verdict::kAllow && (t["outcome"] || t["status"])) {
-        Outcome o;
-        o.failed = t["outcome"] && t["outcome"].Scalar() == "failed";
-        o.status = t["status"] ? t["status"].as<int>() : o.failed ? 502 : 200;
-        o.failed |= o.status >= 500;
-        engine.recordOutcome(*set.value(), tc.value(), o);
+      if (t["at"]) {
+        // An ISO date-time in UTC: "2026-03-02T10:00:00Z".
+        std::tm tm{};
+        if (!strptime(t["at"].Scalar().c_str(), "%Y-%m-%dT%H:%M:%SZ", &tm)) {
+          std::fprintf(out, "FAIL %s: %s: at: expected YYYY-MM-DDTHH:MM:SSZ\n", file.c_str(),
+                       name.c_str());
+          ++failed;
+          continue;
+        }
+        now = static_cast<int64_t>(timegm(&tm)) * 1000;
       }
-      if (t["advance"])
-        now += parseDuration(t["advance"].Scalar()).value_or(std::chrono::milliseconds(0)).count();
-    }
-    std::string want = str(t["expect"], "decision"), wantRule = str(t["expect"], "rule");
-    bool ok = want == verdictName(d.verdict) && (wantRule.empty() || wantRule == d.rule);
-    if (ok) {
-      ++passed;
-      std::fprintf(out, "ok   %s: %s\n", file.c_str(), name.c_str());
-    } else {
+      std::string method = str(c, "method", "GET"), agent = str(c, "agent", "anonymous"),
+                  body = str(c, "body");
+      std::string contentType = c["headers"] && c["headers"]["Content-Type"]
+                                    ? c["headers"]["Content-Type"].Scalar()
+                                : body.empty() ? ""
+                                               : "application/json";
+      CallInfo call;
+      call.listener = "test";
+      call.agent = agent;
+      call.method = method;
+      call.scheme = url.scheme == "https" ? "tunnel" : "http";
+      call.host = url.host;
+      call.port = url.port;
+      call.target = url.target;
+      call.contentType = contentType;
+      if (url.scheme == "https") call.scheme = "http";  // inside an intercepted tunnel
+      call.bodyAvailable = !body.empty();
+      call.body = body;
+      call.bodyTruncated = body.size() > set.value()->maxBodyBytes();
+      int times = t["times"] ? t["times"].as<int>() : 1;
+      Decision d;
+      for (int i = 0; i < times; ++i) {
+        auto tc = Extractor::extract(call, *set.value());
+        d = engine.evaluate(*set.value(), tc);
+        if (tc && d.verdict == Verdict::kAllow && (t["outcome"] || t["status"])) {
+          Outcome o;
+          o.failed = t["outcome"] && t["outcome"].Scalar() == "failed";
+          o.status = t["status"] ? t["status"].as<int>() : o.failed ? 502 : 200;
+          o.failed |= o.status >= 500;
+          engine.recordOutcome(*set.value(), tc.value(), o);
+        }
+        if (t["advance"]) {
+          auto step = parseDuration(t["advance"].Scalar());
+          if (!step) throw std::runtime_error("advance: expected a duration such as 10s or 1h");
+          now += step->count();
+        }
+      }
+      if (!t["expect"] || !t["expect"].IsMap() || !t["expect"]["decision"])
+        throw std::runtime_error("expect: {decision: …} is required");
+      std::string want = str(t["expect"], "decision"), wantRule = str(t["expect"], "rule");
+      bool ok = want == verdictName(d.verdict) && (wantRule.empty() || wantRule == d.rule);
+      if (ok) {
+        ++passed;
+        std::fprintf(out, "ok   %s: %s\n", file.c_str(), name.c_str());
+      } else {
+        ++failed;
+        std::fprintf(out, "FAIL %s: %s: expected %s%s%s, got %s (rule %s: %s)\n", file.c_str(),
+                     name.c_str(), want.c_str(), wantRule.empty() ? "" : " by ", wantRule.c_str(),
+                     verdictName(d.verdict), d.rule.c_str(), d.reason.c_str());
+      }
+    } catch (const std::exception& e) {
       ++failed;
-      std::fprintf(out, "FAIL %s: %s: expected %s%s%s, got %s (rule %s: %s)\n", file.c_str(),
-                   name.c_str(), want.c_str(), wantRule.empty() ? "" : " by ", wantRule.c_str(),
-                   verdictName(d.verdict), d.rule.c_str(), d.reason.c_str());
+      std::fprintf(out, "FAIL %s: %s: the case cannot be read: %s\n", file.c_str(), name.c_str(),
+                   e.what());
     }
   }
   return 0;

@@ -85,12 +85,22 @@ class Reader {
   Millis duration(const YAML::Node& n, const std::string& key) const {
     auto v = n.IsScalar() ? parseDuration(n.Scalar()) : std::nullopt;
     if (!v) fail(n, key, "expected a duration such as 250ms, 10s, 5m, 1h or 1d");
+    // Ten years: past it a deadline in steady-clock nanoseconds would overflow (a "never"
+    // written as 110000d made every batch a new segment and a checkpoint).
+    if (*v > Millis(3650ll * 86'400'000)) fail(n, key, "at most 3650d");
     return *v;
   }
 
+  // An address to listen on: an IP literal (or localhost, 127.0.0.1) and a port.
   HostPort address(const YAML::Node& n, const std::string& key) const {
     auto v = n.IsScalar() ? parseHostPort(n.Scalar()) : std::nullopt;
     if (!v) fail(n, key, "expected HOST:PORT, e.g. 127.0.0.1:15001 or [::1]:15001");
+    sockaddr_storage ss;
+    if (v->host != "localhost" && !Resolver::parseLiteral(v->host, ss))
+      fail(n, key,
+           "'" + v->host +
+               "' is not an IP address: a listener binds an address, e.g. "
+               "127.0.0.1:15001, 0.0.0.0:15001 or [::1]:15001");
     return *v;
   }
 
@@ -265,6 +275,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
           }
         } else if (key.ends_with(".max_connections")) {
           l.maxConnections = static_cast<uint32_t>(r.integer(v, key, 10'000'000));
+          if (l.maxConnections == 0)
+            r.fail(v, key, "must be at least 1 (0 would refuse every agent)");
         }
       });
   if (l.kind == "reverse") {
@@ -289,8 +301,23 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
   return l;
 }
 
+// The host a listener binds, for comparing two of them: localhost is 127.0.0.1.
+std::string bindHost(const std::string& host) {
+  return host == "localhost" ? "127.0.0.1" : host;
+}
+
+// Whether two listen addresses would take the same port (one of them on every address).
+bool sameBind(const HostPort& a, const HostPort& b) {
+  if (a.port == 0 || a.port != b.port) return false;
+  auto x = bindHost(a.host), y = bindHost(b.host);
+  bool v6x = x.find(':') != std::string::npos, v6y = y.find(':') != std::string::npos;
+  return x == y || (v6x == v6y && (x == "0.0.0.0" || x == "::" || y == "0.0.0.0" || y == "::"));
+}
+
 Config read(const YAML::Node& root, const Reader& r) {
   Config c;
+  YAML::Node hostsNode, adminNode;  // where they are, when given (for the errors below)
+  bool hasHosts = false;
   c.path = r.path();
   auto base = std::filesystem::path(r.path()).parent_path();
   // Like every path in the file, the default audit directory is the config file's.
@@ -324,7 +351,7 @@ Config read(const YAML::Node& root, const Reader& r) {
               }
               const auto& a = c.listeners[j].address;
               const auto& b = c.listeners.back().address;
-              if (a.port != 0 && a.port == b.port && a.host == b.host) {
+              if (sameBind(a, b)) {
                 r.fail(v[i]["address"], key + "[" + std::to_string(i) + "].address",
                        "the address of listener '" + c.listeners[j].name + "'");
               }
@@ -346,23 +373,45 @@ Config read(const YAML::Node& root, const Reader& r) {
             }
             c.admin = r.address(av, k);
             c.hasAdmin = true;
+            adminNode = av;
           });
         } else if (key == "hosts") {
           r.forEach(v, key, {"allow", "deny"}, [&](const std::string& k, const YAML::Node& hv) {
-            (k == "hosts.allow" ? c.allowHosts : c.denyHosts) = r.strings(hv, k);
+            auto& list = k == "hosts.allow" ? c.allowHosts : c.denyHosts;
+            for (const auto& given : r.strings(hv, k)) {
+              // As a call's host is compared: no scheme, port or brackets (an entry such
+              // as evil.example:443 would never match, and a deny would do nothing).
+              auto host = given == "*" ? given : configHost(given);
+              if (host.empty())
+                r.fail(hv, k,
+                       "'" + given +
+                           "': expected a host name or IP address (no scheme or port), "
+                           "*.domain for every name under it, or *");
+              list.push_back(host);
+            }
           });
+          hostsNode = v;
+          hasHosts = true;
         } else if (key == "limits") {
           r.forEach(v, key,
                     {"max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
                      "write_watermark", "upstream_idle_per_host"},
                     [&](const std::string& k, const YAML::Node& lv) {
                       auto& L = c.limits;
+                      // A head is held whole and indexed with 32-bit offsets: 64m is
+                      // far past any real one, and 0 would refuse every request.
+                      auto positive = [&](uint64_t value, uint64_t max) {
+                        if (value == 0) r.fail(lv, k, "must be at least 1");
+                        if (value > max) r.fail(lv, k, "at most " + std::to_string(max));
+                        return value;
+                      };
                       if (k == "limits.max_header_bytes")
-                        L.maxHeaderBytes = r.size(lv, k);
+                        L.maxHeaderBytes = positive(r.size(lv, k), 64ull << 20);
                       else if (k == "limits.max_headers")
-                        L.maxHeaders = static_cast<uint32_t>(r.integer(lv, k, 10'000));
+                        L.maxHeaders =
+                            static_cast<uint32_t>(positive(r.integer(lv, k, 10'000), 10'000));
                       else if (k == "limits.max_uri_bytes")
-                        L.maxUriBytes = r.size(lv, k);
+                        L.maxUriBytes = positive(r.size(lv, k), 64ull << 20);
                       else if (k == "limits.max_body_bytes")
                         L.maxBodyBytes = r.size(lv, k);
                       else if (k == "limits.write_watermark")
@@ -487,6 +536,15 @@ Config read(const YAML::Node& root, const Reader& r) {
         }
       });
   if (c.listeners.empty()) r.fail(root, "listeners", "at least one listener is required");
+  if (hasHosts && !c.policies.empty())
+    r.fail(hostsNode, "hosts",
+           "has no effect with policies: (the policies decide every call): remove one of them");
+  if (c.hasAdmin) {
+    for (const auto& l : c.listeners) {
+      if (sameBind(c.admin, l.address))
+        r.fail(adminNode, "admin.address", "the address of listener '" + l.name + "'");
+    }
+  }
 
   return c;
 }

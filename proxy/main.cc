@@ -98,7 +98,9 @@ int runCommand(const std::vector<std::string_view>& args) {
   tollgate::Server server(std::move(config.value()));
   if (auto st = server.init(); !st) {
     std::fprintf(stderr, "tollgate: %s\n", st.error().message.c_str());
-    return 2;
+    // Another process holds what this one needs (a second sidecar on the same config: its
+    // audit log's lock is met before its ports): 1, as when a port is taken, not a bad config.
+    return st.error().code == -EWOULDBLOCK ? 1 : 2;
   }
   return server.run();
 }

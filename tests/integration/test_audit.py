@@ -278,6 +278,8 @@ class AuditStreamTest(unittest.TestCase):
             with self.assertRaisesRegex(AssertionError, "in use by another process"):
                 with second:
                     pass
+            # A conflict with another process, like a taken port: exit 1, not a bad config's 2.
+            self.assertEqual(second.proc.wait(timeout=10), 1)
 
 
 if __name__ == "__main__":

@@ -339,6 +339,50 @@ breakers:
             self.assertEqual(code, 404, body)
 
 
+class PolicyTestCliTest(unittest.TestCase):
+    """`tollgate policy test` on cases that cannot be read: each fails with its reason and
+    the run exits 1; none ends the run (it used to abort on an uncaught exception)."""
+
+    def test_unreadable_cases_fail_with_their_reason(self):
+        quickstart = os.path.join(os.path.dirname(BIN), "..", "examples", "quickstart", "policy.yaml")
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "cases.test.yaml")
+            with open(path, "w") as f:
+                f.write(f"""apiVersion: tollgate/v1
+kind: PolicyTest
+policies: [{os.path.abspath(quickstart)}]
+tests:
+  - name: good
+    call: {{agent: agent-7, method: GET, url: "http://notes.local/notes/1"}}
+    expect: {{decision: allow, rule: allow-notes}}
+  - name: port is not a number
+    call: {{agent: agent-7, method: GET, url: "http://notes.local:x/notes/1"}}
+    expect: {{decision: allow}}
+  - name: port out of range
+    call: {{agent: agent-7, method: GET, url: "http://notes.local:70000/notes/1"}}
+    expect: {{decision: allow}}
+  - name: times is not a number
+    times: three
+    call: {{agent: agent-7, method: GET, url: "http://notes.local/notes/1"}}
+    expect: {{decision: allow}}
+  - name: no expectation
+    call: {{agent: agent-7, method: GET, url: "http://notes.local/notes/1"}}
+  - name: advance is not a duration
+    advance: 1.5s
+    call: {{agent: agent-7, method: GET, url: "http://notes.local/notes/1"}}
+    expect: {{decision: allow}}
+""")
+            r = subprocess.run([BIN, "policy", "test", path], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            out = r.stdout
+            self.assertIn("ok   " + path + ": good", out)
+            self.assertIn("port is not a number: call.url must be an http(s) URL", out)
+            self.assertIn("port out of range: call.url must be an http(s) URL", out)
+            self.assertIn("times is not a number: the case cannot be read", out)
+            self.assertIn("no expectation: the case cannot be read: expect: {decision: …} is required", out)
+            self.assertIn("advance is not a duration: the case cannot be read: advance:", out)
+
+
 class InPlaceWriteTest(unittest.TestCase):
     def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
         """A writer that truncates the file and writes its text 600 ms later (a slow pipe,

@@ -188,7 +188,38 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {prefill: 2g}\n",
                 "audit.prefill: at most 1g"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'\n", "(yaml)"},
-        BadCase{"", "the file is empty"}));
+        BadCase{"", "the file is empty"},
+        // Fourteenth session: what loaded and then failed at run time, or meant nothing.
+        BadCase{"listeners: [{name: a, address: 'myhost:15001'}]\n",
+                "bad.yaml:1:32: listeners[0].address: 'myhost' is not an IP address"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\nadmin: {address: '[nope]:2'}\n",
+                "admin.address: 'nope' is not an IP address"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\n"
+                "hosts: {allow: ['*'], deny: ['evil.example:443']}\n",
+                "hosts.deny: 'evil.example:443': expected a host name or IP address"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\n"
+                "hosts: {deny: ['https://evil.example']}\n",
+                "hosts.deny: 'https://evil.example'"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\npolicies: [p.yaml]\n"
+                "hosts: {deny: [evil.example]}\n",
+                "bad.yaml:3:8: hosts: has no effect with policies:"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:15001'}]\n"
+                "admin: {address: 'localhost:15001'}\n",
+                "admin.address: the address of listener 'a'"},
+        BadCase{"listeners: [{name: a, address: '0.0.0.0:15001'}, {name: b, address: "
+                "'127.0.0.1:15001'}]\n",
+                "listeners[1].address: the address of listener 'a'"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1', max_connections: 0}]\n",
+                "listeners[0].max_connections: must be at least 1"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\nlimits: {max_headers: 0}\n",
+                "limits.max_headers: must be at least 1"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\nlimits: {max_uri_bytes: 0}\n",
+                "limits.max_uri_bytes: must be at least 1"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\n"
+                "limits: {max_header_bytes: 8589934592g}\n",
+                "limits.max_header_bytes: at most 67108864"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:1'}]\naudit: {segment_age: 110000d}\n",
+                "audit.segment_age: at most 3650d"}));
 
 }  // namespace
 }  // namespace tollgate
