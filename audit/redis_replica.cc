@@ -216,7 +216,7 @@ void RedisStreamReplica::run() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      wake_.wait(lock, [this] { return stopping_.load() || !queue_.empty(); });
       // At shutdown the last records (the final checkpoint) get a moment to go out; what
       // is left then is read from the log by the next process.
       if (stopping_ && deadline == std::chrono::steady_clock::time_point{})
@@ -226,7 +226,7 @@ void RedisStreamReplica::run() {
     if (!connect()) {
       if (stopping_) return;
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait_for(lock, backoff, [this] { return stopping_; });
+      wake_.wait_for(lock, backoff, [this] { return stopping_.load(); });
       backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
       continue;
     }
@@ -262,7 +262,7 @@ void RedisStreamReplica::run() {
       disconnect();
       if (stopping_) return;
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait_for(lock, backoff, [this] { return stopping_; });
+      wake_.wait_for(lock, backoff, [this] { return stopping_.load(); });
       backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
       continue;
     }

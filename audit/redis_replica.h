@@ -70,7 +70,7 @@ class RedisStreamReplica : public AuditReplica {
   std::mutex mutex_;
   std::condition_variable wake_, progress_;
   std::deque<std::pair<uint64_t, std::string>> queue_;  // (seq, line)
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};                   // written under mutex_, read without it too
   std::atomic<uint64_t> replicated_{0}, dropped_{0};
   bool warnedDown_ = false;
   std::unique_ptr<AuditSegmentReader> logReader_;  // while catching up: where it reads…

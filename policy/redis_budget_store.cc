@@ -733,6 +733,9 @@ struct RedisBudgetStore::PerLoop {
   uv_timer_t* syncTimer = nullptr;    // syncs dirty holders, traffic or not
   uv_timer_t* settleTimer = nullptr;  // sends finishes that no reserve took along
   uv_timer_t* expiryTimer = nullptr;  // finishes calls whose holds expired
+  // Set by detach(), which closes the handles above (and frees them) while batches may
+  // still be on the wire: their answers, and what those answers send, touch none of them.
+  bool detached = false;
   bool armed = false;
   bool flushing = false, flushAgain = false;
   std::map<std::string, size_t> inFlight;  // batch scripts sent and not answered, by pools
@@ -911,6 +914,7 @@ void RedisBudgetStore::detach(std::function<void()> done) {
   // What waits for this turn's batch goes now; then batches still on the wire are waited
   // for (each within its deadline).
   flush(l, true);
+  l->detached = true;
   uv_close(reinterpret_cast<uv_handle_t*>(l->check),
            [](uv_handle_t* h) { delete reinterpret_cast<uv_check_t*>(h); });
   uv_close(reinterpret_cast<uv_handle_t*>(l->idle),
@@ -919,6 +923,9 @@ void RedisBudgetStore::detach(std::function<void()> done) {
     uv_close(reinterpret_cast<uv_handle_t*>(t),
              [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
   }
+  l->check = nullptr;
+  l->idle = nullptr;
+  l->syncTimer = l->settleTimer = l->expiryTimer = nullptr;
   auto closeClient = [l, done = std::move(done)] {
     l->client->close(
         [l, done] {
@@ -995,6 +1002,10 @@ void RedisBudgetStore::enqueue(PerLoop* l, Batch& batch, std::string spec, Batch
   // Nothing waits for a finish: it goes with the next reserve on its pools, or after
   // kSettleDelayMs when none comes, so that a call costs Redis one script call, not two,
   // when each loop turn sees few calls. Its hold stays counted until then.
+  if (l->detached) {  // no handle to wait on: it goes now
+    flush(l, true);
+    return;
+  }
   if (!reserve) {
     if (!l->armed && !uv_is_active(reinterpret_cast<uv_handle_t*>(l->settleTimer))) {
       uv_timer_start(
@@ -1210,7 +1221,7 @@ void RedisBudgetStore::expireCalls(PerLoop* l) {
 }
 
 void RedisBudgetStore::armExpiry(PerLoop* l) {
-  if (!l->firstExpiry) return;
+  if (!l->firstExpiry || l->detached) return;
   uint64_t due = l->firstExpiry->expiresMs, now = nowMs();
   uint64_t wait = due > now ? due - now : 0;
   auto* t = l->expiryTimer;
@@ -1238,7 +1249,7 @@ void RedisBudgetStore::syncDirty(PerLoop* l) {
   }
   if (any)
     flush(l, false, true, true);
-  else
+  else if (!l->detached)
     uv_timer_stop(l->syncTimer);
 }
 
@@ -1258,9 +1269,11 @@ void RedisBudgetStore::flush(PerLoop* l, bool force, bool write, bool empty) {
 }
 
 void RedisBudgetStore::flushOnce(PerLoop* l, bool force, bool write, bool empty) {
-  uv_timer_stop(l->settleTimer);
-  uv_check_stop(l->check);
-  uv_idle_stop(l->idle);
+  if (!l->detached) {
+    uv_timer_stop(l->settleTimer);
+    uv_check_stop(l->check);
+    uv_idle_stop(l->idle);
+  }
   l->armed = false;
   // While kMaxInFlight scripts of the same pools are on the wire, their next batch grows
   // until one is answered: a script's fixed cost in Redis (its call, the budget's read and
@@ -1296,7 +1309,7 @@ void RedisBudgetStore::flushOnce(PerLoop* l, bool force, bool write, bool empty)
     send(l, key, std::move(batch));
     sent = true;
   }
-  if (wait != UINT64_MAX) {
+  if (wait != UINT64_MAX && !l->detached) {
     uv_timer_start(
         l->settleTimer,
         [](uv_timer_t* t) {
@@ -1415,7 +1428,8 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
       if (h.dirtySeq < batch.seq) h.dirty = false;
     }
   }
-  if (!failure.empty() && !uv_is_active(reinterpret_cast<uv_handle_t*>(l->syncTimer))) {
+  if (!failure.empty() && !l->detached &&
+      !uv_is_active(reinterpret_cast<uv_handle_t*>(l->syncTimer))) {
     uv_timer_start(
         l->syncTimer,
         [](uv_timer_t* t) {
@@ -1426,7 +1440,7 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
   }
   bool dirty = false;
   for (const auto& [pool, h] : l->holders) dirty |= h.dirty;
-  if (!dirty) uv_timer_stop(l->syncTimer);
+  if (!dirty && !l->detached) uv_timer_stop(l->syncTimer);
 
   // Reserves by run: the first `allowed` of a run are held, the rest refused with its reason.
   size_t run = 0, inRun = 0;

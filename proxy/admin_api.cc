@@ -281,7 +281,7 @@ AdminResponse AdminApi::approvals(std::string_view method, std::string_view path
   if (!engine_)
     return error(404, "not_found", "approvals need a policy set (policies: in the config)");
   if (path == "/v1/approvals") {
-    if (method != "GET") return error(405, "method_not_allowed", "use GET");
+    if (method != "GET" && method != "HEAD") return error(405, "method_not_allowed", "use GET");
     std::string body = "[";
     for (const auto& a : engine_->approvals()) {
       if (body.size() > 1) body += ',';

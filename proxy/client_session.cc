@@ -781,7 +781,18 @@ void ClientSession::decide() {
   worker_.decider().decide(call, [this, started](Decision d) {
     --pendingCallbacks_;
     worker_.metrics().decisionSeconds().Observe(static_cast<double>(uv_hrtime() - started) / 1e9);
-    if (!closed_) onDecision(d);
+    if (!closed_) {
+      onDecision(d);
+      return;
+    }
+    // Closed while deciding (the agent went away while Redis answered the reserve, or the
+    // drain's deadline came): an allowed call was never sent, so its budget hold is
+    // released now, not committed when it expires.
+    if (d.verdict == Verdict::kAllow && d.context) {
+      Outcome unsent;
+      unsent.sent = false;
+      worker_.decider().onOutcome(callInfo(), d, unsent);
+    }
   });
 }
 

@@ -379,8 +379,10 @@ int Server::run() {
   }
   shared_.workersServing = workers;
   for (unsigned i = 0; i < workers; ++i) workers_.push_back(std::make_unique<Worker>(shared_, i));
-  for (auto& w : workers_) w->start();
+  // Told of batches before any worker runs: a call accepted at once (from the listen
+  // backlog) must not wait for a later batch to hear that its record is durable.
   audit_->setObserver(&auditWatch_);
+  for (auto& w : workers_) w->start();
   admin_->setReady(true);
 
   // Policy files are watched through their directories: editors replace files by rename.

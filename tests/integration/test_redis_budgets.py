@@ -4,6 +4,8 @@ when Redis is shut down, paused or flushed, and `tollgate pools init`."""
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -216,6 +218,25 @@ class RedisBudgetTest(unittest.TestCase):
                 t.join(timeout=10)
                 self.assertEqual(result["r"][0], 200)
                 wait_for(lambda: spend(redis) == (2, 0), timeout=5, what="the settlement, with no traffic")
+
+    def test_an_agent_gone_before_its_reserve_is_answered_holds_nothing(self):
+        """The agent resets its connection while Redis is slow to answer the reserve; the
+        reserve then succeeds. The call was never sent: its hold is released at once, not
+        left held until hold_ttl and then committed."""
+        with RedisServer() as redis, HttpOrigin() as origin:
+            tg = sidecar([redis.url], limit=100, store={"timeout": "3s", "hold_ttl": "30s"})
+            with tg:
+                self.assertEqual(pools_init(tg).returncode, 0)
+                redis("CLIENT", "PAUSE", 800, "ALL")
+                s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
+                s.sendall(b"POST http://127.0.0.1:%d/cost HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                          b"X-Agent-Id: agent-1\r\nContent-Length: 1\r\n\r\nx" % (origin.port, origin.port))
+                time.sleep(0.3)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()  # a reset, while the reserve waits for Redis
+                time.sleep(1.0)  # Redis answers the reserve, then the release
+                wait_for(lambda: spend(redis) == (0, 0), timeout=5, what="no hold and nothing committed")
+                self.assertEqual(len(origin.requests), 0)
 
     def test_a_fail_open_pool_lets_calls_through_uncharged_while_redis_is_down(self):
         with RedisServer() as redis, HttpOrigin() as origin:
