@@ -28,6 +28,9 @@ struct CallInfo {
   bool bodyAvailable = false;
   bool bodyTruncated = false;  // larger than the bound the decider gave
   std::string_view body;
+  // sha256 hex of `body` when the proxy has it already (it records it in the audit record);
+  // empty: the decider hashes the body itself if it needs to.
+  std::string_view bodySha256;
 };
 
 enum class Verdict { kAllow, kHalt, kThrottle, kApprove };

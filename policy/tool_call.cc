@@ -334,7 +334,7 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
   if (call.bodyAvailable && call.bodyTruncated)
     return Error{-1, "request body larger than the policy's max_body_bytes"};
   if (call.bodyAvailable && !call.body.empty()) {
-    tc.bodyDigest_ = sha256Hex(call.body);
+    tc.bodyDigest_ = call.bodySha256.empty() ? sha256Hex(call.body) : std::string(call.bodySha256);
     // Media types are case-insensitive (RFC 9110, 8.3.1): Application/JSON is JSON.
     std::string ct(call.contentType);
     for (auto& c : ct) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

@@ -769,12 +769,15 @@ CallInfo ClientSession::callInfo() const {
     call.bodyAvailable = true;
     call.bodyTruncated = bodyTruncated_;
     call.body = body_;
+    call.bodySha256 = bodySha256_;
   }
   return call;
 }
 
 void ClientSession::decide() {
   phase_ = Phase::kDeciding;
+  // Hashed once: the approval fingerprint and the audit record's params_sha256 both use it.
+  if (bodyNeed_ > 0) bodySha256_ = sha256Hex(body_);
   CallInfo call = callInfo();
   ++pendingCallbacks_;
   uint64_t started = uv_hrtime();
@@ -835,7 +838,8 @@ void ClientSession::onDecision(const Decision& decided) {
   record.rule = d.rule;
   record.reason = d.reason;
   record.policyDigest = d.policyDigest;
-  if (bodyNeed_ > 0) record.paramsSha256 = "sha256:" + sha256Hex(body_);
+  if (bodyNeed_ > 0)  // decided without decide() (a local halt): hashed here
+    record.paramsSha256 = "sha256:" + (bodySha256_.empty() ? sha256Hex(body_) : bodySha256_);
   // A call forwarded once its record is durable waits for it (awaitDurable below): the
   // worker asks for the sync at the end of its loop turn, so the record goes as kBatched.
   auditSeq_ = worker_.audit().append(std::move(record));
@@ -1560,6 +1564,7 @@ void ClientSession::resetExchange() {
   bodyNeed_ = 0;
   outcomeReported_ = false;
   body_.clear();
+  bodySha256_.clear();
   bodyTruncated_ = continueSent_ = false;
   status_ = 0;
   headReady_ = requestDone_ = expectContinue_ = isUpgrade_ = discardBody_ = requestChunked_ = false;

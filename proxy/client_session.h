@@ -173,6 +173,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   uint64_t bodyBytes_ = 0;
   size_t bodyNeed_ = 0;         // body bytes the decider wants to see (0: it streams)
   std::string body_;            // the body as read for the decider
+  std::string bodySha256_;      // its hash (hex), for the decider and the audit record
   bool bodyTruncated_ = false;  // the body was larger than bodyNeed_
   bool continueSent_ = false;
   bool outcomeReported_ = false;
