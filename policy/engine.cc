@@ -46,8 +46,6 @@ Decision halt(std::string rule, std::string reason, const std::string& tool) {
 
 }  // namespace
 
-bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
-
 Engine::Engine(Clock clock) : clock_(clock ? std::move(clock) : Clock(wallMs)) {}
 
 bool Engine::conditionHolds(const Condition& c, const ToolCall& call, const nlohmann::json& params,

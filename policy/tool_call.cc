@@ -181,30 +181,38 @@ bool countKeys(std::string_view text, size_t& keys) {
 bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
 
 std::string ToolCall::fingerprint() const {
-  // The whole call as the human saw it: every MCP tool a batch calls, and the body read (not
-  // only the params of one tools/call: a batch or a form body must not ride on an approval
-  // given for another).
+  // The whole call as the human saw it, its body included as read (every tools/call of a
+  // batch, a form body): a call with another body must not ride on the approval.
   std::string canon = agent_ + '\n' + scheme_ + '\n' + host_ + ':' + std::to_string(port_) + '\n' +
-                      method_ + '\n' + path_ + '?' + query_ + '\n' + tool_ + '\n' +
-                      (params_.is_null() ? "" : params_.dump()) + '\n';
-  for (const auto& name : mcpTools_) canon += name + ',';
-  canon += '\n' + bodyDigest_;
+                      method_ + '\n' + path_ + '?' + query_ + '\n' + tool_ + '\n' + bodyDigest_;
   return sha256Hex(canon, 16);
 }
 
+namespace {
+
+// Whether tool t's host, methods and paths fit the request (its MCP names aside).
+bool fitsRequest(const ToolDef& t, const std::string& host, const std::string& method,
+                 const std::string& path) {
+  return std::any_of(t.hosts.begin(), t.hosts.end(),
+                     [&](const std::string& h) { return hostMatch(h, host); }) &&
+         (t.methods.empty() ||
+          std::find(t.methods.begin(), t.methods.end(), method) != t.methods.end()) &&
+         (t.paths.empty() || std::any_of(t.paths.begin(), t.paths.end(), [&](const std::string& p) {
+            return pathGlobMatch(p, path);
+          }));
+}
+
+bool namesMcpTool(const ToolDef& t, std::string_view name) {
+  return std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
+                     [&](const std::string& g) { return globMatch(g, name); });
+}
+
+}  // namespace
+
 const ToolDef* mcpToolOf(const PolicySet& set, const ToolCall& call, std::string_view name) {
   for (const auto& t : set.tools()) {
-    if (t.mcpTools.empty() ||
-        !std::any_of(t.hosts.begin(), t.hosts.end(),
-                     [&](const std::string& h) { return hostMatch(h, call.host()); }) ||
-        (!t.methods.empty() &&
-         std::find(t.methods.begin(), t.methods.end(), call.method()) == t.methods.end()) ||
-        (!t.paths.empty() &&
-         !std::any_of(t.paths.begin(), t.paths.end(),
-                      [&](const std::string& p) { return pathGlobMatch(p, call.path()); })))
-      continue;
-    if (std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
-                    [&](const std::string& g) { return globMatch(g, name); }))
+    if (!t.mcpTools.empty() && fitsRequest(t, call.host(), call.method(), call.path()) &&
+        namesMcpTool(t, name))
       return &t;
   }
   return nullptr;
@@ -366,12 +374,6 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
       } else {
         visit(parsed);
       }
-      // params: the body's own fields, or the arguments of its one tools/call (a batch's
-      // are in mcpArguments(), each checked on its own by the engine).
-      if (tc.mcpArguments_.size() == 1 && !tc.mcpArguments_[0].is_null())
-        tc.params_ = tc.mcpArguments_[0];
-      else if (tc.mcpMethod_.empty())
-        tc.params_ = std::move(parsed);
       body = std::move(parsed);
     }
   }
@@ -379,24 +381,11 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
   // Attribution: the first tool whose match fits. An MCP batch is attributed to each of its
   // tools in turn by the engine; here the first one names the call.
   for (const auto& t : set.tools()) {
-    if (!std::any_of(t.hosts.begin(), t.hosts.end(),
-                     [&](const std::string& h) { return hostMatch(h, tc.host_); }))
-      continue;
-    if (!t.methods.empty() &&
-        std::find(t.methods.begin(), t.methods.end(), tc.method_) == t.methods.end())
-      continue;
-    if (!t.paths.empty() && !std::any_of(t.paths.begin(), t.paths.end(), [&](const std::string& p) {
-          return pathGlobMatch(p, tc.path_);
-        })) {
-      continue;
-    }
+    if (!fitsRequest(t, tc.host_, tc.method_, tc.path_)) continue;
     if (!t.mcpTools.empty()) {
       if (tc.mcpTools_.empty()) continue;
-      bool all =
-          std::all_of(tc.mcpTools_.begin(), tc.mcpTools_.end(), [&](const std::string& name) {
-            return std::any_of(t.mcpTools.begin(), t.mcpTools.end(),
-                               [&](const std::string& g) { return globMatch(g, name); });
-          });
+      bool all = std::all_of(tc.mcpTools_.begin(), tc.mcpTools_.end(),
+                             [&](const std::string& name) { return namesMcpTool(t, name); });
       if (!all) continue;  // a batch that hides another tool is not this tool
     }
     tc.toolDef_ = &t;
@@ -405,10 +394,16 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
     break;
   }
   if (!tc.toolDef_) tc.tool_ = "host:" + tc.host_;
-  // A JSON-RPC-shaped body sent to a tool that is not the MCP tool of its calls is that
-  // tool's body: its params are the body's fields.
-  if (!tc.mcpTools_.empty() && tc.attributedIsSubject() && tc.toolDef_ && !body.is_discarded())
+  // params: the JSON body's own fields; for the MCP tool of its calls, the arguments of its
+  // one tools/call (a batch's are in mcpArguments(), each checked on its own by the engine).
+  // A JSON-RPC-shaped body sent to another tool is that tool's body. A JSON-RPC message
+  // that calls no tool (initialize, tools/list) has no params.
+  bool ownFields =
+      tc.mcpTools_.empty() ? tc.mcpMethod_.empty() : tc.attributedIsSubject() && tc.toolDef_;
+  if (!body.is_discarded() && ownFields)
     tc.params_ = std::move(body);
+  else if (tc.mcpArguments_.size() == 1)
+    tc.params_ = tc.mcpArguments_[0];
   return tc;
 }
 
