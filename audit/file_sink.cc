@@ -342,6 +342,57 @@ Result<SegmentTail> readTail(const std::string& path) {
   return t;
 }
 
+// A batch is one write of whole 4 KiB blocks, and a crash (power lost) mid-write may leave
+// any of its blocks unwritten while later ones are on disk: such a block still reads as the
+// blanks written ahead of the records (or zeros), with records after it. Nothing at or after
+// that block was durable (the write never returned), so no call waited on it. Where the
+// line its first such block falls in begins, and that line's number (1-based), in the
+// segment's first `size` bytes (offset npos: no such block).
+struct TornBatch {
+  uint64_t offset = std::string::npos;
+  uint64_t line = 0;
+};
+
+Result<TornBatch> findTornBatch(const std::string& path, uint64_t size) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Error{-errno, sysError("open " + path)};
+  std::string chunk(64 << 10, '\0');
+  TornBatch torn;
+  uint64_t lineStart = 0, lines = 0;  // where the line being read began; lines before it
+  for (uint64_t at = 0; at + kDirectBlock <= size && torn.offset == std::string::npos;) {
+    size_t want = static_cast<size_t>(std::min<uint64_t>(chunk.size(), size - at));
+    want -= want % kDirectBlock;
+    if (::pread(fd, chunk.data(), want, static_cast<off_t>(at)) != static_cast<ssize_t>(want)) {
+      ::close(fd);
+      return Error{-1, "cannot read " + path};
+    }
+    for (size_t b = 0; b < want; b += kDirectBlock) {
+      std::string_view block(chunk.data() + b, kDirectBlock);
+      if (block.find_first_not_of(std::string_view(" \0", 2)) == std::string_view::npos) {
+        torn = {lineStart, lines + 1};
+        break;
+      }
+      size_t nl = block.rfind('\n');
+      if (nl == std::string_view::npos) continue;
+      lines += static_cast<uint64_t>(std::count(block.begin(), block.end(), '\n'));
+      lineStart = at + b + nl + 1;
+    }
+    at += want;
+  }
+  ::close(fd);
+  return torn;
+}
+
+Result<std::string> readRange(const std::string& path, uint64_t from, uint64_t to) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Error{-errno, sysError("open " + path)};
+  std::string text(static_cast<size_t>(to - from), '\0');
+  ssize_t got = ::pread(fd, text.data(), text.size(), static_cast<off_t>(from));
+  ::close(fd);
+  if (got != static_cast<ssize_t>(text.size())) return Error{-1, "cannot read " + path};
+  return text;
+}
+
 }  // namespace
 
 FileAuditSink::FileAuditSink(Options options) : options_(std::move(options)), recent_(kRecent) {}
@@ -411,29 +462,42 @@ Status FileAuditSink::start() {
 
   // What is there already: a torn last line is moved aside; the rest must verify.
   auto segs = segments(dir);
-  std::string torn;
+  std::string tornText;  // what was moved aside (into tornFile)
+  fs::path tornFile;
+  auto moveAside = [&](const std::string& text) -> Status {
+    if (tornFile.empty()) tornFile = dir / ("torn-" + std::to_string(wallNs()) + ".bin");
+    tornText = text + tornText;
+    return replaceFile(tornFile, tornText, 0600);
+  };
+  uint64_t kept = 0;  // the last segment's size after that
   if (!segs.empty()) {
     auto tail = readTail(segs.back().string());
     if (!tail) return tail.error();
     const SegmentTail& t = tail.value();
     if (!t.torn.empty()) {
-      fs::path aside = dir / ("torn-" + std::to_string(wallNs()) + ".bin");
-      if (auto st = replaceFile(aside, t.torn, 0600); !st) return st;
-      torn = aside.filename().string() + ":" + std::to_string(t.torn.size());
+      if (auto st = moveAside(t.torn); !st) return st;
     }
     if (t.keep < t.size && ::truncate(segs.back().c_str(), static_cast<off_t>(t.keep)) != 0)
       return Error{-errno, sysError("truncate " + segs.back().string())};
+    kept = t.keep;
   }
   // The log is read a line at a time, verified and the chain resumed as it goes: a
   // long log is never in memory whole.
-  bool emptyLog = true;
-  for (const auto& seg : segments(dir)) emptyLog = emptyLog && fs::file_size(seg, ec) == 0;
+  auto isEmpty = [&] {
+    bool empty = true;
+    for (const auto& seg : segments(dir)) empty = empty && fs::file_size(seg, ec) == 0;
+    return empty;
+  };
+  bool emptyLog = isEmpty();
+  std::string badSegment;
+  size_t badLine = 0;
   auto scan = [&](const Ed25519Key& anchor, ChainVerdict& verdict) -> Status {
     ChainVerifier verifier(anchor);
-    std::string badSegment;
-    auto st = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t) {
+    badSegment.clear();
+    auto st = forEachAuditLine(dir, [&](std::string& line, const std::string& segment, size_t n) {
       if (!verifier.add(line)) {
         badSegment = segment;
+        badLine = n;
         return false;
       }
       chain_->resume(line);
@@ -449,7 +513,31 @@ Status FileAuditSink::start() {
     }
     return Status::success();
   };
-  if (auto st = loadKeys(emptyLog, scan); !st) return st;
+  Status loaded = loadKeys(emptyLog, scan);
+  if (!loaded && !segs.empty() && badSegment == segs.back().filename().string()) {
+    // A batch torn by a crash (findTornBatch()): its lines from the one its first unwritten
+    // block falls in are moved aside, when the log fails there or after it, and it is read
+    // again.
+    auto torn = findTornBatch(segs.back().string(), kept);
+    if (!torn) return torn.error();
+    uint64_t from = torn.value().offset;
+    if (from < kept && torn.value().line <= badLine) {
+      Log::Line(LogLevel::kWarn, "audit: a batch torn by a crash moved aside")
+          .add("segment", segs.back().string())
+          .add("offset", from)
+          .add("bytes", kept - from)
+          .emit();
+      auto text = readRange(segs.back().string(), from, kept);
+      if (!text) return text.error();
+      if (auto st = moveAside(text.value()); !st) return st;
+      if (::truncate(segs.back().c_str(), static_cast<off_t>(from)) != 0)
+        return Error{-errno, sysError("truncate " + segs.back().string())};
+      chain_ = std::make_unique<AuditChain>(logId);
+      recent_ = RecentLines(kRecent);
+      loaded = loadKeys(isEmpty(), scan);
+    }
+  }
+  if (!loaded) return loaded;
   seq_ = chain_->size();
   queuedSinceCheckpoint_ = chain_->sinceCheckpoint();
   writtenSealed_ = queuedSinceCheckpoint_ == 0;
@@ -457,7 +545,7 @@ Status FileAuditSink::start() {
 
   segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
   // A log sealed at shutdown continues in a new segment: the last one is complete.
-  bool sealed = !recent_.empty() && torn.empty() && isCheckpointLine(recent_.back());
+  bool sealed = !recent_.empty() && tornText.empty() && isCheckpointLine(recent_.back());
   if (sealed) {
     for (auto& r : options_.replicas) r->onSealed(segs.back().string());
     ++segmentNumber_;
@@ -466,16 +554,15 @@ Status FileAuditSink::start() {
   // What is on disk is durable; a recovery record queued below is not, until written (the
   // writer adds each batch's records to durable_).
   durable_ = seq_;
-  if (!torn.empty()) {
-    auto colon = torn.rfind(':');
+  if (!tornText.empty()) {
     std::lock_guard<std::mutex> lock(mutex_);
     ++seq_;
     Pending p;
     p.type = Pending::Type::kLine;
-    p.line = chain_->append(
-        "recovery",
-        {{"torn_file", torn.substr(0, colon)}, {"torn_bytes", std::stoull(torn.substr(colon + 1))}},
-        wallNs());
+    p.line = chain_->append("recovery",
+                            {{"torn_file", tornFile.filename().string()},
+                             {"torn_bytes", static_cast<uint64_t>(tornText.size())}},
+                            wallNs());
     enqueue(std::move(p));
   }
   writer_ = std::thread([this] {
