@@ -342,45 +342,70 @@ Result<SegmentTail> readTail(const std::string& path) {
   return t;
 }
 
-// A batch is one write of whole 4 KiB blocks, and a crash (power lost) mid-write may leave
-// any of its blocks unwritten while later ones are on disk: such a block still reads as the
-// blanks written ahead of the records (or zeros), with records after it. Nothing at or after
-// that block was durable (the write never returned), so no call waited on it. Where the
-// line its first such block falls in begins, and that line's number (1-based), in the
-// segment's first `size` bytes (offset npos: no such block).
-struct TornBatch {
-  uint64_t offset = std::string::npos;
-  uint64_t line = 0;
-};
+// A batch is one write of whole 4 KiB blocks, the first of them rewritten with the records
+// before the batch in it, and a crash (power lost) mid-write may leave any of its blocks
+// unwritten while later ones are on disk. Such a block still holds what it held: blanks
+// written ahead of the records (or zeros past them), after the records of earlier batches
+// when it is the batch's first. Nothing at or after it was durable (the write never
+// returned), so no call waited on it. Its mark in a line: a run of blanks or zeros that ends
+// on a block boundary with more of the line after it, and that begins the line or fills a
+// whole block (a record never begins with a blank, and a durable one holds a block of them
+// only in a string that long). The verifier fails at the line (1-based) `failed` of the
+// segment, or at the next one when the torn line happened to read as a record: where the
+// torn line begins, of those two (npos: neither is).
+bool hasTornBlock(std::string_view line, uint64_t at) {
+  auto blank = [](char c) { return c == kAuditPad || c == '\0'; };
+  for (uint64_t q = (at / kDirectBlock + 1) * kDirectBlock; q < at + line.size();
+       q += kDirectBlock) {
+    size_t i = static_cast<size_t>(q - at);
+    if (blank(line[i]) || !blank(line[i - 1])) continue;
+    size_t run = i;
+    while (run > 0 && blank(line[run - 1])) --run;
+    if (run == 0 || i - run >= kDirectBlock) return true;
+  }
+  return false;
+}
 
-Result<TornBatch> findTornBatch(const std::string& path, uint64_t size) {
+Result<uint64_t> findTornBatch(const std::string& path, uint64_t size, uint64_t failed) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Error{-errno, sysError("open " + path)};
+  // Where lines failed - 1 and failed begin and where failed ends.
+  uint64_t begins[2] = {std::string::npos, std::string::npos}, ends = size;
   std::string chunk(64 << 10, '\0');
-  TornBatch torn;
-  uint64_t lineStart = 0, lines = 0;  // where the line being read began; lines before it
-  for (uint64_t at = 0; at + kDirectBlock <= size && torn.offset == std::string::npos;) {
+  uint64_t line = 1;
+  if (failed == 1) begins[1] = 0;
+  if (failed == 2) begins[0] = 0;
+  for (uint64_t at = 0; at < size && ends == size;) {
     size_t want = static_cast<size_t>(std::min<uint64_t>(chunk.size(), size - at));
-    want -= want % kDirectBlock;
     if (::pread(fd, chunk.data(), want, static_cast<off_t>(at)) != static_cast<ssize_t>(want)) {
       ::close(fd);
       return Error{-1, "cannot read " + path};
     }
-    for (size_t b = 0; b < want; b += kDirectBlock) {
-      std::string_view block(chunk.data() + b, kDirectBlock);
-      if (block.find_first_not_of(std::string_view(" \0", 2)) == std::string_view::npos) {
-        torn = {lineStart, lines + 1};
+    for (size_t i = 0; i < want; ++i) {
+      if (chunk[i] != '\n') continue;
+      if (line == failed) {
+        ends = at + i;
         break;
       }
-      size_t nl = block.rfind('\n');
-      if (nl == std::string_view::npos) continue;
-      lines += static_cast<uint64_t>(std::count(block.begin(), block.end(), '\n'));
-      lineStart = at + b + nl + 1;
+      ++line;  // the next begins after this newline
+      if (line + 1 == failed) begins[0] = at + i + 1;
+      if (line == failed) begins[1] = at + i + 1;
     }
     at += want;
   }
   ::close(fd);
-  return torn;
+  for (int k : {1, 0}) {
+    uint64_t from = begins[k], to = k == 1 ? ends : begins[1] - 1;
+    if (from == std::string::npos || begins[1] == std::string::npos || to <= from) continue;
+    int rfd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (rfd < 0) return Error{-errno, sysError("open " + path)};
+    std::string text(static_cast<size_t>(to - from), '\0');
+    ssize_t got = ::pread(rfd, text.data(), text.size(), static_cast<off_t>(from));
+    ::close(rfd);
+    if (got != static_cast<ssize_t>(text.size())) return Error{-1, "cannot read " + path};
+    if (hasTornBlock(text, from)) return from;
+  }
+  return std::string::npos;
 }
 
 Result<std::string> readRange(const std::string& path, uint64_t from, uint64_t to) {
@@ -516,12 +541,11 @@ Status FileAuditSink::start() {
   Status loaded = loadKeys(emptyLog, scan);
   if (!loaded && !segs.empty() && badSegment == segs.back().filename().string()) {
     // A batch torn by a crash (findTornBatch()): its lines from the one its first unwritten
-    // block falls in are moved aside, when the log fails there or after it, and it is read
-    // again.
-    auto torn = findTornBatch(segs.back().string(), kept);
+    // block falls in are moved aside, and the log is read again.
+    auto torn = findTornBatch(segs.back().string(), kept, badLine);
     if (!torn) return torn.error();
-    uint64_t from = torn.value().offset;
-    if (from < kept && torn.value().line <= badLine) {
+    uint64_t from = torn.value();
+    if (from < kept) {
       Log::Line(LogLevel::kWarn, "audit: a batch torn by a crash moved aside")
           .add("segment", segs.back().string())
           .add("offset", from)

@@ -125,8 +125,9 @@ class AuditStreamTest(unittest.TestCase):
                 self.assertEqual(r.returncode, 0, r.stdout)
 
     def test_a_batch_torn_by_a_crash_is_moved_aside(self):
-        """A batch is written as whole 4 KiB blocks in one write; power lost mid-write can leave
-        a block of it unwritten (still the blanks written ahead) with later blocks on disk.
+        """A batch is one write of whole 4 KiB blocks, its first block rewritten with the
+        records before it; power lost mid-write can leave a block of it unwritten (still what
+        it held: blanks, after earlier records in the first block) with later blocks on disk.
         That write never returned, so no call waited on it: at start the lines from the torn
         block on are moved aside with a recovery record, and the log verifies. A log that
         fails before such a block is still refused, and nothing is moved."""
@@ -145,51 +146,60 @@ class AuditStreamTest(unittest.TestCase):
                 conn.close()
                 tg.proc.kill()  # unsealed, the blanks written ahead still there
                 tg.proc.wait(timeout=10)
-                seg = segments(audit_dir)[-1]
-                with open(seg, "rb") as f:
+                name = os.path.basename(segments(audit_dir)[-1])
+                with open(os.path.join(audit_dir, name), "rb") as f:
                     data = f.read()
                 end = len(data.rstrip(b" "))
                 self.assertGreater(end, 3 * 4096, "the test needs a few blocks of records")
-                hole = ((end - 1) // 4096 - 1) * 4096  # records before it and after it
-                torn = data[:hole] + b" " * 4096 + data[hole + 4096:]
-                cut = data.rfind(b"\n", 0, hole) + 1
-                kept = [json.loads(line) for line in data[:cut].decode().splitlines()]
+                block = ((end - 1) // 4096 - 1) * 4096  # records before it and after it
+                # A block in the middle of the batch lost: the line it falls in and the rest go.
+                middle = data[:block] + b" " * 4096 + data[block + 4096:]
+                middle_cut = data.rfind(b"\n", 0, block) + 1
+                # The batch's first block lost: it still holds the records before the batch,
+                # then blanks; the batch's first line and the rest go.
+                start = data.find(b"\n", block) + 1
+                self.assertLess(start, block + 4096)
+                first = data[:start] + b" " * (block + 4096 - start) + data[block + 4096:]
 
                 # Refused when the log fails before the torn block: nothing is moved aside.
                 spoiled_dir = os.path.join(tg.dir, "spoiled")
                 shutil.copytree(audit_dir, spoiled_dir)
-                spoiled = torn.replace(b'"path":"/hello?i=1"', b'"path":"/hello?i=7"', 1)
-                self.assertNotEqual(spoiled, torn)
-                with open(os.path.join(spoiled_dir, os.path.basename(seg)), "wb") as f:
+                spoiled = middle.replace(b'"path":"/hello?i=1"', b'"path":"/hello?i=7"', 1)
+                self.assertNotEqual(spoiled, middle)
+                with open(os.path.join(spoiled_dir, name), "wb") as f:
                     f.write(spoiled)
                 bad = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": spoiled_dir}})
                 with self.assertRaisesRegex(AssertionError, "does not verify"):
                     with bad:
                         pass
                 self.assertEqual(glob.glob(os.path.join(spoiled_dir, "torn-*.bin")), [])
-                with open(os.path.join(spoiled_dir, os.path.basename(seg)), "rb") as f:
+                with open(os.path.join(spoiled_dir, name), "rb") as f:
                     self.assertEqual(f.read().rstrip(b" "), spoiled.rstrip(b" "))
 
-                with open(seg, "wb") as f:
-                    f.write(torn)
-                again = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
-                with again:
-                    rc, out, _ = curl("-i", origin.url("/hello?after=1"), proxy=again.proxy)
-                    self.assertEqual(parse_response(out)[0], 200)
-                    self.assertEqual(again.stop(), 0)
-                recs = records(audit_dir)
-                self.assertEqual(recs[:len(kept)], kept)  # nothing before the torn batch is lost
-                recovery = recs[len(kept)]
-                self.assertEqual(recovery["kind"], "recovery")
-                moved = torn[cut:len(torn.rstrip(b" "))]
-                self.assertEqual(recovery["torn_bytes"], len(moved))
-                aside = glob.glob(os.path.join(audit_dir, "torn-*.bin"))
-                self.assertEqual(len(aside), 1)
-                with open(aside[0], "rb") as f:
-                    self.assertEqual(f.read(), moved)
-                self.assertIn("/hello?after=1", [r.get("path") for r in recs])
-                r = verify(audit_dir)
-                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                for shape, torn, cut in (("middle", middle, middle_cut), ("first", first, start)):
+                    log = os.path.join(tg.dir, shape)
+                    shutil.copytree(audit_dir, log)
+                    with open(os.path.join(log, name), "wb") as f:
+                        f.write(torn)
+                    kept = [json.loads(line) for line in data[:cut].decode().splitlines()]
+                    again = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": log}})
+                    with again:
+                        rc, out, _ = curl("-i", origin.url("/hello?after=1"), proxy=again.proxy)
+                        self.assertEqual(parse_response(out)[0], 200)
+                        self.assertEqual(again.stop(), 0)
+                    recs = records(log)
+                    self.assertEqual(recs[:len(kept)], kept, shape)  # nothing before the tear is lost
+                    recovery = recs[len(kept)]
+                    self.assertEqual(recovery["kind"], "recovery", shape)
+                    moved = torn[cut:len(torn.rstrip(b" "))]
+                    self.assertEqual(recovery["torn_bytes"], len(moved), shape)
+                    aside = glob.glob(os.path.join(log, "torn-*.bin"))
+                    self.assertEqual(len(aside), 1, shape)
+                    with open(aside[0], "rb") as f:
+                        self.assertEqual(f.read(), moved, shape)
+                    self.assertIn("/hello?after=1", [r.get("path") for r in recs])
+                    r = verify(log)
+                    self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
     def test_log_id_lost_or_wrong(self):
         with HttpOrigin() as origin:
