@@ -1239,11 +1239,24 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   const auto& head = p.head();
   int status = head.status;
   if (status >= 100 && status < 200 && status != 101) {
-    s.interim_ = true;  // 100 Continue and friends: the proxy answered Expect itself
-    return 0;
+    // 100 Continue and friends: the proxy answered Expect itself. An interim response has
+    // no body (RFC 9110, 15.2): one framed with one is an upstream out of step (read as a
+    // body, it could carry a whole response to the agent ahead of the real one).
+    if ((p.hasContentLength() && p.contentLength() > 0) || head.find("transfer-encoding")) {
+      p.fail(502, "an interim " + std::to_string(status) + " response framed with a body");
+      return -1;
+    }
+    s.interim_ = true;
+    return 1;  // no body
   }
   if (status == 101 && !s.isUpgrade_) {
     p.fail(502, "101 without an upgrade request");
+    return -1;
+  }
+  if (status == 101 && !p.upgrade()) {
+    // Without Upgrade and Connection: upgrade, llhttp goes on reading HTTP while the agent
+    // would switch protocols.
+    p.fail(502, "101 without Upgrade and Connection: upgrade");
     return -1;
   }
   s.status_ = status;
@@ -1253,7 +1266,8 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   // An HTTP/1.0 client knows no chunking (RFC 9112, 6.1): it gets the body close-delimited,
   // which cannot carry another transfer coding.
   bool clientChunks = req.versionMajor == 1 && req.versionMinor >= 1;
-  if (!noBody && p.chunked() && !clientChunks &&
+  // (A coding without chunked runs to the close, and keeps its name too.)
+  if (!noBody && !clientChunks && head.find("transfer-encoding") &&
       !equalsIgnoreCase(transferEncodingOf(head), "chunked")) {
     p.fail(502, "the upstream's transfer coding " + transferEncodingOf(head) +
                     " cannot reach an HTTP/1.0 client");
@@ -1300,7 +1314,10 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
     out += "Content-Length: " + std::to_string(p.contentLength()) + "\r\n";
   } else if (clientChunks) {
     s.responseChunked_ = true;  // a close-delimited body goes to the client chunked
-    out += "Transfer-Encoding: chunked\r\n";
+    // With its codings (Transfer-Encoding: gzip ends at the close: gzip, chunked).
+    out += "Transfer-Encoding: ";
+    if (head.find("transfer-encoding")) out += transferEncodingOf(head) + ", ";
+    out += "chunked\r\n";
   } else {
     s.responseCloseDelimited_ = true;
   }
@@ -1314,6 +1331,7 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
 }
 
 int ClientSession::ResponseSide::onBody(HttpParser&, std::string_view data) {
+  if (s.interim_) return 0;  // skipped (onHeadersComplete): never the agent's
   auto& out = s.client_->output();
   if (s.responseChunked_)
     appendChunk(out, data);

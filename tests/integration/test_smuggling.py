@@ -1,9 +1,11 @@
 """Request smuggling shapes: each is a 400, the connection is closed, nothing reaches
-the origin, and the rejection is recorded."""
+the origin, and the rejection is recorded. And the upstream's side: a response framed to
+smuggle a second one into the agent's connection never reaches the agent as one."""
+import http.client
 import json
 import unittest
 
-from tollgate_harness import HttpOrigin, Tollgate, parse_response, raw_exchange
+from tollgate_harness import HttpOrigin, ScriptedOrigin, Tollgate, parse_response, raw_exchange
 
 
 class SmugglingTest(unittest.TestCase):
@@ -84,6 +86,82 @@ class SmugglingTest(unittest.TestCase):
         self.assertEqual(len(match), 1)
         self.assertEqual(match[0]["decision"], "halt")
         self.assertEqual(match[0]["rule"], "http.bad_request")
+
+
+class UpstreamFramingTest(unittest.TestCase):
+    """A hostile or broken upstream's response framing, seen by an agent on one keep-alive
+    connection: each response it reads is the one to its own request."""
+
+    FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfake"
+
+    def exchange(self, origin, tg, paths):
+        conn = http.client.HTTPConnection("127.0.0.1", tg.proxy_port, timeout=10)
+        out = []
+        try:
+            for path in paths:
+                conn.request("GET", origin.url(path))
+                resp = conn.getresponse()
+                out.append((resp.status, resp.read()))
+        finally:
+            conn.close()
+        return out
+
+    def test_an_interim_response_with_a_body_injects_nothing(self):
+        # A 103 framed with a body that is a whole response, then the real one: an interim
+        # response has no body, so the upstream is out of step: a 502, and the fake response
+        # never reaches the agent; the next request on the connection gets its own answer.
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(self.FAKE), self.FAKE)
+        for framing, body in ((b"Content-Length: %d\r\n" % len(self.FAKE), self.FAKE),
+                              (b"Transfer-Encoding: chunked\r\n", chunked)):
+            script = {
+                "/a": b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n" + framing + b"\r\n" + body +
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal",
+                "/b": b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+            }
+            with ScriptedOrigin(script) as origin, Tollgate() as tg:
+                got = self.exchange(origin, tg, ["/a", "/b"])
+                self.assertEqual([status for status, _ in got], [502, 200], (framing, got))
+                self.assertIn(b"interim 103", got[0][1])
+                self.assertEqual(got[1][1], b"second")
+
+    def test_a_101_that_does_not_switch_is_a_502(self):
+        # Asked to upgrade, the upstream says 101 with no Upgrade/Connection: the proxy would
+        # go on reading HTTP while the agent talks WebSocket.
+        origin = ScriptedOrigin({"/ws": (b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+                                         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "close")})
+        with origin, Tollgate() as tg:
+            req = (b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                   % (origin.url("/ws").encode(), origin.port))
+            out, _ = raw_exchange(tg.proxy_port, req)
+            status, _, body = parse_response(out)
+            self.assertEqual(status, 502, out)
+            self.assertIn("101", json.loads(body)["reason"])
+
+    def test_a_close_delimited_body_keeps_its_transfer_coding(self):
+        # Transfer-Encoding: gzip with neither chunked nor Content-Length: the body runs to
+        # the close, and its coding must reach the agent with it.
+        import gzip
+        data = gzip.compress(b"hello, gzip")
+        origin = ScriptedOrigin({"/gz": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + data, "close")})
+        with origin, Tollgate() as tg:
+            out, _ = raw_exchange(tg.proxy_port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
+                                  % (origin.url("/gz").encode(), origin.port))
+            head, _, body = out.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), out)
+            self.assertIn(b"\r\nTransfer-Encoding: gzip, chunked", head)
+            plain = b""
+            while True:  # de-chunk
+                size, _, body = body.partition(b"\r\n")
+                n = int(size, 16)
+                if n == 0:
+                    break
+                plain, body = plain + body[:n], body[n + 2:]
+            self.assertEqual(gzip.decompress(plain), b"hello, gzip")
+            # An HTTP/1.0 agent knows no chunking, so no coding can reach it: a 502.
+            out, _ = raw_exchange(tg.proxy_port, b"GET %s HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                                  % (origin.url("/gz").encode(), origin.port))
+            self.assertTrue(out.startswith(b"HTTP/1.1 502 "), out)  # nothing of the 200 before it
 
 
 if __name__ == "__main__":

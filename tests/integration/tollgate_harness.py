@@ -454,6 +454,44 @@ class CloseDelimitedOrigin(Serving):
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
 
+class ScriptedOrigin(Serving):
+    """A keep-alive origin that answers each request with the raw bytes scripted for its
+    path (a path not scripted: 404), as a hostile or broken upstream would; a script of
+    (bytes, "close") closes the connection after them. Records (method, path)."""
+
+    def __init__(self, script):
+        self.requests = []
+        origin = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                buf = b""
+                try:
+                    while True:
+                        while b"\r\n\r\n" not in buf:
+                            chunk = self.request.recv(65536)
+                            if not chunk:
+                                return
+                            buf += chunk
+                        head, _, buf = buf.partition(b"\r\n\r\n")
+                        method, path = head.split(b" ", 2)[:2]
+                        origin.requests.append((method.decode(), path.decode()))
+                        reply = script.get(path.decode(), b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                        close = isinstance(reply, tuple)
+                        self.request.sendall(reply[0] if close else reply)
+                        if close:
+                            self.request.shutdown(socket.SHUT_WR)
+                            return
+                except OSError:
+                    pass
+
+        self.server = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def url(self, path, host="127.0.0.1"):
+        return f"http://{host}:{self.port}{path}"
+
+
 class SilentOrigin:
     """Accepts connections and never answers."""
 
