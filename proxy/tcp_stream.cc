@@ -270,8 +270,11 @@ void TcpStream::readTls(std::string_view data) {
       }
       long verify = SSL_get_verify_result(ssl_);
       if (!SSL_is_server(ssl_) && verify != X509_V_OK) {
-        tlsError_ =
-            std::string("certificate verify failed: ") + X509_verify_cert_error_string(verify);
+        tlsError_ = std::string("certificate verify failed: ") +
+                    (verify == X509_V_ERR_APPLICATION_VERIFICATION
+                         ? "the chain runs through the sidecar's own CA (tls.ca_dir), which only "
+                           "agents may trust"
+                         : X509_verify_cert_error_string(verify));
         ERR_clear_error();
       } else {
         tlsError_ = takeOpenSslErrors();

@@ -42,7 +42,33 @@ int upstreamKeyIndex() {
   return index;
 }
 
+// The system's trust store, as OpenSSL was built to find it, without the SSL_CERT_FILE and
+// SSL_CERT_DIR that SSL_CTX_set_default_verify_paths() honours: those are the agents' (they
+// are told to put the local CA there), and the sidecar may share their environment.
+bool loadSystemTrust(SSL_CTX* ctx) {
+  X509_STORE* store = SSL_CTX_get_cert_store(ctx);
+  X509_LOOKUP* file = X509_STORE_add_lookup(store, X509_LOOKUP_file());
+  X509_LOOKUP* dir = X509_STORE_add_lookup(store, X509_LOOKUP_hash_dir());
+  if (!file || !dir) return false;
+  (void)X509_LOOKUP_load_file(file, X509_get_default_cert_file(), X509_FILETYPE_PEM);  // may lack
+  bool ok = X509_LOOKUP_add_dir(dir, X509_get_default_cert_dir(), X509_FILETYPE_PEM) == 1;
+  ERR_clear_error();
+  return ok;
+}
+
 }  // namespace
+
+int TlsContexts::verifyUpstream(int ok, X509_STORE_CTX* store) {
+  auto* ssl =
+      static_cast<SSL*>(X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  auto* t = ssl ? static_cast<TlsContexts*>(SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl))) : nullptr;
+  X509* cert = X509_STORE_CTX_get_current_cert(store);
+  if (t && t->ownCaKey_ && cert && EVP_PKEY_eq(X509_get0_pubkey(cert), t->ownCaKey_) == 1) {
+    X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+    return 0;
+  }
+  return ok;
+}
 
 Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
   std::unique_ptr<TlsContexts> t(new TlsContexts);
@@ -50,7 +76,7 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
   t->upstreamClient_ = SSL_CTX_new(TLS_client_method());
   if (!t->upstreamClient_) return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
   SSL_CTX_set_min_proto_version(t->upstreamClient_, TLS1_2_VERSION);
-  SSL_CTX_set_verify(t->upstreamClient_, SSL_VERIFY_PEER, nullptr);
+  SSL_CTX_set_verify(t->upstreamClient_, SSL_VERIFY_PEER, verifyUpstream);
   SSL_CTX_set_options(t->upstreamClient_, SSL_OP_NO_RENEGOTIATION);
   static const unsigned char kHttp11[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
   SSL_CTX_set_alpn_protos(t->upstreamClient_, kHttp11, sizeof kHttp11);
@@ -66,7 +92,7 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
       return Error{-1, config.tlsUpstreamCaFileWhere + ": cannot load " + config.tlsUpstreamCaFile +
                            ": " + takeOpenSslErrors()};
     }
-  } else if (SSL_CTX_set_default_verify_paths(t->upstreamClient_) != 1) {
+  } else if (!loadSystemTrust(t->upstreamClient_)) {
     return Error{-1, "the system's trust store: " + takeOpenSslErrors()};
   }
 
@@ -126,6 +152,7 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
     // does not pay for a second ticket it may never use.
     SSL_CTX_set_num_tickets(ctx, 1);
   };
+  t->ownCaKey_ = X509_get_pubkey(ca.value().certificate());
   auto leaves = LeafCache::create(std::make_shared<const LocalCa>(std::move(ca.value())), options);
   if (!leaves) return leaves.error();
   t->leaves_ = std::move(leaves.value());
@@ -133,6 +160,7 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
 }
 
 TlsContexts::~TlsContexts() {
+  EVP_PKEY_free(ownCaKey_);
   for (auto& [key, session] : sessions_) SSL_SESSION_free(session);
   SSL_CTX_free(upstreamClient_);
 }

@@ -54,6 +54,9 @@ class TlsContexts {
     std::vector<SSL_CTX*> contexts;
   };
   static int selectBySni(SSL* ssl, int* alert, void* arg);
+  // Refuses an upstream chain that runs through the local CA (by its key), however it came
+  // to be trusted: that CA is the agents' to trust, never the sidecar's.
+  static int verifyUpstream(int ok, X509_STORE_CTX* store);
   static int onNewSession(SSL* ssl, SSL_SESSION* session);
   // Upstream sessions by "host:port", bounded; taken by any worker.
   static constexpr size_t kMaxSessions = 10'000;
@@ -62,6 +65,7 @@ class TlsContexts {
   std::vector<std::unique_ptr<ListenerTls>> listenerTls_;
   SSL_CTX* upstreamClient_ = nullptr;
   std::unique_ptr<LeafCache> leaves_;
+  EVP_PKEY* ownCaKey_ = nullptr;  // the local CA's public key (with leaves_)
 };
 
 // The state of one intercepted handshake, the servername callback's app data.

@@ -280,6 +280,48 @@ class TlsConfigTest(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def test_upstreams_are_never_trusted_through_the_sidecars_own_ca(self):
+        """The agents are told to trust the local CA (SSL_CERT_FILE, the Debian store), and
+        a sidecar sharing their environment used to trust it for upstreams too: a server
+        with a leaf of that CA passed verification. The sidecar's trust is the system's
+        store or tls.upstream_ca_file, never SSL_CERT_FILE/SSL_CERT_DIR, and a chain through
+        its own CA is refused wherever the trust came from."""
+        d = tempfile.mkdtemp(prefix="tollgate-tls-")
+        try:
+            ca_dir = os.path.join(d, "ca")
+            r = subprocess.run([BIN, "certs", "init", ca_dir], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            ca = os.path.join(ca_dir, "ca.crt")
+            key = os.path.join(d, "leaf.key")
+            r = subprocess.run([BIN, "certs", "mint", ca_dir, "localhost", "--key-out", key],
+                               capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            cert = os.path.join(d, "leaf.crt")
+            with open(cert, "w") as f:
+                f.write(r.stdout)
+            with HttpOrigin(tls=server_context(cert, key)) as origin:
+                for how, overrides, env in (
+                        ("SSL_CERT_FILE", {}, {"SSL_CERT_FILE": ca}),
+                        ("SSL_CERT_DIR", {}, {"SSL_CERT_DIR": ca_dir, "SSL_CERT_FILE": "/nonexistent"}),
+                        ("upstream_ca_file", {"upstream_ca_file": ca}, {}),
+                ):
+                    with self.subTest(how=how):
+                        if how == "SSL_CERT_DIR":  # a hashed directory holding the CA
+                            subprocess.run(["openssl", "rehash", ca_dir], capture_output=True, timeout=30)
+                        with Tollgate({"tls": {"ca_dir": ca_dir, **overrides}},
+                                      listener={"intercept_tls": True}, env=env) as tg:
+                            rc, out, err = curl("-i", "--cacert", ca, origin.url("/hello", host="localhost"),
+                                                proxy=tg.proxy, env_proxy=True)
+                            self.assertEqual(rc, 0, err)
+                            status, _, body = parse_response(out.split(b"\r\n\r\n", 1)[1])
+                            self.assertEqual(status, 502, out)
+                            self.assertEqual(json.loads(body)["error"], "upstream_tls")
+                            if how == "upstream_ca_file":
+                                self.assertIn("own CA", json.loads(body)["reason"])
+                self.assertEqual(origin.requests, [])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
     def test_a_host_the_ca_may_not_sign_for_is_refused_before_any_tls(self):
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
