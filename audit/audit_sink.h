@@ -55,8 +55,10 @@ class AuditObserver {
   virtual ~AuditObserver() = default;
   // A batch was written: `records` are durable now (ok), or the stream failed (!ok).
   virtual void onBatch(size_t records, double fsyncSeconds, bool ok) = 0;
-  // A checkpoint with this seq was written into the stream.
+  // A checkpoint with this seq was written into the stream (durable).
   virtual void onCheckpoint(uint64_t /*seq*/) {}
+  // Records queued after the stream failed, never written (their calls were halted).
+  virtual void onDropped(size_t /*records*/) {}
   // An append waited for the writer (the queue was full); on the appending thread.
   virtual void onBackpressure() {}
 };

@@ -26,12 +26,15 @@ Result<std::shared_ptr<DirectoryExport>> DirectoryExport::open(std::string logDi
   if (ec) return Error{-1, "audit.export.dir " + to + ": " + ec.message()};
   if (fs::equivalent(logDir, to, ec))
     return Error{-1, "audit.export.dir " + to + " is the log's own directory"};
-  std::shared_ptr<DirectoryExport> e(new DirectoryExport(std::move(logDir), std::move(to)));
-  e->thread_ = std::thread([raw = e.get()] {
+  return std::shared_ptr<DirectoryExport>(new DirectoryExport(std::move(logDir), std::move(to)));
+}
+
+void DirectoryExport::start() {
+  if (thread_.joinable()) return;
+  thread_ = std::thread([this] {
     nameThisThread("tg-export");
-    raw->run();
+    run();
   });
-  return e;
 }
 
 DirectoryExport::~DirectoryExport() {

@@ -29,9 +29,10 @@ class DirectoryExport : public AuditReplica {
   static Result<std::shared_ptr<DirectoryExport>> open(std::string logDir, std::string to);
   ~DirectoryExport() override;
 
+  void start() override;  // the catch-up, then the work queued
   void onDurable(uint64_t firstSeq, const std::vector<std::string>& lines) override;
   void onSealed(const std::string& path) override;
-  // Waits until the work queued so far is done (tests, shutdown).
+  // Waits until the work queued so far is done (tests, shutdown); after start().
   void flush();
 
  private:

@@ -75,14 +75,33 @@ Status writePrivateKey(const fs::path& p, const Ed25519Key& key) {
   return st;
 }
 
+// The number of a segment file's name ("segment-NNNNNN.jsonl", six digits or more), or 0.
+uint64_t segmentNumber(std::string_view name) {
+  constexpr std::string_view kPrefix = "segment-", kSuffix = ".jsonl";
+  if (!name.starts_with(kPrefix) || !name.ends_with(kSuffix)) return 0;
+  std::string_view digits =
+      name.substr(kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  uint64_t n = 0;
+  if (digits.size() < 6 || digits.size() > 19) return 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return 0;
+    n = n * 10 + static_cast<uint64_t>(c - '0');
+  }
+  return n;
+}
+
+// In order of their numbers: segment-1000000 follows segment-999999.
 std::vector<fs::path> segments(const fs::path& dir) {
-  std::vector<fs::path> out;
+  std::vector<std::pair<uint64_t, fs::path>> found;
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
-    auto name = e.path().filename().string();
-    if (name.starts_with("segment-") && name.ends_with(".jsonl")) out.push_back(e.path());
+    if (uint64_t n = segmentNumber(e.path().filename().string()); n > 0)
+      found.emplace_back(n, e.path());
   }
-  std::sort(out.begin(), out.end());
+  std::sort(found.begin(), found.end());
+  std::vector<fs::path> out;
+  out.reserve(found.size());
+  for (auto& [n, path] : found) out.push_back(std::move(path));
   return out;
 }
 
@@ -567,7 +586,7 @@ Status FileAuditSink::start() {
   writtenSealed_ = queuedSinceCheckpoint_ == 0;
   builtSeq_ = seq_;
 
-  segmentNumber_ = segs.empty() ? 1 : std::stoull(segs.back().filename().string().substr(8, 6));
+  segmentNumber_ = segs.empty() ? 1 : segmentNumber(segs.back().filename().string());
   // A log sealed at shutdown continues in a new segment: the last one is complete.
   bool sealed = !recent_.empty() && tornText.empty() && isCheckpointLine(recent_.back());
   if (sealed) {
@@ -589,6 +608,7 @@ Status FileAuditSink::start() {
                             wallNs());
     enqueue(std::move(p));
   }
+  for (auto& r : options_.replicas) r->start();  // the log is this process's now
   writer_ = std::thread([this] {
     nameThisThread("tg-audit");
     run();
@@ -663,6 +683,16 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
   std::lock_guard<std::mutex> rotating(rotateMutex_);
   fs::path keys = fs::path(options_.dir) / "keys";
   fs::path keyFile = keys / "ed25519.key", nextFile = keys / "ed25519.key.next";
+  // An earlier rotation that timed out holds the active key in .next until it finishes: a
+  // new key written there would lose it (the next start could not sign for the log).
+  if (unfinishedRotation_ != 0) {
+    if (durable_ < unfinishedRotation_)
+      return Error{-EAGAIN, "the key_rotation record of an earlier rotation (seq " +
+                                std::to_string(unfinishedRotation_) +
+                                ") is not durable yet; rotate again once it is"};
+    if (auto st = finishRotation(); !st) return st.error();
+  }
+  if (!healthy_) return Error{-1, "the audit stream is unwritable"};
   auto next = Ed25519Key::generate();
   if (!next) return next.error();
   // The new private key is durable before the rotation record can be: after a crash, start
@@ -681,7 +711,6 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
       cp.type = Pending::Type::kCheckpoint;
       cp.key = key_;
       enqueue(std::move(cp));
-      if (observer_) observer_->onCheckpoint(seq_);
     }
     ++seq_;
     Pending rotation;
@@ -696,19 +725,31 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
     wakeWriter(AuditSync::kNow);
   }
   // A rotation is rare: polling keeps it out of the writer's loop.
-  if (!waitDurable(done.seq, std::chrono::seconds(10)))
+  unfinishedRotation_ = done.seq;
+  if (!waitDurable(done.seq, options_.rotationWait))
     return Error{-1, "the key_rotation record (seq " + std::to_string(done.seq) +
                          ") did not become durable; the next start keeps the key the log names"};
+  if (auto st = finishRotation(); !st) return st.error();
+  return done;
+}
+
+Status FileAuditSink::finishRotation() {
   // The old private key is deleted, not archived: whoever takes the disk later cannot sign
   // checkpoints of the past (forward security); verifiers need only the public keys, which
   // the rotation records chain from the anchor. (The rename replaces the file; its blocks
   // are not scrubbed.)
+  fs::path keys = fs::path(options_.dir) / "keys";
+  fs::path keyFile = keys / "ed25519.key", nextFile = keys / "ed25519.key.next";
   if (::rename(nextFile.c_str(), keyFile.c_str()) != 0)
     return Error{-errno, sysError("rename " + nextFile.string())};
-  if (auto st = syncDir(keys.string()); !st) return st.error();
-  if (auto st = replaceFile(keys / "ed25519.pub", toHexBytes(key_->rawPublic()) + "\n", 0644); !st)
-    return st.error();
-  return done;
+  unfinishedRotation_ = 0;
+  if (auto st = syncDir(keys.string()); !st) return st;
+  std::shared_ptr<const Ed25519Key> key;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    key = key_;
+  }
+  return replaceFile(keys / "ed25519.pub", toHexBytes(key->rawPublic()) + "\n", 0644);
 }
 
 void FileAuditSink::closeSegment() {
@@ -760,6 +801,10 @@ bool FileAuditSink::writeBatch(std::string_view out) {
     if (flags < 0 || ::fcntl(segmentFd_, F_SETFL, flags & ~O_DIRECT) != 0) return false;
     direct_ = false;
     head_.clear();
+    Log::Line(LogLevel::kInfo, "audit segment written without O_DIRECT")
+        .add("dir", options_.dir)
+        .add("error", "the file system refused a direct write")
+        .emit();
   }
   if (!pwriteAll(segmentFd_, out, segmentSize_)) return false;
   prefill(segmentSize_ + out.size());
@@ -814,8 +859,15 @@ bool FileAuditSink::writeDirect(std::string_view out) {
 Status FileAuditSink::openSegment(uint64_t number) {
   closeSegment();
   fs::path p = fs::path(options_.dir) / segmentName(number);
+  std::error_code ec;
+  bool created = !fs::exists(p, ec);
   segmentFd_ = ::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (segmentFd_ < 0) return Error{-errno, sysError("open " + p.string())};
+  // A new file's name is durable only with its directory's: the records synced into it
+  // would otherwise be lost with the name on a power cut.
+  if (created) {
+    if (auto st = syncDir(options_.dir); !st) return st;
+  }
   struct stat st;
   uint64_t size = ::fstat(segmentFd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
   // Records continue after the last one (a segment begun before a restart may end in blanks).
@@ -983,7 +1035,6 @@ void FileAuditSink::run() {
         cp.key = key_;
         enqueue(std::move(cp));
         lastCheckpoint = now;
-        if (observer_) observer_->onCheckpoint(seq_);
       }
       pending.swap(queue_);
       drained_.notify_all();
@@ -1012,6 +1063,9 @@ void FileAuditSink::run() {
     }
     size_t count = pending.size();
     bool endsSealed = count > 0 && pending.back().type == Pending::Type::kCheckpoint;
+    size_t lastCheckpointAt = count;  // the batch's last checkpoint (count: none)
+    for (size_t i = 0; i < count; ++i)
+      if (pending[i].type == Pending::Type::kCheckpoint) lastCheckpointAt = i;
     pending.clear();
     auto line = [&](size_t i) {
       size_t end = i + 1 < count ? starts[i + 1] : out.size();
@@ -1025,7 +1079,8 @@ void FileAuditSink::run() {
         builtSeq_ += count;
         built_.notify_all();
       }
-      bool ok = healthy_;
+      bool attempted = healthy_;  // once failed, the stream stays failed: nothing is written
+      bool ok = attempted;
       // The interval runs from one sync's start to the next: a sync slower than it is
       // followed at once by the next batch (measured from its end, every cycle also waited
       // the interval out, adding a millisecond to every call).
@@ -1053,8 +1108,13 @@ void FileAuditSink::run() {
       }
       {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (observer_)
+        if (observer_ && !attempted) {
+          observer_->onDropped(count);
+        } else if (observer_) {
           observer_->onBatch(count, std::chrono::duration<double>(synced - lastSync).count(), ok);
+          if (ok && lastCheckpointAt < count)
+            observer_->onCheckpoint(durable_ - count + 1 + lastCheckpointAt);
+        }
       }
       if (out.capacity() > (16u << 20)) std::string().swap(out);  // after a burst
     }
@@ -1065,8 +1125,14 @@ void FileAuditSink::run() {
       std::lock_guard<std::mutex> lock(mutex_);
       if (healthy_ && !stopping_ && rotationDue() && writtenSealed_) {
         std::string sealedPath = (fs::path(options_.dir) / segmentName(segmentNumber_)).string();
-        if (openSegment(segmentNumber_ + 1)) {
+        if (auto st = openSegment(segmentNumber_ + 1); st) {
           for (auto& r : options_.replicas) r->onSealed(sealedPath);
+        } else if (healthy_.exchange(false)) {
+          // The sealed segment is closed and no next one is open: calls halt from here on.
+          Log::Line(LogLevel::kError, "audit stream unwritable")
+              .add("dir", options_.dir)
+              .add("error", st.error().message)
+              .emit();
         }
       }
     }

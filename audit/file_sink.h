@@ -65,6 +65,8 @@ class FileAuditSink : public AuditSink {
     // Records queued and not yet taken by the writer, at most: past it an append waits for
     // the writer (backpressure) instead of the queue growing without bound.
     size_t maxQueued = 65536;
+    // rotateKey() waits this long for its record to be durable.
+    std::chrono::milliseconds rotationWait{10'000};
   };
   static Result<std::unique_ptr<FileAuditSink>> open(Options options);
   ~FileAuditSink() override;
@@ -182,6 +184,10 @@ class FileAuditSink : public AuditSink {
   AuditObserver* observer_ = nullptr;  // under mutex_
   std::thread writer_;
   std::mutex rotateMutex_;  // one rotation at a time
+  // A rotation whose record was not durable within rotationWait: its key is still in
+  // ed25519.key.next, and it is finished before another begins (under rotateMutex_).
+  uint64_t unfinishedRotation_ = 0;
+  Status finishRotation();
 };
 
 // What the segment being written is padded with after its last record (FileAuditSink::

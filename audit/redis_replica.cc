@@ -23,7 +23,10 @@ uint64_t leadingNumber(std::string_view s) {
 
 }  // namespace
 
-RedisStreamReplica::RedisStreamReplica(Options options) : options_(std::move(options)) {
+RedisStreamReplica::RedisStreamReplica(Options options) : options_(std::move(options)) {}
+
+void RedisStreamReplica::start() {
+  if (thread_.joinable()) return;
   thread_ = std::thread([this] {
     nameThisThread("tg-replica");
     run();

@@ -43,6 +43,7 @@ class RedisStreamReplica : public AuditReplica {
   };
   explicit RedisStreamReplica(Options options);
   ~RedisStreamReplica() override;
+  void start() override;  // connects, catches up, then sends what comes
 
   void onDurable(uint64_t firstSeq, const std::vector<std::string>& lines) override;
 

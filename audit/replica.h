@@ -16,6 +16,10 @@ namespace tollgate {
 class AuditReplica {
  public:
   virtual ~AuditReplica() = default;
+  // Called once, when the audit writer holds the log (its lock taken, a torn tail moved
+  // aside), before any onDurable(): an implementation reads the log (a catch-up) only from
+  // then on, so a second process refused the log never touches the copy.
+  virtual void start() {}
   // Lines just made durable, in order; the first has seq `firstSeq`.
   virtual void onDurable(uint64_t firstSeq, const std::vector<std::string>& lines) = 0;
   // A segment file was sealed (it ends with a checkpoint and is never written again).

@@ -131,6 +131,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Help("Audit batches that could not be written or fsynced")
                         .Register(r)
                         .Add({});
+  auditDropped_ = &prometheus::BuildCounter()
+                       .Name("tollgate_audit_dropped_records_total")
+                       .Help(
+                           "Audit records made after the stream failed, never written (their "
+                           "calls were halted with audit_unavailable)")
+                       .Register(r)
+                       .Add({});
   auditBackpressure_ = &prometheus::BuildCounter()
                             .Name("tollgate_audit_backpressure_waits_total")
                             .Help(

@@ -53,6 +53,7 @@ class Metrics {
   // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
   void auditBatch(size_t records, double fsyncSeconds, bool ok);
   void auditCheckpoint(uint64_t seq) { auditLastCheckpoint_->Set(static_cast<double>(seq)); }
+  void auditDropped(size_t records) { auditDropped_->Increment(static_cast<double>(records)); }
   void auditBackpressure() { auditBackpressure_->Increment(); }
   // The Redis Stream replica: the last seq known in the stream, records the writer has
   // made durable, and records dropped from its queue (read back from the log later).
@@ -90,6 +91,7 @@ class Metrics {
   prometheus::Counter* auditRecords_;
   prometheus::Counter* auditBatches_;
   prometheus::Counter* auditFailures_;
+  prometheus::Counter* auditDropped_;
   prometheus::Counter* auditBackpressure_;
   prometheus::Histogram* auditFsync_;
   prometheus::Gauge* auditLastCheckpoint_;

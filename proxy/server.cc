@@ -246,6 +246,11 @@ void Server::AuditWatch::onBatch(size_t records, double fsyncSeconds, bool ok) {
   for (auto& w : server_.workers_) w->notifyDurable();
 }
 
+void Server::AuditWatch::onDropped(size_t records) {
+  server_.metrics_.auditDropped(records);
+  for (auto& w : server_.workers_) w->notifyDurable();  // the calls waiting see the failure
+}
+
 void Server::AuditWatch::onCheckpoint(uint64_t seq) {
   server_.metrics_.auditCheckpoint(seq);
 }

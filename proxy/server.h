@@ -55,6 +55,7 @@ class Server {
    public:
     explicit AuditWatch(Server& server) : server_(server) {}
     void onBatch(size_t records, double fsyncSeconds, bool ok) override;
+    void onDropped(size_t records) override;
     void onCheckpoint(uint64_t seq) override;
     void onBackpressure() override;
 

@@ -284,6 +284,16 @@ class AuditStreamTest(unittest.TestCase):
                     self.assertEqual(parse_response(out)[0], 403)
                     self.assertIsNone(tg.proc.poll())
                     self.assertTrue(any(l.get("msg") == "audit stream unwritable" for l in tg.logs()))
+                    # One batch failed; what came after it was dropped, not failed again.
+                    def metric(name):
+                        _, text = tg.admin("/metrics")
+                        line = [l for l in text.decode().splitlines() if l.startswith(name + " ")]
+                        return float(line[0].split()[1]) if line else None
+                    self.assertEqual(metric("tollgate_audit_write_failures_total"), 1.0)
+                    self.assertEqual(metric("tollgate_audit_healthy"), 0.0)
+                    wait_for(lambda: (metric("tollgate_audit_dropped_records_total") or 0) >= 1, timeout=5,
+                             what="the halts after the failure counted as dropped")
+                    self.assertEqual(metric("tollgate_audit_write_failures_total"), 1.0)
                     # An admin action whose record cannot be made durable is not answered 200.
                     rc, out, _ = curl("-i", "-X", "POST", f"http://127.0.0.1:{tg.admin_port}"
                                       "/v1/audit/report?sha256=" + "ab" * 32)

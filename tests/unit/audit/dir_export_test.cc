@@ -6,7 +6,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -42,7 +44,35 @@ std::vector<std::string> exportedCheckpoints(const fs::path& to) {
 void exportOnce(const fs::path& log, const fs::path& to) {
   auto e = DirectoryExport::open(log.string(), to.string());
   ASSERT_TRUE(e) << e.error().message;
+  e.value()->start();
   e.value()->flush();
+}
+
+// Nothing is read or written before start(): a second sidecar refused the log (its lock
+// held by the first) never touches the export.
+TEST(DirectoryExportTest, NothingHappensBeforeStart) {
+  fs::path base = fs::temp_directory_path() / ("tollgate-export0-" + std::to_string(::getpid()));
+  fs::remove_all(base);
+  FileAuditSink::Options options((base / "log").string());
+  options.segmentBytes = 2048;
+  options.checkpointEvery = 8;
+  writeAwaited(options, 0, 40);
+  {
+    auto e = DirectoryExport::open(options.dir, (base / "out").string());
+    ASSERT_TRUE(e) << e.error().message;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    EXPECT_FALSE(fs::exists(base / "out" / "checkpoints.jsonl"));
+    EXPECT_TRUE(auditSegments((base / "out").string()).empty());
+  }
+  {
+    auto first = FileAuditSink::open(options);  // the log's writer
+    ASSERT_TRUE(first) << first.error().message;
+    options.replicas = {DirectoryExport::open(options.dir, (base / "out").string()).value()};
+    auto second = FileAuditSink::open(options);
+    ASSERT_FALSE(second);
+    EXPECT_FALSE(fs::exists(base / "out" / "checkpoints.jsonl"));
+  }
+  fs::remove_all(base);
 }
 
 TEST(DirectoryExportTest, ARestartExportsWhatIsNewAndCutsATornAppend) {

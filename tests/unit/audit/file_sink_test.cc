@@ -206,6 +206,30 @@ TEST(FileSinkTest, ALogOfManySegmentsResumesAndNamesTheSegmentOfABadRecord) {
   fs::remove_all(dir);
 }
 
+// Segment numbers go past six digits: segment-1000000 follows segment-999999 (by number,
+// not by name), and the log resumes after it.
+TEST(FileSinkTest, SegmentNumbersGoOnPastSixDigits) {
+  fs::path dir = fs::temp_directory_path() / ("tollgate-segnum-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  FileAuditSink::Options options(dir.string());
+  writeAwaited(options, 0, 3);  // sealed at close: the next start begins a new segment
+  auto segs = auditSegments(dir.string());
+  ASSERT_EQ(segs.size(), 1u);
+  fs::rename(segs[0], dir / "segment-999999.jsonl");
+  writeAwaited(options, 3, 3);
+  segs = auditSegments(dir.string());
+  ASSERT_EQ(segs.size(), 2u);
+  EXPECT_EQ(fs::path(segs[0]).filename(), "segment-999999.jsonl");
+  EXPECT_EQ(fs::path(segs[1]).filename(), "segment-1000000.jsonl");
+  writeAwaited(options, 6, 3);  // resumed after segment-1000000
+  segs = auditSegments(dir.string());
+  ASSERT_EQ(segs.size(), 3u);
+  EXPECT_EQ(fs::path(segs[2]).filename(), "segment-1000001.jsonl");
+  auto v = verifyDir(dir);
+  EXPECT_TRUE(v.ok) << v.line << ": " << v.reason;
+  fs::remove_all(dir);
+}
+
 // tail(n) is the last n lines of the log, oldest first: after more lines than it keeps
 // (1000), written in batches of one and in one batch of 1500 (more than it keeps at once),
 // and after a restart (the start fills it from the log).

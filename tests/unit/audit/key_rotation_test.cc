@@ -319,6 +319,43 @@ TEST_F(SinkRotationTest, StartFinishesOrDropsAnInterruptedRotation) {
       << sink.error().message;
 }
 
+TEST_F(SinkRotationTest, ARotationThatTimedOutIsFinishedBeforeAnotherBegins) {
+  // The disk is slow (one sync a second) and a rotation gives up waiting for its record;
+  // a retry must not write a new key over the one the log now names (in .next), or the
+  // next start cannot sign for the log.
+  FileAuditSink::Options options(dir.string());
+  options.syncInterval = std::chrono::milliseconds(1000);
+  options.rotationWait = std::chrono::milliseconds(50);
+  std::string active;
+  {
+    auto sink = FileAuditSink::open(options);
+    ASSERT_TRUE(sink) << sink.error().message;
+    uint64_t seq = sink.value()->append(AuditRecord{});
+    sink.value()->requestDurable(seq);
+    for (int i = 0; i < 500 && sink.value()->durableSeq() < seq; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ASSERT_GE(sink.value()->durableSeq(), seq);
+    // The next sync is due a second after that one: the rotation times out.
+    auto first = sink.value()->rotateKey();
+    ASSERT_FALSE(first);
+    EXPECT_NE(first.error().message.find("did not become durable"), std::string::npos);
+    active = Ed25519Key::fromRawPrivate(fromHexBytes(read("ed25519.key.next"))).value().id();
+    auto again = sink.value()->rotateKey();
+    ASSERT_FALSE(again);
+    EXPECT_NE(again.error().message.find("not durable yet"), std::string::npos)
+        << again.error().message;
+  }
+  auto lines = readAuditLog(dir.string());
+  ASSERT_TRUE(lines);
+  auto v = verifyChain(lines.value(), publicKey("anchor.pub"));
+  ASSERT_TRUE(v.ok) << v.line << ": " << v.reason;
+  EXPECT_EQ(v.keyring.back().key.id(), active);
+  // The next start finds the log's active key (finishing the rotation) and signs with it.
+  auto sink = FileAuditSink::open(options);
+  ASSERT_TRUE(sink) << sink.error().message;
+  EXPECT_EQ(publicKey("ed25519.pub").id(), active);
+}
+
 TEST(MemorySinkRotationTest, AMemorySinkHasNoKeysToRotate) {
   MemoryAuditSink sink;
   auto done = sink.rotateKey();

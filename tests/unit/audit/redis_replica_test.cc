@@ -50,6 +50,7 @@ TEST(RedisReplicaTest, CatchesUpFromTheLogAndSkipsWhatTheLogDoesNotHave) {
   ro.logDir = dir.string();
   {
     RedisStreamReplica replica(ro);
+    replica.start();
     // The queue begins past the log's end: seqs in between are in no place.
     uint64_t head = log.size() + 10;
     replica.onDurable(head, {"{\"seq\":\"head\"}", "{\"seq\":\"next\"}"});
@@ -101,6 +102,7 @@ TEST(RedisReplicaTest, AnXaddRefusedIsRetriedWithABackoff) {
   ro.logDir = dir.string();
   {
     RedisStreamReplica replica(ro);
+    replica.start();
     replica.onDurable(1, {"{\"seq\":1}"});
     uint64_t before = connectionsReceived(redis.port());
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));
