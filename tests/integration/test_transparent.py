@@ -29,6 +29,7 @@ from tollgate_harness import BIN, HERE, parse_response, wait_for
 
 INIT = os.path.join(HERE, "..", "..", "deploy", "transparent-init.sh")
 SIDECAR_UID = 65534  # nobody: the sidecar runs unprivileged, the agent as root
+AGENT_UID = 1000  # an ordinary uid, for the probes that must not lean on root
 PORT = 15001
 AGENT_IP, TOOL_IP, DECOY_IP = "10.203.0.1", "10.203.0.2", "10.203.0.3"
 AGENT_IP6, TOOL_IP6 = "fd00:203::1", "fd00:203::2"
@@ -57,6 +58,21 @@ def sh(*cmd, check=True, timeout=15, **kw):
     return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=timeout, **kw)
 
 
+def unprivileged(uid):
+    """The command prefix that runs what follows as UID with no capability at all, as an agent
+    container with runAsNonRoot, allowPrivilegeEscalation: false and every capability dropped."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs"]
+
+
+def python_for_any_uid():
+    """A python3 that an unprivileged uid can run (this one may live in root's home)."""
+    for candidate in (sys.executable, "/usr/bin/python3", shutil.which("python3")):
+        if candidate and sh(*unprivileged(AGENT_UID), candidate, "-c", "pass", check=False).returncode == 0:
+            return candidate
+    return None
+
+
 def skip_or_fail(reason):
     if os.environ.get("TOLLGATE_REQUIRE_NETNS") == "1":
         raise AssertionError(f"TOLLGATE_REQUIRE_NETNS=1 but the namespace test cannot run: {reason}")
@@ -66,9 +82,11 @@ def skip_or_fail(reason):
 def why_not_runnable():
     if os.geteuid() != 0:
         return "needs root (network namespaces, veth, iptables)"
-    for tool in ("ip", "iptables", "ip6tables", "setpriv", "curl"):
+    for tool in ("ip", "iptables", "ip6tables", "iptables-restore", "ip6tables-restore", "setpriv", "curl"):
         if not shutil.which(tool):
             return f"needs {tool}"
+    if not python_for_any_uid():
+        return f"needs a python3 that uid {AGENT_UID} can run"
     probe = "tgprobe" + uuid.uuid4().hex[:6]
     try:
         r = sh("ip", "netns", "add", probe, check=False)
@@ -425,6 +443,36 @@ class TransparentModeTest(unittest.TestCase):
         self.assertEqual(allowed[-1]["agent"], "agent-1")
 
 
+# A datagram to an address of each family behind a veth pair where no one answers: it leaves
+# (sendto succeeds, the neighbour is looked up in the background) unless a rule rejects it.
+EGRESS_PROBE = """import errno, socket
+for family, address in ((socket.AF_INET, '10.99.0.2'), (socket.AF_INET6, 'fd99::2')):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b'probe', (address, 9))
+        print('sent')
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"""
+
+# The iptables tools the script finds first on its PATH: each logs its arguments, then fails
+# as MODE says ("nat": the nat table is missing, as on a kernel without it; "all": the tool
+# cannot work at all) or runs the real one.
+FAKE_TOOL = """#!/bin/sh
+echo "{name} $*" >>{log}
+case "{mode}" in all) echo "{name}: cannot work (test)" >&2; exit 1 ;; esac
+case "{mode} $*" in "nat "*"-t nat"*) echo "{name}: no table nat (test)" >&2; exit 1 ;; esac
+exec {real} "$@"
+"""
+FAKE_RESTORE = """#!/bin/sh
+echo "{name} $*" >>{log}
+input=$(cat)
+case "{mode}" in all) echo "{name}: cannot work (test)" >&2; exit 1 ;; esac
+case "{mode} $input" in "nat "*"*nat"*) echo "{name}: no table nat (test)" >&2; exit 1 ;; esac
+printf '%s\\n' "$input" | {real} "$@"
+"""
+
+
 class InitScriptTest(unittest.TestCase):
     """deploy/transparent-init.sh on its own, in a namespace of its own."""
 
@@ -441,9 +489,39 @@ class InitScriptTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         return r.stdout
 
+    def run_init(self, *args, path=None):
+        env = ["env", f"PATH={path}:{os.environ['PATH']}"] if path else []
+        return sh("ip", "netns", "exec", self.ns, *env, INIT, *args, check=False)
+
     def rules(self):
         return {(tool, table): self.run_in(tool, "-t", table, "-S")
                 for tool in ("iptables", "ip6tables") for table in ("nat", "filter")}
+
+    def fake_tools(self, **modes):
+        """A directory of logging iptables tools, failing as MODES say ({"ip6tables": "nat"});
+        returns it and the log."""
+        path = tempfile.mkdtemp(prefix="tollgate-fake-iptables-")
+        self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+        log = os.path.join(path, "calls.log")
+        for tool in ("iptables", "ip6tables"):
+            for name, text in ((tool, FAKE_TOOL), (f"{tool}-restore", FAKE_RESTORE)):
+                fake = os.path.join(path, name)
+                with open(fake, "w") as f:
+                    f.write(text.format(name=name, log=log, mode=modes.get(tool, "log"), real=shutil.which(name)))
+                os.chmod(fake, 0o755)
+        return path, log
+
+    def egress(self, uid):
+        """What a datagram from UID to each family meets: ('sent' or the errno, the same for IPv6)."""
+        if not hasattr(self, "link"):
+            self.link = True
+            self.run_in("ip", "link", "add", "tgp0", "type", "veth", "peer", "name", "tgp1")
+            self.run_in("ip", "addr", "add", "10.99.0.1/24", "dev", "tgp0")
+            self.run_in("ip", "addr", "add", "fd99::1/64", "dev", "tgp0", "nodad")
+            self.run_in("ip", "link", "set", "tgp0", "up")
+            self.run_in("ip", "link", "set", "tgp1", "up")
+        out = self.run_in(*unprivileged(uid), python_for_any_uid(), "-c", EGRESS_PROBE)
+        return tuple(out.split())
 
     def test_idempotent_and_uninstall_removes_exactly_what_it_added(self):
         # Someone else's rules, which must survive untouched.
@@ -473,13 +551,67 @@ class InitScriptTest(unittest.TestCase):
         self.run_in(INIT, "--uninstall")
         self.assertEqual(self.rules(), before)
 
-    def test_bad_arguments_are_refused(self):
-        for args in ([], ["--uid", "nobody"], ["--uid", "1", "--port", "0"], ["--uid", "1", "--ports", "80,x"]):
+    def test_bad_arguments_are_refused_before_anything_is_changed(self):
+        before = self.rules()
+        cases = ([], ["--uid", "nobody"], ["--uid", "4294967295"], ["--uid", "1", "--port", "0"],
+                 ["--uid", "1", "--port", "65536"], ["--uid", "1", "--ports", "80,x"], ["--uid", "1", "--ports", "80,"],
+                 # Each of these used to fail in the middle of the IPv4 lockdown chain, which
+                 # then held RETURN rules and no REJECT: every port and UDP open.
+                 ["--uid", "1", "--dns-servers", "10.0.0.300"], ["--uid", "1", "--dns-servers", "10.0.0.53,fd00::53::1"],
+                 ["--uid", "1", "--dns-servers", "10.0.0.0/8"], ["--uid", "1", "--dns-servers", "fe80::1%eth0"])
+        for args in cases:
             with self.subTest(args=args):
-                r = sh("ip", "netns", "exec", self.ns, INIT, *args, check=False)
-                self.assertNotEqual(r.returncode, 0)
+                r = self.run_init(*args)
+                self.assertEqual(self.rules(), before)
+                self.assertEqual(r.returncode, 2, r.stderr)
                 self.assertIn("transparent-init", r.stderr)
-        self.assertEqual(self.rules()[("iptables", "nat")].count("TOLLGATE"), 0)
+                if args:
+                    self.assertIn(args[-1].split(",")[-1], r.stderr)
+
+    def test_a_failure_half_way_leaves_egress_blocked(self):
+        for tool in ("ip6tables", "iptables"):
+            with self.subTest(f"{tool} without a nat table"):
+                self.run_in(INIT, "--uninstall")
+                self.assertEqual(self.egress(AGENT_UID), ("sent", "sent"))  # the probe can tell
+                path, _ = self.fake_tools(**{tool: "nat"})
+                r = self.run_init("--uid", "1234", "--dns-servers", "none", path=path)
+                self.assertEqual(self.egress(AGENT_UID), ("EPERM", "EPERM"))
+                self.assertEqual(self.egress(1234), ("sent", "sent"))  # the sidecar still goes out
+                self.assertEqual(r.returncode, 1, r.stderr)
+                self.assertIn("is rejected instead", r.stderr)
+        # A re-run that fails leaves what the last run installed.
+        self.run_in(INIT, "--uninstall")
+        self.run_in(INIT, "--uid", "1234", "--dns-servers", "none")
+        once = self.rules()
+        path, _ = self.fake_tools(ip6tables="all")
+        r = self.run_init("--uid", "1234", "--dns-servers", "10.0.0.53", path=path)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(self.egress(AGENT_UID), ("EPERM", "EPERM"))
+        self.assertEqual(self.rules()[("ip6tables", "filter")], once[("ip6tables", "filter")])
+        # A first run where nothing can block IPv6 says so.
+        self.run_in(INIT, "--uninstall")
+        r = self.run_init("--uid", "1234", "--dns-servers", "none", path=path)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("IPv6 EGRESS IS NOT BLOCKED", r.stderr)
+
+    def test_each_family_is_changed_in_one_transaction(self):
+        # Chains emptied and refilled rule by rule leave egress open in between, while the
+        # agent runs (a re-run) or for good (a failure half way): every change goes through
+        # one iptables-restore per family, which applies all of it or none.
+        path, log = self.fake_tools()
+        for args in (["--uid", "1234", "--dns-servers", "none"], ["--uid", "1234", "--dns-servers", "10.0.0.53"],
+                     ["--uid", "1234", "--no-lockdown"], ["--uninstall"]):
+            with self.subTest(args=args):
+                open(log, "w").close()
+                r = self.run_init(*args, path=path)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                with open(log) as f:
+                    calls = [line.split() for line in f]
+                changes = [c for c in calls if not c[0].endswith("-restore")
+                           and set(c) & {"-A", "-I", "-D", "-F", "-N", "-X", "-R", "-P", "-Z", "-E"}]
+                self.assertEqual(changes, [])
+                self.assertEqual(sorted(c[0] for c in calls if c[0].endswith("-restore")),
+                                 ["ip6tables-restore", "iptables-restore"])
 
 
 if __name__ == "__main__":
