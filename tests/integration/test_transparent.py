@@ -523,6 +523,10 @@ class InitScriptTest(unittest.TestCase):
         out = self.run_in(*unprivileged(uid), python_for_any_uid(), "-c", EGRESS_PROBE)
         return tuple(out.split())
 
+    @staticmethod
+    def first_output_rules(text, n=1):
+        return [line for line in text.splitlines() if line.startswith("-A OUTPUT ")][:n]
+
     def test_idempotent_and_uninstall_removes_exactly_what_it_added(self):
         # Someone else's rules, which must survive untouched.
         for tool in ("iptables", "ip6tables"):
@@ -535,14 +539,26 @@ class InitScriptTest(unittest.TestCase):
         self.assertEqual(self.rules(), once)
         for tool in ("iptables", "ip6tables"):
             nat = once[(tool, "nat")].splitlines()
-            # Our chain comes first, before rules that could let traffic skip it.
-            self.assertEqual(nat[nat.index("-A OUTPUT -j TOLLGATE_OUTPUT") + 1].split()[-1], "RETURN")
+            # Our chains come first in OUTPUT, before rules that could let traffic skip them
+            # (the RETURN and ACCEPT above were there before).
+            self.assertEqual(self.first_output_rules(once[(tool, "nat")]), ["-A OUTPUT -j TOLLGATE_OUTPUT"])
+            self.assertEqual(self.first_output_rules(once[(tool, "filter")]), ["-A OUTPUT -j TOLLGATE_LOCKDOWN"])
             self.assertIn("-A TOLLGATE_OUTPUT -m owner --uid-owner 1234 -j RETURN", nat)
             self.assertIn("-A TOLLGATE_OUTPUT -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 15006", nat)
-            self.assertIn("-A OUTPUT -j TOLLGATE_LOCKDOWN", once[(tool, "filter")])
         self.assertIn("-d 10.0.0.53/32 -p udp -m udp --dport 53 -j RETURN", once[("iptables", "filter")])
         self.assertNotIn("fd00::53", once[("iptables", "filter")])
         self.assertIn("-d fd00::53/128 -p udp -m udp --dport 53 -j RETURN", once[("ip6tables", "filter")])
+        # A rule put before ours meanwhile: a re-run puts our jumps first again, and keeps it.
+        for tool in ("iptables", "ip6tables"):
+            self.run_in(tool, "-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "--dport", "9998", "-j", "RETURN")
+            self.run_in(tool, "-t", "filter", "-I", "OUTPUT", "1", "-p", "udp", "--dport", "9998", "-j", "ACCEPT")
+        self.run_in(INIT, "--uid", "1234", "--port", "15006", "--dns-servers", "10.0.0.53,fd00::53")
+        for (tool, table), text in self.rules().items():
+            with self.subTest(tool=tool, table=table):
+                self.assertEqual(self.first_output_rules(text, 2)[0], "-A OUTPUT -j " + (
+                    "TOLLGATE_OUTPUT" if table == "nat" else "TOLLGATE_LOCKDOWN"))
+                self.assertIn("--dport 9998", self.first_output_rules(text, 2)[1])
+                self.run_in(tool, "-t", table, "-D", "OUTPUT", "2")
         # Without the lockdown the filter table is back to what it was.
         self.run_in(INIT, "--uid", "1234", "--no-lockdown")
         now = self.rules()
