@@ -18,7 +18,8 @@
 #   filter OUTPUT -> TOLLGATE_LOCKDOWN (the first rule of OUTPUT; unless --no-lockdown):
 #     traffic of the sidecar's uid                  RETURN
 #     to loopback, or out via lo                    RETURN  (redirected traffic is to loopback)
-#     IPv6 neighbour discovery (RS, NS, NA)         RETURN
+#     IPv6 neighbour discovery from the kernel      RETURN  (RS, NS, NA; hop limit 255, to
+#                                                            where ND goes)
 #     replies on established connections            RETURN  (inbound connections keep working)
 #     DNS (udp and tcp 53) to the resolvers         RETURN  (--dns-servers; default: the
 #                                                            nameservers of /etc/resolv.conf)
@@ -201,11 +202,20 @@ install_rules() {
     echo "-A $FILTER_CHAIN -d $2 -j RETURN"
     echo "-A $FILTER_CHAIN -o lo -j RETURN"
     if [ "$3" = 6 ]; then
-      # Neighbour discovery: the kernel sends it for every uid's traffic (from a root-owned
-      # socket); without it IPv6 would not work for the sidecar either.
-      for type in router-solicitation neighbour-solicitation neighbour-advertisement; do
-        echo "-A $FILTER_CHAIN -p ipv6-icmp -m icmp6 --icmpv6-type $type -j RETURN"
-      done
+      # Neighbour discovery, without which IPv6 would not work for the sidecar either, as the
+      # kernel sends it: from a socket of its own with no file behind it (the owner match
+      # below takes that and nothing a process sends, raw sockets included), with hop limit
+      # 255 (RFC 4861: anything else is dropped) and to where ND goes: RS to all-routers, NS
+      # to a solicited-node group or, for NUD, to a neighbour's unicast address, NA to
+      # all-nodes or to the soliciting neighbour. Hop limit 255 alone would not keep a packet
+      # on the link (a router forwards it); the owner match is what carries nothing out.
+      nd="-p ipv6-icmp -m icmp6 --icmpv6-type"
+      kernel="-m hl --hl-eq 255 -m owner ! --uid-owner 0-4294967294"
+      echo "-A $FILTER_CHAIN -d ff02::2/128 $nd router-solicitation $kernel -j RETURN"
+      echo "-A $FILTER_CHAIN -d ff02::1:ff00:0/104 $nd neighbour-solicitation $kernel -j RETURN"
+      echo "-A $FILTER_CHAIN ! -d ff00::/8 $nd neighbour-solicitation $kernel -j RETURN"
+      echo "-A $FILTER_CHAIN -d ff02::1/128 $nd neighbour-advertisement $kernel -j RETURN"
+      echo "-A $FILTER_CHAIN ! -d ff00::/8 $nd neighbour-advertisement $kernel -j RETURN"
     fi
     echo "-A $FILTER_CHAIN -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
     for server in $(echo "$dns" | tr ',' ' '); do

@@ -416,6 +416,75 @@ class TransparentModeTest(unittest.TestCase):
         self.assertEqual(status, 403, body)
         self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
 
+    def neighbour_state(self, ns, address):
+        out = sh("ip", "-n", ns, "-6", "neigh", "show", address, check=False).stdout.split()
+        return out[-1] if out else "NONE"
+
+    def test_neighbour_discovery_still_works_both_ways(self):
+        # The lockdown lets through only the ND the kernel sends: check each kind it needs.
+        a, t = self.net.agent, self.net.tools
+        mac = {ns: json.loads(sh("ip", "-n", ns, "-j", "link", "show", "dev", f"v{ns}").stdout)[0]["address"]
+               for ns in (a, t)}
+        sidecar_sends = (*unprivileged(SIDECAR_UID), python_for_any_uid(), "-c",
+                         "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)"
+                         f".sendto(b'nd', ('{TOOL_IP6}', 9))")
+        # The agent resolves the tool: NS to the solicited-node group, answered.
+        sh("ip", "-n", a, "neigh", "flush", "dev", f"v{a}")
+        self.net.in_agent(*sidecar_sends)
+        wait_for(lambda: self.neighbour_state(a, TOOL_IP6) == "REACHABLE", timeout=5,
+                 what="the agent's multicast NS answered")
+        # The agent confirms a stale neighbour (NUD): NS to the tool's unicast address.
+        self.net.in_agent("sysctl", "-qw", f"net.ipv6.neigh.v{a}.delay_first_probe_time=0")
+        sh("ip", "-n", a, "neigh", "replace", TOOL_IP6, "lladdr", mac[t], "dev", f"v{a}", "nud", "stale")
+        self.net.in_agent(*sidecar_sends)
+        wait_for(lambda: self.neighbour_state(a, TOOL_IP6) == "REACHABLE", timeout=5,
+                 what="the agent's unicast NS answered")
+        # The tool resolves the agent: the agent's NA goes to the tool's unicast address.
+        sh("ip", "-n", t, "neigh", "flush", "dev", f"v{t}")
+        self.net.in_tools(sys.executable, "-c", "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)"
+                          f".sendto(b'nd', ('{AGENT_IP6}', 9))")
+        wait_for(lambda: self.neighbour_state(t, AGENT_IP6) == "REACHABLE", timeout=5,
+                 what="the agent's NA to the tool")
+        # And a call over IPv6 still goes through.
+        rc, status, _, body = self.net.curl("-6", "http://tool.test/allowed")
+        self.assertEqual((rc, status), (0, 200), body)
+
+    def test_the_neighbour_discovery_exception_carries_nothing_a_process_sends(self):
+        # The agent must not hold CAP_NET_RAW (an AF_PACKET socket passes no netfilter hook at
+        # all). Should it have a raw IPv6 socket anyway, ND is no way out: ND crafted by a
+        # process (a hop limit router would forward, another destination) is rejected.
+        send = """import errno, socket, sys
+kind, hops, address = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, hops)
+target = socket.inet_pton(socket.AF_INET6, '%s')
+try:
+    s.sendto(bytes([kind, 0, 0, 0, 0, 0, 0, 0]) + target + b'tollgate-probe ' + sys.argv[4].encode(),
+             (address, 0, 0, socket.if_nametoindex(sys.argv[5])))
+    print('sent')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+        # The tool does see such messages (sent from its own namespace)...
+        r = self.net.in_tools(sys.executable, "-c", send % TOOL_IP6, "135", "255", TOOL_IP6, "control", "lo")
+        self.assertEqual(r.stdout.strip(), "sent", r.stderr)
+        wait_for(lambda: any(e.get("data") == "tollgate-probe control" for e in self.net.tool_events()),
+                 timeout=5, what="the tool's own ICMPv6 probe")
+        before = len(self.net.tool_events())
+        # ...but none from the agent, whatever the hop limit or destination.
+        cases = [("NS to the tool's address, hop limit 255", 135, 255, TOOL_IP6),
+                 ("NA to the tool's address, hop limit 64", 136, 64, TOOL_IP6),
+                 ("NS to all nodes, hop limit 255", 135, 255, "ff02::1"),
+                 ("RS to all nodes, hop limit 255", 133, 255, "ff02::1")]
+        for name, kind, hops, address in cases:
+            with self.subTest(name):
+                r = self.net.in_agent(sys.executable, "-c", send % TOOL_IP6, str(kind), str(hops), address,
+                                      name, f"v{self.net.agent}")
+                self.assertEqual(r.stdout.strip(), "EPERM", r.stderr)
+        time.sleep(0.3)
+        self.assertEqual(self.net.tool_events()[before:], [])
+
     def test_dialling_the_sidecar_itself_is_refused(self):
         rc, status, headers, body = self.net.curl("-H", "Host: tool.test", f"http://127.0.0.1:{PORT}/allowed")
         self.assertEqual(rc, 0, body)

@@ -6,7 +6,8 @@ HTTP on ports 80 and 8080, HTTPS on 443 with CERT and KEY (plain HTTP there with
 IPv4 and IPv6, and UDP on 5353. Every connection,
 request and datagram is appended to LOG as a JSON line (what reached the tool, and on which
 local address and port), so the test can prove what did NOT reach it. An HTTP request is
-answered 200 with a JSON body echoing its path, Host and Via. Prints "ready" once bound.
+answered 200 with a JSON body echoing its path, Host and Via. ICMPv6 messages that carry
+PROBE_MARKER (crafted neighbour discovery) are logged too. Prints "ready" once bound.
 """
 import json
 import socket
@@ -21,6 +22,7 @@ if len(sys.argv) > 3:
     TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     TLS.load_cert_chain(sys.argv[2], sys.argv[3])
 lock = threading.Lock()
+PROBE_MARKER = b"tollgate-probe"
 
 
 def record(entry):
@@ -83,6 +85,25 @@ class Udp(socketserver.BaseRequestHandler):
                 "data": self.request[0].decode("latin-1")})
 
 
+def icmpv6(s):
+    """Every ICMPv6 message reaches a raw socket before the kernel judges it: ND the kernel
+    would drop (a hop limit below 255) is seen here too."""
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+    while True:
+        data, ancillary, _, peer = s.recvmsg(65535, 1024)
+        if PROBE_MARKER not in data:
+            continue
+        entry = {"event": "icmpv6", "local": "", "port": 0, "type": data[0], "from": peer[0],
+                 "data": data[data.index(PROBE_MARKER):].decode("latin-1")}
+        for level, kind, value in ancillary:
+            if kind == socket.IPV6_PKTINFO:
+                entry["local"] = socket.inet_ntop(socket.AF_INET6, value[:16])
+            elif kind == socket.IPV6_HOPLIMIT:
+                entry["hop_limit"] = int.from_bytes(value[:4], sys.byteorder)
+        record(entry)
+
+
 servers = []
 for port in (80, 443, 8080):
     servers.append(Server4(("0.0.0.0", port), Handler))
@@ -90,5 +111,7 @@ for port in (80, 443, 8080):
 servers.append(socketserver.ThreadingUDPServer(("0.0.0.0", 5353), Udp))
 for s in servers:
     threading.Thread(target=s.serve_forever, daemon=True).start()
+raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+threading.Thread(target=icmpv6, args=(raw6,), daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()  # runs until the test closes our stdin (or kills us)
