@@ -1,18 +1,21 @@
 """Transparent mode for real: network namespaces, a veth pair, iptables REDIRECT.
 
     agent namespace                                   tools namespace
-    curl (root) --tcp 80/443--> REDIRECT              transparent_tool.py
+    curl (uid 1000) --tcp 80/443--> REDIRECT          transparent_tool.py
       -> tollgate (uid 65534) on 127.0.0.1/[::1]:15001   10.203.0.2, 10.203.0.3 (a decoy),
-      -> the original destination, over the veth ------> fd00:203::2; tcp 80, 443, 8080, udp 5353
-
+      -> the original destination, over the veth ------> fd00:203::2; tcp 80, 443, 8080,
+                                                         udp 443, 5353
 deploy/transparent-init.sh sets up the agent namespace as an init container would. The
-tests prove that an allowed call reaches the tool through the sidecar, a forbidden one is
-halted, a Host that does not name the dialled address is halted, and that no path avoids
-the sidecar: a direct IP, 443, another port, UDP, IPv6. Nothing leaves the two namespaces
-this test creates. Needs root and `ip netns`; skips with the reason otherwise, unless
+agent's probes run as uid 1000 without any capability, as an agent container must (root or
+CAP_NET_RAW/CAP_NET_ADMIN could go around any rule). The tests prove that an allowed call
+reaches the tool through the sidecar, a forbidden one is halted, a Host that does not name
+the dialled address is halted, and that no path avoids the sidecar: a direct IP on 80 or
+443, another port, UDP (QUIC included), IPv6. Nothing leaves the two namespaces this test
+creates. Needs root and `ip netns`; skips with the reason otherwise, unless
 TOLLGATE_REQUIRE_NETNS=1 (CI sets it), which turns the skip into a failure.
 """
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -28,8 +31,8 @@ from tls_fixtures import TestPki
 from tollgate_harness import BIN, HERE, parse_response, wait_for
 
 INIT = os.path.join(HERE, "..", "..", "deploy", "transparent-init.sh")
-SIDECAR_UID = 65534  # nobody: the sidecar runs unprivileged, the agent as root
-AGENT_UID = 1000  # an ordinary uid, for the probes that must not lean on root
+SIDECAR_UID = 65534  # nobody: the sidecar runs unprivileged
+AGENT_UID = 1000  # the agent: an ordinary uid without capabilities
 PORT = 15001
 AGENT_IP, TOOL_IP, DECOY_IP = "10.203.0.1", "10.203.0.2", "10.203.0.3"
 AGENT_IP6, TOOL_IP6 = "fd00:203::1", "fd00:203::2"
@@ -65,6 +68,7 @@ def unprivileged(uid):
             "--bounding-set=-all", "--no-new-privs"]
 
 
+@functools.lru_cache(maxsize=None)
 def python_for_any_uid():
     """A python3 that an unprivileged uid can run (this one may live in root's home)."""
     for candidate in (sys.executable, "/usr/bin/python3", shutil.which("python3")):
@@ -110,6 +114,9 @@ class Topology:
         tag = uuid.uuid4().hex[:6]
         self.agent, self.tools = f"tga{tag}", f"tgt{tag}"
         self.dir = tempfile.mkdtemp(prefix="tollgate-transparent-")
+        # What the agent may read (the sidecar's directory is its uid's alone).
+        self.agent_dir = tempfile.mkdtemp(prefix="tollgate-transparent-agent-")
+        os.chmod(self.agent_dir, 0o755)
         self.etc = f"/etc/netns/{self.agent}"
         self.made_etc_netns = not os.path.exists("/etc/netns")
         self.procs = []
@@ -163,6 +170,12 @@ class Topology:
         self.ca = os.path.join(self.dir, "ca")
         r = sh(BIN, "certs", "init", self.ca, timeout=30)
         assert r.returncode == 0, r.stderr
+        self.agent_ca = os.path.join(self.agent_dir, "sidecar-ca.crt")
+        self.agent_tool_ca = os.path.join(self.agent_dir, "tool-ca.crt")
+        shutil.copy(os.path.join(self.ca, "ca.crt"), self.agent_ca)
+        shutil.copy(self.pki.ca_cert, self.agent_tool_ca)
+        for name in (self.agent_ca, self.agent_tool_ca):
+            os.chmod(name, 0o644)
         config = {
             "workers": 1,
             "listeners": [
@@ -208,15 +221,23 @@ class Topology:
         wait_for(listening, timeout=10, what="the sidecar's listeners")
 
     def in_agent(self, *cmd, timeout=15):
+        """CMD in the agent's namespace as root: setting up, not probing."""
         return sh("ip", "netns", "exec", self.agent, *cmd, check=False, timeout=timeout)
+
+    def as_agent(self, *cmd, timeout=15):
+        """CMD as the agent: uid AGENT_UID, no capability, no way to gain one."""
+        return self.in_agent(*unprivileged(AGENT_UID), *cmd, timeout=timeout)
+
+    def agent_python(self, code, *args):
+        return self.as_agent(python_for_any_uid(), "-c", code, *args)
 
     def in_tools(self, *cmd, timeout=15):
         return sh("ip", "netns", "exec", self.tools, *cmd, check=False, timeout=timeout)
 
     def curl(self, *args):
-        """curl run by the agent (root, so redirected); returns (exit code, status, headers, body)."""
-        r = subprocess.run(["ip", "netns", "exec", self.agent, "curl", "-sS", "-i", "--max-time", "5",
-                            "-H", "X-Agent-Id: agent-1", *args], capture_output=True, timeout=20)
+        """curl run by the agent (so redirected); returns (exit code, status, headers, body)."""
+        r = subprocess.run(["ip", "netns", "exec", self.agent, *unprivileged(AGENT_UID), "curl", "-sS", "-i",
+                            "--max-time", "5", "-H", "X-Agent-Id: agent-1", *args], capture_output=True, timeout=20)
         if r.returncode != 0 or not r.stdout:
             return r.returncode, None, {}, r.stderr.decode(errors="replace")
         status, headers, body = parse_response(r.stdout)
@@ -227,7 +248,7 @@ class Topology:
             return [json.loads(l) for l in f if l.strip()]
 
     def audit_tail(self):
-        r = self.in_agent("curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000/v1/audit/tail?n=200")
+        r = self.as_agent("curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000/v1/audit/tail?n=200")
         assert r.returncode == 0, r.stderr
         return [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
 
@@ -252,6 +273,7 @@ class Topology:
             except OSError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.agent_dir, ignore_errors=True)
 
 
 class TransparentModeTest(unittest.TestCase):
@@ -329,8 +351,38 @@ class TransparentModeTest(unittest.TestCase):
         self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
         self.assertEqual(len(self.net.tool_events()), before)
 
+    def test_a_direct_ip_on_port_443_goes_through_the_sidecar(self):
+        before = len(self.net.tool_events())
+        for address in (TOOL_IP, f"[{TOOL_IP6}]"):
+            with self.subTest(address=address):
+                # The agent's TLS peer is the sidecar (its certificate, for the address)...
+                rc, status, headers, body = self.net.curl("-g", "--cacert", self.net.agent_ca,
+                                                          f"https://{address}/allowed")
+                self.assertEqual(rc, 0, body)
+                self.assertEqual(status, 403, body)  # the policy names tool.test, not its address
+                self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=default-deny"])
+                # ...never the tool, whose own certificate (it names the address) is not offered.
+                rc, _, _, err = self.net.curl("-g", "--cacert", self.net.agent_tool_ca, f"https://{address}/allowed")
+                self.assertEqual(rc, 60, err)
+        self.assertEqual([e for e in self.net.tool_events()[before:] if e["event"] == "request"], [])
+
+    def test_the_agent_probes_run_unprivileged(self):
+        # Everything below would prove little for an agent that can change the rules or go
+        # around them.
+        r = self.net.as_agent("grep", "-E", "^(Uid|Gid|Groups|Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):", "/proc/self/status")
+        status = dict(line.split(":", 1) for line in r.stdout.splitlines())
+        self.assertEqual(status["Uid"].split(), [str(AGENT_UID)] * 4)
+        self.assertEqual(status["Groups"].strip(), "")
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            self.assertEqual(int(status[cap], 16), 0, cap)
+        self.assertEqual(status["NoNewPrivs"].strip(), "1")
+        r = self.net.agent_python("import socket; socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)")
+        self.assertIn("PermissionError", r.stderr)
+        r = self.net.as_agent("iptables", "-S")
+        self.assertNotEqual(r.returncode, 0)
+
     def test_tls_on_443_is_intercepted_and_governed_request_by_request(self):
-        ca = os.path.join(self.net.ca, "ca.crt")
+        ca = self.net.agent_ca
         rc, status, headers, body = self.net.curl("-4", "--cacert", ca, "https://tool.test/allowed")
         self.assertEqual(rc, 0, body)
         self.assertEqual(status, 200, body)
@@ -372,7 +424,7 @@ class TransparentModeTest(unittest.TestCase):
         self.assertIn(("CONNECT", "pinned.test:443", "transparent.host_mismatch"), rules)
 
     def test_tls_naming_another_host_than_the_one_dialled_goes_nowhere(self):
-        ca = os.path.join(self.net.ca, "ca.crt")
+        ca = self.net.agent_ca
         before = len(self.net.tool_events())
         # other.test (allowed) is the decoy's address; the server there has no certificate
         # for that name, so the sidecar cannot verify it and nothing is sent.
@@ -398,9 +450,31 @@ class TransparentModeTest(unittest.TestCase):
                 rc, _, _, err = self.net.curl("-g", url)
                 self.assertEqual(rc, 7, err)  # connection refused (a reset from the lockdown)
                 self.assertLess(time.monotonic() - started, 4)
-        send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "try:\n    s.sendto(b'bypass', ('%s', 5353))\nexcept OSError as e:\n    print(e)\n" % TOOL_IP)
-        self.net.in_agent(sys.executable, "-c", send)
+        self.assertEqual(self.net.tool_events()[before:], [])
+
+    def test_udp_quic_included_is_refused_over_ipv4_and_ipv6(self):
+        send = """import errno, socket, sys
+address, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ':' in address else socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(sys.argv[3].encode(), (address, port))
+    print('sent')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+        targets = [(TOOL_IP, 443), (TOOL_IP6, 443), (TOOL_IP, 5353), (TOOL_IP6, 5353)]
+        # The tool does receive datagrams on each (sent from its own namespace)...
+        for address, port in targets:
+            r = self.net.in_tools(sys.executable, "-c", send, address, str(port), f"control {address} {port}")
+            self.assertEqual(r.stdout.strip(), "sent", r.stderr)
+        wait_for(lambda: len([e for e in self.net.tool_events() if e.get("data", "").startswith("control ")]) >= 4,
+                 timeout=5, what="the tool's own datagrams")
+        before = len(self.net.tool_events())
+        # ...but none from the agent: QUIC (udp 443) or any other UDP, IPv4 or IPv6.
+        for address, port in targets:
+            with self.subTest(address=address, port=port):
+                r = self.net.agent_python(send, address, str(port), f"bypass {address} {port}")
+                self.assertEqual(r.stdout.strip(), "EPERM", r.stderr)
         time.sleep(0.3)
         self.assertEqual(self.net.tool_events()[before:], [])
 
@@ -500,7 +574,7 @@ except OSError as e:
         # Something that starts like TLS but is not a ClientHello, on a redirected port.
         send = ("import socket; s = socket.create_connection(('%s', 80), timeout=3)\n"
                 "s.sendall(bytes.fromhex('1603010000')); s.recv(100)\n" % TOOL_IP)
-        self.net.in_agent(sys.executable, "-c", send)
+        self.net.agent_python(send)
         records = self.net.audit_tail()
         rules = {(r.get("decision"), r.get("rule")) for r in records}
         self.assertIn(("allow", "allow-tool"), rules)

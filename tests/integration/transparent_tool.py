@@ -3,7 +3,7 @@
     python3 transparent_tool.py LOG [CERT KEY]
 
 HTTP on ports 80 and 8080, HTTPS on 443 with CERT and KEY (plain HTTP there without them),
-IPv4 and IPv6, and UDP on 5353. Every connection,
+and UDP on 443 (where QUIC goes) and 5353, each over IPv4 and IPv6. Every connection,
 request and datagram is appended to LOG as a JSON line (what reached the tool, and on which
 local address and port), so the test can prove what did NOT reach it. An HTTP request is
 answered 200 with a JSON body echoing its path, Host and Via. ICMPv6 messages that carry
@@ -104,11 +104,25 @@ def icmpv6(s):
         record(entry)
 
 
+class Udp4(socketserver.ThreadingUDPServer):
+    allow_reuse_address = True
+
+
+class Udp6(Udp4):
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
 servers = []
 for port in (80, 443, 8080):
     servers.append(Server4(("0.0.0.0", port), Handler))
     servers.append(Server6(("::", port), Handler))
-servers.append(socketserver.ThreadingUDPServer(("0.0.0.0", 5353), Udp))
+for port in (443, 5353):
+    servers.append(Udp4(("0.0.0.0", port), Udp))
+    servers.append(Udp6(("::", port), Udp))
 for s in servers:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
