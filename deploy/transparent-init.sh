@@ -25,11 +25,17 @@
 #                                                            nameservers of /etc/resolv.conf)
 #     anything else                                 REJECT  (tcp reset for TCP)
 #
-# Every user but the sidecar's uid is redirected, root included. Without the lockdown, a
-# port outside --ports (8080, 8443, ...) and any UDP go out untouched: the lockdown is on by
-# default because "the agent cannot opt out" needs it. DNS stays open to the resolvers only,
-# and a resolver can still carry data out in the names it looks up; pass --dns-servers none
-# where the sidecar and the agent need no DNS (or a resolver on loopback).
+# Every uid but the sidecar's is redirected and locked down. That holds an agent only if it
+# runs as another uid and cannot become one (runAsNonRoot; allowPrivilegeEscalation: false,
+# so no CAP_SETUID and no setuid binaries), and holds neither CAP_NET_ADMIN (it could change
+# these rules) nor CAP_NET_RAW (an AF_PACKET socket sends past netfilter's OUTPUT hooks):
+# drop all capabilities from the agent's container.
+#
+# Without the lockdown, a port outside --ports (8080, 8443, ...) and any UDP go out
+# untouched: the lockdown is on by default because "the agent cannot opt out" needs it. DNS
+# stays open to the resolvers only, and a resolver can still carry data out in the names it
+# looks up; pass --dns-servers none where the sidecar and the agent need no DNS (or a
+# resolver on loopback).
 #
 # The sidecar's transparent listeners must accept on 127.0.0.1:PORT and [::1]:PORT, where
 # REDIRECT sends locally made connections.
