@@ -936,11 +936,15 @@ void ClientSession::connectUpstream() {
     connectNextAddress();
     return;
   }
+  // The lookup counts against upstream_connect too: a name server that never answers (the
+  // system resolver waits for it for seconds, on libuv's few threads) ends in a 504.
+  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
   worker_.resolver().resolve(target_.upstreamHost, this);
 }
 
 void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& addrs) {
   if (closed_ || phase_ != Phase::kConnecting || upstream_) return;
+  upstreamTimer_->stop();
   if (status < 0) {
     worker_.metrics().upstreamConnectErrors("dns").Increment();
     upstreamFailed(502, "upstream_unavailable",
@@ -1444,7 +1448,17 @@ void ClientSession::upstreamFailed(int status, std::string_view error, std::stri
 
 void ClientSession::onUpstreamTimer() {
   auto& t = worker_.config().timeouts;
-  if (phase_ == Phase::kConnecting) {
+  if (phase_ == Phase::kDeciding && transparent_) {
+    // The Host check's lookup did not answer within upstream_connect.
+    worker_.resolver().cancel(&hostCheck_);
+    onTransparentHost(UV_ETIMEDOUT, {});
+  } else if (phase_ == Phase::kConnecting && !upstream_) {
+    worker_.resolver().cancel(this);
+    worker_.metrics().upstreamConnectErrors("dns").Increment();
+    upstreamFailed(504, "upstream_timeout",
+                   "cannot resolve " + target_.upstreamHost + " within " +
+                       std::to_string(t.upstreamConnect.count()) + " ms");
+  } else if (phase_ == Phase::kConnecting) {
     worker_.metrics().upstreamConnectErrors("timeout").Increment();
     upstreamFailed(
         504, "upstream_timeout",
@@ -1590,6 +1604,9 @@ void ClientSession::resetExchange() {
       hostUnverified_ = false;
   responseDone_ = interim_ = noResponseBody_ = sawBytes_ = false;
   requestKeepAlive_ = true;
+  // The upstream that was above its watermark is pooled or closed now: its drain will
+  // never reach this session, and the next request must be read.
+  clientBlocked_ = false;
   phase_ = Phase::kHead;
   response_.reset();
   if (parserPaused_) {

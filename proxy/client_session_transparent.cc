@@ -146,6 +146,8 @@ void ClientSession::checkTransparentHost() {
       return;
     }
   }
+  // Bounded like a connect: a name server that never answers ends in a halt.
+  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
   worker_.resolver().resolve(target_.host, &hostCheck_);
 }
 
@@ -155,6 +157,7 @@ void ClientSession::HostCheck::onResolved(int status, const std::vector<sockaddr
 
 void ClientSession::onTransparentHost(int status, const std::vector<sockaddr_storage>& addrs) {
   if (closed_ || phase_ != Phase::kDeciding) return;
+  upstreamTimer_->stop();
   for (const auto& a : addrs) {
     if (status == 0 && sameAddress(a, originalDst_, false)) {
       readBodyOrDecide();

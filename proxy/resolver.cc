@@ -65,6 +65,17 @@ void Resolver::resolve(const std::string& host, Waiter* waiter) {
   inflight_[host] = lookup;
 }
 
+void Resolver::remember(const std::string& host, const std::vector<sockaddr_storage>& addrs) {
+  uint64_t now = uv_now(loop_);
+  // Bounded: agents choose the names (a transparent listener looks up every Host), so
+  // expired entries go when the cache is full, and past that a name is not kept.
+  if (cache_.size() >= kMaxCached) {
+    std::erase_if(cache_, [now](const auto& entry) { return entry.second.expiresMs <= now; });
+    if (cache_.size() >= kMaxCached) return;
+  }
+  cache_[host] = {addrs, now + static_cast<uint64_t>(ttl_.count())};
+}
+
 void Resolver::cancel(Waiter* waiter) {
   for (auto& [host, lookup] : inflight_) {
     auto& w = lookup->waiters;
@@ -86,10 +97,7 @@ void Resolver::onLookup(uv_getaddrinfo_t* req, int status, addrinfo* res) {
   if (self) {
     self->inflight_.erase(lookup->host);
     if (status == 0 && addrs.empty()) status = UV_EAI_NONAME;
-    if (status == 0 && self->ttl_.count() > 0) {
-      self->cache_[lookup->host] = {
-          addrs, uv_now(self->loop_) + static_cast<uint64_t>(self->ttl_.count())};
-    }
+    if (status == 0 && self->ttl_.count() > 0) self->remember(lookup->host, addrs);
     // A waiter may cancel others while being called; walk a copy that cancel() cannot touch.
     auto waiters = std::move(lookup->waiters);
     for (auto* w : waiters) w->onResolved(status, addrs);

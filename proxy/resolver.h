@@ -34,6 +34,8 @@ class Resolver {
 
   // Parses an IPv4/IPv6 literal (port 0).
   static bool parseLiteral(const std::string& host, sockaddr_storage& out);
+  size_t cached() const { return cache_.size(); }
+  static constexpr size_t kMaxCached = 4096;
 
  private:
   struct Lookup;
@@ -42,6 +44,7 @@ class Resolver {
     uint64_t expiresMs = 0;
   };
   static void onLookup(uv_getaddrinfo_t* req, int status, addrinfo* res);
+  void remember(const std::string& host, const std::vector<sockaddr_storage>& addrs);
 
   uv_loop_t* loop_;
   std::chrono::milliseconds ttl_;

@@ -20,6 +20,7 @@ StreamPtr UpstreamPool::take(const std::string& key) {
   // Most recently used first: it is the least likely to have been closed by the upstream.
   StreamPtr stream = std::move(it->second.back().stream);
   it->second.pop_back();
+  if (it->second.empty()) idle_.erase(it);  // keys come and go: the map keeps none empty
   keys_.erase(stream.get());
   // It stays reading: the new owner takes over as its handler, with no epoll change.
   stream->setHandler(nullptr);
@@ -27,12 +28,12 @@ StreamPtr UpstreamPool::take(const std::string& key) {
 }
 
 void UpstreamPool::put(const std::string& key, StreamPtr stream) {
-  auto& list = idle_[key];
-  if (list.size() >= maxIdlePerKey_) return;  // the StreamPtr closes it
+  if (auto it = idle_.find(key); it != idle_.end() && it->second.size() >= maxIdlePerKey_)
+    return;  // the StreamPtr closes it
   stream->setHandler(this);
   if (stream->readStart() != 0) return;
   keys_[stream.get()] = key;
-  list.push_back({std::move(stream), uv_now(loop_)});
+  idle_[key].push_back({std::move(stream), uv_now(loop_)});
   if (keys_.size() == 1)
     sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));
 }
@@ -40,17 +41,21 @@ void UpstreamPool::put(const std::string& key, StreamPtr stream) {
 void UpstreamPool::remove(TcpStream& stream) {
   auto k = keys_.find(&stream);
   if (k == keys_.end()) return;
-  auto& list = idle_[k->second];
+  auto it = idle_.find(k->second);
   keys_.erase(k);
+  if (it == idle_.end()) return;
+  auto& list = it->second;
   list.erase(std::remove_if(list.begin(), list.end(),
                             [&](const Idle& i) { return i.stream.get() == &stream; }),
              list.end());
+  if (list.empty()) idle_.erase(it);
 }
 
 void UpstreamPool::sweep() {
   uint64_t now = uv_now(loop_);
   auto limit = static_cast<uint64_t>(idleTimeout_.count());
-  for (auto& [key, list] : idle_) {
+  for (auto it = idle_.begin(); it != idle_.end();) {
+    auto& list = it->second;
     list.erase(std::remove_if(list.begin(), list.end(),
                               [&](Idle& i) {
                                 if (now - i.sinceMs < limit) return false;
@@ -58,6 +63,7 @@ void UpstreamPool::sweep() {
                                 return true;
                               }),
                list.end());
+    it = list.empty() ? idle_.erase(it) : std::next(it);
   }
   if (!keys_.empty())
     sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));

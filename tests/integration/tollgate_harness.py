@@ -50,10 +50,12 @@ def pattern(n, seed=0):
 class Tollgate:
     """The sidecar under test, with a config built from defaults and overrides."""
 
-    def __init__(self, overrides=None, listener=None, stderr_to_file=False, policy=None, env=None):
+    def __init__(self, overrides=None, listener=None, stderr_to_file=False, policy=None, env=None, wrap=None):
         """policy: the text of a policy set, written to policy.yaml and loaded instead of
-        the default `hosts: {allow: ["*"]}`; env: variables set for the process."""
+        the default `hosts: {allow: ["*"]}`; env: variables set for the process; wrap: a
+        command prefix (`ip netns exec NAME`)."""
         self.env = dict(os.environ, **(env or {}))
+        self.wrap = list(wrap or [])
         self.dir = tempfile.mkdtemp(prefix="tollgate-test-")
         listener_cfg = {"name": "egress", "kind": "forward", "address": "127.0.0.1:0",
                         "identity": {"header": "X-Agent-Id"}}
@@ -77,7 +79,7 @@ class Tollgate:
         self.proc = None
 
     def __enter__(self):
-        self.proc = subprocess.Popen([BIN, "run", "-c", self.config_path], env=self.env,
+        self.proc = subprocess.Popen(self.wrap + [BIN, "run", "-c", self.config_path], env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         self.reader = threading.Thread(target=self._read, daemon=True)
