@@ -28,7 +28,8 @@ StreamPtr UpstreamPool::take(const std::string& key) {
 }
 
 void UpstreamPool::put(const std::string& key, StreamPtr stream) {
-  if (auto it = idle_.find(key); it != idle_.end() && it->second.size() >= maxIdlePerKey_)
+  if (auto it = idle_.find(key);
+      maxIdlePerKey_ == 0 || (it != idle_.end() && it->second.size() >= maxIdlePerKey_))
     return;  // the StreamPtr closes it
   stream->setHandler(this);
   if (stream->readStart() != 0) return;
