@@ -320,7 +320,7 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
       auto& b = budgets_[key];
       roll(b, now);
       b.tripped = true;
-      out.overrun += cost - held;
+      out.addOverrun(cost - held);
       out.pool = pool;
     }
     if (out.overrun == 0)
@@ -340,7 +340,7 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
     b.committed += std::min(cost, held);
     if (cost > held) {
       // Never commit more than was held; record the overrun and trip the pool.
-      out.overrun += cost - held;
+      out.addOverrun(cost - held);
       out.pool = pool;
       b.tripped = true;
     }

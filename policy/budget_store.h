@@ -117,6 +117,10 @@ struct BudgetOutcome {
   std::string pool;     // the pool that refused
   std::string reason;   // for people
   int64_t overrun = 0;  // settle: cost above the hold, recorded and tripping the pool
+  // Adds a cost above a hold (> 0), saturating: two costs of 19 digits do not wrap.
+  void addOverrun(int64_t more) {
+    overrun = overrun > INT64_MAX - more ? INT64_MAX : overrun + more;
+  }
 };
 
 struct BudgetView {

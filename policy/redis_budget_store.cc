@@ -1150,7 +1150,7 @@ void RedisBudgetStore::finish(PerLoop* l, char kind, const std::string& callId,
       if (cost[j] > held[j]) {
         // Never commit more than was held; record the overrun and trip the pool.
         trip[j] = true;
-        out.overrun += cost[j] - held[j];
+        out.addOverrun(cost[j] - held[j]);
         out.pool = h.pool;
       }
     }
@@ -1174,6 +1174,7 @@ void RedisBudgetStore::settleLate(PerLoop* l, const std::string& callId, const C
                                   const std::vector<Charge>& actual, Done done) {
   BudgetOutcome out;
   std::vector<std::array<bool, 2>> trips(call.holds.size(), {false, false});
+  bool tripped = false;
   for (size_t i = 0; i < call.holds.size(); ++i) {
     const auto& h = call.holds[i];
     std::array<int64_t, 2> held{h.effort, h.risk};
@@ -1183,14 +1184,15 @@ void RedisBudgetStore::settleLate(PerLoop* l, const std::string& callId, const C
       for (int j = 0; j < 2; ++j) {
         if (held[j] <= 0 || cost[j] <= held[j]) continue;
         trips[i][j] = true;
-        out.overrun += cost[j] - held[j];
+        out.addOverrun(cost[j] - held[j]);
         out.pool = h.pool;
+        tripped = true;
       }
     }
   }
   std::string key;
   BudgetOutcome refusal;
-  Batch* batch = out.overrun > 0 ? batchFor(l, call.holds, &key, &refusal) : nullptr;
+  Batch* batch = tripped ? batchFor(l, call.holds, &key, &refusal) : nullptr;
   if (!batch) {  // no overrun, or its pools left the policy
     BudgetOutcome no{BudgetStatus::kUnknownCall, "", "no hold for call " + callId, 0};
     if (observer) observer("settle", no.status, 0);

@@ -113,6 +113,23 @@ TEST_F(MemoryBudgetStoreTest, OverrunIsRecordedAndTripsThePool) {
   EXPECT_EQ(store->reserveNow("c3", {{"team", 1, 0}}, ttl).status, BudgetStatus::kOk);
 }
 
+// Real costs of 19 digits in both dimensions: the overrun saturates instead of wrapping to
+// a negative sum (which a late settle took for "no overrun"), and the pool trips.
+TEST_F(MemoryBudgetStoreTest, HugeOverrunsInBothDimensionsSaturate) {
+  constexpr int64_t kHuge = INT64_MAX;
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 2}}, ttl).status, BudgetStatus::kOk);
+  auto s = store->settleNow("c1", {{"team", kHuge, kHuge}});
+  EXPECT_EQ(s.overrun, kHuge);
+  EXPECT_TRUE(budget("team", "effort").tripped);
+  now += 24 * 3'600'000;  // both periods over: a fresh pool
+  ASSERT_EQ(store->reserveNow("c2", {{"team", 10, 2}}, ttl).status, BudgetStatus::kOk);
+  now += 30'001;  // its hold expires and is committed; the response comes after
+  auto late = store->settleNow("c2", {{"team", kHuge, kHuge}});
+  EXPECT_EQ(late.status, BudgetStatus::kOk);
+  EXPECT_EQ(late.overrun, kHuge);
+  EXPECT_TRUE(budget("team", "risk").tripped);
+}
+
 TEST_F(MemoryBudgetStoreTest, PeriodsRollOnTheirBoundaries) {
   ASSERT_EQ(store->reserveNow("c1", {{"team", 100, 0}}, ttl).status, BudgetStatus::kOk);
   ASSERT_EQ(store->settleNow("c1", {}).status, BudgetStatus::kOk);

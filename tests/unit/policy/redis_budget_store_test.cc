@@ -247,6 +247,18 @@ TEST_F(RedisBudgetStoreTest, AnExpiredHoldIsCommittedNotRefunded) {
   EXPECT_EQ(budget("other", "effort").committed, 12);
 }
 
+// Real costs of 19 digits in both dimensions, settled after the hold expired: the overrun
+// saturates (it wrapped to a negative sum, and the late settle then sent no trip).
+TEST_F(RedisBudgetStoreTest, AHugeLateOverrunInBothDimensionsStillTrips) {
+  ASSERT_EQ(reserve("c1", {{"third", 5, 3}}, 50).status, BudgetStatus::kOk);
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  auto late = settle("c1", {{"third", INT64_MAX, INT64_MAX}});
+  EXPECT_EQ(late.status, BudgetStatus::kOk) << late.reason;
+  EXPECT_EQ(late.overrun, INT64_MAX);
+  EXPECT_TRUE(budget("third", "effort").tripped);
+  EXPECT_EQ(reserve("c2", {{"third", 1, 0}}).status, BudgetStatus::kTripped);
+}
+
 // A call reserved in one period and settled in the next is paid for in the next: its
 // settle, its overrun's trip and an expired hold are committed after the roll, never into
 // the period that has ended (whose roll would drop them). Periods are Redis's: 2 s here.
