@@ -249,8 +249,10 @@ return redis.error_reply('tollgate budget script: unknown op ' .. tostring(op))
 //
 // A sync follows a batch whose answer was lost (it may or may not have run): it sets the
 // holder's record to the holds the sidecar knows, commits what the lost batches would have
-// committed unless they ran (a holder's batches run in order: a lost one ran if the record's
-// `applied` reached it), and fences older batches off (a lost batch can arrive late from a
+// committed unless they ran (a holder's batches on the wire run in order: a lost one ran if
+// the record's `applied` reached it; one that certainly did not run, marked '!', is
+// committed whatever `applied` says, since a batch sent again after TRYAGAIN can fall
+// behind a later one), and fences older batches off (a lost batch can arrive late from a
 // dropped connection: it is refused, STALE). A batch of another epoch (the budget was
 // flushed and initialised again, or reset) has its finishes and sync ignored: those holds
 // went with the budget. The script is lean on purpose: it runs for every batch of every
@@ -353,8 +355,10 @@ for i = 1, n do
       local w = {}
       for y in string.gmatch(sync, '%S+') do w[#w + 1] = y end
       for y = 3, #w do
-        local q, ce, cr, te, tr = string.match(w[y], '^([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
-        if q and N(q) > p.applied then
+        -- '!': the batch certainly did not run (it may be older than one that did).
+        local bang, q, ce, cr, te, tr =
+            string.match(w[y], '^(!?)([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+        if q and (bang == '!' or N(q) > p.applied) then
           -- Swept meanwhile: the sweep committed the holds these settles would have; only
           -- their trips are still to record.
           if p.swept then
@@ -696,6 +700,10 @@ struct RedisBudgetStore::Holder {
     uint64_t seq;
     std::array<int64_t, 2> committed;
     std::array<bool, 2> trips;
+    // Certainly never ran (RedisClient::kNotRun, or an error reply): its commits are due
+    // even when a later batch of the holder ran first, as one may when this one was sent
+    // again after TRYAGAIN while the later one went straight through.
+    bool unrun = false;
   };
   std::string epoch;  // the budget's `created` as last answered ("": none yet)
   uint64_t gen = 0;   // counts the epochs seen: a call held in an older one holds nothing
@@ -1362,7 +1370,8 @@ void RedisBudgetStore::send(PerLoop* l, const std::string& key, Batch batch) {
       // What the holder holds, the finishes of this batch not yet subtracted.
       sync = std::to_string(h.held[0]) + " " + std::to_string(h.held[1]);
       for (const auto& lost : h.lost) {
-        sync += " " + std::to_string(lost.seq) + ":" + std::to_string(lost.committed[0]) + ":" +
+        sync += lost.unrun ? " !" : " ";
+        sync += std::to_string(lost.seq) + ":" + std::to_string(lost.committed[0]) + ":" +
                 std::to_string(lost.committed[1]) + ":" + (lost.trips[0] ? "1" : "0") + ":" +
                 (lost.trips[1] ? "1" : "0");
       }
@@ -1402,6 +1411,10 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
     l->inFlight.erase(it);
   size_t n = batch.pools.size();
   std::string failure;
+  // An error reply is a script that did not run (refused before it: BUSY, OOM, STALE…),
+  // unless it failed part way ("ERR …": a fault of the script's own).
+  bool unrun = (!r && r.error().code == RedisClient::kNotRun) ||
+               (r && r.value().isError() && !std::string_view(r.value().str).starts_with("ERR"));
   if (!r)
     failure = r.error().message;
   else if (r.value().isError())
@@ -1418,7 +1431,7 @@ void RedisBudgetStore::answer(PerLoop* l, const std::string& key, Batch& batch,
       h.dirtySeq = batch.seq;
       const auto& c = batch.committed[i];
       const auto& t = batch.trips[i];
-      if (c[0] > 0 || c[1] > 0 || t[0] || t[1]) h.lost.push_back({batch.seq, c, t});
+      if (c[0] > 0 || c[1] > 0 || t[0] || t[1]) h.lost.push_back({batch.seq, c, t, unrun});
       continue;
     }
     const std::string& epoch = r.value().elements[i].str;

@@ -232,6 +232,7 @@ struct RedisClient::Request {
   const RedisScript* script = nullptr;  // argv[1] is its sha1 while EVALSHA
   bool done = false;
   bool queued = false;  // in pending_, at pos
+  bool onWire = false;  // sent, its reply not read yet: it may run
   std::list<RequestPtr>::iterator pos;
   Node* sentTo = nullptr;
 };
@@ -405,7 +406,7 @@ void RedisClient::dropNode(Node* n, const std::string& why) {
 
 void RedisClient::send(const RequestPtr& r) {
   if (closing_) {
-    finish(r, Error{-1, "redis client is closing"});
+    finish(r, Error{kNotRun, "redis client is closing"});
     return;
   }
   if (!slotsAsked_ || (refreshWanted_ && !refreshing_)) {
@@ -416,14 +417,15 @@ void RedisClient::send(const RequestPtr& r) {
   Node* n = route(*r);
   if (!n->ac) {
     if (nowMs() < n->openUntilMs) {
-      finish(r, Error{-1, "redis " + n->name + " unavailable (" + n->lastError + "; retrying in " +
-                              std::to_string(n->openUntilMs - nowMs()) + " ms)"});
+      finish(r, Error{kNotRun, "redis " + n->name + " unavailable (" + n->lastError +
+                                   "; retrying in " + std::to_string(n->openUntilMs - nowMs()) +
+                                   " ms)"});
       return;
     }
     if (!connect(n)) {
       n->backoffMs = std::clamp(n->backoffMs * 2, kBackoffMinMs, kBackoffMaxMs);
       n->openUntilMs = nowMs() + n->backoffMs;
-      finish(r, Error{-1, "redis " + n->name + ": " + n->lastError});
+      finish(r, Error{kNotRun, "redis " + n->name + ": " + n->lastError});
       return;
     }
   }
@@ -440,8 +442,10 @@ void RedisClient::send(const RequestPtr& r) {
   r->sentTo = n;
   if (redisAsyncFormattedCommand(n->ac, onReplyThunk, f, wire.data(), wire.size()) != REDIS_OK) {
     delete f;
-    finish(r, Error{-1, "redis " + n->name + ": cannot queue the command"});
+    finish(r, Error{kNotRun, "redis " + n->name + ": cannot queue the command"});
+    return;
   }
+  r->onWire = true;
 }
 
 void RedisClient::flushWrites() {
@@ -467,7 +471,8 @@ void RedisClient::onReply(InFlight* f, void* raw) {
   std::unique_ptr<InFlight> owned(f);
   RequestPtr r = f->request;
   Node* n = f->node;
-  if (r->done) return;  // timed out already
+  if (r->done) return;         // timed out already
+  if (raw) r->onWire = false;  // answered: whatever comes next is decided here
   if (!raw) {
     // The connection went away with the command on it.
     finish(r, Error{-1, "redis " + n->name + ": connection lost" +
@@ -511,7 +516,7 @@ void RedisClient::onReply(InFlight* f, void* raw) {
       return;
     }
     if (e.starts_with("TRYAGAIN") || e.starts_with("CLUSTERDOWN")) {
-      finish(r, Error{-1, "redis " + n->name + ": " + reply.str});
+      finish(r, Error{kNotRun, "redis " + n->name + ": " + reply.str});
       return;
     }
     if ((e.starts_with("NOAUTH") || e.find("unauthenticated") != std::string_view::npos) &&
@@ -596,9 +601,10 @@ void RedisClient::onTimer() {
     if (r->done) continue;  // finished by an earlier one's callback
     if (r->sentTo && std::find(stuck.begin(), stuck.end(), r->sentTo) == stuck.end())
       stuck.push_back(r->sentTo);
-    finish(r,
-           Error{-1, "redis " + (r->sentTo ? r->sentTo->name : std::string("?")) +
-                         ": no answer within " + std::to_string(options_.timeout.count()) + " ms"});
+    // Waiting to be sent again (after TRYAGAIN), it did not run; on the wire it may have.
+    finish(r, Error{r->onWire ? -1 : kNotRun,
+                    "redis " + (r->sentTo ? r->sentTo->name : std::string("?")) +
+                        ": no answer within " + std::to_string(options_.timeout.count()) + " ms"});
   }
   // A node that does not answer in time is paused, overloaded or gone: drop its
   // connection so nothing else waits on it, and let the breaker space the retries.
@@ -651,7 +657,7 @@ void RedisClient::close(std::function<void()> closed, bool graceful) {
   }
   waiting_.clear();
   std::vector<RequestPtr> left(pending_.begin(), pending_.end());
-  for (auto& r : left) finish(r, Error{-1, "redis client closed"});
+  for (auto& r : left) finish(r, Error{r->onWire ? -1 : kNotRun, "redis client closed"});
   for (auto& [name, n] : nodes_) {
     if (auto* ac = n->ac) {
       n->ac = nullptr;

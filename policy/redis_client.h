@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -65,7 +66,12 @@ class RedisClient {
     RedisAuth auth;
   };
   // Error: the server's error reply, or a transport failure (connection, timeout, breaker).
+  // A failure with code kNotRun is one the command certainly did not run in: it was never
+  // sent, was refused before it ran (TRYAGAIN, CLUSTERDOWN) or waited to be sent again when
+  // its deadline came; any other (a timeout on the wire, a connection lost) may have run.
+  // (An error reply, a value, never ran either, unless a script failed part way.)
   using Callback = std::function<void(Result<RedisReply>)>;
+  static constexpr int kNotRun = -EAGAIN;
 
   RedisClient(uv_loop_t* loop, Options options);
   ~RedisClient();

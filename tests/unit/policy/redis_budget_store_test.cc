@@ -10,6 +10,7 @@
 #include <random>
 #include <thread>
 
+#include "tests/unit/redis_fault_proxy.h"
 #include "tests/unit/redis_process.h"
 
 namespace tollgate {
@@ -611,6 +612,35 @@ TEST_F(RedisBudgetStoreTest, ABatchLostUnrunIsSyncedWithoutTraffic) {
   // Finished calls stay finished.
   EXPECT_EQ(settle("c1", {{"other", 3, 0}}).status, BudgetStatus::kUnknownCall);
   EXPECT_EQ(reserve("c2", {{"other", 4, 0}}).status, BudgetStatus::kUnknownCall);
+}
+
+// A batch that certainly never ran, behind which a later batch of the same pool did run (a
+// slot migration answered TRYAGAIN to the first until its deadline, while the second, sent
+// after it, went through): the sync that follows commits the first one's settle. It used to
+// be taken for run, since the record's `applied` had passed it, and the settle was lost.
+TEST_F(RedisBudgetStoreTest, ABatchThatNeverRanIsCommittedThoughALaterOneRan) {
+  RedisFaultProxy proxy(redis.port());
+  options.seeds = {HostPort{"127.0.0.1", proxy.port()}};
+  restart(std::chrono::milliseconds(100));
+  settleSubscriber();
+  ASSERT_EQ(reserve("c1", {{"other", 5, 0}}).status, BudgetStatus::kOk);
+  proxy.refuse = true;
+  int answered = 0;
+  BudgetOutcome settled, reserved;
+  store->settle("c1", {{"other", 3, 0}}, [&](BudgetOutcome o) { settled = o, ++answered; });
+  for (int i = 0; i < 500 && proxy.refused == 0; ++i) {  // the settle's batch is refused
+    uv_run(&loop, UV_RUN_NOWAIT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_GT(proxy.refused, 0);
+  store->reserve("c2", {{"other", 4, 0}}, std::chrono::minutes(1),
+                 [&](BudgetOutcome o) { reserved = o, ++answered; });
+  while (answered < 2) uv_run(&loop, UV_RUN_ONCE);
+  EXPECT_EQ(settled.status, BudgetStatus::kUnavailable);
+  EXPECT_EQ(reserved.status, BudgetStatus::kOk) << reserved.reason;  // the later batch ran
+  EXPECT_GT(proxy.refused, 1);  // sent again after TRYAGAIN, until its deadline
+  proxy.refuse = false;
+  EXPECT_TRUE(converges("other", "effort", "3:4"));  // c1's settle once, c2 held
 }
 
 // A settle lost while Redis was away, of a hold whose record expired meanwhile and was swept
