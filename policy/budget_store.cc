@@ -206,6 +206,9 @@ Status MemoryBudgetStore::declare(const PolicySet& set) {
       auto& account = budgets_[p.name + "/" + dim];  // an existing pool keeps its spend
       account.limit = b->limit;
       if (account.periodMs != b->period.count()) {
+        // A period that ended under the old length ends now: its spend and trip go with it,
+        // not into the new period.
+        if (account.periodMs > 0) roll(account, now);
         account.periodMs = b->period.count();
         account.periodStartMs = now - now % account.periodMs;
       }
@@ -260,10 +263,11 @@ BudgetOutcome MemoryBudgetStore::reserveNow(const std::string& callId,
   hold.expiresMs = now + holdTtl.count();
   for (const auto& c : charges) {
     if (c.effort <= 0 && c.risk <= 0) continue;
-    // An overrun on either dimension trips the whole pool.
+    // An overrun on either dimension trips the whole pool (a dimension the policy has: one
+    // a reload removed keeps its account, should it come back, but halts nothing meanwhile).
     for (const char* dim : {"effort", "risk"}) {
       auto it = budgets_.find(c.pool + "/" + dim);
-      if (it == budgets_.end()) continue;
+      if (it == budgets_.end() || !declared_.contains(it->first)) continue;
       roll(it->second, now);
       if (it->second.tripped) {
         return refuse(BudgetStatus::kTripped, c.pool,

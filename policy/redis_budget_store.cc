@@ -178,7 +178,11 @@ if op == 'view' then
       local limit, period = tonumber(A(i, 1 + 2 * j)), tonumber(A(i, 2 + 2 * j))
       if alive and limit >= 0 then
         local f = redis.call('HMGET', b, dim .. ':period', dim .. ':start')
-        if N(f[1]) ~= period then
+        if N(f[1]) ~= period and N(f[1]) > 0 and now >= N(f[2]) + N(f[1]) then
+          -- A new length, and the period under the old one ended: it ends now.
+          redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(now - now % period),
+                     dim .. ':committed', '0', dim .. ':tripped', '0')
+        elseif N(f[1]) ~= period then
           redis.call('HSET', b, dim .. ':period', I(period), dim .. ':start', I(now - now % period))
         elseif now >= N(f[2]) + period then
           redis.call('HSET', b, dim .. ':start', I(now - now % period), dim .. ':committed', '0',
@@ -269,6 +273,10 @@ local seq, hf = tonumber(seqs), 'L:' .. holder
 local function roll(p, d)
   local period = p['p' .. d]
   if p['f' .. d] ~= period then
+    -- A new length (a reload): a period that ended under the old one ends now, its spend
+    -- and trip with it.
+    local old = N(p['f' .. d])
+    if old > 0 and now >= p['s' .. d] + old then p['c' .. d], p['t' .. d] = 0, 0 end
     p['f' .. d], p['s' .. d], p['roll' .. d] = period, now - now % tonumber(period), true
   elseif now >= p['s' .. d] + tonumber(period) then
     p['s' .. d], p['c' .. d], p['t' .. d], p['roll' .. d] = now - now % tonumber(period), 0, 0, true
@@ -395,8 +403,10 @@ local DIMS = {e = 'effort', r = 'risk'}
 local function refusal(a)
   for i = 1, n do
     local p = P[i]
-    -- An overrun on either dimension trips the whole pool.
-    if p.live and (p.te ~= 0 or p.tr ~= 0) and (a[2 * i - 1] > 0 or a[2 * i] > 0) then
+    -- An overrun on either dimension trips the whole pool (of the dimensions the policy
+    -- has: the flag of one a reload removed is neither rolled nor heeded).
+    if p.live and ((p.le >= 0 and p.te ~= 0) or (p.lr >= 0 and p.tr ~= 0)) and
+        (a[2 * i - 1] > 0 or a[2 * i] > 0) then
       return {'budget_tripped', p.name, 'pool ' .. p.name .. ' was tripped by an overrun this period'}
     end
     for _, d in ipairs({'e', 'r'}) do

@@ -130,6 +130,49 @@ TEST_F(MemoryBudgetStoreTest, HugeOverrunsInBothDimensionsSaturate) {
   EXPECT_TRUE(budget("team", "risk").tripped);
 }
 
+// A trip counts on the dimensions the policy has: a pool whose tripped dimension a reload
+// removed is not halted by it (the Redis store never rolled such a flag, and halted the pool
+// for good), and the other way round alike.
+TEST_F(MemoryBudgetStoreTest, ATripOnADimensionTheReloadRemovedHaltsNothing) {
+  ASSERT_EQ(store->reserveNow("c1", {{"team", 10, 1}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_GT(store->settleNow("c1", {{"team", 25, 1}}).overrun, 0);  // effort trips
+  EXPECT_EQ(store->reserveNow("c2", {{"team", 0, 1}}, ttl).status, BudgetStatus::kTripped);
+  auto riskOnly = PolicySet::parse(R"(
+apiVersion: tollgate/v1
+kind: Policy
+pools:
+  - {name: team, risk: {limit: 10, period: 1d}}
+)",
+                                   "pools.yaml")
+                      .value();
+  ASSERT_TRUE(store->declare(*riskOnly));
+  EXPECT_EQ(store->reserveNow("c3", {{"team", 0, 1}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_TRUE(store->declare(*set));  // effort back, still tripped this period
+  EXPECT_EQ(store->reserveNow("c4", {{"team", 0, 1}}, ttl).status, BudgetStatus::kTripped);
+}
+
+// A reload that changes a period's length after the old period ended: that period's spend
+// and trip end with it, not carried into the new one (a pool tripped at 09:10 of an hourly
+// period, reloaded at 11:00 as daily, stayed halted until midnight).
+TEST_F(MemoryBudgetStoreTest, ANewPeriodLengthEndsAnOldPeriodThatEnded) {
+  ASSERT_EQ(store->reserveNow("c1", {{"other", 2, 0}}, ttl).status, BudgetStatus::kOk);
+  ASSERT_GT(store->settleNow("c1", {{"other", 4, 0}}).overrun, 0);
+  now += 2 * 3'600'000;  // the hourly period ended; nothing ran since
+  auto daily = PolicySet::parse(R"(
+apiVersion: tollgate/v1
+kind: Policy
+pools:
+  - {name: team, effort: {limit: 100, period: 1h}, risk: {limit: 10, period: 1d}}
+  - {name: other, effort: {limit: 5, period: 1d}}
+)",
+                                "pools.yaml")
+                   .value();
+  ASSERT_TRUE(store->declare(*daily));
+  EXPECT_FALSE(budget("other", "effort").tripped);
+  EXPECT_EQ(budget("other", "effort").committed, 0);
+  EXPECT_EQ(store->reserveNow("c2", {{"other", 5, 0}}, ttl).status, BudgetStatus::kOk);
+}
+
 TEST_F(MemoryBudgetStoreTest, PeriodsRollOnTheirBoundaries) {
   ASSERT_EQ(store->reserveNow("c1", {{"team", 100, 0}}, ttl).status, BudgetStatus::kOk);
   ASSERT_EQ(store->settleNow("c1", {}).status, BudgetStatus::kOk);

@@ -260,6 +260,44 @@ TEST_F(RedisBudgetStoreTest, AHugeLateOverrunInBothDimensionsStillTrips) {
   EXPECT_EQ(reserve("c2", {{"third", 1, 0}}).status, BudgetStatus::kTripped);
 }
 
+// A trip counts on the dimensions the policy has: a pool whose tripped dimension a reload
+// removed is not halted by it (the flag was never rolled, and halted the pool for good), and
+// the dimension back, its trip is back until the period ends.
+TEST_F(RedisBudgetStoreTest, ATripOnADimensionTheReloadRemovedHaltsNothing) {
+  ASSERT_EQ(reserve("c1", {{"third", 10, 1}}).status, BudgetStatus::kOk);
+  ASSERT_GT(settle("c1", {{"third", 25, 1}}).overrun, 0);  // effort trips
+  EXPECT_EQ(reserve("c2", {{"third", 0, 1}}).status, BudgetStatus::kTripped);
+  auto riskOnly = PolicySet::parse(R"(
+apiVersion: tollgate/v1
+kind: Policy
+pools:
+  - {name: third, scope: shared, risk: {limit: 1000, period: 30d}}
+)",
+                                   "pools.yaml")
+                      .value();
+  ASSERT_TRUE(store->declare(*riskOnly));
+  EXPECT_EQ(reserve("c3", {{"third", 0, 1}}).status, BudgetStatus::kOk);
+  ASSERT_TRUE(store->declare(*set));
+  EXPECT_EQ(reserve("c4", {{"third", 0, 1}}).status, BudgetStatus::kTripped);
+}
+
+// A reload that changes a period's length after the old period ended (by Redis's clock):
+// that period's spend and trip end with it, not carried into the new one.
+TEST_F(RedisBudgetStoreTest, ANewPeriodLengthEndsAnOldPeriodThatEnded) {
+  ASSERT_EQ(reserve("c1", {{"brief", 5, 0}}).status, BudgetStatus::kOk);
+  ASSERT_GT(settle("c1", {{"brief", 9, 0}}).overrun, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2100));  // the 2 s period ended
+  std::string text = kPools;
+  text.replace(text.find("limit: 100, period: 2s}, risk: {limit: 10, period: 2s}"), 54,
+               "limit: 100, period: 30d}, risk: {limit: 10, period: 30d}");
+  auto longer = PolicySet::parse(text, "pools.yaml").value();
+  ASSERT_TRUE(store->declare(*longer));
+  EXPECT_EQ(reserve("c2", {{"brief", 100, 0}}).status, BudgetStatus::kOk);
+  auto effort = budget("brief", "effort");
+  EXPECT_FALSE(effort.tripped);
+  EXPECT_EQ(effort.committed, 0);
+}
+
 // A call reserved in one period and settled in the next is paid for in the next: its
 // settle, its overrun's trip and an expired hold are committed after the roll, never into
 // the period that has ended (whose roll would drop them). Periods are Redis's: 2 s here.
