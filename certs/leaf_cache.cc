@@ -127,8 +127,11 @@ Result<LeafPtr> LeafCache::get(std::string_view hostText) {
     if (it != entries_.end()) {
       Entry& e = it->second;
       lru_.splice(lru_.begin(), lru_, e.lru);
-      bool fresh = e.leaf && now + options_.renewBefore < e.leaf->notAfter();
-      bool stillValid = e.leaf && now < e.leaf->notAfter();
+      // Not yet valid either, when the clock was stepped back past the leaf's backdated
+      // notBefore (agents would refuse it until then): minted again.
+      bool begun = e.leaf && e.leaf->notBefore() <= now;
+      bool fresh = begun && now + options_.renewBefore < e.leaf->notAfter();
+      bool stillValid = begun && now < e.leaf->notAfter();
       if (fresh || (stillValid && e.pending.valid())) {
         hits_.fetch_add(1, std::memory_order_relaxed);
         return e.leaf;

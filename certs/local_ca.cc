@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -100,6 +101,21 @@ Status setRandomSerial(X509* cert) {
   BN_free(bn);
   if (!ok) return sslError("random serial");
   return Status::success();
+}
+
+CertClock::time_point timePoint(const ASN1_TIME* time) {
+  std::tm tm{};
+  if (ASN1_TIME_to_tm(time, &tm) != 1) return {};
+  return CertClock::from_time_t(timegm(&tm));
+}
+
+std::string timeText(const ASN1_TIME* time) {
+  std::time_t t = CertClock::to_time_t(timePoint(time));
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
 }
 
 Status setValidity(X509* cert, CertClock::time_point from, CertClock::time_point to) {
@@ -392,6 +408,14 @@ Result<LocalCa> LocalCa::load(const std::string& dir) {
   if (X509_check_private_key(cert.get(), key.get()) != 1)
     return sslError(keyPath + " does not belong to " + certPath);
   if (X509_check_ca(cert.get()) < 1) return Error{-1, certPath + " is not a CA certificate"};
+  // Every leaf of a CA outside its validity fails at the agents: refused here, with why.
+  if (X509_cmp_current_time(X509_get0_notAfter(cert.get())) <= 0)
+    return Error{-1, certPath + " expired on " + timeText(X509_get0_notAfter(cert.get())) +
+                         ": make a new CA (tollgate certs init DIR --force) and give the agents "
+                         "its ca.crt"};
+  if (X509_cmp_current_time(X509_get0_notBefore(cert.get())) > 0)
+    return Error{-1, certPath + " is not valid before " +
+                         timeText(X509_get0_notBefore(cert.get())) + " (is the clock right?)"};
   auto permitted = readPermitted(cert.get());
   return LocalCa(std::move(key), std::move(cert), std::move(permitted));
 }
@@ -453,9 +477,9 @@ Result<X509Ptr> LocalCa::signLeaf(const LeafHost& host, EVP_PKEY* leafKey,
   X509Ptr cert(X509_new());
   if (!cert || X509_set_version(cert.get(), X509_VERSION_3) != 1) return sslError("leaf");
   if (auto st = setRandomSerial(cert.get()); !st) return st.error();
-  if (auto st =
-          setValidity(cert.get(), options.now - options.backdate, options.now + options.lifetime);
-      !st)
+  // Never past the CA's own end: a leaf the CA's expiry cuts short is minted again sooner.
+  auto until = std::min(options.now + options.lifetime, timePoint(X509_get0_notAfter(cert_.get())));
+  if (auto st = setValidity(cert.get(), options.now - options.backdate, until); !st)
     return st.error();
   // CN only for DNS names that fit (64 characters): verifiers match the SAN, and a CN that
   // looks like a DNS name would be checked against the DNS constraints on an IP leaf.

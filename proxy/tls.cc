@@ -1,10 +1,12 @@
 #include "proxy/tls.h"
 
 #include <openssl/x509v3.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 
 #include "certs/openssl_error.h"
+#include "common/log.h"
 #include "proxy/resolver.h"
 
 namespace tollgate {
@@ -54,6 +56,12 @@ bool loadSystemTrust(SSL_CTX* ctx) {
   bool ok = X509_LOOKUP_add_dir(dir, X509_get_default_cert_dir(), X509_FILETYPE_PEM) == 1;
   ERR_clear_error();
   return ok;
+}
+
+std::string fmtMode(unsigned mode) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "%04o", mode);
+  return buf;
 }
 
 }  // namespace
@@ -152,6 +160,15 @@ Result<std::unique_ptr<TlsContexts>> TlsContexts::create(const Config& config) {
     // does not pay for a second ticket it may never use.
     SSL_CTX_set_num_tickets(ctx, 1);
   };
+  if (struct stat st;
+      ::stat((config.tlsCaDir + "/ca.key").c_str(), &st) == 0 && (st.st_mode & 077)) {
+    // Whoever reads it can mint certificates every agent trusts (a secret volume mounted
+    // with its default mode 0644, say): said, not refused.
+    Log::Line(LogLevel::kWarn, "the local CA's private key is readable by others than its owner")
+        .add("path", config.tlsCaDir + "/ca.key")
+        .add("mode", fmtMode(st.st_mode & 0777))
+        .emit();
+  }
   t->ownCaKey_ = X509_get_pubkey(ca.value().certificate());
   auto leaves = LeafCache::create(std::make_shared<const LocalCa>(std::move(ca.value())), options);
   if (!leaves) return leaves.error();

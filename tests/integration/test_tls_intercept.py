@@ -322,6 +322,23 @@ class TlsConfigTest(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def test_a_ca_key_others_can_read_is_warned_about(self):
+        d = tempfile.mkdtemp(prefix="tollgate-tls-")
+        try:
+            ca_dir = os.path.join(d, "ca")
+            r = subprocess.run([BIN, "certs", "init", ca_dir], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            warning = "the local CA's private key is readable by others than its owner"
+            with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
+                self.assertFalse(any(l.get("msg") == warning for l in tg.logs()))
+            os.chmod(os.path.join(ca_dir, "ca.key"), 0o644)  # a secret volume's default mode
+            with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
+                found = [l for l in tg.logs() if l.get("msg") == warning]
+                self.assertEqual(len(found), 1, tg.logs())
+                self.assertEqual(found[0]["mode"], "0644")
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
     def test_a_host_the_ca_may_not_sign_for_is_refused_before_any_tls(self):
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:

@@ -118,6 +118,22 @@ TEST(LeafCache, ReMintsBeforeExpiry) {
   EXPECT_EQ(cache->signings(), 3u);
 }
 
+// The clock stepped back (NTP) past a cached leaf's notBefore (backdated 1h): it would be
+// refused as not yet valid, so it is minted again rather than served.
+TEST(LeafCache, ReMintsALeafThatIsNotYetValidAfterTheClockWentBack) {
+  FakeClock clock;
+  auto ca = makeCa({}, kStart - 240h);
+  auto cache = makeCache(ca, &clock);
+  auto first = cache->get("api.example.com");
+  ASSERT_TRUE(first.ok());
+  clock.offsetSeconds = -2 * 3600;
+  auto second = cache->get("api.example.com");
+  ASSERT_TRUE(second.ok());
+  EXPECT_NE(second.value().get(), first.value().get());
+  EXPECT_EQ(cache->signings(), 2u);
+  EXPECT_LE(second.value()->notBefore(), clock.now());
+}
+
 TEST(LeafCache, RefusesHostsTheCaDoesNotPermitWithoutSigning) {
   FakeClock clock;
   auto cache = makeCache(makeCa({"example.com"}), &clock);

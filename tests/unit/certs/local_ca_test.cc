@@ -20,9 +20,9 @@ using testing::verifyLeaf;
 
 const CertClock::time_point kNow = CertClock::from_time_t(1'800'000'000);
 
-LocalCa makeCa(std::vector<std::string> permits = {}) {
+LocalCa makeCa(std::vector<std::string> permits = {}, CertClock::time_point now = kNow) {
   LocalCa::Options options;
-  options.now = kNow;
+  options.now = now;
   for (const auto& p : permits) options.permitted.push_back(parsePermittedName(p).value());
   auto ca = LocalCa::create(options);
   EXPECT_TRUE(ca.ok()) << (ca.ok() ? "" : ca.error().message);
@@ -193,6 +193,20 @@ TEST(LocalCa, HostAndPermitParsing) {
     EXPECT_FALSE(parsePermittedName(bad).ok()) << bad;
 }
 
+// A leaf never outlives its CA: the CA's end cuts it short.
+TEST(LocalCa, ALeafEndsNoLaterThanItsCa) {
+  LocalCa::Options options;
+  options.now = kNow;
+  options.validity = std::chrono::hours(2);
+  auto ca = LocalCa::create(options);
+  ASSERT_TRUE(ca.ok());
+  auto key = generateP256Key();
+  ASSERT_TRUE(key.ok());
+  auto leaf = mint(ca.value(), key->get(), "api.example.com");
+  EXPECT_EQ(ASN1_TIME_cmp_time_t(X509_get0_notAfter(leaf.get()), CertClock::to_time_t(kNow + 2h)),
+            0);
+}
+
 class LocalCaFiles : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -214,7 +228,7 @@ class LocalCaFiles : public ::testing::Test {
 TEST_F(LocalCaFiles, WritesWithSafePermissionsAndLoadsBack) {
   auto dir = root_ / "ca";
   ::umask(0);  // the modes must not depend on the caller's umask
-  LocalCa ca = makeCa({"example.com", "10.0.0.0/8"});
+  LocalCa ca = makeCa({"example.com", "10.0.0.0/8"}, CertClock::now());  // valid now: load checks
   ASSERT_TRUE(ca.write(dir, false).ok());
   ::umask(022);
   EXPECT_EQ(modeOf(dir), 0700u);
@@ -234,15 +248,34 @@ TEST_F(LocalCaFiles, WritesWithSafePermissionsAndLoadsBack) {
 
 TEST_F(LocalCaFiles, RefusesToOverwriteWithoutForce) {
   auto dir = root_ / "ca";
-  LocalCa first = makeCa();
+  LocalCa first = makeCa({}, CertClock::now());
   ASSERT_TRUE(first.write(dir, false).ok());
-  LocalCa second = makeCa();
+  LocalCa second = makeCa({}, CertClock::now());
   auto refused = second.write(dir, false);
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.error().message.find("already holds a CA"), std::string::npos);
   EXPECT_EQ(X509_cmp(LocalCa::load(dir)->certificate(), first.certificate()), 0);
   ASSERT_TRUE(second.write(dir, true).ok());
   EXPECT_EQ(X509_cmp(LocalCa::load(dir)->certificate(), second.certificate()), 0);
+}
+
+// A CA outside its validity would have every leaf refused by the agents: load says so.
+TEST_F(LocalCaFiles, LoadRefusesACaOutsideItsValidity) {
+  LocalCa::Options old;
+  old.now = CertClock::now() - std::chrono::hours(48);
+  old.validity = std::chrono::hours(24);
+  ASSERT_TRUE(LocalCa::create(old)->write(root_ / "old", false).ok());
+  auto expired = LocalCa::load(root_ / "old");
+  ASSERT_FALSE(expired.ok());
+  EXPECT_NE(expired.error().message.find("expired on"), std::string::npos)
+      << expired.error().message;
+  LocalCa::Options future;
+  future.now = CertClock::now() + std::chrono::hours(48);
+  ASSERT_TRUE(LocalCa::create(future)->write(root_ / "future", false).ok());
+  auto early = LocalCa::load(root_ / "future");
+  ASSERT_FALSE(early.ok());
+  EXPECT_NE(early.error().message.find("is not valid before"), std::string::npos)
+      << early.error().message;
 }
 
 TEST_F(LocalCaFiles, LoadRejectsAMismatchedKey) {
