@@ -1023,6 +1023,16 @@ void ClientSession::onHandshake(TcpStream& stream, int status) {
     std::string why =
         intercept_ && !intercept_->error.empty() ? intercept_->error : stream.tlsError();
     worker_.metrics().tlsHandshakeFailures("agent").Increment();
+    if (intercept_ && intercept_->sniMismatch && !intercept_->error.empty()) {
+      // Domain fronting the CA cannot even present a leaf for (outside its name
+      // constraints): no request ever comes to be halted, so the attempt is recorded here.
+      refuseConnection("tls.sni_mismatch",
+                       "the TLS server name (SNI) " + intercept_->sni +
+                           " is not the CONNECT host " + intercept_->host +
+                           ", and no leaf could be presented for it: " + why,
+                       formatHostPort(intercept_->host, interceptPort_));
+      return;
+    }
     Log::Line(LogLevel::kInfo, "agent TLS handshake failed")
         .add("listener", listener_.config.name)
         .add("authority", intercept_ ? formatHostPort(intercept_->host, interceptPort_) : "")

@@ -322,6 +322,33 @@ class TlsConfigTest(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def test_an_sni_the_ca_may_not_sign_for_is_a_recorded_halt(self):
+        # Domain fronting with a name outside the CA's constraints: no leaf can be presented,
+        # the handshake fails, and the attempt is still in the audit stream.
+        d = tempfile.mkdtemp(prefix="tollgate-tls-")
+        try:
+            ca_dir = os.path.join(d, "ca")
+            r = subprocess.run([BIN, "certs", "init", ca_dir, "--permit", "example.com"],
+                               capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
+                r = subprocess.run(["openssl", "s_client", "-quiet", "-proxy", f"127.0.0.1:{tg.proxy_port}",
+                                    "-connect", "api.example.com:443", "-servername", "evil.other",
+                                    "-CAfile", os.path.join(ca_dir, "ca.crt")],
+                                   input=b"", capture_output=True, timeout=20)
+                self.assertNotEqual(r.returncode, 0)  # no TLS for that name
+                audit_dir = os.path.join(tg.dir, "var", "audit")
+
+                def halts():
+                    return [json.loads(l) for l in read_lines(audit_dir)
+                            if '"tls.sni_mismatch"' in l]
+                found = wait_for(halts, timeout=5, what="the fronting attempt's halt record")
+                self.assertEqual(found[0]["decision"], "halt")
+                self.assertEqual(found[0]["authority"], "api.example.com:443")
+                self.assertIn("evil.other", found[0]["reason"])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
     def test_a_ca_key_others_can_read_is_warned_about(self):
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
