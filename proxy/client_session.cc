@@ -931,9 +931,7 @@ void ClientSession::connectUpstream() {
   if (transparent_) {
     // Where the client dialled, not a fresh lookup of Host: checkTransparentHost() made
     // sure that the name resolves to this address.
-    addrs_.assign(1, originalDst_);
-    nextAddr_ = 0;
-    connectNextAddress();
+    onResolved(0, {originalDst_});
     return;
   }
   // The lookup counts against upstream_connect too: a name server that never answers (the
@@ -951,7 +949,26 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
                    "cannot resolve " + target_.upstreamHost + ": " + uv_strerror(status));
     return;
   }
-  addrs_ = addrs;
+  // egress.deny_addresses: whatever name (or IP form) led here, no connection goes there.
+  addrs_.clear();
+  std::string denied;
+  for (const auto& a : addrs) {
+    const auto& ranges = worker_.config().denyAddresses;
+    auto in = std::find_if(ranges.begin(), ranges.end(),
+                           [&](const AddressRange& r) { return r.contains(a); });
+    if (in == ranges.end()) {
+      addrs_.push_back(a);
+    } else if (denied.empty()) {
+      denied = formatAddress(a, false) + " (in " + in->text + ")";
+    }
+  }
+  if (addrs_.empty()) {
+    worker_.metrics().upstreamConnectErrors("denied").Increment();
+    upstreamFailed(
+        403, "address_denied",
+        target_.upstreamHost + " is " + denied + ", an address egress.deny_addresses forbids");
+    return;
+  }
   nextAddr_ = 0;
   connectNextAddress();
 }

@@ -7,7 +7,11 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <cctype>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -327,7 +331,7 @@ Config read(const YAML::Node& root, const Reader& r) {
   r.forEach(
       root, "",
       {"mode", "workers", "log", "listeners", "admin", "hosts", "limits", "timeouts", "policies",
-       "store", "audit", "tls"},
+       "store", "audit", "tls", "egress"},
       [&](const std::string& key, const YAML::Node& v) {
         if (key == "mode") {
           auto m = r.str(v, key);
@@ -392,6 +396,19 @@ Config read(const YAML::Node& root, const Reader& r) {
           });
           hostsNode = v;
           hasHosts = true;
+        } else if (key == "egress") {
+          r.forEach(v, key, {"deny_addresses"}, [&](const std::string& k, const YAML::Node& ev) {
+            for (const auto& given : r.strings(ev, k)) {
+              auto range = parseAddressRange(given);
+              if (!range)
+                r.fail(ev, k,
+                       "'" + given +
+                           "': expected an IPv4 or IPv6 address or network "
+                           "(10.0.0.0/8, 169.254.169.254, fe80::/10)");
+              else
+                c.denyAddresses.push_back(*range);
+            }
+          });
         } else if (key == "limits") {
           r.forEach(v, key,
                     {"max_header_bytes", "max_headers", "max_uri_bytes", "max_body_bytes",
@@ -571,6 +588,54 @@ Result<Config> loadConfig(const std::string& path) {
   std::stringstream text;
   text << in.rdbuf();
   return parseConfig(text.str(), path);
+}
+
+std::optional<AddressRange> parseAddressRange(const std::string& text) {
+  AddressRange r;
+  r.text = text;
+  std::string address = text;
+  std::optional<unsigned> prefix;
+  if (auto slash = text.find('/'); slash != std::string::npos) {
+    address = text.substr(0, slash);
+    std::string digits = text.substr(slash + 1);
+    if (digits.empty() || digits.size() > 3 ||
+        digits.find_first_not_of("0123456789") != std::string::npos)
+      return std::nullopt;
+    prefix = static_cast<unsigned>(std::stoul(digits));
+  }
+  if (inet_pton(AF_INET, address.c_str(), r.bytes.data()) == 1) {
+    r.family = AF_INET;
+    r.prefix = prefix.value_or(32);
+    if (r.prefix > 32) return std::nullopt;
+  } else if (inet_pton(AF_INET6, address.c_str(), r.bytes.data()) == 1) {
+    r.family = AF_INET6;
+    r.prefix = prefix.value_or(128);
+    if (r.prefix > 128) return std::nullopt;
+  } else {
+    return std::nullopt;
+  }
+  return r;
+}
+
+bool AddressRange::contains(const sockaddr_storage& address) const {
+  const uint8_t* given = nullptr;
+  if (address.ss_family == AF_INET && family == AF_INET) {
+    given = reinterpret_cast<const uint8_t*>(
+        &reinterpret_cast<const sockaddr_in*>(&address)->sin_addr.s_addr);
+  } else if (address.ss_family == AF_INET6) {
+    const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&address)->sin6_addr.s6_addr;
+    static constexpr uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (family == AF_INET6)
+      given = v6;
+    else if (std::memcmp(v6, kMapped, sizeof kMapped) == 0)
+      given = v6 + 12;  // ::ffff:a.b.c.d reaches a.b.c.d
+  }
+  if (!given) return false;
+  unsigned full = prefix / 8, rest = prefix % 8;
+  if (std::memcmp(given, bytes.data(), full) != 0) return false;
+  if (rest == 0) return true;
+  uint8_t mask = static_cast<uint8_t>(0xff << (8 - rest));
+  return (given[full] & mask) == (bytes[full] & mask);
 }
 
 }  // namespace tollgate

@@ -2,9 +2,13 @@
 // object that every worker shares. Every error names the file, line, column and key.
 #pragma once
 
+#include <sys/socket.h>
+
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +28,17 @@ struct RouteConfig {
   bool upstreamTls = false;  // https://
   HostPort upstream;
 };
+
+// An IPv4 or IPv6 network ("10.0.0.0/8", "169.254.169.254", "fe80::/10"): egress.deny_addresses.
+struct AddressRange {
+  int family = 0;  // AF_INET or AF_INET6
+  std::array<uint8_t, 16> bytes{};
+  unsigned prefix = 0;
+  std::string text;  // as written
+  // An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address it maps.
+  bool contains(const sockaddr_storage& address) const;
+};
+std::optional<AddressRange> parseAddressRange(const std::string& text);
 
 struct CertConfig {
   std::string cert;  // PEM: the certificate, then its chain
@@ -111,6 +126,9 @@ struct Config {
   uint64_t tlsLeafCacheSize = 10'000;
   LimitsConfig limits;
   TimeoutsConfig timeouts;
+  // Addresses no upstream connection goes to, whatever name led there (a DNS name of the
+  // metadata service, an IP-literal form a host rule did not foresee).
+  std::vector<AddressRange> denyAddresses;
 };
 
 Result<Config> loadConfig(const std::string& path);

@@ -16,6 +16,32 @@ from tollgate_harness import (ForgetfulOrigin, HttpOrigin, Tollgate, curl, parse
                               wait_for)
 
 
+class DenyAddressesTest(unittest.TestCase):
+    """egress.deny_addresses: whatever name or IP form an allowed call names, no connection
+    goes to a denied address (the metadata service by a DNS name of it, say). Here loopback
+    stands for it: the origin listens on 127.0.0.1."""
+
+    def test_no_connection_goes_to_a_denied_address_by_any_name(self):
+        with HttpOrigin() as origin:
+            with Tollgate({"egress": {"deny_addresses": ["127.0.0.0/8", "::1"]}}) as tg:
+                for host in ("127.0.0.1", "localhost", "127.1", "[::ffff:127.0.0.1]"):
+                    with self.subTest(host=host):
+                        rc, out, err = curl("-i", "-g", f"http://{host}:{origin.port}/hello", proxy=tg.proxy)
+                        status, _, body = parse_response(out)
+                        self.assertEqual(status, 403, out)
+                        doc = json.loads(body)
+                        self.assertEqual(doc["error"], "address_denied")
+                        self.assertIn("egress.deny_addresses", doc["reason"])
+                # A CONNECT tunnel is dialled the same way.
+                out, _ = raw_exchange(tg.proxy_port, b"CONNECT localhost:%d HTTP/1.1\r\nHost: localhost:%d\r\n\r\n"
+                                      % (origin.port, origin.port))
+                self.assertEqual(parse_response(out)[0], 403, out)
+                self.assertEqual(origin.requests, [])
+            with Tollgate({"egress": {"deny_addresses": ["10.0.0.0/8", "fe80::/10"]}}) as tg:
+                rc, out, err = curl("-i", f"http://localhost:{origin.port}/hello", proxy=tg.proxy)
+                self.assertEqual(parse_response(out)[0], 200, out)
+
+
 class ForwardProxyTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -49,6 +49,8 @@ class CliTest(unittest.TestCase):
         self.check_bad_config("listeners:\n  - {name: e, address: nowhere}\n", "2:24: listeners[0].address: expected HOST:PORT")
         self.check_bad_config(ok + "workers: [1]\n", "2:10: workers: expected a non-negative integer")
         self.check_bad_config(ok + "limits: {max_body_bytes: lots}\n", "2:26: limits.max_body_bytes: expected a size")
+        self.check_bad_config(ok + "egress: {deny_addresses: [10.0.0.0/33]}\n",
+                              "2:26: egress.deny_addresses: '10.0.0.0/33': expected an IPv4 or IPv6 address")
 
     def test_a_second_sidecar_on_a_taken_port_stops_instead_of_sharing_it(self):
         # The workers' sockets share their port (SO_REUSEPORT); a second process started on
