@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <limits>
 #include <random>
 
 #include "common/clock.h"
@@ -137,8 +138,18 @@ void Engine::quarantineNeighbours(const PolicySet& set, const std::string& agent
                                   std::chrono::milliseconds ttl, int64_t nowMs) {
   const AgentDef* def = set.findAgent(agent);
   if (!def) return;
+  int64_t until = nowMs + ttl.count();
   for (const auto& n : def->neighbours) {
-    quarantine_.emplace_back(n, nowMs + ttl.count());
+    // One entry per neighbour, its end moved on: an agent that keeps being halted must not
+    // grow the list every call scans (nor publish for every halt: once a second at most).
+    auto it = std::find_if(quarantine_.begin(), quarantine_.end(),
+                           [&](const auto& q) { return q.first == n; });
+    if (it != quarantine_.end()) {
+      if (until < it->second + 1000) continue;
+      it->second = until;
+    } else {
+      quarantine_.emplace_back(n, until);
+    }
     if (onQuarantine) onQuarantine(n, ttl);
   }
 }
@@ -287,7 +298,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
         any |= each;
         all &= each;
       }
-      holds = r.effect == Effect::kHalt ? any : all;
+      // An approve gates like a halt: one call of a batch that needs a human is enough.
+      holds = r.effect == Effect::kAllow ? all : any;
     }
     if (!error.empty()) {
       // A rule that cannot be evaluated halts, whatever its effect.
@@ -373,7 +385,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
                        call.tool()));
 
   // Rate limits of every matching allow: all are charged only when all have a token.
-  int retryAfterMs = 0;
+  int64_t retryAfterMs = 0;
   const Rule* limiting = nullptr;
   std::vector<Bucket*> charge;
   for (const Rule* r : allows) {
@@ -393,7 +405,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     b.tokens = std::min(rl.burst, b.tokens + static_cast<double>(now - b.lastMs) * perMs);
     b.lastMs = now;
     if (b.tokens < 1.0) {
-      int wait = static_cast<int>(std::ceil((1.0 - b.tokens) / perMs));
+      // In 64 bits: a period of days is billions of ms (an int wrapped, and allowed the call).
+      auto wait = static_cast<int64_t>(std::ceil((1.0 - b.tokens) / perMs));
       if (wait > retryAfterMs) {
         retryAfterMs = wait;
         limiting = r;
@@ -407,7 +420,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     d.verdict = Verdict::kThrottle;
     d.rule = limiting->id;
     d.reason = "rate limit of rule " + limiting->id + " exceeded";
-    d.retryAfterSeconds = std::max(1, (retryAfterMs + 999) / 1000);
+    d.retryAfterSeconds = static_cast<int>(
+        std::clamp<int64_t>((retryAfterMs + 999) / 1000, 1, std::numeric_limits<int>::max()));
     return finish(d);
   }
   for (auto* b : charge) b->tokens -= 1.0;
@@ -434,11 +448,20 @@ void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Out
     while (!times.empty() && (times.front() < now - 86'400'000 || times.size() > 10'000))
       times.pop_front();
   }
+  // Nothing of the upstream learnt: never sent (the agent left while it was decided, the
+  // audit failed, a denied address), or sent and the agent left before any answer. Such an
+  // outcome neither closes a breaker nor counts against it; a probe that said nothing
+  // leaves the half-open breaker to the next call.
+  bool neutral = !outcome.failed && (!outcome.sent || outcome.status == 0);
   std::string upstream = call.host() + ":" + std::to_string(call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
     auto& state = breakers_[upstream];
     noteDef(state, b);
+    if (neutral) {
+      state.probeSinceMs = 0;
+      break;
+    }
     if (outcome.failed) {
       ++state.consecutive;
       if (state.probeSinceMs != 0 || state.consecutive >= b.failures)

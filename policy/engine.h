@@ -57,6 +57,11 @@ class Engine {
   std::function<void(const std::string& glob, std::chrono::milliseconds ttl)> onQuarantine;
 
   std::vector<Approval> approvals() const;
+  // Quarantines in force or not yet swept (one per agent glob).
+  size_t quarantineEntries() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return quarantine_.size();
+  }
   // Every upstream a breaker has seen, by upstream.
   std::vector<BreakerView> breakers() const;
   // Returns false when there is no pending approval with this id.

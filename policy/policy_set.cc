@@ -121,8 +121,26 @@ bool pathGlobMatch(std::string_view pattern, std::string_view path) {
 }
 
 bool PolicySet::needsBody(std::string_view host) const {
+  // Whether a rule may match a call to `host`: by its host, or the hosts of the tools its
+  // tool glob names (a glob naming none, or a class or agent only: any host).
+  auto mayMatch = [&](const Rule& r) {
+    if (!r.match.host.empty()) return hostMatch(r.match.host, host);
+    if (r.match.tool.empty()) return true;
+    // A glob that also names this host's undeclared calls ("*", "host:*").
+    if (globMatch(r.match.tool, "host:" + std::string(host))) return true;
+    bool named = false;
+    for (const auto& t : tools_) {
+      if (!globMatch(r.match.tool, t.name)) continue;
+      named = true;
+      for (const auto& h : t.hosts)
+        if (hostMatch(h, host)) return true;
+    }
+    return !named;
+  };
   for (const auto& r : rules_) {
-    if (r.needsParams && (r.match.host.empty() || hostMatch(r.match.host, host))) return true;
+    // A rule reading params reads the body; so does an approval, which covers the call's
+    // exact body (its fingerprint): unread, any body would ride on one given for another.
+    if ((r.needsParams || r.effect == Effect::kApprove) && mayMatch(r)) return true;
   }
   for (const auto& t : tools_) {
     if (!t.mcpTools.empty()) {

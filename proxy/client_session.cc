@@ -296,7 +296,9 @@ void ClientSession::reportOutcome() {
   outcome.status = status_;
   outcome.sent = upstreamSentNs_ != 0;
   // A response the upstream cut short failed, whatever its status said.
-  outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0) ||
+  // Sent and unanswered counts as a failure when the upstream failed (upstreamError_); when
+  // the agent left first, it says nothing of the upstream.
+  outcome.failed = status_ >= 500 || (outcome.sent && status_ == 0 && !upstreamError_.empty()) ||
                    (responseStarted_ && !responseDone_ && !upstreamError_.empty());
   if (responseStarted_ && upstreamHeadNs_ != 0) {
     outcome.responseHeader = [this](std::string_view name) -> std::optional<std::string> {

@@ -1,0 +1,159 @@
+// Engine defects a review found (fifteenth session), each test failing without its fix: an
+// approval that did not bind the body, a batch hiding a call that needs a human behind one
+// that does not, quarantine entries piling up with every halt, breakers moved by outcomes
+// that say nothing of the upstream, and a rate limit of days that wrapped an int.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+
+#include "policy/engine.h"
+#include "policy/policy_decider.h"
+
+namespace tollgate {
+namespace {
+
+constexpr const char* kPolicy = R"(
+apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - {name: bank.transfer, match: {host: bank.internal, methods: [POST], paths: ["/transfer"]}, class: write}
+  - {name: kb.read, match: {host: kb.internal, methods: [GET]}, class: read}
+  - {name: mcp.pay, match: {host: mcp.internal, methods: [POST], paths: ["/mcp"], mcp_tools: ["pay"]}, class: write}
+  - {name: pay, match: {host: pay.internal, methods: [POST], paths: ["/pay"]}, class: write}
+agents:
+  - {id: "a-*", neighbours: ["b-*", "c-*"]}
+rules:
+  - {id: transfers-need-a-human, effect: approve, match: {tool: bank.transfer}}
+  - {id: reads, effect: allow, match: {tool: kb.read}, rate_limit: {requests: 1, per: 30d}}
+  - {id: payments, effect: allow, match: {tool: mcp.pay}}
+  - {id: big-payments-need-a-human, effect: approve, match: {tool: mcp.pay}, when: {params.amount: {gt: 1000}}}
+  - {id: ban, effect: halt, match: {agent: "a-bad"}, cascade: {quarantine: 1m}}
+  - {id: pay, effect: allow, match: {tool: pay}}
+breakers:
+  - {host: pay.internal, failures: 2, cooldown: 10s}
+)";
+
+std::shared_ptr<const PolicySet> policy() {
+  static auto set = PolicySet::parse(kPolicy, "review.yaml").value();
+  return set;
+}
+
+// `body` must outlive the CallInfo (which views it).
+CallInfo request(const char* agent, const char* method, const char* host, const char* path,
+                 const std::string& body = std::string()) {
+  CallInfo c;
+  c.agent = agent;
+  c.method = method;
+  c.scheme = "http";
+  c.host = host;
+  c.port = 80;
+  c.target = path;
+  c.contentType = "application/json";
+  c.bodyAvailable = !body.empty();
+  c.body = body;
+  return c;
+}
+
+std::string call(const char* name, const std::string& arguments, int id = 1) {
+  return R"({"jsonrpc":"2.0","id":)" + std::to_string(id) +
+         R"(,"method":"tools/call","params":{"name":")" + name + R"(","arguments":)" + arguments +
+         "}}";
+}
+
+// An approve rule with no params condition: the body must still be read, since the
+// approval's fingerprint covers it (unread, another body rode on the approval).
+TEST(EngineReview, AnApprovalBindsTheBodyEvenWithoutParamsConditions) {
+  EXPECT_TRUE(policy()->needsBody("bank.internal"));
+  EXPECT_FALSE(policy()->needsBody("kb.internal")) << "no approve rule or params reach it";
+  Engine engine;
+  const std::string approved = R"({"to":"A","amount":10})",
+                    changed = R"({"to":"B","amount":1000000})";
+  auto first = request("a-1", "POST", "bank.internal", "/transfer", approved);
+  auto d = engine.evaluate(*policy(), Extractor::extract(first, *policy()));
+  ASSERT_EQ(d.verdict, Verdict::kApprove) << d.rule << ": " << d.reason;
+  ASSERT_TRUE(engine.approve(d.approvalId, std::chrono::minutes(60)));
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(first, *policy())).verdict,
+            Verdict::kAllow);
+  auto other = request("a-1", "POST", "bank.internal", "/transfer", changed);
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(other, *policy())).verdict,
+            Verdict::kApprove);
+}
+
+// A conditioned approve gates a batch when any of its calls meets the condition, as a halt
+// does: [pay 5, pay 5000] needs a human as pay 5000 alone does.
+TEST(EngineReview, ABatchCannotHideACallThatNeedsAHuman) {
+  Engine engine;
+  const std::string big = call("pay", R"({"amount":5000})"), five = call("pay", R"({"amount":5})");
+  auto alone = request("a-1", "POST", "mcp.internal", "/mcp", big);
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(alone, *policy())).verdict,
+            Verdict::kApprove);
+  std::string batch =
+      "[" + call("pay", R"({"amount":5})", 1) + "," + call("pay", R"({"amount":5000})", 2) + "]";
+  auto hidden = request("a-1", "POST", "mcp.internal", "/mcp", batch);
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(hidden, *policy())).verdict,
+            Verdict::kApprove);
+  auto small = request("a-1", "POST", "mcp.internal", "/mcp", five);
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(small, *policy())).verdict,
+            Verdict::kAllow);
+}
+
+// Every halt of a cascading agent used to append one quarantine entry per neighbour (and
+// publish it): an agent retrying at 1k req/s grew the list every call scans to 600k.
+TEST(EngineReview, AHaltingAgentKeepsOneQuarantinePerNeighbour) {
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  int published = 0;
+  engine.onQuarantine = [&](const std::string&, std::chrono::milliseconds) { ++published; };
+  auto bad = request("a-bad", "GET", "kb.internal", "/");
+  for (int i = 0; i < 10'000; ++i) {
+    ASSERT_EQ(engine.evaluate(*policy(), Extractor::extract(bad, *policy())).rule, "ban");
+    now += 1;
+  }
+  EXPECT_LE(published, 2 * 11);  // two neighbours, once a second over these 10 s at most
+  EXPECT_EQ(engine.quarantineEntries(), 2u);
+  auto neighbour = request("b-1", "GET", "kb.internal", "/");
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(neighbour, *policy())).rule, "cascade");
+  now += 60'000;  // a minute after the last halt: the quarantine ends
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(neighbour, *policy())).rule, "reads");
+}
+
+// Outcomes that say nothing of the upstream (never sent; or sent and the agent left before
+// any answer) neither close a breaker nor count against it.
+TEST(EngineReview, AnOutcomeThatSaysNothingOfTheUpstreamMovesNoBreaker) {
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  const std::string one = R"({"amount":1})";
+  auto pay = request("a-1", "POST", "pay.internal", "/pay", one);
+  auto decideAndReport = [&](Outcome o) {
+    auto call = Extractor::extract(pay, *policy());
+    auto d = engine.evaluate(*policy(), call);
+    if (d.verdict == Verdict::kAllow) engine.recordOutcome(*policy(), call.value(), o);
+    return d;
+  };
+  decideAndReport(Outcome{502, true});
+  decideAndReport(Outcome{0, false, false});  // the agent left while it was connecting
+  decideAndReport(Outcome{0, false, true});   // sent; the agent left before the answer
+  decideAndReport(Outcome{502, true});        // the second failure in a row: open
+  EXPECT_EQ(decideAndReport(Outcome{200, false}).rule, "breaker");
+  now += 10'001;  // half-open: the probe's agent leaves before it is sent
+  EXPECT_EQ(decideAndReport(Outcome{0, false, false}).verdict, Verdict::kAllow);
+  EXPECT_EQ(decideAndReport(Outcome{502, true}).verdict, Verdict::kAllow);  // the real probe
+  EXPECT_EQ(decideAndReport(Outcome{200, false}).rule, "breaker");          // failed: open again
+}
+
+// requests: 1 per 30d: the wait of billions of ms wrapped an int negative and let every
+// call through.
+TEST(EngineReview, ARateLimitOfDaysThrottles) {
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  auto read = request("a-1", "GET", "kb.internal", "/doc");
+  EXPECT_EQ(engine.evaluate(*policy(), Extractor::extract(read, *policy())).verdict,
+            Verdict::kAllow);
+  now += 1000;
+  auto d = engine.evaluate(*policy(), Extractor::extract(read, *policy()));
+  EXPECT_EQ(d.verdict, Verdict::kThrottle);
+  EXPECT_GT(d.retryAfterSeconds, 29 * 86'400);
+}
+
+}  // namespace
+}  // namespace tollgate
