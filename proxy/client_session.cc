@@ -1663,6 +1663,7 @@ void ClientSession::closeAfterReply() {
   // Keep reading (and dropping) what the client still sends, so that closing does not
   // reset the connection before it has read the reply.
   clientBlocked_ = false;
+  lingerStartMs_ = uv_now(worker_.loop());
   clientTimer_->start(kLingerMs);
   updateReading();
 }
@@ -1816,7 +1817,19 @@ void ClientSession::onClientTimer() {
     badRequest(408, "request_timeout", "request body stalled for " + std::to_string(idle) + " ms");
     return;
   }
-  if (phase_ != Phase::kHead && phase_ != Phase::kLingering) return;
+  if (phase_ == Phase::kLingering) {
+    // The reply is written (or the agent stopped reading it for `idle`): closed now,
+    // whether or not the agent ever closes its end (it held a connection slot forever).
+    uint64_t since = uv_now(worker_.loop()) - lingerStartMs_;
+    if (client_->queued() > 0 &&
+        since < static_cast<uint64_t>(worker_.config().timeouts.idle.count())) {
+      clientTimer_->start(kLingerMs);
+      return;
+    }
+    close();
+    return;
+  }
+  if (phase_ != Phase::kHead) return;
   if (headReady_) return;
   if (phase_ == Phase::kHead && request_.messageInProgress()) {
     badRequest(408, "request_timeout",

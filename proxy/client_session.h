@@ -205,6 +205,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool interim_ = false;
   bool noResponseBody_ = false;
   bool tunnelClientEof_ = false, tunnelUpstreamEof_ = false;
+  uint64_t lingerStartMs_ = 0;                            // when closeAfterReply() began the linger
   bool clientBlocked_ = false, upstreamBlocked_ = false;  // backpressure
   bool sawBytes_ = false;
   bool firstRequest_ = true;

@@ -171,5 +171,26 @@ class LimitsTest(unittest.TestCase):
             c.close()
 
 
+class LingerTest(unittest.TestCase):
+    def test_a_connection_ended_after_its_reply_is_closed_though_the_agent_keeps_it(self):
+        # A request with Connection: close is answered and the write side shut; an agent that
+        # reads the reply but never closes its socket used to hold the connection (and its
+        # max_connections slot) until it did: the linger now ends it.
+        with HttpOrigin() as origin, Tollgate(listener={"max_connections": 1}) as tg:
+            target = b"http://127.0.0.1:%d/hello" % origin.port
+            first = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
+            first.sendall(b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            while not data.endswith(b"hello"):
+                part = first.recv(4096)
+                self.assertTrue(part, data)
+                data += part
+            self.assertEqual(first.recv(4096), b"")  # the proxy's FIN
+            # The agent keeps its socket open. After the linger, the slot is free again.
+            time.sleep(3)
+            status, _, body = parse_response(raw_exchange(tg.proxy_port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")[0])
+            self.assertEqual((status, body), (200, b"hello"))
+            first.close()
+
 if __name__ == "__main__":
     unittest.main()
