@@ -1121,6 +1121,8 @@ void ClientSession::startTunnel() {
   phase_ = Phase::kTunnel;
   status_ = 200;
   upstreamSentNs_ = uv_hrtime();
+  lastClientReadMs_ = lastUpstreamReadMs_ = uv_now(worker_.loop());
+  clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.tunnelIdle.count()));
   if (!blindTls_) {
     client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
     flushClient();
@@ -1224,6 +1226,7 @@ void ClientSession::beginInterceptTls(const std::string& host, uint16_t port,
 
 void ClientSession::readUpstream(std::string_view data) {
   if (phase_ == Phase::kTunnel) {
+    lastUpstreamReadMs_ = uv_now(worker_.loop());
     client_->append(data);
     flushClient();
     return;
@@ -1245,6 +1248,8 @@ void ClientSession::readUpstream(std::string_view data) {
       // 101: from here on both connections carry the upgraded protocol.
       upstreamTimer_->stop();
       phase_ = Phase::kTunnel;
+      lastClientReadMs_ = lastUpstreamReadMs_ = uv_now(worker_.loop());
+      clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.tunnelIdle.count()));
       client_->append(data.substr(out.consumed));
       flushClient();
       if (closed_) return;
@@ -1391,10 +1396,14 @@ void ClientSession::onReadEnd(TcpStream& stream, int status) {
       case Phase::kTunnel:
         tunnelClientEof_ = true;
         if (upstream_) upstream_->shutdown();
-        if (tunnelUpstreamEof_ || status != UV_EOF) close();
+        if (status != UV_EOF)
+          close();
+        else if (tunnelUpstreamEof_)
+          closeAfterDrain();
         return;
       case Phase::kLingering:
-        close();
+        clientEof_ = true;
+        closeAfterDrain();  // the reply still queued goes out first
         return;
       case Phase::kBuffering:
       case Phase::kDeciding:
@@ -1402,6 +1411,7 @@ void ClientSession::onReadEnd(TcpStream& stream, int status) {
       case Phase::kForwarding:
         // A client that half-closes after a complete request still gets its response.
         if (status == UV_EOF && requestDone_) {
+          clientEof_ = true;
           closeAfterResponse_ = true;
           return;
         }
@@ -1417,7 +1427,13 @@ void ClientSession::onReadEnd(TcpStream& stream, int status) {
   if (phase_ == Phase::kTunnel) {
     tunnelUpstreamEof_ = true;
     client_->shutdown();
-    if (tunnelClientEof_ || status != UV_EOF) close();
+    if (status != UV_EOF) {
+      if (upstreamError_.empty())
+        upstreamError_ = std::string("the upstream ended the tunnel (") + uv_err_name(status) + ")";
+      close();
+    } else if (tunnelClientEof_) {
+      closeAfterDrain();
+    }
     return;
   }
   if (phase_ != Phase::kForwarding) return;
@@ -1664,6 +1680,10 @@ void ClientSession::closeAfterReply() {
   // reset the connection before it has read the reply.
   clientBlocked_ = false;
   lingerStartMs_ = uv_now(worker_.loop());
+  if (clientEof_) {
+    closeAfterDrain();  // nothing more comes from the agent: closed once the reply is out
+    return;
+  }
   clientTimer_->start(kLingerMs);
   updateReading();
 }
@@ -1738,6 +1758,29 @@ void ClientSession::onDrained(TcpStream& stream) {
     upstreamBlocked_ = false;
   else if (&stream == upstream_.get())
     clientBlocked_ = false;
+  if (closeWhenDrained_) {
+    closeAfterDrain();
+    return;
+  }
+  updateReading();
+}
+
+void ClientSession::closeAfterDrain() {
+  if (closed_) return;
+  bool queued = client_->queued() > 0 || (upstream_ && upstream_->queued() > 0);
+  if (!queued) {
+    close();
+    return;
+  }
+  // onDrained() comes back when a queue empties (asked of those with bytes queued only: an
+  // empty one answers at once); the client timer bounds the wait (idle).
+  bool first = !closeWhenDrained_;
+  closeWhenDrained_ = true;
+  if (client_->queued() > 0) client_->wantDrain(0);
+  if (upstream_ && upstream_->queued() > 0) upstream_->wantDrain(0);
+  if (!first) return;
+  if (!lingerStartMs_) lingerStartMs_ = uv_now(worker_.loop());
+  clientTimer_->start(kLingerMs);
   updateReading();
 }
 
@@ -1776,15 +1819,17 @@ void ClientSession::updateReading() {
       wantClient = true;
       break;
   }
-  wantClient = wantClient && !clientBlocked_;
+  // After the agent's FIN there is nothing to read (a read would only report it again).
+  wantClient = wantClient && !clientBlocked_ && !clientEof_ && !closeWhenDrained_;
   if (wantClient) {
     if (client_->readStart() != 0) close();
   } else {
     client_->readStop();
   }
   if (closed_ || !upstream_) return;
-  bool wantUpstream = !upstreamBlocked_ && (phase_ == Phase::kForwarding ||
-                                            (phase_ == Phase::kTunnel && !tunnelUpstreamEof_));
+  bool wantUpstream =
+      !upstreamBlocked_ && !closeWhenDrained_ &&
+      (phase_ == Phase::kForwarding || (phase_ == Phase::kTunnel && !tunnelUpstreamEof_));
   if (wantUpstream) {
     if (upstream_->readStart() != 0) close();
   } else {
@@ -1815,6 +1860,28 @@ void ClientSession::onClientTimer() {
       return;
     }
     badRequest(408, "request_timeout", "request body stalled for " + std::to_string(idle) + " ms");
+    return;
+  }
+  if (closeWhenDrained_) {
+    uint64_t since = uv_now(worker_.loop()) - lingerStartMs_;
+    if (since < static_cast<uint64_t>(worker_.config().timeouts.idle.count())) {
+      clientTimer_->start(kLingerMs);
+      return;
+    }
+    close();  // the peer stopped reading what is left for it
+    return;
+  }
+  if (phase_ == Phase::kTunnel) {
+    // Bytes either way keep a tunnel (CONNECT, WebSocket) open; none for tunnel_idle end it.
+    uint64_t last = std::max(lastClientReadMs_, lastUpstreamReadMs_);
+    uint64_t idle = uv_now(worker_.loop()) - last;
+    auto limit = static_cast<uint64_t>(worker_.config().timeouts.tunnelIdle.count());
+    if (idle < limit) {
+      clientTimer_->start(limit - idle);
+      return;
+    }
+    upstreamError_ = "the tunnel was idle for " + std::to_string(idle) + " ms (tunnel_idle)";
+    close();
     return;
   }
   if (phase_ == Phase::kLingering) {

@@ -205,6 +205,11 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool interim_ = false;
   bool noResponseBody_ = false;
   bool tunnelClientEof_ = false, tunnelUpstreamEof_ = false;
+  // Both ends of a tunnel ended, or the agent half-closed after its request: what is still
+  // queued goes out before the close (closing cancels it).
+  bool closeWhenDrained_ = false;
+  bool clientEof_ = false;  // the agent sent its FIN
+  void closeAfterDrain();
   uint64_t lingerStartMs_ = 0;                            // when closeAfterReply() began the linger
   bool clientBlocked_ = false, upstreamBlocked_ = false;  // backpressure
   bool sawBytes_ = false;

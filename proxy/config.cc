@@ -445,6 +445,7 @@ Config read(const YAML::Node& root, const Reader& r) {
               {"upstream_connect", &c.timeouts.upstreamConnect},
               {"upstream_response", &c.timeouts.upstreamResponse},
               {"upstream_idle", &c.timeouts.upstreamIdle},
+              {"tunnel_idle", &c.timeouts.tunnelIdle},
               {"dns_cache", &c.timeouts.dnsCache},
               {"shutdown", &c.timeouts.shutdown}};
           std::set<std::string> known;

@@ -87,6 +87,7 @@ struct TimeoutsConfig {
   Millis upstreamResponse{30'000};
   Millis upstreamIdle{30'000};
   Millis dnsCache{5'000};
+  Millis tunnelIdle{3'600'000};  // a tunnel (CONNECT, WebSocket) with no byte either way
   Millis shutdown{10'000};
 };
 

@@ -6,8 +6,8 @@ import threading
 import time
 import unittest
 
-from tollgate_harness import (Tollgate, TlsOrigin, UpgradeEchoOrigin, curl, parse_response, raw_exchange,
-                              recv_until)
+from tollgate_harness import (HttpOrigin, Tollgate, TlsOrigin, UpgradeEchoOrigin, curl, parse_response, pattern,
+                              raw_exchange, recv_until)
 
 
 class TunnelTest(unittest.TestCase):
@@ -104,6 +104,115 @@ class TunnelTest(unittest.TestCase):
                                   b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", read_until_close=False)
             self.assertEqual(parse_response(out)[0], 403)
 
+
+class _ByteServer:
+    """A plain TCP origin: reads until the client's FIN, then sends `size` pattern bytes and
+    closes (a CONNECT tunnel's far end); or, with idle=True, accepts and says nothing."""
+
+    def __init__(self, size=0, idle=False):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.size, self.idle, self.sent = size, idle, 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(20)
+            try:
+                if self.idle:
+                    conn.recv(1)  # until the proxy closes the tunnel
+                    return
+                while conn.recv(65536):
+                    pass
+                block = pattern(65536, seed=7)
+                while self.sent < self.size:
+                    conn.sendall(block)
+                    self.sent += len(block)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+class TunnelEndTest(unittest.TestCase):
+    """The end of a connection while the proxy still holds bytes for the agent: more than
+    the kernel's buffers take (8 MiB, queued up to a 16 MiB write_watermark while the agent
+    does not read). They reach the agent before the close; closing at once cancelled them,
+    and the agent saw a clean end after about 4 MiB."""
+
+    SIZE = 8 << 20
+    CONFIG = {"limits": {"write_watermark": "16m"}}
+
+    def connect(self, tg, port):
+        s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port))
+        head = recv_until(s, b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        return s
+
+    @staticmethod
+    def read_all_later(s):
+        time.sleep(0.5)  # the agent reads nothing until both ends have sent their FIN
+        data = []
+        while True:
+            part = s.recv(65536)
+            if not part:
+                break
+            data.append(part)
+        s.close()
+        return b"".join(data)
+
+    def test_the_end_of_a_tunnel_delivers_what_is_still_queued(self):
+        origin = _ByteServer(self.SIZE)
+        try:
+            with Tollgate(self.CONFIG) as tg:
+                s = self.connect(tg, origin.port)
+                s.sendall(b"x")
+                s.shutdown(socket.SHUT_WR)
+                self.assertEqual(len(self.read_all_later(s)), self.SIZE)
+        finally:
+            origin.close()
+
+    def test_an_agent_that_half_closes_after_its_request_gets_the_whole_response(self):
+        with HttpOrigin() as origin, Tollgate(self.CONFIG) as tg:
+            s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.sendall(b"GET http://127.0.0.1:%d/stream?bytes=%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                      % (origin.port, self.SIZE, origin.port))
+            s.shutdown(socket.SHUT_WR)
+            head, _, body = self.read_all_later(s).partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head[:200])
+            plain, rest = [], body  # de-chunk
+            while True:
+                line, _, rest = rest.partition(b"\r\n")
+                n = int(line, 16)
+                if n == 0:
+                    break
+                plain.append(rest[:n])
+                rest = rest[n + 2:]
+            self.assertEqual(len(b"".join(plain)), self.SIZE)
+
+    def test_an_idle_tunnel_ends_at_tunnel_idle(self):
+        origin = _ByteServer(idle=True)
+        try:
+            with Tollgate({"timeouts": {"tunnel_idle": "1s"}}) as tg:
+                s = self.connect(tg, origin.port)
+                start = time.monotonic()
+                self.assertEqual(s.recv(4096), b"")  # closed by the proxy
+                self.assertLess(time.monotonic() - start, 5)
+                self.assertGreater(time.monotonic() - start, 0.9)
+                s.close()
+        finally:
+            origin.close()
 
 if __name__ == "__main__":
     unittest.main()
