@@ -1482,7 +1482,9 @@ void ClientSession::upstreamFailed(int status, std::string_view error, std::stri
   upstreamTimer_->stop();
   if (upstreamError_.empty()) upstreamError_ = reason;
   upstream_.reset();
-  if (responseStarted_) {
+  // Inside a tunnel, or before a blind TLS relay, the agent speaks another protocol: an
+  // HTTP reply there would be read as its bytes. The outcome record keeps the reason.
+  if (responseStarted_ || phase_ == Phase::kTunnel || blindTls_) {
     close();
     return;
   }
