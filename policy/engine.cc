@@ -182,6 +182,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     return d;
   };
 
+  if (now - sweptMs_ >= 60'000) sweep(now);
   // Cascade quarantine.
   quarantine_.erase(std::remove_if(quarantine_.begin(), quarantine_.end(),
                                    [&](auto& q) { return q.second <= now; }),
@@ -404,6 +405,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     }
     b.tokens = std::min(rl.burst, b.tokens + static_cast<double>(now - b.lastMs) * perMs);
     b.lastMs = now;
+    // Full again after (burst - tokens) / perMs (one token, the charge to come, counted).
+    b.fullMs = now + static_cast<int64_t>(std::ceil((rl.burst - b.tokens + 1.0) / perMs));
     if (b.tokens < 1.0) {
       // In 64 bits: a period of days is billions of ms (an int wrapped, and allowed the call).
       auto wait = static_cast<int64_t>(std::ceil((1.0 - b.tokens) / perMs));
@@ -473,6 +476,20 @@ void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Out
     state.probeSinceMs = 0;
     break;
   }
+}
+
+void Engine::sweep(int64_t nowMs) {
+  sweptMs_ = nowMs;
+  constexpr int64_t kKeep = 3'600'000;  // answered or void approvals stay listed an hour
+  std::erase_if(approvals_, [&](const auto& entry) {
+    const Approval& a = entry.second;
+    int64_t end = a.state == "approved" ? a.leaseUntilMs : a.expiresMs;
+    return end + kKeep < nowMs;
+  });
+  std::erase_if(buckets_, [&](const auto& entry) { return entry.second.fullMs <= nowMs; });
+  std::erase_if(failures_, [&](const auto& entry) {
+    return entry.second.empty() || entry.second.back() < nowMs - 86'400'000;
+  });
 }
 
 void Engine::noteDef(Breaker& state, const BreakerDef& def) {

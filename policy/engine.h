@@ -75,6 +75,7 @@ class Engine {
   struct Bucket {
     double tokens = 0;
     int64_t lastMs = 0;
+    int64_t fullMs = 0;  // when it will be full again: a full bucket is forgotten
   };
   struct Breaker {
     int consecutive = 0;
@@ -100,6 +101,10 @@ class Engine {
                      int64_t nowMs) const;
   void quarantineNeighbours(const PolicySet& set, const std::string& agent,
                             std::chrono::milliseconds ttl, int64_t nowMs);
+  // Once a minute (under mutex_): forgets what agent-chosen keys left behind and no longer
+  // counts (approvals an hour past their end, full buckets, failures older than a day).
+  void sweep(int64_t nowMs);
+  int64_t sweptMs_ = 0;
 
   Clock clock_;
   mutable std::mutex mutex_;

@@ -155,5 +155,26 @@ TEST(EngineReview, ARateLimitOfDaysThrottles) {
   EXPECT_GT(d.retryAfterSeconds, 29 * 86'400);
 }
 
+// State keyed by what agents choose is forgotten once it no longer counts: each new
+// fingerprint (a query string, say) made an approval that was never removed, and every
+// approve evaluation scanned them all.
+TEST(EngineReview, ApprovalsAreForgottenAnHourAfterTheyEnd) {
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  const std::string body = R"({"amount":1})";
+  std::vector<std::string> paths;
+  for (int i = 0; i < 500; ++i) paths.push_back("/transfer?n=" + std::to_string(i));
+  for (const auto& p : paths) {
+    auto c = request("a-1", "POST", "bank.internal", p.c_str(), body);
+    ASSERT_EQ(engine.evaluate(*policy(), Extractor::extract(c, *policy())).verdict,
+              Verdict::kApprove);
+  }
+  EXPECT_EQ(engine.approvals().size(), 500u);
+  now += 15 * 60'000 + 3'600'000 + 60'001;  // void after 15 min, listed an hour more
+  auto read = request("a-1", "GET", "kb.internal", "/");
+  engine.evaluate(*policy(), Extractor::extract(read, *policy()));
+  EXPECT_EQ(engine.approvals().size(), 0u);
+}
+
 }  // namespace
 }  // namespace tollgate
