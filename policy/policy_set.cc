@@ -122,10 +122,18 @@ bool pathGlobMatch(std::string_view pattern, std::string_view path) {
 
 bool PolicySet::needsBody(std::string_view host) const {
   // Whether a rule may match a call to `host`: by its host, or the hosts of the tools its
-  // tool glob names (a glob naming none, or a class or agent only: any host).
+  // tool glob names (a glob naming none: any host). A rule naming neither matches declared
+  // tools only (of its class, when it names one): their hosts.
   auto mayMatch = [&](const Rule& r) {
     if (!r.match.host.empty()) return hostMatch(r.match.host, host);
-    if (r.match.tool.empty()) return true;
+    if (r.match.tool.empty()) {
+      for (const auto& t : tools_) {
+        if (r.match.actionClass && t.actionClass != *r.match.actionClass) continue;
+        for (const auto& h : t.hosts)
+          if (hostMatch(h, host)) return true;
+      }
+      return false;
+    }
     // A glob that also names this host's undeclared calls ("*", "host:*").
     if (globMatch(r.match.tool, "host:" + std::string(host))) return true;
     bool named = false;

@@ -79,6 +79,27 @@ TEST(EngineReview, AnApprovalBindsTheBodyEvenWithoutParamsConditions) {
             Verdict::kApprove);
 }
 
+// A rule naming neither a tool nor a host matches declared tools only: the body is read on
+// the hosts of the tools it can match (of its class), not on every host.
+TEST(EngineReview, AClassOnlyApproveReadsBodiesOnItsToolsHostsOnly) {
+  auto set = PolicySet::parse(R"(
+apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - {name: tickets.delete, match: {host: tickets.internal, methods: [DELETE]}, class: delete}
+  - {name: kb.read, match: {host: kb.internal, methods: [GET]}, class: read}
+rules:
+  - {id: deletes-need-a-human, effect: approve, match: {class: delete, agent: "support-*"}}
+  - {id: reads, effect: allow, match: {class: read}}
+  - {id: anything, effect: allow, match: {host: "*"}}
+)",
+                              "class.yaml")
+                 .value();
+  EXPECT_TRUE(set->needsBody("tickets.internal"));
+  EXPECT_FALSE(set->needsBody("kb.internal"));
+  EXPECT_FALSE(set->needsBody("127.0.0.1"));
+}
+
 // A conditioned approve gates a batch when any of its calls meets the condition, as a halt
 // does: [pay 5, pay 5000] needs a human as pay 5000 alone does.
 TEST(EngineReview, ABatchCannotHideACallThatNeedsAHuman) {
