@@ -3,12 +3,20 @@
 #include <algorithm>
 #include <cctype>
 
+#include "policy/tool_call.h"
+
 namespace tollgate {
 namespace {
 
+// A pattern as hosts are compared: lower case, no trailing dot, an IP literal in its
+// canonical form (the one a call's host is brought to).
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   if (!s.empty() && s.back() == '.') s.pop_back();
+  if (s.find(':') != std::string::npos ||
+      (!s.empty() && std::isdigit(static_cast<unsigned char>(s[0])))) {
+    if (auto canonical = Extractor::canonicalHost(s)) return canonical.value();
+  }
   return s;
 }
 
@@ -44,17 +52,28 @@ bool HostListDecider::matches(std::string_view pattern, std::string_view host) {
 
 Decision HostListDecider::decideNow(const CallInfo& call) const {
   Decision d;
-  d.tool = std::string(call.host);
+  // Compared in canonical form, as a policy compares it: 2130706433, 0x7f000001, 127.1,
+  // 0177.0.0.1 and ::ffff:127.0.0.1 are all 127.0.0.1 (and reach it), and must meet its deny.
+  auto canonical = Extractor::canonicalHost(call.host);
+  if (!canonical) {
+    d.tool = std::string(call.host);
+    d.verdict = Verdict::kHalt;
+    d.rule = "extract";
+    d.reason = "the call cannot be read safely: " + canonical.error().message;
+    return d;
+  }
+  const std::string& host = canonical.value();
+  d.tool = host;
   for (const auto& p : deny_) {
-    if (matches(p, call.host)) {
+    if (matches(p, host)) {
       d.verdict = Verdict::kHalt;
       d.rule = "hosts.deny";
-      d.reason = "host " + std::string(call.host) + " is on the deny list";
+      d.reason = "host " + host + " is on the deny list";
       return d;
     }
   }
   for (const auto& p : allow_) {
-    if (matches(p, call.host)) {
+    if (matches(p, host)) {
       d.verdict = Verdict::kAllow;
       d.rule = "hosts.allow";
       return d;
@@ -62,7 +81,7 @@ Decision HostListDecider::decideNow(const CallInfo& call) const {
   }
   d.verdict = Verdict::kHalt;
   d.rule = "hosts.default-deny";
-  d.reason = "host " + std::string(call.host) + " is not on the allow list";
+  d.reason = "host " + host + " is not on the allow list";
   return d;
 }
 

@@ -42,6 +42,22 @@ class DenyAddressesTest(unittest.TestCase):
                 self.assertEqual(parse_response(out)[0], 200, out)
 
 
+class HostListSpellingTest(unittest.TestCase):
+    def test_a_denied_address_is_denied_in_every_spelling(self):
+        # hosts: {allow: ["*"], deny: [127.0.0.1]}: each of these reaches 127.0.0.1, and each
+        # used to pass the deny list (curl normalises some of them; a raw client does not).
+        with HttpOrigin() as origin, Tollgate({"hosts": {"allow": ["*"], "deny": ["127.0.0.1"]}}) as tg:
+            for host in (b"127.0.0.1", b"2130706433", b"0x7f000001", b"127.1", b"0177.0.0.1",
+                         b"[::ffff:127.0.0.1]"):
+                with self.subTest(host=host):
+                    out, _ = raw_exchange(tg.proxy_port, b"GET http://%s:%d/hello HTTP/1.1\r\nHost: %s:%d\r\n"
+                                          b"Connection: close\r\n\r\n" % (host, origin.port, host, origin.port))
+                    status, _, body = parse_response(out)
+                    self.assertEqual(status, 403, out)
+                    self.assertEqual(json.loads(body)["rule"], "hosts.deny")
+            self.assertEqual(origin.requests, [])
+
+
 class ForwardProxyTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

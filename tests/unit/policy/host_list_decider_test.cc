@@ -22,6 +22,19 @@ TEST(HostListDecider, DenyWinsOverAllow) {
   EXPECT_EQ(d.decideNow(call("good.example")).verdict, Verdict::kAllow);
 }
 
+// Every spelling of an address reaches it: a deny of it holds for all of them (each used to
+// pass a deny of 127.0.0.1 with allow: ["*"]).
+TEST(HostListDecider, AnAddressIsDeniedInEverySpelling) {
+  HostListDecider d({"*"}, {"127.0.0.1", "2001:DB8:0::1"});
+  for (const char* host : {"127.0.0.1", "2130706433", "0x7f000001", "127.1", "0177.0.0.1",
+                           "::ffff:127.0.0.1", "2001:db8::1", "2001:0db8:0:0::1"}) {
+    auto r = d.decideNow(call(host));
+    EXPECT_EQ(r.rule, "hosts.deny") << host << ": " << r.reason;
+  }
+  EXPECT_EQ(d.decideNow(call("127.0.0.2")).verdict, Verdict::kAllow);
+  EXPECT_EQ(d.decideNow(call("bad host")).rule, "extract");
+}
+
 TEST(HostListDecider, DefaultDeny) {
   HostListDecider d({"notes.local"}, {});
   EXPECT_EQ(d.decideNow(call("notes.local")).verdict, Verdict::kAllow);
