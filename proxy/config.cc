@@ -1,6 +1,7 @@
 #include "proxy/config.h"
 
 #include "policy/redis_client.h"
+#include "policy/tool_call.h"
 
 #include "proxy/http_message.h"
 #include "proxy/resolver.h"
@@ -125,12 +126,19 @@ class Reader {
 // IPv6 literal without brackets, "*." allowed in front of a name. Empty when it is none.
 std::string configHost(std::string host) {
   for (auto& ch : host) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  // An IP literal in its canonical form (IPv6 compressed, ::ffff:a.b.c.d as a.b.c.d), the
+  // form a call's host is compared in.
   if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
     sockaddr_storage ss;
-    return Resolver::parseLiteral(host, ss) && ss.ss_family == AF_INET6 ? host : std::string();
+    if (!Resolver::parseLiteral(host, ss) || ss.ss_family != AF_INET6) return {};
+    auto canonical = Extractor::canonicalHost(host);
+    return canonical ? canonical.value() : host;
   }
-  if (sockaddr_storage ss; Resolver::parseLiteral(host, ss)) return host;
+  if (sockaddr_storage ss; Resolver::parseLiteral(host, ss)) {
+    auto canonical = Extractor::canonicalHost(host);
+    return canonical ? canonical.value() : host;
+  }
   if (host.ends_with('.')) host.pop_back();
   auto name = std::string_view(host).substr(host.starts_with("*.") ? 2 : 0);
   if (name.empty() || name.starts_with('.') || name.ends_with('.') ||

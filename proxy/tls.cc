@@ -7,6 +7,7 @@
 
 #include "certs/openssl_error.h"
 #include "common/log.h"
+#include "policy/tool_call.h"
 #include "proxy/resolver.h"
 
 namespace tollgate {
@@ -259,7 +260,10 @@ Status TlsContexts::prepareUpstream(SSL* ssl, const std::string& host, uint16_t 
   return Status::success();
 }
 
-bool hostMatches(const std::vector<std::string>& patterns, std::string_view host) {
+bool hostMatches(const std::vector<std::string>& patterns, std::string_view given) {
+  // In canonical form, as the entries are (configHost()): [2001:db8:0::1] is 2001:db8::1.
+  auto canonical = Extractor::canonicalHost(given);
+  std::string_view host = canonical ? std::string_view(canonical.value()) : given;
   for (const auto& p : patterns) {
     if (p.starts_with("*.")) {
       auto domain = std::string_view(p).substr(1);  // ".domain"

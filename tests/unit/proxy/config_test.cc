@@ -102,7 +102,7 @@ listeners:
 TEST(Config, HostsAreKeptAsTargetsAreCompared) {
   auto c = parseConfig(R"(
 listeners:
-  - {name: f, address: "127.0.0.1:0", passthrough: [Bank.Example., "*.pay.example", "[::1]", "::2", 10.0.0.1]}
+  - {name: f, address: "127.0.0.1:0", passthrough: [Bank.Example., "*.pay.example", "[::1]", "::2", 10.0.0.1, "[2001:DB8:0::1]", "::ffff:10.0.0.2"]}
   - name: r
     kind: reverse
     address: "127.0.0.1:0"
@@ -111,7 +111,8 @@ listeners:
                        "t.yaml");
   ASSERT_TRUE(c) << c.error().message;
   EXPECT_EQ(c->listeners[0].passthrough,
-            (std::vector<std::string>{"bank.example", "*.pay.example", "::1", "::2", "10.0.0.1"}));
+            (std::vector<std::string>{"bank.example", "*.pay.example", "::1", "::2", "10.0.0.1",
+                                      "2001:db8::1", "10.0.0.2"}));
   EXPECT_EQ(c->listeners[1].routes[0].host, "tickets.test");
   EXPECT_EQ(c->listeners[1].routes[1].host, "*");
 }
