@@ -385,6 +385,16 @@ bool hasTornBlock(std::string_view line, uint64_t at) {
   return false;
 }
 
+Result<std::string> readRange(const std::string& path, uint64_t from, uint64_t to) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Error{-errno, sysError("open " + path)};
+  std::string text(static_cast<size_t>(to - from), '\0');
+  ssize_t got = ::pread(fd, text.data(), text.size(), static_cast<off_t>(from));
+  ::close(fd);
+  if (got != static_cast<ssize_t>(text.size())) return Error{-1, "cannot read " + path};
+  return text;
+}
+
 Result<uint64_t> findTornBatch(const std::string& path, uint64_t size, uint64_t failed) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Error{-errno, sysError("open " + path)};
@@ -416,25 +426,11 @@ Result<uint64_t> findTornBatch(const std::string& path, uint64_t size, uint64_t 
   for (int k : {1, 0}) {
     uint64_t from = begins[k], to = k == 1 ? ends : begins[1] - 1;
     if (from == std::string::npos || begins[1] == std::string::npos || to <= from) continue;
-    int rfd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (rfd < 0) return Error{-errno, sysError("open " + path)};
-    std::string text(static_cast<size_t>(to - from), '\0');
-    ssize_t got = ::pread(rfd, text.data(), text.size(), static_cast<off_t>(from));
-    ::close(rfd);
-    if (got != static_cast<ssize_t>(text.size())) return Error{-1, "cannot read " + path};
-    if (hasTornBlock(text, from)) return from;
+    auto text = readRange(path, from, to);
+    if (!text) return text.error();
+    if (hasTornBlock(text.value(), from)) return from;
   }
   return std::string::npos;
-}
-
-Result<std::string> readRange(const std::string& path, uint64_t from, uint64_t to) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Error{-errno, sysError("open " + path)};
-  std::string text(static_cast<size_t>(to - from), '\0');
-  ssize_t got = ::pread(fd, text.data(), text.size(), static_cast<off_t>(from));
-  ::close(fd);
-  if (got != static_cast<ssize_t>(text.size())) return Error{-1, "cannot read " + path};
-  return text;
 }
 
 }  // namespace

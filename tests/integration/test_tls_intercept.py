@@ -266,6 +266,13 @@ class TlsInterceptTest(unittest.TestCase):
 
 
 class TlsConfigTest(unittest.TestCase):
+    def init_ca(self, d, *args):
+        """A local CA in d/ca made by `tollgate certs init` with args; its directory."""
+        ca_dir = os.path.join(d, "ca")
+        r = subprocess.run([BIN, "certs", "init", ca_dir, *args], capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return ca_dir
+
     def test_intercept_without_a_ca_stops_startup_with_the_key_and_the_fix(self):
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
@@ -288,9 +295,7 @@ class TlsConfigTest(unittest.TestCase):
         its own CA is refused wherever the trust came from."""
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
-            ca_dir = os.path.join(d, "ca")
-            r = subprocess.run([BIN, "certs", "init", ca_dir], capture_output=True, text=True, timeout=30)
-            self.assertEqual(r.returncode, 0, r.stderr)
+            ca_dir = self.init_ca(d)
             ca = os.path.join(ca_dir, "ca.crt")
             key = os.path.join(d, "leaf.key")
             r = subprocess.run([BIN, "certs", "mint", ca_dir, "localhost", "--key-out", key],
@@ -327,10 +332,7 @@ class TlsConfigTest(unittest.TestCase):
         # the handshake fails, and the attempt is still in the audit stream.
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
-            ca_dir = os.path.join(d, "ca")
-            r = subprocess.run([BIN, "certs", "init", ca_dir, "--permit", "example.com"],
-                               capture_output=True, text=True, timeout=30)
-            self.assertEqual(r.returncode, 0, r.stderr)
+            ca_dir = self.init_ca(d, "--permit", "example.com")
             with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
                 r = subprocess.run(["openssl", "s_client", "-quiet", "-proxy", f"127.0.0.1:{tg.proxy_port}",
                                     "-connect", "api.example.com:443", "-servername", "evil.other",
@@ -352,9 +354,7 @@ class TlsConfigTest(unittest.TestCase):
     def test_a_ca_key_others_can_read_is_warned_about(self):
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
-            ca_dir = os.path.join(d, "ca")
-            r = subprocess.run([BIN, "certs", "init", ca_dir], capture_output=True, text=True, timeout=30)
-            self.assertEqual(r.returncode, 0, r.stderr)
+            ca_dir = self.init_ca(d)
             warning = "the local CA's private key is readable by others than its owner"
             with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
                 self.assertFalse(any(l.get("msg") == warning for l in tg.logs()))
@@ -369,10 +369,7 @@ class TlsConfigTest(unittest.TestCase):
     def test_a_host_the_ca_may_not_sign_for_is_refused_before_any_tls(self):
         d = tempfile.mkdtemp(prefix="tollgate-tls-")
         try:
-            ca_dir = os.path.join(d, "ca")
-            r = subprocess.run([BIN, "certs", "init", ca_dir, "--permit", "example.com"],
-                               capture_output=True, text=True, timeout=30)
-            self.assertEqual(r.returncode, 0, r.stderr)
+            ca_dir = self.init_ca(d, "--permit", "example.com")
             with Tollgate({"tls": {"ca_dir": ca_dir}}, listener={"intercept_tls": True}) as tg:
                 out, _ = raw_exchange(tg.proxy_port, b"CONNECT localhost:9 HTTP/1.1\r\nHost: localhost:9\r\n\r\n")
                 status, headers, body = parse_response(out)
