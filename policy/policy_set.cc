@@ -121,42 +121,13 @@ bool pathGlobMatch(std::string_view pattern, std::string_view path) {
 }
 
 bool PolicySet::needsBody(std::string_view host) const {
-  // Whether a rule may match a call to `host`: by its host, or the hosts of the tools its
-  // tool glob names (a glob naming none: any host). A rule naming neither matches declared
-  // tools only (of its class, when it names one): their hosts.
-  auto mayMatch = [&](const Rule& r) {
-    if (!r.match.host.empty()) return hostMatch(r.match.host, host);
-    if (r.match.tool.empty()) {
-      for (const auto& t : tools_) {
-        if (r.match.actionClass && t.actionClass != *r.match.actionClass) continue;
-        for (const auto& h : t.hosts)
-          if (hostMatch(h, host)) return true;
-      }
-      return false;
-    }
-    // A glob that also names this host's undeclared calls ("*", "host:*").
-    if (globMatch(r.match.tool, "host:" + std::string(host))) return true;
-    bool named = false;
-    for (const auto& t : tools_) {
-      if (!globMatch(r.match.tool, t.name)) continue;
-      named = true;
-      for (const auto& h : t.hosts)
-        if (hostMatch(h, host)) return true;
-    }
-    return !named;
-  };
-  for (const auto& r : rules_) {
-    // A rule reading params reads the body; so does an approval, which covers the call's
-    // exact body (its fingerprint): unread, any body would ride on one given for another.
-    if ((r.needsParams || r.effect == Effect::kApprove) && mayMatch(r)) return true;
-  }
-  for (const auto& t : tools_) {
-    if (!t.mcpTools.empty()) {
-      for (const auto& h : t.hosts) {
-        if (hostMatch(h, host)) return true;
-      }
-    }
-  }
+  if (bodyAnyHost_) return true;
+  for (const auto& p : bodyHosts_)
+    if (hostMatch(p, host)) return true;
+  if (bodyToolGlobs_.empty()) return false;
+  std::string undeclared = "host:" + std::string(host);
+  for (const auto& g : bodyToolGlobs_)
+    if (globMatch(g, undeclared)) return true;
   return false;
 }
 
@@ -186,6 +157,41 @@ void PolicySet::candidateRules(const std::string& tool, ActionClass cls,
 }
 
 void PolicySet::buildIndex() {
+  // Where a body must be read (needsBody()): a rule reading params, or an approve rule
+  // (an approval covers the call's exact body), may match a call to the hosts it names, the
+  // hosts of the tools its tool glob names (none named: any host; a glob may also name a
+  // host's undeclared calls), or, naming neither, the hosts of the declared tools of its
+  // class; and an MCP tool's hosts always (the body names the tools).
+  for (const auto& r : rules_) {
+    if (!r.needsParams && r.effect != Effect::kApprove) continue;
+    if (!r.match.host.empty()) {
+      bodyHosts_.push_back(r.match.host);
+      continue;
+    }
+    bool named = false;
+    for (const auto& t : tools_) {
+      bool fits = r.match.tool.empty()
+                      ? !r.match.actionClass || t.actionClass == *r.match.actionClass
+                      : globMatch(r.match.tool, t.name);
+      if (!fits) continue;
+      named = true;
+      bodyHosts_.insert(bodyHosts_.end(), t.hosts.begin(), t.hosts.end());
+    }
+    if (!r.match.tool.empty()) {
+      if (!named) bodyAnyHost_ = true;
+      // Only a glob whose literal prefix fits "host:NAME" can name undeclared calls.
+      std::string_view prefix =
+          std::string_view(r.match.tool)
+              .substr(0, std::min(r.match.tool.find_first_of("*?["), r.match.tool.size()));
+      constexpr std::string_view kUndeclared = "host:";
+      if (kUndeclared.starts_with(prefix) || prefix.starts_with(kUndeclared))
+        bodyToolGlobs_.push_back(r.match.tool);
+    }
+  }
+  for (const auto& t : tools_)
+    if (!t.mcpTools.empty()) bodyHosts_.insert(bodyHosts_.end(), t.hosts.begin(), t.hosts.end());
+  std::sort(bodyHosts_.begin(), bodyHosts_.end());
+  bodyHosts_.erase(std::unique(bodyHosts_.begin(), bodyHosts_.end()), bodyHosts_.end());
   for (uint32_t i = 0; i < rules_.size(); ++i) {
     auto& r = rules_[i];
     const auto& tool = r.match.tool;

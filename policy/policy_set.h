@@ -190,6 +190,10 @@ class PolicySet {
   std::vector<uint32_t> rulesByClass_[3];  // no tool, one class
   std::vector<uint32_t> rulesForAny_;      // no tool, any class
   size_t longestPrefix_ = 0;
+  // needsBody()'s answer, derived once: host patterns whose calls a rule may read the body
+  // of, tool globs that may name a host's undeclared calls ("host:NAME"), or every host.
+  std::vector<std::string> bodyHosts_, bodyToolGlobs_;
+  bool bodyAnyHost_ = false;
   void buildIndex();
   size_t maxBodyBytes_ = 64 * 1024;
   int maxJsonDepth_ = 32;
