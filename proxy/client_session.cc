@@ -1121,8 +1121,7 @@ void ClientSession::startTunnel() {
   phase_ = Phase::kTunnel;
   status_ = 200;
   upstreamSentNs_ = uv_hrtime();
-  lastClientReadMs_ = lastUpstreamReadMs_ = uv_now(worker_.loop());
-  clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.tunnelIdle.count()));
+  armTunnelIdle();
   if (!blindTls_) {
     client_->append("HTTP/1.1 200 Connection established\r\n\r\n");
     flushClient();
@@ -1248,8 +1247,7 @@ void ClientSession::readUpstream(std::string_view data) {
       // 101: from here on both connections carry the upgraded protocol.
       upstreamTimer_->stop();
       phase_ = Phase::kTunnel;
-      lastClientReadMs_ = lastUpstreamReadMs_ = uv_now(worker_.loop());
-      clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.tunnelIdle.count()));
+      armTunnelIdle();
       client_->append(data.substr(out.consumed));
       flushClient();
       if (closed_) return;
@@ -1767,6 +1765,12 @@ void ClientSession::onDrained(TcpStream& stream) {
   updateReading();
 }
 
+// From a tunnel's start, bytes either way keep it open; none for tunnel_idle end it.
+void ClientSession::armTunnelIdle() {
+  lastClientReadMs_ = lastUpstreamReadMs_ = uv_now(worker_.loop());
+  clientTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.tunnelIdle.count()));
+}
+
 void ClientSession::closeAfterDrain() {
   if (closed_) return;
   bool queued = client_->queued() > 0 || (upstream_ && upstream_->queued() > 0);
@@ -1864,13 +1868,17 @@ void ClientSession::onClientTimer() {
     badRequest(408, "request_timeout", "request body stalled for " + std::to_string(idle) + " ms");
     return;
   }
-  if (closeWhenDrained_) {
+  if (phase_ == Phase::kLingering || closeWhenDrained_) {
+    // The reply (or a tunnel's last bytes) is written, or the peer stopped reading it for
+    // `idle`: closed now, whether or not the agent ever closes its end (a lingering
+    // connection held its slot forever).
     uint64_t since = uv_now(worker_.loop()) - lingerStartMs_;
-    if (since < static_cast<uint64_t>(worker_.config().timeouts.idle.count())) {
+    bool queued = client_->queued() > 0 || (upstream_ && upstream_->queued() > 0);
+    if (queued && since < static_cast<uint64_t>(worker_.config().timeouts.idle.count())) {
       clientTimer_->start(kLingerMs);
       return;
     }
-    close();  // the peer stopped reading what is left for it
+    close();
     return;
   }
   if (phase_ == Phase::kTunnel) {
@@ -1883,18 +1891,6 @@ void ClientSession::onClientTimer() {
       return;
     }
     upstreamError_ = "the tunnel was idle for " + std::to_string(idle) + " ms (tunnel_idle)";
-    close();
-    return;
-  }
-  if (phase_ == Phase::kLingering) {
-    // The reply is written (or the agent stopped reading it for `idle`): closed now,
-    // whether or not the agent ever closes its end (it held a connection slot forever).
-    uint64_t since = uv_now(worker_.loop()) - lingerStartMs_;
-    if (client_->queued() > 0 &&
-        since < static_cast<uint64_t>(worker_.config().timeouts.idle.count())) {
-      clientTimer_->start(kLingerMs);
-      return;
-    }
     close();
     return;
   }

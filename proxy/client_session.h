@@ -210,6 +210,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool closeWhenDrained_ = false;
   bool clientEof_ = false;  // the agent sent its FIN
   void closeAfterDrain();
+  void armTunnelIdle();
   uint64_t lingerStartMs_ = 0;                            // when closeAfterReply() began the linger
   bool clientBlocked_ = false, upstreamBlocked_ = false;  // backpressure
   bool sawBytes_ = false;
