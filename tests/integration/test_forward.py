@@ -377,8 +377,9 @@ class ForwardProxyTest(unittest.TestCase):
             sock.sendall(b"{}")
             # Answered (409: this sidecar has no policies to reload), not left waiting.
             self.assertTrue(recv_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 409 "))
-        # A body that never comes is a 408 after header_read, not a connection held forever.
-        with socket.create_connection(("127.0.0.1", self.tg.admin_port), timeout=10) as sock:
+        # A body that never comes is a 408 after header_read (10 s, the default), not a
+        # connection held forever; the socket's timeout is well past it (at 10 s it raced it).
+        with socket.create_connection(("127.0.0.1", self.tg.admin_port), timeout=25) as sock:
             sock.sendall(b"POST /v1/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
             self.assertTrue(recv_until(sock, b"never").startswith(b"HTTP/1.1 408 "))
 
