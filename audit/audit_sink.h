@@ -86,6 +86,8 @@ class AuditSink {
   virtual bool healthy() const { return true; }
   // Every record up to this seq is durable; a call is forwarded only once its record is.
   virtual uint64_t durableSeq() const = 0;
+  // The seq of the last checkpoint on disk (0: none), this process's or an earlier one's.
+  virtual uint64_t lastCheckpointSeq() const { return 0; }
   // Someone waits for the records up to `seq` to be durable: sync them at once.
   virtual void requestDurable(uint64_t /*seq*/) {}
   // Blocks until every record up to `seq` is durable: false when the sink turns unhealthy or

@@ -579,6 +579,7 @@ Status FileAuditSink::start() {
   if (!loaded) return loaded;
   seq_ = chain_->size();
   queuedSinceCheckpoint_ = chain_->sinceCheckpoint();
+  lastCheckpoint_ = seq_ - queuedSinceCheckpoint_;  // 0 when the log has none
   writtenSealed_ = queuedSinceCheckpoint_ == 0;
   builtSeq_ = seq_;
 
@@ -1094,6 +1095,7 @@ void FileAuditSink::run() {
         segmentSize_ += out.size();
         writtenSealed_ = endsSealed;
         uint64_t first = durable_ + 1;
+        if (lastCheckpointAt < count) lastCheckpoint_ = first + lastCheckpointAt;
         durable_ += count;
         if (!options_.replicas.empty()) {
           std::vector<std::string> lines;

@@ -76,6 +76,7 @@ class FileAuditSink : public AuditSink {
   // False once a write or fsync failed (the calls must then be halted).
   bool healthy() const override { return healthy_; }
   uint64_t durableSeq() const override { return durable_; }
+  uint64_t lastCheckpointSeq() const override { return lastCheckpoint_; }
   void requestDurable(uint64_t seq) override;
   // How many appends waited for the writer because maxQueued records were queued.
   uint64_t backpressureWaits() const {
@@ -181,6 +182,7 @@ class FileAuditSink : public AuditSink {
   std::chrono::steady_clock::time_point idleUntil_;  // until when (while idle_)
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> durable_{0};
+  std::atomic<uint64_t> lastCheckpoint_{0};  // the last durable checkpoint's seq
   AuditObserver* observer_ = nullptr;  // under mutex_
   std::thread writer_;
   std::mutex rotateMutex_;  // one rotation at a time

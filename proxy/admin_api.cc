@@ -121,8 +121,12 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   }
   if (path == "/readyz") {
     if (!get) return error(405, "method_not_allowed", "use GET");
-    return ready_ ? AdminResponse{200, "text/plain; charset=utf-8", "ready\n"}
-                  : AdminResponse{503, "text/plain; charset=utf-8", "not ready\n"};
+    if (!ready_) return {503, "text/plain; charset=utf-8", "not ready\n"};
+    // Every call is halted while the audit stream cannot be written (until a restart): a
+    // sidecar that can only refuse is not ready.
+    if (!audit_.healthy())
+      return {503, "text/plain; charset=utf-8", "not ready: audit stream unwritable\n"};
+    return {200, "text/plain; charset=utf-8", "ready\n"};
   }
   if (path == "/metrics") {
     if (!get) return error(405, "method_not_allowed", "use GET");

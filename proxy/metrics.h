@@ -53,6 +53,13 @@ class Metrics {
   // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
   void auditBatch(size_t records, double fsyncSeconds, bool ok);
   void auditCheckpoint(uint64_t seq) { auditLastCheckpoint_->Set(static_cast<double>(seq)); }
+  // The stream's state as the sink reports it, refreshed at every render: a failure outside
+  // a batch (a segment that cannot be opened at rotation) shows too, and the last
+  // checkpoint's seq is the log's, not 0, after a restart.
+  void auditState(bool healthy, uint64_t lastCheckpointSeq) {
+    auditHealthy_->Set(healthy ? 1 : 0);
+    auditLastCheckpoint_->Set(static_cast<double>(lastCheckpointSeq));
+  }
   void auditDropped(size_t records) { auditDropped_->Increment(static_cast<double>(records)); }
   void auditBackpressure() { auditBackpressure_->Increment(); }
   // The Redis Stream replica: the last seq known in the stream, records the writer has

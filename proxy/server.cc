@@ -150,6 +150,8 @@ Status Server::init() {
     audit_ = std::move(audit.value());
   }
   shared_.audit = audit_.get();
+  metrics_.addRenderHook(
+      [this] { metrics_.auditState(audit_->healthy(), audit_->lastCheckpointSeq()); });
   if (!config_.policies.empty()) {
     StoreConfig store{config_.storeBackend, config_.storeUrls, config_.storeTimeout,
                       config_.storeInitMissing};

@@ -108,6 +108,12 @@ class AuditStreamTest(unittest.TestCase):
                     f.write(partial)
                 again = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
                 with again:
+                    # The last checkpoint is the log's, not 0 until this process writes one.
+                    _, text = again.admin("/metrics")
+                    gauge = [l for l in text.decode().splitlines()
+                             if l.startswith("tollgate_audit_last_checkpoint_seq ")]
+                    self.assertEqual(first[-1]["kind"], "checkpoint")
+                    self.assertEqual(gauge, [f"tollgate_audit_last_checkpoint_seq {first[-1]['seq']}"])
                     curl(origin.url("/hello"), proxy=again.proxy)
                     self.assertEqual(again.stop(), 0)
                 recs = records(audit_dir)
@@ -214,6 +220,12 @@ class AuditStreamTest(unittest.TestCase):
                 os.unlink(os.path.join(audit_dir, "LOG_ID"))
                 again = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": audit_dir}})
                 with again:
+                    # The last checkpoint is the log's, not 0 until this process writes one.
+                    _, text = again.admin("/metrics")
+                    gauge = [l for l in text.decode().splitlines()
+                             if l.startswith("tollgate_audit_last_checkpoint_seq ")]
+                    self.assertEqual(first[-1]["kind"], "checkpoint")
+                    self.assertEqual(gauge, [f"tollgate_audit_last_checkpoint_seq {first[-1]['seq']}"])
                     curl(origin.url("/hello"), proxy=again.proxy)
                     self.assertEqual(again.stop(), 0)
                 with open(os.path.join(audit_dir, "LOG_ID")) as f:
@@ -291,6 +303,10 @@ class AuditStreamTest(unittest.TestCase):
                         return float(line[0].split()[1]) if line else None
                     self.assertEqual(metric("tollgate_audit_write_failures_total"), 1.0)
                     self.assertEqual(metric("tollgate_audit_healthy"), 0.0)
+                    # A sidecar that can only refuse is not ready (the process still lives).
+                    status, body = tg.admin("/readyz")
+                    self.assertEqual((status, body), (503, b"not ready: audit stream unwritable\n"))
+                    self.assertEqual(tg.admin("/healthz")[0], 200)
                     wait_for(lambda: (metric("tollgate_audit_dropped_records_total") or 0) >= 1, timeout=5,
                              what="the halts after the failure counted as dropped")
                     self.assertEqual(metric("tollgate_audit_write_failures_total"), 1.0)
@@ -300,6 +316,51 @@ class AuditStreamTest(unittest.TestCase):
                     status, _, body = parse_response(out)
                     self.assertEqual(status, 503, body)
                     self.assertEqual(json.loads(body)["error"], "audit_unavailable")
+        finally:
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+            os.rmdir(mnt)
+
+    def test_a_segment_that_cannot_be_created_at_rotation_halts_and_shows(self):
+        """The file system has no inode left when a full segment is sealed: the next one
+        cannot be created, calls are halted, and the metrics and /readyz say so (the gauge
+        stayed 1: only a failed batch set it)."""
+        mnt = tempfile.mkdtemp(prefix="tollgate-audit-inodes-")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "tmpfs", mnt],
+                          capture_output=True).returncode != 0:
+            self.skipTest("cannot mount a tmpfs here (needs root): the rotation test did not run")
+        try:
+            with HttpOrigin() as origin:
+                audit_dir = os.path.join(mnt, "audit")
+                tg = Tollgate({"hosts": {"allow": ["127.0.0.1"]},
+                               "audit": {"dir": audit_dir, "segment_size": "8k"}})
+                with tg:
+                    self.assertEqual(tg.admin("/readyz"), (200, b"ready\n"))
+                    # Every inode left taken: the next segment cannot be created.
+                    n = 0
+                    while True:
+                        try:
+                            open(os.path.join(mnt, f"f{n}"), "w").close()
+                        except OSError:
+                            break
+                        n += 1
+                        self.assertLess(n, 100)
+                    import http.client
+                    conn = http.client.HTTPConnection("127.0.0.1", tg.proxy_port, timeout=10)
+                    statuses = []
+                    for i in range(200):  # bounded: 8k hold ~20 records
+                        conn.request("GET", origin.url(f"/r-{i}"))
+                        resp = conn.getresponse()
+                        resp.read()
+                        statuses.append(resp.status)
+                        if resp.status == 403:
+                            break
+                    conn.close()
+                    self.assertEqual(statuses[-1], 403, statuses[-5:])
+                    self.assertEqual(len(glob.glob(os.path.join(audit_dir, "segment-*.jsonl"))), 1)
+                    self.assertTrue(any(l.get("msg") == "audit stream unwritable" for l in tg.logs()))
+                    _, text = tg.admin("/metrics")
+                    self.assertIn("\ntollgate_audit_healthy 0\n", text.decode())
+                    self.assertEqual(tg.admin("/readyz")[0], 503)
         finally:
             subprocess.run(["umount", "-l", mnt], capture_output=True)
             os.rmdir(mnt)
