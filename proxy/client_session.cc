@@ -157,8 +157,12 @@ std::string peerIdentity(SSL* ssl, bool sanUri) {
   return out;
 }
 
-// Whether the request's Upgrade asks for WebSocket (RFC 6455 4.1), among what it lists.
-bool isWebSocketUpgrade(const HttpHead& head) {
+// The protocols a head's Upgrade headers list: how many, and how many are WebSocket.
+struct UpgradeTokens {
+  size_t all = 0, webSocket = 0;
+};
+UpgradeTokens upgradeTokens(const HttpHead& head) {
+  UpgradeTokens n;
   for (size_t i = 0; i < head.size(); ++i) {
     if (!equalsIgnoreCase(head.name(i), "upgrade")) continue;
     std::string_view v = head.value(i);
@@ -169,13 +173,17 @@ bool isWebSocketUpgrade(const HttpHead& head) {
         token.remove_prefix(1);
       while (!token.empty() && (token.back() == ' ' || token.back() == '\t'))
         token.remove_suffix(1);
-      if (equalsIgnoreCase(token, "websocket")) return true;
+      if (!token.empty()) ++n.all;
+      if (equalsIgnoreCase(token, "websocket")) ++n.webSocket;
       if (comma == std::string_view::npos) break;
       v.remove_prefix(comma + 1);
     }
   }
-  return false;
+  return n;
 }
+
+// Whether the request's Upgrade asks for WebSocket (RFC 6455 4.1), among what it lists.
+bool isWebSocketUpgrade(const HttpHead& head) { return upgradeTokens(head).webSocket > 0; }
 
 // The route of a reverse listener for host and path. The host first, as a virtual server is
 // chosen: its exact name, else the longest `*.suffix` that matches, else `*`; then, among
@@ -634,9 +642,9 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     out += "\r\n";
   }
   if (s.isUpgrade_) {
-    out += "Connection: upgrade\r\nUpgrade: ";
-    out += head.find("upgrade").value_or("");
-    out += "\r\n";
+    // WebSocket alone, whatever else the agent listed (`h2c, websocket`): the upstream
+    // must not be offered a protocol whose requests would pass undecided.
+    out += "Connection: upgrade\r\nUpgrade: websocket\r\n";
   }
   out += "Via: 1.1 ";
   out += viaToken();
@@ -1295,6 +1303,13 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
     p.fail(502, "101 without Upgrade and Connection: upgrade");
     return -1;
   }
+  if (auto tokens = upgradeTokens(head); status == 101 && (tokens.all != 1 || tokens.webSocket != 1)) {
+    // Only WebSocket was asked for; a switch to anything else (h2c) would tunnel requests
+    // no one decides.
+    p.fail(502, "101 to " + std::string(head.find("upgrade").value_or("")) +
+                    " (only websocket was asked for)");
+    return -1;
+  }
   s.status_ = status;
   s.upstreamHeadNs_ = uv_hrtime();
   const auto& req = s.request_.head();
@@ -1332,9 +1347,7 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   out += viaToken();
   out += "\r\n";
   if (status == 101) {
-    out += "Connection: upgrade\r\nUpgrade: ";
-    out += head.find("upgrade").value_or("");
-    out += "\r\n\r\n";
+    out += "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n";
     s.responseStarted_ = true;
     return 0;
   }

@@ -305,7 +305,8 @@ bool isHopByHop(std::string_view name) {
     case 11:
       return equalsIgnoreCase(name, "traceparent");
     case 14:
-      return equalsIgnoreCase(name, "content-length");
+      // HTTP2-Settings belongs to an h2c upgrade (RFC 7540 3.2), which is never offered on.
+      return equalsIgnoreCase(name, "content-length") || equalsIgnoreCase(name, "http2-settings");
     case 16:
       return equalsIgnoreCase(name, "proxy-connection");
     case 17:

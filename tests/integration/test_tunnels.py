@@ -94,6 +94,20 @@ class TunnelTest(unittest.TestCase):
                                       b"Host: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n" % (port, port),
                                       read_until_close=False)
                 self.assertEqual(parse_response(out)[0], 502, out)
+                # WebSocket listed beside h2c (one header or two) is tunnelled as WebSocket
+                # alone: the upstream is offered nothing else, and its 101 to h2c is a 502.
+                for upgrade in (b"Upgrade: h2c, websocket\r\n", b"Upgrade: h2c\r\nUpgrade: websocket\r\n"):
+                    heads.clear()
+                    out, _ = raw_exchange(tg.proxy_port, b"GET http://127.0.0.1:%d/mixed HTTP/1.1\r\n"
+                                          b"Host: 127.0.0.1:%d\r\nConnection: Upgrade\r\n%s"
+                                          b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n" % (port, port, upgrade),
+                                          read_until_close=False)
+                    self.assertEqual(parse_response(out)[0], 502, out)
+                    self.assertIn(b"only websocket was asked for", out)
+                    self.assertEqual(len(heads), 1, heads)
+                    self.assertIn(b"\r\nupgrade: websocket\r\n", heads[0])
+                    self.assertNotIn(b"h2c", heads[0])
+                    self.assertNotIn(b"http2-settings", heads[0])
         finally:
             server.shutdown()
             server.server_close()
