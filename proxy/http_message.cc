@@ -120,6 +120,18 @@ bool parseAuthority(std::string_view text, uint16_t defaultPort, std::string& ho
 
 namespace {
 
+// An origin-form target as the path and query sent on. A fragment is never sent (RFC 9112
+// 3.2): llhttp takes one, and the policy would match `/repos/x#/issues` against its globs
+// while the upstream serves `/repos/x`.
+bool takeOriginForm(std::string_view url, std::string& pathQuery, std::string& reason) {
+  if (url.find('#') != std::string_view::npos) {
+    reason = "fragment in the request target";
+    return false;
+  }
+  pathQuery.assign(url);
+  return true;
+}
+
 bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
   std::string_view url = head.url();
   size_t hosts = head.count("host");
@@ -155,8 +167,7 @@ bool parseTargetParts(const HttpHead& head, Target& out, std::string& reason) {
       reason = "invalid Host header";
       return false;
     }
-    out.pathQuery.assign(url);
-    return true;
+    return takeOriginForm(url, out.pathQuery, reason);
   }
   auto schemeEnd = url.find("://");
   if (schemeEnd == std::string_view::npos) {
@@ -222,7 +233,7 @@ bool parseReverseTarget(const HttpHead& head, bool tls, uint16_t port, Target& o
     return false;
   }
   out.port = port != 0 ? port : tls ? 443 : 80;
-  out.pathQuery.assign(url);
+  if (!takeOriginForm(url, out.pathQuery, reason)) return false;
   out.key = formatHostPort(out.host, out.port);
   return true;
 }
@@ -247,7 +258,7 @@ bool parseTunnelTarget(const HttpHead& head, std::string_view tunnelHost, uint16
       return false;
     }
     authority = *hostHeader;
-    out.pathQuery.assign(url);
+    if (!takeOriginForm(url, out.pathQuery, reason)) return false;
   } else {
     // absolute-form: allowed when it names the tunnel (RFC 9112 §3.2.2)
     constexpr std::string_view kHttps = "https://";

@@ -157,6 +157,32 @@ TEST(ParseReverseTarget, ThePortIsTheListenersWhateverHostSays) {
   }
 }
 
+// llhttp takes `#` in an origin-form target; no form of target sends a fragment on (the
+// policy would match `/repos/x#/issues`, the upstream serve `/repos/x`).
+TEST(Targets, AFragmentIsRefusedInEveryForm) {
+  const std::string forward = "GET /repos/x#/issues HTTP/1.1\r\nHost: api.example\r\n\r\n";
+  auto r = target(forward);
+  EXPECT_FALSE(r.ok);
+  EXPECT_EQ(r.reason, "fragment in the request target");
+  r = target("GET http://api.example/repos/x#/issues HTTP/1.1\r\nHost: api.example\r\n\r\n");
+  EXPECT_FALSE(r.ok);
+  auto t = inTunnel(forward);
+  EXPECT_FALSE(t.ok);
+  EXPECT_FALSE(t.mismatch);
+  EXPECT_EQ(t.reason, "fragment in the request target");
+  Noop n;
+  HttpParser::Limits l;
+  HttpParser p(HttpParser::Type::kRequest, l, n);
+  ASSERT_NE(p.execute(forward).state, HttpParser::State::kError);
+  Target rt;
+  std::string reason;
+  EXPECT_FALSE(parseReverseTarget(p.head(), true, 0, rt, reason));
+  EXPECT_EQ(reason, "fragment in the request target");
+  // `#` percent-encoded is a path character like any other.
+  r = target("GET /repos/x%23/issues HTTP/1.1\r\nHost: api.example\r\n\r\n");
+  EXPECT_TRUE(r.ok) << r.reason;
+}
+
 TEST(HopByHop, ConnectionNamedHeadersAreFound) {
   Noop n;
   HttpParser::Limits l;
