@@ -85,6 +85,9 @@ HttpParser::Outcome HttpParser::execute(std::string_view data) {
   switch (err) {
     case HPE_OK:
       out.consumed = data.size();
+      // A read that ends between a field's name and its value: whether a line break came
+      // after the name, for the value's first bytes in a later read.
+      if (head_.fieldOpen_ && !head_.inValue_) breakBeforeValue_ = lineBreakBefore(bufEnd_);
       return out;
     case HPE_PAUSED:
       out.state = State::kPaused;
@@ -167,6 +170,7 @@ int HttpParser::onHeaderFieldCb(llhttp_t* p, const char* at, size_t len) {
     h.fields_.push_back({off, 0, off, 0});
     h.fieldOpen_ = true;
     h.inValue_ = false;
+    s.breakBeforeValue_ = false;
   }
   h.arena_.append(at, len);
   h.fields_.back().nameLen += static_cast<uint32_t>(len);
@@ -182,12 +186,23 @@ bool HttpParser::isObsFold(const char* at) const {
   return !(lastValueAtBufferEnd_ && at == bufStart_);
 }
 
+bool HttpParser::lineBreakBefore(const char* at) const {
+  // Back over the whitespace before `at` to the colon: a LF among it is a line break.
+  for (const char* c = at; c > bufStart_; --c) {
+    char b = c[-1];
+    if (b == '\n') return true;
+    if (b != ' ' && b != '\t' && b != '\r') return false;
+  }
+  return breakBeforeValue_;  // all whitespace back to the read's start: the reads before
+}
+
 int HttpParser::onHeaderValueCb(llhttp_t* p, const char* at, size_t len) {
   auto& s = self(p);
   if (!s.addHeaderBytes(len)) return -1;
   auto& h = s.head_;
   if (!h.fieldOpen_) return -1;
-  if (h.inValue_ && s.isObsFold(at)) {
+  if (len == 0) return 0;  // an empty value's span, closed by the next line's first byte
+  if (h.inValue_ ? s.isObsFold(at) : s.lineBreakBefore(at)) {
     s.fail(400, "obsolete line folding in a header value");
     return -1;
   }

@@ -142,6 +142,11 @@ class HttpParser {
   uint64_t lastValueExecute_ = 0;
   const char* lastValueEnd_ = nullptr;
   bool lastValueAtBufferEnd_ = false;
+  // A fold after an empty value (`X:\r\n b`) reaches on_header_value as the value's first
+  // bytes: the line break is found by looking back from them, into the reads before when
+  // the open field's name ended there (breakBeforeValue_: a line break came after it).
+  bool breakBeforeValue_ = false;
+  bool lineBreakBefore(const char* at) const;
 };
 
 }  // namespace tollgate

@@ -134,6 +134,33 @@ TEST(HttpParser, FoldSplitAcrossReadsIsStillAFold) {
   EXPECT_EQ(p.errorStatus(), 400);
 }
 
+// llhttp hands the folded line of an empty value (`X:\r\n b`) to on_header_value as the
+// value's first bytes: still a fold, in one read or split anywhere.
+TEST(HttpParser, AFoldAfterAnEmptyValueIsAFold) {
+  for (std::string fold : {"X-A:\r\n b\r\n", "X-A: \r\n b\r\n", "X-A:\r\n\tb\r\n"}) {
+    std::string req = "GET / HTTP/1.1\r\nHost: a\r\n" + fold + "\r\n";
+    for (size_t split = 0; split < req.size(); ++split) {
+      Recorder r;
+      auto l = limits();
+      HttpParser p(HttpParser::Type::kRequest, l, r);
+      auto first = p.execute(std::string_view(req).substr(0, split));
+      bool failed = first.state == HttpParser::State::kError ||
+                    p.execute(std::string_view(req).substr(split)).state == HttpParser::State::kError;
+      EXPECT_TRUE(failed) << "split at " << split << ": " << req;
+      EXPECT_EQ(p.errorStatus(), 400) << "split at " << split;
+    }
+  }
+  // Byte by byte, too.
+  Recorder r;
+  auto l = limits();
+  HttpParser p(HttpParser::Type::kRequest, l, r);
+  std::string req = "GET / HTTP/1.1\r\nHost: a\r\nX-A:  \r\n  b\r\n\r\n";
+  bool failed = false;
+  for (size_t i = 0; i < req.size() && !failed; ++i)
+    failed = p.execute(std::string_view(req).substr(i, 1)).state == HttpParser::State::kError;
+  EXPECT_TRUE(failed);
+}
+
 TEST(HttpParser, ResponsesKeepTheirStatus) {
   Recorder r;
   auto l = limits();
