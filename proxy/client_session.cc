@@ -1572,6 +1572,10 @@ void ClientSession::appendLocalReply(std::string out, size_t bodySize) {
 
 void ClientSession::badRequest(int status, std::string_view error, std::string_view reason,
                                std::string_view ruleFamily) {
+  // Refused before its head was complete (a framing error, a head too large or too slow):
+  // the agent the connection names (its certificate, its address, the tunnel's CONNECT), or
+  // the head's so far, rather than anonymous.
+  if (agent_.empty() && !listener_.admin) identify();
   AuditRecord record;
   record.kind = "call";
   record.agent = agent();

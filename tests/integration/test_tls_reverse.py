@@ -155,6 +155,17 @@ class ReverseTest(unittest.TestCase):
         # Recorded against the agent that sent it, not as anonymous.
         self.assertTrue(self.records(rule="http.no_route", decision="halt", agent="agent-bearer"))
 
+    def test_a_request_the_parser_refuses_is_recorded_against_the_certificates_agent(self):
+        # Refused before its head is complete (Content-Length beside chunked): the agent is
+        # the connection's, known from its certificate.
+        rc, out, err = self.get("cn", "kb.test", "/smuggle", "-H", "Transfer-Encoding: chunked",
+                                "-H", "Content-Length: 3", "-d", "abc", cert=self.by_cn)
+        status, _, body = parse_response(out)
+        self.assertEqual(status, 400, out)
+        seq = json.loads(body)["audit_seq"]
+        rec = self.records(seq=seq)[0]
+        self.assertEqual((rec["agent"], rec["decision"]), ("agent-cn", "halt"))
+
 
     def test_a_server_name_with_its_trailing_dot_is_the_same_host(self):
         # "kb.test." is kb.test as a name (fully qualified): not fronting. And the
