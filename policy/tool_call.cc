@@ -176,6 +176,12 @@ bool countKeys(std::string_view text, size_t& keys) {
   return !sax.found;
 }
 
+bool looksLikeJson(std::string_view body) {
+  if (body.starts_with("\xEF\xBB\xBF")) body.remove_prefix(3);  // a UTF-8 byte order mark
+  auto first = body.find_first_not_of(" \t\r\n");
+  return first != std::string_view::npos && (body[first] == '{' || body[first] == '[');
+}
+
 }  // namespace
 
 bool pathGlobMatch(std::string_view pattern, std::string_view path);  // policy_set.cc
@@ -346,7 +352,12 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
     // Media types are case-insensitive (RFC 9110, 8.3.1): Application/JSON is JSON.
     std::string ct(call.contentType);
     for (auto& c : ct) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    bool json = ct.find("json") != std::string::npos;
+    // A body that looks like JSON is read as JSON whatever its media type says (or without
+    // one): many servers parse it anyway (Express's json({type: '*/*'}), Flask's
+    // get_json(force=True)), and text/plain must not carry params past a halt's conditions.
+    // It must then be valid JSON, as under a JSON type: what a lenient server reads
+    // (NaN, comments) the policy cannot.
+    bool json = ct.find("json") != std::string::npos || looksLikeJson(call.body);
     if (json) {
       if (jsonDepth(call.body) > set.maxJsonDepth())
         return Error{-1, "JSON body nested deeper than max_json_depth"};

@@ -19,7 +19,10 @@ tools:
   - {name: local.public, match: {host: 127.0.0.1, methods: [GET], paths: ["/public/**"]}, class: read}
   - {name: mcp.read, match: {host: mcp.internal, methods: [POST], paths: ["/mcp"], mcp_tools: ["read_*"]}, class: read}
   - {name: mcp.delete, match: {host: mcp.internal, methods: [POST], paths: ["/mcp"], mcp_tools: ["delete_*"]}, class: delete}
+  - {name: pay, match: {host: pay.internal, methods: [POST], paths: ["/pay"]}, class: write}
 rules:
+  - {id: big-payments, effect: halt, match: {tool: pay}, when: {params.amount: {gt: 100}}}
+  - {id: payments, effect: allow, match: {tool: pay}}
   - {id: public, effect: allow, match: {tool: "*.public"}}
   - {id: mcp-reads, effect: allow, match: {tool: mcp.read}}
   - {id: no-admin, effect: halt, match: {tool: api.admin}}
@@ -152,9 +155,19 @@ INSTANTIATE_TEST_SUITE_P(
             "MCP duplicate name key", "mcp.internal", "/mcp", "POST",
             R"({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_a","name":"delete_b"}})",
             "application/json", "extract"},
-        Disguise{"MCP with a text/plain content type", "mcp.internal", "/mcp", "POST",
-                 R"({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_a"}})",
-                 "text/plain", "default-deny"},
+        // JSON under another media type, or none: many servers parse it anyway (Express's
+        // json({type: '*/*'}), Flask's get_json(force=True)), so the policy reads it too.
+        Disguise{"JSON params as text/plain", "pay.internal", "/pay", "POST",
+                 R"({"amount": 5000})", "text/plain", "big-payments"},
+        Disguise{"JSON params without a content type", "pay.internal", "/pay", "POST",
+                 R"( {"amount": 5000})", "", "big-payments"},
+        Disguise{"JSON params as a form", "pay.internal", "/pay", "POST", R"({"amount": 5000})",
+                 "application/x-www-form-urlencoded", "big-payments"},
+        Disguise{"JSON params with a NaN, as text/plain", "pay.internal", "/pay", "POST",
+                 R"({"amount": 5000, "x": NaN})", "text/plain", "extract"},
+        Disguise{"MCP delete as text/plain", "mcp.internal", "/mcp", "POST",
+                 R"({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all"}})",
+                 "text/plain", "no-mcp-delete"},
         Disguise{"MCP method in other case", "mcp.internal", "/mcp", "POST",
                  R"({"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"read_a"}})",
                  "application/json", "default-deny"},
