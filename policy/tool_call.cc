@@ -322,6 +322,26 @@ Result<std::string> Extractor::normalisePath(std::string_view raw) {
   return out;
 }
 
+std::string Extractor::withoutPathParameters(std::string_view path) {
+  if (path.find(';') == std::string_view::npos) return std::string(path);
+  std::string out;
+  bool trailingSlash = path.size() > 1 && path.back() == '/';
+  while (!path.empty()) {
+    path.remove_prefix(1);  // the '/'
+    auto slash = path.find('/');
+    auto seg = path.substr(0, slash);
+    seg = seg.substr(0, seg.find(';'));
+    if (!seg.empty()) {
+      out += '/';
+      out += seg;
+    }
+    if (slash == std::string_view::npos) break;
+    path.remove_prefix(slash);
+  }
+  if (out.empty() || trailingSlash) out += '/';
+  return out;
+}
+
 Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) {
   ToolCall tc;
   tc.agent_ = call.agent.empty() ? "anonymous" : std::string(call.agent);
@@ -336,7 +356,7 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
     auto q = target.find('?');
     auto path = normalisePath(target.substr(0, q));
     if (!path) return path.error();
-    tc.path_ = std::move(path.value());
+    tc.path_ = withoutPathParameters(path.value());
     if (q != std::string_view::npos) tc.query_ = std::string(target.substr(q + 1));
   }
   tc.actionClass_ = classOfMethod(tc.method_);

@@ -77,6 +77,10 @@ class Extractor {
   // Normalised path: unreserved percent-escapes decoded, dot segments removed, duplicate
   // slashes collapsed. Encoded '/', '\', NUL, invalid escapes or UTF-8 are errors.
   static Result<std::string> normalisePath(std::string_view path);
+  // A normalised path as servers that strip path parameters see it (Tomcat, Jetty, Spring:
+  // `/admin;x/users` is `/admin/users`): what rules and routes match, so a parameter cannot
+  // take a call out of a deny; the path sent on keeps them.
+  static std::string withoutPathParameters(std::string_view path);
 };
 
 }  // namespace tollgate

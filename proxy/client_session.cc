@@ -561,11 +561,13 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     }
   }
   // A reverse listener routes by the normalised path (a dot segment cannot climb out of a
-  // route's prefix).
+  // route's prefix), without path parameters as the policy matches it (`/admin;x/` is
+  // `/admin/`'s route).
   if (s.listener_.config.kind == "reverse") {
-    const RouteConfig* route =
-        findRoute(s.listener_.config.routes, s.target_.host,
-                  std::string_view(s.target_.pathQuery).substr(0, s.target_.pathQuery.find('?')));
+    const RouteConfig* route = findRoute(
+        s.listener_.config.routes, s.target_.host,
+        Extractor::withoutPathParameters(
+            std::string_view(s.target_.pathQuery).substr(0, s.target_.pathQuery.find('?'))));
     if (!route) {
       p.fail(404, "no route for " + s.target_.key +
                       s.target_.pathQuery.substr(0, s.target_.pathQuery.find('?')));

@@ -244,6 +244,12 @@ class ReverseRoutingTest(unittest.TestCase):
         # A path of tickets.example outside its routes is not handed to the * route.
         status, _, body = self.send("tickets.example", "/private/very/long/x")
         self.assertEqual(status, 404, body)
+        # A path parameter does not take a call out of the route servers that strip them
+        # (Tomcat, Spring) would serve it from; it is sent on as it came.
+        self.send("other.example", "/public;v=1/very/long/x")
+        self.assertEqual([r[1] for r in self.catch_all.requests][1:], ["/public;v=1/very/long/x"])
+        status, _, body = self.send("tickets.example", "/private;x/very/long/x")
+        self.assertEqual(status, 404, body)
 
     def test_a_path_that_cannot_be_normalised_does_not_leave_its_route(self):
         for path in ("/public/../admin/%FF", "/public/..%2Fadmin", "/public/../admin%00"):

@@ -112,6 +112,14 @@ INSTANTIATE_TEST_SUITE_P(
         Disguise{"path parameter dot-dot", "api.internal", "/public/..;/admin/users", "GET", "", "",
                  "extract"},
         Disguise{"upper-case path", "api.internal", "/ADMIN/users"},
+        // Path parameters, which Tomcat, Jetty and Spring strip before routing.
+        Disguise{"path parameter", "api.internal", "/admin;x/users", "GET", "", "", "no-admin"},
+        Disguise{"path parameters everywhere", "api.internal", "/admin;a=1/users;b", "GET", "", "",
+                 "no-admin"},
+        Disguise{"empty segment with a parameter", "api.internal", "/;x/admin/users", "GET", "", "",
+                 "no-admin"},
+        Disguise{"encoded-letter path parameter", "api.internal", "/%61dmin;jsessionid=1/users",
+                 "GET", "", "", "no-admin"},
         // Hosts onto the metadata address.
         Disguise{"decimal IPv4", "2852039166", "/latest", "GET", "", "", "no-metadata"},
         Disguise{"hex IPv4", "0xA9FEA9FE", "/latest", "GET", "", "", "no-metadata"},
@@ -188,7 +196,8 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(Extraction, NormalisedCallsStillReachTheirAllowedTool) {
   auto set = PolicySet::parse(kPolicy, "adversarial.yaml").value();
   for (const char* path :
-       {"/public/a", "/public/./a", "/public//a", "/public/b/../a", "/%70ublic/a"}) {
+       {"/public/a", "/public/./a", "/public//a", "/public/b/../a", "/%70ublic/a", "/public;v=2/a",
+        "/public/a;jsessionid=x"}) {
     CallInfo c;
     c.agent = "agent-x";
     c.method = "GET";
@@ -201,6 +210,15 @@ TEST(Extraction, NormalisedCallsStillReachTheirAllowedTool) {
     EXPECT_EQ(tc.value().path(), "/public/a") << path;
     EXPECT_EQ(tc.value().tool(), "api.public") << path;
   }
+}
+
+TEST(Extraction, PathParametersAreNotMatched) {
+  EXPECT_EQ(Extractor::withoutPathParameters("/a/b"), "/a/b");
+  EXPECT_EQ(Extractor::withoutPathParameters("/a;x/b;y=1"), "/a/b");
+  EXPECT_EQ(Extractor::withoutPathParameters("/a;x/"), "/a/");
+  EXPECT_EQ(Extractor::withoutPathParameters("/;x"), "/");
+  EXPECT_EQ(Extractor::withoutPathParameters("/;x/a"), "/a");
+  EXPECT_EQ(Extractor::withoutPathParameters("/"), "/");
 }
 
 TEST(Extraction, CanonicalHosts) {
