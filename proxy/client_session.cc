@@ -539,6 +539,18 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
     return -1;
   }
   if (s.transparent_ && !s.transparentTarget(p)) return -1;
+  // A method override (honoured by Rails, Laravel, Express's method-override, ASP.NET) would
+  // make the tool run another method than the one decided: a GET classed as a read would
+  // DELETE. Refused unless it names the method itself.
+  for (std::string_view name : {"x-http-method-override", "x-http-method", "x-method-override"}) {
+    auto v = head.find(name);
+    auto method = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+    if (v && !equalsIgnoreCase(*v, method)) {
+      p.fail(400, std::string(name) + " would run " + std::string(*v) + " where " + method +
+                      " was decided: send the method itself");
+      return -1;
+    }
+  }
   // The upstream gets the path the policy judged: dot segments resolved, duplicate slashes
   // and needless escapes gone. A path that cannot be normalised is left for the decider,
   // which halts it when policies are on.

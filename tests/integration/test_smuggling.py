@@ -78,6 +78,21 @@ class SmugglingTest(unittest.TestCase):
         self.assertRejected(b"GET TARGET HTTP/1.1\nHost: HOSTPORT\n\n")
         self.assertRejected(b"GET TARGET HTTP/9.9\r\nHost: HOSTPORT\r\n\r\n")
 
+    def test_obs_fold_after_an_empty_value(self):
+        self.assertRejected(b"GET TARGET HTTP/1.1\r\nHost: HOSTPORT\r\nX-A:\r\n b\r\n\r\n", "folding")
+
+    def test_fragment_in_an_origin_form_target(self):
+        self.assertRejected(b"GET /echo#/admin HTTP/1.1\r\nHost: HOSTPORT\r\n\r\n", "fragment")
+
+    def test_a_method_override_that_would_run_another_method(self):
+        for name in (b"X-HTTP-Method-Override", b"X-HTTP-Method", b"X-Method-Override"):
+            self.assertRejected(b"GET TARGET HTTP/1.1\r\nHost: HOSTPORT\r\n" + name + b": DELETE\r\n\r\n",
+                                "send the method itself")
+        # Naming the method itself changes nothing: forwarded.
+        out, _ = raw_exchange(self.tg.proxy_port, b"GET http://127.0.0.1:%d/echo HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                              b"X-HTTP-Method-Override: get\r\nConnection: close\r\n\r\n" % (self.origin.port, self.origin.port))
+        self.assertEqual(parse_response(out)[0], 200, out)
+
     def test_rejections_are_audited(self):
         doc = self.assertRejected(b"POST TARGET HTTP/1.1\r\nHost: HOSTPORT\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
         code, tail = self.tg.admin("/v1/audit/tail?n=100")
