@@ -202,7 +202,11 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   if (!set.breakers().empty()) upstream = call.host() + ":" + std::to_string(call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
-    auto& state = breakers_[upstream];
+    // A breaker is made by an outcome, not by a decision: an upstream no call reached (a
+    // port or name an agent made up, a call the rules halt) has none to keep.
+    auto found = breakers_.find(upstream);
+    if (found == breakers_.end()) break;
+    auto& state = found->second;
     noteDef(state, b);
     if (state.openUntilMs > now) {
       return finish(halt("breaker",
@@ -459,8 +463,11 @@ void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Out
   std::string upstream = call.host() + ":" + std::to_string(call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
-    auto& state = breakers_[upstream];
+    auto found = breakers_.find(upstream);
+    if (found == breakers_.end() && neutral) break;  // nothing learnt, nothing to keep
+    auto& state = found != breakers_.end() ? found->second : breakers_[upstream];
     noteDef(state, b);
+    state.lastMs = now;
     if (neutral) {
       state.probeSinceMs = 0;
       break;
@@ -489,6 +496,12 @@ void Engine::sweep(int64_t nowMs) {
   std::erase_if(buckets_, [&](const auto& entry) { return entry.second.fullMs <= nowMs; });
   std::erase_if(failures_, [&](const auto& entry) {
     return entry.second.empty() || entry.second.back() < nowMs - 86'400'000;
+  });
+  // A breaker not open (closed, or half-open with its cooldown long over) that no outcome
+  // reached for a while: an agent choosing ports or names under a breakers: entry made one
+  // each, listed in /v1/breakers and /metrics for good.
+  std::erase_if(breakers_, [&](const auto& entry) {
+    return entry.second.openUntilMs <= nowMs && entry.second.lastMs + kBreakerIdleMs < nowMs;
   });
 }
 

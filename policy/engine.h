@@ -85,6 +85,7 @@ class Engine {
     std::string host;
     int failures = 0;
     int64_t cooldownMs = 0;
+    int64_t lastMs = 0;  // the last outcome reported
   };
   static void noteDef(Breaker& state, const BreakerDef& def);
   // A subject of a call: the tool it was attributed to or, for MCP, each tool it calls.
@@ -102,9 +103,11 @@ class Engine {
   void quarantineNeighbours(const PolicySet& set, const std::string& agent,
                             std::chrono::milliseconds ttl, int64_t nowMs);
   // Once a minute (under mutex_): forgets what agent-chosen keys left behind and no longer
-  // counts (approvals an hour past their end, full buckets, failures older than a day).
+  // counts (approvals an hour past their end, full buckets, failures older than a day,
+  // breakers not open with no outcome for kBreakerIdleMs).
   void sweep(int64_t nowMs);
   int64_t sweptMs_ = 0;
+  static constexpr int64_t kBreakerIdleMs = 15 * 60'000;
 
   Clock clock_;
   mutable std::mutex mutex_;

@@ -197,5 +197,43 @@ TEST(EngineReview, ApprovalsAreForgottenAnHourAfterTheyEnd) {
   EXPECT_EQ(engine.approvals().size(), 0u);
 }
 
+// Breakers keyed by host:port were made by every decision under a breakers: entry, so an
+// agent calling pay.internal:1 … :65535 (or names under a glob) grew /v1/breakers and the
+// breaker_state series without end. A breaker is now made by an outcome, and one not open
+// that no outcome reached for 15 minutes is forgotten.
+TEST(EngineReview, BreakersAreMadeByOutcomesAndForgottenWhenIdle) {
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  const std::string one = R"({"amount":1})";
+  for (int port = 1; port <= 300; ++port) {
+    auto c = request("a-1", "POST", "pay.internal", "/pay", one);
+    c.port = static_cast<uint16_t>(port);
+    ASSERT_EQ(engine.evaluate(*policy(), Extractor::extract(c, *policy())).verdict,
+              Verdict::kAllow);
+  }
+  EXPECT_TRUE(engine.breakers().empty()) << "decided, never answered: nothing to keep";
+  auto report = [&](uint16_t port, Outcome o) {
+    auto c = request("a-1", "POST", "pay.internal", "/pay", one);
+    c.port = port;
+    auto call = Extractor::extract(c, *policy());
+    auto d = engine.evaluate(*policy(), call);
+    if (d.verdict == Verdict::kAllow) engine.recordOutcome(*policy(), call.value(), o);
+    return d;
+  };
+  for (uint16_t port = 1; port <= 50; ++port) report(port, Outcome{200, false});
+  report(80, Outcome{502, true});
+  report(80, Outcome{502, true});  // open for 10 s
+  EXPECT_EQ(engine.breakers().size(), 51u);
+  now += 15 * 60'000 - 1'000;      // just before the sweep would forget 80 too:
+  report(80, Outcome{502, true});  // its cooldown long past, a half-open probe that fails
+  now += 60'001 + 1'000;
+  report(7, Outcome{200, false});  // the next minute's sweep runs in this evaluation
+  auto left = engine.breakers();
+  ASSERT_EQ(left.size(), 2u);
+  EXPECT_EQ(left[0].upstream, "pay.internal:7");
+  EXPECT_EQ(left[1].upstream, "pay.internal:80");
+  EXPECT_EQ(left[1].consecutiveFailures, 3);  // its failures remembered, not reset
+}
+
 }  // namespace
 }  // namespace tollgate
