@@ -99,14 +99,18 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   auto path = target.substr(0, q);
   auto query = q == std::string_view::npos ? std::string_view() : target.substr(q + 1);
   bool get = method == "GET" || method == "HEAD";
-  // Changes need a bearer token when tokens are configured; approvals always do. With tokens
-  // configured, so does reading what the calls were (the audit tail, the approvals: agents,
-  // paths, reasons), since the admin listener is reachable by the agents it governs; probes,
-  // metrics, status and pools stay open to kubelets and scrapers.
+  // Changes need a bearer token when tokens are configured. Approvals, key rotations and
+  // report records always do: the admin listener is reachable by the agents it governs, and
+  // none of them may answer its own approval, write into its audit stream or rotate its key
+  // away (each rotation also holds worker 0 until its record is durable). With tokens
+  // configured, reading what the calls were (the audit tail, the approvals: agents, paths,
+  // reasons) needs one too; probes, metrics, status and pools stay open to kubelets and
+  // scrapers.
   bool sensitiveRead = path == "/v1/audit/tail" || path.starts_with("/v1/approvals");
+  bool alwaysToken = path.starts_with("/v1/approvals") || path == "/v1/audit/rotate-key" ||
+                     path == "/v1/audit/report";
   if (!get || (sensitiveRead && !shared_.config->adminTokens.empty())) {
-    bool needsToken =
-        !shared_.config->adminTokens.empty() || (!get && path.starts_with("/v1/approvals"));
+    bool needsToken = !shared_.config->adminTokens.empty() || (!get && alwaysToken);
     if (needsToken && !authorized(authorization)) {
       bool none = shared_.config->adminTokens.empty();
       return error(none ? 403 : 401, "unauthorized",
