@@ -1386,7 +1386,10 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   }
   bool closing = s.closeAfterResponse_ || s.draining_ || !s.requestKeepAlive_ || !s.requestDone_ ||
                  s.responseCloseDelimited_;
-  if (closing) out += "Connection: close\r\n";
+  if (closing)
+    out += "Connection: close\r\n";
+  else if (s.http10())
+    out += "Connection: keep-alive\r\n";  // an HTTP/1.0 client closes without it
   out += "\r\n";
   s.noResponseBody_ = noBody;
   s.responseStarted_ = true;
@@ -1570,7 +1573,13 @@ void ClientSession::reply(int status, std::string_view body, std::string_view ex
   if (close || !requestDone_) closeAfterResponse_ = true;
   bool closing = closeAfterResponse_ || draining_ || !requestKeepAlive_;
   status_ = status;
-  appendLocalReply(localReply(status, body, extraHeaders, closing), body.size());
+  if (!closing && http10()) {
+    std::string extra(extraHeaders);
+    extra += "Connection: keep-alive\r\n";  // an HTTP/1.0 client closes without it
+    appendLocalReply(localReply(status, body, extra, closing), body.size());
+  } else {
+    appendLocalReply(localReply(status, body, extraHeaders, closing), body.size());
+  }
   responseStarted_ = responseDone_ = true;
   flushClient();
   if (!closed_) finishExchange();

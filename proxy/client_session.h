@@ -127,6 +127,11 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void releaseUpstream(bool reusable);
   std::string_view agent() const;
   void identify();
+  // The request is HTTP/1.0: its keep-alive must be confirmed in the response.
+  bool http10() const {
+    return request_.headersDone() && request_.head().versionMajor == 1 &&
+           request_.head().versionMinor == 0;
+  }
 
   // Transparent listeners (DESIGN §1): the first bytes tell TLS from HTTP, a request's Host
   // must name the address the client dialled, and the upstream is that address.

@@ -158,6 +158,21 @@ class ForwardProxyTest(unittest.TestCase):
         self.assertEqual(status, 502, out)
         self.assertIn("HTTP/1.0", json.loads(body)["reason"])
 
+    def test_an_http_1_0_agent_asking_for_keep_alive_gets_it_confirmed(self):
+        # Without Connection: keep-alive in the response an HTTP/1.0 client closes after
+        # each answer (RFC 9112 9.3): a proxied answer and a local one (a 403) say it.
+        with socket.create_connection(("127.0.0.1", self.tg.proxy_port), timeout=5) as sock:
+            for url, status in ((self.origin.url("/hello"), 200), ("http://evil.example/x", 403),
+                                (self.origin.url("/hello"), 200)):
+                sock.sendall(f"GET {url} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+                head = recv_until(sock, b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+                self.assertIn(b"\r\nconnection: keep-alive\r\n", head.lower())
+                length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+                body = head.partition(b"\r\n\r\n")[2]
+                while len(body) < length:
+                    body += sock.recv(4096)
+
     def test_the_upstream_gets_the_normalised_path_in_ascii(self):
         # Dot segments resolved and needless escapes decoded, as the policy saw it; a byte
         # outside ASCII stays escaped on the wire (it went out raw).
