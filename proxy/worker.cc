@@ -1,5 +1,7 @@
 #include "proxy/worker.h"
 
+#include <sys/resource.h>
+
 #include "common/log.h"
 #include "common/thread_name.h"
 #include "proxy/client_session.h"
@@ -19,6 +21,12 @@ Worker::Worker(SharedState& shared, unsigned index)
       resolver_(&loop_.loop, shared.config->timeouts.dnsCache),
       pool_(&loop_.loop, shared.config->timeouts.upstreamIdle,
             shared.config->limits.upstreamIdlePerHost) {
+  if (struct rlimit rl; ::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+                        rl.rlim_cur < static_cast<rlim_t>(INT32_MAX))
+  {
+    fdLimit_ = static_cast<uint64_t>(rl.rlim_cur);
+    fdWarnAt_ = static_cast<int>(rl.rlim_cur / 10 * 9);
+  }
   uv_async_init(&loop_.loop, &drainAsync_,
                 [](uv_async_t* a) { static_cast<Worker*>(a->data)->beginDrain(); });
   drainAsync_.data = this;
@@ -102,18 +110,58 @@ void Worker::openListeners() {
   }
 }
 
+void Worker::warnRefused(Listening* l) {
+  uint64_t now = uv_now(&l->worker->loop_.loop);
+  if (l->warnedMs != 0 && now - l->warnedMs < kRefusalLogMs) return;
+  const auto& rt = *l->runtime;
+  auto line = Log::Line(LogLevel::kWarn, l->refused > 0 || l->acceptErrors > 0
+                                             ? "connections refused"
+                                             : "open-file limit nearly reached");
+  line.add("listener", rt.admin ? std::string("admin") : rt.config.name);
+  if (l->refused > 0)
+    line.add("at_max_connections", l->refused)
+        .add("max_connections", static_cast<uint64_t>(rt.config.maxConnections));
+  if (l->acceptErrors > 0)
+    line.add("accept_errors", l->acceptErrors).add("error", std::string(uv_strerror(l->lastError)));
+  if (l->nearFdLimit > 0) {
+    line.add("near_open_file_limit", l->nearFdLimit)
+        .add("open_file_limit", l->worker->fdLimit_);
+  }
+  if (l->nearFdLimit > 0 || l->lastError == UV_EMFILE || l->lastError == UV_ENFILE)
+    line.add("hint",
+             "connections past the open-file limit are closed unanswered: raise it "
+             "(ulimit -n, LimitNOFILE) or lower max_connections");
+  line.emit();
+  l->refused = l->acceptErrors = l->nearFdLimit = 0;
+  l->warnedMs = now;
+}
+
 void Worker::onConnection(uv_stream_t* server, int status) {
   auto* l = static_cast<Listening*>(server->data);
   Worker* w = l->worker;
-  if (status < 0) return;
+  if (status < 0) {
+    // Out of descriptors (libuv then accepts and closes what waits, with its reserve one)
+    // or another accept error: the agents see their connection closed, the operator this.
+    ++l->acceptErrors;
+    l->lastError = status;
+    warnRefused(l);
+    return;
+  }
   StreamPtr stream = TcpStream::create(&w->loop_.loop);
   // During the drain only the admin listener is open (/readyz answers 503 there).
   if (stream->accept(server) != 0 || (w->draining_ && !l->runtime->admin)) return;
+  uv_os_fd_t fd = -1;
+  if (uv_fileno(reinterpret_cast<uv_handle_t*>(stream->tcp()), &fd) == 0 && fd >= w->fdWarnAt_) {
+    ++l->nearFdLimit;
+    warnRefused(l);
+  }
   auto& rt = *l->runtime;
   uint32_t open = rt.connections.fetch_add(1, std::memory_order_relaxed) + 1;
   if (!rt.admin && open > rt.config.maxConnections) {
     rt.connections.fetch_sub(1, std::memory_order_relaxed);
     rt.metrics->connectionsRejected->Increment();
+    ++l->refused;
+    warnRefused(l);
     stream->append(localReply(503,
                               errorBody("too_many_connections",
                                         "listener " + rt.config.name + " is at max_connections (" +

@@ -96,7 +96,20 @@ class Worker {
     uv_tcp_t handle;
     Worker* worker;
     ListenerRuntime* runtime;
+    // Connections refused since the last warning, and when it was (loop ms): a flood is
+    // one line every kRefusalLogMs, not one per connection.
+    uint64_t refused = 0, acceptErrors = 0, nearFdLimit = 0;
+    uint64_t warnedMs = 0;
+    int lastError = 0;
   };
+  // Descriptors are numbered lowest first: one accepted at this number or above means the
+  // open-file limit is near. libuv accepts and closes, unseen, what comes past the limit
+  // (its reserve-descriptor trick), so this is the warning the operator gets.
+  int fdWarnAt_ = INT32_MAX;
+  uint64_t fdLimit_ = 0;
+  static constexpr uint64_t kRefusalLogMs = 10'000;
+  // Logs (at most once per kRefusalLogMs per listener and worker) what was refused.
+  static void warnRefused(Listening* l);
   void run();
   void openListeners();
   static void onConnection(uv_stream_t* server, int status);

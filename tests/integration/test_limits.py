@@ -169,6 +169,32 @@ class LimitsTest(unittest.TestCase):
             c.sendall(b"GET " + self.target() + b" HTTP/1.1\r\n\r\n")
             self.assertIn(b"hello", c.recv(4096))
             c.close()
+        # The operator is told, once for a burst, not once per connection.
+        [warn] = wait_for(lambda: self.tg.logs("connections refused"), timeout=5, what="the refusal logged")
+        self.assertEqual((warn["listener"], warn["at_max_connections"], warn["max_connections"]), ("egress", 1, 5))
+
+
+class OutOfDescriptorsTest(unittest.TestCase):
+    def test_the_open_file_limit_coming_near_is_logged_with_a_hint(self):
+        # A hard open-file limit of 64: the sidecar cannot raise it, and connections past it
+        # are accepted and closed by libuv unseen (its reserve-descriptor trick), which left
+        # no trace at all. A descriptor numbered past 90% of the limit is the warning.
+        with Tollgate(wrap=["prlimit", "--nofile=64:64"]) as tg:
+            socks = []
+            try:
+                for _ in range(100):  # bounded: 64 descriptors, some the sidecar's own
+                    socks.append(socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5))
+                lines = wait_for(lambda: tg.logs("open-file limit nearly reached"), timeout=5,
+                                 what="the limit's nearness logged")
+            finally:
+                for s in socks:
+                    s.close()
+            # One line for the burst from each worker that took connections (not one each).
+            self.assertLessEqual(len(lines), 2, lines)
+            self.assertGreaterEqual(lines[0]["near_open_file_limit"], 1)
+            self.assertEqual(lines[0]["open_file_limit"], 64)
+            self.assertIn("raise it", lines[0]["hint"])
+            self.assertIsNone(tg.proc.poll())
 
 
 class LingerTest(unittest.TestCase):
