@@ -342,17 +342,18 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
                          subject.tool));
     }
   }
+  // An approved call goes on to the rate limits and the breaker's probe like any allowed
+  // one: a lease lets the call be made again, not made without limit, and a half-open
+  // breaker still lets one call through at a time.
+  const std::string* approvedAs = nullptr;
+  std::string fp;
   if (approving) {
-    auto fp = call.fingerprint();
+    fp = call.fingerprint();
     for (auto& [id, a] : approvals_) {
       if (a.fingerprint != fp || a.policyDigest != set.digest()) continue;
       if (a.state == "approved" && a.leaseUntilMs > now) {
-        Decision d;
-        d.verdict = Verdict::kAllow;
-        d.rule = approving->id;
-        d.reason = "approved as " + id;
-        d.approvalId = id;
-        return finish(d);
+        approvedAs = &id;
+        break;
       }
       if (a.state == "pending" && a.expiresMs > now) {
         Decision d;
@@ -364,6 +365,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
         return finish(d);
       }
     }
+  }
+  if (approving && !approvedAs) {
     Approval a;
     a.id = randomId();
     a.fingerprint = fp;
@@ -384,7 +387,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     d.approvalId = a.id;
     return finish(d);
   }
-  if (allows.empty())
+  if (allows.empty() && !approvedAs)
     return finish(halt("default-deny",
                        "no rule allows " + call.tool() + " for agent " + call.agent(),
                        call.tool()));
@@ -435,7 +438,13 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   if (probe) probe->probeSinceMs = now;
   Decision d;
   d.verdict = Verdict::kAllow;
-  d.rule = allows.front()->id;
+  if (approvedAs) {
+    d.rule = approving->id;
+    d.reason = "approved as " + *approvedAs;
+    d.approvalId = *approvedAs;
+  } else {
+    d.rule = allows.front()->id;
+  }
   return finish(d);
 }
 

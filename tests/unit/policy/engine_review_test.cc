@@ -235,5 +235,46 @@ TEST(EngineReview, BreakersAreMadeByOutcomesAndForgottenWhenIdle) {
   EXPECT_EQ(left[1].consecutiveFailures, 3);  // its failures remembered, not reset
 }
 
+// An approved call returned at once: past every allow rule's rate limit (a lease let it be
+// made without limit), and past a half-open breaker's one-probe gate.
+TEST(EngineReview, AnApprovedCallMeetsRateLimitsAndTheBreakersProbe) {
+  auto set = PolicySet::parse(R"(
+apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - {name: bank.transfer, match: {host: bank.internal, methods: [POST], paths: ["/transfer"]}, class: write}
+rules:
+  - {id: transfers-need-a-human, effect: approve, match: {tool: bank.transfer}}
+  - {id: two-an-hour, effect: allow, match: {tool: bank.transfer}, rate_limit: {requests: 2, per: 1h}}
+breakers:
+  - {host: bank.internal, failures: 1, cooldown: 10s}
+)",
+                              "approved.yaml")
+                 .value();
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  const std::string body = R"({"to":"A","amount":10})";
+  auto transfer = request("a-1", "POST", "bank.internal", "/transfer", body);
+  auto decide = [&] { return engine.evaluate(*set, Extractor::extract(transfer, *set)); };
+  auto d = decide();
+  ASSERT_EQ(d.verdict, Verdict::kApprove);
+  ASSERT_TRUE(engine.approve(d.approvalId, std::chrono::minutes(60)));
+  d = decide();
+  EXPECT_EQ(d.verdict, Verdict::kAllow);
+  EXPECT_EQ(d.rule, "transfers-need-a-human");
+  EXPECT_EQ(d.approvalId, engine.approvals()[0].id);
+  EXPECT_EQ(decide().verdict, Verdict::kAllow);
+  EXPECT_EQ(decide().verdict, Verdict::kThrottle) << "two an hour, approved or not";
+  // The breaker: a failure opens it; after the cooldown one approved call is the probe.
+  now += 3'600'000 / 2 + 1;  // a token back
+  auto call = Extractor::extract(transfer, *set);
+  engine.recordOutcome(*set, call.value(), Outcome{502, true});
+  EXPECT_EQ(decide().rule, "breaker");
+  now += 10'001;
+  EXPECT_EQ(decide().verdict, Verdict::kAllow);  // the probe
+  now += 1'000;                                   // the probe still out
+  EXPECT_EQ(decide().rule, "breaker") << "half-open: one probe at a time";
+}
+
 }  // namespace
 }  // namespace tollgate
