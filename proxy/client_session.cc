@@ -477,6 +477,10 @@ void ClientSession::readClient(std::string_view data) {
       if (closed_) break;
     }
     if (phase_ != Phase::kHead || headReady_ || pendingIn_.empty()) break;
+    // An agent that does not read its answers gets no more of them: the pipelined requests
+    // wait in pendingIn_ (bounded) until its queue drains (onDrained()). Answered one after
+    // another (local refusals need nothing from anyone), they grew its queue without end.
+    if (upstreamBlocked_) break;
     held = std::move(pendingIn_);
     pendingIn_.clear();
     input = held;
@@ -1707,8 +1711,8 @@ void ClientSession::resetExchange() {
     parserPaused_ = false;
   }
   // Pipelined requests already received are parsed now (by the loop in readClient() when
-  // this exchange ended inside it).
-  if (!parsing_ && !pendingIn_.empty()) {
+  // this exchange ended inside it), or once the agent has read its answers.
+  if (!parsing_ && !pendingIn_.empty() && !upstreamBlocked_) {
     std::string held = std::move(pendingIn_);
     pendingIn_.clear();
     readClient(held);
@@ -1807,6 +1811,14 @@ void ClientSession::onDrained(TcpStream& stream) {
     closeAfterDrain();
     return;
   }
+  if (phase_ == Phase::kHead && !parsing_ && !parserPaused_ && !upstreamBlocked_ &&
+      !pendingIn_.empty()) {
+    // The agent read its answers: its pipelined requests go on.
+    std::string held = std::move(pendingIn_);
+    pendingIn_.clear();
+    readClient(held);
+    return;
+  }
   updateReading();
 }
 
@@ -1870,6 +1882,8 @@ void ClientSession::updateReading() {
       wantClient = true;
       break;
   }
+  // Between requests, an agent whose answers pile up unread is not read either.
+  if (phase_ == Phase::kHead && upstreamBlocked_) wantClient = false;
   // After the agent's FIN there is nothing to read (a read would only report it again).
   wantClient = wantClient && !clientBlocked_ && !clientEof_ && !closeWhenDrained_;
   if (wantClient) {

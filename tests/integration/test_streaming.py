@@ -3,6 +3,7 @@ the upstream cuts short reaches the agent cut short."""
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -121,6 +122,34 @@ class StreamingTest(unittest.TestCase):
             s.close()
             self.assertGreater(got, SIZE)  # the whole chunked body arrived in the end
             self.assertLess(grown, 16 << 10, f"RSS grew {grown} kB while the client did not read")
+
+    def test_pipelined_refusals_an_agent_never_reads_do_not_grow_memory(self):
+        """Requests refused locally (a denied host) need nothing from anyone: an agent that
+        pipelines them and never reads the 403s grew the proxy's write queue without end
+        (~10 bytes of reply per byte sent). Its requests now wait until it reads."""
+        n = 200_000
+        with Tollgate({"hosts": {"allow": ["127.0.0.1"], "deny": ["evil.example"]},
+                       "limits": {"write_watermark": "64k"}}) as tg:
+            base = tg.rss_kb()
+            s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            data = b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n\r\n" * n
+            s.settimeout(0.5)
+            sent, deadline = 0, time.monotonic() + 4
+            while sent < len(data) and time.monotonic() < deadline:  # bounded: 4 s at most
+                try:
+                    sent += s.send(data[sent:sent + (1 << 20)])
+                except socket.timeout:
+                    pass  # the proxy stopped reading: the kernel's buffers are full
+            time.sleep(1)
+            grown = tg.rss_kb() - base
+            _, metrics = tg.admin("/metrics")
+            answered = int(float(re.search(rb'tollgate_requests_total\{listener="egress",status="403"\} (\S+)',
+                                           metrics).group(1)))
+            s.close()
+            self.assertLess(grown, 24 << 10, f"RSS grew {grown} kB while the agent did not read")
+            self.assertLess(answered, n // 2, "requests went on being answered into an unread queue")
+            self.assertIsNone(tg.proc.poll())
 
 
 if __name__ == "__main__":
