@@ -346,27 +346,48 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   // one: a lease lets the call be made again, not made without limit, and a half-open
   // breaker still lets one call through at a time.
   const std::string* approvedAs = nullptr;
-  std::string fp;
+  std::string fp, approvalKey;
   if (approving) {
     fp = call.fingerprint();
-    for (auto& [id, a] : approvals_) {
-      if (a.fingerprint != fp || a.policyDigest != set.digest()) continue;
+    approvalKey = fp + '\n' + set.digest();
+    auto latest = latestApproval_.find(approvalKey);
+    auto found = latest == latestApproval_.end() ? approvals_.end()
+                                                  : approvals_.find(latest->second);
+    if (found != approvals_.end()) {
+      const Approval& a = found->second;
       if (a.state == "approved" && a.leaseUntilMs > now) {
-        approvedAs = &id;
-        break;
-      }
-      if (a.state == "pending" && a.expiresMs > now) {
+        approvedAs = &found->first;
+      } else if (a.state == "pending" && a.expiresMs > now) {
         Decision d;
         d.verdict = Verdict::kApprove;
         d.rule = approving->id;
         d.reason =
             approving->reason.empty() ? "this call needs a human's approval" : approving->reason;
-        d.approvalId = id;
+        d.approvalId = a.id;
         return finish(d);
       }
     }
   }
   if (approving && !approvedAs) {
+    auto& asked = approvalsAsked_[call.agent()];
+    while (!asked.empty() && asked.front() <= now - approvalTtl.count()) asked.pop_front();
+    // At the cap, what an hour has voided goes at once (at most once a second), not at the
+    // next minute's sweep.
+    if (approvals_.size() >= maxApprovals && now - sweptMs_ >= 1000) sweep(now);
+    if (asked.size() >= maxApprovalsPerAgent || approvals_.size() >= maxApprovals) {
+      bool agentCap = asked.size() >= maxApprovalsPerAgent;
+      return finish(halt("approval_limit",
+                         agentCap ? "agent " + call.agent() + " has asked for " +
+                                        std::to_string(asked.size()) +
+                                        " approvals in the last " +
+                                        std::to_string(approvalTtl.count() / 60'000) +
+                                        " minutes: no more are queued until those expire"
+                                  : std::to_string(approvals_.size()) +
+                                        " approvals are kept: no more are queued until the "
+                                        "oldest are forgotten",
+                         call.tool()));
+    }
+    asked.push_back(now);
     Approval a;
     a.id = randomId();
     a.fingerprint = fp;
@@ -380,6 +401,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     a.createdMs = now;
     a.expiresMs = now + approvalTtl.count();
     approvals_[a.id] = a;
+    latestApproval_[approvalKey] = a.id;
     Decision d;
     d.verdict = Verdict::kApprove;
     d.rule = approving->id;
@@ -501,6 +523,11 @@ void Engine::sweep(int64_t nowMs) {
     const Approval& a = entry.second;
     int64_t end = a.state == "approved" ? a.leaseUntilMs : a.expiresMs;
     return end + kKeep < nowMs;
+  });
+  std::erase_if(latestApproval_,
+                [&](const auto& entry) { return !approvals_.contains(entry.second); });
+  std::erase_if(approvalsAsked_, [&](const auto& entry) {
+    return entry.second.empty() || entry.second.back() <= nowMs - approvalTtl.count();
   });
   std::erase_if(buckets_, [&](const auto& entry) { return entry.second.fullMs <= nowMs; });
   std::erase_if(failures_, [&](const auto& entry) {

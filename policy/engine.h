@@ -70,6 +70,11 @@ class Engine {
 
   std::chrono::milliseconds approvalTtl{15 * 60 * 1000};
   std::chrono::milliseconds defaultLease{60 * 60 * 1000};
+  // Approvals asked are keyed by what agents choose (a query string makes a new one): at
+  // most this many per agent within approvalTtl, and this many kept in all; past either a
+  // call that needs a new one is halted (rule approval_limit) instead of queued.
+  size_t maxApprovalsPerAgent = 100;
+  size_t maxApprovals = 10'000;
 
  private:
   struct Bucket {
@@ -116,6 +121,10 @@ class Engine {
   std::unordered_map<std::string, Breaker> breakers_;              // host:port -> breaker
   std::vector<std::pair<std::string, int64_t>> quarantine_;        // agent glob, until
   std::map<std::string, Approval> approvals_;                      // id -> approval
+  // fingerprint '\n' policy digest -> the latest approval asked for it (one lookup per call,
+  // not a scan of every approval under the lock).
+  std::unordered_map<std::string, std::string> latestApproval_;
+  std::unordered_map<std::string, std::deque<int64_t>> approvalsAsked_;  // agent -> times
   uint64_t approvalCounter_ = 0;
   // evaluate()'s working lists, kept with their capacity from call to call (under mutex_).
   std::vector<Subject> subjects_;

@@ -183,10 +183,13 @@ TEST(EngineReview, ApprovalsAreForgottenAnHourAfterTheyEnd) {
   int64_t now = 1'000'000;
   Engine engine([&] { return now; });
   const std::string body = R"({"amount":1})";
-  std::vector<std::string> paths;
-  for (int i = 0; i < 500; ++i) paths.push_back("/transfer?n=" + std::to_string(i));
-  for (const auto& p : paths) {
-    auto c = request("a-1", "POST", "bank.internal", p.c_str(), body);
+  std::vector<std::string> paths, agents;
+  for (int i = 0; i < 500; ++i) {
+    paths.push_back("/transfer?n=" + std::to_string(i));
+    agents.push_back("a-" + std::to_string(i % 5));  // 100 each: the most one agent may ask
+  }
+  for (size_t i = 0; i < paths.size(); ++i) {
+    auto c = request(agents[i].c_str(), "POST", "bank.internal", paths[i].c_str(), body);
     ASSERT_EQ(engine.evaluate(*policy(), Extractor::extract(c, *policy())).verdict,
               Verdict::kApprove);
   }
@@ -274,6 +277,39 @@ breakers:
   EXPECT_EQ(decide().verdict, Verdict::kAllow);  // the probe
   now += 1'000;                                   // the probe still out
   EXPECT_EQ(decide().rule, "breaker") << "half-open: one probe at a time";
+}
+
+// Approvals are keyed by what the agent chooses (a query string makes a new one), and every
+// call an approve rule met scanned them all under the engine's lock: at most 100 are asked
+// per agent within their 15 minutes, and 10 000 kept, past which the call is halted.
+TEST(EngineReview, ApprovalsAskedAreCappedPerAgentAndInAll) {
+  int64_t now = 1'000'000;
+  Engine engine([&] { return now; });
+  engine.maxApprovals = 250;
+  const std::string body = R"({"amount":1})";
+  auto ask = [&](const std::string& agent, int n) {
+    std::string path = "/transfer?n=" + std::to_string(n);
+    auto c = request(agent.c_str(), "POST", "bank.internal", path.c_str(), body);
+    return engine.evaluate(*policy(), Extractor::extract(c, *policy()));
+  };
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(ask("a-1", i).verdict, Verdict::kApprove) << i;
+  auto d = ask("a-1", 100);
+  EXPECT_EQ(d.verdict, Verdict::kHalt);
+  EXPECT_EQ(d.rule, "approval_limit");
+  EXPECT_NE(d.reason.find("agent a-1 has asked for 100 approvals"), std::string::npos) << d.reason;
+  EXPECT_EQ(ask("a-1", 5).verdict, Verdict::kApprove) << "one already asked is still pending";
+  EXPECT_EQ(ask("a-2", 0).verdict, Verdict::kApprove) << "another agent is not held up";
+  for (int i = 1; i < 100; ++i) ask("a-2", i);
+  for (int i = 0; i < 49; ++i) ask("a-3", i);
+  EXPECT_EQ(engine.approvals().size(), 249u);
+  EXPECT_EQ(ask("a-3", 49).verdict, Verdict::kApprove);
+  d = ask("a-4", 0);  // 250 kept
+  EXPECT_EQ(d.rule, "approval_limit");
+  EXPECT_NE(d.reason.find("250 approvals are kept"), std::string::npos) << d.reason;
+  // Once they are void (15 min) and an hour past, they go, and the agents may ask again.
+  now += 15 * 60'000 + 3'600'000 + 1;
+  EXPECT_EQ(ask("a-1", 100).verdict, Verdict::kApprove);
+  EXPECT_EQ(engine.approvals().size(), 1u);
 }
 
 }  // namespace
