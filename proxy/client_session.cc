@@ -979,7 +979,7 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
   if (status < 0) {
     worker_.metrics().upstreamConnectErrors("dns").Increment();
     upstreamFailed(502, "upstream_unavailable",
-                   "cannot resolve " + target_.upstreamHost + ": " + uv_strerror(status));
+                   "cannot resolve " + target_.upstreamHost + ": " + Resolver::describe(status));
     return;
   }
   // egress.deny_addresses: whatever name (or IP form) led here, no connection goes there.

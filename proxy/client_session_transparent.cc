@@ -170,7 +170,7 @@ void ClientSession::onTransparentHost(int status, const std::vector<sockaddr_sto
   if (status == UV_EINVAL) {
     reason += "the Host header names another port";
   } else if (status < 0) {
-    reason += std::string("it does not resolve (") + uv_strerror(status) + ")";
+    reason += "it does not resolve (" + Resolver::describe(status) + ")";
   } else if (sockaddr_storage literal; Resolver::parseLiteral(target_.host, literal)) {
     reason += "it is another address";
   } else {

@@ -1,5 +1,6 @@
 // The tollgate binary: `tollgate run -c FILE`, `tollgate --version`, `tollgate help`.
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -154,6 +155,11 @@ int poolsInit(const std::vector<std::string_view>& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // libuv's thread pool (name lookups; 4 threads by default, shared by every worker) is read
+  // from the environment at its first use. A lookup holds a thread for the system
+  // resolver's whole timeout, so the workers' lookups in flight (Resolver::kMaxInflight
+  // each) get threads enough for two workers; an operator's own setting wins.
+  ::setenv("UV_THREADPOOL_SIZE", "64", 0);
   std::vector<std::string_view> args(argv + 1, argv + argc);
   if (args.empty()) return usageError("no command");
   auto cmd = args[0];

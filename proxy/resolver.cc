@@ -41,13 +41,17 @@ void Resolver::resolve(const std::string& host, Waiter* waiter) {
   uint64_t now = uv_now(loop_);
   if (auto it = cache_.find(host); it != cache_.end()) {
     if (it->second.expiresMs > now) {
-      waiter->onResolved(0, it->second.addrs);
+      waiter->onResolved(it->second.status, it->second.addrs);
       return;
     }
     cache_.erase(it);
   }
   if (auto it = inflight_.find(host); it != inflight_.end()) {
     it->second->waiters.push_back(waiter);
+    return;
+  }
+  if (inflight_.size() >= kMaxInflight) {
+    waiter->onResolved(kBusy, {});
     return;
   }
   auto* lookup = new Lookup{{}, this, host, {waiter}};
@@ -65,7 +69,14 @@ void Resolver::resolve(const std::string& host, Waiter* waiter) {
   inflight_[host] = lookup;
 }
 
-void Resolver::remember(const std::string& host, const std::vector<sockaddr_storage>& addrs) {
+std::string Resolver::describe(int status) {
+  if (status == kBusy)
+    return "too many name lookups in flight (" + std::to_string(kMaxInflight) + " per worker)";
+  return uv_strerror(status);
+}
+
+void Resolver::remember(const std::string& host, int status,
+                        const std::vector<sockaddr_storage>& addrs) {
   uint64_t now = uv_now(loop_);
   // Bounded: agents choose the names (a transparent listener looks up every Host), so
   // expired entries go when the cache is full, and past that a name is not kept.
@@ -73,7 +84,10 @@ void Resolver::remember(const std::string& host, const std::vector<sockaddr_stor
     std::erase_if(cache_, [now](const auto& entry) { return entry.second.expiresMs <= now; });
     if (cache_.size() >= kMaxCached) return;
   }
-  cache_[host] = {addrs, now + static_cast<uint64_t>(ttl_.count())};
+  // A failure for at most kNegativeMs: the name may come to resolve.
+  constexpr uint64_t kNegativeMs = 5'000;
+  auto ttl = static_cast<uint64_t>(ttl_.count());
+  cache_[host] = {addrs, now + (status == 0 ? ttl : std::min(ttl, kNegativeMs)), status};
 }
 
 void Resolver::cancel(Waiter* waiter) {
@@ -97,7 +111,8 @@ void Resolver::onLookup(uv_getaddrinfo_t* req, int status, addrinfo* res) {
   if (self) {
     self->inflight_.erase(lookup->host);
     if (status == 0 && addrs.empty()) status = UV_EAI_NONAME;
-    if (status == 0 && self->ttl_.count() > 0) self->remember(lookup->host, addrs);
+    if (self->ttl_.count() > 0 && status != UV_ECANCELED)
+      self->remember(lookup->host, status, addrs);
     // A waiter may cancel others while being called; walk a copy that cancel() cannot touch.
     auto waiters = std::move(lookup->waiters);
     for (auto* w : waiters) w->onResolved(status, addrs);

@@ -36,15 +36,25 @@ class Resolver {
   static bool parseLiteral(const std::string& host, sockaddr_storage& out);
   size_t cached() const { return cache_.size(); }
   static constexpr size_t kMaxCached = 4096;
+  // Names looked up at once by one worker, at most. A lookup holds one of libuv's pool
+  // threads (shared by the process) for the system resolver's whole timeout, which the
+  // caller's deadline cannot cut short: an agent naming hosts under a silent name server
+  // would otherwise take every thread, and every agent's lookups would wait behind them.
+  static constexpr size_t kMaxInflight = 32;
+  // What resolve() answers past kMaxInflight; describe() says it in words.
+  static constexpr int kBusy = UV_EBUSY;
+  static std::string describe(int status);
 
  private:
   struct Lookup;
   struct Entry {
     std::vector<sockaddr_storage> addrs;
     uint64_t expiresMs = 0;
+    int status = 0;  // a failure is remembered too (briefly), so a name that does not
+                     // resolve does not take a pool thread again at every call
   };
   static void onLookup(uv_getaddrinfo_t* req, int status, addrinfo* res);
-  void remember(const std::string& host, const std::vector<sockaddr_storage>& addrs);
+  void remember(const std::string& host, int status, const std::vector<sockaddr_storage>& addrs);
 
   uv_loop_t* loop_;
   std::chrono::milliseconds ttl_;

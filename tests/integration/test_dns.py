@@ -15,12 +15,21 @@ import uuid
 from tollgate_harness import Tollgate, parse_response
 
 BLACKHOLE = """
-import socket
+import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", 53))
 print("ready", flush=True)
 while True:
-    s.recvfrom(4096)  # and never answer
+    q, peer = s.recvfrom(4096)  # and never answer, but for names beginning with nx
+    labels, i = [], 12
+    while i < len(q) and q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode(errors="replace"))
+        i += 1 + q[i]
+    if labels and labels[0].startswith("nx"):
+        with open(sys.argv[1], "a") as f:
+            f.write(".".join(labels) + "\\n")
+        # NXDOMAIN: the query's id and question, flags QR RD RA, rcode 3.
+        s.sendto(q[:2] + b"\\x81\\x83" + q[4:6] + b"\\x00\\x00\\x00\\x00\\x00\\x00" + q[12:i + 5], peer)
 """
 
 
@@ -50,7 +59,8 @@ class SilentNameServerTest(unittest.TestCase):
             f.write("nameserver 127.0.0.1\noptions timeout:10 attempts:1\n")
         with open(os.path.join(cls.etc, "hosts"), "w") as f:
             f.write("127.0.0.1 localhost\n")
-        cls.server = subprocess.Popen(["ip", "netns", "exec", cls.ns, "python3", "-c", BLACKHOLE],
+        cls.queries = os.path.join(cls.etc, "nx-queries")
+        cls.server = subprocess.Popen(["ip", "netns", "exec", cls.ns, "python3", "-c", BLACKHOLE, cls.queries],
                                       stdout=subprocess.PIPE, text=True)
         assert cls.server.stdout.readline().strip() == "ready"
 
@@ -79,6 +89,47 @@ class SilentNameServerTest(unittest.TestCase):
                 self.assertIn(f"cannot resolve {name} within 500 ms", doc["reason"])
                 self.assertLess(took, 3.0)
             self.assertIsNone(tg.proc.poll())
+
+    def curl(self, tg, name):
+        return subprocess.Popen(["ip", "netns", "exec", self.ns, "curl", "-s", "-i", "--max-time", "10",
+                                 "-x", f"http://127.0.0.1:{tg.proxy_port}", f"http://{name}/x"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def test_lookups_in_flight_are_capped_so_one_agent_cannot_take_every_thread(self):
+        """A lookup holds a pool thread for the resolver's whole 10 s whatever the call's
+        deadline: 100 names at once under the silent server would take every thread, and
+        every other lookup would wait behind them. Past 32 per worker, a lookup fails at
+        once with the reason."""
+        with Tollgate({"timeouts": {"upstream_connect": "1s"}}, wrap=["ip", "netns", "exec", self.ns]) as tg:
+            procs = [self.curl(tg, f"n{i}.never.test") for i in range(100)]  # bounded: 100, 10 s each
+            reasons = []
+            for p in procs:
+                out, _ = p.communicate(timeout=30)
+                status, _, body = parse_response(out)
+                reasons.append((status, json.loads(body)["reason"]))
+            busy = [r for s, r in reasons if s == 502 and "too many name lookups in flight (32 per worker)" in r]
+            waited = [r for s, r in reasons if s == 504 and "within 1000 ms" in r]
+            self.assertEqual(len(busy) + len(waited), 100, reasons)
+            self.assertGreaterEqual(len(busy), 100 - 2 * 32, reasons)  # two workers
+            self.assertLessEqual(len(waited), 2 * 32)
+            self.assertIsNone(tg.proc.poll())
+
+    def test_a_name_that_does_not_exist_is_remembered_briefly(self):
+        """NXDOMAIN is cached like an answer (for at most 5 s): a name that does not
+        resolve does not take a pool thread again at every call."""
+        if os.path.exists(self.queries):
+            os.unlink(self.queries)
+        with Tollgate(wrap=["ip", "netns", "exec", self.ns]) as tg:
+            for _ in range(6):
+                out, _ = self.curl(tg, "nx-missing.test").communicate(timeout=30)
+                status, _, body = parse_response(out)
+                self.assertEqual(status, 502, out)
+                self.assertIn("cannot resolve nx-missing.test", json.loads(body)["reason"])
+            with open(self.queries) as f:
+                asked = [l for l in f.read().split() if l == "nx-missing.test"]
+            # A and AAAA, by each of the two workers at most: not one lookup per call.
+            self.assertLessEqual(len(asked), 4, asked)
+            self.assertGreaterEqual(len(asked), 1)
 
 
 if __name__ == "__main__":
