@@ -55,6 +55,9 @@ Status configureServerContext(SSL_CTX* ctx) {
     return Error{-1, "SSL_CTX: " + takeOpenSslErrors()};
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
   SSL_CTX_set_alpn_select_cb(ctx, selectHttp11, nullptr);
+  // TLS 1.2 clients without tickets are resumed from a cache on the server (~1-2 KiB a
+  // session; OpenSSL keeps 20 480 by default): agents open the sessions, so fewer.
+  SSL_CTX_sess_set_cache_size(ctx, kServerSessionCache);
   return Status::success();
 }
 

@@ -78,6 +78,8 @@ using LeafPtr = std::shared_ptr<const Leaf>;
 Result<SslCtxPtr> makeServerContext(const Leaf& leaf);
 // What every intercepting server context has: TLS 1.2+, no renegotiation, ALPN http/1.1.
 Status configureServerContext(SSL_CTX* ctx);
+// Sessions a server context keeps for resumption without tickets, at most.
+inline constexpr long kServerSessionCache = 4096;
 
 class LeafCache {
  public:

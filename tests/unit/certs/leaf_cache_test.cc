@@ -207,6 +207,7 @@ TEST(LeafCache, ServerContextCompletesAVerifiedHandshakeWithHttp11) {
   ASSERT_TRUE(ctx.ok()) << ctx.error().message;
   EXPECT_EQ(cache->serverContext("tools.example.com").value().get(), ctx.value().get());
   EXPECT_EQ(SSL_CTX_get_min_proto_version(ctx.value().get()), TLS1_2_VERSION);
+  EXPECT_EQ(SSL_CTX_sess_get_cache_size(ctx.value().get()), kServerSessionCache);
   STACK_OF(X509)* chain = nullptr;
   ASSERT_EQ(SSL_CTX_get0_chain_certs(ctx.value().get(), &chain), 1);
   ASSERT_EQ(sk_X509_num(chain), 1);
