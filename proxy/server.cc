@@ -8,8 +8,6 @@
 #include <csignal>
 #include <cstring>
 #include <filesystem>
-#include <map>
-#include <set>
 #include <thread>
 
 #include "audit/dir_export.h"
@@ -19,6 +17,7 @@
 #include "common/log.h"
 #include "policy/host_list_decider.h"
 #include "policy/redis_client.h"
+#include "proxy/policy_watch.h"
 #include "proxy/resolver.h"
 
 namespace tollgate {
@@ -326,8 +325,7 @@ int Server::run() {
     uv_signal_t term, intr, hup;
     Server* server;
     std::vector<std::unique_ptr<Worker>>* workers;
-    std::vector<uv_fs_event_t*> watches;
-    uv_timer_t* debounce;
+    PolicyWatch* policyWatch = nullptr;
     bool stopping = false;
   } signals{};
   signals.server = this;
@@ -348,8 +346,7 @@ int Server::run() {
     uv_unref(reinterpret_cast<uv_handle_t*>(&s->term));
     uv_unref(reinterpret_cast<uv_handle_t*>(&s->intr));
     uv_unref(reinterpret_cast<uv_handle_t*>(&s->hup));
-    for (auto* w : s->watches) uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(s->debounce), nullptr);
+    if (s->policyWatch) s->policyWatch->close();
   };
   for (auto* h : {&signals.term, &signals.intr, &signals.hup}) {
     uv_signal_init(&loop, h);
@@ -392,55 +389,10 @@ int Server::run() {
   for (auto& w : workers_) w->start();
   admin_->setReady(true);
 
-  // Policy files are watched through their directories: editors replace files by rename.
-  struct Watch {
-    uv_fs_event_t event;
-    Server* server;
-    std::set<std::string> names;
-    uv_timer_t* debounce;
-  };
-  uv_timer_t debounce;
-  uv_timer_init(&loop, &debounce);
-  debounce.data = this;
-  std::vector<std::unique_ptr<Watch>> watches;
-  std::map<std::string, Watch*> byDir;
-  for (const auto& file : config_.policies) {
-    auto path = std::filesystem::path(file);
-    auto dir = path.parent_path().empty() ? std::string(".") : path.parent_path().string();
-    if (!byDir.count(dir)) {
-      auto w = std::make_unique<Watch>();
-      w->server = this;
-      w->debounce = &debounce;
-      uv_fs_event_init(&loop, &w->event);
-      w->event.data = w.get();
-      int rc = uv_fs_event_start(
-          &w->event,
-          [](uv_fs_event_t* e, const char* name, int, int status) {
-            auto* watch = static_cast<Watch*>(e->data);
-            // The policy files themselves, or "..data": Kubernetes mounts a ConfigMap's files
-            // as links through ..data, which an update swaps by rename.
-            if (status < 0 || !name ||
-                (!watch->names.count(name) && std::string_view(name) != "..data"))
-              return;
-            // Several events arrive for one save; reload once they settle.
-            uv_timer_start(
-                watch->debounce,
-                [](uv_timer_t* t) { static_cast<Server*>(t->data)->reload("file"); }, 200, 0);
-          },
-          dir.c_str(), 0);
-      if (rc != 0) {
-        Log::Line(LogLevel::kWarn, "cannot watch policies")
-            .add("dir", dir)
-            .add("error", std::string(uv_strerror(rc)))
-            .emit();
-      }
-      byDir[dir] = w.get();
-      watches.push_back(std::move(w));
-    }
-    byDir[dir]->names.insert(path.filename().string());
-  }
-  signals.debounce = &debounce;
-  for (auto& w : watches) signals.watches.push_back(&w->event);
+  // Edits of the policy files, once whole (PolicyWatch).
+  PolicyWatch policyWatch(&loop, config_.policies, [this] { reload("file"); });
+  if (!config_.policies.empty()) policyWatch.start();
+  signals.policyWatch = &policyWatch;
   uv_run(&loop, UV_RUN_DEFAULT);
   for (auto& w : workers_) w->join();
   audit_->setObserver(nullptr);

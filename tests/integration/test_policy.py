@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -266,6 +267,65 @@ class ConfigMapTest(unittest.TestCase):
                 os.symlink("..v2", os.path.join(conf, "..data_tmp"))
                 os.rename(os.path.join(conf, "..data_tmp"), os.path.join(conf, "..data"))
                 wait_for(lambda: status("agent-9") == 403, timeout=5, what="the ConfigMap's new policy")
+                # kubelet then removes the old data; the next update is seen too.
+                shutil.rmtree(os.path.join(conf, "..v1"))
+                os.makedirs(os.path.join(conf, "..v3"))
+                with open(os.path.join(conf, "..v3", "policy.yaml"), "w") as f:
+                    f.write(POLICY)
+                os.symlink("..v3", os.path.join(conf, "..data_tmp"))
+                os.rename(os.path.join(conf, "..data_tmp"), os.path.join(conf, "..data"))
+                wait_for(lambda: status("agent-9") == 200, timeout=5, what="the ConfigMap's third policy")
+
+
+class PolicyWatchTest(unittest.TestCase):
+    """Edits are applied once whole: a policy file still being written is not read half-way
+    (its first rules can parse and say less than the whole), and a directory reached by a
+    link that is swapped (`current -> releases/N`) is followed from one release to the next."""
+
+    def status(self, tg, origin, agent):
+        rc, out, _ = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"X-Agent-Id: {agent}",
+                          origin.url("/hello"), proxy=tg.proxy)
+        return int(out)
+
+    def reloads(self, tg):
+        return [l for l in tg.logs() if l.get("msg") in ("reload", "reload rejected")]
+
+    def test_a_file_still_being_written_is_not_applied_half_way(self):
+        with HttpOrigin() as origin, Tollgate({}, policy=POLICY) as tg:
+            self.assertEqual(self.status(tg, origin, "agent-9"), 200)
+            with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+                # The first half alone parses, and bans no one; the rest bans agent-9.
+                f.write(POLICY)
+                f.flush()
+                time.sleep(1.0)  # a writer that pauses (a slow pipe, scp) past any debounce
+                self.assertEqual(self.reloads(tg), [], "a half-written file was read")
+                f.write('  - {id: ban-9, effect: halt, match: {agent: agent-9}}\n')
+            wait_for(lambda: self.status(tg, origin, "agent-9") == 403, timeout=5, what="the whole policy")
+            self.assertEqual(len(self.reloads(tg)), 1, self.reloads(tg))
+
+    def test_a_swapped_release_link_is_followed_from_release_to_release(self):
+        with HttpOrigin() as origin:
+            tg = Tollgate()
+            root = os.path.join(tg.dir, "deploy")
+            for n, extra in ((1, ""), (2, '  - {id: ban-9, effect: halt, match: {agent: agent-9}}\n'), (3, "")):
+                os.makedirs(os.path.join(root, "releases", str(n)))
+                with open(os.path.join(root, "releases", str(n), "policy.yaml"), "w") as f:
+                    f.write(POLICY + extra)
+            os.symlink("releases/1", os.path.join(root, "current"))
+            tg.config.pop("hosts")
+            tg.config["policies"] = ["deploy/current/policy.yaml"]
+            with open(tg.config_path, "w") as f:
+                json.dump(tg.config, f)
+
+            def swap(n):  # as deploy tools do: a new link renamed over the old one
+                os.symlink(f"releases/{n}", os.path.join(root, "current.new"))
+                os.rename(os.path.join(root, "current.new"), os.path.join(root, "current"))
+            with tg:
+                self.assertEqual(self.status(tg, origin, "agent-9"), 200)
+                swap(2)
+                wait_for(lambda: self.status(tg, origin, "agent-9") == 403, timeout=5, what="release 2")
+                swap(3)
+                wait_for(lambda: self.status(tg, origin, "agent-9") == 200, timeout=5, what="release 3")
 
 
 class BreakerTest(unittest.TestCase):
