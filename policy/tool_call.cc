@@ -386,7 +386,11 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
       if (keys > set.maxJsonKeys()) return Error{-1, "JSON body with more keys than max_json_keys"};
       auto parsed = nlohmann::json::parse(call.body.begin(), call.body.end(), nullptr, false);
       if (parsed.is_discarded()) return Error{-1, "invalid JSON body"};
-      // MCP: JSON-RPC 2.0, a single call or a batch.
+      // MCP: JSON-RPC 2.0, a single call or a batch. A tool's name is an identifier: one
+      // longer than kMaxMcpName is refused (it goes into the call's audit record, its tool and
+      // its reason, and a name of the body's size made records of ~130 KiB each).
+      constexpr size_t kMaxMcpName = 256;
+      bool nameTooLong = false;
       auto visit = [&](const nlohmann::json& msg) {
         if (!msg.is_object() || !msg.contains("jsonrpc") || !msg.contains("method") ||
             !msg["method"].is_string())
@@ -395,6 +399,10 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
         if (tc.mcpMethod_ == "tools/call" && msg.contains("params") && msg["params"].is_object()) {
           const auto& p = msg["params"];
           if (p.contains("name") && p["name"].is_string()) {
+            if (p["name"].get_ref<const std::string&>().size() > kMaxMcpName) {
+              nameTooLong = true;
+              return;
+            }
             tc.mcpTools_.push_back(p["name"].get<std::string>());
             tc.mcpArguments_.push_back(p.contains("arguments") ? p["arguments"] : nlohmann::json());
           }
@@ -405,6 +413,8 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
       } else {
         visit(parsed);
       }
+      if (nameTooLong)
+        return Error{-1, "MCP tool name longer than " + std::to_string(kMaxMcpName) + " bytes"};
       body = std::move(parsed);
     }
   }

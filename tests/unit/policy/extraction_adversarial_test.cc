@@ -57,6 +57,9 @@ TEST_P(Disguises, AreHalted) {
   std::string body = g.body;
   if (body == "DEEP") body = std::string(100, '[') + std::string(100, ']');
   if (body == "HUGE") body = "{\"pad\":\"" + std::string(8000, 'a') + "\"}";
+  if (body == "LONGNAME")
+    body = R"({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_)" +
+           std::string(295, 'a') + "\"}}";
   if (body == "WIDE") {
     body = "{";
     for (int i = 0; i < 60; ++i) body += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":1";
@@ -181,6 +184,8 @@ INSTANTIATE_TEST_SUITE_P(
                  "application/json", "default-deny"},
         Disguise{"deeply nested body", "mcp.internal", "/mcp", "POST", "DEEP", "application/json",
                  "extract"},
+        Disguise{"MCP tool name of 300 bytes", "mcp.internal", "/mcp", "POST", "LONGNAME",
+                 "application/json", "extract"},
         Disguise{"oversized body", "mcp.internal", "/mcp", "POST", "HUGE", "application/json",
                  "extract"},
         Disguise{"invalid JSON", "mcp.internal", "/mcp", "POST",
