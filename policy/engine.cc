@@ -351,8 +351,8 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     fp = call.fingerprint();
     approvalKey = fp + '\n' + set.digest();
     auto latest = latestApproval_.find(approvalKey);
-    auto found = latest == latestApproval_.end() ? approvals_.end()
-                                                  : approvals_.find(latest->second);
+    auto found =
+        latest == latestApproval_.end() ? approvals_.end() : approvals_.find(latest->second);
     if (found != approvals_.end()) {
       const Approval& a = found->second;
       if (a.state == "approved" && a.leaseUntilMs > now) {
@@ -378,8 +378,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
       bool agentCap = asked.size() >= maxApprovalsPerAgent;
       return finish(halt("approval_limit",
                          agentCap ? "agent " + call.agent() + " has asked for " +
-                                        std::to_string(asked.size()) +
-                                        " approvals in the last " +
+                                        std::to_string(asked.size()) + " approvals in the last " +
                                         std::to_string(approvalTtl.count() / 60'000) +
                                         " minutes: no more are queued until those expire"
                                   : std::to_string(approvals_.size()) +

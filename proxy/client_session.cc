@@ -183,7 +183,9 @@ UpgradeTokens upgradeTokens(const HttpHead& head) {
 }
 
 // Whether the request's Upgrade asks for WebSocket (RFC 6455 4.1), among what it lists.
-bool isWebSocketUpgrade(const HttpHead& head) { return upgradeTokens(head).webSocket > 0; }
+bool isWebSocketUpgrade(const HttpHead& head) {
+  return upgradeTokens(head).webSocket > 0;
+}
 
 // The route of a reverse listener for host and path. The host first, as a virtual server is
 // chosen: its exact name, else the longest `*.suffix` that matches, else `*`; then, among
@@ -891,10 +893,10 @@ void ClientSession::onDecision(const Decision& decided) {
   connectUpstream();
 }
 
-void ClientSession::onAuditDurable(bool durable) {
+void ClientSession::onAuditDurable(AuditWait result) {
   --pendingCallbacks_;
   if (closed_) return;
-  if (durable) {
+  if (result == AuditWait::kDurable) {
     connectUpstream();
     return;
   }
@@ -905,7 +907,10 @@ void ClientSession::onAuditDurable(bool durable) {
   d.verdict = Verdict::kHalt;
   d.context.reset();
   d.rule = "audit";
-  d.reason = "audit_unavailable: the audit stream cannot be written (disk full or failing)";
+  d.reason = result == AuditWait::kTimedOut
+                 ? "audit_unavailable: the call's audit record was not on disk within " +
+                       std::to_string(Worker::kDurableWaitMs / 1000) + " s (the disk is stalled)"
+                 : "audit_unavailable: the audit stream cannot be written (disk full or failing)";
   decision_ = d;
   decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
   haltCounter(worker_.metrics(), "audit").Increment();
@@ -1326,7 +1331,8 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
     p.fail(502, "101 without Upgrade and Connection: upgrade");
     return -1;
   }
-  if (auto tokens = upgradeTokens(head); status == 101 && (tokens.all != 1 || tokens.webSocket != 1)) {
+  if (auto tokens = upgradeTokens(head);
+      status == 101 && (tokens.all != 1 || tokens.webSocket != 1)) {
     // Only WebSocket was asked for; a switch to anything else (h2c) would tunnel requests
     // no one decides.
     p.fail(502, "101 to " + std::string(head.find("upgrade").value_or("")) +

@@ -27,6 +27,9 @@ namespace tollgate {
 class Worker;
 struct ListenerRuntime;
 
+// How a call's wait for its audit record ended (Worker::awaitDurable()).
+enum class AuditWait { kDurable, kFailed, kTimedOut };
+
 class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
  public:
   ClientSession(Worker& worker, ListenerRuntime& listener, StreamPtr client);
@@ -45,7 +48,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   // True while a callback from outside (a decider) is still to come.
   bool busy() const { return pendingCallbacks_ > 0; }
   // The worker's answer to awaitDurable(): the call's audit record is durable, or not.
-  void onAuditDurable(bool durable);
+  void onAuditDurable(AuditWait result);
 
  private:
   // In order: a request's head is read, its body maybe buffered for the decision, then it

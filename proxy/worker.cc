@@ -22,8 +22,7 @@ Worker::Worker(SharedState& shared, unsigned index)
       pool_(&loop_.loop, shared.config->timeouts.upstreamIdle,
             shared.config->limits.upstreamIdlePerHost) {
   if (struct rlimit rl; ::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-                        rl.rlim_cur < static_cast<rlim_t>(INT32_MAX))
-  {
+                        rl.rlim_cur < static_cast<rlim_t>(INT32_MAX)) {
     fdLimit_ = static_cast<uint64_t>(rl.rlim_cur);
     fdWarnAt_ = static_cast<int>(rl.rlim_cur / 10 * 9);
   }
@@ -124,8 +123,7 @@ void Worker::warnRefused(Listening* l) {
   if (l->acceptErrors > 0)
     line.add("accept_errors", l->acceptErrors).add("error", std::string(uv_strerror(l->lastError)));
   if (l->nearFdLimit > 0) {
-    line.add("near_open_file_limit", l->nearFdLimit)
-        .add("open_file_limit", l->worker->fdLimit_);
+    line.add("near_open_file_limit", l->nearFdLimit).add("open_file_limit", l->worker->fdLimit_);
   }
   if (l->nearFdLimit > 0 || l->lastError == UV_EMFILE || l->lastError == UV_ENFILE)
     line.add("hint",
@@ -183,7 +181,13 @@ void Worker::release(ClientSession* session) {
 }
 
 void Worker::awaitDurable(uint64_t seq, ClientSession* session) {
-  durableWaiters_.emplace_back(seq, session);
+  uint64_t now = uv_now(&loop_.loop);
+  if (durableWaiters_.empty()) {
+    if (!durableTimer_)
+      durableTimer_ = Timer::create(&loop_.loop, [this] { expireDurableWaiters(); });
+    durableTimer_->start(kDurableWaitMs);
+  }
+  durableWaiters_.push_back({seq, session, now});
   durableWanted_ = std::max(durableWanted_, seq);  // asked for in onPrepare
   // Seen by the writer before it reads durableSeq() again: either it wakes us, or the
   // record is durable already and the check below finds it.
@@ -199,12 +203,33 @@ void Worker::notifyDurable() {
 void Worker::wakeDurable() {
   uint64_t durable = shared_.audit->durableSeq();
   bool healthy = shared_.audit->healthy();
-  while (!durableWaiters_.empty() && (durableWaiters_.front().first <= durable || !healthy)) {
-    auto [seq, session] = durableWaiters_.front();
+  while (!durableWaiters_.empty() && (durableWaiters_.front().seq <= durable || !healthy)) {
+    auto w = durableWaiters_.front();
     durableWaiters_.pop_front();
-    session->onAuditDurable(seq <= durable);
+    w.session->onAuditDurable(w.seq <= durable ? AuditWait::kDurable : AuditWait::kFailed);
   }
-  if (durableWaiters_.empty()) durableWaiting_.store(false);
+  if (durableWaiters_.empty()) {
+    durableWaiting_.store(false);
+    if (durableTimer_) durableTimer_->stop();
+  } else if (durableTimer_) {
+    uint64_t waited = uv_now(&loop_.loop) - durableWaiters_.front().sinceMs;
+    durableTimer_->start(waited >= kDurableWaitMs ? 0 : kDurableWaitMs - waited);
+  }
+}
+
+void Worker::expireDurableWaiters() {
+  wakeDurable();  // what became durable meanwhile goes on
+  uint64_t now = uv_now(&loop_.loop);
+  while (!durableWaiters_.empty() && now - durableWaiters_.front().sinceMs >= kDurableWaitMs) {
+    auto w = durableWaiters_.front();
+    durableWaiters_.pop_front();
+    w.session->onAuditDurable(AuditWait::kTimedOut);
+  }
+  if (durableWaiters_.empty()) {
+    durableWaiting_.store(false);
+  } else {
+    durableTimer_->start(kDurableWaitMs - (now - durableWaiters_.front().sinceMs));
+  }
 }
 
 void Worker::onCheck(uv_check_t* check) {

@@ -83,11 +83,14 @@ class Worker {
   // Called by a session that has closed its handles; it is deleted on the next loop turn.
   void release(ClientSession* session);
 
-  // Calls session->onAuditDurable(ok) once audit record `seq` is durable (ok) or the audit
-  // stream has failed (!ok). Seqs awaited by one worker only grow (its records are made in
-  // order). The session stays busy, and so alive, until then. The sync is asked for once at
-  // the end of the loop turn, for every call the turn decided: one fsync takes them all.
+  // Calls session->onAuditDurable(result) once audit record `seq` is durable, the audit
+  // stream has failed, or kDurableWaitMs have passed (a disk that stalls without an error:
+  // the call is then refused, fail closed, rather than held for as long as the disk takes).
+  // Seqs awaited by one worker only grow (its records are made in order). The session stays
+  // busy, and so alive, until then. The sync is asked for once at the end of the loop turn,
+  // for every call the turn decided: one fsync takes them all.
   void awaitDurable(uint64_t seq, ClientSession* session);
+  static constexpr uint64_t kDurableWaitMs = 10'000;
   // Thread-safe, from the audit writer: records became durable, or the stream failed.
   void notifyDurable();
 
@@ -135,7 +138,14 @@ class Worker {
   LoopHolder loop_;
   uv_async_t drainAsync_;
   uv_async_t durableAsync_;
-  std::deque<std::pair<uint64_t, ClientSession*>> durableWaiters_;
+  struct DurableWaiter {
+    uint64_t seq;
+    ClientSession* session;
+    uint64_t sinceMs;  // loop time
+  };
+  std::deque<DurableWaiter> durableWaiters_;
+  TimerPtr durableTimer_;  // the oldest waiter's kDurableWaitMs
+  void expireDurableWaiters();
   std::atomic<bool> durableWaiting_{false};
   uint64_t durableWanted_ = 0;     // the highest seq a call of this worker waits for
   uint64_t durableRequested_ = 0;  // asked of the audit sink (before the loop polls)

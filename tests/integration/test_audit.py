@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -377,6 +378,53 @@ class AuditStreamTest(unittest.TestCase):
         finally:
             subprocess.run(["umount", "-l", mnt], capture_output=True)
             os.rmdir(mnt)
+
+    def test_a_disk_that_stalls_refuses_calls_after_ten_seconds_and_recovers(self):
+        """A file system frozen (fsfreeze: a stalled disk that returns no error) holds the
+        audit writer's sync: a call waiting for its record is refused with 403
+        audit_unavailable after 10 s, not held for as long as the disk takes; once the disk
+        thaws, calls go on."""
+        tmp = tempfile.mkdtemp(prefix="tollgate-audit-freeze-")
+        image, mnt = os.path.join(tmp, "fs.img"), os.path.join(tmp, "mnt")
+        os.makedirs(mnt)
+        with open(image, "wb") as f:
+            f.truncate(32 << 20)
+        ok = (subprocess.run(["mkfs.ext4", "-q", image], capture_output=True).returncode == 0 and
+              subprocess.run(["mount", "-o", "loop", image, mnt], capture_output=True).returncode == 0)
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.skipTest("cannot mount a loop file system here (needs root): the stall test did not run")
+        frozen = False
+        try:
+            with HttpOrigin() as origin:
+                tg = Tollgate({"hosts": {"allow": ["127.0.0.1"]}, "audit": {"dir": os.path.join(mnt, "audit")}})
+                with tg:
+                    rc, out, _ = curl("-i", origin.url("/hello"), proxy=tg.proxy)
+                    self.assertEqual(parse_response(out)[0], 200)
+                    subprocess.run(["fsfreeze", "-f", mnt], check=True, timeout=30)
+                    frozen = True
+                    start = time.monotonic()
+                    rc, out, _ = curl("-i", "--max-time", "30", origin.url("/hello?stalled"), proxy=tg.proxy)
+                    took = time.monotonic() - start
+                    status, _, body = parse_response(out)
+                    self.assertEqual(status, 403, out)
+                    doc = json.loads(body)
+                    self.assertEqual(doc["rule"], "audit")
+                    self.assertIn("not on disk within 10 s", doc["reason"])
+                    self.assertTrue(9 <= took < 20, took)
+                    self.assertNotIn("/hello?stalled", [t for _, t, _ in list(origin.requests)])
+                    subprocess.run(["fsfreeze", "-u", mnt], check=True, timeout=30)
+                    frozen = False
+                    rc, out, _ = curl("-i", origin.url("/hello?thawed"), proxy=tg.proxy)
+                    self.assertEqual(parse_response(out)[0], 200, out)
+                    self.assertEqual(tg.stop(), 0)
+                r = verify(os.path.join(mnt, "audit"))
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        finally:
+            if frozen:
+                subprocess.run(["fsfreeze", "-u", mnt], capture_output=True)
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def test_kill_9_under_load_loses_no_record_of_a_forwarded_call(self):
         """Calls run on 16 keep-alive connections, each to its own path, when the sidecar is
