@@ -127,6 +127,7 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
                       halt.reason = std::string(budgetStatusName(b.status)) + ": " + b.reason;
                       halt.tool = d.tool;
                       halt.policyDigest = d.policyDigest;
+                      halt.agentClass = d.agentClass;  // a budget halt is an agent's step too
                       done(std::move(halt));
                     });
 }

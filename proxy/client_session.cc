@@ -853,9 +853,11 @@ void ClientSession::onDecision(const Decision& decided) {
   if (!d.agentClass.empty())
     agentStepCounter(worker_.metrics(), d.verdict, d.agentClass).Increment();
   if (d.verdict == Verdict::kHalt) {
+    // A budget that cannot cover the call is a halt cause of its own (DESIGN §3), not a rule.
     bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
-                   d.rule == "breaker" || d.rule == "audit" || d.rule.starts_with("hosts.") ||
-                   d.rule.starts_with("tls.") || d.rule.starts_with("transparent.");
+                   d.rule == "breaker" || d.rule == "budget" || d.rule == "audit" ||
+                   d.rule.starts_with("hosts.") || d.rule.starts_with("tls.") ||
+                   d.rule.starts_with("transparent.");
     haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
   }
   const auto& head = request_.head();

@@ -40,7 +40,7 @@ class Metrics {
   prometheus::Counter& agentStep(const std::string& agentClass, const std::string& decision);
   prometheus::Counter& reloads(bool ok);
   // Halts by reason: the decider's built-in reasons (default-deny, extract, cascade,
-  // breaker), "rule" for a policy rule, "bad_request" for traffic the proxy refused.
+  // breaker, budget), "rule" for a policy rule, "bad_request" for traffic the proxy refused.
   prometheus::Counter& halts(const std::string& reason);
   prometheus::Histogram& decisionSeconds() { return *decisionSeconds_; }
   // Budget accounts, refreshed from the store when /metrics is read.

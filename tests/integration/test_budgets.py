@@ -37,6 +37,14 @@ class BudgetTest(unittest.TestCase):
         rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "--data", "x", origin.url("/cost" + query), proxy=tg.proxy)
         return parse_response(out)
 
+    def metric(self, tg, series):
+        """The value of one series (name and labels as rendered) on /metrics; None: absent."""
+        _, text = tg.admin("/metrics")
+        for line in text.decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return None
+
     def pools(self, tg):
         code, body = tg.admin("/v1/pools")
         self.assertEqual(code, 200)
@@ -63,6 +71,12 @@ class BudgetTest(unittest.TestCase):
             self.assertEqual(self.pools(tg)[("team", "risk")]["committed"], 2)
             _, metrics = tg.admin("/metrics")
             self.assertIn('tollgate_pool_remaining{dimension="effort",pool="team"} 2', metrics.decode())
+            # The two budget halts count as such, not as a policy rule's, and as the agents'
+            # steps (they were missing from agent_steps_total).
+            self.assertEqual(self.metric(tg, 'tollgate_halts_total{reason="budget"}'), 2)
+            self.assertIsNone(self.metric(tg, 'tollgate_halts_total{reason="rule"}'))
+            self.assertEqual(self.metric(tg, 'tollgate_agent_steps_total{agent_class="agent-*",decision="halt"}'), 2)
+            self.assertEqual(self.metric(tg, 'tollgate_agent_steps_total{agent_class="agent-*",decision="allow"}'), 2)
 
     def test_a_call_that_never_left_is_refunded(self):
         with self.start() as tg:
