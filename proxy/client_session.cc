@@ -849,17 +849,6 @@ void ClientSession::onDecision(const Decision& decided) {
   }
   decision_ = d;
   const char* verdict = verdictName(d.verdict);
-  decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
-  if (!d.agentClass.empty())
-    agentStepCounter(worker_.metrics(), d.verdict, d.agentClass).Increment();
-  if (d.verdict == Verdict::kHalt) {
-    // A budget that cannot cover the call is a halt cause of its own (DESIGN §3), not a rule.
-    bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
-                   d.rule == "breaker" || d.rule == "budget" || d.rule == "audit" ||
-                   d.rule.starts_with("hosts.") || d.rule.starts_with("tls.") ||
-                   d.rule.starts_with("transparent.");
-    haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
-  }
   const auto& head = request_.head();
   AuditRecord record;
   record.kind = "call";
@@ -882,29 +871,31 @@ void ClientSession::onDecision(const Decision& decided) {
   auditSeq_ = worker_.audit().append(std::move(record));
 
   if (d.verdict != Verdict::kAllow && !worker_.config().observe) {
+    countDecision(d);
     refuse(d);
     return;
   }
   // The decision is durable before the call goes out (group commit: one fsync for every
-  // call of the worker's loop turn, and for what the other workers queued meanwhile).
+  // call of the worker's loop turn, and for what the other workers queued meanwhile). It is
+  // counted then: a record the stream fails to sync makes the call a halt, counted instead.
   if (auditSeq_ > worker_.audit().durableSeq()) {
     ++pendingCallbacks_;
     worker_.awaitDurable(auditSeq_, this);
     return;
   }
+  countDecision(d);
   connectUpstream();
 }
 
 void ClientSession::onAuditDurable(AuditWait result) {
   --pendingCallbacks_;
-  if (closed_) return;
   if (result == AuditWait::kDurable) {
-    connectUpstream();
+    countDecision(decision_);  // decided, whether or not the agent is still there
+    if (!closed_) connectUpstream();
     return;
   }
   // The stream failed before the record reached the disk: fail closed. The call was never
   // sent, so its budget hold is released.
-  reportOutcome();
   Decision d = decision_;
   d.verdict = Verdict::kHalt;
   d.context.reset();
@@ -913,10 +904,24 @@ void ClientSession::onAuditDurable(AuditWait result) {
                  ? "audit_unavailable: the call's audit record was not on disk within " +
                        std::to_string(Worker::kDurableWaitMs / 1000) + " s (the disk is stalled)"
                  : "audit_unavailable: the audit stream cannot be written (disk full or failing)";
+  countDecision(d);
+  if (closed_) return;
+  reportOutcome();
   decision_ = d;
-  decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
-  haltCounter(worker_.metrics(), "audit").Increment();
   refuse(d);
+}
+
+void ClientSession::countDecision(const Decision& d) {
+  decisionCounter(worker_.metrics(), d.verdict, d.rule).Increment();
+  if (!d.agentClass.empty())
+    agentStepCounter(worker_.metrics(), d.verdict, d.agentClass).Increment();
+  if (d.verdict != Verdict::kHalt) return;
+  // A budget that cannot cover the call is a halt cause of its own (DESIGN §3), not a rule.
+  bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
+                 d.rule == "breaker" || d.rule == "budget" || d.rule == "audit" ||
+                 d.rule.starts_with("hosts.") || d.rule.starts_with("tls.") ||
+                 d.rule.starts_with("transparent.");
+  haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
 }
 
 void ClientSession::refuse(const Decision& d) {

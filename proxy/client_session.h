@@ -92,6 +92,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void onDecision(const Decision& decision);
   // Answers a call that was not allowed (403, 429) from its decision.
   void refuse(const Decision& decision);
+  // Counts a call's final decision (decisions, agent steps, halts): once per call.
+  void countDecision(const Decision& decision);
   void connectUpstream();
   void connectNextAddress();
   void attachUpstream(StreamPtr stream, bool reused);

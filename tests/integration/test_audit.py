@@ -301,6 +301,13 @@ class AuditStreamTest(unittest.TestCase):
                         return float(line[0].split()[1]) if line else None
                     self.assertEqual(metric("tollgate_audit_write_failures_total"), 1.0)
                     self.assertEqual(metric("tollgate_audit_healthy"), 0.0)
+                    # Each call counted once, with its final decision: the one whose record
+                    # the failed batch held was allowed, then halted; it is a halt only.
+                    forwarded_calls = 1 + len(forwarded)  # /hello, then the /full- before the 403
+                    self.assertEqual(metric('tollgate_decisions_total{decision="allow",rule="hosts.allow"}'),
+                                     forwarded_calls)
+                    self.assertEqual(metric('tollgate_decisions_total{decision="halt",rule="audit"}'), 2.0)
+                    self.assertEqual(metric('tollgate_halts_total{reason="audit"}'), 2.0)
                     # A sidecar that can only refuse is not ready (the process still lives).
                     status, body = tg.admin("/readyz")
                     self.assertEqual((status, body), (503, b"not ready: audit stream unwritable\n"))
