@@ -180,6 +180,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::vector<sockaddr_storage> addrs_;
   size_t nextAddr_ = 0;
   uint64_t startNs_ = 0, upstreamSentNs_ = 0, upstreamHeadNs_ = 0;
+  uint64_t tunnelStartNs_ = 0;  // when the tunnel came up; 0: not a tunnel
   uint64_t bodyBytes_ = 0;
   size_t bodyNeed_ = 0;         // body bytes the decider wants to see (0: it streams)
   std::string body_;            // the body as read for the decider
@@ -220,6 +221,9 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   bool closeWhenDrained_ = false;
   bool clientEof_ = false;  // the agent sent its FIN
   void closeAfterDrain();
+  // The tunnel is up (CONNECT answered, or a 101 passed on): its setup is the request's
+  // duration.
+  void enterTunnel();
   void armTunnelIdle();
   uint64_t lingerStartMs_ = 0;                            // when closeAfterReply() began the linger
   bool clientBlocked_ = false, upstreamBlocked_ = false;  // backpressure

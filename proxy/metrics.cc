@@ -14,6 +14,14 @@ const prometheus::Histogram::BucketBoundaries& latencyBuckets() {
   return b;
 }
 
+// Tunnels live from under a second (a CONNECT for one HTTPS exchange) to tunnel_idle (1h)
+// and more.
+const prometheus::Histogram::BucketBoundaries& tunnelBuckets() {
+  static const prometheus::Histogram::BucketBoundaries b = {0.1, 1,   5,   10,   30,
+                                                            60,  300, 600, 1800, 3600};
+  return b;
+}
+
 }  // namespace
 
 prometheus::Counter& Metrics::Listener::status(int code) {
@@ -33,10 +41,19 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                    .Name("tollgate_requests_total")
                    .Help("Requests answered, by listener and status")
                    .Register(r);
-  requestSeconds_ = &prometheus::BuildHistogram()
-                         .Name("tollgate_request_duration_seconds")
-                         .Help("Time from the request head to the end of the response")
-                         .Register(r);
+  requestSeconds_ =
+      &prometheus::BuildHistogram()
+           .Name("tollgate_request_duration_seconds")
+           .Help(
+               "Time from the request head to the end of the response (for a tunnel, to its "
+               "establishment)")
+           .Register(r);
+  tunnelSeconds_ = &prometheus::BuildHistogram()
+                        .Name("tollgate_tunnel_duration_seconds")
+                        .Help(
+                            "Lifetime of a tunnel (CONNECT, WebSocket), from its "
+                            "establishment to its close")
+                        .Register(r);
   upstreamSeconds_ = &prometheus::BuildHistogram()
                           .Name("tollgate_upstream_duration_seconds")
                           .Help("Time from sending the request upstream to the response head")
@@ -221,6 +238,7 @@ Metrics::Listener& Metrics::addListener(const std::string& name) {
   l->requests = requests_;
   l->requestSeconds = &requestSeconds_->Add({{"listener", name}}, latencyBuckets());
   l->upstreamSeconds = &upstreamSeconds_->Add({{"listener", name}}, latencyBuckets());
+  l->tunnelSeconds = &tunnelSeconds_->Add({{"listener", name}}, tunnelBuckets());
   l->activeConnections = &active_->Add({{"listener", name}});
   l->connectionsRejected = &rejected_->Add({{"listener", name}});
   l->bytesIn = &bytes_->Add({{"listener", name}, {"direction", "in"}});

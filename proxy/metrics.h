@@ -23,6 +23,7 @@ class Metrics {
     std::array<std::atomic<prometheus::Counter*>, 600> byStatus{};
     prometheus::Histogram* requestSeconds = nullptr;
     prometheus::Histogram* upstreamSeconds = nullptr;
+    prometheus::Histogram* tunnelSeconds = nullptr;
     prometheus::Gauge* activeConnections = nullptr;
     prometheus::Counter* connectionsRejected = nullptr;
     prometheus::Counter* bytesIn = nullptr;
@@ -76,6 +77,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* requestSeconds_;
   prometheus::Family<prometheus::Histogram>* upstreamSeconds_;
+  prometheus::Family<prometheus::Histogram>* tunnelSeconds_;
   prometheus::Family<prometheus::Gauge>* active_;
   prometheus::Family<prometheus::Counter>* rejected_;
   prometheus::Family<prometheus::Counter>* bytes_;

@@ -7,7 +7,7 @@ import time
 import unittest
 
 from tollgate_harness import (HttpOrigin, Tollgate, TlsOrigin, UpgradeEchoOrigin, curl, parse_response, pattern,
-                              raw_exchange, recv_until)
+                              raw_exchange, recv_until, wait_for)
 
 
 class TunnelTest(unittest.TestCase):
@@ -111,6 +111,46 @@ class TunnelTest(unittest.TestCase):
         finally:
             server.shutdown()
             server.server_close()
+
+    def test_a_tunnel_s_lifetime_is_not_a_request_duration(self):
+        """A tunnel's request is its setup, in request_duration_seconds once the tunnel is
+        up; how long the tunnel then stays open (up to tunnel_idle, an hour) goes to
+        tunnel_duration_seconds. Request latency measured connection lifetimes before."""
+        def metric(tg, series):
+            _, text = tg.admin("/metrics")
+            line = [l for l in text.decode().splitlines() if l.startswith(series + " ")]
+            return float(line[0].split()[-1]) if line else None
+
+        upgrade = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        with UpgradeEchoOrigin() as origin, Tollgate() as tg:
+            for kind in ("connect", "websocket"):
+                with self.subTest(kind):
+                    requests = 'tollgate_request_duration_seconds_%s{listener="egress"}'
+                    tunnels = 'tollgate_tunnel_duration_seconds_%s{listener="egress"}'
+                    before = {n: metric(tg, n) for n in (requests % "count", requests % "sum",
+                                                         tunnels % "count", tunnels % "sum")}
+                    s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
+                    if kind == "connect":
+                        s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                                  % (origin.port, origin.port))
+                        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
+                        s.sendall(upgrade % origin.port)  # through the tunnel, to the origin
+                    else:
+                        s.sendall(upgrade.replace(b"/ws", b"http://127.0.0.1:%d/ws" % origin.port) % origin.port)
+                    self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+                    s.sendall(b"ping")
+                    self.assertEqual(recv_until(s, b"ping"), b"ping")
+                    # Observed once the tunnel was up, while it is still open.
+                    wait_for(lambda: metric(tg, requests % "count") == before[requests % "count"] + 1,
+                             timeout=5, what="the tunnel's setup in request_duration_seconds")
+                    self.assertEqual(metric(tg, tunnels % "count"), before[tunnels % "count"])
+                    time.sleep(1.5)
+                    s.close()
+                    wait_for(lambda: metric(tg, tunnels % "count") == before[tunnels % "count"] + 1,
+                             timeout=5, what="the tunnel's lifetime in tunnel_duration_seconds")
+                    self.assertGreaterEqual(metric(tg, tunnels % "sum") - before[tunnels % "sum"], 1.5)
+                    self.assertEqual(metric(tg, requests % "count"), before[requests % "count"] + 1)
+                    self.assertLess(metric(tg, requests % "sum") - before[requests % "sum"], 1.5)
 
     def test_upgrade_to_a_denied_host_is_halted(self):
         with Tollgate({"hosts": {"allow": [], "deny": ["*"]}}) as tg:
