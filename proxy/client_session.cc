@@ -416,6 +416,8 @@ void ClientSession::onRead(TcpStream& stream, std::string_view data) {
   } else if (&stream == upstream_.get()) {
     readUpstream(data);
   }
+  // A tunnel's bytes are counted as they flow, not at its close an hour later.
+  if (phase_ == Phase::kTunnel && !closed_) meterBytes();
 }
 
 void ClientSession::readClient(std::string_view data) {
@@ -1697,7 +1699,7 @@ void ClientSession::resetExchange() {
   addrs_.clear();
   nextAddr_ = 0;
   startNs_ = upstreamSentNs_ = upstreamHeadNs_ = tunnelStartNs_ = 0;
-  bodyBytes_ = bytesIn_ = bytesOut_ = 0;
+  bodyBytes_ = bytesIn_ = bytesOut_ = bytesInMetered_ = bytesOutMetered_ = 0;
   bodyNeed_ = 0;
   outcomeReported_ = false;
   body_.clear();
@@ -1759,8 +1761,7 @@ void ClientSession::logRequest() {
     m.tunnelSeconds->Observe(static_cast<double>(now - tunnelStartNs_) / 1e9);
   if (upstreamHeadNs_ != 0)
     m.upstreamSeconds->Observe(static_cast<double>(upstreamHeadNs_ - upstreamSentNs_) / 1e9);
-  m.bytesIn->Increment(static_cast<double>(bytesIn_));
-  m.bytesOut->Increment(static_cast<double>(bytesOut_));
+  meterBytes();
   if (!Log::enabled(LogLevel::kInfo)) return;
   const auto& head = request_.head();
   Log::Line line(LogLevel::kInfo, "request");
@@ -1782,6 +1783,18 @@ void ClientSession::logRequest() {
       .add("trace_id", traceId_);
   if (auditSeq_) line.add("audit_seq", auditSeq_);
   line.emit();
+}
+
+void ClientSession::meterBytes() {
+  auto& m = *listener_.metrics;
+  if (bytesIn_ > bytesInMetered_) {
+    m.bytesIn->Increment(static_cast<double>(bytesIn_ - bytesInMetered_));
+    bytesInMetered_ = bytesIn_;
+  }
+  if (bytesOut_ > bytesOutMetered_) {
+    m.bytesOut->Increment(static_cast<double>(bytesOut_ - bytesOutMetered_));
+    bytesOutMetered_ = bytesOut_;
+  }
 }
 
 // ---- flow control ------------------------------------------------------------------------

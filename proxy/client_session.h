@@ -123,6 +123,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   void answerAdmin();
   void closeAfterReply();
   void logRequest();
+  // Adds the exchange's bytes not yet counted to tollgate_bytes_total.
+  void meterBytes();
   void reportOutcome();
   void updateReading();
   void flushClient();
@@ -191,6 +193,7 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   uint64_t lastUpstreamReadMs_ = 0;
   uint64_t lastClientReadMs_ = 0;
   uint64_t bytesIn_ = 0, bytesOut_ = 0;
+  uint64_t bytesInMetered_ = 0, bytesOutMetered_ = 0;  // of those, in tollgate_bytes_total
   int status_ = 0;
   int pendingCallbacks_ = 0;
   bool headReady_ = false;

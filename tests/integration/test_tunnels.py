@@ -115,7 +115,8 @@ class TunnelTest(unittest.TestCase):
     def test_a_tunnel_s_lifetime_is_not_a_request_duration(self):
         """A tunnel's request is its setup, in request_duration_seconds once the tunnel is
         up; how long the tunnel then stays open (up to tunnel_idle, an hour) goes to
-        tunnel_duration_seconds. Request latency measured connection lifetimes before."""
+        tunnel_duration_seconds. Request latency measured connection lifetimes before. Its
+        bytes count in bytes_total as they flow, not at the close."""
         def metric(tg, series):
             _, text = tg.admin("/metrics")
             line = [l for l in text.decode().splitlines() if l.startswith(series + " ")]
@@ -127,8 +128,11 @@ class TunnelTest(unittest.TestCase):
                 with self.subTest(kind):
                     requests = 'tollgate_request_duration_seconds_%s{listener="egress"}'
                     tunnels = 'tollgate_tunnel_duration_seconds_%s{listener="egress"}'
+                    bytes_in = 'tollgate_bytes_total{direction="in",listener="egress"}'
+                    bytes_out = 'tollgate_bytes_total{direction="out",listener="egress"}'
                     before = {n: metric(tg, n) for n in (requests % "count", requests % "sum",
-                                                         tunnels % "count", tunnels % "sum")}
+                                                         tunnels % "count", tunnels % "sum",
+                                                         bytes_in, bytes_out)}
                     s = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=5)
                     if kind == "connect":
                         s.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
@@ -138,8 +142,17 @@ class TunnelTest(unittest.TestCase):
                     else:
                         s.sendall(upgrade.replace(b"/ws", b"http://127.0.0.1:%d/ws" % origin.port) % origin.port)
                     self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
-                    s.sendall(b"ping")
-                    self.assertEqual(recv_until(s, b"ping"), b"ping")
+                    payload = pattern(100000, seed=7)
+                    s.sendall(payload)
+                    echoed = b""
+                    while len(echoed) < len(payload):
+                        chunk = s.recv(65536)
+                        self.assertTrue(chunk)
+                        echoed += chunk
+                    self.assertEqual(echoed, payload)
+                    wait_for(lambda: metric(tg, bytes_in) - before[bytes_in] >= len(payload) and
+                             metric(tg, bytes_out) - before[bytes_out] >= len(payload),
+                             timeout=5, what="the open tunnel's bytes in bytes_total")
                     # Observed once the tunnel was up, while it is still open.
                     wait_for(lambda: metric(tg, requests % "count") == before[requests % "count"] + 1,
                              timeout=5, what="the tunnel's setup in request_duration_seconds")
