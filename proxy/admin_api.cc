@@ -134,11 +134,7 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
   }
   if (path == "/metrics") {
     if (!get) return error(405, "method_not_allowed", "use GET");
-    if (budgets_) {
-      for (const auto& b : budgets_->view()) {
-        if (b.available) metrics_.setPool(b.pool, b.dimension, b.limit, b.committed, b.held);
-      }
-    }
+    if (budgets_) metrics_.setPools(budgets_->view());
     if (engine_) {
       for (const auto& b : engine_->breakers())
         metrics_.setBreaker(b.upstream, b.state == "open" ? 2 : b.state == "half-open" ? 1 : 0);

@@ -51,7 +51,8 @@ class AdminApi {
   void setReloadHook(std::function<ReloadOutcome()> hook) { reload_ = std::move(hook); }
 
  private:
-  Metrics& metrics_;  // setPool() is called on /metrics; the registry is thread-safe
+  // setPools() is called on /metrics, by worker 0 alone (it serves the admin listener).
+  Metrics& metrics_;
   AuditSink& audit_;
   const SharedState& shared_;
   BudgetStore* budgets_;

@@ -3,6 +3,7 @@
 #include <prometheus/text_serializer.h>
 
 #include <map>
+#include <set>
 
 namespace tollgate {
 namespace {
@@ -112,6 +113,22 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Name("tollgate_pool_remaining")
                         .Help("Budget left this period: limit - committed - held")
                         .Register(r);
+  poolAvailable_ = &prometheus::BuildGauge()
+                        .Name("tollgate_pool_available")
+                        .Help(
+                            "1 when the budget store answered for the pool at this scrape; 0: "
+                            "the other pool gauges are its last answer")
+                        .Register(r);
+  poolTripped_ = &prometheus::BuildGauge()
+                      .Name("tollgate_pool_tripped")
+                      .Help("1 while the pool is tripped by an overrun this period")
+                      .Register(r);
+  poolInitialised_ = &prometheus::BuildGauge()
+                          .Name("tollgate_pool_initialised")
+                          .Help(
+                              "1 when the pool exists in the store; 0: calls are halted "
+                              "(budget_uninitialised) until `tollgate pools init`")
+                          .Register(r);
   budgetOps_ = &prometheus::BuildCounter()
                     .Name("tollgate_budget_operations_total")
                     .Help(
@@ -264,13 +281,49 @@ prometheus::Counter& Metrics::agentStep(const std::string& agentClass,
   return agentSteps_->Add({{"agent_class", agentClass}, {"decision", decision}});
 }
 
-void Metrics::setPool(const std::string& pool, const std::string& dimension, int64_t limit,
-                      int64_t committed, int64_t held) {
-  std::map<std::string, std::string> labels{{"pool", pool}, {"dimension", dimension}};
-  poolLimit_->Add(labels).Set(static_cast<double>(limit));
-  poolCommitted_->Add(labels).Set(static_cast<double>(committed));
-  poolHeld_->Add(labels).Set(static_cast<double>(held));
-  poolRemaining_->Add(labels).Set(static_cast<double>(limit - committed - held));
+void Metrics::setPools(const std::vector<BudgetView>& views) {
+  std::set<std::pair<std::string, std::string>> listed;
+  for (const auto& v : views) {
+    auto& s = pools_[{v.pool, v.dimension}];
+    listed.insert({v.pool, v.dimension});
+    std::map<std::string, std::string> labels{{"pool", v.pool}, {"dimension", v.dimension}};
+    if (!s.available) s.available = &poolAvailable_->Add(labels);
+    s.available->Set(v.available ? 1 : 0);
+    // The figures of a store that did not answer are unknown, not zero.
+    if (!v.available) continue;
+    if (!s.limit) {
+      s.limit = &poolLimit_->Add(labels);
+      s.committed = &poolCommitted_->Add(labels);
+      s.held = &poolHeld_->Add(labels);
+      s.remaining = &poolRemaining_->Add(labels);
+      s.tripped = &poolTripped_->Add(labels);
+      s.initialised = &poolInitialised_->Add(labels);
+    }
+    s.limit->Set(static_cast<double>(v.limit));
+    s.committed->Set(static_cast<double>(v.committed));
+    s.held->Set(static_cast<double>(v.held));
+    s.remaining->Set(static_cast<double>(v.remaining()));
+    s.tripped->Set(v.tripped ? 1 : 0);
+    s.initialised->Set(v.initialised ? 1 : 0);
+  }
+  // A budget the policies no longer have would otherwise export its last figures forever.
+  for (auto it = pools_.begin(); it != pools_.end();) {
+    if (listed.contains(it->first)) {
+      ++it;
+      continue;
+    }
+    const PoolSeries& s = it->second;
+    poolAvailable_->Remove(s.available);
+    if (s.limit) {
+      poolLimit_->Remove(s.limit);
+      poolCommitted_->Remove(s.committed);
+      poolHeld_->Remove(s.held);
+      poolRemaining_->Remove(s.remaining);
+      poolTripped_->Remove(s.tripped);
+      poolInitialised_->Remove(s.initialised);
+    }
+    it = pools_.erase(it);
+  }
 }
 
 void Metrics::setBreaker(const std::string& upstream, int state) {

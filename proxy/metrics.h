@@ -11,8 +11,13 @@
 #include <array>
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "policy/budget_store.h"
 
 namespace tollgate {
 
@@ -44,13 +49,15 @@ class Metrics {
   // breaker, budget), "rule" for a policy rule, "bad_request" for traffic the proxy refused.
   prometheus::Counter& halts(const std::string& reason);
   prometheus::Histogram& decisionSeconds() { return *decisionSeconds_; }
-  // Budget accounts, refreshed from the store when /metrics is read.
   // One budget store operation: its op, result (ok, budget_exhausted, …) and duration.
   void budgetOperation(const std::string& op, const std::string& result, double seconds);
   // A circuit breaker's state for an upstream: 0 closed, 1 half-open, 2 open.
   void setBreaker(const std::string& upstream, int state);
-  void setPool(const std::string& pool, const std::string& dimension, int64_t limit,
-               int64_t committed, int64_t held);
+  // Budget accounts as GET /v1/pools shows them, from the store's view when /metrics is read
+  // (by one thread). A pool or dimension missing from the view (a reload removed or renamed
+  // it) loses its series; while the store does not answer, only pool_available changes (0)
+  // and the other gauges keep the store's last answer.
+  void setPools(const std::vector<BudgetView>& views);
   // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
   void auditBatch(size_t records, double fsyncSeconds, bool ok);
   void auditCheckpoint(uint64_t seq) { auditLastCheckpoint_->Set(static_cast<double>(seq)); }
@@ -92,6 +99,20 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* poolCommitted_;
   prometheus::Family<prometheus::Gauge>* poolHeld_;
   prometheus::Family<prometheus::Gauge>* poolRemaining_;
+  prometheus::Family<prometheus::Gauge>* poolAvailable_;
+  prometheus::Family<prometheus::Gauge>* poolTripped_;
+  prometheus::Family<prometheus::Gauge>* poolInitialised_;
+  // A budget's series; null until the store has answered for it (available: from the first view).
+  struct PoolSeries {
+    prometheus::Gauge* available = nullptr;
+    prometheus::Gauge* limit = nullptr;
+    prometheus::Gauge* committed = nullptr;
+    prometheus::Gauge* held = nullptr;
+    prometheus::Gauge* remaining = nullptr;
+    prometheus::Gauge* tripped = nullptr;
+    prometheus::Gauge* initialised = nullptr;
+  };
+  std::map<std::pair<std::string, std::string>, PoolSeries> pools_;  // by pool, dimension
   prometheus::Family<prometheus::Gauge>* breakerState_;
   prometheus::Family<prometheus::Counter>* budgetOps_;
   prometheus::Family<prometheus::Histogram>* budgetSeconds_;

@@ -175,6 +175,11 @@ class BudgetTest(unittest.TestCase):
                 f.write(POLICY.replace("name: team", "name: crew").replace("pool: team", "pool: crew"))
             wait_for(lambda: ("crew", "effort") in self.pools(tg), timeout=5, what="the reload")
             self.assertNotIn(("team", "effort"), self.pools(tg))
+            # So in /metrics: the old pool's series are gone, not frozen at their last figures.
+            _, metrics = tg.admin("/metrics")
+            self.assertNotIn('pool="team"', metrics.decode())
+            self.assertEqual(self.metric(tg, 'tollgate_pool_limit{dimension="effort",pool="crew"}'), 10)
+            self.assertEqual(self.metric(tg, 'tollgate_pool_available{dimension="effort",pool="crew"}'), 1)
 
     def test_shared_pools_are_refused_by_the_memory_store(self):
         tg = Tollgate()
