@@ -242,6 +242,7 @@ void MemoryBudgetStore::expireHolds(int64_t now) {
       roll(b, now);
       b.held -= amount;
       b.committed += amount;
+      b.spent += amount;
     }
     done_.insert(it->first);
     expired_.add(it->first, std::move(it->second));
@@ -342,6 +343,7 @@ BudgetOutcome MemoryBudgetStore::settleNow(const std::string& callId,
     roll(b, now);  // a call that ran across the period's end is paid for in the new one
     b.held -= held;
     b.committed += std::min(cost, held);
+    b.spent += std::min(cost, held);
     if (cost > held) {
       // Never commit more than was held; record the overrun and trip the pool.
       out.addOverrun(cost - held);
@@ -405,6 +407,7 @@ std::vector<BudgetView> MemoryBudgetStore::view() const {
     auto slash = key.find('/');
     out.push_back({key.substr(0, slash), key.substr(slash + 1), b.limit, b.committed, b.held,
                    b.periodStartMs + b.periodMs, b.tripped});
+    out.back().spent = b.spent;
   }
   return out;
 }

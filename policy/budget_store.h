@@ -131,6 +131,10 @@ struct BudgetView {
   bool tripped = false;
   bool initialised = true;  // false: missing from the store (halted until `pools init`)
   bool available = true;    // false: the store did not answer; the figures are unknown
+  // What was committed over every period since the store started, when the store sees every
+  // commit (the memory store); -1 when it does not (Redis: other sidecars commit too, and
+  // expired holds are committed inside its scripts).
+  int64_t spent = -1;
   int64_t remaining() const { return limit - committed - held; }
 };
 
@@ -195,6 +199,7 @@ class MemoryBudgetStore : public BudgetStore {
     int64_t periodStartMs = 0;
     int64_t committed = 0;
     int64_t held = 0;
+    int64_t spent = 0;  // committed over every period: committed resets at each roll
     bool tripped = false;
   };
   struct Hold {

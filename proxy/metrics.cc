@@ -2,6 +2,7 @@
 
 #include <prometheus/text_serializer.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -129,6 +130,12 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                               "1 when the pool exists in the store; 0: calls are halted "
                               "(budget_uninitialised) until `tollgate pools init`")
                           .Register(r);
+  poolSpent_ = &prometheus::BuildCounter()
+                    .Name("tollgate_pool_spent_total")
+                    .Help(
+                        "Budget committed across periods (its rate is the drain rate; "
+                        "pool_committed resets at each period), seen at the scrapes")
+                    .Register(r);
   budgetOps_ = &prometheus::BuildCounter()
                     .Name("tollgate_budget_operations_total")
                     .Help(
@@ -281,6 +288,32 @@ prometheus::Counter& Metrics::agentStep(const std::string& agentClass,
   return agentSteps_->Add({{"agent_class", agentClass}, {"decision", decision}});
 }
 
+int64_t Metrics::spentSince(PoolSeries& s, const BudgetView& v) {
+  if (v.spent >= 0) {  // the store counts every commit: exact
+    int64_t add = std::max<int64_t>(0, v.spent - s.spentSeen);
+    s.spentSeen = v.spent;
+    return add;
+  }
+  // From committed, which restarts at 0 each period: its rise since the last view, or all of
+  // it in a new period or after a reset (`pools init --reset`). A budget missing from the
+  // store has spent nothing: what it has once initialised is new.
+  if (!v.initialised) {
+    s.seen = true;
+    s.committedSeen = 0;
+    s.periodEndSeen = -1;
+    return 0;
+  }
+  int64_t add = 0;
+  if (s.seen) {
+    bool samePeriod = v.periodEndMs == s.periodEndSeen && v.committed >= s.committedSeen;
+    add = samePeriod ? v.committed - s.committedSeen : v.committed;
+  }
+  s.seen = true;
+  s.committedSeen = v.committed;
+  s.periodEndSeen = v.periodEndMs;
+  return add;
+}
+
 void Metrics::setPools(const std::vector<BudgetView>& views) {
   std::set<std::pair<std::string, std::string>> listed;
   for (const auto& v : views) {
@@ -298,6 +331,7 @@ void Metrics::setPools(const std::vector<BudgetView>& views) {
       s.remaining = &poolRemaining_->Add(labels);
       s.tripped = &poolTripped_->Add(labels);
       s.initialised = &poolInitialised_->Add(labels);
+      s.spent = &poolSpent_->Add(labels);
     }
     s.limit->Set(static_cast<double>(v.limit));
     s.committed->Set(static_cast<double>(v.committed));
@@ -305,6 +339,7 @@ void Metrics::setPools(const std::vector<BudgetView>& views) {
     s.remaining->Set(static_cast<double>(v.remaining()));
     s.tripped->Set(v.tripped ? 1 : 0);
     s.initialised->Set(v.initialised ? 1 : 0);
+    s.spent->Increment(static_cast<double>(spentSince(s, v)));
   }
   // A budget the policies no longer have would otherwise export its last figures forever.
   for (auto it = pools_.begin(); it != pools_.end();) {
@@ -315,6 +350,7 @@ void Metrics::setPools(const std::vector<BudgetView>& views) {
     const PoolSeries& s = it->second;
     poolAvailable_->Remove(s.available);
     if (s.limit) {
+      poolSpent_->Remove(s.spent);
       poolLimit_->Remove(s.limit);
       poolCommitted_->Remove(s.committed);
       poolHeld_->Remove(s.held);

@@ -56,7 +56,10 @@ class Metrics {
   // Budget accounts as GET /v1/pools shows them, from the store's view when /metrics is read
   // (by one thread). A pool or dimension missing from the view (a reload removed or renamed
   // it) loses its series; while the store does not answer, only pool_available changes (0)
-  // and the other gauges keep the store's last answer.
+  // and the other gauges keep the store's last answer. pool_spent_total adds what was
+  // committed since the last view: the store's own count (spent) when it has one, else the
+  // rise of committed, all of it after a new period or a reset (so the spend between the
+  // last view of a period and its end is missed).
   void setPools(const std::vector<BudgetView>& views);
   // The audit stream's writer: a batch made durable (or failed), a checkpoint written.
   void auditBatch(size_t records, double fsyncSeconds, bool ok);
@@ -102,6 +105,7 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* poolAvailable_;
   prometheus::Family<prometheus::Gauge>* poolTripped_;
   prometheus::Family<prometheus::Gauge>* poolInitialised_;
+  prometheus::Family<prometheus::Counter>* poolSpent_;
   // A budget's series; null until the store has answered for it (available: from the first view).
   struct PoolSeries {
     prometheus::Gauge* available = nullptr;
@@ -111,8 +115,14 @@ class Metrics {
     prometheus::Gauge* remaining = nullptr;
     prometheus::Gauge* tripped = nullptr;
     prometheus::Gauge* initialised = nullptr;
+    prometheus::Counter* spent = nullptr;
+    // What pool_spent_total counted from: the store's spent, or committed in a period.
+    int64_t spentSeen = 0, committedSeen = 0, periodEndSeen = 0;
+    bool seen = false;  // committedSeen is a base (the first view sets it, counting nothing)
   };
   std::map<std::pair<std::string, std::string>, PoolSeries> pools_;  // by pool, dimension
+  // What pool_spent_total adds for a view (and the base for the next).
+  static int64_t spentSince(PoolSeries& s, const BudgetView& v);
   prometheus::Family<prometheus::Gauge>* breakerState_;
   prometheus::Family<prometheus::Counter>* budgetOps_;
   prometheus::Family<prometheus::Histogram>* budgetSeconds_;

@@ -77,6 +77,9 @@ class BudgetTest(unittest.TestCase):
             self.assertIsNone(self.metric(tg, 'tollgate_halts_total{reason="rule"}'))
             self.assertEqual(self.metric(tg, 'tollgate_agent_steps_total{agent_class="agent-*",decision="halt"}'), 2)
             self.assertEqual(self.metric(tg, 'tollgate_agent_steps_total{agent_class="agent-*",decision="allow"}'), 2)
+            # What the pool spent, though /metrics was not read before (the store counts it).
+            self.assertEqual(self.metric(tg, 'tollgate_pool_spent_total{dimension="effort",pool="team"}'), 8)
+            self.assertEqual(self.metric(tg, 'tollgate_pool_spent_total{dimension="risk",pool="team"}'), 2)
 
     def test_a_call_that_never_left_is_refunded(self):
         with self.start() as tg:

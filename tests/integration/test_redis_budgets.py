@@ -100,15 +100,24 @@ class RedisBudgetTest(unittest.TestCase):
                 self.assertIn('tollgate_pool_committed{dimension="effort",pool="team"} 7', metrics)
                 self.assertIn('tollgate_pool_initialised{dimension="effort",pool="team"} 1\n', metrics)
                 self.assertIn('tollgate_pool_tripped{dimension="effort",pool="team"} 0\n', metrics)
+                # Seen uninitialised at the last scrape: all 7 were spent since.
+                self.assertIn('tollgate_pool_spent_total{dimension="effort",pool="team"} 7\n', metrics)
                 r = pools_init(tg, "--reset")
                 self.assertEqual((r.returncode, r.stdout), (0, "team: reset to zero spend\n"))
                 self.assertEqual(spend(redis), (0, 0))
+                # The reset is a new base for the spend, not a spend of its own.
+                spent = 'tollgate_pool_spent_total{dimension="effort",pool="team"} %d\n'
+                self.assertIn(spent % 7, tg.admin("/metrics")[1].decode())
+                self.assertEqual(call(tg, origin, 2)[0], 200)
+                wait_for(lambda: spend(redis) == (2, 0), timeout=3, what="the settle after the reset")
+                self.assertIn(spent % 9, tg.admin("/metrics")[1].decode())
                 # Redis unreachable: init fails with exit 1 and says why.
                 redis.shutdown_nosave()
                 # The metrics say the figures are not current (they froze without a word).
                 _, metrics = tg.admin("/metrics")
                 self.assertIn('tollgate_pool_available{dimension="effort",pool="team"} 0\n', metrics.decode())
-                self.assertIn('tollgate_pool_committed{dimension="effort",pool="team"} 7\n', metrics.decode())
+                self.assertIn('tollgate_pool_committed{dimension="effort",pool="team"} 2\n', metrics.decode())
+                self.assertIn(spent % 9, metrics.decode())
                 r = pools_init(tg)
                 self.assertEqual(r.returncode, 1)
                 self.assertIn("redis 127.0.0.1:", r.stderr)

@@ -197,6 +197,9 @@ TEST_F(MemoryBudgetStoreTest, WhatIsSettledAfterAPeriodsEndCountsInTheNewPeriod)
   EXPECT_EQ(store->settleNow("c2", {{"team", 9, -1}}).overrun, 4);
   EXPECT_EQ(budget("team", "effort").committed, 8 + 5 + 6);
   EXPECT_EQ(budget("team", "effort").held, 0);
+  // What the first hour committed is still in the spend across periods (the drain rate).
+  EXPECT_EQ(budget("team", "effort").spent, 60 + 8 + 5 + 6);
+  EXPECT_EQ(budget("team", "risk").spent, 1);
   EXPECT_TRUE(budget("team", "effort").tripped);
   // The trip was on effort; a call that asks only risk is refused too: the pool tripped.
   EXPECT_EQ(store->reserveNow("c5", {{"team", 0, 1}}, ttl).status, BudgetStatus::kTripped);

@@ -94,5 +94,56 @@ TEST(MetricsPoolsTest, AStoreThatDoesNotAnswerShowsAsUnavailable) {
   EXPECT_EQ(value(m, "tollgate_pool_committed", "team", "effort"), 8);
 }
 
+// The memory store counts every commit (spent): the counter is that count, across the
+// periods, from the first scrape on.
+TEST(MetricsPoolsTest, SpentIsTheStoresOwnCountWhenItHasOne) {
+  Metrics m;
+  auto v = budget("team", "effort", 10, 8, 0);
+  v.spent = 8;
+  m.setPools({v});
+  EXPECT_EQ(value(m, "tollgate_pool_spent_total", "team", "effort"), 8);
+  v.committed = 3;  // a new period: committed started again
+  v.periodEndMs += 3'600'000;
+  v.spent = 11;
+  m.setPools({v});
+  EXPECT_EQ(value(m, "tollgate_pool_spent_total", "team", "effort"), 11);
+}
+
+// Redis: no count of its own (other sidecars commit too), so the counter adds the rise of
+// committed between scrapes; a new period or a reset starts from zero again.
+TEST(MetricsPoolsTest, SpentFollowsCommittedAcrossPeriodsAndResets) {
+  Metrics m;
+  auto spent = [&] { return value(m, "tollgate_pool_spent_total", "team", "effort"); };
+  auto v = budget("team", "effort", 100, 5, 0);
+  m.setPools({v});
+  EXPECT_EQ(spent(), 0);  // spent before this process looked: a base, not news
+  v.committed = 9;
+  m.setPools({v});
+  EXPECT_EQ(spent(), 4);
+  v.committed = 3;  // rolled over: what the new period has is new
+  v.periodEndMs += 3'600'000;
+  m.setPools({v});
+  EXPECT_EQ(spent(), 7);
+  auto down = v;
+  down.available = false;
+  down.committed = 0;
+  m.setPools({down});  // nothing known: nothing counted, the base kept
+  EXPECT_EQ(spent(), 7);
+  v.committed = 6;
+  m.setPools({v});
+  EXPECT_EQ(spent(), 10);
+  v.committed = 1;  // reset within the period (`pools init --reset`)
+  m.setPools({v});
+  EXPECT_EQ(spent(), 11);
+  auto missing = v;  // flushed: nothing spent until it is initialised again
+  missing.initialised = false;
+  missing.committed = 0;
+  m.setPools({missing});
+  EXPECT_EQ(spent(), 11);
+  v.committed = 2;
+  m.setPools({v});
+  EXPECT_EQ(spent(), 13);
+}
+
 }  // namespace
 }  // namespace tollgate
