@@ -1,9 +1,11 @@
 #include "proxy/client_session.h"
 
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <openssl/x509v3.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cstring>
 #include <random>
@@ -36,9 +38,23 @@ const std::string& viaToken() {
   return token;
 }
 
+// The generator of a thread's trace and span ids, its whole state drawn from OpenSSL's CSPRNG.
+// Seeded from one 32-bit word, two of some 2^16 threads across a fleet would likely start
+// alike and emit the same ids. Seeded once: a draw per id would cost every request without a
+// traceparent a call into OpenSSL.
+std::mt19937_64 traceIdGenerator() {
+  std::array<uint32_t, std::mt19937_64::state_size * 2> words;
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(words.data()), sizeof words) != 1) {
+    std::random_device system;  // OpenSSL could not draw: the system's source
+    for (auto& w : words) w = system();
+  }
+  std::seed_seq seed(words.begin(), words.end());
+  return std::mt19937_64(seed);
+}
+
 // `bytes` random bytes as hex digits (trace and span ids), appended to `out`.
 void appendRandomHex(std::string& out, size_t bytes) {
-  thread_local std::mt19937_64 rng{std::random_device{}()};
+  thread_local std::mt19937_64 rng = traceIdGenerator();
   static constexpr char kHex[] = "0123456789abcdef";
   char buf[64];
   size_t n = std::min(bytes * 2, sizeof buf);
