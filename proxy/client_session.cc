@@ -8,6 +8,7 @@
 #include <array>
 #include <charconv>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <unordered_map>
 
@@ -72,18 +73,25 @@ bool isHex(std::string_view s) {
   return true;
 }
 
-// A valid W3C traceparent (version 00): returns its trace id, else empty.
-std::string_view traceIdOf(std::string_view tp) {
-  if (tp.size() != 55 || tp[2] != '-' || tp[35] != '-' || tp[52] != '-') return {};
-  auto version = tp.substr(0, 2), trace = tp.substr(3, 32), parent = tp.substr(36, 16),
-       flags = tp.substr(53, 2);
-  if (!isHex(version) || version == "ff" || !isHex(trace) || !isHex(parent) || !isHex(flags))
-    return {};
-  if (trace == std::string_view("00000000000000000000000000000000") ||
-      parent == std::string_view("0000000000000000")) {
-    return {};
+// The fields of a valid W3C traceparent, viewing the header.
+struct TraceParent {
+  std::string_view version, traceId, parentId, flags;
+};
+
+// A valid W3C traceparent (Trace Context, 3.2), else nothing. Version 00 is exactly 55
+// characters; a later one (ff is invalid) may say more after them, and is read as far as 00
+// goes: its first 55 characters, followed by the end or a '-' (3.2.4).
+std::optional<TraceParent> parseTraceparent(std::string_view tp) {
+  if (tp.size() < 55 || tp[2] != '-' || tp[35] != '-' || tp[52] != '-') return std::nullopt;
+  TraceParent p{tp.substr(0, 2), tp.substr(3, 32), tp.substr(36, 16), tp.substr(53, 2)};
+  if (!isHex(p.version) || p.version == "ff") return std::nullopt;
+  if (p.version == "00" ? tp.size() != 55 : tp.size() > 55 && tp[55] != '-') return std::nullopt;
+  if (!isHex(p.traceId) || !isHex(p.parentId) || !isHex(p.flags)) return std::nullopt;
+  if (p.traceId == std::string_view("00000000000000000000000000000000") ||
+      p.parentId == std::string_view("0000000000000000")) {
+    return std::nullopt;
   }
-  return trace;
+  return p;
 }
 
 struct StringHash {
@@ -651,8 +659,10 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   // An HTTP/1.0 client is never sent a 100 (RFC 9110, 10.1.1: the expectation is ignored).
   if (auto expect = head.find("expect"); expect && (head.versionMajor > 1 || head.versionMinor > 0))
     s.expectContinue_ = equalsIgnoreCase(*expect, "100-continue");
-  if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
-    s.traceId_.assign(traceIdOf(*tp));
+  auto traceparent = head.find("traceparent");
+  auto parent = traceparent ? parseTraceparent(*traceparent) : std::nullopt;
+  if (parent) {
+    s.traceId_.assign(parent->traceId);
   } else {
     s.traceId_.clear();  // keeps its buffer from the connection's last request
     appendRandomHex(s.traceId_, 16);
@@ -692,8 +702,18 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   out += "Via: 1.1 ";
   out += viaToken();
   out += "\r\ntraceparent: ";
-  if (auto tp = head.find("traceparent"); tp && !traceIdOf(*tp).empty()) {
-    out += *tp;
+  if (parent && parent->version == "00") {
+    out += *traceparent;
+  } else if (parent) {
+    // A later version than the one this proxy knows: passed on as what it understood of it,
+    // a version 00 header with the same ids and the sampled flag (the flags' lowest bit).
+    char last = parent->flags[1];
+    bool sampled = ((last <= '9' ? last - '0' : last - 'a' + 10) & 1) != 0;
+    out += "00-";
+    out += parent->traceId;
+    out += '-';
+    out += parent->parentId;
+    out += sampled ? "-01" : "-00";
   } else {
     out += "00-";
     out += s.traceId_;

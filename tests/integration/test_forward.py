@@ -344,6 +344,33 @@ class ForwardProxyTest(unittest.TestCase):
         wait_for(lambda: [l for l in self.tg.logs("request") if l.get("trace_id") == "4bf92f3577b34da6a3ce929d0e0e4736"],
                  timeout=3, what="request log line with the kept trace id")
 
+    def test_a_traceparent_of_a_later_version_is_read_as_far_as_version_00_goes(self):
+        """W3C Trace Context 3.2.4: a version above 00 may be longer; its first 55 characters
+        are parsed when the 56th is a '-'. It goes upstream as a version 00 header (the only
+        one this proxy knows) with its ids and sampled flag. ff, and a 00 that is longer, are
+        invalid: the trace is started anew."""
+        trace, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+        def sent(tp):
+            rc, out, err = curl("-H", "traceparent: " + tp, self.origin.url("/headers"), proxy=self.tg.proxy)
+            self.assertEqual(rc, 0, err)
+            return json.loads(out)["traceparent"][0]
+        for tp, expected in ((f"01-{trace}-{parent}-01-and-what-version-01-adds", f"00-{trace}-{parent}-01"),
+                             (f"01-{trace}-{parent}-03", f"00-{trace}-{parent}-01"),
+                             (f"cc-{trace}-{parent}-08", f"00-{trace}-{parent}-00"),
+                             (f"00-{trace}-{parent}-01", f"00-{trace}-{parent}-01")):
+            with self.subTest(tp):
+                self.assertEqual(sent(tp), expected)
+        # The request log line carries the trace id of the later version too.
+        wait_for(lambda: len([l for l in self.tg.logs("request") if l.get("trace_id") == trace]) == 4,
+                 timeout=3, what="four request log lines with the kept trace id")
+        for tp in (f"01-{trace}-{parent}-01x", f"ff-{trace}-{parent}-01", f"00-{trace}-{parent}-01-more",
+                   f"01-{trace}-{parent}-0"):
+            with self.subTest(tp):
+                started = sent(tp)
+                self.assertRegex(started, r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
+                self.assertNotEqual(started.split("-")[1], trace)
+
     def test_admin_endpoints_and_metrics(self):
         self.assertEqual(self.tg.admin("/healthz"), (200, b"ok\n"))
         self.assertEqual(self.tg.admin("/readyz")[0], 200)
