@@ -446,8 +446,9 @@ tests:
 class InPlaceWriteTest(unittest.TestCase):
     def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
         """A writer that truncates the file and writes its text 600 ms later (a slow pipe,
-        `cat > policy.yaml`): the watcher sees an empty file first. The last good set stays
-        until the text arrives; then the new set loads."""
+        `cat > policy.yaml`): the watch waits for the file to be closed, and a SIGHUP that
+        reads it in between finds it empty and keeps the last good set. The new set loads
+        once the text is written."""
         with HttpOrigin() as origin, Tollgate(policy=POLICY) as tg:
             policy = os.path.join(tg.dir, "policy.yaml")
 
@@ -460,10 +461,12 @@ class InPlaceWriteTest(unittest.TestCase):
             with open(policy, "w") as f:
                 f.flush()
                 os.fsync(f.fileno())
+                time.sleep(0.6)
+                self.assertEqual(tg.logs("reload") + tg.logs("reload rejected"), [], "read while written")
+                tg.proc.send_signal(signal.SIGHUP)
                 wait_for(lambda: tg.logs("reload rejected"), timeout=5, what="the refused empty file")
                 self.assertIn("policy.yaml: the file is empty now", tg.logs("reload rejected")[-1]["error"])
                 self.assertEqual(status("agent-1"), 200)  # the last good set still decides
-                time.sleep(0.6)
                 f.write(POLICY + '  - {id: ban-1, effect: halt, match: {agent: agent-1}}\n')
             wait_for(lambda: status("agent-1") == 403, timeout=5, what="the new set")
             digests = {r["digest"] for r in tg.logs("reload") if r.get("digest")}
