@@ -293,10 +293,14 @@ class PolicyLoader {
   void forEach(const YAML::Node& map, const std::string& where, const std::set<std::string>& known,
                const std::function<void(const std::string&, const YAML::Node&)>& fn) const {
     if (!map.IsMap()) fail(map, where.empty() ? "(document)" : where, "expected a mapping");
+    std::set<std::string> seen;
     for (const auto& kv : map) {
       auto key = kv.first.as<std::string>();
       auto full = where.empty() ? key : where + "." + key;
       if (!known.count(key)) fail(kv.first, full, "unknown key");
+      // yaml-cpp keeps both entries and the last wins: `effect: halt, ..., effect: allow`
+      // would load as an allow. Which one the writer meant is unknown.
+      if (!seen.insert(key).second) fail(kv.first, full, "duplicate key");
       fn(full, kv.second);
     }
   }
@@ -505,10 +509,12 @@ class PolicyLoader {
 
   void conditions(const YAML::Node& n, const std::string& where, Rule& r) {
     if (!n.IsMap()) fail(n, where, "expected a mapping of conditions");
+    std::set<std::string> seen;
     for (const auto& kv : n) {
       auto name = kv.first.as<std::string>();
       auto key = where + "." + name;
       const auto& v = kv.second;
+      if (!seen.insert(name).second) fail(kv.first, key, "duplicate key");
       if (name == "agent.failures") {
         Condition c;
         c.kind = Condition::Kind::kFailures;

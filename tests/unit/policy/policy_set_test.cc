@@ -1,0 +1,44 @@
+#include "policy/policy_set.h"
+
+#include <gtest/gtest.h>
+
+namespace tollgate {
+namespace {
+
+// Every policy below starts with these two lines: its own text begins on line 3.
+constexpr const char* kHeader = "apiVersion: tollgate/v1\nkind: Policy\n";
+
+Result<std::shared_ptr<const PolicySet>> parse(const std::string& body) {
+  return PolicySet::parse(kHeader + body, "p.yaml");
+}
+
+// The error a policy is refused with, or "" when it loads.
+std::string errorOf(const std::string& body) {
+  auto set = parse(body);
+  return set ? "" : set.error().message;
+}
+
+TEST(PolicySetLoad, ADuplicateKeyIsRefusedWithItsPlace) {
+  // yaml-cpp keeps both entries and the last one wins: this halt used to load as an allow.
+  EXPECT_EQ(errorOf("tools: [{name: pay, match: {host: pay.internal}}]\n"
+                    "rules:\n"
+                    "  - {id: refunds, effect: halt, match: {tool: pay}, effect: allow}\n"),
+            "p.yaml:5:53: rules[0].effect: duplicate key");
+  EXPECT_EQ(errorOf("limits: {max_body_bytes: 1m}\nlimits: {max_body_bytes: 1k}\n"),
+            "p.yaml:4:1: limits: duplicate key");
+  EXPECT_EQ(errorOf("rules:\n"
+                    "  - id: r\n"
+                    "    effect: allow\n"
+                    "    match: {host: a.example}\n"
+                    "    when: {params.x: {lte: 5}, params.x: {gte: 500}}\n"),
+            "p.yaml:7:32: rules[0].when.params.x: duplicate key");
+  EXPECT_EQ(errorOf("rules:\n"
+                    "  - id: r\n"
+                    "    effect: allow\n"
+                    "    match: {host: a.example}\n"
+                    "    when: {params.x: {lte: 5, lte: 500}}\n"),
+            "p.yaml:7:31: rules[0].when.params.x.lte: duplicate key");
+}
+
+}  // namespace
+}  // namespace tollgate
