@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -293,6 +294,11 @@ class PolicyLoader {
   void forEach(const YAML::Node& map, const std::string& where, const std::set<std::string>& known,
                const std::function<void(const std::string&, const YAML::Node&)>& fn) const {
     if (!map.IsMap()) fail(map, where.empty() ? "(document)" : where, "expected a mapping");
+    // Keys with a second spelling that sets the same value: given both, one list is lost.
+    static const std::map<std::string, std::string> kAliases = {{"method", "methods"},
+                                                                {"methods", "method"},
+                                                                {"neighbors", "neighbours"},
+                                                                {"neighbours", "neighbors"}};
     std::set<std::string> seen;
     for (const auto& kv : map) {
       auto key = kv.first.as<std::string>();
@@ -301,6 +307,9 @@ class PolicyLoader {
       // yaml-cpp keeps both entries and the last wins: `effect: halt, ..., effect: allow`
       // would load as an allow. Which one the writer meant is unknown.
       if (!seen.insert(key).second) fail(kv.first, full, "duplicate key");
+      if (auto alias = kAliases.find(key);
+          alias != kAliases.end() && known.count(alias->second) && seen.count(alias->second))
+        fail(kv.first, full, "duplicate key (" + alias->second + " and " + key + " are one key)");
       fn(full, kv.second);
     }
   }

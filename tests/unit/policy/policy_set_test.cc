@@ -40,5 +40,18 @@ TEST(PolicySetLoad, ADuplicateKeyIsRefusedWithItsPlace) {
             "p.yaml:7:31: rules[0].when.params.x.lte: duplicate key");
 }
 
+TEST(PolicySetLoad, TwoSpellingsOfOneKeyAreADuplicate) {
+  // Each spelling replaced the other's list: this halt used to cover PUT alone.
+  EXPECT_EQ(errorOf("rules:\n"
+                    "  - {id: r, effect: halt, match: {host: a.example, methods: [DELETE], "
+                    "method: PUT}}\n"),
+            "p.yaml:4:71: rules[0].match.method: duplicate key (methods and method are one key)");
+  EXPECT_EQ(errorOf("agents: [{id: a, neighbors: [b], neighbours: [c]}]\n"),
+            "p.yaml:3:34: agents[0].neighbours: duplicate key (neighbors and neighbours are one "
+            "key)");
+  // Spellings that add to each other (host and hosts, path and paths) stay allowed.
+  EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example, hosts: [b.example]}}]\n"), "");
+}
+
 }  // namespace
 }  // namespace tollgate
