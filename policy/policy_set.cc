@@ -268,9 +268,15 @@ class PolicyLoader {
               } else if (key == "limits") {
                 forEach(v, key, {"max_body_bytes", "max_json_depth", "max_json_keys"},
                         [&](const std::string& k, const YAML::Node& lv) {
-                          if (k.ends_with("max_body_bytes"))
-                            set_.maxBodyBytes_ = static_cast<size_t>(size(lv, k));
-                          else if (k.ends_with("max_json_keys"))
+                          if (k.ends_with("max_body_bytes")) {
+                            // 0 would read no body, so no params condition could hold and
+                            // a halt on params would never fire. The body is held whole in
+                            // memory: the cap is the config's for what it holds whole (a head).
+                            auto bytes = size(lv, k);
+                            if (bytes == 0 || bytes > (64ull << 20))
+                              fail(lv, k, "must be from 1 to 64m");
+                            set_.maxBodyBytes_ = static_cast<size_t>(bytes);
+                          } else if (k.ends_with("max_json_keys"))
                             set_.maxJsonKeys_ = static_cast<size_t>(integer(lv, k, 1, 1'000'000));
                           else
                             set_.maxJsonDepth_ = static_cast<int>(integer(lv, k, 1, 256));

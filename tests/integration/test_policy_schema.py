@@ -40,6 +40,8 @@ class PolicySchemaTest(unittest.TestCase):
             {**base, "rules": [{"id": "a", "effect": "allow", "rate_limit": {"requests": 1, "per": "1 minute"}}]},
             {**base, "pools": [{"name": "p", "effort": {"limit": 10}}]},
             {"apiVersion": "tollgate/v2", "kind": "Policy"},
+            {**base, "limits": {"max_body_bytes": 0}},
+            {**base, "limits": {"max_body_bytes": "0k"}},
         ]
         for doc in bad:
             self.assertTrue(list(self.validator.iter_errors(doc)), doc)

@@ -53,5 +53,20 @@ TEST(PolicySetLoad, TwoSpellingsOfOneKeyAreADuplicate) {
   EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example, hosts: [b.example]}}]\n"), "");
 }
 
+TEST(PolicySetLoad, BodyLimitsAreBounded) {
+  // 0 read no body, so params conditions never held: a halt on params did nothing.
+  EXPECT_EQ(errorOf("limits: {max_body_bytes: 0}\n"),
+            "p.yaml:3:26: limits.max_body_bytes: must be from 1 to 64m");
+  EXPECT_EQ(errorOf("limits: {max_body_bytes: 65m}\n"),
+            "p.yaml:3:26: limits.max_body_bytes: must be from 1 to 64m");
+  EXPECT_EQ(errorOf("limits: {max_json_depth: 0}\n"),
+            "p.yaml:3:26: limits.max_json_depth: must be from 1 to 256");
+  EXPECT_EQ(errorOf("limits: {max_json_keys: 0}\n"),
+            "p.yaml:3:25: limits.max_json_keys: must be from 1 to 1000000");
+  auto set = parse("limits: {max_body_bytes: 64m}\n");
+  ASSERT_TRUE(set) << set.error().message;
+  EXPECT_EQ(set.value()->maxBodyBytes(), 64u << 20);
+}
+
 }  // namespace
 }  // namespace tollgate
