@@ -269,6 +269,10 @@ int policyCheck(const std::vector<std::string>& files, std::FILE* out) {
       std::fprintf(out, "%s: no such file\n", f.c_str());
       return 2;
     }
+    if (std::filesystem::is_directory(f)) {
+      std::fprintf(out, "%s: is a directory\n", f.c_str());
+      return 2;
+    }
   }
   auto set = PolicySet::load(files);
   if (!set) {

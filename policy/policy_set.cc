@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -753,6 +754,10 @@ Result<std::shared_ptr<const PolicySet>> PolicySet::parse(const std::string& tex
 Result<std::shared_ptr<const PolicySet>> PolicySet::load(const std::vector<std::string>& files) {
   std::vector<PolicySource> sources;
   for (const auto& file : files) {
+    // A directory opens on Linux and reads as nothing: it would load as an empty policy
+    // (every call halted by default-deny, or `policy check` saying ok).
+    if (std::error_code ec; std::filesystem::is_directory(file, ec))
+      return Error{-1, file + ": is a directory"};
     std::ifstream in(file);
     if (!in) return Error{-1, file + ": cannot open the file"};
     std::stringstream text;

@@ -486,6 +486,24 @@ class BadPolicyTest(unittest.TestCase):
         self.assertIn("p.yaml:4:", r.stderr)
         self.assertIn("rules[0].effect", r.stderr)
 
+    def test_a_directory_named_as_a_policy_is_refused(self):
+        """A directory opens and reads as nothing: it loaded as an empty policy, so `policy
+        check` said ok and `run` halted every call."""
+        with tempfile.TemporaryDirectory() as d:
+            policies = os.path.join(d, "policies")
+            os.mkdir(policies)
+            r = subprocess.run([BIN, "policy", "check", policies + "/"], capture_output=True, text=True,
+                               timeout=10)
+            self.assertEqual(r.returncode, 2, r.stdout)
+            self.assertIn(policies + "/: is a directory", r.stdout)
+            with open(os.path.join(d, "t.yaml"), "w") as f:
+                f.write("listeners: [{name: e, address: '127.0.0.1:0'}]\npolicies: [policies]\n"
+                        f"audit: {{dir: {d}/audit}}\n")
+            r = subprocess.run([BIN, "run", "-c", os.path.join(d, "t.yaml")], capture_output=True, text=True,
+                               timeout=5)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn(policies + ": is a directory", r.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()

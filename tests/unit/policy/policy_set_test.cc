@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 namespace tollgate {
 namespace {
 
@@ -66,6 +68,16 @@ TEST(PolicySetLoad, BodyLimitsAreBounded) {
   auto set = parse("limits: {max_body_bytes: 64m}\n");
   ASSERT_TRUE(set) << set.error().message;
   EXPECT_EQ(set.value()->maxBodyBytes(), 64u << 20);
+}
+
+TEST(PolicySetLoad, ADirectoryIsNoPolicyFile) {
+  // It opens and reads as nothing: it used to load as an empty set (every call halted).
+  auto dir = std::filesystem::temp_directory_path() / "tollgate-policy-dir-test";
+  std::filesystem::create_directories(dir);
+  auto set = PolicySet::load({dir.string()});
+  std::filesystem::remove(dir);
+  ASSERT_FALSE(set);
+  EXPECT_EQ(set.error().message, dir.string() + ": is a directory");
 }
 
 }  // namespace
