@@ -13,6 +13,7 @@
 #include "common/json.h"
 #include "common/sha256.h"
 #include "common/units.h"
+#include "policy/tool_call.h"
 
 namespace tollgate {
 
@@ -386,6 +387,49 @@ class PolicyLoader {
     return out;
   }
 
+  // A host pattern in the form a call's host is compared in (Extractor::canonicalHost):
+  // lower case, no trailing dot, an IP literal canonical (IPv4 in any spelling as a dotted
+  // quad, IPv6 compressed without brackets). Written otherwise it would never match a call,
+  // and a halt written so would silently do nothing: what cannot be a host is refused.
+  std::string host(const YAML::Node& n, const std::string& key) const {
+    auto given = str(n, key);
+    auto refuse = [&](const std::string& why) {
+      fail(n, key, "'" + given + "' is not a host pattern: " + why);
+    };
+    std::string h = given;
+    std::transform(h.begin(), h.end(), h.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (h.find("://") != std::string::npos)
+      refuse("write the host alone, without a scheme (e.g. evil.example)");
+    if (h.find('/') != std::string::npos)
+      refuse("write the host alone, without a path (a tool's match.paths holds paths)");
+    if (h == "*") return h;
+    if (h.starts_with("*.")) {
+      auto name = h.substr(2);
+      if (name.ends_with('.')) name.pop_back();
+      if (name.find(':') != std::string::npos)
+        refuse("a wildcard names domains, without a port (e.g. *.example.com)");
+      if (name.empty() || name.starts_with('.') || name.find("..") != std::string::npos ||
+          name.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-._") != std::string::npos)
+        refuse("expected *.DOMAIN, e.g. *.example.com");
+      return "*." + name;
+    }
+    if (h.find('*') != std::string::npos)
+      refuse("'*' stands alone or in front of a domain, as in *.example.com");
+    // "[::1]:443", "evil.example:443": a port (one colon is no IPv6 address).
+    if (h.starts_with('[') ? h.find("]:") != std::string::npos
+                           : std::count(h.begin(), h.end(), ':') == 1)
+      refuse("write it without a port (a host pattern matches every port)");
+    if (h.size() > 2 && h.front() == '[' && h.back() == ']') {
+      h = h.substr(1, h.size() - 2);
+      if (h.find(':') == std::string::npos) refuse("brackets hold an IPv6 address");
+    }
+    if (h.empty() || h.starts_with('.') || h.find("..") != std::string::npos)
+      refuse("expected a host name, an IP address, '*' or '*.DOMAIN'");
+    auto canonical = Extractor::canonicalHost(h);
+    if (!canonical) refuse(canonical.error().message);
+    return canonical.value();
+  }
+
   void tool(const YAML::Node& n, const std::string& where) {
     ToolDef t;
     t.mark = mark(n);
@@ -427,7 +471,11 @@ class PolicyLoader {
                 forEach(v, key, {"host", "hosts", "methods", "paths", "path", "mcp_tools"},
                         [&](const std::string& k, const YAML::Node& mv) {
                           if (k.ends_with(".host") || k.ends_with(".hosts")) {
-                            for (auto& h : strings(mv, k)) t.hosts.push_back(h);
+                            if (mv.IsSequence()) {
+                              for (const auto& item : mv) t.hosts.push_back(host(item, k));
+                            } else {
+                              t.hosts.push_back(host(mv, k));
+                            }
                           } else if (k.ends_with(".methods")) {
                             t.methods = methods(mv, k);
                           } else if (k.ends_with(".paths") || k.ends_with(".path")) {
@@ -641,7 +689,7 @@ class PolicyLoader {
                           else if (k.ends_with(".agent"))
                             r.match.agent = str(mv, k);
                           else if (k.ends_with(".host"))
-                            r.match.host = str(mv, k);
+                            r.match.host = host(mv, k);
                           else
                             r.match.methods = methods(mv, k);
                         });
@@ -697,7 +745,7 @@ class PolicyLoader {
     forEach(n, where, {"host", "failures", "cooldown"},
             [&](const std::string& key, const YAML::Node& v) {
               if (key.ends_with(".host"))
-                b.host = str(v, key);
+                b.host = host(v, key);
               else if (key.ends_with(".failures"))
                 b.failures = static_cast<int>(integer(v, key, 1, 1'000'000));
               else

@@ -4,6 +4,9 @@
 
 #include <filesystem>
 
+#include "policy/engine.h"
+#include "policy/tool_call.h"
+
 namespace tollgate {
 namespace {
 
@@ -78,6 +81,101 @@ TEST(PolicySetLoad, ADirectoryIsNoPolicyFile) {
   std::filesystem::remove(dir);
   ASSERT_FALSE(set);
   EXPECT_EQ(set.error().message, dir.string() + ": is a directory");
+}
+
+// The decision of one GET by agent-1 to http://HOST/ under the policy.
+Decision decide(const PolicySet& set, const std::string& host) {
+  CallInfo c;
+  c.agent = "agent-1";
+  c.method = "GET";
+  c.scheme = "http";
+  c.host = host;
+  c.port = 80;
+  c.target = "/";
+  Engine engine;
+  return engine.evaluate(set, Extractor::extract(c, set));
+}
+
+TEST(PolicySetLoad, HostsAreComparedInTheCallsCanonicalForm) {
+  // Each halt was compared as written with the call's canonical host, so it never fired.
+  auto set = parse(R"(tools:
+  - {name: notes, match: {host: [NOTES.Local., "[::FFFF:10.0.0.7]"]}}
+rules:
+  - {id: all, effect: allow, match: {host: "*"}}
+  - {id: upper, effect: halt, match: {host: Evil.Example.}}
+  - {id: v6, effect: halt, match: {host: "[::1]"}}
+  - {id: hex, effect: halt, match: {host: "0x7f000001"}}
+  - {id: long-v6, effect: halt, match: {host: "2001:DB8:0:0:0:0:0:1"}}
+  - {id: sub, effect: halt, match: {host: "*.Bad.Example."}}
+  - {id: notes, effect: halt, match: {tool: notes}}
+breakers:
+  - {host: Pay.Internal.}
+)");
+  ASSERT_TRUE(set) << set.error().message;
+  const auto& rules = set.value()->rules();
+  EXPECT_EQ(rules[1].match.host, "evil.example");
+  EXPECT_EQ(rules[2].match.host, "::1");
+  EXPECT_EQ(rules[3].match.host, "127.0.0.1");
+  EXPECT_EQ(rules[4].match.host, "2001:db8::1");
+  EXPECT_EQ(rules[5].match.host, "*.bad.example");
+  EXPECT_EQ(set.value()->tools()[0].hosts, (std::vector<std::string>{"notes.local", "10.0.0.7"}));
+  EXPECT_EQ(set.value()->breakers()[0].host, "pay.internal");
+  EXPECT_EQ(decide(*set.value(), "evil.example").rule, "upper");
+  EXPECT_EQ(decide(*set.value(), "::1").rule, "v6");
+  EXPECT_EQ(decide(*set.value(), "2130706433").rule, "hex");
+  EXPECT_EQ(decide(*set.value(), "2001:db8::1").rule, "long-v6");
+  EXPECT_EQ(decide(*set.value(), "api.bad.example").rule, "sub");
+  EXPECT_EQ(decide(*set.value(), "notes.local").rule, "notes");
+  EXPECT_EQ(decide(*set.value(), "167772167").rule, "notes");  // 10.0.0.7
+  EXPECT_EQ(decide(*set.value(), "good.example").verdict, Verdict::kAllow);
+}
+
+TEST(PolicySetLoad, CanonicalHostPatternsAreKeptAsWritten) {
+  auto set = parse(R"(rules:
+  - {id: a, effect: halt, match: {host: notes.local}}
+  - {id: b, effect: halt, match: {host: "*.example.com"}}
+  - {id: c, effect: halt, match: {host: "*"}}
+  - {id: d, effect: halt, match: {host: 10.0.0.7}}
+  - {id: e, effect: halt, match: {host: "::1"}}
+  - {id: f, effect: halt, match: {host: my_host-1.internal}}
+)");
+  ASSERT_TRUE(set) << set.error().message;
+  std::vector<std::string> hosts;
+  for (const auto& r : set.value()->rules()) hosts.push_back(r.match.host);
+  EXPECT_EQ(hosts, (std::vector<std::string>{"notes.local", "*.example.com", "*", "10.0.0.7", "::1",
+                                             "my_host-1.internal"}));
+}
+
+TEST(PolicySetLoad, WhatCannotBeAHostIsRefused) {
+  auto rule = [](const std::string& host) {
+    return errorOf("rules: [{id: r, effect: halt, match: {host: \"" + host + "\"}}]\n");
+  };
+  EXPECT_EQ(rule("evil.example:443"),
+            "p.yaml:3:45: rules[0].match.host: 'evil.example:443' is not a host pattern: write it "
+            "without a port (a host pattern matches every port)");
+  EXPECT_EQ(rule("[::1]:443"),
+            "p.yaml:3:45: rules[0].match.host: '[::1]:443' is not a host pattern: write it without "
+            "a port (a host pattern matches every port)");
+  EXPECT_EQ(rule("http://evil.example"),
+            "p.yaml:3:45: rules[0].match.host: 'http://evil.example' is not a host pattern: write "
+            "the host alone, without a scheme (e.g. evil.example)");
+  EXPECT_NE(rule("evil.example/admin").find("without a path"), std::string::npos);
+  EXPECT_NE(rule("api.*.example.com").find("'*' stands alone or in front"), std::string::npos);
+  EXPECT_NE(rule("*example.com").find("'*' stands alone or in front"), std::string::npos);
+  EXPECT_NE(rule("*.example.com:443").find("without a port"), std::string::npos);
+  EXPECT_NE(rule("*.").find("expected *.DOMAIN"), std::string::npos);
+  EXPECT_NE(rule(".example.com").find("expected a host name"), std::string::npos);
+  EXPECT_NE(rule("").find("expected a host name"), std::string::npos);
+  EXPECT_NE(rule("[evil.example]").find("brackets hold an IPv6 address"), std::string::npos);
+  EXPECT_NE(rule("evil example").find("invalid character"), std::string::npos);
+  EXPECT_NE(rule("1.2.3.4.5").find("invalid IPv4 address"), std::string::npos);
+  EXPECT_NE(rule("fe80::1::2").find("invalid IPv6 address"), std::string::npos);
+  // The same check for a tool's hosts (each list item at its place) and a breaker's.
+  EXPECT_EQ(errorOf("tools: [{name: t, match: {hosts: [a.example, \"b.example:80\"]}}]\n"),
+            "p.yaml:3:46: tools[0].match.hosts: 'b.example:80' is not a host pattern: write it "
+            "without a port (a host pattern matches every port)");
+  EXPECT_NE(errorOf("breakers: [{host: \"http://pay.internal\"}]\n").find("breakers[0].host: "),
+            std::string::npos);
 }
 
 }  // namespace
