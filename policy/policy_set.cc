@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -341,6 +342,15 @@ class PolicyLoader {
     return out;
   }
 
+  // A list that must name something: empty, it would mean "any" (methods, paths) or
+  // "never" (in, days), so a rule would silently match everything or do nothing.
+  std::vector<std::string> someStrings(const YAML::Node& n, const std::string& key,
+                                       const std::string& what) const {
+    auto out = strings(n, key);
+    if (out.empty()) fail(n, key, "expected at least one " + what);
+    return out;
+  }
+
   int64_t integer(const YAML::Node& n, const std::string& key, int64_t min, int64_t max) const {
     int64_t v = 0;
     if (!n.IsScalar() || !YAML::convert<int64_t>::decode(n, v)) fail(n, key, "expected an integer");
@@ -352,6 +362,9 @@ class PolicyLoader {
   double number(const YAML::Node& n, const std::string& key) const {
     double v = 0;
     if (!n.IsScalar() || !YAML::convert<double>::decode(n, v)) fail(n, key, "expected a number");
+    // .nan compares false with everything and .inf bounds nothing: the condition would
+    // never hold, or always.
+    if (!std::isfinite(v)) fail(n, key, "expected a finite number");
     return v;
   }
 
@@ -376,7 +389,7 @@ class PolicyLoader {
   }
 
   std::vector<std::string> methods(const YAML::Node& n, const std::string& key) const {
-    auto out = strings(n, key);
+    auto out = someStrings(n, key, "method (leave it out for any method)");
     for (auto& m : out) {
       std::transform(m.begin(), m.end(), m.begin(),
                      [](unsigned char c) { return std::toupper(c); });
@@ -479,12 +492,14 @@ class PolicyLoader {
                           } else if (k.ends_with(".methods")) {
                             t.methods = methods(mv, k);
                           } else if (k.ends_with(".paths") || k.ends_with(".path")) {
-                            for (auto& p : strings(mv, k)) {
+                            for (auto& p :
+                                 someStrings(mv, k, "path glob (leave it out for any path)")) {
                               if (!p.starts_with('/')) fail(mv, k, "path globs start with /");
                               t.paths.push_back(p);
                             }
                           } else {
-                            t.mcpTools = strings(mv, k);
+                            t.mcpTools = someStrings(
+                                mv, k, "MCP tool name (leave it out for a tool that is not MCP)");
                           }
                         });
               }
@@ -573,6 +588,7 @@ class PolicyLoader {
 
   void conditions(const YAML::Node& n, const std::string& where, Rule& r) {
     if (!n.IsMap()) fail(n, where, "expected a mapping of conditions");
+    if (n.size() == 0) fail(n, where, "expected at least one condition (leave when out for none)");
     std::set<std::string> seen;
     for (const auto& kv : n) {
       auto name = kv.first.as<std::string>();
@@ -607,11 +623,14 @@ class PolicyLoader {
             c.fromMinute = minuteOfDay(b[0]);
             c.toMinute = minuteOfDay(b[1]);
             if (c.fromMinute < 0 || c.toMinute < 0) fail(tv, k, "times are HH:MM, 00:00 to 24:00");
+            // Such a window holds at no minute of the day: its rule would never apply.
+            if (c.fromMinute == c.toMinute || (c.fromMinute == 24 * 60 && c.toMinute == 0))
+              fail(tv, k, "the start and the end are the same time: the window is empty");
             hasBetween = true;
           } else if (k.ends_with(".days")) {
             static const char* names[] = {"mon", "tue", "wed", "thu", "fri", "sat", "sun"};
             c.days = 0;
-            for (auto& d : strings(tv, k)) {
+            for (auto& d : someStrings(tv, k, "day")) {
               auto it = std::find(std::begin(names), std::end(names), d);
               if (it == std::end(names)) fail(tv, k, "days are mon, tue, wed, thu, fri, sat, sun");
               c.days |= static_cast<uint8_t>(1u << (it - std::begin(names)));
@@ -626,6 +645,9 @@ class PolicyLoader {
         r.when.push_back(std::move(c));
       } else if (name.starts_with("params.") && name.size() > 7) {
         auto param = name.substr(7);
+        // Without a comparison the rule would be unconditional, not bounded.
+        if (v.IsMap() && v.size() == 0)
+          fail(v, key, "expected a comparison: lt, lte, gt, gte, eq, ne, in or matches");
         forEach(v, key, {"lt", "lte", "gt", "gte", "eq", "ne", "in", "matches"},
                 [&](const std::string& k, const YAML::Node& pv) {
                   Condition c;
@@ -634,7 +656,7 @@ class PolicyLoader {
                   auto opName = k.substr(k.rfind('.') + 1);
                   if (opName == "in") {
                     c.kind = Condition::Kind::kIn;
-                    c.values = strings(pv, k);
+                    c.values = someStrings(pv, k, "value");
                   } else if (opName == "matches") {
                     c.kind = Condition::Kind::kMatches;
                     RE2::Options options;

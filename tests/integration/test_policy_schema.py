@@ -42,6 +42,12 @@ class PolicySchemaTest(unittest.TestCase):
             {"apiVersion": "tollgate/v2", "kind": "Policy"},
             {**base, "limits": {"max_body_bytes": 0}},
             {**base, "limits": {"max_body_bytes": "0k"}},
+            {**base, "rules": [{"id": "a", "effect": "halt", "when": {}}]},
+            {**base, "rules": [{"id": "a", "effect": "halt", "when": {"params.x": {}}}]},
+            {**base, "rules": [{"id": "a", "effect": "halt", "when": {"params.x": {"in": []}}}]},
+            {**base, "rules": [{"id": "a", "effect": "halt", "when": {"time": {"between": ["09:00", "17:00"], "days": []}}}]},
+            {**base, "rules": [{"id": "a", "effect": "halt", "match": {"methods": []}}]},
+            {**base, "tools": [{"name": "t", "match": {"host": "a.example", "paths": []}}]},
         ]
         for doc in bad:
             self.assertTrue(list(self.validator.iter_errors(doc)), doc)

@@ -178,5 +178,55 @@ TEST(PolicySetLoad, WhatCannotBeAHostIsRefused) {
             std::string::npos);
 }
 
+TEST(PolicySetLoad, ConditionsAndListsThatWouldDoNothingAreRefused) {
+  // Each loaded before: the rule matched everything, or its halt could never fire.
+  struct Case {
+    std::string rule, error;
+  };
+  const std::string head = "rules:\n  - id: r\n    effect: halt\n    match: {host: a.example}\n";
+  for (const auto& c : std::vector<Case>{
+           {"    when: {params.amount: {}}\n",
+            "p.yaml:7:27: rules[0].when.params.amount: expected a comparison: lt, lte, gt, gte, "
+            "eq, ne, in or matches"},
+           {"    when: {}\n",
+            "p.yaml:7:11: rules[0].when: expected at least one condition (leave when out for "
+            "none)"},
+           {"    when: {params.currency: {in: []}}\n",
+            "p.yaml:7:34: rules[0].when.params.currency.in: expected at least one value"},
+           {"    when: {params.amount: {gt: .nan}}\n",
+            "p.yaml:7:32: rules[0].when.params.amount.gt: expected a finite number"},
+           {"    when: {params.amount: {lte: .inf}}\n",
+            "p.yaml:7:33: rules[0].when.params.amount.lte: expected a finite number"},
+           {"    when: {params.amount: {gt: -.Inf}}\n",
+            "p.yaml:7:32: rules[0].when.params.amount.gt: expected a finite number"},
+           {"    when: {time: {between: [\"09:00\", \"17:00\"], days: []}}\n",
+            "p.yaml:7:54: rules[0].when.time.days: expected at least one day"},
+           {"    when: {time: {between: [\"10:00\", \"10:00\"]}}\n",
+            "p.yaml:7:28: rules[0].when.time.between: the start and the end are the same time: "
+            "the window is empty"},
+           {"    when: {time: {between: [\"24:00\", \"00:00\"]}}\n",
+            "p.yaml:7:28: rules[0].when.time.between: the start and the end are the same time: "
+            "the window is empty"},
+       }) {
+    EXPECT_EQ(errorOf(head + c.rule), c.error) << c.rule;
+  }
+  EXPECT_EQ(errorOf("rules: [{id: r, effect: halt, match: {host: a.example, methods: []}}]\n"),
+            "p.yaml:3:65: rules[0].match.methods: expected at least one method (leave it out for "
+            "any method)");
+  EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example, methods: []}}]\n"),
+            "p.yaml:3:53: tools[0].match.methods: expected at least one method (leave it out for "
+            "any method)");
+  EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example, paths: []}}]\n"),
+            "p.yaml:3:51: tools[0].match.paths: expected at least one path glob (leave it out for "
+            "any path)");
+  EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example, mcp_tools: []}}]\n"),
+            "p.yaml:3:55: tools[0].match.mcp_tools: expected at least one MCP tool name (leave it "
+            "out for a tool that is not MCP)");
+  // What still loads: a whole day, a window across midnight, one from midnight.
+  EXPECT_EQ(errorOf(head + "    when: {time: {between: [\"00:00\", \"24:00\"]}}\n"), "");
+  EXPECT_EQ(errorOf(head + "    when: {time: {between: [\"22:00\", \"06:00\"]}}\n"), "");
+  EXPECT_EQ(errorOf(head + "    when: {time: {between: [\"24:00\", \"06:00\"]}}\n"), "");
+}
+
 }  // namespace
 }  // namespace tollgate
