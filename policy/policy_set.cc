@@ -682,6 +682,7 @@ class PolicyLoader {
     Rule r;
     r.mark = mark(n);
     bool hasEffect = false;
+    std::optional<YAML::Node> rateLimitNode, cascadeNode;  // checked against the effect
     forEach(n, where,
             {"id", "effect", "match", "when", "rate_limit", "reason", "cascade", "description"},
             [&](const std::string& key, const YAML::Node& v) {
@@ -718,6 +719,7 @@ class PolicyLoader {
               } else if (key.ends_with(".when")) {
                 conditions(v, key, r);
               } else if (key.ends_with(".rate_limit")) {
+                rateLimitNode = v;
                 RateLimit rl;
                 bool hasRequests = false;
                 forEach(v, key, {"requests", "per", "burst", "key"},
@@ -746,6 +748,7 @@ class PolicyLoader {
                 if (rl.burst == 0) rl.burst = rl.requests;
                 r.rateLimit = rl;
               } else if (key.ends_with(".cascade")) {
+                cascadeNode = v;
                 forEach(v, key, {"quarantine"}, [&](const std::string& k, const YAML::Node& cv) {
                   r.cascade = duration(cv, k);
                 });
@@ -753,6 +756,15 @@ class PolicyLoader {
             });
     if (r.id.empty()) fail(n, where + ".id", "required");
     if (!hasEffect) fail(n, where + ".effect", "required (allow, halt or approve)");
+    // The engine applies them to those effects alone: elsewhere they would be ignored.
+    if (rateLimitNode && r.effect != Effect::kAllow)
+      fail(*rateLimitNode, where + ".rate_limit",
+           "only an allow rule is rate limited (this rule is " + std::string(effectName(r.effect)) +
+               ")");
+    if (cascadeNode && r.effect != Effect::kHalt)
+      fail(*cascadeNode, where + ".cascade",
+           "only a halt quarantines neighbours (this rule is " + std::string(effectName(r.effect)) +
+               ")");
     for (const auto& other : set_.rules_) {
       if (other.id == r.id)
         fail(n, where + ".id",

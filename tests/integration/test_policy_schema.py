@@ -48,6 +48,8 @@ class PolicySchemaTest(unittest.TestCase):
             {**base, "rules": [{"id": "a", "effect": "halt", "when": {"time": {"between": ["09:00", "17:00"], "days": []}}}]},
             {**base, "rules": [{"id": "a", "effect": "halt", "match": {"methods": []}}]},
             {**base, "tools": [{"name": "t", "match": {"host": "a.example", "paths": []}}]},
+            {**base, "rules": [{"id": "a", "effect": "halt", "rate_limit": {"requests": 1, "per": "1m"}}]},
+            {**base, "rules": [{"id": "a", "effect": "allow", "cascade": {"quarantine": "5m"}}]},
         ]
         for doc in bad:
             self.assertTrue(list(self.validator.iter_errors(doc)), doc)

@@ -228,5 +228,32 @@ TEST(PolicySetLoad, ConditionsAndListsThatWouldDoNothingAreRefused) {
   EXPECT_EQ(errorOf(head + "    when: {time: {between: [\"24:00\", \"06:00\"]}}\n"), "");
 }
 
+TEST(PolicySetLoad, RateLimitsAndCascadesOnlyWhereTheyApply) {
+  // The engine rate-limits allows and cascades halts only: elsewhere they were ignored.
+  EXPECT_EQ(errorOf("rules: [{id: r, effect: halt, match: {host: a.example},\n"
+                    "         rate_limit: {requests: 1, per: 1m}}]\n"),
+            "p.yaml:4:22: rules[0].rate_limit: only an allow rule is rate limited (this rule is "
+            "halt)");
+  EXPECT_EQ(errorOf("rules: [{id: r, effect: approve, match: {host: a.example},\n"
+                    "         rate_limit: {requests: 1, per: 1m}}]\n"),
+            "p.yaml:4:22: rules[0].rate_limit: only an allow rule is rate limited (this rule is "
+            "approve)");
+  EXPECT_EQ(errorOf("rules: [{id: r, effect: allow, match: {host: a.example},\n"
+                    "         cascade: {quarantine: 5m}}]\n"),
+            "p.yaml:4:19: rules[0].cascade: only a halt quarantines neighbours (this rule is "
+            "allow)");
+  EXPECT_NE(errorOf("rules: [{id: r, effect: approve, match: {host: a.example},\n"
+                    "         cascade: {quarantine: 5m}}]\n")
+                .find("rules[0].cascade: only a halt quarantines neighbours"),
+            std::string::npos);
+  // Where they apply, in any order of the keys.
+  EXPECT_EQ(errorOf("rules:\n"
+                    "  - {id: a, rate_limit: {requests: 1, per: 1m}, effect: allow, match: {host: "
+                    "a.example}}\n"
+                    "  - {id: h, cascade: {quarantine: 5m}, effect: deny, match: {host: "
+                    "b.example}}\n"),
+            "");
+}
+
 }  // namespace
 }  // namespace tollgate
