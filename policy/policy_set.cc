@@ -377,6 +377,9 @@ class PolicyLoader {
   std::chrono::milliseconds duration(const YAML::Node& n, const std::string& key) const {
     auto v = n.IsScalar() ? parseDuration(n.Scalar()) : std::nullopt;
     if (!v || v->count() <= 0) fail(n, key, "expected a duration such as 30s, 10m, 1h or 1d");
+    // Ten years, as in the config: past it `now + duration` in milliseconds (a cascade's
+    // end, a breaker's cooldown, a rate limit's refill) could overflow 64 bits.
+    if (*v > std::chrono::milliseconds(3650ll * 86'400'000)) fail(n, key, "at most 3650d");
     return *v;
   }
 

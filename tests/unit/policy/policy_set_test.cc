@@ -255,5 +255,31 @@ TEST(PolicySetLoad, RateLimitsAndCascadesOnlyWhereTheyApply) {
             "");
 }
 
+TEST(PolicySetLoad, DurationsAreAtMostTenYears) {
+  // Near 2^63 ms, `now + duration` overflowed in the cascade, breaker and rate-limit sums.
+  const std::string tooLong = "106751991167d";  // the largest whole number of days in int64 ms
+  for (const auto& [body, key] : std::vector<std::pair<std::string, std::string>>{
+           {"rules: [{id: r, effect: halt, match: {host: a.example}, cascade: {quarantine: D}}]\n",
+            "rules[0].cascade.quarantine"},
+           {"rules: [{id: r, effect: allow, match: {host: a.example}, rate_limit: {requests: 1, "
+            "per: D}}]\n",
+            "rules[0].rate_limit.per"},
+           {"rules: [{id: r, effect: halt, match: {host: a.example}, when: {agent.failures: "
+            "{gte: 1, within: D}}}]\n",
+            "rules[0].when.agent.failures.within"},
+           {"breakers: [{host: a.example, cooldown: D}]\n", "breakers[0].cooldown"},
+           {"pools: [{name: p, effort: {limit: 1, period: D}}]\n", "pools[0].effort.period"},
+       }) {
+    auto with = [&](const std::string& d) {
+      auto text = body;
+      text.replace(text.find(": D") + 2, 1, d);
+      return errorOf(text);
+    };
+    EXPECT_NE(with(tooLong).find(key + ": at most 3650d"), std::string::npos) << with(tooLong);
+    EXPECT_NE(with("3651d").find(key + ": at most 3650d"), std::string::npos) << key;
+    EXPECT_EQ(with("3650d"), "") << key;
+  }
+}
+
 }  // namespace
 }  // namespace tollgate
