@@ -146,6 +146,57 @@ std::string str(const YAML::Node& n, const char* key, const std::string& fallbac
   return n[key] && n[key].IsScalar() ? n[key].Scalar() : fallback;
 }
 
+// "FILE:LINE:COL: KEY: MESSAGE", as policy files report their errors.
+std::string errorAt(const std::string& file, const YAML::Node& n, const std::string& key,
+                    const std::string& message) {
+  return file + ":" + std::to_string(n.Mark().line + 1) + ":" +
+         std::to_string(n.Mark().column + 1) + ": " + key + ": " + message;
+}
+
+// The first unknown or repeated key of a mapping (a misspelt `outcom:` or `rul:` would be
+// ignored, and the case would test something else than it says), or "".
+std::string checkKeys(const std::string& file, const YAML::Node& map, const std::string& where,
+                      const std::set<std::string>& known) {
+  if (!map || !map.IsMap()) return {};  // what is not a mapping is refused where it is read
+  std::set<std::string> seen;
+  for (const auto& kv : map) {
+    auto key = kv.first.Scalar();
+    auto full = where.empty() ? key : where + "." + key;
+    if (!known.count(key)) return errorAt(file, kv.first, full, "unknown key");
+    if (!seen.insert(key).second) return errorAt(file, kv.first, full, "duplicate key");
+  }
+  return {};
+}
+
+// The shape of a test file, before any case runs: its keys at every level, and a non-empty
+// list of policies (none, or a scalar, tested against an empty set: every halt passed).
+std::string checkTestFile(const std::string& file, const YAML::Node& doc) {
+  if (auto e = checkKeys(file, doc, "", {"apiVersion", "kind", "policies", "tests"}); !e.empty())
+    return e;
+  const auto& policies = doc["policies"];
+  if (!policies.IsSequence() || policies.size() == 0)
+    return errorAt(file, policies, "policies", "expected a non-empty list of policy files");
+  for (const auto& p : policies) {
+    if (!p.IsScalar() || p.Scalar().empty())
+      return errorAt(file, p, "policies", "expected a policy file's path");
+  }
+  for (size_t i = 0; i < doc["tests"].size(); ++i) {
+    const auto& t = doc["tests"][i];
+    auto where = "tests[" + std::to_string(i) + "]";
+    if (!t.IsMap()) return errorAt(file, t, where, "expected a mapping (a test case)");
+    const YAML::Node call = t["call"];
+    auto e = checkKeys(file, t, where,
+                       {"name", "at", "call", "times", "outcome", "status", "advance", "expect"});
+    if (e.empty())
+      e = checkKeys(file, call, where + ".call", {"agent", "method", "url", "body", "headers"});
+    if (e.empty() && call && call.IsMap())
+      e = checkKeys(file, call["headers"], where + ".call.headers", {"Content-Type"});
+    if (e.empty()) e = checkKeys(file, t["expect"], where + ".expect", {"decision", "rule"});
+    if (!e.empty()) return e;
+  }
+  return {};
+}
+
 // One test file: every case runs in order against one engine, so rate limits and failure
 // counters carry from case to case as they would in the sidecar.
 int runTestFile(const std::string& file, std::FILE* out, int& passed, int& failed) {
@@ -161,6 +212,10 @@ int runTestFile(const std::string& file, std::FILE* out, int& passed, int& faile
       !doc["tests"].IsSequence()) {
     std::fprintf(out, "%s: expected kind: PolicyTest with policies: [...] and tests: [...]\n",
                  file.c_str());
+    return 2;
+  }
+  if (auto error = checkTestFile(file, doc); !error.empty()) {
+    std::fprintf(out, "%s\n", error.c_str());
     return 2;
   }
   auto base = std::filesystem::path(file).parent_path();
@@ -218,6 +273,11 @@ int runTestFile(const std::string& file, std::FILE* out, int& passed, int& faile
       call.body = body;
       call.bodyTruncated = body.size() > set.value()->maxBodyBytes();
       int times = t["times"] ? t["times"].as<int>() : 1;
+      // 0 evaluated nothing and compared the expectation with an empty decision.
+      if (times < 1) throw std::runtime_error("times: expected at least 1");
+      // Any other word (a misspelt "faild") reported the calls as succeeded.
+      if (t["outcome"] && t["outcome"].Scalar() != "failed")
+        throw std::runtime_error("outcome: expected failed (status: N reports another answer)");
       Decision d;
       for (int i = 0; i < times; ++i) {
         auto tc = Extractor::extract(call, *set.value());

@@ -442,6 +442,38 @@ tests:
             self.assertIn("no expectation: the case cannot be read: expect: {decision: …} is required", out)
             self.assertIn("advance is not a duration: the case cannot be read: advance:", out)
 
+    def run_test_file(self, d, text):
+        path = os.path.join(d, "cases.test.yaml")
+        with open(path, "w") as f:
+            f.write("apiVersion: tollgate/v1\nkind: PolicyTest\n" + text)
+        r = subprocess.run([BIN, "policy", "test", path], capture_output=True, text=True, timeout=30)
+        return r.returncode, r.stdout.replace(path, "FILE")
+
+    def test_a_test_file_is_schema_checked(self):
+        """Each of these passed: a misspelt key was ignored (the case tested something else),
+        `policies:` as a scalar or an empty list tested against an empty set (so every halt
+        expectation held), `times: 0` compared the expectation with an empty decision."""
+        quickstart = os.path.abspath(os.path.join(os.path.dirname(BIN), "..", "examples", "quickstart",
+                                                  "policy.yaml"))
+        halt = '    call: {agent: agent-7, method: GET, url: "http://notes.local/notes/1"}\n' \
+               '    expect: {decision: halt}\n'
+        with tempfile.TemporaryDirectory() as d:
+            self.assertEqual(self.run_test_file(d, f"policies: [{quickstart}]\ntests:\n  - name: failures\n"
+                                                   f"    outcom: failed\n{halt}"),
+                             (2, "FILE:6:5: tests[0].outcom: unknown key\n"))
+            self.assertEqual(self.run_test_file(d, f"policies: [{quickstart}]\ntests:\n  - name: by rule\n"
+                                                   '    call: {agent: agent-7, url: "http://notes.local/notes/1"}\n'
+                                                   "    expect: {decision: allow, rul: allow-notes}\n"),
+                             (2, "FILE:7:31: tests[0].expect.rul: unknown key\n"))
+            self.assertEqual(self.run_test_file(d, f"policies: {quickstart}\ntests:\n  - name: a\n{halt}"),
+                             (2, "FILE:3:11: policies: expected a non-empty list of policy files\n"))
+            self.assertEqual(self.run_test_file(d, f"policies: []\ntests:\n  - name: a\n{halt}"),
+                             (2, "FILE:3:11: policies: expected a non-empty list of policy files\n"))
+            rc, out = self.run_test_file(d, f"policies: [{quickstart}]\ntests:\n  - name: never run\n"
+                                            f"    times: 0\n{halt}")
+            self.assertEqual(rc, 1, out)
+            self.assertIn("FAIL FILE: never run: the case cannot be read: times: expected at least 1", out)
+
 
 class InPlaceWriteTest(unittest.TestCase):
     def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
