@@ -22,6 +22,17 @@ struct Finding {
   std::string message;
 };
 
+// Whether a tool glob can match some name that begins with `prefix`.
+bool globCanStartWith(std::string_view glob, std::string_view prefix) {
+  if (prefix.empty()) return true;
+  if (glob.empty()) return false;
+  if (glob[0] == '*')
+    return globCanStartWith(glob.substr(1), prefix) || globCanStartWith(glob, prefix.substr(1));
+  if (glob[0] == '?' || glob[0] == prefix[0])
+    return globCanStartWith(glob.substr(1), prefix.substr(1));
+  return false;
+}
+
 // Lints beyond what loading checks: rules that can never match, allows hidden behind an
 // unconditional halt, cascade cycles, costs that no pool caps.
 std::vector<Finding> lint(const PolicySet& set) {
@@ -32,6 +43,12 @@ std::vector<Finding> lint(const PolicySet& set) {
         return globMatch(r.match.tool, t.name) &&
                (!r.match.actionClass || *r.match.actionClass == t.actionClass);
       });
+      // The engine names a call to no declared tool host:HOST (of its method's class) and an
+      // MCP tools/call no tool declares mcp:NAME (a write): a glob that can name those, such
+      // as "host:*" or "mcp:*", matches calls that no tool declares.
+      any = any || globCanStartWith(r.match.tool, "host:") ||
+            ((!r.match.actionClass || *r.match.actionClass == ActionClass::kWrite) &&
+             globCanStartWith(r.match.tool, "mcp:"));
       if (!any)
         out.push_back(
             {r.mark, "rule '" + r.id + "' can never match: no tool fits its tool and class"});

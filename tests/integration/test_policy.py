@@ -475,6 +475,54 @@ tests:
             self.assertIn("FAIL FILE: never run: the case cannot be read: times: expected at least 1", out)
 
 
+class PolicyCheckLintTest(unittest.TestCase):
+    def test_tool_globs_that_name_undeclared_calls_can_match(self):
+        """A call to no declared tool is named host:HOST, an MCP tools/call that no tool
+        declares mcp:NAME, and the engine matches rules on "host:*" or "mcp:*" against them:
+        `policy check` reported such rules as ones that can never match, and exited 1."""
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "p.yaml")
+            with open(path, "w") as f:
+                f.write("""apiVersion: tollgate/v1
+kind: Policy
+tools:
+  - {name: notes.read, match: {host: notes.local, methods: [GET]}, class: read}
+rules:
+  - {id: notes, effect: allow, match: {tool: "notes.*"}}
+  - {id: any-host, effect: allow, match: {tool: "host:*", agent: trusted}}
+  - {id: no-evil, effect: halt, match: {tool: "host:*.evil.example"}}
+  - {id: undeclared-mcp, effect: halt, match: {tool: "mcp:*", class: write}}
+""")
+            r = subprocess.run([BIN, "policy", "check", path], capture_output=True, text=True, timeout=10)
+            self.assertEqual(r.returncode, 0, r.stdout)
+            self.assertTrue(r.stdout.startswith("ok: 1 tools"), r.stdout)
+            # The engine does match them: the lint was wrong, not the rules.
+            with open(os.path.join(d, "p.test.yaml"), "w") as f:
+                f.write("""apiVersion: tollgate/v1
+kind: PolicyTest
+policies: [p.yaml]
+tests:
+  - name: an undeclared host for a trusted agent
+    call: {agent: trusted, url: "http://elsewhere.example/"}
+    expect: {decision: allow, rule: any-host}
+  - name: an evil one
+    call: {agent: trusted, url: "http://api.evil.example/"}
+    expect: {decision: halt, rule: no-evil}
+""")
+            r = subprocess.run([BIN, "policy", "test", os.path.join(d, "p.test.yaml")], capture_output=True,
+                               text=True, timeout=10)
+            self.assertEqual(r.returncode, 0, r.stdout)
+            # A glob that can name neither a declared tool nor an undeclared call still can't.
+            with open(path, "a") as f:
+                f.write('  - {id: typo, effect: allow, match: {tool: "ntoes.*"}}\n'
+                        '  - {id: mcp-read, effect: allow, match: {tool: "mcp:*", class: read}}\n')
+            r = subprocess.run([BIN, "policy", "check", path], capture_output=True, text=True, timeout=10)
+            self.assertEqual(r.returncode, 1, r.stdout)
+            self.assertEqual(r.stdout.count("can never match"), 2, r.stdout)
+            self.assertIn("rule 'typo' can never match", r.stdout)
+            self.assertIn("rule 'mcp-read' can never match", r.stdout)
+
+
 class InPlaceWriteTest(unittest.TestCase):
     def test_a_policy_file_caught_between_truncation_and_text_is_not_loaded(self):
         """A writer that truncates the file and writes its text 600 ms later (a slow pipe,
