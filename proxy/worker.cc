@@ -183,8 +183,12 @@ void Worker::release(ClientSession* session) {
 void Worker::awaitDurable(uint64_t seq, ClientSession* session) {
   uint64_t now = uv_now(&loop_.loop);
   if (durableWaiters_.empty()) {
-    if (!durableTimer_)
+    if (!durableTimer_) {
       durableTimer_ = Timer::create(&loop_.loop, [this] { expireDurableWaiters(); });
+      // Stopped lazily (it goes off for nothing), it would hold a draining loop for up to
+      // kDurableWaitMs; the waiting sessions keep the loop alive while it matters.
+      durableTimer_->unref();
+    }
     durableTimer_->start(kDurableWaitMs);
   }
   durableWaiters_.push_back({seq, session, now});
