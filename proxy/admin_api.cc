@@ -136,8 +136,10 @@ AdminResponse AdminApi::handle(std::string_view method, std::string_view target,
     if (!get) return error(405, "method_not_allowed", "use GET");
     if (budgets_) metrics_.setPools(budgets_->view());
     if (engine_) {
+      std::vector<std::pair<std::string, int>> states;
       for (const auto& b : engine_->breakers())
-        metrics_.setBreaker(b.upstream, b.state == "open" ? 2 : b.state == "half-open" ? 1 : 0);
+        states.emplace_back(b.upstream, b.state == "open" ? 2 : b.state == "half-open" ? 1 : 0);
+      metrics_.setBreakers(states);
     }
     return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.render()};
   }

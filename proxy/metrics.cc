@@ -362,8 +362,22 @@ void Metrics::setPools(const std::vector<BudgetView>& views) {
   }
 }
 
-void Metrics::setBreaker(const std::string& upstream, int state) {
-  breakerState_->Add({{"upstream", upstream}}).Set(state);
+void Metrics::setBreakers(const std::vector<std::pair<std::string, int>>& states) {
+  std::set<std::string> listed;
+  for (const auto& [upstream, state] : states) {
+    auto& gauge = breakers_[upstream];
+    if (!gauge) gauge = &breakerState_->Add({{"upstream", upstream}});
+    gauge->Set(state);
+    listed.insert(upstream);
+  }
+  for (auto it = breakers_.begin(); it != breakers_.end();) {
+    if (listed.contains(it->first)) {
+      ++it;
+      continue;
+    }
+    breakerState_->Remove(it->second);
+    it = breakers_.erase(it);
+  }
 }
 
 void Metrics::budgetOperation(const std::string& op, const std::string& result, double seconds) {

@@ -52,7 +52,10 @@ class Metrics {
   // One budget store operation: its op, result (ok, budget_exhausted, …) and duration.
   void budgetOperation(const std::string& op, const std::string& result, double seconds);
   // A circuit breaker's state for an upstream: 0 closed, 1 half-open, 2 open.
-  void setBreaker(const std::string& upstream, int state);
+  // The breakers' states (upstream, 0 closed, 1 half-open, 2 open) as the engine lists them:
+  // the series of one it no longer has (swept when idle) go too, or agent-chosen upstreams
+  // would each leave a series for good.
+  void setBreakers(const std::vector<std::pair<std::string, int>>& states);
   // Budget accounts as GET /v1/pools shows them, from the store's view when /metrics is read
   // (by one thread). A pool or dimension missing from the view (a reload removed or renamed
   // it) loses its series; while the store does not answer, only pool_available changes (0)
@@ -124,6 +127,7 @@ class Metrics {
   // What pool_spent_total adds for a view (and the base for the next).
   static int64_t spentSince(PoolSeries& s, const BudgetView& v);
   prometheus::Family<prometheus::Gauge>* breakerState_;
+  std::map<std::string, prometheus::Gauge*> breakers_;  // by upstream (render()'s thread)
   prometheus::Family<prometheus::Counter>* budgetOps_;
   prometheus::Family<prometheus::Histogram>* budgetSeconds_;
   std::atomic<prometheus::Counter*> budgetCounters_[3][6] = {};

@@ -145,5 +145,25 @@ TEST(MetricsPoolsTest, SpentFollowsCommittedAcrossPeriodsAndResets) {
   EXPECT_EQ(spent(), 13);
 }
 
+// Breakers are swept from the engine when idle (agents choose the ports and names): their
+// series go with them, or each upstream an agent made up would stay in /metrics for good.
+TEST(MetricsBreakersTest, ABreakerTheEngineNoLongerListsLosesItsSeries) {
+  Metrics m;
+  auto series = [&](const std::string& upstream) -> std::optional<double> {
+    std::string prefix = "tollgate_breaker_state{upstream=\"" + upstream + "\"} ";
+    std::istringstream text(m.render());
+    for (std::string line; std::getline(text, line);) {
+      if (line.starts_with(prefix)) return std::stod(line.substr(prefix.size()));
+    }
+    return std::nullopt;
+  };
+  m.setBreakers({{"pay.internal:1", 0}, {"pay.internal:2", 2}});
+  EXPECT_EQ(series("pay.internal:1"), 0);
+  EXPECT_EQ(series("pay.internal:2"), 2);
+  m.setBreakers({{"pay.internal:2", 1}});
+  EXPECT_EQ(series("pay.internal:1"), std::nullopt);
+  EXPECT_EQ(series("pay.internal:2"), 1);
+}
+
 }  // namespace
 }  // namespace tollgate
