@@ -351,16 +351,20 @@ void ClientSession::reportOutcome() {
   }
   worker_.decider().onOutcome(callInfo(), decision_, outcome);
   // What happened to the allowed call, linked to its decision by call_seq.
-  char seq[24], status[8], durationUs[24];
+  char seq[24], status[8], durationUs[24], in[24], out[24];
   auto num = [](char* buf, size_t size, uint64_t v) {
     return std::string_view(buf, static_cast<size_t>(std::to_chars(buf, buf + size, v).ptr - buf));
   };
+  // The bytes the agent sent and was sent (a tunnel's whole traffic: how much left through
+  // a passthrough host is an incident responder's first question).
   AuditFields fields{
       {"call_seq", num(seq, sizeof seq, auditSeq_)},
       {"status", num(status, sizeof status, static_cast<uint64_t>(std::max(0, status_)))},
       {"sent", outcome.sent ? "true" : "false"},
       {"failed", outcome.failed ? "true" : "false"},
-      {"duration_us", num(durationUs, sizeof durationUs, (uv_hrtime() - startNs_) / 1000)}};
+      {"duration_us", num(durationUs, sizeof durationUs, (uv_hrtime() - startNs_) / 1000)},
+      {"bytes_in", num(in, sizeof in, bytesIn_)},
+      {"bytes_out", num(out, sizeof out, bytesOut_)}};
   // Why it never reached the upstream (an upstream certificate that failed verification…).
   if (!upstreamError_.empty()) fields.emplace_back("error", upstreamError_);
   worker_.audit().appendEvent("outcome", fields, AuditSync::kBatched);  // no one waits for it

@@ -164,6 +164,14 @@ class TunnelTest(unittest.TestCase):
                     self.assertGreaterEqual(metric(tg, tunnels % "sum") - before[tunnels % "sum"], 1.5)
                     self.assertEqual(metric(tg, requests % "count"), before[requests % "count"] + 1)
                     self.assertLess(metric(tg, requests % "sum") - before[requests % "sum"], 1.5)
+                    # The tunnel's outcome record says how much went through it.
+                    def outcome():
+                        _, tail = tg.admin("/v1/audit/tail?n=5")
+                        recs = [json.loads(l) for l in tail.splitlines()]
+                        return [r for r in recs if r["kind"] == "outcome"][-1:]
+                    [rec] = wait_for(outcome, timeout=5, what="the tunnel's outcome record")
+                    self.assertGreaterEqual(int(rec["bytes_in"]), len(payload), rec)
+                    self.assertGreaterEqual(int(rec["bytes_out"]), len(payload), rec)
 
     def test_upgrade_to_a_denied_host_is_halted(self):
         with Tollgate({"hosts": {"allow": [], "deny": ["*"]}}) as tg:
