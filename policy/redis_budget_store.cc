@@ -857,11 +857,38 @@ Status RedisBudgetStore::validate(const PolicySet& set) const {
 Status RedisBudgetStore::declare(const PolicySet& set) {
   auto specs = specsOf(set);
   if (!specs) return specs.error();
+  // With init_missing, a pool a reload adds is created as one at start is (without it, every
+  // call it charges would halt as budget_uninitialised until `pools init`). Only the pools
+  // new to this set: the others were created, or found, already.
+  std::vector<PoolSpec> added;
+  std::shared_ptr<const std::vector<PoolSpec>> before;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    before = specs_;
     specs_ = std::make_shared<const std::vector<PoolSpec>>(std::move(specs.value()));
+    if (before && options_.initMissing) {
+      for (const auto& s : *specs_) {
+        bool known = std::any_of(before->begin(), before->end(),
+                                 [&](const PoolSpec& b) { return b.name == s.name; });
+        if (!known) added.push_back(s);
+      }
+    }
   }
   specsVersion_.fetch_add(1, std::memory_order_release);
+  if (!added.empty()) {
+    // The reload stands either way: a pool Redis could not create now stays uninitialised
+    // (its calls halted, fail closed) until `pools init` or the next reload's attempt.
+    auto created = initSpecs(added, options_, false);
+    if (!created) {
+      Log::Line(LogLevel::kWarn, "pool not initialised")
+          .add("error", created.error().message)
+          .emit();
+    } else {
+      for (const auto& r : created.value()) {
+        if (r.created) Log::Line(LogLevel::kWarn, "pool initialised").add("pool", r.pool).emit();
+      }
+    }
+  }
   return Status::success();
 }
 
@@ -1620,6 +1647,11 @@ Result<std::vector<RedisBudgetStore::InitResult>> RedisBudgetStore::initPools(
     const PolicySet& set, const Options& options, bool reset) {
   auto specs = specsOf(set);
   if (!specs) return specs.error();
+  return initSpecs(specs.value(), options, reset);
+}
+
+Result<std::vector<RedisBudgetStore::InitResult>> RedisBudgetStore::initSpecs(
+    const std::vector<PoolSpec>& specs, const Options& options, bool reset) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   std::vector<InitResult> out;
@@ -1629,7 +1661,7 @@ Result<std::vector<RedisBudgetStore::InitResult>> RedisBudgetStore::initPools(
         &loop, RedisClient::Options{options.seeds,
                                     std::max(options.timeout, std::chrono::milliseconds(2000)),
                                     options.auth});
-    for (const auto& s : specs.value()) {
+    for (const auto& s : specs) {
       auto [keys, args] = poolCall("init", reset ? "reset" : "missing", s);
       bool answered = false;
       client.eval(budgetScript(), std::move(keys), std::move(args),

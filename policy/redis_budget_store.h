@@ -85,6 +85,8 @@ class RedisBudgetStore : public BudgetStore {
     bool failOpen = false;
     uint16_t slot = 0;  // its keys' Redis Cluster slot
   };
+  static Result<std::vector<InitResult>> initSpecs(const std::vector<PoolSpec>& specs,
+                                                   const Options& options, bool reset);
   struct PerLoop;
   struct Batch;
   struct BatchOp;

@@ -159,6 +159,16 @@ class RedisBudgetTest(unittest.TestCase):
             with sidecar([redis.url], store={"init_missing": True}) as tg:
                 self.assertEqual(call(tg, origin, 2)[0], 200)
                 wait_for(lambda: spend(redis) == (2, 0), timeout=3, what="the settle")
+                # A pool a reload adds is created too (it halted as budget_uninitialised).
+                with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
+                    f.write((POLICY % {"limit": 10, "estimate": 4}).replace("name: team", "name: crew")
+                            .replace("pool: team", "pool: crew"))
+                status, body = tg.admin("/v1/reload", "POST")
+                self.assertEqual(status, 200, body)
+                self.assertEqual(call(tg, origin, 3)[0], 200)
+                wait_for(lambda: int(redis("HMGET", "tollgate:{crew}:b", "effort:committed")[0] or 0) == 3, timeout=3,
+                         what="the new pool's settle")
+                self.assertTrue(tg.logs("pool initialised"))
 
     def test_shutdown_pause_and_flush_fail_closed_and_recover(self):
         with RedisServer() as redis, HttpOrigin() as origin:
