@@ -215,11 +215,9 @@ bool namesMcpTool(const ToolDef& t, std::string_view name) {
 
 }  // namespace
 
-const ToolDef* mcpToolOf(const PolicySet& set, const ToolCall& call, std::string_view name) {
-  for (const auto& t : set.tools()) {
-    if (!t.mcpTools.empty() && fitsRequest(t, call.host(), call.method(), call.path()) &&
-        namesMcpTool(t, name))
-      return &t;
+const ToolDef* mcpToolOf(const PolicySet& /*set*/, const ToolCall& call, std::string_view name) {
+  for (const ToolDef* t : call.mcpFits()) {
+    if (namesMcpTool(*t, name)) return t;
   }
   return nullptr;
 }
@@ -421,13 +419,22 @@ Result<ToolCall> Extractor::extract(const CallInfo& call, const PolicySet& set) 
 
   // Attribution: the first tool whose match fits. An MCP batch is attributed to each of its
   // tools in turn by the engine; here the first one names the call.
+  if (!tc.mcpTools_.empty()) {
+    for (const auto& t : set.tools()) {
+      if (!t.mcpTools.empty() && fitsRequest(t, tc.host_, tc.method_, tc.path_))
+        tc.mcpFits_.push_back(&t);
+    }
+  }
   for (const auto& t : set.tools()) {
-    if (!fitsRequest(t, tc.host_, tc.method_, tc.path_)) continue;
     if (!t.mcpTools.empty()) {
-      if (tc.mcpTools_.empty()) continue;
+      if (tc.mcpTools_.empty() ||
+          std::find(tc.mcpFits_.begin(), tc.mcpFits_.end(), &t) == tc.mcpFits_.end())
+        continue;
       bool all = std::all_of(tc.mcpTools_.begin(), tc.mcpTools_.end(),
                              [&](const std::string& name) { return namesMcpTool(t, name); });
       if (!all) continue;  // a batch that hides another tool is not this tool
+    } else if (!fitsRequest(t, tc.host_, tc.method_, tc.path_)) {
+      continue;
     }
     tc.toolDef_ = &t;
     tc.tool_ = t.name;

@@ -38,6 +38,10 @@ class ToolCall {
   // Every tools/call in the body (a JSON-RPC batch may carry several), and the arguments of
   // each (null where it gives none), in the same order.
   const std::vector<std::string>& mcpTools() const { return mcpTools_; }
+  // The set's MCP tools whose host, methods and paths fit this request, in set order: found
+  // once per call, not once per tools/call of a batch (each a match of every path glob
+  // against a path of up to max_uri_bytes).
+  const std::vector<const ToolDef*>& mcpFits() const { return mcpFits_; }
   const std::vector<nlohmann::json>& mcpArguments() const { return mcpArguments_; }
   // Whether the tool the host, method and path chose is a subject of the decision beside
   // the MCP tools its body calls: always, unless it is the MCP tool those calls belong to
@@ -57,6 +61,7 @@ class ToolCall {
   const ToolDef* toolDef_ = nullptr;
   nlohmann::json params_;
   std::vector<std::string> mcpTools_;
+  std::vector<const ToolDef*> mcpFits_;
   std::vector<nlohmann::json> mcpArguments_;
   std::string bodyDigest_;  // of the body read, as sent (for the approval fingerprint)
 };
