@@ -183,7 +183,7 @@ class FileAuditSink : public AuditSink {
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> durable_{0};
   std::atomic<uint64_t> lastCheckpoint_{0};  // the last durable checkpoint's seq
-  AuditObserver* observer_ = nullptr;  // under mutex_
+  AuditObserver* observer_ = nullptr;        // under mutex_
   std::thread writer_;
   std::mutex rotateMutex_;  // one rotation at a time
   // A rotation whose record was not durable within rotationWait: its key is still in

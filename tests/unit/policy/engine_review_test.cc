@@ -275,7 +275,7 @@ breakers:
   EXPECT_EQ(decide().rule, "breaker");
   now += 10'001;
   EXPECT_EQ(decide().verdict, Verdict::kAllow);  // the probe
-  now += 1'000;                                   // the probe still out
+  now += 1'000;                                  // the probe still out
   EXPECT_EQ(decide().rule, "breaker") << "half-open: one probe at a time";
 }
 

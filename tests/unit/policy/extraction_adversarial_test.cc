@@ -168,8 +168,8 @@ INSTANTIATE_TEST_SUITE_P(
             "application/json", "extract"},
         // JSON under another media type, or none: many servers parse it anyway (Express's
         // json({type: '*/*'}), Flask's get_json(force=True)), so the policy reads it too.
-        Disguise{"JSON params as text/plain", "pay.internal", "/pay", "POST",
-                 R"({"amount": 5000})", "text/plain", "big-payments"},
+        Disguise{"JSON params as text/plain", "pay.internal", "/pay", "POST", R"({"amount": 5000})",
+                 "text/plain", "big-payments"},
         Disguise{"JSON params without a content type", "pay.internal", "/pay", "POST",
                  R"( {"amount": 5000})", "", "big-payments"},
         Disguise{"JSON params as a form", "pay.internal", "/pay", "POST", R"({"amount": 5000})",
@@ -200,9 +200,8 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(Extraction, NormalisedCallsStillReachTheirAllowedTool) {
   auto set = PolicySet::parse(kPolicy, "adversarial.yaml").value();
-  for (const char* path :
-       {"/public/a", "/public/./a", "/public//a", "/public/b/../a", "/%70ublic/a", "/public;v=2/a",
-        "/public/a;jsessionid=x"}) {
+  for (const char* path : {"/public/a", "/public/./a", "/public//a", "/public/b/../a",
+                           "/%70ublic/a", "/public;v=2/a", "/public/a;jsessionid=x"}) {
     CallInfo c;
     c.agent = "agent-x";
     c.method = "GET";

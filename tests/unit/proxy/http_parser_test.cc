@@ -144,8 +144,9 @@ TEST(HttpParser, AFoldAfterAnEmptyValueIsAFold) {
       auto l = limits();
       HttpParser p(HttpParser::Type::kRequest, l, r);
       auto first = p.execute(std::string_view(req).substr(0, split));
-      bool failed = first.state == HttpParser::State::kError ||
-                    p.execute(std::string_view(req).substr(split)).state == HttpParser::State::kError;
+      bool failed =
+          first.state == HttpParser::State::kError ||
+          p.execute(std::string_view(req).substr(split)).state == HttpParser::State::kError;
       EXPECT_TRUE(failed) << "split at " << split << ": " << req;
       EXPECT_EQ(p.errorStatus(), 400) << "split at " << split;
     }
