@@ -11,7 +11,7 @@ import time
 import unittest
 
 from audit_log import read_lines
-from tollgate_harness import CloseDelimitedOrigin, HttpOrigin, Tollgate, curl, pattern, wait_for
+from tollgate_harness import SANITIZED, CloseDelimitedOrigin, HttpOrigin, Tollgate, curl, pattern, wait_for
 
 SIZE = 100 << 20  # 100 MiB
 RSS_GROWTH_LIMIT_KB = 64 << 10
@@ -147,7 +147,10 @@ class StreamingTest(unittest.TestCase):
             answered = int(float(re.search(rb'tollgate_requests_total\{listener="egress",status="403"\} (\S+)',
                                            metrics).group(1)))
             s.close()
-            self.assertLess(grown, 24 << 10, f"RSS grew {grown} kB while the agent did not read")
+            # (AddressSanitizer keeps freed memory in its quarantine, so RSS grows with the
+            # allocations made, not only with what is kept: the count is what tells there.)
+            if not SANITIZED:
+                self.assertLess(grown, 24 << 10, f"RSS grew {grown} kB while the agent did not read")
             self.assertLess(answered, n // 2, "requests went on being answered into an unread queue")
             self.assertIsNone(tg.proc.poll())
 
