@@ -961,9 +961,8 @@ void ClientSession::countDecision(const Decision& d) {
   // A budget that cannot cover the call is a halt cause of its own (DESIGN §3), not a rule.
   bool builtin = d.rule == "default-deny" || d.rule == "extract" || d.rule == "cascade" ||
                  d.rule == "breaker" || d.rule == "budget" || d.rule == "audit" ||
-                 d.rule == "approval_limit" ||
-                 d.rule.starts_with("hosts.") || d.rule.starts_with("tls.") ||
-                 d.rule.starts_with("transparent.");
+                 d.rule == "approval_limit" || d.rule.starts_with("hosts.") ||
+                 d.rule.starts_with("tls.") || d.rule.starts_with("transparent.");
   haltCounter(worker_.metrics(), builtin ? d.rule : std::string("rule")).Increment();
 }
 
