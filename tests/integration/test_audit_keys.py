@@ -17,7 +17,7 @@ import threading
 import unittest
 
 from audit_log import canonical, read_lines, run, segments, write_lines
-from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, wait_for
+from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, skip_unless_required, wait_for
 
 try:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -228,7 +228,7 @@ class AuditKeysTest(unittest.TestCase):
 
     def test_the_stolen_retired_key_cannot_sign_after_its_window(self):
         if Ed25519PrivateKey is None:
-            self.skipTest("python3-cryptography is needed to forge a signature")
+            skip_unless_required("python3-cryptography is needed to forge a signature")
         # The forger's checkpoint is right in every other way: the same code re-signing with
         # the current key would pass (checked first, so the test shows the window is the cause).
         rot = self.rotations[0]
@@ -246,7 +246,7 @@ class AuditKeysTest(unittest.TestCase):
 
     def test_a_rotation_to_the_thiefs_key_is_refused_by_a_pinned_keyring(self):
         if Ed25519PrivateKey is None:
-            self.skipTest("python3-cryptography is needed to forge a signature")
+            skip_unless_required("python3-cryptography is needed to forge a signature")
         # With the stolen first key the thief rewrites history from the first rotation on: a
         # rotation to their own key, signed by both. Only the anchor trusted: that is a valid
         # other log (which --state catches); with the keys pinned it is refused.

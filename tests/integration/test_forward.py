@@ -487,9 +487,12 @@ class IdentityTest(unittest.TestCase):
             self.assertEqual(self.agent_of(tg, "-H", "X-Agent-Id: spoofed"), "agent-local")
 
     def test_two_sources_is_a_config_error(self):
-        with self.assertRaises(AssertionError):
-            with Tollgate(listener={"identity": {"header": "X-Agent-Id", "proxy_basic": True}}):
-                pass
+        tg = Tollgate(listener={"identity": {"header": "X-Agent-Id", "proxy_basic": True}})
+        with self.assertRaises(AssertionError) as caught:
+            tg.__enter__()
+        tg.__exit__(None, None, None)
+        self.assertEqual(tg.proc.returncode, 2)
+        self.assertIn("listeners[0].identity: choose one of header, proxy_basic", str(caught.exception))
 
 
 class ObserveModeTest(unittest.TestCase):

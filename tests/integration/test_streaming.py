@@ -113,14 +113,26 @@ class StreamingTest(unittest.TestCase):
             s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (origin.url(f"/stream?bytes={SIZE}").encode(), origin.port))
             time.sleep(1.5)  # the origin would have sent everything by now without backpressure
             grown = tg.rss_kb() - base
-            got = 0
-            while got < SIZE:
-                chunk = s.recv(1 << 20)
-                if not chunk:
+            # The whole body arrives in the end, every chunk and the last one.
+            f = s.makefile("rb")
+            self.assertTrue(f.readline().startswith(b"HTTP/1.1 200"))
+            while f.readline() not in (b"\r\n", b""):
+                pass
+            got, digest = 0, hashlib.sha256()
+            while True:
+                size = int(f.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.assertEqual(f.readline(), b"\r\n")
                     break
-                got += len(chunk)
+                data = f.read(size)
+                self.assertEqual(len(data), size)
+                got += size
+                digest.update(data)
+                self.assertEqual(f.read(2), b"\r\n")
+            f.close()
             s.close()
-            self.assertGreater(got, SIZE)  # the whole chunked body arrived in the end
+            self.assertEqual(got, SIZE)
+            self.assertEqual(digest.hexdigest(), hashlib.sha256(pattern(SIZE, seed=1)).hexdigest())
             self.assertLess(grown, 16 << 10, f"RSS grew {grown} kB while the client did not read")
 
     def test_pipelined_refusals_an_agent_never_reads_do_not_grow_memory(self):

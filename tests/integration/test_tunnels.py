@@ -174,10 +174,14 @@ class TunnelTest(unittest.TestCase):
                     self.assertGreaterEqual(int(rec["bytes_out"]), len(payload), rec)
 
     def test_upgrade_to_a_denied_host_is_halted(self):
-        with Tollgate({"hosts": {"allow": [], "deny": ["*"]}}) as tg:
+        # Every host allowed but this one: the upgrade meets the deny list itself.
+        with Tollgate({"hosts": {"allow": ["*"], "deny": ["127.0.0.1"]}}) as tg:
             out, _ = raw_exchange(tg.proxy_port, b"GET http://127.0.0.1:9/ws HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"
                                   b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", read_until_close=False)
-            self.assertEqual(parse_response(out)[0], 403)
+            status, headers, body = parse_response(out)
+            self.assertEqual(status, 403)
+            self.assertEqual(json.loads(body)["rule"], "hosts.deny")
+            self.assertEqual(headers["x-tollgate-decision"], ["halt; rule=hosts.deny"])
 
 
 class _ByteServer:

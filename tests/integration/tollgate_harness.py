@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import unittest
 import urllib.parse
 
 BIN = os.environ.get("TOLLGATE_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "build", "tollgate"))
@@ -26,6 +27,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the CLI hundreds of times takes a sample of its cases there, and the release suite runs it
 # whole. A sample still covers what the sanitizers look for, the same code paths.
 SANITIZED = os.environ.get("TOLLGATE_SANITIZED") == "1"
+# CI runs as root and sets it: a test that needs root's facilities (network namespaces,
+# mounts) and cannot have them fails instead of skipping.
+REQUIRE_ROOT_TESTS = os.environ.get("TOLLGATE_REQUIRE_NETNS") == "1"
+
+
+def skip_unless_required(reason):
+    """Skips the test (or its class, from setUpClass) for REASON, or fails it when CI
+    requires every root test to run."""
+    if REQUIRE_ROOT_TESTS:
+        raise AssertionError(f"TOLLGATE_REQUIRE_NETNS=1 but the test cannot run: {reason}")
+    raise unittest.SkipTest(reason)
 
 
 def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
