@@ -1674,7 +1674,11 @@ void ClientSession::badRequest(int status, std::string_view error, std::string_v
   decision_.verdict = Verdict::kHalt;
   decision_.rule = record.rule;  // before the record is moved away
   auditSeq_ = worker_.audit().append(std::move(record));
-  haltCounter(worker_.metrics(), "bad_request").Increment();
+  // A call recorded is a call counted; a transparent listener's refusal under its own rule,
+  // as its refusals of connections are.
+  decisionCounter(worker_.metrics(), Verdict::kHalt, decision_.rule).Increment();
+  haltCounter(worker_.metrics(), ruleFamily == "transparent" ? decision_.rule : "bad_request")
+      .Increment();
   discardBody_ = true;
   std::string body;
   JsonObject(body).add("error", error).add("reason", reason).add("audit_seq", auditSeq_).close();

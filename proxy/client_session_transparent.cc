@@ -116,8 +116,11 @@ void ClientSession::refuseConnection(std::string_view rule, std::string_view rea
       .add("rule", record.rule)
       .add("reason", record.reason)
       .emit();
+  Decision d;
+  d.verdict = Verdict::kHalt;
+  d.rule = record.rule;
   auditSeq_ = worker_.audit().append(std::move(record));
-  worker_.metrics().halts("transparent").Increment();
+  countDecision(d);  // under its own rule (tls.*, transparent.*), as a call's halt is
   close();
 }
 

@@ -18,6 +18,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import unittest
 import uuid
 
 from tls_fixtures import TestPki
-from tollgate_harness import BIN, HERE, parse_response, wait_for
+from tollgate_harness import BIN, HERE, parse_response, skip_unless_required, wait_for
 
 INIT = os.path.join(HERE, "..", "..", "deploy", "transparent-init.sh")
 SIDECAR_UID = 65534  # nobody: the sidecar runs unprivileged
@@ -76,11 +77,6 @@ def python_for_any_uid():
             return candidate
     return None
 
-
-def skip_or_fail(reason):
-    if os.environ.get("TOLLGATE_REQUIRE_NETNS") == "1":
-        raise AssertionError(f"TOLLGATE_REQUIRE_NETNS=1 but the namespace test cannot run: {reason}")
-    raise unittest.SkipTest(reason)
 
 
 def why_not_runnable():
@@ -281,7 +277,7 @@ class TransparentModeTest(unittest.TestCase):
     def setUpClass(cls):
         reason = why_not_runnable()
         if reason:
-            skip_or_fail(f"transparent-mode namespace test skipped: {reason}")
+            skip_unless_required(f"transparent-mode namespace test skipped: {reason}")
         cls.net = Topology()
         try:
             cls.net.build()
@@ -568,22 +564,38 @@ except OSError as e:
         self.assertIn("loop", doc["reason"])
 
     def test_the_audit_stream_has_the_decisions(self):
-        self.net.curl("http://tool.test/allowed")
-        self.net.curl("--resolve", f"tool.test:80:{DECOY_IP}", "http://tool.test/allowed")
-        self.net.curl(f"http://127.0.0.1:{PORT}/")
+        # Only this test's records count (the class's other tests make the same kinds).
+        before = max((r["seq"] for r in self.net.audit_tail()), default=0)
+        rc, status, _, body = self.net.curl("http://tool.test/allowed")
+        self.assertEqual((rc, status), (0, 200), body)
+        rc, status, _, body = self.net.curl("--resolve", f"tool.test:80:{DECOY_IP}", "http://tool.test/allowed")
+        self.assertEqual((rc, status), (0, 403), body)
+        mismatch_seq = json.loads(body)["audit_seq"]
+        rc, status, _, body = self.net.curl(f"http://127.0.0.1:{PORT}/")
+        self.assertEqual((rc, status), (0, 400), body)
+        not_redirected_seq = json.loads(body)["audit_seq"]
         # Something that starts like TLS but is not a ClientHello, on a redirected port.
         send = ("import socket; s = socket.create_connection(('%s', 80), timeout=3)\n"
                 "s.sendall(bytes.fromhex('1603010000')); s.recv(100)\n" % TOOL_IP)
         self.net.agent_python(send)
-        records = self.net.audit_tail()
-        rules = {(r.get("decision"), r.get("rule")) for r in records}
-        self.assertIn(("allow", "allow-tool"), rules)
-        self.assertIn(("halt", "transparent.host_mismatch"), rules)
-        self.assertIn(("halt", "transparent.not_redirected"), rules)
-        self.assertIn(("halt", "transparent.bad_tls"), rules)
+        records = [r for r in self.net.audit_tail() if r["seq"] > before]
+        by_seq = {r["seq"]: r for r in records}
+        self.assertEqual(by_seq[mismatch_seq]["rule"], "transparent.host_mismatch")
+        self.assertEqual(by_seq[not_redirected_seq]["rule"], "transparent.not_redirected")
+        rules = [(r.get("decision"), r.get("rule")) for r in records if r["kind"] == "call"]
+        self.assertEqual(rules.count(("allow", "allow-tool")), 1, rules)
+        self.assertEqual(rules.count(("halt", "transparent.bad_tls")), 1, rules)
         allowed = [r for r in records if r.get("rule") == "allow-tool"]
-        self.assertEqual(allowed[-1]["authority"], "tool.test:80")
-        self.assertEqual(allowed[-1]["agent"], "agent-1")
+        self.assertEqual(allowed[0]["authority"], "tool.test:80")
+        self.assertEqual(allowed[0]["agent"], "agent-1")
+        # Each refusal is counted under its own rule, as a halt and as a decision.
+        r = self.net.as_agent("curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000/metrics")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for rule in ("transparent.bad_tls", "transparent.not_redirected", "transparent.host_mismatch"):
+            self.assertRegex(r.stdout, r'tollgate_halts_total\{reason="%s"\} [1-9]' % re.escape(rule))
+            self.assertRegex(r.stdout, r'tollgate_decisions_total\{decision="halt",rule="%s"\} [1-9]'
+                             % re.escape(rule))
+        self.assertNotIn('tollgate_halts_total{reason="transparent"}', r.stdout)
 
 
 # A datagram to an address of each family behind a veth pair where no one answers: it leaves
@@ -622,7 +634,7 @@ class InitScriptTest(unittest.TestCase):
     def setUp(self):
         reason = why_not_runnable()
         if reason:
-            skip_or_fail(f"init script namespace test skipped: {reason}")
+            skip_unless_required(f"init script namespace test skipped: {reason}")
         self.ns = "tgi" + uuid.uuid4().hex[:6]
         sh("ip", "netns", "add", self.ns)
         self.addCleanup(sh, "ip", "netns", "del", self.ns, check=False)
