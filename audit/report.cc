@@ -442,6 +442,9 @@ std::string renderReport(const Json& doc, std::string_view format) {
   w.table(tableOf(doc["approvals"],
                   {"seq", "time", "approval_id", "state", "approver", "agent", "tool", "rule"}),
           "No approval records.");
+  w.heading(2, "Earlier reports");
+  w.table(tableOf(doc["earlier_reports"], {"seq", "time", "sha256", "format", "from", "to"}),
+          "No report recorded in the period before this one.");
   w.heading(2, "Gaps");
   w.para("Silences longer than " + cell(doc["gaps"]["threshold_seconds"]) + " s:");
   w.table(tableOf(doc["gaps"]["silences"], {"from", "to", "seconds", "after_seq"}),

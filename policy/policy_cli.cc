@@ -216,23 +216,25 @@ std::string checkTestFile(const std::string& file, const YAML::Node& doc) {
 
 // One test file: every case runs in order against one engine, so rate limits and failure
 // counters carry from case to case as they would in the sidecar.
-int runTestFile(const std::string& file, std::FILE* out, int& passed, int& failed) {
+// A file that is not a test file (exit 2) is said on `err`; results and failures on `out`.
+int runTestFile(const std::string& file, std::FILE* out, std::FILE* err, int& passed,
+                int& failed) {
   YAML::Node doc;
   try {
     doc = YAML::LoadFile(file);
   } catch (const YAML::Exception& e) {
-    std::fprintf(out, "%s:%d:%d: (yaml): %s\n", file.c_str(), e.mark.line + 1, e.mark.column + 1,
+    std::fprintf(err, "%s:%d:%d: (yaml): %s\n", file.c_str(), e.mark.line + 1, e.mark.column + 1,
                  e.msg.c_str());
     return 2;
   }
   if (str(doc, "kind") != "PolicyTest" || !doc["policies"] || !doc["tests"] ||
       !doc["tests"].IsSequence()) {
-    std::fprintf(out, "%s: expected kind: PolicyTest with policies: [...] and tests: [...]\n",
+    std::fprintf(err, "%s: expected kind: PolicyTest with policies: [...] and tests: [...]\n",
                  file.c_str());
     return 2;
   }
   if (auto error = checkTestFile(file, doc); !error.empty()) {
-    std::fprintf(out, "%s\n", error.c_str());
+    std::fprintf(err, "%s\n", error.c_str());
     return 2;
   }
   auto base = std::filesystem::path(file).parent_path();
@@ -336,18 +338,18 @@ int runTestFile(const std::string& file, std::FILE* out, int& passed, int& faile
 
 }  // namespace
 
-int policyCheck(const std::vector<std::string>& files, std::FILE* out) {
+int policyCheck(const std::vector<std::string>& files, std::FILE* out, std::FILE* err) {
   if (files.empty()) {
-    std::fprintf(out, "usage: tollgate policy check FILE...\n");
+    std::fprintf(err, "usage: tollgate policy check FILE...\n");
     return 2;
   }
   for (const auto& f : files) {
     if (!std::filesystem::exists(f)) {
-      std::fprintf(out, "%s: no such file\n", f.c_str());
+      std::fprintf(err, "%s: no such file\n", f.c_str());
       return 2;
     }
     if (std::filesystem::is_directory(f)) {
-      std::fprintf(out, "%s: is a directory\n", f.c_str());
+      std::fprintf(err, "%s: is a directory\n", f.c_str());
       return 2;
     }
   }
@@ -367,14 +369,14 @@ int policyCheck(const std::vector<std::string>& files, std::FILE* out) {
   return 0;
 }
 
-int policyTest(const std::vector<std::string>& files, std::FILE* out) {
+int policyTest(const std::vector<std::string>& files, std::FILE* out, std::FILE* err) {
   if (files.empty()) {
-    std::fprintf(out, "usage: tollgate policy test FILE...\n");
+    std::fprintf(err, "usage: tollgate policy test FILE...\n");
     return 2;
   }
   int passed = 0, failed = 0;
   for (const auto& f : files) {
-    int rc = runTestFile(f, out, passed, failed);
+    int rc = runTestFile(f, out, err, passed, failed);
     if (rc == 2) return 2;
     if (rc == 1) ++failed;
   }

@@ -9,7 +9,7 @@
 
 namespace tollgate {
 
-int policyCheck(const std::vector<std::string>& files, std::FILE* out);
-int policyTest(const std::vector<std::string>& files, std::FILE* out);
+int policyCheck(const std::vector<std::string>& files, std::FILE* out, std::FILE* err);
+int policyTest(const std::vector<std::string>& files, std::FILE* out, std::FILE* err);
 
 }  // namespace tollgate

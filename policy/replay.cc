@@ -87,6 +87,7 @@ ReplayResult replayCall(const RecordedCall& call, const PolicySet* set,
   if (call.rule == "budget") return notReplayable("budget pool (stateful)");
   if (call.rule == "cascade") return notReplayable("cascade quarantine (stateful)");
   if (call.rule == "breaker") return notReplayable("circuit breaker (stateful)");
+  if (call.rule == "approval_limit") return notReplayable("approval limit (stateful)");
   if (call.rule == "audit") return notReplayable("audit stream unavailable at the time");
   if (recorded == "throttle") return notReplayable("rate limit (stateful)");
   if (!set) return notReplayable(missing);

@@ -332,8 +332,8 @@ AdminResponse AdminApi::approvals(std::string_view method, std::string_view path
   uint64_t seq = 0;
   for (const auto& a : engine_->approvals()) {
     if (a.id != id) continue;
-    std::string approver =
-        "sha256:" + sha256Hex(authorization.substr(std::min<size_t>(7, authorization.size())), 8);
+    // The token as authenticated (`Bearer` and the spaces after it taken off).
+    std::string approver = "sha256:" + sha256Hex(bearerToken(authorization).value_or(""), 8);
     std::string lease = std::to_string(a.leaseUntilMs);
     seq = audit_.appendEvent("approval", {{"approval_id", a.id},
                                           {"state", a.state},

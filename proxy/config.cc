@@ -152,6 +152,7 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
   bool hasAddress = false;
   YAML::Node requireNode;  // tls.require_client_cert, where it is
   bool requireSet = false;
+  YAML::Node passthroughNode;  // passthrough, where it is
   auto base = std::filesystem::path(r.path()).parent_path();
   auto file = [&](const YAML::Node& v, const std::string& key) {
     return (base / r.str(v, key)).lexically_normal().string();
@@ -213,6 +214,7 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
         } else if (key.ends_with(".intercept_tls")) {
           l.interceptTls = r.boolean(v, key);
         } else if (key.ends_with(".passthrough")) {
+          passthroughNode = v;
           for (const auto& given : r.strings(v, key)) {
             auto host = configHost(given);
             if (host.empty())
@@ -291,6 +293,13 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
             r.fail(v, key, "must be at least 1 (0 would refuse every agent)");
         }
       });
+  // A list that could only be ignored is refused, as an unknown key is: a forward listener
+  // without interception tunnels every CONNECT blind already, and a reverse one has none.
+  if (!l.passthrough.empty() && l.kind == "reverse")
+    r.fail(passthroughNode, where + ".passthrough", "only for forward and transparent listeners");
+  if (!l.passthrough.empty() && l.kind == "forward" && !l.interceptTls)
+    r.fail(passthroughNode, where + ".passthrough",
+           "does nothing without intercept_tls: true (every CONNECT is tunnelled blind)");
   if (l.kind == "reverse") {
     if (l.routes.empty()) r.fail(node, where + ".routes", "a reverse listener needs routes");
     if (l.interceptTls)
@@ -328,7 +337,8 @@ bool sameBind(const HostPort& a, const HostPort& b) {
 
 Config read(const YAML::Node& root, const Reader& r) {
   Config c;
-  YAML::Node hostsNode, adminNode;  // where they are, when given (for the errors below)
+  YAML::Node hostsNode, adminNode, adminTokensNode;  // where they are, when given (for the errors below)
+  bool hasAdminTokens = false;
   bool hasHosts = false;
   c.path = r.path();
   auto base = std::filesystem::path(r.path()).parent_path();
@@ -372,6 +382,8 @@ Config read(const YAML::Node& root, const Reader& r) {
         } else if (key == "admin") {
           r.forEach(v, key, {"address", "tokens"}, [&](const std::string& k, const YAML::Node& av) {
             if (k == "admin.tokens") {
+              adminTokensNode = av;
+              hasAdminTokens = true;
               for (auto& t : r.strings(av, k)) {
                 if (!t.starts_with("sha256:") || t.size() != 71 ||
                     t.find_first_not_of("0123456789abcdef", 7) != std::string::npos) {
@@ -565,6 +577,9 @@ Config read(const YAML::Node& root, const Reader& r) {
   if (hasHosts && !c.policies.empty())
     r.fail(hostsNode, "hosts",
            "has no effect with policies: (the policies decide every call): remove one of them");
+  if (!c.hasAdmin && hasAdminTokens)
+    r.fail(adminTokensNode, "admin.tokens",
+           "no admin listener without admin.address: the tokens would guard nothing");
   if (c.hasAdmin) {
     for (const auto& l : c.listeners) {
       if (sameBind(c.admin, l.address))

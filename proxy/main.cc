@@ -175,8 +175,8 @@ int main(int argc, char** argv) {
   if (cmd == "policy") {
     if (args.size() < 2) return usageError("policy needs check or test");
     std::vector<std::string> files(args.begin() + 2, args.end());
-    if (args[1] == "check") return tollgate::policyCheck(files, stdout);
-    if (args[1] == "test") return tollgate::policyTest(files, stdout);
+    if (args[1] == "check") return tollgate::policyCheck(files, stdout, stderr);
+    if (args[1] == "test") return tollgate::policyTest(files, stdout, stderr);
     return usageError("unknown policy command '" + std::string(args[1]) + "'");
   }
   if (cmd == "audit") {

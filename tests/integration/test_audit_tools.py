@@ -193,7 +193,7 @@ class AuditToolsTest(unittest.TestCase):
     def test_report_in_every_format_with_its_hash_in_the_log(self):
         d = self.copy("report")
         a, b = self.digests()
-        out = {}
+        out, digests = {}, {}
         for fmt in ("json", "md", "html"):
             path = os.path.join(self.work, "report." + fmt)
             r = run("report", d, "--format", fmt, "--out", path)
@@ -202,6 +202,7 @@ class AuditToolsTest(unittest.TestCase):
                 data = f.read()
             out[fmt] = data.decode()
             digest = hashlib.sha256(data).hexdigest()
+            digests[fmt] = digest
             self.assertIn(f"report sha256:{digest} appended to the log as record", r.stderr)
             last = [x for x in records(d) if x["kind"] == "report"][-1]
             self.assertEqual((last["sha256"], last["format"]), (digest, fmt))
@@ -237,8 +238,14 @@ class AuditToolsTest(unittest.TestCase):
         for needle in ("<td>no-evil</td><td>3</td>", "<td>allow</td><td>5</td>", "<h2>Regulatory mapping</h2>",
                        "ISO/IEC 42001", "<td>agent-evil is banned</td>"):
             self.assertIn(needle, html)
-        # The first report (json) saw no earlier one; the html report lists the two before it.
+        # The first report (json) saw no earlier one; the md report lists the json one, the
+        # html report the two before it.
         self.assertEqual(doc["earlier_reports"], [])
+        self.assertIn("## Earlier reports", md)
+        self.assertIn(f"| {digests['json']} | json |", md)
+        self.assertNotIn(digests["md"], md)
+        self.assertIn(f"<td>{digests['json']}</td><td>json</td>", html)
+        self.assertIn(f"<td>{digests['md']}</td><td>md</td>", html)
 
     def test_report_periods_and_errors(self):
         d = self.copy("periods")
@@ -279,6 +286,10 @@ class AuditToolsTest(unittest.TestCase):
         self.assertIn("was not appended", r.stderr)
 
     def test_report_while_the_sidecar_holds_the_log(self):
+        # Written, from the live log (its unfinished last line left out), without its hash.
+        self.assertEqual(self.live.returncode, 0, self.live.stdout + self.live.stderr)
+        with open(os.path.join(self.work, "live.json")) as f:
+            self.assertEqual(json.load(f)["decisions"]["calls"], 6)
         self.assertIn("could not be appended", self.live.stderr)
         self.assertIn("in use by another process", self.live.stderr)
 

@@ -159,8 +159,8 @@ class PolicyTest(unittest.TestCase):
         # Without the token: refused; with it: approved; then the same call goes through.
         rc, out, _ = curl("-i", "-X", "POST", f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
         self.assertEqual(parse_response(out)[0], 401)
-        # (the scheme in any case, RFC 9110 11.1)
-        rc, out, _ = curl("-i", "-X", "POST", "-H", f"Authorization: bearer {TOKEN}",
+        # (the scheme in any case, RFC 9110 11.1; spaces after it are not the token's)
+        rc, out, _ = curl("-i", "-X", "POST", "-H", f"Authorization: bearer   {TOKEN}",
                           f"http://127.0.0.1:{self.tg.admin_port}/v1/approvals/{approval}/approve")
         self.assertEqual(parse_response(out)[0], 200)
         # The human decision is in the audit stream, with the approver's token fingerprint.
@@ -182,8 +182,15 @@ class PolicyTest(unittest.TestCase):
         self.assertEqual(out.count(b"event: message"), 2)
         hidden = ('[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"lookup"}},'
                   '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"erase"}}]')
-        status, _, _ = self.call("agent-1", "-H", "Content-Type: application/json", "--data", hidden, url="/mcp")
+        status, _, out = self.call("agent-1", "-H", "Content-Type: application/json", "--data", hidden, url="/mcp")
         self.assertEqual(status, 403)
+        doc = json.loads(out)
+        self.assertEqual(doc["rule"], "default-deny")
+        self.assertIn("mcp:erase", doc["reason"])  # halted for the call hidden in the batch
+        # The same batch of declared calls only: allowed, so the halt above was the batch's.
+        both = hidden.replace('"name":"erase"', '"name":"lookup"')
+        status, _, out = self.call("agent-1", "-H", "Content-Type: application/json", "--data", both, url="/mcp")
+        self.assertEqual(status, 200, out)
 
     def test_reload_valid_invalid_and_on_file_change_under_load(self):
         stop = threading.Event()
@@ -447,6 +454,9 @@ tests:
         with open(path, "w") as f:
             f.write("apiVersion: tollgate/v1\nkind: PolicyTest\n" + text)
         r = subprocess.run([BIN, "policy", "test", path], capture_output=True, text=True, timeout=30)
+        if r.returncode == 2:  # not a test file: said on stderr, nothing on stdout
+            self.assertEqual(r.stdout, "")
+            return r.returncode, r.stderr.replace(path, "FILE")
         return r.returncode, r.stdout.replace(path, "FILE")
 
     def test_a_test_file_is_schema_checked(self):
@@ -575,7 +585,8 @@ class BadPolicyTest(unittest.TestCase):
             r = subprocess.run([BIN, "policy", "check", policies + "/"], capture_output=True, text=True,
                                timeout=10)
             self.assertEqual(r.returncode, 2, r.stdout)
-            self.assertIn(policies + "/: is a directory", r.stdout)
+            self.assertIn(policies + "/: is a directory", r.stderr)  # usage errors go to stderr
+            self.assertEqual(r.stdout, "")
             with open(os.path.join(d, "t.yaml"), "w") as f:
                 f.write("listeners: [{name: e, address: '127.0.0.1:0'}]\npolicies: [policies]\n"
                         f"audit: {{dir: {d}/audit}}\n")

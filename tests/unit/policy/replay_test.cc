@@ -74,6 +74,11 @@ TEST_F(ReplayTest, StateBodiesAndMissingSetsAreNotReplayable) {
   EXPECT_EQ(
       replayCall(recorded("a-1", "GET", "kb.internal:80", "throttle", "reads"), set.get()).whyNot,
       "rate limit (stateful)");
+  // Halted because the agent asked for too many approvals: a fresh engine would ask again.
+  EXPECT_EQ(
+      replayCall(recorded("a-1", "GET", "kb.internal:80", "halt", "approval_limit"), set.get())
+          .whyNot,
+      "approval limit (stateful)");
   EXPECT_FALSE(
       replayCall(recorded("a-1", "GET", "kb.internal:80", "halt", "http.bad_request"), set.get())
           .replayable);

@@ -102,7 +102,7 @@ listeners:
 TEST(Config, HostsAreKeptAsTargetsAreCompared) {
   auto c = parseConfig(R"(
 listeners:
-  - {name: f, address: "127.0.0.1:0", passthrough: [Bank.Example., "*.pay.example", "[::1]", "::2", 10.0.0.1, "[2001:DB8:0::1]", "::ffff:10.0.0.2"]}
+  - {name: f, address: "127.0.0.1:0", intercept_tls: true, passthrough: [Bank.Example., "*.pay.example", "[::1]", "::2", 10.0.0.1, "[2001:DB8:0::1]", "::ffff:10.0.0.2"]}
   - name: r
     kind: reverse
     address: "127.0.0.1:0"
@@ -154,6 +154,16 @@ INSTANTIATE_TEST_SUITE_P(
                 "listeners[0].passthrough: 'a/b': expected a host name"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: ['bank:443']}]\n",
                 "listeners[0].passthrough: 'bank:443': expected a host name"},
+        // Seventeenth session: keys that could only be ignored.
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: [bank.example]}]\n",
+                "bad.yaml:1:60: listeners[0].passthrough: does nothing without intercept_tls"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{upstream: 'http://x:1'}], passthrough: [bank.example]}]\n",
+                "listeners[0].passthrough: only for forward and transparent listeners"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\n"
+                "admin: {tokens: ['sha256:"
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa']}\n",
+                "bad.yaml:2:17: admin.tokens: no admin listener without admin.address"},
         BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
                 "[{host: 'kb.test:8443', upstream: 'http://x:1'}]}]\n",
                 "listeners[0].routes[0].host: 'kb.test:8443': expected a host name without a port"},
