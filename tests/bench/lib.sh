@@ -11,8 +11,16 @@ wait_port() {
   declare -F on_port_timeout >/dev/null && on_port_timeout
   return 1
 }
-# CPU ticks (utime + stime of every thread) of a list of pids.
-cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+# CPU ticks (utime + stime of every thread) of a list of pids; a pid that is gone is an
+# error that names it (a target that died must not end the run without a word).
+cpu_ticks() {
+  local t=0 p
+  for p in "$@"; do
+    [[ -r /proc/$p/stat ]] || { echo "process $p exited during the benchmark" >&2; return 1; }
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo $t
+}
 hz=$(getconf CLK_TCK)
 # The median of the numbers on stdin (space or line separated); "-" for none.
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else print a[int((NR + 1) / 2)]}'; }

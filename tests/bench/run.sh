@@ -40,6 +40,12 @@ done
 work=$(mktemp -d /tmp/tollgate-bench.XXXXXX)
 pids=()
 cleanup() {
+  local rc=$?
+  if ((rc != 0)); then  # what the targets said before the run ended
+    for f in "$work"/*.log "$work"/squid/cache.log; do
+      [[ -s $f ]] && { echo "--- $f (last lines)" >&2; tail -n 5 "$f" >&2; }
+    done
+  fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [[ -f $work/origin/nginx.pid ]] && kill "$(cat "$work/origin/nginx.pid")" 2>/dev/null || true
   [[ -f $work/rp/nginx.pid ]] && kill "$(cat "$work/rp/nginx.pid")" 2>/dev/null || true
@@ -169,7 +175,8 @@ run_target() {  # NAME URL FORWARD PIDS...
   local script=() ; [[ $forward == 1 ]] && script=(-s "$here/forward.lua")
   local before after out
   before=$( (($#)) && cpu_ticks "$@" || echo 0)
-  out=$(wrk -t2 -c"$CONNS" -d"$DURATION" "${script[@]}" "$url")
+  out=$(wrk -t2 -c"$CONNS" -d"$DURATION" "${script[@]}" "$url") ||
+    { echo "wrk against $name failed: $out" >&2; exit 1; }
   after=$( (($#)) && cpu_ticks "$@" || echo 0)
   local requests; requests=$(awk '/requests in/ {print $1}' <<<"$out")
   rps[$name]+=" $(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")"
@@ -177,7 +184,8 @@ run_target() {  # NAME URL FORWARD PIDS...
   if (($#)); then
     cpu[$name]+=" $(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')"
   fi
-  out=$(FORWARD=$forward wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "$url")
+  out=$(FORWARD=$forward wrk -t1 -c1 -d"$LATENCY_DURATION" -s "$here/latency.lua" "$url") ||
+    { echo "wrk (1 connection) against $name failed: $out" >&2; exit 1; }
   p50[$name]+=" $(sed -n 's/^LATENCY p50=\([0-9]*\).*/\1/p' <<<"$out")"
   p99[$name]+=" $(sed -n 's/^LATENCY .*p99=\([0-9]*\)/\1/p' <<<"$out")"
 }
