@@ -58,6 +58,10 @@ TEST(CanonicalJson, RefusesWhatARecordMayNotBe) {
   auto r = canonicalJson(deep, 64);
   ASSERT_FALSE(r);
   EXPECT_NE(r.error().message.find("too deep"), std::string::npos);
+  // The limit itself: 64 levels are a record's, 65 are not.
+  auto nested = [](int n) { return std::string(n, '[') + std::string(n, ']'); };
+  EXPECT_TRUE(canonicalJson(nested(64), 64));
+  EXPECT_FALSE(canonicalJson(nested(65), 64));
 }
 
 TEST(CanonicalJson, OnlyTheCanonicalBytesAreCanonical) {

@@ -279,12 +279,17 @@ TEST_F(LocalCaFiles, LoadRefusesACaOutsideItsValidity) {
 }
 
 TEST_F(LocalCaFiles, LoadRejectsAMismatchedKey) {
+  // CAs valid now, so that the key is the only thing wrong with `a`.
   auto a = root_ / "a", b = root_ / "b";
-  ASSERT_TRUE(makeCa().write(a, false).ok());
-  ASSERT_TRUE(makeCa().write(b, false).ok());
+  ASSERT_TRUE(makeCa({}, CertClock::now()).write(a, false).ok());
+  ASSERT_TRUE(makeCa({}, CertClock::now()).write(b, false).ok());
+  ASSERT_TRUE(LocalCa::load(a).ok());
   std::filesystem::copy_file(b / "ca.key", a / "ca.key",
                              std::filesystem::copy_options::overwrite_existing);
-  EXPECT_FALSE(LocalCa::load(a).ok());
+  auto loaded = LocalCa::load(a);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_NE(loaded.error().message.find("does not belong to"), std::string::npos)
+      << loaded.error().message;
   EXPECT_FALSE(LocalCa::load(root_ / "missing").ok());
 }
 

@@ -47,16 +47,21 @@ class ReplayTest : public ::testing::Test {
 };
 
 TEST_F(ReplayTest, TheSameDecisionDoesNotDiffer) {
-  auto r = replayCall(recorded("a-1", "GET", "kb.internal:80", "allow", "reads"), set.get());
-  EXPECT_TRUE(r.replayable);
-  EXPECT_FALSE(r.differs);
-  r = replayCall(recorded("a-bad", "GET", "kb.internal:80", "halt", "ban"), set.get());
-  EXPECT_FALSE(r.differs);
+  // Each replayed (a call skipped as not replayable does not differ either) to the same
+  // decision and rule.
+  auto same = [&](const RecordedCall& call, const char* decision, const char* rule) {
+    auto r = replayCall(call, set.get());
+    EXPECT_TRUE(r.replayable) << r.whyNot;
+    EXPECT_FALSE(r.differs) << r.decision << " " << r.rule;
+    EXPECT_EQ(r.decision, decision);
+    EXPECT_EQ(r.rule, rule);
+  };
+  same(recorded("a-1", "GET", "kb.internal:80", "allow", "reads"), "allow", "reads");
+  same(recorded("a-bad", "GET", "kb.internal:80", "halt", "ban"), "halt", "ban");
   // Shadow mode records observe-halt: the same decision.
-  r = replayCall(recorded("a-bad", "GET", "kb.internal:80", "observe-halt", "ban"), set.get());
-  EXPECT_FALSE(r.differs);
-  r = replayCall(recorded("a-1", "GET", "other.internal:443", "halt", "default-deny"), set.get());
-  EXPECT_FALSE(r.differs) << r.decision << " " << r.rule;
+  same(recorded("a-bad", "GET", "kb.internal:80", "observe-halt", "ban"), "halt", "ban");
+  same(recorded("a-1", "GET", "other.internal:443", "halt", "default-deny"), "halt",
+       "default-deny");
 }
 
 TEST_F(ReplayTest, AChangedSetDiffers) {
@@ -135,6 +140,12 @@ TEST(PolicyArchiveTest, ARoundTripReloadsTheSameDigest) {
   EXPECT_EQ(again.value()->digest(), set.value()->digest());
   EXPECT_FALSE(readPolicyArchive(dir.string(), "sha256:" + std::string(64, '0')));
   EXPECT_FALSE(archivePolicySet(dir.string(), "sha256:../../etc", files));
+  // A traversal of a digest's length: refused by its characters, nothing written outside.
+  auto outside = dir.parent_path() / (std::string(58, 'a') + ".json");
+  std::filesystem::remove(outside);
+  EXPECT_FALSE(archivePolicySet(dir.string(), "sha256:../../" + std::string(58, 'a'), files));
+  EXPECT_FALSE(std::filesystem::exists(outside));
+  EXPECT_FALSE(readPolicyArchive(dir.string(), "sha256:../../" + std::string(58, 'a')));
   std::filesystem::remove_all(dir);
 }
 
