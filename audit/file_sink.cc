@@ -58,6 +58,15 @@ Status replaceFile(const fs::path& p, const std::string& data, mode_t mode) {
 Result<Ed25519Key> readPrivateKey(const fs::path& p) {
   auto hex = readFile(p.string());
   if (!hex) return hex.error();
+  if (struct stat st; ::stat(p.c_str(), &st) == 0 && (st.st_mode & 077)) {
+    // Whoever reads it can sign checkpoints over a rewritten log: said, as for the CA's key.
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 0777));
+    Log::Line(LogLevel::kWarn, "the audit signing key is readable by others than its owner")
+        .add("path", p.string())
+        .add("mode", mode)
+        .emit();
+  }
   auto k = Ed25519Key::fromRawPrivate(fromHexBytes(hex.value().substr(0, 64)));
   if (!k) return Error{-1, p.string() + ": " + k.error().message};
   return k;

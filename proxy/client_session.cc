@@ -899,7 +899,7 @@ void ClientSession::onDecision(const Decision& decided) {
   record.method =
       blindTls_ ? "CONNECT" : llhttp_method_name(static_cast<llhttp_method_t>(head.method));
   record.authority = target_.key;
-  record.path = target_.pathQuery;
+  record.path = redactQuery(target_.pathQuery, worker_.config().auditRedactQueryParams);
   record.decision = worker_.config().observe && d.verdict != Verdict::kAllow
                         ? std::string("observe-") + verdict
                         : verdict;
@@ -1814,7 +1814,9 @@ void ClientSession::logRequest() {
                          ? llhttp_method_name(static_cast<llhttp_method_t>(head.method))
                          : "")
       .add("authority", target_.host.empty() ? std::string() : target_.key)
-      .add("path", listener_.admin ? std::string(head.url()) : target_.pathQuery)
+      .add("path", listener_.admin
+                       ? std::string(head.url())
+                       : redactQuery(target_.pathQuery, worker_.config().auditRedactQueryParams))
       .add("status", status_)
       .add("bytes_in", bytesIn_)
       .add("bytes_out", bytesOut_)

@@ -178,6 +178,16 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
               [&](const std::string& k, const YAML::Node& hv) {
                 if (k.ends_with(".header")) {
                   l.identityHeader = r.str(hv, k);
+                  // The agent id is written in every record and log line: a header that
+                  // carries a credential would put the credential there.
+                  for (std::string_view secret : {"authorization", "proxy-authorization", "cookie",
+                                                  "x-api-key", "api-key"}) {
+                    if (equalsIgnoreCase(l.identityHeader, secret))
+                      r.fail(hv, k,
+                             "'" + l.identityHeader +
+                                 "' carries credentials, and the agent id is recorded and logged: "
+                                 "use proxy_basic, bearer or mtls");
+                  }
                 } else if (k.ends_with(".mtls")) {
                   l.identityMtls = r.str(hv, k);
                   if (l.identityMtls != "subject_cn" && l.identityMtls != "san_uri")
@@ -277,6 +287,10 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                       r.fail(rv, k, "expected http://host:port or https://host:port");
                     route.upstreamTls = scheme == "https";
                     auto authority = url.substr(sep + 3);
+                    // Not echoed: what comes before an @ is a user and a password.
+                    if (authority.substr(0, authority.find('/')).find('@') != std::string::npos)
+                      r.fail(rv, k, "credentials in the URL are not supported (the upstream sees "
+                                    "the agent's own Authorization)");
                     if (authority.ends_with('/')) authority.pop_back();
                     if (!parseAuthority(authority, route.upstreamTls ? 443 : 80,
                                         route.upstream.host, route.upstream.port))
@@ -519,7 +533,8 @@ Config read(const YAML::Node& root, const Reader& r) {
         } else if (key == "audit") {
           r.forEach(v, key,
                     {"dir", "sink", "checkpoint_every", "checkpoint_interval", "segment_size",
-                     "segment_age", "sync_interval", "prefill", "direct_io", "replica", "export"},
+                     "segment_age", "sync_interval", "prefill", "direct_io", "replica", "export",
+                     "redact_query_params"},
                     [&](const std::string& k, const YAML::Node& av) {
                       if (k == "audit.dir") {
                         c.auditDir = (base / r.str(av, k)).lexically_normal().string();
@@ -542,6 +557,14 @@ Config read(const YAML::Node& root, const Reader& r) {
                         if (c.auditPrefill > (1ull << 30)) r.fail(av, k, "at most 1g");
                       } else if (k == "audit.direct_io") {
                         c.auditDirectIo = r.boolean(av, k);
+                      } else if (k == "audit.redact_query_params") {
+                        for (auto& name : r.strings(av, k)) {
+                          if (name.empty() || name.find_first_of("&=?# ") != std::string::npos)
+                            r.fail(av, k, "'" + name + "': expected a query parameter name, or *");
+                          for (auto& ch : name)
+                            ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+                          c.auditRedactQueryParams.push_back(std::move(name));
+                        }
                       } else if (k == "audit.segment_age") {
                         c.auditSegmentAge = r.duration(av, k);
                         if (c.auditSegmentAge.count() < 1000) r.fail(av, k, "at least 1s");

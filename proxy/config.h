@@ -121,6 +121,9 @@ struct Config {
   std::string auditReplicaStream = "tollgate:audit:{log_id}";
   uint64_t auditReplicaMaxlen = 0;
   std::string auditExportDir;          // empty: no export
+  // Query parameters recorded as REDACTED besides the built-in credential names
+  // (redactQuery); "*": every parameter.
+  std::vector<std::string> auditRedactQueryParams;
   std::string tlsCaDir;                // the local CA interception mints from (tls.ca_dir)
   std::string tlsUpstreamCaFile;       // empty: the system's trust store
   std::string tlsUpstreamCaFileWhere;  // "FILE:LINE:COL: key" of it

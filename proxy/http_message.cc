@@ -471,4 +471,64 @@ void appendChunk(std::string& out, std::string_view data) {
   out += "\r\n";
 }
 
+namespace {
+
+int hexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+bool credentialName(std::string_view raw, const std::vector<std::string>& extra) {
+  std::string name;  // percent-decoded, lower case: api%5Fkey and API_KEY are api_key
+  name.reserve(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) {
+    char c = raw[i];
+    if (c == '%' && i + 2 < raw.size() && hexValue(raw[i + 1]) >= 0 &&
+        hexValue(raw[i + 2]) >= 0) {
+      c = static_cast<char>(hexValue(raw[i + 1]) * 16 + hexValue(raw[i + 2]));
+      i += 2;
+    } else if (c == '+') {
+      c = ' ';
+    }
+    name += static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+  }
+  static constexpr std::string_view kParts[] = {"token",   "secret",    "passw",
+                                                "apikey",  "api_key",   "api-key",
+                                                "signature", "credential", "session"};
+  static constexpr std::string_view kNames[] = {"key", "sig", "code", "auth", "jwt", "pwd", "sid"};
+  for (auto part : kParts)
+    if (name.find(part) != std::string::npos) return true;
+  for (auto exact : kNames)
+    if (name == exact) return true;
+  for (const auto& e : extra)
+    if (e == "*" || equalsIgnoreCase(e, name)) return true;
+  return false;
+}
+
+}  // namespace
+
+std::string redactQuery(std::string_view pathQuery, const std::vector<std::string>& extra) {
+  auto q = pathQuery.find('?');
+  if (q == std::string_view::npos) return std::string(pathQuery);
+  std::string out(pathQuery.substr(0, q + 1));
+  std::string_view rest = pathQuery.substr(q + 1);
+  while (true) {
+    auto amp = rest.find('&');
+    std::string_view param = rest.substr(0, amp);
+    auto eq = param.find('=');
+    if (eq != std::string_view::npos && credentialName(param.substr(0, eq), extra)) {
+      out.append(param.substr(0, eq + 1));
+      out += "REDACTED";
+    } else {
+      out.append(param);
+    }
+    if (amp == std::string_view::npos) break;
+    out += '&';
+    rest = rest.substr(amp + 1);
+  }
+  return out;
+}
+
 }  // namespace tollgate

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "proxy/http_parser.h"
 
@@ -71,5 +72,13 @@ std::string errorBody(std::string_view error, std::string_view reason,
                       std::string_view upstream = {});
 
 void appendChunk(std::string& out, std::string_view data);
+
+// The request target as the audit stream and the logs keep it: the value of each query
+// parameter whose name says it carries a credential replaced by REDACTED. A name is such
+// when, percent-decoded and in lower case, it contains token, secret, passw, apikey,
+// api_key, api-key, signature, credential or session, or is key, sig, code, auth, jwt, pwd
+// or sid, or is one of `extra` (compared in lower case; "*" names every parameter). The
+// path is kept as it came: a credential in a path segment cannot be told from an id.
+std::string redactQuery(std::string_view pathQuery, const std::vector<std::string>& extra);
 
 }  // namespace tollgate

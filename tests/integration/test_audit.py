@@ -252,6 +252,32 @@ class AuditStreamTest(unittest.TestCase):
                     self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
                     self.assertIn(why, r.stderr)
 
+    def test_credentials_in_a_query_are_neither_recorded_nor_logged(self):
+        """The log is kept for years, exported and replicated, and the log lines go to
+        aggregators: an API key in a query string is forwarded, never written down."""
+        secret = "sk-live-5eCr3t"
+        with HttpOrigin() as origin:
+            tg = Tollgate({"hosts": {"allow": ["127.0.0.1"]},
+                           "audit": {"dir": "audit", "redact_query_params": ["Tenant"]}})
+            with tg:
+                target = f"/hello?q=x&api_key={secret}&tenant=acme&Access_Token={secret}"
+                rc, out, err = curl(origin.url(target), proxy=tg.proxy)
+                self.assertEqual((rc, out), (0, b"hello"), err)
+                self.assertEqual(origin.requests[-1][1], target)  # upstream gets it as sent
+                calls = wait_for(lambda: [r for r in records(os.path.join(tg.dir, "audit"))
+                                          if r["kind"] == "call" and r.get("path", "").startswith("/hello")],
+                                 timeout=5, what="the call's record")
+                self.assertEqual(calls[-1]["path"],
+                                 "/hello?q=x&api_key=REDACTED&tenant=REDACTED&Access_Token=REDACTED")
+                logged = wait_for(lambda: tg.logs("request"), timeout=5, what="the request's log line")
+                self.assertEqual(logged[-1]["path"], calls[-1]["path"])
+                _, tail = tg.admin("/v1/audit/tail?n=50")
+                self.assertNotIn(secret.encode(), tail)
+                self.assertNotIn(secret, json.dumps(tg.lines))
+                for seg in segments(os.path.join(tg.dir, "audit")):
+                    self.assertNotIn(secret, segment_text(seg))
+                self.assertEqual(verify(os.path.join(tg.dir, "audit")).returncode, 0)
+
     def test_a_full_disk_halts_calls_with_audit_unavailable(self):
         mnt = tempfile.mkdtemp(prefix="tollgate-audit-tmpfs-")
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt],

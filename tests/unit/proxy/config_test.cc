@@ -124,6 +124,20 @@ struct BadCase {
 
 class ConfigErrors : public ::testing::TestWithParam<BadCase> {};
 
+TEST(Config, CredentialsAreNeitherEchoedNorRecorded) {
+  auto c = parseConfig(
+      "listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+      "[{upstream: 'https://svc:hunter2@10.0.0.7'}]}]\n",
+      "bad.yaml");
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error().message.find("hunter2"), std::string::npos) << c.error().message;
+  auto ok = parseConfig(
+      "listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {redact_query_params: [Tenant, '*']}\n",
+      "t.yaml");
+  ASSERT_TRUE(ok) << ok.error().message;
+  EXPECT_EQ(ok->auditRedactQueryParams, (std::vector<std::string>{"tenant", "*"}));
+}
+
 TEST_P(ConfigErrors, NameFileLineAndKey) {
   auto c = parseConfig(GetParam().yaml, "bad.yaml");
   ASSERT_FALSE(c);
@@ -154,6 +168,15 @@ INSTANTIATE_TEST_SUITE_P(
                 "listeners[0].passthrough: 'a/b': expected a host name"},
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: ['bank:443']}]\n",
                 "listeners[0].passthrough: 'bank:443': expected a host name"},
+        // Seventeenth session: credentials that would be written down.
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0', identity: {header: Authorization}}]\n",
+                "listeners[0].identity.header: 'Authorization' carries credentials"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{upstream: 'https://svc:pw@10.0.0.7'}]}]\n",
+                "listeners[0].routes[0].upstream: credentials in the URL are not supported"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\n"
+                "audit: {redact_query_params: ['a=b']}\n",
+                "audit.redact_query_params: 'a=b': expected a query parameter name"},
         // Seventeenth session: keys that could only be ignored.
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: [bank.example]}]\n",
                 "bad.yaml:1:60: listeners[0].passthrough: does nothing without intercept_tls"},

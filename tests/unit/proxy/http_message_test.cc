@@ -203,5 +203,26 @@ TEST(LocalReply, CarriesLengthAndClose) {
       "Connection: close\r\n\r\n{}");
 }
 
+// What the audit stream and the logs keep of a target: credentials in the query are not.
+TEST(RedactQuery, CredentialValuesAreNotKept) {
+  EXPECT_EQ(redactQuery("/v1/search", {}), "/v1/search");
+  EXPECT_EQ(redactQuery("/v1/search?q=x&api_key=sk-live-123&page=2", {}),
+            "/v1/search?q=x&api_key=REDACTED&page=2");
+  // However spelt: case, percent-encoding, a name that contains a credential word.
+  EXPECT_EQ(redactQuery("/a?API%5FKEY=1&X-Amz-Signature=2&access_token=3&client_secret=4", {}),
+            "/a?API%5FKEY=REDACTED&X-Amz-Signature=REDACTED&access_token=REDACTED&"
+            "client_secret=REDACTED");
+  EXPECT_EQ(redactQuery("/cb?code=abc&state=s&sig=9&key=k&monkey=m", {}),
+            "/cb?code=REDACTED&state=s&sig=REDACTED&key=REDACTED&monkey=m");
+  // A name alone, an empty value, an empty parameter: kept as they came.
+  EXPECT_EQ(redactQuery("/a?token&password=&&x=1", {}), "/a?token&password=REDACTED&&x=1");
+  EXPECT_EQ(redactQuery("/a?", {}), "/a?");
+  // The operator's own names, and every parameter.
+  EXPECT_EQ(redactQuery("/a?tenant=acme&q=1", {"tenant"}), "/a?tenant=REDACTED&q=1");
+  EXPECT_EQ(redactQuery("/a?q=1&b=2", {"*"}), "/a?q=REDACTED&b=REDACTED");
+  // The path is not touched, even when it looks like a query.
+  EXPECT_EQ(redactQuery("/token=abc/x?id=1", {}), "/token=abc/x?id=1");
+}
+
 }  // namespace
 }  // namespace tollgate
