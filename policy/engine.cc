@@ -7,6 +7,7 @@
 #include <random>
 
 #include "common/clock.h"
+#include "common/units.h"
 
 namespace tollgate {
 namespace {
@@ -199,7 +200,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
   // Circuit breakers.
   Breaker* probe = nullptr;  // set when this call would be a half-open breaker's probe
   std::string upstream;
-  if (!set.breakers().empty()) upstream = call.host() + ":" + std::to_string(call.port());
+  if (!set.breakers().empty()) upstream = formatHostPort(call.host(), call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
     // A breaker is made by an outcome, not by a decision: an upstream no call reached (a
@@ -393,7 +394,7 @@ Decision Engine::evaluate(const PolicySet& set, const Result<ToolCall>& result) 
     a.agent = call.agent();
     a.tool = call.tool();
     a.method = call.method();
-    a.authority = call.host() + ":" + std::to_string(call.port());
+    a.authority = formatHostPort(call.host(), call.port());  // [v6]:port, as call records
     a.path = call.path();
     a.rule = approving->id;
     a.policyDigest = set.digest();
@@ -490,7 +491,7 @@ void Engine::recordOutcome(const PolicySet& set, const ToolCall& call, const Out
   // outcome neither closes a breaker nor counts against it; a probe that said nothing
   // leaves the half-open breaker to the next call.
   bool neutral = !outcome.failed && (!outcome.sent || outcome.status == 0);
-  std::string upstream = call.host() + ":" + std::to_string(call.port());
+  std::string upstream = formatHostPort(call.host(), call.port());
   for (const auto& b : set.breakers()) {
     if (!hostMatch(b.host, call.host())) continue;
     auto found = breakers_.find(upstream);

@@ -233,8 +233,11 @@ Result<std::string> Extractor::canonicalHost(std::string_view host) {
     in6_addr a6;
     if (inet_pton(AF_INET6, h.c_str(), &a6) != 1) return Error{-1, "invalid IPv6 address " + h};
     char buf[INET6_ADDRSTRLEN];
-    // An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 host it maps.
-    if (IN6_IS_ADDR_V4MAPPED(&a6)) {
+    // An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 host it maps, and so is one of
+    // NAT64's well-known prefix (64:ff9b::a.b.c.d, RFC 6052): a NAT64 gateway delivers it
+    // to a.b.c.d.
+    static constexpr uint8_t kNat64[12] = {0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
+    if (IN6_IS_ADDR_V4MAPPED(&a6) || std::memcmp(a6.s6_addr, kNat64, sizeof kNat64) == 0) {
       inet_ntop(AF_INET, &a6.s6_addr[12], buf, sizeof buf);
       return std::string(buf);
     }

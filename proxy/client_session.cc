@@ -617,8 +617,12 @@ int ClientSession::RequestSide::onHeadersComplete(HttpParser& p) {
   // route's prefix), without path parameters as the policy matches it (`/admin;x/` is
   // `/admin/`'s route).
   if (s.listener_.config.kind == "reverse") {
+    // The host as the routes (and the policy) are written: an IP literal in its canonical
+    // form (10.0.0.01 is 10.0.0.1, fd00:0::1 is fd00::1), or another route than the one the
+    // policy judged the call for could take it.
+    auto canonicalHost = Extractor::canonicalHost(s.target_.host);
     const RouteConfig* route = findRoute(
-        s.listener_.config.routes, s.target_.host,
+        s.listener_.config.routes, canonicalHost ? canonicalHost.value() : s.target_.host,
         Extractor::withoutPathParameters(
             std::string_view(s.target_.pathQuery).substr(0, s.target_.pathQuery.find('?'))));
     if (!route) {
@@ -1061,6 +1065,15 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
 }
 
 void ClientSession::connectNextAddress() {
+  // One deadline (upstream_connect) for every address, shared among those left: an address
+  // whose packets vanish (a blackholed IPv6 path in front of a working IPv4 one) costs its
+  // share, and the next one is tried, where it used to take all of it and fail the call.
+  uint64_t now = uv_now(worker_.loop());
+  if (nextAddr_ == 0)
+    connectDeadlineMs_ =
+        now + static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count());
+  uint64_t remaining = connectDeadlineMs_ > now ? connectDeadlineMs_ - now : 1;
+  uint64_t share = std::max<uint64_t>(1, remaining / (addrs_.size() - nextAddr_));
   auto addr = addrs_[nextAddr_++];
   if (addr.ss_family == AF_INET6)
     reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.upstreamPort);
@@ -1068,7 +1081,7 @@ void ClientSession::connectNextAddress() {
     reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(target_.upstreamPort);
   upstream_ = TcpStream::create(worker_.loop());
   upstream_->setHandler(this);
-  upstreamTimer_->start(static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count()));
+  upstreamTimer_->start(share);
   if (int rc = upstream_->connect(reinterpret_cast<const sockaddr*>(&addr)); rc != 0)
     onConnect(*upstream_, rc);
 }
@@ -1086,6 +1099,7 @@ void ClientSession::onConnect(TcpStream& stream, int status) {
     upstreamFailed(502, "upstream_unavailable", std::string("connect: ") + uv_strerror(status));
     return;
   }
+  nextAddr_ = addrs_.size();  // connected: a TLS handshake that times out tries no other
   if (target_.upstreamTls) {
     startUpstreamTls();
     return;
@@ -1595,6 +1609,9 @@ void ClientSession::onUpstreamTimer() {
     upstreamFailed(504, "upstream_timeout",
                    "cannot resolve " + target_.upstreamHost + " within " +
                        std::to_string(t.upstreamConnect.count()) + " ms");
+  } else if (phase_ == Phase::kConnecting && upstream_ && nextAddr_ < addrs_.size()) {
+    upstream_.reset();  // its share of the deadline is spent: the next address
+    connectNextAddress();
   } else if (phase_ == Phase::kConnecting) {
     worker_.metrics().upstreamConnectErrors("timeout").Increment();
     upstreamFailed(

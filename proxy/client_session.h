@@ -180,7 +180,8 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::string poolKey_;        // see poolKey()
   std::string localHaltRule_, localHaltReason_;  // set while a request is parsed
   std::vector<sockaddr_storage> addrs_;
-  size_t nextAddr_ = 0;
+  size_t nextAddr_ = 0;             // addrs_.size() once connected: no fallback past it
+  uint64_t connectDeadlineMs_ = 0;  // upstream_connect from the first address's attempt
   uint64_t startNs_ = 0, upstreamSentNs_ = 0, upstreamHeadNs_ = 0;
   uint64_t tunnelStartNs_ = 0;  // when the tunnel came up; 0: not a tunnel
   uint64_t bodyBytes_ = 0;

@@ -180,8 +180,8 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                   l.identityHeader = r.str(hv, k);
                   // The agent id is written in every record and log line: a header that
                   // carries a credential would put the credential there.
-                  for (std::string_view secret : {"authorization", "proxy-authorization", "cookie",
-                                                  "x-api-key", "api-key"}) {
+                  for (std::string_view secret :
+                       {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"}) {
                     if (equalsIgnoreCase(l.identityHeader, secret))
                       r.fail(hv, k,
                              "'" + l.identityHeader +
@@ -213,7 +213,23 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                     auto ip = kv.first.as<std::string>();
                     if (!Resolver::parseLiteral(ip, ss))
                       r.fail(kv.first, k, "'" + ip + "' is not an IP address");
-                    l.identitySource[ip] = r.str(kv.second, k + "." + ip);
+                    // Kept as a peer's address is written (FD00:0::5 is fd00::5, and
+                    // ::ffff:10.0.0.5 the IPv4 peer 10.0.0.5), or it would never match.
+                    char text[INET6_ADDRSTRLEN] = {};
+                    if (ss.ss_family == AF_INET) {
+                      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&ss)->sin_addr, text,
+                                sizeof text);
+                    } else {
+                      const auto& a6 = reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr;
+                      if (IN6_IS_ADDR_V4MAPPED(&a6))
+                        inet_ntop(AF_INET, &a6.s6_addr[12], text, sizeof text);
+                      else
+                        inet_ntop(AF_INET6, &a6, text, sizeof text);
+                    }
+                    std::string canonical = text;
+                    if (l.identitySource.count(canonical))
+                      r.fail(kv.first, k, "'" + ip + "' is an address listed already");
+                    l.identitySource[canonical] = r.str(kv.second, k + "." + ip);
                   }
                 }
               });
@@ -289,8 +305,9 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                     auto authority = url.substr(sep + 3);
                     // Not echoed: what comes before an @ is a user and a password.
                     if (authority.substr(0, authority.find('/')).find('@') != std::string::npos)
-                      r.fail(rv, k, "credentials in the URL are not supported (the upstream sees "
-                                    "the agent's own Authorization)");
+                      r.fail(rv, k,
+                             "credentials in the URL are not supported (the upstream sees "
+                             "the agent's own Authorization)");
                     if (authority.ends_with('/')) authority.pop_back();
                     if (!parseAuthority(authority, route.upstreamTls ? 443 : 80,
                                         route.upstream.host, route.upstream.port))
@@ -351,7 +368,8 @@ bool sameBind(const HostPort& a, const HostPort& b) {
 
 Config read(const YAML::Node& root, const Reader& r) {
   Config c;
-  YAML::Node hostsNode, adminNode, adminTokensNode;  // where they are, when given (for the errors below)
+  YAML::Node hostsNode, adminNode,
+      adminTokensNode;  // where they are, when given (for the errors below)
   bool hasAdminTokens = false;
   bool hasHosts = false;
   c.path = r.path();
@@ -637,6 +655,19 @@ Result<Config> loadConfig(const std::string& path) {
   return parseConfig(text.str(), path);
 }
 
+namespace {
+
+// An IPv6 address that reaches an IPv4 one: IPv4-mapped (::ffff:a.b.c.d), or in NAT64's
+// well-known prefix (64:ff9b::a.b.c.d, RFC 6052), which a NAT64 gateway (and DNS64 answers
+// for IPv4-only names) sends to a.b.c.d.
+bool embedsIpv4(const uint8_t* v6) {
+  static constexpr uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  static constexpr uint8_t kNat64[12] = {0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
+  return std::memcmp(v6, kMapped, 12) == 0 || std::memcmp(v6, kNat64, 12) == 0;
+}
+
+}  // namespace
+
 std::optional<AddressRange> parseAddressRange(const std::string& text) {
   AddressRange r;
   r.text = text;
@@ -658,6 +689,13 @@ std::optional<AddressRange> parseAddressRange(const std::string& text) {
     r.family = AF_INET6;
     r.prefix = prefix.value_or(128);
     if (r.prefix > 128) return std::nullopt;
+    // ::ffff:a.b.c.d/N (and NAT64's 64:ff9b::a.b.c.d/N) names IPv4 addresses: kept as the
+    // IPv4 range, which contains() meets in every form (an IPv6 range never met them).
+    if (r.prefix >= 96 && embedsIpv4(r.bytes.data())) {
+      std::memmove(r.bytes.data(), r.bytes.data() + 12, 4);
+      r.family = AF_INET;
+      r.prefix -= 96;
+    }
   } else {
     return std::nullopt;
   }
@@ -671,11 +709,10 @@ bool AddressRange::contains(const sockaddr_storage& address) const {
         &reinterpret_cast<const sockaddr_in*>(&address)->sin_addr.s_addr);
   } else if (address.ss_family == AF_INET6) {
     const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&address)->sin6_addr.s6_addr;
-    static constexpr uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
     if (family == AF_INET6)
       given = v6;
-    else if (std::memcmp(v6, kMapped, sizeof kMapped) == 0)
-      given = v6 + 12;  // ::ffff:a.b.c.d reaches a.b.c.d
+    else if (embedsIpv4(v6))
+      given = v6 + 12;  // ::ffff:a.b.c.d reaches a.b.c.d, and 64:ff9b::a.b.c.d through NAT64
   }
   if (!given) return false;
   unsigned full = prefix / 8, rest = prefix % 8;

@@ -19,6 +19,10 @@ Resolver::~Resolver() {
 
 bool Resolver::parseLiteral(const std::string& host, sockaddr_storage& out) {
   std::memset(&out, 0, sizeof out);
+  // uv_inet_pton stops at a zone id (fe80::1%eth0) and takes anything after it: an address
+  // whose bytes would reach the records and the upstream's Host unchecked, and whose zone
+  // would be dropped. Zones are not supported.
+  if (host.find('%') != std::string::npos) return false;
   auto* v4 = reinterpret_cast<sockaddr_in*>(&out);
   if (uv_inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 0) {
     v4->sin_family = AF_INET;

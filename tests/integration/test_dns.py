@@ -50,13 +50,35 @@ class SilentNameServerTest(unittest.TestCase):
         cls.ns = "tgdns" + uuid.uuid4().hex[:6]
         cls.etc = f"/etc/netns/{cls.ns}"
         cls.made_etc_netns = not os.path.exists("/etc/netns")
+        cls.server = None
         sh("ip", "netns", "add", cls.ns)
+        try:
+            cls.setUpNamespace()
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def setUpNamespace(cls):
         sh("ip", "-n", cls.ns, "link", "set", "lo", "up")
         os.makedirs(cls.etc)
         with open(os.path.join(cls.etc, "resolv.conf"), "w") as f:
             f.write("nameserver 127.0.0.1\noptions timeout:10 attempts:1\n")
         with open(os.path.join(cls.etc, "hosts"), "w") as f:
-            f.write("127.0.0.1 localhost\n")
+            f.write("127.0.0.1 localhost\n10.99.0.1 dual.test\n10.99.0.2 dual.test\n")
+        # dual.test: 10.99.0.1 first (gai.conf ranks it above every other address), whose
+        # packets vanish (sent over a veth to a peer with another link address, which drops
+        # them), then 10.99.0.2, local.
+        with open(os.path.join(cls.etc, "gai.conf"), "w") as f:
+            f.write("precedence ::ffff:10.99.0.1/128 100\nprecedence ::ffff:0:0/96 10\nprecedence ::/0 40\n")
+        sh("ip", "-n", cls.ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        sh("ip", "-n", cls.ns, "addr", "add", "10.99.0.2/24", "dev", "d0")
+        sh("ip", "-n", cls.ns, "link", "set", "d0", "up")
+        sh("ip", "-n", cls.ns, "link", "set", "d1", "up")
+        sh("ip", "-n", cls.ns, "neigh", "add", "10.99.0.1", "lladdr", "02:00:00:00:00:01", "dev", "d0",
+           "nud", "permanent")
+        # Counts the SYNs sent to the address that never answers (no target: counts only).
+        sh("ip", "netns", "exec", cls.ns, "iptables", "-A", "OUTPUT", "-d", "10.99.0.1", "-p", "tcp", "--syn")
         cls.queries = os.path.join(cls.etc, "nx-queries")
         cls.server = subprocess.Popen(["ip", "netns", "exec", cls.ns, "python3", "-c", BLACKHOLE, cls.queries],
                                       stdout=subprocess.PIPE, text=True)
@@ -64,8 +86,9 @@ class SilentNameServerTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.server.kill()
-        cls.server.wait(timeout=10)
+        if cls.server:
+            cls.server.kill()
+            cls.server.wait(timeout=10)
         shutil.rmtree(cls.etc, ignore_errors=True)
         if cls.made_etc_netns:
             shutil.rmtree("/etc/netns", ignore_errors=True)
@@ -111,6 +134,39 @@ class SilentNameServerTest(unittest.TestCase):
             self.assertGreaterEqual(len(busy), 100 - 2 * 32, reasons)  # two workers
             self.assertLessEqual(len(waited), 2 * 32)
             self.assertIsNone(tg.proc.poll())
+
+    def syns_to_the_silent_address(self):
+        out = sh("ip", "netns", "exec", self.ns, "iptables", "-nvxL", "OUTPUT").stdout
+        rows = [l.split() for l in out.splitlines() if "10.99.0.1" in l]
+        self.assertEqual(len(rows), 1, out)
+        return int(rows[0][0])
+
+    def test_an_address_that_never_answers_costs_its_share_and_the_next_one_is_tried(self):
+        """A name with two addresses, the first of which swallows the SYN (a blackholed
+        IPv6 path in front of a working IPv4 one is the common case): the first has its
+        share of upstream_connect, then the call goes to the second; it used to wait out
+        the whole deadline on the first and fail with 504."""
+        origin = subprocess.Popen(["ip", "netns", "exec", self.ns, "python3", "-u", "-m", "http.server",
+                                   "--bind", "10.99.0.2", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True)
+        try:
+            line = origin.stdout.readline()
+            port = int(line.split(" port ")[1].split()[0])
+            before = self.syns_to_the_silent_address()
+            with Tollgate({"timeouts": {"upstream_connect": "2s"}}, wrap=["ip", "netns", "exec", self.ns]) as tg:
+                start = time.monotonic()
+                out, _ = self.curl(tg, f"dual.test:{port}").communicate(timeout=30)
+                took = time.monotonic() - start
+                status, _, body = parse_response(out)
+                self.assertEqual(status, 404, out)  # http.server's answer for /x: it was reached
+                self.assertIn(b"Error response", body)
+                self.assertGreaterEqual(self.syns_to_the_silent_address() - before, 1)
+                self.assertGreater(took, 0.8)   # the first address had its share (1 s of 2)
+                self.assertLess(took, 1.9)      # and not the whole deadline
+        finally:
+            origin.kill()
+            origin.wait(timeout=10)
+            origin.stdout.close()
 
     def test_a_name_that_does_not_exist_is_remembered_briefly(self):
         """NXDOMAIN is cached like an answer (for at most 5 s): a name that does not

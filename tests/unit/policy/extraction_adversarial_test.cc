@@ -234,6 +234,12 @@ TEST(Extraction, CanonicalHosts) {
   EXPECT_FALSE(Extractor::canonicalHost("256.1.1.1").ok());
   EXPECT_FALSE(Extractor::canonicalHost("1.2.3.4.5").ok());
   EXPECT_FALSE(Extractor::canonicalHost("a b").ok());
+  // An IPv6 address that reaches an IPv4 host is that host: mapped, and NAT64's well-known
+  // prefix (RFC 6052); a local NAT64 prefix is not known here.
+  EXPECT_EQ(Extractor::canonicalHost("::ffff:a9fe:a9fe").value(), "169.254.169.254");
+  EXPECT_EQ(Extractor::canonicalHost("64:ff9b::a00:5").value(), "10.0.0.5");
+  EXPECT_EQ(Extractor::canonicalHost("64:FF9B::10.0.0.5").value(), "10.0.0.5");
+  EXPECT_EQ(Extractor::canonicalHost("64:ff9b:1::a00:5").value(), "64:ff9b:1::a00:5");
 }
 
 }  // namespace

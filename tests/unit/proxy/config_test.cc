@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "proxy/resolver.h"
+
 namespace tollgate {
 namespace {
 
@@ -117,6 +119,69 @@ listeners:
   EXPECT_EQ(c->listeners[1].routes[1].host, "*");
 }
 
+// Addresses that reach an IPv4 host through IPv6 (::ffff:a.b.c.d, NAT64's 64:ff9b::a.b.c.d)
+// are that host to egress.deny_addresses, however the range or the resolved address is
+// written; and identity.source keys are kept as a peer's address is written.
+sockaddr_storage addressOf(const std::string& text) {
+  sockaddr_storage ss{};
+  EXPECT_TRUE(Resolver::parseLiteral(text, ss)) << text;
+  return ss;
+}
+
+TEST(Config, AddressRangesMeetEveryFormOfAnIpv4Address) {
+  auto metadata = parseAddressRange("::ffff:169.254.169.254");
+  ASSERT_TRUE(metadata);
+  EXPECT_TRUE(metadata->contains(addressOf("169.254.169.254")));
+  EXPECT_TRUE(metadata->contains(addressOf("::ffff:169.254.169.254")));
+  EXPECT_TRUE(metadata->contains(addressOf("64:ff9b::a9fe:a9fe")));
+  EXPECT_FALSE(metadata->contains(addressOf("169.254.169.253")));
+  auto nat64 = parseAddressRange("64:ff9b::10.0.0.0/104");
+  ASSERT_TRUE(nat64);
+  EXPECT_TRUE(nat64->contains(addressOf("10.1.2.3")));
+  EXPECT_FALSE(nat64->contains(addressOf("11.0.0.1")));
+  auto tens = parseAddressRange("10.0.0.0/8");
+  ASSERT_TRUE(tens);
+  EXPECT_TRUE(tens->contains(addressOf("64:ff9b::a00:5")));
+  EXPECT_TRUE(tens->contains(addressOf("::ffff:10.0.0.5")));
+  EXPECT_FALSE(tens->contains(addressOf("64:ff9c::a00:5")));
+  EXPECT_FALSE(tens->contains(addressOf("::a00:5")));  // IPv4-compatible: long deprecated
+  auto v6 = parseAddressRange("fd00::/8");
+  ASSERT_TRUE(v6);
+  EXPECT_TRUE(v6->contains(addressOf("fd12::1")));
+  EXPECT_FALSE(v6->contains(addressOf("10.0.0.1")));
+  EXPECT_FALSE(parseAddressRange("::ffff:10.0.0.0/129"));
+}
+
+TEST(Config, IdentitySourcesAreKeptAsPeersAreWritten) {
+  auto c = parseConfig(R"(
+listeners:
+  - name: t
+    kind: transparent
+    address: "127.0.0.1:0"
+    identity: {source: {"FD00:0::5": a, "::ffff:10.0.0.5": b, "10.0.0.6": c}}
+)",
+                       "t.yaml");
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(
+      c->listeners[0].identitySource,
+      (std::map<std::string, std::string>{{"fd00::5", "a"}, {"10.0.0.5", "b"}, {"10.0.0.6", "c"}}));
+  auto twice = parseConfig(R"(
+listeners:
+  - name: t
+    kind: transparent
+    address: "127.0.0.1:0"
+    identity: {source: {"10.0.0.5": a, "::ffff:10.0.0.5": b}}
+)",
+                           "t.yaml");
+  ASSERT_FALSE(twice);
+  EXPECT_NE(twice.error().message.find("listed already"), std::string::npos)
+      << twice.error().message;
+  sockaddr_storage ss;
+  EXPECT_FALSE(Resolver::parseLiteral("fe80::1%eth0", ss));
+  EXPECT_FALSE(Resolver::parseLiteral("::1%25x", ss));
+  EXPECT_TRUE(Resolver::parseLiteral("fe80::1", ss));
+}
+
 struct BadCase {
   const char* yaml;
   const char* expected;  // substring of the error
@@ -132,7 +197,8 @@ TEST(Config, CredentialsAreNeitherEchoedNorRecorded) {
   ASSERT_FALSE(c);
   EXPECT_EQ(c.error().message.find("hunter2"), std::string::npos) << c.error().message;
   auto ok = parseConfig(
-      "listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {redact_query_params: [Tenant, '*']}\n",
+      "listeners: [{name: a, address: '127.0.0.1:0'}]\naudit: {redact_query_params: [Tenant, "
+      "'*']}\n",
       "t.yaml");
   ASSERT_TRUE(ok) << ok.error().message;
   EXPECT_EQ(ok->auditRedactQueryParams, (std::vector<std::string>{"tenant", "*"}));
@@ -169,8 +235,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: ['bank:443']}]\n",
                 "listeners[0].passthrough: 'bank:443': expected a host name"},
         // Seventeenth session: credentials that would be written down.
-        BadCase{"listeners: [{name: a, address: '127.0.0.1:0', identity: {header: Authorization}}]\n",
-                "listeners[0].identity.header: 'Authorization' carries credentials"},
+        BadCase{
+            "listeners: [{name: a, address: '127.0.0.1:0', identity: {header: Authorization}}]\n",
+            "listeners[0].identity.header: 'Authorization' carries credentials"},
         BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
                 "[{upstream: 'https://svc:pw@10.0.0.7'}]}]\n",
                 "listeners[0].routes[0].upstream: credentials in the URL are not supported"},
