@@ -7,7 +7,8 @@
 #
 #   tests/bench/budget.sh [--out FILE]    (./dev bench budget installs the peers and builds)
 # Environment: TOLLGATE_BIN, WORKERS (1), CONNS (64), DURATION (10s), LATENCY_DURATION (5s),
-# ROUNDS (3): each figure is the median of ROUNDS rounds (even rounds in reverse order).
+# ROUNDS (3): each figure is the median of ROUNDS rounds (each round starting one target on,
+# so that in 3 rounds each target runs once in each place).
 # PIN=1 gives redis-server the last core to itself and runs everything else on the others
 # (as when Redis is on its own host); by default all processes share every core.
 set -euo pipefail
@@ -114,10 +115,13 @@ reserve_us=""
 echo "running $ROUNDS rounds: $CONNS connections for $DURATION, then 1 connection for $LATENCY_DURATION, per target" >&2
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round" >&2
-  # Even rounds run the targets in reverse order: this VM's speed drifts by several percent
-  # over a round, and a fixed order would charge the drift to the last target every time.
-  order=$TARGETS
-  (( round % 2 == 0 )) && order=$(tr ' ' '\n' <<<"$TARGETS" | tac | tr '\n' ' ')
+  # Each round starts one target further on (unbudgeted memory redis, memory redis
+  # unbudgeted, redis unbudgeted memory, …): this VM's speed drifts by several percent over
+  # a round, and a target that ran first in more rounds than its peers (as unbudgeted did
+  # when even rounds only ran in reverse) would take more of that drift than they do.
+  read -ra targets <<<"$TARGETS"
+  shift_by=$(( (round - 1) % ${#targets[@]} ))
+  order="${targets[*]:shift_by} ${targets[*]:0:shift_by}"
   for t in $order; do
     before=$(cpu_ticks "${pid[$t]}"); rbefore=$(cpu_ticks "$redis_pid"); ebefore=$(evals); lbefore=$(reserve_latency)
     out=$("${on_rest[@]}" wrk -t2 -c"$CONNS" -d"$DURATION" -s "$here/forward.lua" "http://127.0.0.1:${port[$t]}")
