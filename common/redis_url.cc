@@ -41,8 +41,11 @@ Result<RedisUrl> parseRedisUrl(std::string_view url) {
                  "supported)"};
   if (auto hp = parseHostPort(rest)) {
     out.address = *hp;
-  } else if (rest.find(':') == std::string_view::npos) {
+  } else if (rest.find_first_of(":[]") == std::string_view::npos) {
     out.address = HostPort{std::string(rest), 6379};
+  } else if (rest.size() > 2 && rest.front() == '[' && rest.back() == ']' &&
+             rest.find(']') == rest.size() - 1) {
+    out.address = HostPort{std::string(rest.substr(1, rest.size() - 2)), 6379};  // [::1]
   } else {
     return Error{-1, "redis url '" + std::string(rest) + "': bad host or port"};
   }

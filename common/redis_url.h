@@ -24,8 +24,8 @@ struct RedisUrl {
   RedisAuth auth;
 };
 
-// Parses "redis://[[user]:password@]host[:port]", "host:port" or "host" (port 6379); user
-// and password may be percent-encoded.
+// Parses "redis://[[user]:password@]host[:port]", "host:port" or "host" (port 6379; "[::1]"
+// too); user and password may be percent-encoded.
 Result<RedisUrl> parseRedisUrl(std::string_view url);
 // The seeds of a list of URLs and their one set of credentials (every URL must carry the
 // same: they are the nodes of one Redis).

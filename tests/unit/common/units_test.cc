@@ -1,5 +1,7 @@
 #include "common/units.h"
 
+#include "common/redis_url.h"
+
 #include <gtest/gtest.h>
 
 namespace tollgate {
@@ -51,6 +53,26 @@ TEST(ParseHostPort, HandlesIpv4Ipv6AndNames) {
   EXPECT_FALSE(parseHostPort("::1:80"));
   EXPECT_FALSE(parseHostPort("host:70000"));
   EXPECT_FALSE(parseHostPort(":80"));
+}
+
+TEST(ParseRedisUrl, TakesEveryFormOfAnAddress) {
+  auto expect = [](std::string_view url, const char* host, uint16_t port) {
+    auto u = parseRedisUrl(url);
+    ASSERT_TRUE(u) << url << ": " << u.error().message;
+    EXPECT_EQ(u->address.host, host) << url;
+    EXPECT_EQ(u->address.port, port) << url;
+  };
+  expect("redis://10.0.0.5:6380", "10.0.0.5", 6380);
+  expect("redis://redis.internal", "redis.internal", 6379);
+  expect("redis://[::1]:6380/", "::1", 6380);
+  expect("redis://[::1]", "::1", 6379);  // the port may be left out for IPv6 too
+  expect("redis://:s%40cret@[fd00::5]", "fd00::5", 6379);
+  EXPECT_EQ(parseRedisUrl("redis://:s%40cret@[fd00::5]").value().auth.password, "s@cret");
+  EXPECT_FALSE(parseRedisUrl("redis://[::1"));
+  EXPECT_FALSE(parseRedisUrl("redis://[]"));
+  EXPECT_FALSE(parseRedisUrl("redis://[::1]x"));
+  EXPECT_FALSE(parseRedisUrl("redis://::1"));
+  EXPECT_FALSE(parseRedisUrl("redis://host/0"));
 }
 
 }  // namespace
