@@ -1067,13 +1067,17 @@ void ClientSession::onResolved(int status, const std::vector<sockaddr_storage>& 
 void ClientSession::connectNextAddress() {
   // One deadline (upstream_connect) for every address, shared among those left: an address
   // whose packets vanish (a blackholed IPv6 path in front of a working IPv4 one) costs its
-  // share, and the next one is tried, where it used to take all of it and fail the call.
+  // share, and the next one is tried, where it used to take all of it and fail the call. A
+  // share is at least 2 s (one lost SYN is resent after 1 s), or what is left: a name with
+  // eight addresses does not leave each too little to connect over a slow path.
   uint64_t now = uv_now(worker_.loop());
   if (nextAddr_ == 0)
     connectDeadlineMs_ =
         now + static_cast<uint64_t>(worker_.config().timeouts.upstreamConnect.count());
   uint64_t remaining = connectDeadlineMs_ > now ? connectDeadlineMs_ - now : 1;
-  uint64_t share = std::max<uint64_t>(1, remaining / (addrs_.size() - nextAddr_));
+  constexpr uint64_t kMinShareMs = 2000;
+  uint64_t share = std::max<uint64_t>(
+      {1, remaining / (addrs_.size() - nextAddr_), std::min(remaining, kMinShareMs)});
   auto addr = addrs_[nextAddr_++];
   if (addr.ss_family == AF_INET6)
     reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(target_.upstreamPort);
@@ -1609,7 +1613,8 @@ void ClientSession::onUpstreamTimer() {
     upstreamFailed(504, "upstream_timeout",
                    "cannot resolve " + target_.upstreamHost + " within " +
                        std::to_string(t.upstreamConnect.count()) + " ms");
-  } else if (phase_ == Phase::kConnecting && upstream_ && nextAddr_ < addrs_.size()) {
+  } else if (phase_ == Phase::kConnecting && upstream_ && nextAddr_ < addrs_.size() &&
+             uv_now(worker_.loop()) < connectDeadlineMs_) {
     upstream_.reset();  // its share of the deadline is spent: the next address
     connectNextAddress();
   } else if (phase_ == Phase::kConnecting) {

@@ -180,9 +180,10 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                   l.identityHeader = r.str(hv, k);
                   // The agent id is written in every record and log line: a header that
                   // carries a credential would put the credential there.
-                  for (std::string_view secret :
-                       {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"}) {
-                    if (equalsIgnoreCase(l.identityHeader, secret))
+                  for (std::string_view secret : {"authorization", "proxy-authorization", "cookie",
+                                                  "x-api-key", "api-key", "x-auth-token"}) {
+                    if (equalsIgnoreCase(l.identityHeader, secret) ||
+                        credentialName(l.identityHeader))
                       r.fail(hv, k,
                              "'" + l.identityHeader +
                                  "' carries credentials, and the agent id is recorded and logged: "
@@ -304,7 +305,7 @@ ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::
                     route.upstreamTls = scheme == "https";
                     auto authority = url.substr(sep + 3);
                     // Not echoed: what comes before an @ is a user and a password.
-                    if (authority.substr(0, authority.find('/')).find('@') != std::string::npos)
+                    if (authority.find('@') != std::string::npos)
                       r.fail(rv, k,
                              "credentials in the URL are not supported (the upstream sees "
                              "the agent's own Authorization)");
@@ -577,7 +578,8 @@ Config read(const YAML::Node& root, const Reader& r) {
                         c.auditDirectIo = r.boolean(av, k);
                       } else if (k == "audit.redact_query_params") {
                         for (auto& name : r.strings(av, k)) {
-                          if (name.empty() || name.find_first_of("&=?# ") != std::string::npos)
+                          // Compared with the names as decoded: an encoded one never matches.
+                          if (name.empty() || name.find_first_of("&=?# %+") != std::string::npos)
                             r.fail(av, k, "'" + name + "': expected a query parameter name, or *");
                           for (auto& ch : name)
                             ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
@@ -691,7 +693,9 @@ std::optional<AddressRange> parseAddressRange(const std::string& text) {
     if (r.prefix > 128) return std::nullopt;
     // ::ffff:a.b.c.d/N (and NAT64's 64:ff9b::a.b.c.d/N) names IPv4 addresses: kept as the
     // IPv4 range, which contains() meets in every form (an IPv6 range never met them).
-    if (r.prefix >= 96 && embedsIpv4(r.bytes.data())) {
+    // Exactly /96 (::ffff:0:0/96, 64:ff9b::/96) keeps its IPv6 meaning: as an IPv4 range
+    // it would be 0.0.0.0/0, every IPv4 address.
+    if (r.prefix > 96 && embedsIpv4(r.bytes.data())) {
       std::memmove(r.bytes.data(), r.bytes.data() + 12, 4);
       r.family = AF_INET;
       r.prefix -= 96;

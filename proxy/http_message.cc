@@ -1,5 +1,6 @@
 #include "proxy/http_message.h"
 
+#include <algorithm>
 #include <charconv>
 
 #include "common/json.h"
@@ -471,22 +472,12 @@ void appendChunk(std::string& out, std::string_view data) {
   out += "\r\n";
 }
 
-namespace {
-
-int hexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
 bool credentialName(std::string_view raw, const std::vector<std::string>& extra) {
   std::string name;  // percent-decoded, lower case: api%5Fkey and API_KEY are api_key
   name.reserve(raw.size());
   for (size_t i = 0; i < raw.size(); ++i) {
     char c = raw[i];
-    if (c == '%' && i + 2 < raw.size() && hexValue(raw[i + 1]) >= 0 &&
-        hexValue(raw[i + 2]) >= 0) {
+    if (c == '%' && i + 2 < raw.size() && hexValue(raw[i + 1]) >= 0 && hexValue(raw[i + 2]) >= 0) {
       c = static_cast<char>(hexValue(raw[i + 1]) * 16 + hexValue(raw[i + 2]));
       i += 2;
     } else if (c == '+') {
@@ -494,26 +485,29 @@ bool credentialName(std::string_view raw, const std::vector<std::string>& extra)
     }
     name += static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
   }
-  static constexpr std::string_view kParts[] = {"token",   "secret",    "passw",
-                                                "apikey",  "api_key",   "api-key",
-                                                "signature", "credential", "session"};
-  static constexpr std::string_view kNames[] = {"key", "sig", "code", "auth", "jwt", "pwd", "sid"};
+  static constexpr std::string_view kParts[] = {"token",      "secret",  "passw",    "passphrase",
+                                                "apikey",     "api_key", "api-key",  "signature",
+                                                "credential", "session", "assertion"};
+  static constexpr std::string_view kNames[] = {"key", "sig", "code", "auth",
+                                                "jwt", "pwd", "sid",  "pass"};
   for (auto part : kParts)
     if (name.find(part) != std::string::npos) return true;
   for (auto exact : kNames)
     if (name == exact) return true;
+  // subscription-key, access_key, private.key: a key of some kind (monkey is not).
+  for (std::string_view end : {"_key", "-key", ".key", " key"})
+    if (name.ends_with(end)) return true;
   for (const auto& e : extra)
     if (e == "*" || equalsIgnoreCase(e, name)) return true;
   return false;
 }
-
-}  // namespace
 
 std::string redactQuery(std::string_view pathQuery, const std::vector<std::string>& extra) {
   auto q = pathQuery.find('?');
   if (q == std::string_view::npos) return std::string(pathQuery);
   std::string out(pathQuery.substr(0, q + 1));
   std::string_view rest = pathQuery.substr(q + 1);
+  bool all = std::find(extra.begin(), extra.end(), "*") != extra.end();
   while (true) {
     auto amp = rest.find('&');
     std::string_view param = rest.substr(0, amp);
@@ -521,6 +515,8 @@ std::string redactQuery(std::string_view pathQuery, const std::vector<std::strin
     if (eq != std::string_view::npos && credentialName(param.substr(0, eq), extra)) {
       out.append(param.substr(0, eq + 1));
       out += "REDACTED";
+    } else if (eq == std::string_view::npos && all && !param.empty()) {
+      out += "REDACTED";  // ?sk-live-…: a bare value, when every parameter is redacted
     } else {
       out.append(param);
     }

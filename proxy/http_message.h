@@ -73,12 +73,17 @@ std::string errorBody(std::string_view error, std::string_view reason,
 
 void appendChunk(std::string& out, std::string_view data);
 
+// Whether a query parameter's (or a header's) name says it carries a credential: when,
+// percent-decoded and in lower case, it contains token, secret, passw, passphrase, apikey,
+// api_key, api-key, signature, credential, session or assertion, ends in _key, -key, .key,
+// or is key, sig, code, auth, jwt, pwd, sid or pass, or is one of `extra` (compared in lower
+// case; "*" names every parameter).
+bool credentialName(std::string_view raw, const std::vector<std::string>& extra = {});
+
 // The request target as the audit stream and the logs keep it: the value of each query
-// parameter whose name says it carries a credential replaced by REDACTED. A name is such
-// when, percent-decoded and in lower case, it contains token, secret, passw, apikey,
-// api_key, api-key, signature, credential or session, or is key, sig, code, auth, jwt, pwd
-// or sid, or is one of `extra` (compared in lower case; "*" names every parameter). The
-// path is kept as it came: a credential in a path segment cannot be told from an id.
+// parameter whose name is a credentialName() replaced by REDACTED (with "*" in `extra`, a
+// parameter without a value too). Parameters are split at & only. The path is kept as it
+// came: a credential in a path segment cannot be told from an id.
 std::string redactQuery(std::string_view pathQuery, const std::vector<std::string>& extra);
 
 }  // namespace tollgate

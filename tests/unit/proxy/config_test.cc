@@ -150,6 +150,11 @@ TEST(Config, AddressRangesMeetEveryFormOfAnIpv4Address) {
   EXPECT_TRUE(v6->contains(addressOf("fd12::1")));
   EXPECT_FALSE(v6->contains(addressOf("10.0.0.1")));
   EXPECT_FALSE(parseAddressRange("::ffff:10.0.0.0/129"));
+  // Exactly /96 keeps its IPv6 meaning (as IPv4 it would be 0.0.0.0/0): the mapped forms.
+  auto mapped = parseAddressRange("::ffff:0:0/96");
+  ASSERT_TRUE(mapped);
+  EXPECT_FALSE(mapped->contains(addressOf("10.0.0.1")));
+  EXPECT_TRUE(mapped->contains(addressOf("::ffff:10.0.0.1")));
 }
 
 TEST(Config, IdentitySourcesAreKeptAsPeersAreWritten) {
@@ -244,6 +249,15 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\n"
                 "audit: {redact_query_params: ['a=b']}\n",
                 "audit.redact_query_params: 'a=b': expected a query parameter name"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\n"
+                "audit: {redact_query_params: ['api%5Fkey']}\n",
+                "audit.redact_query_params: 'api%5Fkey': expected a query parameter name"},
+        BadCase{
+            "listeners: [{name: a, address: '127.0.0.1:0', identity: {header: X-Vault-Token}}]\n",
+            "listeners[0].identity.header: 'X-Vault-Token' carries credentials"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{upstream: 'https://svc:pa/ss@10.0.0.7'}]}]\n",
+                "listeners[0].routes[0].upstream: credentials in the URL are not supported"},
         // Seventeenth session: keys that could only be ignored.
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0', passthrough: [bank.example]}]\n",
                 "bad.yaml:1:60: listeners[0].passthrough: does nothing without intercept_tls"},

@@ -219,7 +219,13 @@ TEST(RedactQuery, CredentialValuesAreNotKept) {
   EXPECT_EQ(redactQuery("/a?", {}), "/a?");
   // The operator's own names, and every parameter.
   EXPECT_EQ(redactQuery("/a?tenant=acme&q=1", {"tenant"}), "/a?tenant=REDACTED&q=1");
-  EXPECT_EQ(redactQuery("/a?q=1&b=2", {"*"}), "/a?q=REDACTED&b=REDACTED");
+  EXPECT_EQ(redactQuery("/a?q=1&b=2&&sk-live-9", {"*"}), "/a?q=REDACTED&b=REDACTED&&REDACTED");
+  // Keys of every kind, and passes.
+  EXPECT_EQ(redactQuery("/a?subscription-key=1&access_key=2&Private.Key=3&pass=4&passphrase=5&"
+                        "client_assertion=6&passenger=7",
+                        {}),
+            "/a?subscription-key=REDACTED&access_key=REDACTED&Private.Key=REDACTED&"
+            "pass=REDACTED&passphrase=REDACTED&client_assertion=REDACTED&passenger=7");
   // The path is not touched, even when it looks like a query.
   EXPECT_EQ(redactQuery("/token=abc/x?id=1", {}), "/token=abc/x?id=1");
 }
