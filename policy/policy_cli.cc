@@ -217,8 +217,7 @@ std::string checkTestFile(const std::string& file, const YAML::Node& doc) {
 // One test file: every case runs in order against one engine, so rate limits and failure
 // counters carry from case to case as they would in the sidecar.
 // A file that is not a test file (exit 2) is said on `err`; results and failures on `out`.
-int runTestFile(const std::string& file, std::FILE* out, std::FILE* err, int& passed,
-                int& failed) {
+int runTestFile(const std::string& file, std::FILE* out, std::FILE* err, int& passed, int& failed) {
   YAML::Node doc;
   try {
     doc = YAML::LoadFile(file);

@@ -120,7 +120,7 @@ struct Config {
   std::string auditReplicaUrl;  // redis://HOST:PORT, empty: no replica
   std::string auditReplicaStream = "tollgate:audit:{log_id}";
   uint64_t auditReplicaMaxlen = 0;
-  std::string auditExportDir;          // empty: no export
+  std::string auditExportDir;  // empty: no export
   // Query parameters recorded as REDACTED besides the built-in credential names
   // (redactQuery); "*": every parameter.
   std::vector<std::string> auditRedactQueryParams;
