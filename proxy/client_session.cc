@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <charconv>
 #include <cstring>
 #include <optional>
@@ -380,6 +381,7 @@ void ClientSession::close() {
   worker_.resolver().cancel(&hostCheck_);
   client_.reset();
   upstream_.reset();
+  for (const auto& key : pinnedKeys_) worker_.pool().drop(key);
   clientTimer_.reset();
   upstreamTimer_.reset();
   listener_.connections.fetch_sub(1, std::memory_order_relaxed);
@@ -1014,7 +1016,9 @@ void ClientSession::refuse(const Decision& d) {
 void ClientSession::connectUpstream() {
   phase_ = Phase::kConnecting;
   if (!retried_ && !hostUnverified_) {
-    if (auto idle = worker_.pool().take(poolKey())) {
+    StreamPtr idle = pinned_ ? worker_.pool().take(pinKey()) : nullptr;
+    if (!idle) idle = worker_.pool().take(poolKey());
+    if (idle) {
       attachUpstream(std::move(idle), true);
       return;
     }
@@ -1110,6 +1114,43 @@ void ClientSession::onConnect(TcpStream& stream, int status) {
   }
   attachUpstream(std::move(upstream_), false);
 }
+
+std::string ClientSession::pinKey() {
+  static std::atomic<uint64_t> next{1};
+  if (sessionId_ == 0) sessionId_ = next.fetch_add(1, std::memory_order_relaxed);
+  return poolKey() + " pinned " + std::to_string(sessionId_);
+}
+
+namespace {
+
+// Authentication that authenticates the connection rather than the request (RFC 4559;
+// NTLM over HTTP): "NTLM …" or "Negotiate …" in an Authorization or WWW-Authenticate field.
+bool connectionAuth(std::string_view v) {
+  auto scheme = v.substr(0, v.find(' '));
+  return equalsIgnoreCase(scheme, "ntlm") || equalsIgnoreCase(scheme, "negotiate");
+}
+
+bool usesConnectionAuth(const HttpHead& request, const HttpHead& response) {
+  for (size_t i = 0; i < request.size(); ++i)
+    if (equalsIgnoreCase(request.name(i), "authorization") && connectionAuth(request.value(i)))
+      return true;
+  for (size_t i = 0; i < response.size(); ++i) {
+    if (!equalsIgnoreCase(response.name(i), "www-authenticate")) continue;
+    // A field may list several challenges: "Negotiate, NTLM" or "Basic realm=x, NTLM".
+    std::string_view v = response.value(i);
+    for (size_t start = 0; start <= v.size();) {
+      auto comma = v.find(',', start);
+      auto part = v.substr(start, comma == std::string_view::npos ? v.npos : comma - start);
+      while (!part.empty() && part.front() == ' ') part.remove_prefix(1);
+      if (connectionAuth(part)) return true;
+      if (comma == std::string_view::npos) break;
+      start = comma + 1;
+    }
+  }
+  return false;
+}
+
+}  // namespace
 
 const std::string& ClientSession::poolKey() {
   // A TLS connection is never handed to a plain-HTTP call to the same host:port, or back.
@@ -1642,7 +1683,16 @@ void ClientSession::onUpstreamTimer() {
 void ClientSession::releaseUpstream(bool reusable) {
   upstreamTimer_->stop();
   if (!upstream_) return;
-  if (reusable && !hostUnverified_) worker_.pool().put(poolKey(), std::move(upstream_));
+  if (reusable && !hostUnverified_) {
+    if (pinned_) {
+      auto key = pinKey();
+      if (std::find(pinnedKeys_.begin(), pinnedKeys_.end(), key) == pinnedKeys_.end())
+        pinnedKeys_.push_back(key);
+      worker_.pool().put(key, std::move(upstream_));
+    } else {
+      worker_.pool().put(poolKey(), std::move(upstream_));
+    }
+  }
   upstream_.reset();
 }
 
@@ -1737,6 +1787,8 @@ void ClientSession::finishExchange() {
   reportOutcome();
   bool upstreamReusable = upstream_ && responseDone_ && requestDone_ && response_.keepAlive() &&
                           response_.errorStatus() == 0;
+  if (upstream_ && !pinned_ && usesConnectionAuth(request_.head(), response_.head()))
+    pinned_ = true;  // from this exchange on: this connection's, and every later one's
   releaseUpstream(upstreamReusable);
   bool keep = !closeAfterResponse_ && requestDone_ && requestKeepAlive_ && !draining_ &&
               !responseCloseDelimited_;

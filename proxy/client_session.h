@@ -178,6 +178,14 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::string traceId_;
   std::string upstreamError_;  // why the call failed before it reached the upstream
   std::string poolKey_;        // see poolKey()
+  // An upstream connection that carried connection-based authentication (NTLM, Negotiate)
+  // is this client connection's alone: it goes back to the pool under a key of its own
+  // (pinKey()), dropped when the client connection closes, so no other agent's call is
+  // sent as the one who authenticated it.
+  bool pinned_ = false;
+  uint64_t sessionId_ = 0;               // for pinKey(); unique in the process
+  std::vector<std::string> pinnedKeys_;  // dropped from the pool at close()
+  std::string pinKey();
   std::string localHaltRule_, localHaltReason_;  // set while a request is parsed
   std::vector<sockaddr_storage> addrs_;
   size_t nextAddr_ = 0;             // addrs_.size() once connected: no fallback past it

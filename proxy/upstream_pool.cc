@@ -39,6 +39,13 @@ void UpstreamPool::put(const std::string& key, StreamPtr stream) {
     sweeper_->start(static_cast<uint64_t>(std::min<int64_t>(idleTimeout_.count(), 1000)));
 }
 
+void UpstreamPool::drop(const std::string& key) {
+  auto it = idle_.find(key);
+  if (it == idle_.end()) return;
+  for (auto& i : it->second) keys_.erase(i.stream.get());
+  idle_.erase(it);  // the StreamPtrs close them
+}
+
 void UpstreamPool::remove(TcpStream& stream) {
   auto k = keys_.find(&stream);
   if (k == keys_.end()) return;

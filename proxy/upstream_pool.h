@@ -25,6 +25,8 @@ class UpstreamPool final : public TcpStream::Handler {
   // An idle connection for key, or null.
   StreamPtr take(const std::string& key);
   void put(const std::string& key, StreamPtr stream);
+  // Closes every idle connection kept under key.
+  void drop(const std::string& key);
   void closeAll();
   size_t idleCount() const;
 

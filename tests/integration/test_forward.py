@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import socket
+import socketserver
 import tempfile
 import threading
 import time
@@ -424,6 +425,91 @@ class ForwardProxyTest(unittest.TestCase):
         with socket.create_connection(("127.0.0.1", self.tg.admin_port), timeout=25) as sock:
             sock.sendall(b"POST /v1/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
             self.assertTrue(recv_until(sock, b"never").startswith(b"HTTP/1.1 408 "))
+
+
+class NtlmOrigin:
+    """An origin that authenticates connections as NTLM does: Authorization: NTLM <type 1>
+    gets a 401 challenge, NTLM <type 3 of USER> makes the connection USER's, and from then
+    on every request on that connection is USER's, whoever sends it."""
+
+    def __init__(self):
+        self.connections = 0
+        origin = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                origin.connections += 1
+                user, buf = None, b""
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = self.request.recv(4096)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    auth = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")[1:]
+                            if l.lower().startswith(b"authorization:")]
+                    extra = b""
+                    if auth and auth[0] == b"NTLM TlRMTVNTUAABAAAA":
+                        status, body, extra = b"401 Unauthorized", b"", b"WWW-Authenticate: NTLM TlRMTVNTUAACAAAA\r\n"
+                    elif auth and auth[0].startswith(b"NTLM TlRMTVNTUAADAAAA-"):
+                        user = auth[0].split(b"-", 1)[1]
+                        status, body = b"200 OK", user
+                    elif user:
+                        status, body = b"200 OK", user
+                    else:
+                        status, body, extra = b"401 Unauthorized", b"who?", b"WWW-Authenticate: NTLM\r\n"
+                    self.request.sendall(b"HTTP/1.1 " + status + b"\r\n" + extra +
+                                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ConnectionAuthTest(unittest.TestCase):
+    """NTLM and Negotiate authenticate the upstream connection, not the request: once an
+    agent has authenticated one, the connection is that agent's. Pooled for everyone, the
+    next agent's call would go out on it and run as the first agent."""
+
+    def exchange(self, sock, origin, auth=None):
+        sock.sendall(b"GET http://127.0.0.1:%d/whoami HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n"
+                     % (origin.port, origin.port, b"Authorization: " + auth + b"\r\n" if auth else b""))
+        data = recv_until(sock, b"\r\n\r\n")
+        status, headers, body = parse_response(data)
+        length = int(headers["content-length"][0])
+        while len(body) < length:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            body += chunk
+        return status, body
+
+    def test_a_connection_an_agent_authenticated_is_never_another_agents(self):
+        with NtlmOrigin() as origin, Tollgate({"workers": 1, "hosts": {"allow": ["127.0.0.1"]}}) as tg:
+            alice = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=10)
+            self.assertEqual(self.exchange(alice, origin, b"NTLM TlRMTVNTUAABAAAA")[0], 401)
+            self.assertEqual(self.exchange(alice, origin, b"NTLM TlRMTVNTUAADAAAA-alice"), (200, b"alice"))
+            self.assertEqual(self.exchange(alice, origin), (200, b"alice"))  # her connection still
+            # Bob, another agent, while Alice's connection is idle and while it is gone.
+            bob = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=10)
+            self.assertEqual(self.exchange(bob, origin), (401, b"who?"))
+            self.assertEqual(self.exchange(alice, origin), (200, b"alice"))
+            alice.close()
+            time.sleep(0.2)
+            carol = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=10)
+            self.assertEqual(self.exchange(carol, origin), (401, b"who?"))
+            bob.close()
+            carol.close()
+            self.assertGreaterEqual(origin.connections, 2)
 
 
 class OpenFileLimitTest(unittest.TestCase):
