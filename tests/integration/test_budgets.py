@@ -5,7 +5,7 @@ import json
 import os
 import unittest
 
-from tollgate_harness import HttpOrigin, Tollgate, closed_port, curl, parse_response, wait_for
+from tollgate_harness import HttpOrigin, Tollgate, closed_port, curl, parse_response, raw_exchange, wait_for
 
 POLICY = """
 apiVersion: tollgate/v1
@@ -49,6 +49,31 @@ class BudgetTest(unittest.TestCase):
         code, body = tg.admin("/v1/pools")
         self.assertEqual(code, 200)
         return {(p["pool"], p["dimension"]): p for p in json.loads(body)}
+
+    def test_the_reverse_listener_charges_the_same_pools(self):
+        """A reverse listener in front of the tool charges the pools as the forward proxy
+        does: the same reserve before the call, the same halt once spent."""
+        with HttpOrigin() as origin:
+            tg = self.start(POLICY.replace("host: 127.0.0.1", "host: notes.test"))
+            tg.config["listeners"] = [{"name": "egress", "kind": "reverse", "address": "127.0.0.1:0",
+                                       "identity": {"header": "X-Agent-Id"},
+                                       "routes": [{"host": "notes.test", "upstream": f"http://127.0.0.1:{origin.port}"}]}]
+            with open(tg.config_path, "w") as f:
+                json.dump(tg.config, f)
+            with tg:
+                replies = []
+                for _ in range(3):
+                    out, _ = raw_exchange(tg.proxy_port, b"POST /echo HTTP/1.1\r\nHost: notes.test\r\n"
+                                          b"X-Agent-Id: agent-1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx")
+                    replies.append(parse_response(out))
+                self.assertEqual([r[0] for r in replies], [200, 200, 403])
+                doc = json.loads(replies[2][2])
+                self.assertEqual(doc["rule"], "budget")
+                self.assertIn("budget_exhausted", doc["reason"])
+                self.assertEqual(len(origin.requests), 2)
+                wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the settle")
+                p = self.pools(tg)[("team", "effort")]
+                self.assertEqual((p["committed"], p["held"], p["remaining"]), (8, 0, 2))
 
     def test_cap_halts_once_spent(self):
         with HttpOrigin() as origin, self.start() as tg:

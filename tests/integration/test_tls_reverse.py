@@ -115,10 +115,14 @@ class ReverseTest(unittest.TestCase):
             self.assertIn(f"CN = {host}".encode(), r.stdout)
 
     def test_a_client_without_a_certificate_cannot_connect_and_a_foreign_one_is_refused(self):
+        before = len(self.plain.requests)
         rc, out, err = self.get("egress", "tickets.test", "/hello")
         self.assertNotEqual(rc, 0)  # the handshake is refused: certificate required
+        self.assertIn("certificate required", err)
         rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.stranger)
         self.assertNotEqual(rc, 0)  # signed by a CA the listener does not trust
+        self.assertIn("unknown ca", err)
+        self.assertEqual(len(self.plain.requests), before)  # neither reached the upstream
         rc, out, err = self.get("cn", "kb.test", "/hello", cert=self.by_cn)
         self.assertEqual(rc, 0, err)
         self.assertEqual(parse_response(out)[::2], (200, b"hello"))

@@ -252,6 +252,12 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\n"
                 "audit: {redact_query_params: ['api%5Fkey']}\n",
                 "audit.redact_query_params: 'api%5Fkey': expected a query parameter name"},
+        BadCase{"listeners: [{name: a, kind: reverse, address: '127.0.0.1:0', routes: "
+                "[{upstream: 'http://10.0.0.7'}], identity: {bearer: {tool-token-123: agent}}}]\n",
+                "listeners[0].identity.bearer: tokens are stored hashed: sha256:<64 hex digits>"},
+        BadCase{"listeners: [{name: a, address: '127.0.0.1:0'}]\n"
+                "admin: {address: '127.0.0.1:0', tokens: ['sha256:ABC']}\n",
+                "admin.tokens: tokens are stored hashed"},
         BadCase{
             "listeners: [{name: a, address: '127.0.0.1:0', identity: {header: X-Vault-Token}}]\n",
             "listeners[0].identity.header: 'X-Vault-Token' carries credentials"},
