@@ -58,6 +58,9 @@ struct Outcome {
   // A header of the upstream response, while onOutcome() runs (null without a response);
   // given more than once, its values joined with ", " (RFC 9110, 5.3).
   std::function<std::optional<std::string>(std::string_view)> responseHeader;
+  // The whole response body, when responseBodyNeeded() asked for it and it came whole,
+  // uncompressed and within that size; valid while onOutcome() runs.
+  std::optional<std::string_view> responseBody;
 };
 
 const char* verdictName(Verdict verdict);
@@ -70,6 +73,9 @@ class Decider {
   virtual void decide(const CallInfo& call, Done done) = 0;
   // Whether decide() needs the body of a call to this host, and at most how many bytes.
   virtual size_t bodyNeeded(std::string_view /*host*/) const { return 0; }
+  // Whether onOutcome() needs the response body of an allowed call, and at most how many
+  // bytes of it (a larger body is not kept: the outcome has none).
+  virtual size_t responseBodyNeeded(const Decision& /*decision*/) const { return 0; }
   // Reports the outcome of a call that was allowed.
   virtual void onOutcome(const CallInfo& /*call*/, const Decision& /*decision*/,
                          const Outcome& /*outcome*/) {}

@@ -4,6 +4,8 @@
 #include <charconv>
 #include <limits>
 
+#include <nlohmann/json.hpp>
+
 #include "policy/redis_budget_store.h"
 
 namespace tollgate {
@@ -142,6 +144,39 @@ size_t PolicyDecider::bodyNeeded(std::string_view host) const {
   return set->needsBody(h) ? set->maxBodyBytes() : 0;
 }
 
+size_t PolicyDecider::responseBodyNeeded(const Decision& decision) const {
+  if (!decision.context) return 0;
+  const auto& ctx = *std::static_pointer_cast<const Outcomes>(decision.context);
+  const ToolDef* tool = ctx.call.toolDef();
+  if (ctx.callId.empty() || !tool || !tool->cost.readsResponseBody()) return 0;
+  return ctx.set->maxBodyBytes();
+}
+
+namespace {
+
+// A non-negative integer at a dotted path of a JSON body; -1: none (the estimate stands).
+int64_t costField(const nlohmann::json& body, const std::string& path) {
+  if (path.empty() || body.is_discarded()) return -1;
+  const nlohmann::json* node = &body;
+  for (size_t start = 0;;) {
+    auto dot = path.find('.', start);
+    if (!node->is_object()) return -1;
+    auto it = node->find(path.substr(start, dot == std::string::npos ? dot : dot - start));
+    if (it == node->end()) return -1;
+    node = &*it;
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  if (node->is_number_unsigned()) {
+    auto v = node->get<uint64_t>();
+    return v > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(v);
+  }
+  if (node->is_number_integer() && node->get<int64_t>() >= 0) return node->get<int64_t>();
+  return -1;  // a float, a string, a negative number, null: not a cost
+}
+
+}  // namespace
+
 void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const Outcome& outcome) {
   if (!decision.context) return;
   const auto& ctx = *std::static_pointer_cast<const Outcomes>(decision.context);
@@ -184,6 +219,19 @@ void PolicyDecider::onOutcome(const CallInfo&, const Decision& decision, const O
     actual.reserve(ctx.charges.size());
     for (const auto& c : ctx.charges)
       actual.push_back({c.pool, read(tool->cost.effortHeader), read(tool->cost.riskHeader)});
+  }
+  if (tool && tool->cost.readsResponseBody() && outcome.responseBody) {
+    auto body = nlohmann::json::parse(*outcome.responseBody, nullptr, /*allow_exceptions=*/false);
+    int64_t effort = costField(body, tool->cost.effortField);
+    int64_t risk = costField(body, tool->cost.riskField);
+    if (actual.empty()) {
+      for (const auto& c : ctx.charges) actual.push_back({c.pool, effort, risk});
+    } else {
+      for (auto& a : actual) {
+        if (!tool->cost.effortField.empty()) a.effort = effort;
+        if (!tool->cost.riskField.empty()) a.risk = risk;
+      }
+    }
   }
   budgets_->settle(ctx.callId, actual, [](BudgetOutcome) {});
 }

@@ -35,6 +35,7 @@ class PolicyDecider : public Decider {
 
   void decide(const CallInfo& call, Done done) override;
   size_t bodyNeeded(std::string_view host) const override;
+  size_t responseBodyNeeded(const Decision& decision) const override;
   void onOutcome(const CallInfo& call, const Decision& decision, const Outcome& outcome) override;
   std::string reload() override;
   void attachLoop(uv_loop_s* loop) override { budgets_->attach(loop); }

@@ -472,16 +472,34 @@ class PolicyLoader {
               else if (key.ends_with(".description"))
                 str(v, key);
               else if (key.ends_with(".cost")) {
-                forEach(v, key, {"effort", "risk", "effort_header", "risk_header"},
+                forEach(v, key,
+                        {"effort", "risk", "effort_header", "risk_header", "effort_field",
+                         "risk_field"},
                         [&](const std::string& k, const YAML::Node& cv) {
+                          auto field = [&] {
+                            auto f = str(cv, k);
+                            if (f.empty() || f.front() == '.' || f.back() == '.' ||
+                                f.find("..") != std::string::npos)
+                              fail(cv, k,
+                                   "expected a field of the JSON response body, its keys "
+                                   "joined by dots (usage.total_tokens)");
+                            return f;
+                          };
                           if (k.ends_with("effort_header"))
                             t.cost.effortHeader = str(cv, k);
                           else if (k.ends_with("risk_header"))
                             t.cost.riskHeader = str(cv, k);
+                          else if (k.ends_with("effort_field"))
+                            t.cost.effortField = field();
+                          else if (k.ends_with("risk_field"))
+                            t.cost.riskField = field();
                           else
                             (k.ends_with("effort") ? t.cost.effort : t.cost.risk) =
                                 integer(cv, k, 0, int64_t{1} << 40);
                         });
+                if ((!t.cost.effortHeader.empty() && !t.cost.effortField.empty()) ||
+                    (!t.cost.riskHeader.empty() && !t.cost.riskField.empty()))
+                  fail(v, key, "a cost is read from a header or from a body field, not both");
               } else if (key.ends_with(".match")) {
                 hasMatch = true;
                 forEach(v, key, {"host", "hosts", "methods", "paths", "path", "mcp_tools"},

@@ -36,6 +36,12 @@ struct Cost {
   // a missing or malformed value settles at the estimate).
   std::string effortHeader;
   std::string riskHeader;
+  // Or a field of the JSON response body ("usage.total_tokens": object keys, dotted), read
+  // when the whole body has passed (a non-negative integer; a body that is not JSON, larger
+  // than the policy's max_body_bytes, compressed or cut short settles at the estimate).
+  std::string effortField;
+  std::string riskField;
+  bool readsResponseBody() const { return !effortField.empty() || !riskField.empty(); }
 };
 
 struct ToolDef {

@@ -350,6 +350,7 @@ void ClientSession::reportOutcome() {
       return out;
     };
   }
+  if (responseDone_ && responseBodyWant_ > 0) outcome.responseBody = responseBodyKept_;
   worker_.decider().onOutcome(callInfo(), decision_, outcome);
   // What happened to the allowed call, linked to its decision by call_seq.
   char seq[24], status[8], durationUs[24], in[24], out[24];
@@ -1514,6 +1515,19 @@ int ClientSession::ResponseSide::onHeadersComplete(HttpParser& p) {
   out += "\r\n";
   s.noResponseBody_ = noBody;
   s.responseStarted_ = true;
+  s.responseBodyWant_ = 0;
+  s.responseBodyKept_.clear();
+  // A body the decider reads (a cost in a field of it), as the upstream sent it: not when
+  // a content or transfer coding other than chunked stands between it and its JSON.
+  if (!noBody && s.decision_.verdict == Verdict::kAllow) {
+    auto ce = head.find("content-encoding");
+    auto te = head.find("transfer-encoding");
+    if ((!ce || equalsIgnoreCase(*ce, "identity")) &&
+        (!te || equalsIgnoreCase(transferEncodingOf(head), "chunked"))) {
+      s.responseBodyWant_ = s.worker_.decider().responseBodyNeeded(s.decision_);
+      if (p.hasContentLength() && p.contentLength() > s.responseBodyWant_) s.responseBodyWant_ = 0;
+    }
+  }
   return noBody ? 1 : 0;
 }
 
@@ -1524,6 +1538,14 @@ int ClientSession::ResponseSide::onBody(HttpParser&, std::string_view data) {
     appendChunk(out, data);
   else
     out += data;
+  if (s.responseBodyWant_ > 0) {
+    if (s.responseBodyKept_.size() + data.size() <= s.responseBodyWant_) {
+      s.responseBodyKept_ += data;
+    } else {
+      s.responseBodyWant_ = 0;  // larger than asked for: none of it
+      std::string().swap(s.responseBodyKept_);
+    }
+  }
   // Large bodies: hand each read to libuv at once instead of growing one buffer.
   return 0;
 }
@@ -1811,6 +1833,8 @@ void ClientSession::resetExchange() {
   retryHead_.clear();
   traceId_.clear();
   poolKey_.clear();
+  responseBodyWant_ = 0;
+  std::string().swap(responseBodyKept_);
   upstreamError_.clear();
   localHaltRule_.clear();
   localHaltReason_.clear();

@@ -178,6 +178,10 @@ class ClientSession final : public TcpStream::Handler, public Resolver::Waiter {
   std::string traceId_;
   std::string upstreamError_;  // why the call failed before it reached the upstream
   std::string poolKey_;        // see poolKey()
+  // The response body as the decider asked for it (a cost read from a field of it): kept
+  // while responseBodyWant_ > 0, which drops to 0 when the body cannot be had whole.
+  size_t responseBodyWant_ = 0;
+  std::string responseBodyKept_;
   // An upstream connection that carried connection-based authentication (NTLM, Negotiate)
   // is this client connection's alone: it goes back to the pool under a key of its own
   // (pinKey()), dropped when the client connection closes, so no other agent's call is

@@ -148,6 +148,38 @@ class BudgetTest(unittest.TestCase):
             self.assertIn("budget_tripped", json.loads(body)["reason"])
             self.assertEqual(len(origin.requests), 1)
 
+    def test_the_real_cost_comes_from_a_field_of_the_json_response_body(self):
+        """cost.effort_field: a model API says what a call cost in its body
+        ({"usage": {"total_tokens": N}}); the settle reads it once the body has passed, and
+        a body it cannot read settles at the estimate."""
+        policy = POLICY.replace("cost: {effort: 4, risk: 1}",
+                                "cost: {effort: 4, risk: 1, effort_field: usage.total_tokens}")
+        policy = policy.replace("limit: 10, period: 1h", "limit: 100, period: 1h")
+        with HttpOrigin() as origin, self.start(policy) as tg:
+            def call(body):
+                rc, out, _ = curl("-i", "-H", "X-Agent-Id: agent-1", "-H", "Content-Type: application/json",
+                                  "--data-binary", body, origin.url("/echo"), proxy=tg.proxy)
+                status, _, got = parse_response(out)
+                self.assertEqual((status, got), (200, body.encode()))  # the agent gets it all
+                wait_for(lambda: self.pools(tg)[("team", "effort")]["held"] == 0, timeout=3, what="the settle")
+                return self.pools(tg)[("team", "effort")]["committed"]
+            self.assertEqual(call('{"id": "r1", "usage": {"total_tokens": 3, "prompt_tokens": 2}}'), 3)
+            # Not a non-negative integer, absent, not JSON: the estimate (4) is charged.
+            self.assertEqual(call('{"usage": {"total_tokens": "3"}}'), 7)
+            self.assertEqual(call('{"usage": {"total_tokens": 2.5}}'), 11)
+            self.assertEqual(call('{"usage": {"total_tokens": -1}}'), 15)
+            self.assertEqual(call('{"usage": {}}'), 19)
+            self.assertEqual(call('not json'), 23)
+            # Larger than the policy's max_body_bytes (64 KiB): not kept, the estimate.
+            big = '{"pad": "' + "x" * (70 * 1024) + '", "usage": {"total_tokens": 1}}'
+            self.assertEqual(call(big), 27)
+            self.assertEqual(call('{"usage": {"total_tokens": 0}}'), 27)
+            self.assertFalse(self.pools(tg)[("team", "effort")]["tripped"])
+            # Above the hold: the hold is committed and the pool trips.
+            self.assertEqual(call('{"usage": {"total_tokens": 50}}'), 31)
+            self.assertTrue(self.pools(tg)[("team", "effort")]["tripped"])
+            self.assertEqual(self.pools(tg)[("team", "risk")]["committed"], 9)  # 9 calls: risk at its estimate
+
     def test_a_pool_without_a_risk_budget_and_a_cost_too_large_for_64_bits(self):
         # The tool costs effort and risk; the pool limits effort only: risk is not charged
         # (it was: every call halted as budget_uninitialised).

@@ -222,6 +222,18 @@ TEST(PolicySetLoad, ConditionsAndListsThatWouldDoNothingAreRefused) {
   EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example, mcp_tools: []}}]\n"),
             "p.yaml:3:55: tools[0].match.mcp_tools: expected at least one MCP tool name (leave it "
             "out for a tool that is not MCP)");
+  // A cost read from the response: a field path, from a header or a field, not both.
+  EXPECT_NE(errorOf("tools: [{name: t, match: {host: a.example}, cost: {effort: 1, effort_field: "
+                    "usage..tokens}}]\n")
+                .find("tools[0].cost.effort_field: expected a field of the JSON response body"),
+            std::string::npos);
+  EXPECT_NE(errorOf("tools: [{name: t, match: {host: a.example}, cost: {effort: 1, effort_field: "
+                    "usage.total_tokens, effort_header: X-Cost}}]\n")
+                .find("tools[0].cost: a cost is read from a header or from a body field, not both"),
+            std::string::npos);
+  EXPECT_EQ(errorOf("tools: [{name: t, match: {host: a.example}, cost: {effort: 1, effort_field: "
+                    "usage.total_tokens, risk_header: X-Risk}}]\n"),
+            "");
   // What still loads: a whole day, a window across midnight, one from midnight.
   EXPECT_EQ(errorOf(head + "    when: {time: {between: [\"00:00\", \"24:00\"]}}\n"), "");
   EXPECT_EQ(errorOf(head + "    when: {time: {between: [\"22:00\", \"06:00\"]}}\n"), "");
