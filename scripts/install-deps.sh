@@ -7,7 +7,7 @@ packages=(build-essential cmake ninja-build pkg-config git curl ca-certificates 
   python3 python3-yaml python3-jsonschema python3-cryptography python3-requests iproute2 iptables procps
   libuv1-dev libssl-dev libyaml-cpp-dev libhiredis-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libre2-dev
-  node-llhttp redis-server)
+  node-llhttp redis-server faketime)
 if [[ "${1:-}" == "--bench" ]]; then
   packages+=(nginx-light haproxy squid wrk mitmproxy valgrind)
 fi

@@ -31,10 +31,11 @@ rules:
 """
 
 KEY = "tollgate:{team}:b"
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime package
 
 
-def sidecar(redis_urls, limit=10, estimate=4, store=None, workers=2, policy=None):
-    tg = Tollgate({"workers": workers})
+def sidecar(redis_urls, limit=10, estimate=4, store=None, workers=2, policy=None, **kw):
+    tg = Tollgate({"workers": workers}, **kw)
     with open(os.path.join(tg.dir, "policy.yaml"), "w") as f:
         f.write(policy or POLICY % {"limit": limit, "estimate": estimate})
     tg.config.pop("hosts")
@@ -311,6 +312,73 @@ class RedisBudgetTest(unittest.TestCase):
                 code, pools = peer.admin("/v1/pools")
                 effort = [p for p in json.loads(pools) if p["dimension"] == "effort"][0]
                 self.assertEqual((effort["committed"], effort["held"]), (14, 0))
+
+    def test_a_trip_and_a_flushed_script_cache_reach_every_sidecar(self):
+        """A pool tripped through one sidecar halts its calls on every sidecar (the trip is in
+        the pool's keys); a SCRIPT FLUSH under a running store is met by loading the script
+        again (NOSCRIPT), not by failed calls; /v1/pools gives each period's end and the
+        store's latency is measured."""
+        with RedisServer() as redis, HttpOrigin() as origin:
+            a, b = sidecar([redis.url], limit=100), sidecar([redis.url], limit=100)
+            with a, b:
+                self.assertEqual(pools_init(a).returncode, 0)
+                self.assertEqual(call(b, origin, 2)[0], 200)
+                redis("SCRIPT", "FLUSH")
+                self.assertEqual(call(b, origin, 3)[0], 200)  # NOSCRIPT: loaded again, then run
+                self.assertEqual(call(a, origin, 1)[0], 200)
+                wait_for(lambda: spend(redis) == (6, 0), timeout=3, what="three settles")
+                for tg in (a, b):
+                    _, metrics = tg.admin("/metrics")
+                    self.assertNotIn('result="budget_unavailable"', metrics.decode())
+                    count = [l for l in metrics.decode().splitlines()
+                             if l.startswith("tollgate_budget_store_seconds_count")]
+                    self.assertTrue(count and float(count[0].split()[-1]) >= 1, count)
+                # Through a: a real cost above the hold (4) trips the pool.
+                self.assertEqual(call(a, origin, 50)[0], 200)
+                wait_for(lambda: redis("HGET", KEY, "effort:tripped") not in (None, "0", ""), timeout=3,
+                         what="the trip in Redis")
+                status, body = call(b, origin, 1)  # b never saw the overrun
+                self.assertEqual(status, 403)
+                self.assertIn("budget_tripped", json.loads(body)["reason"])
+                _, pools = b.admin("/v1/pools")
+                effort = [p for p in json.loads(pools) if p["dimension"] == "effort"][0]
+                self.assertTrue(effort["tripped"])
+                # The period (1d) ends at the next day's boundary of Redis's clock.
+                now_ms = int(redis("TIME")[0]) * 1000
+                self.assertGreater(effort["period_end_ms"], now_ms)
+                self.assertLessEqual(effort["period_end_ms"], now_ms + 86400 * 1000)
+                self.assertEqual(effort["period_end_ms"] % (86400 * 1000), 0)
+
+    def test_periods_follow_redis_time_not_the_sidecars_clock(self):
+        """A sidecar whose clock is three days ahead (libfaketime) charges the same period
+        as one whose clock is right: periods are Redis's, from TIME, never the sidecar's."""
+        with RedisServer() as redis, HttpOrigin() as origin:
+            right = sidecar([redis.url], limit=100, workers=1)
+            # Preloaded, not wrapped: faketime(1) would stand between the test and the pid.
+            # (An ASan build wants its runtime first; it lets the preload come before it.)
+            ahead = sidecar([redis.url], limit=100, workers=1,
+                            env={"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "+3d", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                                 "ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"})
+            with right, ahead:
+                self.assertEqual(pools_init(right).returncode, 0)
+                self.assertEqual(call(right, origin, 2)[0], 200)
+                wait_for(lambda: spend(redis) == (2, 0), timeout=3, what="the first settle")
+                self.assertEqual(call(ahead, origin, 3)[0], 200)
+                # Still the period it was: a sidecar-clock period would have started anew.
+                wait_for(lambda: spend(redis) == (5, 0), timeout=3, what="the second settle")
+                ends = []
+                for tg in (right, ahead):
+                    _, pools = tg.admin("/v1/pools")
+                    effort = [p for p in json.loads(pools) if p["dimension"] == "effort"][0]
+                    self.assertEqual(effort["committed"], 5)
+                    ends.append(effort["period_end_ms"])
+                self.assertEqual(ends[0], ends[1])
+                now_ms = int(redis("TIME")[0]) * 1000
+                self.assertTrue(now_ms < ends[0] <= now_ms + 86400 * 1000, (now_ms, ends))
+                # The skewed sidecar's own clock is three days on (the wrapper worked).
+                r = subprocess.run(["faketime", "-f", "+3d", "date", "+%s"], capture_output=True, text=True,
+                                   env=dict(os.environ, FAKETIME_DONT_FAKE_MONOTONIC="1"), timeout=10)
+                self.assertGreater(int(r.stdout) * 1000, ends[0] + 86400 * 1000)
 
     def test_a_cascade_on_one_sidecar_quarantines_neighbours_on_every_sidecar(self):
         policy = """

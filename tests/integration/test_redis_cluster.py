@@ -8,7 +8,7 @@ import threading
 import time
 import unittest
 
-from redis_harness import RedisCluster, swarm
+from redis_harness import RedisCluster, RedisError, swarm
 from tollgate_harness import BIN, HttpOrigin, Tollgate, wait_for
 
 POLICY_HEAD = """
@@ -69,23 +69,63 @@ class RedisClusterBudgetTest(unittest.TestCase):
                     v = node("HMGET", f"tollgate:{{{pool}}}:b", "effort:committed", "effort:held")
                     return int(v[0] or 0), int(v[1] or 0)
 
+                def redirects():
+                    total = 0
+                    for n in cluster.nodes:
+                        for line in n("INFO", "errorstats").splitlines():
+                            if line.startswith(("errorstat_MOVED:", "errorstat_ASK:")):
+                                total += int(line.split("count=")[1].split(",")[0])
+                    return total
+                redirects_before = redirects()
+
                 # Mid-run, the slot of the pool two sidecars share moves to another master.
                 moved = {}
                 slot = cluster.key_slot(f"tollgate:{{{pools[0]}}}:b")
+                sampling = threading.Lock()  # the sampler's reads never meet the migration
 
                 def migrate():
                     wait_for(lambda: spend(pools[0])[0] > limit // 4, timeout=60, what="the run to be under way")
-                    src = cluster.owner(slot)
-                    dst = next(n for n in cluster.nodes if n is not src)
-                    cluster.migrate_slot(slot, dst, pause=0.2)
-                    moved["from"], moved["to"] = src.port, dst.port
+                    with sampling:
+                        src = cluster.owner(slot)
+                        dst = next(n for n in cluster.nodes if n is not src)
+                        moved["calls_before"] = len(origin.requests)
+                        cluster.migrate_slot(slot, dst, pause=0.2)
+                        moved["from"], moved["to"] = src.port, dst.port
+                        moved["calls_after"] = len(origin.requests)
+
+                # committed + held of every pool, sampled through the run: never above the limit.
+                samples, done = [], threading.Event()
+
+                def sample():
+                    while not done.is_set():
+                        with sampling:
+                            for p in pools:
+                                try:
+                                    samples.append((p, sum(spend(p))))
+                                except RedisError:
+                                    pass
+                        time.sleep(0.005)
+                sampler = threading.Thread(target=sample)
+                sampler.start()
                 mover = threading.Thread(target=migrate)
                 mover.start()
-                results = swarm([s.proxy_port for s in sidecars], origin.port, agents_per_proxy=64,
-                                calls_per_agent=10, max_cost=8, seed=99)
-                mover.join(timeout=30)
+                try:
+                    results = swarm([s.proxy_port for s in sidecars], origin.port, agents_per_proxy=64,
+                                    calls_per_agent=10, max_cost=8, seed=99)
+                finally:
+                    mover.join(timeout=30)
+                    done.set()
+                    sampler.join(timeout=30)
                 self.assertIn("to", moved, "the slot was not migrated during the run")
                 self.assertEqual(cluster.owner(slot).port, moved["to"])
+                # The migration fell inside the run: calls went out before it began and after it ended.
+                self.assertGreater(moved["calls_before"], 0)
+                self.assertLess(moved["calls_after"], len(origin.requests), "no call after the migration")
+                # Calls met the moving slot: the sidecars were redirected (MOVED or ASK) and followed.
+                self.assertGreater(redirects() - redirects_before, 0)
+                self.assertGreaterEqual(len(samples), 15)  # at least 5 of each pool, under full load
+                self.assertLessEqual(max(v for _, v in samples), limit)
+                self.assertTrue(any(status == 403 for _, status, _ in results), "no pool was ever full")
                 self.assertEqual(len(results), 4 * 64 * 10)
                 for p in pools:
                     wait_for(lambda: spend(p)[1] == 0, timeout=5, what=f"every hold of {p} settled")
