@@ -373,6 +373,12 @@ int Server::run() {
     uv_loop_close(&loop);
     return 1;
   }
+  // Edits of the policy files, once whole (PolicyWatch): watched before "listening" is
+  // logged, so that an edit made as soon as the sidecar says it listens is not missed (its
+  // events wait for the loop to run).
+  PolicyWatch policyWatch(&loop, config_.policies, [this] { reload("file"); });
+  if (!config_.policies.empty()) policyWatch.start();
+  signals.policyWatch = &policyWatch;
   for (auto& rt : shared_.listeners) {
     Log::Line(LogLevel::kInfo, "listening")
         .add("listener", rt->config.name)
@@ -388,11 +394,6 @@ int Server::run() {
   audit_->setObserver(&auditWatch_);
   for (auto& w : workers_) w->start();
   admin_->setReady(true);
-
-  // Edits of the policy files, once whole (PolicyWatch).
-  PolicyWatch policyWatch(&loop, config_.policies, [this] { reload("file"); });
-  if (!config_.policies.empty()) policyWatch.start();
-  signals.policyWatch = &policyWatch;
   uv_run(&loop, UV_RUN_DEFAULT);
   for (auto& w : workers_) w->join();
   audit_->setObserver(nullptr);
