@@ -13,8 +13,8 @@ import threading
 import time
 import unittest
 
-from tollgate_harness import (ForgetfulOrigin, HttpOrigin, Tollgate, curl, parse_response, pattern, raw_exchange, recv_until,
-                              wait_for)
+from tollgate_harness import (ForgetfulOrigin, HttpOrigin, Serving, Tollgate, curl, parse_response, pattern, raw_exchange,
+                              recv_until, request_heads, wait_for)
 
 
 class DenyAddressesTest(unittest.TestCase):
@@ -427,7 +427,7 @@ class ForwardProxyTest(unittest.TestCase):
             self.assertTrue(recv_until(sock, b"never").startswith(b"HTTP/1.1 408 "))
 
 
-class NtlmOrigin:
+class NtlmOrigin(Serving):
     """An origin that authenticates connections as NTLM does: Authorization: NTLM <type 1>
     gets a 401 challenge, NTLM <type 3 of USER> makes the connection USER's, and from then
     on every request on that connection is USER's, whoever sends it."""
@@ -439,14 +439,8 @@ class NtlmOrigin:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self):
                 origin.connections += 1
-                user, buf = None, b""
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        chunk = self.request.recv(4096)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    head, _, buf = buf.partition(b"\r\n\r\n")
+                user = None
+                for head in request_heads(self.request):
                     auth = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")[1:]
                             if l.lower().startswith(b"authorization:")]
                     extra = b""
@@ -465,14 +459,6 @@ class NtlmOrigin:
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class ConnectionAuthTest(unittest.TestCase):

@@ -469,6 +469,20 @@ class CloseDelimitedOrigin(Serving):
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
 
+def request_heads(sock):
+    """The heads of the requests sock sends, one at a time, until it closes (bodies are
+    left unread: for origins that only take bodiless requests)."""
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        yield head
+
+
 class ScriptedOrigin(Serving):
     """A keep-alive origin that answers each request with the raw bytes scripted for its
     path (a path not scripted: 404), as a hostile or broken upstream would; a script of
@@ -480,15 +494,8 @@ class ScriptedOrigin(Serving):
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self):
-                buf = b""
                 try:
-                    while True:
-                        while b"\r\n\r\n" not in buf:
-                            chunk = self.request.recv(65536)
-                            if not chunk:
-                                return
-                            buf += chunk
-                        head, _, buf = buf.partition(b"\r\n\r\n")
+                    for head in request_heads(self.request):
                         method, path = head.split(b" ", 2)[:2]
                         origin.requests.append((method.decode(), path.decode()))
                         reply = script.get(path.decode(), b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
