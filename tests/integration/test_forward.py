@@ -452,7 +452,7 @@ class NtlmOrigin(Serving):
                     elif user:
                         status, body = b"200 OK", user
                     else:
-                        status, body, extra = b"401 Unauthorized", b"who?", b"WWW-Authenticate: NTLM\r\n"
+                        status, body, extra = b"401 Unauthorized", b"who?", b"WWW-Authenticate: Basic realm=x, NTLM\r\n"
                     self.request.sendall(b"HTTP/1.1 " + status + b"\r\n" + extra +
                                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
@@ -482,6 +482,13 @@ class ConnectionAuthTest(unittest.TestCase):
     def test_a_connection_an_agent_authenticated_is_never_another_agents(self):
         with NtlmOrigin() as origin, Tollgate({"workers": 1, "hosts": {"allow": ["127.0.0.1"]}}) as tg:
             alice = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=10)
+            # The challenge alone (WWW-Authenticate listing NTLM) makes the connection Alice's:
+            # Dave's call goes out on a connection of its own.
+            self.assertEqual(self.exchange(alice, origin), (401, b"who?"))
+            dave = socket.create_connection(("127.0.0.1", tg.proxy_port), timeout=10)
+            self.assertEqual(self.exchange(dave, origin), (401, b"who?"))
+            self.assertEqual(origin.connections, 2)
+            dave.close()
             self.assertEqual(self.exchange(alice, origin, b"NTLM TlRMTVNTUAABAAAA")[0], 401)
             self.assertEqual(self.exchange(alice, origin, b"NTLM TlRMTVNTUAADAAAA-alice"), (200, b"alice"))
             self.assertEqual(self.exchange(alice, origin), (200, b"alice"))  # her connection still
