@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -26,6 +27,15 @@ std::optional<HostPort> parseHostPort(std::string_view text);
 
 // Formats HOST:PORT, bracketing IPv6 literals.
 std::string formatHostPort(std::string_view host, uint16_t port);
+
+// Whether an IPv6 address (its 16 bytes) reaches an IPv4 one, in its last 4 bytes:
+// IPv4-mapped (::ffff:a.b.c.d), or in NAT64's well-known prefix (64:ff9b::a.b.c.d, RFC
+// 6052), which a NAT64 gateway (and DNS64 answers for IPv4-only names) sends to a.b.c.d.
+inline bool embedsIpv4(const uint8_t* v6) {
+  static constexpr uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  static constexpr uint8_t kNat64[12] = {0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
+  return std::memcmp(v6, kMapped, 12) == 0 || std::memcmp(v6, kNat64, 12) == 0;
+}
 
 // A hex digit's value (either case), or -1.
 inline int hexValue(char c) {

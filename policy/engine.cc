@@ -12,22 +12,6 @@
 namespace tollgate {
 namespace {
 
-// Looks up "a.b.c" in a JSON object.
-const nlohmann::json* lookup(const nlohmann::json& params, const std::string& path) {
-  const nlohmann::json* node = &params;
-  size_t start = 0;
-  while (true) {
-    auto dot = path.find('.', start);
-    auto key = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-    if (!node->is_object()) return nullptr;
-    auto it = node->find(key);
-    if (it == node->end()) return nullptr;
-    node = &*it;
-    if (dot == std::string::npos) return node;
-    start = dot + 1;
-  }
-}
-
 std::string randomId() {
   thread_local std::mt19937_64 rng{std::random_device{}()};
   static constexpr char kHex[] = "0123456789abcdef";
@@ -73,7 +57,7 @@ bool Engine::conditionHolds(const Condition& c, const ToolCall& call, const nloh
   }
   // Parameter conditions: a missing parameter does not satisfy the condition (so it never
   // allows); a parameter of the wrong type is an error, and an error halts.
-  const nlohmann::json* v = params.is_null() ? nullptr : lookup(params, c.param);
+  const nlohmann::json* v = params.is_null() ? nullptr : jsonAt(params, c.param);
   if (!v) return false;
   switch (c.kind) {
     case Condition::Kind::kCompare: {

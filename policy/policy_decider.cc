@@ -157,16 +157,8 @@ namespace {
 // A non-negative integer at a dotted path of a JSON body; -1: none (the estimate stands).
 int64_t costField(const nlohmann::json& body, const std::string& path) {
   if (path.empty() || body.is_discarded()) return -1;
-  const nlohmann::json* node = &body;
-  for (size_t start = 0;;) {
-    auto dot = path.find('.', start);
-    if (!node->is_object()) return -1;
-    auto it = node->find(path.substr(start, dot == std::string::npos ? dot : dot - start));
-    if (it == node->end()) return -1;
-    node = &*it;
-    if (dot == std::string::npos) break;
-    start = dot + 1;
-  }
+  const nlohmann::json* node = jsonAt(body, path);
+  if (!node) return -1;
   if (node->is_number_unsigned()) {
     auto v = node->get<uint64_t>();
     return v > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(v);

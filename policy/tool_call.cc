@@ -222,6 +222,19 @@ const ToolDef* mcpToolOf(const PolicySet& /*set*/, const ToolCall& call, std::st
   return nullptr;
 }
 
+const nlohmann::json* jsonAt(const nlohmann::json& doc, std::string_view path) {
+  const nlohmann::json* node = &doc;
+  for (size_t start = 0;;) {
+    auto dot = path.find('.', start);
+    if (!node->is_object()) return nullptr;
+    auto it = node->find(path.substr(start, dot == std::string_view::npos ? dot : dot - start));
+    if (it == node->end()) return nullptr;
+    node = &*it;
+    if (dot == std::string_view::npos) return node;
+    start = dot + 1;
+  }
+}
+
 Result<std::string> Extractor::canonicalHost(std::string_view host) {
   std::string h(host);
   for (auto& c : h) {
@@ -236,8 +249,7 @@ Result<std::string> Extractor::canonicalHost(std::string_view host) {
     // An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 host it maps, and so is one of
     // NAT64's well-known prefix (64:ff9b::a.b.c.d, RFC 6052): a NAT64 gateway delivers it
     // to a.b.c.d.
-    static constexpr uint8_t kNat64[12] = {0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
-    if (IN6_IS_ADDR_V4MAPPED(&a6) || std::memcmp(a6.s6_addr, kNat64, sizeof kNat64) == 0) {
+    if (embedsIpv4(a6.s6_addr)) {
       inet_ntop(AF_INET, &a6.s6_addr[12], buf, sizeof buf);
       return std::string(buf);
     }

@@ -19,6 +19,10 @@
 
 namespace tollgate {
 
+// The value at "a.b.c" (object keys joined by dots) in a JSON document, or null: a rule's
+// params.* condition, a cost's response-body field.
+const nlohmann::json* jsonAt(const nlohmann::json& doc, std::string_view path);
+
 class ToolCall {
  public:
   const std::string& agent() const { return agent_; }

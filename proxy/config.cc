@@ -1,5 +1,6 @@
 #include "proxy/config.h"
 
+#include "common/units.h"
 #include "policy/redis_client.h"
 #include "policy/tool_call.h"
 
@@ -656,19 +657,6 @@ Result<Config> loadConfig(const std::string& path) {
   text << in.rdbuf();
   return parseConfig(text.str(), path);
 }
-
-namespace {
-
-// An IPv6 address that reaches an IPv4 one: IPv4-mapped (::ffff:a.b.c.d), or in NAT64's
-// well-known prefix (64:ff9b::a.b.c.d, RFC 6052), which a NAT64 gateway (and DNS64 answers
-// for IPv4-only names) sends to a.b.c.d.
-bool embedsIpv4(const uint8_t* v6) {
-  static constexpr uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-  static constexpr uint8_t kNat64[12] = {0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
-  return std::memcmp(v6, kMapped, 12) == 0 || std::memcmp(v6, kNat64, 12) == 0;
-}
-
-}  // namespace
 
 std::optional<AddressRange> parseAddressRange(const std::string& text) {
   AddressRange r;
