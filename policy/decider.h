@@ -37,8 +37,11 @@ enum class Verdict { kAllow, kHalt, kThrottle, kApprove };
 
 struct Decision {
   Verdict verdict = Verdict::kHalt;
-  std::string rule;           // id of the rule that decided
-  std::string reason;         // for people: why
+  std::string rule;    // id of the rule that decided
+  std::string reason;  // for people: why
+  // What the agent's refusal says instead of `reason`, when that names what an agent must
+  // not learn (the budget store's address); empty: `reason`. The audit record keeps `reason`.
+  std::string agentReason;
   std::string tool;           // the tool the call was attributed to
   int retryAfterSeconds = 0;  // for kThrottle
   std::string approvalId;     // for kApprove

@@ -127,6 +127,12 @@ void PolicyDecider::decide(const CallInfo& call, Done done) {
                       halt.verdict = Verdict::kHalt;
                       halt.rule = "budget";
                       halt.reason = std::string(budgetStatusName(b.status)) + ": " + b.reason;
+                      // The store's error names its nodes: a way in for an agent to its own
+                      // budgets. The agent is told the kind; the record keeps the cause.
+                      if (b.status == BudgetStatus::kUnavailable)
+                        halt.agentReason =
+                            "budget_unavailable: the budget store did not answer (the call's "
+                            "audit record has the cause)";
                       halt.tool = d.tool;
                       halt.policyDigest = d.policyDigest;
                       halt.agentClass = d.agentClass;  // a budget halt is an agent's step too

@@ -987,7 +987,7 @@ void ClientSession::refuse(const Decision& d) {
                    : approve ? "approval_required"
                              : "halted")
       .add("rule", d.rule)
-      .add("reason", d.reason)
+      .add("reason", d.agentReason.empty() ? d.reason : d.agentReason)
       .add("agent", agent())
       .add("tool", d.tool)
       .add("audit_seq", auditSeq_);
@@ -1661,7 +1661,20 @@ void ClientSession::upstreamFailed(int status, std::string_view error, std::stri
   }
   discardBody_ = true;
   upOut_.clear();
-  reply(status, errorBody(error, reason, target_.key), {}, !requestDone_);
+  if (listener_.config.kind != "reverse") {
+    reply(status, errorBody(error, reason, target_.key), {}, !requestDone_);
+    return;
+  }
+  // A reverse listener's clients never named its upstream: the reason would tell them the
+  // internal name, address or certificate behind the route (as nginx's 502 page does not).
+  // They are told what failed; the outcome record and the request log line say why.
+  std::string told = error == "upstream_tls"       ? "TLS to the route's upstream failed"
+                     : error == "upstream_timeout" ? "the route's upstream did not answer in time"
+                     : error == "address_denied"
+                         ? "the route's upstream is at an address egress.deny_addresses forbids"
+                         : "the route's upstream did not answer";
+  told += " (the call's outcome record has the cause)";
+  reply(status, errorBody(error, told, target_.key), {}, !requestDone_);
 }
 
 void ClientSession::onUpstreamTimer() {
@@ -1926,6 +1939,7 @@ void ClientSession::logRequest() {
       .add("agent", agent())
       .add("trace_id", traceId_);
   if (auditSeq_) line.add("audit_seq", auditSeq_);
+  if (!upstreamError_.empty()) line.add("error", upstreamError_);
   line.emit();
 }
 

@@ -144,11 +144,13 @@ class RedisBudgetTest(unittest.TestCase):
                 self.assertEqual((r.returncode, r.stdout), (0, "team: created with zero spend\n"), r.stderr)
                 self.assertEqual(call(tg, origin, 2)[0], 200)
                 wait_for(lambda: spend_as_tollgate() == (2, 0), timeout=3, what="the settle")
-            # A wrong password: charged calls are halted, and the reason says why.
+            # A wrong password: charged calls are halted, and their audit records say why.
             with sidecar([f"redis://tollgate:wrong@127.0.0.1:{redis.port}"]) as tg:
-                reasons = [json.loads(call(tg, origin, 1)[1])["reason"] for _ in range(2)]
-                self.assertTrue(all(r.startswith("budget_unavailable") for r in reasons), reasons)
-                self.assertIn("AUTH", reasons[-1])
+                docs = [json.loads(call(tg, origin, 1)[1]) for _ in range(2)]
+                self.assertTrue(all(d["reason"].startswith("budget_unavailable") for d in docs), docs)
+                _, tail = tg.admin("/v1/audit/tail?n=10")
+                record = next(r for r in map(json.loads, tail.splitlines()) if r["seq"] == docs[-1]["audit_seq"])
+                self.assertIn("AUTH", record["reason"])
             self.assertEqual(len(origin.requests), 1)
             # None at all: the error says what is missing.
             r = pools_init(sidecar([f"redis://127.0.0.1:{redis.port}"]))
@@ -186,6 +188,16 @@ class RedisBudgetTest(unittest.TestCase):
                     self.assertIn("budget_unavailable", json.loads(body)["reason"])
                     self.assertLess(time.monotonic() - t0, 1.0)
                 self.assertIsNone(tg.proc.poll())
+                # The agent is not told where the store is (a way in to its own budgets);
+                # the call's audit record is, with the cause.
+                doc = json.loads(body)
+                self.assertEqual(doc["reason"], "budget_unavailable: the budget store did not answer "
+                                                "(the call's audit record has the cause)")
+                self.assertNotIn(str(redis.port), body.decode())
+                _, tail = tg.admin("/v1/audit/tail?n=20")
+                record = next(r for r in map(json.loads, tail.splitlines()) if r["seq"] == doc["audit_seq"])
+                self.assertTrue(record["reason"].startswith("budget_unavailable: redis 127.0.0.1:%d" % redis.port),
+                                record["reason"])
                 # Back without its data: the pool stays halted until initialised.
                 redis.start()
                 status, body = wait_for(lambda: (lambda r: r if b"unavailable" not in r[1] else None)(

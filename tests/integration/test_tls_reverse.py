@@ -12,14 +12,14 @@ import unittest
 
 from audit_log import read_lines
 from tls_fixtures import TestPki, server_context
-from tollgate_harness import BIN, HttpOrigin, Tollgate, curl, parse_response, raw_exchange, wait_for
+from tollgate_harness import BIN, HttpOrigin, Tollgate, closed_port, curl, parse_response, raw_exchange, wait_for
 
 POLICY = """
 apiVersion: tollgate/v1
 kind: Policy
 metadata: {name: reverse}
 tools:
-  - {name: tickets.read, match: {host: tickets.test, methods: [GET], paths: ["/hello", "/headers", "/v1/**"]}, class: read}
+  - {name: tickets.read, match: {host: tickets.test, methods: [GET], paths: ["/hello", "/headers", "/v1/**", "/down/**", "/meta/**"]}, class: read}
   - {name: kb.read, match: {host: kb.test, methods: [GET], paths: ["/hello", "/headers"]}, class: read}
 agents:
   - {id: "*"}
@@ -45,10 +45,17 @@ class ReverseTest(unittest.TestCase):
         cls.upstreams = TestPki(os.path.join(cls.tmp, "upstream"), name="upstream CA")
         cls.plain = HttpOrigin().__enter__()
         cls.secure = HttpOrigin(tls=server_context(*cls.upstreams.valid())).__enter__()
+        cls.down_port = closed_port()
+        cls.rogue = HttpOrigin(tls=server_context(*TestPki(os.path.join(cls.tmp, "rogue"), name="rogue CA").valid())).__enter__()
 
         def listener(name, **extra):
             l = {"name": name, "kind": "reverse", "address": "127.0.0.1:0",
                  "routes": [{"host": "tickets.test", "path_prefix": "/v1/", "upstream": f"https://localhost:{cls.secure.port}"},
+                            # Upstreams that fail: nothing listens; an address egress.deny_addresses
+                            # forbids; a certificate for another name.
+                            {"host": "tickets.test", "path_prefix": "/down/", "upstream": f"http://127.0.0.1:{cls.down_port}"},
+                            {"host": "tickets.test", "path_prefix": "/meta/", "upstream": f"http://127.0.0.2:{cls.plain.port}"},
+                            {"host": "kb.test", "path_prefix": "/v1/", "upstream": f"https://localhost:{cls.rogue.port}"},
                             {"host": "tickets.test", "upstream": f"http://127.0.0.1:{cls.plain.port}"},
                             {"host": "kb.test", "upstream": f"http://127.0.0.1:{cls.plain.port}"}]}
             l.update(extra)
@@ -61,7 +68,8 @@ class ReverseTest(unittest.TestCase):
             listener("bearer", tls={"certificates": certs},
                      identity={"bearer": {"sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest(): "agent-bearer"}}),
         ]
-        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_cert}, "listeners": listeners},
+        cls.tg = Tollgate({"tls": {"upstream_ca_file": cls.upstreams.ca_cert}, "listeners": listeners,
+                           "egress": {"deny_addresses": ["127.0.0.2/32"]}},
                           policy=POLICY)
         cls.tg.__enter__()
         cls.ports = {l["listener"]: int(l["address"].rsplit(":", 1)[1]) for l in cls.tg.logs("listening")}
@@ -72,6 +80,7 @@ class ReverseTest(unittest.TestCase):
         cls.tg.__exit__(None, None, None)
         cls.plain.__exit__(None, None, None)
         cls.secure.__exit__(None, None, None)
+        cls.rogue.__exit__(None, None, None)
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def get(self, listener, host, path, *args, cert=None):
@@ -146,6 +155,33 @@ class ReverseTest(unittest.TestCase):
         self.assertTrue(self.records(agent="agent-bearer", path="/headers", decision="allow"))
         rc, out, err = self.get("bearer", "kb.test", "/headers", "-H", "Authorization: Bearer wrong")
         self.assertEqual(parse_response(out)[0], 403)
+
+    def test_a_failing_upstream_is_not_named_to_the_client(self):
+        # The client never named the route's upstream: its 502/403 says what failed, not the
+        # internal name, address or certificate; the outcome record and the log say why.
+        cases = [("tickets.test", "/down/x", 502, "upstream_unavailable", "the route's upstream did not answer",
+                  "connect: connection refused", str(self.down_port)),
+                 ("tickets.test", "/meta/x", 403, "address_denied",
+                  "the route's upstream is at an address egress.deny_addresses forbids", "127.0.0.2", "127.0.0.2"),
+                 ("kb.test", "/v1/x", 502, "upstream_tls", "TLS to the route's upstream failed",
+                  "certificate verify failed", str(self.rogue.port))]
+        for host, path, status, error, told, cause, internal in cases:
+            with self.subTest(path=path):
+                rc, out, err = self.get("bearer", host, path, "-H", f"Authorization: Bearer {TOKEN}")
+                self.assertEqual(rc, 0, err)
+                got, _, body = parse_response(out)
+                self.assertEqual((got, body[:1]), (status, b"{"), out)
+                doc = json.loads(body)
+                self.assertEqual((got, doc["error"]), (status, error), body)
+                self.assertEqual(doc["reason"], told + " (the call's outcome record has the cause)")
+                self.assertEqual(doc["upstream"], f"{host}:{self.ports['bearer']}")  # the name the client used
+                self.assertNotIn(internal, body.decode())
+                call = self.records(agent="agent-bearer", path=path, decision="allow")[-1]
+                outcome = self.records(kind="outcome", call_seq=str(call["seq"]))[0]
+                self.assertIn(cause, outcome["error"])
+                logged = wait_for(lambda: [l for l in self.tg.logs("request") if l.get("audit_seq") == call["seq"]],
+                                  timeout=5, what="the request's log line")
+                self.assertIn(cause, logged[0]["error"])
 
     def test_a_host_that_disagrees_with_the_sni_is_a_halt_and_unrouted_paths_are_404(self):
         rc, out, err = self.get("bearer", "kb.test", "/hello", "-H", "Host: tickets.test",
