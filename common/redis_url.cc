@@ -1,5 +1,7 @@
 #include "common/redis_url.h"
 
+#include <cctype>
+
 namespace tollgate {
 
 Result<RedisUrl> parseRedisUrl(std::string_view url) {
@@ -63,6 +65,37 @@ Result<std::pair<std::vector<HostPort>, RedisAuth>> parseRedisUrls(
     out.first.push_back(u.value().address);
     out.second = u.value().auth;
   }
+  return out;
+}
+
+Result<std::string> redisUrlWithPassword(std::string_view url, std::string_view password) {
+  // Not echoed in errors: the URL may hold a password.
+  std::string_view rest = url;
+  if (rest.starts_with("redis://")) rest.remove_prefix(8);
+  std::string_view user;
+  if (auto at = rest.rfind('@'); at != std::string_view::npos) {
+    user = rest.substr(0, at);
+    rest.remove_prefix(at + 1);
+    if (user.find(':') != std::string_view::npos)
+      return Error{-1, "redis url: has a password of its own and password_file gives one too"};
+  }
+  if (password.empty()) return Error{-1, "redis password: empty"};
+  std::string out = "redis://";
+  out += user;
+  out += ':';
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  for (unsigned char c : password) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  out += '@';
+  out += rest;
+  if (auto u = parseRedisUrl(out); !u) return u.error();
   return out;
 }
 

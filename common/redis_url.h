@@ -31,5 +31,9 @@ Result<RedisUrl> parseRedisUrl(std::string_view url);
 // same: they are the nodes of one Redis).
 Result<std::pair<std::vector<HostPort>, RedisAuth>> parseRedisUrls(
     const std::vector<std::string>& urls);
+// The URL with `password` as its password, percent-encoded: a password kept in a file of its
+// own (store.password_file, a mounted secret). "redis://USER@HOST:PORT" names the ACL user
+// it goes with; a URL with a password of its own is refused (which one counts is a guess).
+Result<std::string> redisUrlWithPassword(std::string_view url, std::string_view password);
 
 }  // namespace tollgate

@@ -1,5 +1,7 @@
 #include "proxy/config.h"
 
+#include "common/files.h"
+#include "common/redis_url.h"
 #include "common/units.h"
 #include "policy/redis_client.h"
 #include "policy/tool_call.h"
@@ -18,6 +20,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -146,6 +149,22 @@ std::string configHost(std::string host) {
       name.find_first_of("*/:[] ") != std::string_view::npos)
     return {};
   return host;
+}
+
+// A Redis password kept in a file of its own (a mounted secret, so that the config can be
+// world-readable), put into each of `urls`; the file ends where its first line does.
+void withPasswordFile(const Reader& r, const YAML::Node& node, const std::string& key,
+                      const std::filesystem::path& base, const std::vector<std::string*>& urls) {
+  std::string path = (base / r.str(node, key)).lexically_normal().string();
+  auto text = readFile(path);
+  if (!text) r.fail(node, key, text.error().message);
+  std::string password = text.value().substr(0, text.value().find_first_of("\r\n"));
+  if (password.empty()) r.fail(node, key, path + " is empty");
+  for (auto* url : urls) {
+    auto with = redisUrlWithPassword(*url, password);
+    if (!with) r.fail(node, key, with.error().message);
+    *url = with.value();
+  }
 }
 
 ListenerConfig readListener(const Reader& r, const YAML::Node& node, const std::string& where) {
@@ -514,7 +533,9 @@ Config read(const YAML::Node& root, const Reader& r) {
           for (auto& p : r.strings(v, key))
             c.policies.push_back((base / p).lexically_normal().string());
         } else if (key == "store") {
-          r.forEach(v, key, {"backend", "urls", "timeout", "init_missing", "hold_ttl"},
+          std::optional<YAML::Node> urlsNode, passwordNode;
+          r.forEach(v, key,
+                    {"backend", "urls", "password_file", "timeout", "init_missing", "hold_ttl"},
                     [&](const std::string& k, const YAML::Node& sv) {
                       if (k == "store.backend") {
                         c.storeBackend = r.str(sv, k);
@@ -529,12 +550,22 @@ Config read(const YAML::Node& root, const Reader& r) {
                         if (c.storeHoldTtl.count() == 0) r.fail(sv, k, "must be greater than 0");
                       } else if (k == "store.init_missing") {
                         c.storeInitMissing = r.boolean(sv, k);
+                      } else if (k == "store.password_file") {
+                        passwordNode = sv;
                       } else {
                         c.storeUrls = r.strings(sv, k);
-                        if (auto p = parseRedisUrls(c.storeUrls); !p)
-                          r.fail(sv, k, p.error().message);
+                        urlsNode = sv;
                       }
                     });
+          if (passwordNode) {
+            std::vector<std::string*> urls;
+            for (auto& u : c.storeUrls) urls.push_back(&u);
+            withPasswordFile(r, *passwordNode, key + ".password_file", base, urls);
+          }
+          if (urlsNode) {
+            if (auto p = parseRedisUrls(c.storeUrls); !p)
+              r.fail(*urlsNode, key + ".urls", p.error().message);
+          }
           if (c.storeBackend == "redis" && c.storeUrls.empty())
             r.fail(v, key + ".urls", "required for the redis backend");
         } else if (key == "tls") {
@@ -590,12 +621,14 @@ Config read(const YAML::Node& root, const Reader& r) {
                         c.auditSegmentAge = r.duration(av, k);
                         if (c.auditSegmentAge.count() < 1000) r.fail(av, k, "at least 1s");
                       } else if (k == "audit.replica") {
-                        r.forEach(av, k, {"url", "stream", "maxlen"},
+                        std::optional<YAML::Node> urlNode, passwordNode;
+                        r.forEach(av, k, {"url", "password_file", "stream", "maxlen"},
                                   [&](const std::string& rk, const YAML::Node& rv) {
                                     if (rk == "audit.replica.url") {
                                       c.auditReplicaUrl = r.str(rv, rk);
-                                      if (auto p = parseRedisUrl(c.auditReplicaUrl); !p)
-                                        r.fail(rv, rk, p.error().message);
+                                      urlNode = rv;
+                                    } else if (rk == "audit.replica.password_file") {
+                                      passwordNode = rv;
                                     } else if (rk == "audit.replica.stream") {
                                       c.auditReplicaStream = r.str(rv, rk);
                                       if (c.auditReplicaStream.empty())
@@ -605,6 +638,11 @@ Config read(const YAML::Node& root, const Reader& r) {
                                     }
                                   });
                         if (c.auditReplicaUrl.empty()) r.fail(av, k + ".url", "required");
+                        if (passwordNode)
+                          withPasswordFile(r, *passwordNode, k + ".password_file", base,
+                                           {&c.auditReplicaUrl});
+                        if (auto p = parseRedisUrl(c.auditReplicaUrl); !p)
+                          r.fail(urlNode ? *urlNode : av, k + ".url", p.error().message);
                       } else if (k == "audit.export") {
                         r.forEach(av, k, {"dir"}, [&](const std::string& ek, const YAML::Node& ev) {
                           c.auditExportDir = (base / r.str(ev, ek)).lexically_normal().string();

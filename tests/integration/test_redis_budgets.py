@@ -144,6 +144,14 @@ class RedisBudgetTest(unittest.TestCase):
                 self.assertEqual((r.returncode, r.stdout), (0, "team: created with zero spend\n"), r.stderr)
                 self.assertEqual(call(tg, origin, 2)[0], 200)
                 wait_for(lambda: spend_as_tollgate() == (2, 0), timeout=3, what="the settle")
+            # The password from a file of its own (a mounted secret), the ACL user in the URL.
+            tg = sidecar([f"redis://tollgate@127.0.0.1:{redis.port}"], store={"password_file": "secrets/redis"})
+            os.makedirs(os.path.join(tg.dir, "secrets"))
+            with open(os.path.join(tg.dir, "secrets", "redis"), "w") as f:
+                f.write("p@ss:word\n")
+            with tg:
+                self.assertEqual(call(tg, origin, 3)[0], 200)
+                wait_for(lambda: spend_as_tollgate() == (5, 0), timeout=3, what="the settle")
             # A wrong password: charged calls are halted, and their audit records say why.
             with sidecar([f"redis://tollgate:wrong@127.0.0.1:{redis.port}"]) as tg:
                 docs = [json.loads(call(tg, origin, 1)[1]) for _ in range(2)]
@@ -151,7 +159,7 @@ class RedisBudgetTest(unittest.TestCase):
                 _, tail = tg.admin("/v1/audit/tail?n=10")
                 record = next(r for r in map(json.loads, tail.splitlines()) if r["seq"] == docs[-1]["audit_seq"])
                 self.assertIn("AUTH", record["reason"])
-            self.assertEqual(len(origin.requests), 1)
+            self.assertEqual(len(origin.requests), 2)
             # None at all: the error says what is missing.
             r = pools_init(sidecar([f"redis://127.0.0.1:{redis.port}"]))
             self.assertEqual(r.returncode, 1)

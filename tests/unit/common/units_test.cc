@@ -75,5 +75,27 @@ TEST(ParseRedisUrl, TakesEveryFormOfAnAddress) {
   EXPECT_FALSE(parseRedisUrl("redis://host/0"));
 }
 
+TEST(RedisUrlWithPassword, PutsTheFilesPasswordIntoEachFormOfUrl) {
+  auto check = [](std::string_view url, const char* user, const char* host) {
+    auto with = redisUrlWithPassword(url, "p@ss:w/rd %");
+    ASSERT_TRUE(with) << url << ": " << with.error().message;
+    auto u = parseRedisUrl(with.value());
+    ASSERT_TRUE(u) << with.value();
+    EXPECT_EQ(u->auth.password, "p@ss:w/rd %") << url;
+    EXPECT_EQ(u->auth.user, user) << url;
+    EXPECT_EQ(u->address.host, host) << url;
+  };
+  check("redis://tollgate@10.0.0.5:6380", "tollgate", "10.0.0.5");  // the ACL user it goes with
+  check("redis://10.0.0.5:6380", "", "10.0.0.5");
+  check("10.0.0.5:6380", "", "10.0.0.5");
+  check("redis://t%40g@[fd00::5]", "t@g", "fd00::5");
+  // A password in the URL too: which one counts would be a guess. Neither is echoed.
+  auto both = redisUrlWithPassword("redis://u:inline-secret@h:1", "file-secret");
+  ASSERT_FALSE(both);
+  EXPECT_EQ(both.error().message.find("secret"), std::string::npos) << both.error().message;
+  EXPECT_FALSE(redisUrlWithPassword("redis://h:1", ""));
+  EXPECT_FALSE(redisUrlWithPassword("redis://h/0", "pw"));
+}
+
 }  // namespace
 }  // namespace tollgate

@@ -1,6 +1,12 @@
 #include "proxy/config.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "common/redis_url.h"
 
 #include "proxy/resolver.h"
 
@@ -207,6 +213,46 @@ TEST(Config, CredentialsAreNeitherEchoedNorRecorded) {
       "t.yaml");
   ASSERT_TRUE(ok) << ok.error().message;
   EXPECT_EQ(ok->auditRedactQueryParams, (std::vector<std::string>{"tenant", "*"}));
+}
+
+TEST(Config, RedisPasswordsComeFromFilesOfTheirOwn) {
+  // A mounted secret, relative to the config's directory, its first line the password.
+  auto dir = std::filesystem::temp_directory_path() / ("tollgate-cfg-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir / "secrets");
+  std::ofstream(dir / "secrets" / "redis") << "s3cret:@/\n";
+  std::ofstream(dir / "empty") << "\n";
+  auto load = [&](const std::string& yaml) {
+    std::ofstream(dir / "t.yaml") << "listeners: [{name: a, address: '127.0.0.1:0'}]\n" << yaml;
+    return loadConfig((dir / "t.yaml").string());
+  };
+  auto c = load(
+      "store: {backend: redis, password_file: secrets/redis,\n"
+      "        urls: ['redis://tollgate@10.0.0.5:6379', 'redis://tollgate@10.0.0.6:6379']}\n"
+      "audit: {replica: {url: 'redis://10.0.0.7', password_file: secrets/redis}}\n");
+  ASSERT_TRUE(c) << c.error().message;
+  auto store = parseRedisUrls(c->storeUrls);
+  ASSERT_TRUE(store) << store.error().message;
+  EXPECT_EQ(store->second, (RedisAuth{"tollgate", "s3cret:@/"}));
+  EXPECT_EQ(store->first.size(), 2u);
+  EXPECT_EQ(parseRedisUrl(c->auditReplicaUrl)->auth, (RedisAuth{"", "s3cret:@/"}));
+  // A user without a password, and no file: refused as before.
+  EXPECT_FALSE(load("store: {backend: redis, urls: ['redis://tollgate@10.0.0.5:6379']}\n"));
+  auto expectError = [&](const std::string& yaml, const std::string& expected) {
+    auto bad = load(yaml);
+    ASSERT_FALSE(bad) << yaml;
+    EXPECT_NE(bad.error().message.find(expected), std::string::npos) << bad.error().message;
+    EXPECT_EQ(bad.error().message.find("s3cret"), std::string::npos) << bad.error().message;
+  };
+  expectError("store: {backend: redis, urls: [redis://h:1], password_file: nope}\n",
+              "t.yaml:2:61: store.password_file: cannot read " + (dir / "nope").string());
+  expectError("store: {backend: redis, urls: [redis://h:1], password_file: empty}\n",
+              "store.password_file: " + (dir / "empty").string() + " is empty");
+  expectError(
+      "store: {backend: redis, urls: ['redis://:inline@h:1'], password_file: secrets/redis}\n",
+      "store.password_file: redis url: has a password of its own");
+  expectError("audit: {replica: {url: 'redis://:x@h', password_file: secrets/redis}}\n",
+              "audit.replica.password_file: redis url: has a password of its own");
+  std::filesystem::remove_all(dir);
 }
 
 TEST_P(ConfigErrors, NameFileLineAndKey) {
