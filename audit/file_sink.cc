@@ -728,7 +728,7 @@ Result<KeyRotation> FileAuditSink::rotateKey() {
     enqueue(std::move(rotation));
     done.seq = seq_;
     wanted_ = seq_;
-    wakeWriter(AuditSync::kNow);
+    if (wakeWriter(AuditSync::kNow)) wake_.notify_one();
   }
   // A rotation is rare: polling keeps it out of the writer's loop.
   unfinishedRotation_ = done.seq;
@@ -931,7 +931,7 @@ uint64_t FileAuditSink::push(Pending p, AuditSync sync) {
     // this thread waits for it rather than the queue growing without bound; what is queued
     // is asked for at once. Nothing is dropped: the caller, a worker's loop too, slows down.
     wanted_ = seq_;
-    wakeWriter(AuditSync::kNow);
+    if (wakeWriter(AuditSync::kNow)) wake_.notify_one();
     ++backpressureWaits_;
     if (observer_) observer_->onBackpressure();
     drained_.wait(lock, [this] { return queue_.size() < options_.maxQueued || stopping_; });
@@ -940,26 +940,37 @@ uint64_t FileAuditSink::push(Pending p, AuditSync sync) {
   uint64_t seq = ++seq_;
   if (sync == AuditSync::kNow) wanted_ = seq;
   enqueue(std::move(p));
-  wakeWriter(sync);
+  bool wake = wakeWriter(sync);
+  lock.unlock();
+  // Outside the lock: woken while this thread holds it, the writer preempts it (on this CPU,
+  // where it is woken) only to block on the mutex and be woken again, two context switches
+  // more for every batch.
+  if (wake) wake_.notify_one();
   return seq;
 }
 
-void FileAuditSink::wakeWriter(AuditSync sync) {
+bool FileAuditSink::wakeWriter(AuditSync sync) {
   // A busy writer looks at the queue when its batch is done. An idle one is woken for a
   // record someone waits for, and for the first batched one only when it would sleep past
   // that record's deadline: after a batch it naps lazySync, so under load every batch costs
   // one wakeup (the requestDurable at the end of a worker's turn), not two.
-  if (idle_ && (sync == AuditSync::kNow ||
-                (queue_.size() == 1 && idleUntil_ > queuedAt_ + options_.lazySync)))
-    wake_.notify_one();
+  if (!idle_ || !(sync == AuditSync::kNow ||
+                  (queue_.size() == 1 && idleUntil_ > queuedAt_ + options_.lazySync)))
+    return false;
+  idle_ = false;  // one wakeup, however many records come before the writer runs
+  return true;
 }
 
 void FileAuditSink::requestDurable(uint64_t seq) {
   if (seq <= wanted_.load(std::memory_order_relaxed)) return;  // appended as kNow: the hot path
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (seq <= wanted_ || seq <= durable_) return;
-  wanted_ = std::min(seq, seq_);
-  wakeWriter(AuditSync::kNow);
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (seq <= wanted_ || seq <= durable_) return;
+    wanted_ = std::min(seq, seq_);
+    wake = wakeWriter(AuditSync::kNow);
+  }
+  if (wake) wake_.notify_one();  // outside the lock, as in push()
 }
 
 void FileAuditSink::setObserver(AuditObserver* observer) {

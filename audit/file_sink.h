@@ -151,9 +151,10 @@ class FileAuditSink : public AuditSink {
   void enqueue(Pending pending);  // under mutex_
   // Sequences and queues one record (waiting while maxQueued are queued); its seq.
   uint64_t push(Pending pending, AuditSync sync);
-  // Wakes the writer for a record just queued (under mutex_): at once for kNow, else only
-  // when it sleeps past the deadline of the first record of a batch.
-  void wakeWriter(AuditSync sync);
+  // Whether the writer is to be woken for a record just queued (under mutex_): at once for
+  // kNow, else only when it sleeps past the deadline of the first record of a batch. True
+  // once per sleep of the writer; the caller notifies wake_, after unlocking where it can.
+  bool wakeWriter(AuditSync sync);
   std::vector<Pending> queue_;
   std::chrono::steady_clock::time_point queuedAt_;  // when queue_ stopped being empty
   std::atomic<uint64_t> wanted_{0};  // records up to here are waited for (written under mutex_)
