@@ -894,6 +894,7 @@ void ClientSession::onDecision(const Decision& decided) {
     d.verdict = Verdict::kHalt;
     d.context.reset();
     d.rule = "audit";
+    d.agentReason.clear();
     d.reason = "audit_unavailable: the audit stream cannot be written (disk full or failing)";
   }
   decision_ = d;
@@ -949,6 +950,7 @@ void ClientSession::onAuditDurable(AuditWait result) {
   d.verdict = Verdict::kHalt;
   d.context.reset();
   d.rule = "audit";
+  d.agentReason.clear();
   d.reason = result == AuditWait::kTimedOut
                  ? "audit_unavailable: the call's audit record was not on disk within " +
                        std::to_string(Worker::kDurableWaitMs / 1000) + " s (the disk is stalled)"
