@@ -642,7 +642,7 @@ Config read(const YAML::Node& root, const Reader& r) {
                           withPasswordFile(r, *passwordNode, k + ".password_file", base,
                                            {&c.auditReplicaUrl});
                         if (auto p = parseRedisUrl(c.auditReplicaUrl); !p)
-                          r.fail(urlNode ? *urlNode : av, k + ".url", p.error().message);
+                          r.fail(*urlNode, k + ".url", p.error().message);  // set: required
                       } else if (k == "audit.export") {
                         r.forEach(av, k, {"dir"}, [&](const std::string& ek, const YAML::Node& ev) {
                           c.auditExportDir = (base / r.str(ev, ek)).lexically_normal().string();
